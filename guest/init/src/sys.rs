@@ -1,0 +1,200 @@
+//! The few places guest init talks to the kernel directly: mounts, hostname, I/O
+//! ports, signals, reboot. Every `unsafe` block of the init lives here.
+
+use std::ffi::CString;
+use std::io;
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in string"))
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// mount(2).
+pub fn mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
+    let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    check(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) })
+}
+
+/// sethostname(2).
+pub fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
+}
+
+/// Writes one byte to an x86 I/O port. Needs CAP_SYS_RAWIO (PID 1 has it).
+/// Errors when the port cannot be opened (e.g. not running as root).
+pub fn outb(port: u16, value: u8) -> io::Result<()> {
+    // SAFETY: ioperm only changes this thread's I/O permission bitmap.
+    check(unsafe { libc::ioperm(libc::c_ulong::from(port), 1, 1) })?;
+    // SAFETY: ioperm granted access to exactly this port; `out` has no memory effects.
+    unsafe {
+        std::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    };
+    Ok(())
+}
+
+/// The signals PID 1 handles synchronously with [`wait_signal`].
+pub const HANDLED: [libc::c_int; 5] = [
+    libc::SIGCHLD,
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGPWR,
+];
+
+fn handled_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for s in HANDLED {
+        // SAFETY: `set` is a valid, initialised sigset_t and `s` a valid signal number.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    set
+}
+
+/// Blocks the handled signals in the calling thread (and every thread it starts later).
+/// Children get an empty mask back: std's Command resets it before exec.
+pub fn block_signals() -> io::Result<()> {
+    let set = handled_set();
+    // SAFETY: `set` is initialised; the old mask is not needed.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout` for one of the handled signals. `None` on timeout.
+pub fn wait_signal(timeout: std::time::Duration) -> Option<libc::c_int> {
+    let set = handled_set();
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(1 << 30) as _,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: `set` and `ts` are valid for the call; a null siginfo is allowed.
+    let r = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+    (r > 0).then_some(r)
+}
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// exit(code).
+    Code(i32),
+    /// Killed by a signal.
+    Signal(i32),
+}
+
+impl Exit {
+    /// The shell convention: the code, or 128 + signal.
+    pub fn code(self) -> i32 {
+        match self {
+            Exit::Code(c) => c,
+            Exit::Signal(s) => 128 + s,
+        }
+    }
+
+    /// Whether the child succeeded.
+    pub fn success(self) -> bool {
+        self == Exit::Code(0)
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exited with code {c}"),
+            Exit::Signal(s) => write!(f, "was killed by signal {s} ({})", signal_name(*s)),
+        }
+    }
+}
+
+fn signal_name(s: i32) -> &'static str {
+    match s {
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGINT => "SIGINT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGSYS => "SIGSYS",
+        _ => "signal",
+    }
+}
+
+/// Reaps one exited child without blocking: `Some((pid, exit))`, or `None` when no
+/// child has exited (or there are no children).
+pub fn reap_one() -> Option<(i32, Exit)> {
+    let mut status = 0;
+    // SAFETY: `status` is a valid out-pointer.
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+    if pid <= 0 {
+        return None;
+    }
+    let exit = if libc::WIFEXITED(status) {
+        Exit::Code(libc::WEXITSTATUS(status))
+    } else {
+        Exit::Signal(libc::WTERMSIG(status))
+    };
+    Some((pid, exit))
+}
+
+/// Sends a signal to a whole process group.
+pub fn kill_group(pgid: i32, sig: libc::c_int) {
+    // SAFETY: kill has no memory effects; a stale pgid yields ESRCH, which is fine.
+    unsafe { libc::kill(-pgid, sig) };
+}
+
+/// Sends a signal to every process but PID 1.
+pub fn kill_all(sig: libc::c_int) {
+    // SAFETY: kill(-1) has no memory effects and never signals the caller (PID 1).
+    unsafe { libc::kill(-1, sig) };
+}
+
+/// Asks PID 1 (this process) to shut down, from any thread.
+pub fn request_shutdown() {
+    // SAFETY: kill has no memory effects.
+    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+}
+
+/// Turns off echo on the console so the host's control lines are not printed back.
+pub fn console_no_echo(fd: libc::c_int) {
+    // SAFETY: termios is plain data, filled by tcgetattr before use.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `t` is a valid out-pointer; a non-tty fd just fails.
+    if unsafe { libc::tcgetattr(fd, &mut t) } == 0 {
+        t.c_lflag &= !(libc::ECHO | libc::ECHONL);
+        // SAFETY: `t` is a valid termios obtained above.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) };
+    }
+}
+
+/// Flushes file systems, reports `code` on the exit port and resets the machine.
+/// `reboot=t` on the command line makes the reset a triple fault, which both QEMU
+/// (`-no-reboot`) and the built-in VMM treat as the end of the VM.
+pub fn power_off(code: u8) -> ! {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    let _ = outb(hostd_images::abi::EXIT_PORT, code);
+    // SAFETY: reboot only needs CAP_SYS_BOOT; if it fails we fall through to exit.
+    unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_RESTART) };
+    // Not PID 1 (a test run), or reboot was refused.
+    std::process::exit(i32::from(code))
+}

@@ -1,0 +1,310 @@
+//! `hostd build`: spec → image file.
+
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+use crate::debs;
+use crate::format::{self, sections};
+use crate::manifest::{
+    KernelInfo, Manifest, Service, Step, Volume, MANIFEST_PATH_IN_GUEST, MANIFEST_SCHEMA,
+};
+use crate::rootfs::{Kind, Node, Tree};
+use crate::spec::{parse_owner, Spec, SpecError};
+
+/// Default guest memory in MiB.
+pub const DEFAULT_MEMORY_MIB: u32 = 256;
+/// Default stop timeout in seconds.
+pub const DEFAULT_STOP_TIMEOUT: u32 = 5;
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The spec is malformed.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// A package could not be fetched or unpacked.
+    #[error("{file}: {source}")]
+    Package {
+        /// The spec file.
+        file: PathBuf,
+        /// What went wrong.
+        source: debs::DebError,
+    },
+    /// An input file (kernel, `files[].source`) could not be read.
+    #[error("{file}: field `{field}`: cannot read {path}: {message}")]
+    Input {
+        /// The spec file.
+        file: PathBuf,
+        /// The field naming the input.
+        field: String,
+        /// The input's path.
+        path: PathBuf,
+        /// What went wrong and what to do.
+        message: String,
+    },
+    /// Writing the output failed.
+    #[error("cannot write {path}: {source}")]
+    Output {
+        /// The output path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// What to build.
+#[derive(Debug)]
+pub struct BuildOptions<'a> {
+    /// The spec file.
+    pub spec: &'a Path,
+    /// Where to write the image.
+    pub output: &'a Path,
+    /// The guest init binary placed at /init.
+    pub init: &'a [u8],
+    /// The kernel used for `kernel = "default"`.
+    pub default_kernel: &'a Path,
+    /// Cache directory for downloaded packages.
+    pub cache: &'a Path,
+}
+
+/// What was built.
+#[derive(Debug)]
+pub struct BuildReport {
+    /// Image id (sha256 of the file).
+    pub id: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The manifest that was written.
+    pub manifest: Manifest,
+}
+
+/// Detects the kernel format from its first bytes: `elf` or `bzimage`.
+pub fn kernel_format(bytes: &[u8]) -> Option<&'static str> {
+    if bytes.starts_with(b"\x7fELF") {
+        Some("elf")
+    } else if bytes.get(0x202..0x206) == Some(b"HdrS") {
+        Some("bzimage")
+    } else {
+        None
+    }
+}
+
+/// Builds an image. The output is replaced atomically, and only on success.
+pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
+    let spec = Spec::load(opts.spec)?;
+    let file = opts.spec.to_path_buf();
+    let base = opts.spec.parent().unwrap_or(Path::new("."));
+    let input_err = |field: &str, path: &Path, message: String| BuildError::Input {
+        file: file.clone(),
+        field: field.to_string(),
+        path: path.to_path_buf(),
+        message,
+    };
+
+    // Kernel.
+    let kernel_path = match spec.kernel.as_deref() {
+        None | Some("default") => opts.default_kernel.to_path_buf(),
+        Some(p) => base.join(p),
+    };
+    let kernel = std::fs::read(&kernel_path).map_err(|e| {
+        let hint = if spec.kernel.as_deref().unwrap_or("default") == "default" {
+            " (build hostd's kernel with guest/kernel/build.sh, or set HOSTD_KERNEL)"
+        } else {
+            ""
+        };
+        input_err("kernel", &kernel_path, format!("{e}{hint}"))
+    })?;
+    let kformat = kernel_format(&kernel).ok_or_else(|| {
+        input_err(
+            "kernel",
+            &kernel_path,
+            "neither an ELF vmlinux nor a bzImage".into(),
+        )
+    })?;
+
+    // Root file system: packages first, then files (files win), then hostd's own.
+    let mut tree = Tree::new();
+    for dir in [
+        "/proc", "/sys", "/dev", "/run", "/etc", "/root", "/var", "/mnt",
+    ] {
+        tree.insert(
+            dir,
+            Node {
+                kind: Kind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+            },
+        );
+    }
+    tree.insert(
+        "/tmp",
+        Node {
+            kind: Kind::Dir,
+            mode: 0o1777,
+            uid: 0,
+            gid: 0,
+        },
+    );
+    let mut packages = Vec::new();
+    for p in &spec.packages {
+        let (deb, info) = debs::fetch(p, opts.cache).map_err(|source| BuildError::Package {
+            file: file.clone(),
+            source,
+        })?;
+        debs::unpack(p, &deb, &mut tree).map_err(|source| BuildError::Package {
+            file: file.clone(),
+            source,
+        })?;
+        packages.push(info);
+    }
+    for (i, f) in spec.files.iter().enumerate() {
+        let (uid, gid) = f.owner.as_deref().and_then(parse_owner).unwrap_or((0, 0));
+        let mode = |default: u32| {
+            f.mode
+                .as_deref()
+                .and_then(|m| u32::from_str_radix(m, 8).ok())
+                .unwrap_or(default)
+        };
+        let node = if let Some(src) = &f.source {
+            let path = base.join(src);
+            let data = std::fs::read(&path)
+                .map_err(|e| input_err(&format!("files[{i}].source"), &path, e.to_string()))?;
+            Node {
+                kind: Kind::File(data),
+                mode: mode(0o644),
+                uid,
+                gid,
+            }
+        } else if let Some(c) = &f.contents {
+            Node {
+                kind: Kind::File(c.clone().into_bytes()),
+                mode: mode(0o644),
+                uid,
+                gid,
+            }
+        } else if let Some(t) = &f.symlink {
+            Node {
+                kind: Kind::Symlink(t.clone()),
+                mode: 0o777,
+                uid,
+                gid,
+            }
+        } else {
+            Node {
+                kind: Kind::Dir,
+                mode: mode(0o755),
+                uid,
+                gid,
+            }
+        };
+        tree.insert(&f.path, node);
+    }
+
+    let manifest = Manifest {
+        schema: MANIFEST_SCHEMA,
+        name: spec.name.clone(),
+        hostname: spec.hostname.clone().unwrap_or_else(|| spec.name.clone()),
+        vcpus: spec.vcpus.unwrap_or(1),
+        memory_mib: spec.memory.map(|m| m.0).unwrap_or(DEFAULT_MEMORY_MIB),
+        cmdline: spec.cmdline.trim().to_string(),
+        kernel: KernelInfo {
+            format: kformat.to_string(),
+            sha256: format::digest_hex(&Sha256::digest(&kernel).into()),
+        },
+        packages,
+        boot: spec
+            .boot
+            .iter()
+            .map(|s| Step {
+                name: s.name.clone(),
+                argv: std::iter::once(s.command.clone())
+                    .chain(s.args.iter().cloned())
+                    .collect(),
+                env: s.env.clone(),
+                user: s.user.clone().unwrap_or_else(|| "root".into()),
+            })
+            .collect(),
+        services: spec
+            .services
+            .iter()
+            .map(|(name, s)| {
+                (
+                    name.clone(),
+                    Service {
+                        argv: std::iter::once(s.command.clone())
+                            .chain(s.args.iter().cloned())
+                            .collect(),
+                        env: s.env.clone(),
+                        user: s.user.clone().unwrap_or_else(|| "root".into()),
+                        workdir: s.workdir.clone().unwrap_or_else(|| "/".into()),
+                        restart: s.restart,
+                        depends_on: s.depends_on.clone(),
+                        main: s.main,
+                        secrets: s.secrets.clone(),
+                    },
+                )
+            })
+            .collect(),
+        volumes: spec
+            .volumes
+            .iter()
+            .map(|v| Volume {
+                name: v.name.clone(),
+                size_mib: v.size.0,
+                mount: v.mount.clone(),
+            })
+            .collect(),
+        stop_timeout_secs: spec.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT),
+    };
+    let manifest_json = manifest.to_canonical_json();
+
+    tree.insert(
+        "/init",
+        Node {
+            kind: Kind::File(opts.init.to_vec()),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        },
+    );
+    tree.insert(
+        MANIFEST_PATH_IN_GUEST,
+        Node {
+            kind: Kind::File(manifest_json.clone()),
+            mode: 0o444,
+            uid: 0,
+            gid: 0,
+        },
+    );
+    // The kernel opens /dev/console for init before anything is mounted.
+    tree.insert(
+        "/dev/console",
+        Node {
+            kind: Kind::CharDev(5, 1),
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+        },
+    );
+    let initrd = tree.to_cpio();
+
+    let image = format::write_image(&[
+        (sections::MANIFEST, &manifest_json),
+        (sections::KERNEL, &kernel),
+        (sections::INITRD, &initrd),
+    ])
+    .map_err(|e| BuildError::Output {
+        path: opts.output.to_path_buf(),
+        source: std::io::Error::other(e),
+    })?;
+    format::write_atomically(opts.output, &image).map_err(|source| BuildError::Output {
+        path: opts.output.to_path_buf(),
+        source,
+    })?;
+    Ok(BuildReport {
+        id: format::digest_hex(&Sha256::digest(&image).into()),
+        size: image.len() as u64,
+        manifest,
+    })
+}

@@ -1,0 +1,476 @@
+//! The on-disk image format.
+//!
+//! ```text
+//! 0      4 KiB header
+//!          0..8     magic "HOSTDIMG"
+//!          8..12    format version (u32 LE)
+//!         12..16    section count (u32 LE)
+//!         16..24    total file length (u64 LE)
+//!         24..64    reserved, zero
+//!         64..      section table, 64 bytes per entry:
+//!                     name (16 bytes, NUL-padded ASCII), offset (u64 LE),
+//!                     length (u64 LE), sha256 of the section (32 bytes)
+//!       4064..4096  sha256 of bytes 0..4064 (the header digest)
+//! 4 KiB  sections, each starting on a 4 KiB boundary, in table order, zero-padded
+//! ```
+//!
+//! The sha256 of the whole file is the image id. Readers check the header digest,
+//! the table's bounds and every section digest before trusting any of it.
+
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// File magic.
+pub const MAGIC: &[u8; 8] = b"HOSTDIMG";
+/// Current format version.
+pub const FORMAT_VERSION: u32 = 1;
+/// Header size and section alignment.
+pub const BLOCK: u64 = 4096;
+/// Size of one section-table entry.
+const ENTRY: usize = 64;
+/// Where the section table starts.
+const TABLE: usize = 64;
+/// Where the header digest lives.
+const HEADER_DIGEST: usize = BLOCK as usize - 32;
+/// Most sections a header can describe.
+pub const MAX_SECTIONS: usize = (HEADER_DIGEST - TABLE) / ENTRY;
+/// Longest section name.
+pub const MAX_NAME: usize = 16;
+
+/// Section names hostd writes.
+pub mod sections {
+    /// Canonical JSON manifest.
+    pub const MANIFEST: &str = "manifest";
+    /// The guest kernel (vmlinux ELF or bzImage).
+    pub const KERNEL: &str = "kernel";
+    /// cpio newc initrd with guest init and the root file system.
+    pub const INITRD: &str = "initrd";
+}
+
+/// What is wrong with an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// Reading the file failed.
+    #[error("{file}: {source}")]
+    Io {
+        /// The image file.
+        file: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The header is not a hostd header or is damaged.
+    #[error("{file}: not a valid hostd image: {reason}")]
+    Header {
+        /// The image file.
+        file: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A section's bytes do not match its recorded digest, or it lies outside the file.
+    #[error("{file}: section `{section}` is corrupt: {reason}")]
+    Section {
+        /// The image file.
+        file: PathBuf,
+        /// The damaged section.
+        section: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A required section is absent.
+    #[error("{file}: section `{section}` is missing")]
+    Missing {
+        /// The image file.
+        file: PathBuf,
+        /// The section that was expected.
+        section: String,
+    },
+}
+
+/// One entry of the section table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Section {
+    /// Section name.
+    pub name: String,
+    /// Byte offset in the file (multiple of [`BLOCK`]).
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// sha256 of the section's bytes.
+    pub sha256: [u8; 32],
+}
+
+/// A parsed header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Format version.
+    pub version: u32,
+    /// Total file length recorded at build time.
+    pub file_length: u64,
+    /// The section table.
+    pub sections: Vec<Section>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Lower-case hex of a digest.
+pub fn digest_hex(d: &[u8; 32]) -> String {
+    hex(d)
+}
+
+fn align_up(v: u64) -> u64 {
+    v.div_ceil(BLOCK) * BLOCK
+}
+
+/// Serialises an image from named sections, in the given order. Returns the whole file.
+///
+/// Panics never; errors when a name is too long or there are too many sections.
+pub fn write_image(sections: &[(&str, &[u8])]) -> Result<Vec<u8>, String> {
+    if sections.len() > MAX_SECTIONS {
+        return Err(format!(
+            "{} sections; at most {MAX_SECTIONS} fit",
+            sections.len()
+        ));
+    }
+    let mut table = Vec::with_capacity(sections.len());
+    let mut offset = BLOCK;
+    for (name, data) in sections {
+        if name.is_empty() || name.len() > MAX_NAME || !name.is_ascii() {
+            return Err(format!(
+                "section name `{name}` must be 1-{MAX_NAME} ASCII bytes"
+            ));
+        }
+        table.push(Section {
+            name: name.to_string(),
+            offset,
+            length: data.len() as u64,
+            sha256: Sha256::digest(data).into(),
+        });
+        offset = align_up(offset + data.len() as u64);
+    }
+    let total = offset;
+    let mut out = vec![0u8; total as usize];
+    out[..8].copy_from_slice(MAGIC);
+    out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out[12..16].copy_from_slice(&(table.len() as u32).to_le_bytes());
+    out[16..24].copy_from_slice(&total.to_le_bytes());
+    for (i, s) in table.iter().enumerate() {
+        let e = TABLE + i * ENTRY;
+        out[e..e + s.name.len()].copy_from_slice(s.name.as_bytes());
+        out[e + 16..e + 24].copy_from_slice(&s.offset.to_le_bytes());
+        out[e + 24..e + 32].copy_from_slice(&s.length.to_le_bytes());
+        out[e + 32..e + 64].copy_from_slice(&s.sha256);
+    }
+    let digest: [u8; 32] = Sha256::digest(&out[..HEADER_DIGEST]).into();
+    out[HEADER_DIGEST..BLOCK as usize].copy_from_slice(&digest);
+    for ((_, data), s) in sections.iter().zip(&table) {
+        let start = s.offset as usize;
+        out[start..start + data.len()].copy_from_slice(data);
+    }
+    Ok(out)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Parses and checks a header block against the actual file length. Checks the magic,
+/// version, header digest, and that every section is aligned, in bounds, in order and
+/// non-overlapping. Does not read section data. Errors are plain strings; callers add
+/// the file name.
+pub fn parse_header(block: &[u8], actual_len: u64) -> Result<Header, (Option<String>, String)> {
+    let h = |r: String| (None, r);
+    if block.len() < BLOCK as usize {
+        return Err(h(format!(
+            "file is {} bytes, shorter than the {BLOCK}-byte header (truncated?)",
+            block.len()
+        )));
+    }
+    if &block[..8] != MAGIC {
+        return Err(h(
+            "wrong magic (expected \"HOSTDIMG\"); is this a hostd image?".into(),
+        ));
+    }
+    let digest: [u8; 32] = Sha256::digest(&block[..HEADER_DIGEST]).into();
+    if digest[..] != block[HEADER_DIGEST..BLOCK as usize] {
+        return Err(h(
+            "header digest mismatch: the header or section table is damaged".into(),
+        ));
+    }
+    let version = u32_at(block, 8);
+    if version != FORMAT_VERSION {
+        return Err(h(format!(
+            "format version {version}; this hostd reads version {FORMAT_VERSION}"
+        )));
+    }
+    let count = u32_at(block, 12) as usize;
+    if count > MAX_SECTIONS {
+        return Err(h(format!("{count} sections; at most {MAX_SECTIONS} fit")));
+    }
+    let file_length = u64_at(block, 16);
+    if actual_len < file_length {
+        return Err(h(format!(
+            "file is {actual_len} bytes but the header records {file_length} (truncated?)"
+        )));
+    }
+    if actual_len > file_length {
+        return Err(h(format!(
+            "file is {actual_len} bytes but the header records {file_length} (trailing data)"
+        )));
+    }
+    let mut sections: Vec<Section> = Vec::with_capacity(count);
+    let mut end_of_previous = BLOCK;
+    for i in 0..count {
+        let e = TABLE + i * ENTRY;
+        let raw_name = &block[e..e + 16];
+        let name_len = raw_name.iter().position(|b| *b == 0).unwrap_or(16);
+        let name = std::str::from_utf8(&raw_name[..name_len])
+            .ok()
+            .filter(|n| !n.is_empty() && n.is_ascii())
+            .map(str::to_string)
+            .ok_or_else(|| h(format!("section table entry {i} has an invalid name")))?;
+        let offset = u64_at(block, e + 16);
+        let length = u64_at(block, e + 24);
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(&block[e + 32..e + 64]);
+        let bad = |r: String| (Some(name.clone()), r);
+        if offset % BLOCK != 0 {
+            return Err(bad(format!("offset {offset} is not {BLOCK}-byte aligned")));
+        }
+        if offset < end_of_previous {
+            return Err(bad(format!(
+                "offset {offset} overlaps the header or the previous section"
+            )));
+        }
+        let end = offset
+            .checked_add(length)
+            .filter(|end| *end <= file_length)
+            .ok_or_else(|| bad(format!("offset {offset} + length {length} runs past the end of the file ({file_length} bytes)")))?;
+        if sections.iter().any(|s| s.name == name) {
+            return Err(bad("appears twice in the section table".into()));
+        }
+        end_of_previous = end;
+        sections.push(Section {
+            name,
+            offset,
+            length,
+            sha256,
+        });
+    }
+    Ok(Header {
+        version,
+        file_length,
+        sections,
+    })
+}
+
+/// An opened, verified image.
+#[derive(Debug)]
+pub struct Image {
+    path: PathBuf,
+    /// The parsed header.
+    pub header: Header,
+    /// sha256 of the whole file, hex: the image id.
+    pub id: String,
+}
+
+impl Image {
+    /// Opens an image and verifies the header and every section digest.
+    pub fn open(path: &Path) -> Result<Image, ImageError> {
+        let io = |source| ImageError::Io {
+            file: path.to_path_buf(),
+            source,
+        };
+        let mut f = File::open(path).map_err(io)?;
+        let len = f.metadata().map_err(io)?.len();
+        let mut block = Vec::with_capacity(BLOCK as usize);
+        (&mut f).take(BLOCK).read_to_end(&mut block).map_err(io)?;
+        let header = parse_header(&block, len).map_err(|(section, reason)| match section {
+            Some(section) => ImageError::Section {
+                file: path.to_path_buf(),
+                section,
+                reason,
+            },
+            None => ImageError::Header {
+                file: path.to_path_buf(),
+                reason,
+            },
+        })?;
+        // One pass over the file: the whole-file digest (image id) and each section's.
+        let mut whole = Sha256::new();
+        whole.update(&block);
+        let mut pos = BLOCK;
+        let mut buf = vec![0u8; 1 << 20];
+        for s in &header.sections {
+            copy_range(&mut f, &mut whole, None, &mut pos, s.offset, &mut buf).map_err(io)?;
+            let mut sect = Sha256::new();
+            copy_range(
+                &mut f,
+                &mut whole,
+                Some(&mut sect),
+                &mut pos,
+                s.offset + s.length,
+                &mut buf,
+            )
+            .map_err(io)?;
+            let got: [u8; 32] = sect.finalize().into();
+            if got != s.sha256 {
+                return Err(ImageError::Section {
+                    file: path.to_path_buf(),
+                    section: s.name.clone(),
+                    reason: format!(
+                        "sha256 is {} but the header records {}",
+                        hex(&got),
+                        hex(&s.sha256)
+                    ),
+                });
+            }
+        }
+        copy_range(&mut f, &mut whole, None, &mut pos, len, &mut buf).map_err(io)?;
+        Ok(Image {
+            path: path.to_path_buf(),
+            header,
+            id: hex(&whole.finalize()),
+        })
+    }
+
+    /// The image file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Looks up a section by name.
+    pub fn section(&self, name: &str) -> Result<&Section, ImageError> {
+        self.header
+            .sections
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| ImageError::Missing {
+                file: self.path.clone(),
+                section: name.into(),
+            })
+    }
+
+    /// Reads a section's bytes, checking its digest again (the file may have changed
+    /// since [`Image::open`]).
+    pub fn read_section(&self, name: &str) -> Result<Vec<u8>, ImageError> {
+        let s = self.section(name)?;
+        let io = |source| ImageError::Io {
+            file: self.path.clone(),
+            source,
+        };
+        let mut f = File::open(&self.path).map_err(io)?;
+        f.seek(SeekFrom::Start(s.offset)).map_err(io)?;
+        let mut data = Vec::with_capacity(s.length as usize);
+        f.take(s.length).read_to_end(&mut data).map_err(io)?;
+        let got: [u8; 32] = Sha256::digest(&data).into();
+        if data.len() as u64 != s.length || got != s.sha256 {
+            return Err(ImageError::Section {
+                file: self.path.clone(),
+                section: name.into(),
+                reason: "changed on disk after it was verified".into(),
+            });
+        }
+        Ok(data)
+    }
+}
+
+/// Reads from the current position `pos` up to `end`, feeding the whole-file hasher and
+/// optionally a section hasher. Short files show up as UnexpectedEof.
+fn copy_range(
+    f: &mut File,
+    whole: &mut Sha256,
+    mut sect: Option<&mut Sha256>,
+    pos: &mut u64,
+    end: u64,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    while *pos < end {
+        let want = ((end - *pos) as usize).min(buf.len());
+        f.read_exact(&mut buf[..want])?;
+        whole.update(&buf[..want]);
+        if let Some(s) = sect.as_deref_mut() {
+            s.update(&buf[..want]);
+        }
+        *pos += want as u64;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory,
+/// fsync, rename. An existing file is only replaced by a complete new one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        write_image(&[
+            ("manifest", b"{}\n"),
+            ("kernel", &[7u8; 5000]),
+            ("initrd", b""),
+        ])
+        .unwrap_or_default()
+    }
+
+    #[test]
+    fn layout_is_aligned_and_round_trips() {
+        let img = sample();
+        assert_eq!(img.len() as u64 % BLOCK, 0);
+        let h = parse_header(&img[..BLOCK as usize], img.len() as u64)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let names: Vec<_> = h.sections.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["manifest", "kernel", "initrd"]);
+        assert_eq!(h.sections[1].offset, 2 * BLOCK);
+        assert_eq!(h.sections[1].length, 5000);
+    }
+
+    #[test]
+    fn damaged_headers_are_rejected() {
+        let img = sample();
+        let len = img.len() as u64;
+        let mut bad = img.clone();
+        bad[0] = b'X';
+        assert!(parse_header(&bad, len).is_err_and(|e| e.1.contains("magic")));
+        let mut bad = img.clone();
+        bad[70] ^= 1;
+        assert!(parse_header(&bad, len).is_err_and(|e| e.1.contains("header digest")));
+        assert!(parse_header(&img[..100], len).is_err_and(|e| e.1.contains("truncated")));
+        assert!(parse_header(&img, len - 1).is_err_and(|e| e.1.contains("truncated")));
+    }
+
+    #[test]
+    fn every_flipped_header_byte_is_caught() {
+        let img = sample();
+        for i in 0..BLOCK as usize {
+            let mut bad = img.clone();
+            bad[i] ^= 0x40;
+            assert!(
+                parse_header(&bad, img.len() as u64).is_err(),
+                "flip at {i} not caught"
+            );
+        }
+    }
+}

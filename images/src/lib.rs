@@ -1,0 +1,18 @@
+//! hostd images: the spec a user writes, the manifest guest init reads, the on-disk
+//! image format and the builder that turns one into the other.
+//!
+//! With default features off, only [`manifest`] is built (that is what the guest needs).
+
+pub mod abi;
+pub mod manifest;
+
+#[cfg(feature = "builder")]
+pub mod builder;
+#[cfg(feature = "builder")]
+pub mod debs;
+#[cfg(feature = "builder")]
+pub mod format;
+#[cfg(feature = "builder")]
+pub mod rootfs;
+#[cfg(feature = "builder")]
+pub mod spec;

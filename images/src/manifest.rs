@@ -1,0 +1,222 @@
+//! The manifest: the resolved, canonical description of an image that guest init
+//! reads at boot. It is written as canonical JSON (struct fields in declaration order,
+//! maps sorted) into both the image's `manifest` section and the initrd.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Where guest init finds the manifest inside the initrd.
+pub const MANIFEST_PATH_IN_GUEST: &str = "/etc/hostd/manifest.json";
+
+/// Version of the manifest schema; bumped on incompatible changes.
+pub const MANIFEST_SCHEMA: u32 = 1;
+
+/// The resolved description of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Manifest schema version ([`MANIFEST_SCHEMA`]).
+    pub schema: u32,
+    /// The image's name, from the spec.
+    pub name: String,
+    /// Guest hostname.
+    pub hostname: String,
+    /// Default number of vCPUs.
+    pub vcpus: u32,
+    /// Default guest memory in MiB.
+    pub memory_mib: u32,
+    /// Extra kernel command line from the spec (appended to the runner's own).
+    pub cmdline: String,
+    /// The kernel that was packed into the image.
+    pub kernel: KernelInfo,
+    /// Debian packages unpacked into the root file system.
+    pub packages: Vec<PackageInfo>,
+    /// One-shot boot steps, run in order before any service starts.
+    pub boot: Vec<Step>,
+    /// Long-running services, by name.
+    pub services: BTreeMap<String, Service>,
+    /// Persistent volumes (attached by the device backends).
+    pub volumes: Vec<Volume>,
+    /// Seconds services get between SIGTERM and SIGKILL at shutdown.
+    pub stop_timeout_secs: u32,
+}
+
+/// The kernel packed into an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelInfo {
+    /// Format of the kernel section: `elf` (vmlinux, PVH entry) or `bzimage`.
+    pub format: String,
+    /// sha256 of the kernel bytes, hex.
+    pub sha256: String,
+}
+
+/// A Debian package unpacked into the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageInfo {
+    /// Package name.
+    pub name: String,
+    /// Exact Debian version that was unpacked.
+    pub version: String,
+    /// sha256 of the .deb file, hex.
+    pub sha256: String,
+}
+
+/// A one-shot boot step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// Name shown on the console.
+    pub name: String,
+    /// argv: program path first.
+    pub argv: Vec<String>,
+    /// Environment (nothing else is inherited).
+    pub env: BTreeMap<String, String>,
+    /// User to run as (`root`, a name from /etc/passwd, or `uid[:gid]`).
+    pub user: String,
+}
+
+/// When a service is restarted after it exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    /// Never restarted.
+    #[default]
+    No,
+    /// Restarted when it exits non-zero or is killed by a signal.
+    OnFailure,
+    /// Always restarted (a `main` service with this policy never ends the VM by itself).
+    Always,
+}
+
+/// A supervised service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// argv: program path first.
+    pub argv: Vec<String>,
+    /// Environment (nothing else is inherited).
+    pub env: BTreeMap<String, String>,
+    /// User to run as (`root`, a name from /etc/passwd, or `uid[:gid]`).
+    pub user: String,
+    /// Working directory.
+    pub workdir: String,
+    /// Restart policy.
+    pub restart: Restart,
+    /// Services that must have started before this one.
+    pub depends_on: Vec<String>,
+    /// Whether this service's exit ends the VM with its exit code.
+    pub main: bool,
+    /// Names of the secrets this service may receive under /run/secrets.
+    pub secrets: Vec<String>,
+}
+
+/// A persistent volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    /// Volume name; the same name on the host means the same data.
+    pub name: String,
+    /// Size in MiB, used when the volume is first created.
+    pub size_mib: u32,
+    /// Absolute mount point in the guest.
+    pub mount: String,
+}
+
+impl Manifest {
+    /// Canonical JSON bytes of the manifest (the exact bytes stored in the image).
+    pub fn to_canonical_json(&self) -> Vec<u8> {
+        // Serialising plain structs, Strings, Vecs and BTreeMaps cannot fail.
+        let mut out = serde_json::to_vec_pretty(self).unwrap_or_default();
+        out.push(b'\n');
+        out
+    }
+
+    /// Parses manifest JSON.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// Service names in an order where every service comes after its dependencies.
+    /// Ties are broken by name so the order is stable. Returns `None` on a cycle or
+    /// an unknown dependency (the spec validator rejects both before this point).
+    pub fn start_order(&self) -> Option<Vec<String>> {
+        let mut order: Vec<String> = Vec::with_capacity(self.services.len());
+        let mut remaining: Vec<&String> = self.services.keys().collect();
+        while !remaining.is_empty() {
+            let ready = remaining.iter().position(|name| {
+                self.services[*name]
+                    .depends_on
+                    .iter()
+                    .all(|d| order.iter().any(|o| o == d))
+            })?;
+            order.push(remaining.remove(ready).clone());
+        }
+        Some(order)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(deps: &[&str]) -> Service {
+        Service {
+            argv: vec!["/bin/true".into()],
+            env: BTreeMap::new(),
+            user: "root".into(),
+            workdir: "/".into(),
+            restart: Restart::No,
+            depends_on: deps.iter().map(|s| s.to_string()).collect(),
+            main: false,
+            secrets: vec![],
+        }
+    }
+
+    fn manifest(services: &[(&str, &[&str])]) -> Manifest {
+        Manifest {
+            schema: MANIFEST_SCHEMA,
+            name: "t".into(),
+            hostname: "t".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            cmdline: String::new(),
+            kernel: KernelInfo {
+                format: "elf".into(),
+                sha256: "00".into(),
+            },
+            packages: vec![],
+            boot: vec![],
+            services: services
+                .iter()
+                .map(|(n, d)| (n.to_string(), svc(d)))
+                .collect(),
+            volumes: vec![],
+            stop_timeout_secs: 5,
+        }
+    }
+
+    #[test]
+    fn start_order_respects_dependencies() {
+        let m = manifest(&[("web", &["db", "cache"]), ("db", &[]), ("cache", &["db"])]);
+        assert_eq!(
+            m.start_order(),
+            Some(vec!["db".into(), "cache".into(), "web".into()])
+        );
+    }
+
+    #[test]
+    fn start_order_rejects_cycles() {
+        let m = manifest(&[("a", &["b"]), ("b", &["a"])]);
+        assert_eq!(m.start_order(), None);
+    }
+
+    #[test]
+    fn canonical_json_round_trips() {
+        let m = manifest(&[("a", &[])]);
+        let bytes = m.to_canonical_json();
+        assert_eq!(Manifest::from_json(&bytes).ok(), Some(m.clone()));
+        assert_eq!(bytes, m.to_canonical_json());
+    }
+}

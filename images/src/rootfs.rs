@@ -1,0 +1,244 @@
+//! An in-memory root file system tree and its cpio "newc" serialisation (the initrd).
+//!
+//! Reproducible by construction: entries are sorted by path, every mtime is 0, inode
+//! numbers are assigned in path order, owners and modes come only from the spec or
+//! the package.
+
+use std::collections::BTreeMap;
+
+/// What a path is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// A directory.
+    Dir,
+    /// A regular file with its contents.
+    File(Vec<u8>),
+    /// A symbolic link and its target.
+    Symlink(String),
+    /// A character device (major, minor).
+    CharDev(u32, u32),
+}
+
+/// One entry of the tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// What it is.
+    pub kind: Kind,
+    /// Permission bits (0o7777 mask).
+    pub mode: u32,
+    /// Owner uid.
+    pub uid: u32,
+    /// Owner gid.
+    pub gid: u32,
+}
+
+/// A root file system under construction. Paths are absolute and normalised.
+#[derive(Debug, Default)]
+pub struct Tree {
+    nodes: BTreeMap<String, Node>,
+}
+
+impl Tree {
+    /// An empty tree.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Inserts (or replaces) `path`, creating missing parent directories (0755, root).
+    /// A later insert of a directory over an existing directory keeps the first.
+    pub fn insert(&mut self, path: &str, node: Node) {
+        let path = normalise(path);
+        if path == "/" {
+            return;
+        }
+        let mut parent = String::new();
+        let comps: Vec<&str> = path[1..].split('/').collect();
+        for comp in &comps[..comps.len() - 1] {
+            parent.push('/');
+            parent.push_str(comp);
+            let is_dir = matches!(
+                self.nodes.get(&parent),
+                Some(Node {
+                    kind: Kind::Dir,
+                    ..
+                })
+            );
+            if !is_dir {
+                self.nodes.insert(
+                    parent.clone(),
+                    Node {
+                        kind: Kind::Dir,
+                        mode: 0o755,
+                        uid: 0,
+                        gid: 0,
+                    },
+                );
+            }
+        }
+        if node.kind == Kind::Dir {
+            if let Some(Node {
+                kind: Kind::Dir, ..
+            }) = self.nodes.get(&path)
+            {
+                return;
+            }
+        }
+        // Replacing a directory with a non-directory drops whatever was below it.
+        if node.kind != Kind::Dir {
+            let prefix = format!("{path}/");
+            self.nodes.retain(|k, _| !k.starts_with(&prefix));
+        }
+        self.nodes.insert(path, node);
+    }
+
+    /// Looks up a path.
+    pub fn get(&self, path: &str) -> Option<&Node> {
+        self.nodes.get(&normalise(path))
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the tree is empty.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Serialises the tree as a cpio newc archive (what the kernel unpacks as initramfs).
+    pub fn to_cpio(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (ino, (path, node)) in self.nodes.iter().enumerate() {
+            let (type_bits, data, rdev): (u32, &[u8], (u32, u32)) = match &node.kind {
+                Kind::Dir => (0o040000, &[], (0, 0)),
+                Kind::File(d) => (0o100000, d, (0, 0)),
+                Kind::Symlink(t) => (0o120000, t.as_bytes(), (0, 0)),
+                Kind::CharDev(ma, mi) => (0o020000, &[], (*ma, *mi)),
+            };
+            let nlink = if node.kind == Kind::Dir { 2 } else { 1 };
+            cpio_entry(
+                &mut out,
+                &path[1..],
+                ino as u32 + 1,
+                type_bits | (node.mode & 0o7777),
+                node.uid,
+                node.gid,
+                nlink,
+                rdev,
+                data,
+            );
+        }
+        cpio_entry(&mut out, "TRAILER!!!", 0, 0, 0, 0, 1, (0, 0), &[]);
+        out
+    }
+}
+
+/// Collapses duplicate slashes and a trailing slash; adds a leading slash.
+fn normalise(path: &str) -> String {
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    format!("/{}", parts.join("/"))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cpio_entry(
+    out: &mut Vec<u8>,
+    name: &str,
+    ino: u32,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    nlink: u32,
+    rdev: (u32, u32),
+    data: &[u8],
+) {
+    let namesize = name.len() + 1;
+    let fields = [
+        ino,
+        mode,
+        uid,
+        gid,
+        nlink,
+        0, // mtime: fixed for reproducibility
+        data.len() as u32,
+        0, // devmajor
+        0, // devminor
+        rdev.0,
+        rdev.1,
+        namesize as u32,
+        0, // check
+    ];
+    out.extend_from_slice(b"070701");
+    for f in fields {
+        out.extend_from_slice(format!("{f:08x}").as_bytes());
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    pad4(out);
+    out.extend_from_slice(data);
+    pad4(out);
+}
+
+fn pad4(out: &mut Vec<u8>) {
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(d: &[u8]) -> Node {
+        Node {
+            kind: Kind::File(d.to_vec()),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    #[test]
+    fn parents_are_created_and_order_is_stable() {
+        let mut a = Tree::new();
+        a.insert("/b/c/d", file(b"x"));
+        a.insert("/a", file(b"y"));
+        let mut b = Tree::new();
+        b.insert("/a", file(b"y"));
+        b.insert("//b/c/d", file(b"x"));
+        assert_eq!(
+            a.get("/b/c"),
+            Some(&Node {
+                kind: Kind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0
+            })
+        );
+        assert_eq!(a.to_cpio(), b.to_cpio());
+        assert_eq!(a.len(), 4);
+    }
+
+    #[test]
+    fn cpio_is_newc_and_padded() {
+        let mut t = Tree::new();
+        t.insert("/init", file(b"abc"));
+        let c = t.to_cpio();
+        assert!(c.starts_with(b"070701"));
+        assert_eq!(c.len() % 4, 0);
+        // header (110) + "init\0" (5) -> padded to 116, then "abc" padded to 4.
+        assert_eq!(&c[116..119], b"abc");
+        assert!(c.windows(10).any(|w| w == b"TRAILER!!!"));
+    }
+
+    #[test]
+    fn replacing_a_dir_with_a_file_drops_its_children() {
+        let mut t = Tree::new();
+        t.insert("/a/b", file(b"x"));
+        t.insert("/a", file(b"y"));
+        assert!(t.get("/a/b").is_none());
+    }
+}

@@ -1,0 +1,547 @@
+//! The image spec: the TOML file a user writes (`hostd build app.toml`).
+//! Documented field by field in docs/spec.md. Parsing is strict: unknown fields are
+//! errors, and every error names the file and the field.
+
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::manifest::Restart;
+
+/// An error in a spec file: which file, which field, what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The file could not be read.
+    #[error("{file}: cannot read spec: {source}")]
+    Read {
+        /// The spec file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TOML syntax or a field of the wrong type/unknown name.
+    #[error("{file}: field `{field}`: {message}")]
+    Parse {
+        /// The spec file.
+        file: PathBuf,
+        /// Dotted path of the offending field (`.` for the document itself).
+        field: String,
+        /// What was wrong, with the line and column when known.
+        message: String,
+    },
+    /// The document parsed but a value is not acceptable.
+    #[error("{file}: field `{field}`: {message}")]
+    Invalid {
+        /// The spec file.
+        file: PathBuf,
+        /// Dotted path of the offending field.
+        field: String,
+        /// What was wrong and what is expected.
+        message: String,
+    },
+}
+
+/// A size such as `"256M"`, `"1G"`, `"512MiB"` or a plain number of MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeMib(pub u32);
+
+impl<'de> Deserialize<'de> for SizeMib {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = SizeMib;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size such as \"256M\", \"1G\" or a number of MiB")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SizeMib, E> {
+                u32::try_from(v)
+                    .ok()
+                    .filter(|v| *v > 0)
+                    .map(SizeMib)
+                    .ok_or_else(|| E::custom(format!("size {v} MiB is out of range")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SizeMib, E> {
+                parse_size_mib(v).map(SizeMib).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses `"256M"`, `"256MiB"`, `"1G"`, `"1GiB"`, `"64"` (MiB) into MiB.
+pub fn parse_size_mib(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size; expected e.g. \"256M\" or \"1G\""))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 1,
+        "g" | "gb" | "gib" => 1024,
+        _ => return Err(format!("`{s}` has an unknown unit; use M or G")),
+    };
+    n.checked_mul(mult)
+        .and_then(|v| u32::try_from(v).ok())
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("size `{s}` is out of range"))
+}
+
+/// The top level of a spec file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// Image name (letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// Guest hostname; defaults to `name`.
+    pub hostname: Option<String>,
+    /// `"default"` (hostd's own kernel) or a path to a vmlinux/bzImage, relative to the spec.
+    pub kernel: Option<String>,
+    /// Extra kernel command line, appended to the runner's.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Default vCPU count (1..=32).
+    pub vcpus: Option<u32>,
+    /// Default memory.
+    pub memory: Option<SizeMib>,
+    /// Seconds between SIGTERM and SIGKILL at shutdown (default 5).
+    pub stop_timeout: Option<u32>,
+    /// Debian packages to unpack, as `name` or `name=version`.
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// Files to place in the root file system.
+    #[serde(default)]
+    pub files: Vec<FileSpec>,
+    /// One-shot boot steps.
+    #[serde(default)]
+    pub boot: Vec<StepSpec>,
+    /// Services, by name.
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceSpec>,
+    /// Persistent volumes.
+    #[serde(default)]
+    pub volumes: Vec<VolumeSpec>,
+}
+
+/// A file, directory or symlink placed in the image.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    /// Absolute path in the guest.
+    pub path: String,
+    /// Host file to copy, relative to the spec's directory.
+    pub source: Option<PathBuf>,
+    /// Inline contents.
+    pub contents: Option<String>,
+    /// Make a symlink pointing here instead of a file.
+    pub symlink: Option<String>,
+    /// Make a directory.
+    #[serde(default)]
+    pub directory: bool,
+    /// Octal permission bits, e.g. `"0755"` (default 0644, 0755 for directories).
+    pub mode: Option<String>,
+    /// Owner as `uid:gid` (default `0:0`).
+    pub owner: Option<String>,
+}
+
+/// A one-shot boot step.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    /// Name shown on the console.
+    pub name: String,
+    /// Absolute path of the program.
+    pub command: String,
+    /// Arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// User to run as.
+    pub user: Option<String>,
+}
+
+/// A supervised service.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Absolute path of the program.
+    pub command: String,
+    /// Arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// User to run as (default root).
+    pub user: Option<String>,
+    /// Working directory (default `/`).
+    pub workdir: Option<String>,
+    /// `no` (default), `on-failure` or `always`.
+    #[serde(default)]
+    pub restart: Restart,
+    /// Services that must be started first.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// This service's exit ends the VM with its exit code.
+    #[serde(default)]
+    pub main: bool,
+    /// Secrets this service may receive.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+}
+
+/// A persistent volume.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// Name (letters, digits, `-`, `_`).
+    pub name: String,
+    /// Size when first created.
+    pub size: SizeMib,
+    /// Absolute mount point.
+    pub mount: String,
+}
+
+fn is_name(s: &str, extra: &[char]) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || extra.contains(&c))
+}
+
+/// Whether `p` is an absolute, normalised guest path (no `.`/`..`/empty components).
+pub fn is_guest_path(p: &str) -> bool {
+    p.starts_with('/')
+        && p.len() < 4096
+        && !p.contains('\0')
+        && (p == "/"
+            || p[1..]
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != ".."))
+}
+
+impl Spec {
+    /// Reads and validates a spec file.
+    pub fn load(path: &Path) -> Result<Spec, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates spec text; `file` is used in error messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
+        let de = toml::Deserializer::new(text);
+        let spec: Spec = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let location = inner
+                .span()
+                .map(|span| {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            SpecError::Parse {
+                file: file.to_path_buf(),
+                field,
+                message: format!("{}{location}", inner.message().trim_end()),
+            }
+        })?;
+        spec.validate(file)?;
+        Ok(spec)
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), SpecError> {
+        let bad = |field: String, message: String| SpecError::Invalid {
+            file: file.to_path_buf(),
+            field,
+            message,
+        };
+        if !is_name(&self.name, &['.']) {
+            return Err(bad(
+                "name".into(),
+                "expected 1-64 letters, digits, `-`, `_` or `.`".into(),
+            ));
+        }
+        if let Some(h) = &self.hostname {
+            if !is_name(h, &['.']) {
+                return Err(bad(
+                    "hostname".into(),
+                    "expected 1-64 letters, digits, `-`, `_` or `.`".into(),
+                ));
+            }
+        }
+        if let Some(v) = self.vcpus {
+            if !(1..=32).contains(&v) {
+                return Err(bad(
+                    "vcpus".into(),
+                    format!("{v} is out of range; expected 1 to 32"),
+                ));
+            }
+        }
+        if let Some(SizeMib(m)) = self.memory {
+            if !(32..=65536).contains(&m) {
+                return Err(bad(
+                    "memory".into(),
+                    format!("{m} MiB is out of range; expected 32M to 64G"),
+                ));
+            }
+        }
+        for (i, p) in self.packages.iter().enumerate() {
+            let name = p.split('=').next().unwrap_or("");
+            if !is_name(name, &['.', '+']) || p.contains(char::is_whitespace) {
+                return Err(bad(
+                    format!("packages[{i}]"),
+                    format!("`{p}` is not a Debian package name (`name` or `name=version`)"),
+                ));
+            }
+        }
+        for (i, f) in self.files.iter().enumerate() {
+            let field = |k: &str| format!("files[{i}].{k}");
+            if !is_guest_path(&f.path) || f.path == "/" {
+                return Err(bad(
+                    field("path"),
+                    format!("`{}` must be an absolute path without `.` or `..`", f.path),
+                ));
+            }
+            let kinds = [
+                f.source.is_some(),
+                f.contents.is_some(),
+                f.symlink.is_some(),
+                f.directory,
+            ]
+            .iter()
+            .filter(|k| **k)
+            .count();
+            if kinds != 1 {
+                return Err(bad(
+                    format!("files[{i}]"),
+                    "give exactly one of `source`, `contents`, `symlink` or `directory = true`"
+                        .into(),
+                ));
+            }
+            if let Some(m) = &f.mode {
+                if u32::from_str_radix(m, 8)
+                    .ok()
+                    .filter(|m| *m <= 0o7777)
+                    .is_none()
+                {
+                    return Err(bad(
+                        field("mode"),
+                        format!("`{m}` is not an octal mode such as \"0644\""),
+                    ));
+                }
+            }
+            if let Some(o) = &f.owner {
+                if parse_owner(o).is_none() {
+                    return Err(bad(
+                        field("owner"),
+                        format!("`{o}` is not `uid:gid` (numbers)"),
+                    ));
+                }
+            }
+        }
+        for (i, s) in self.boot.iter().enumerate() {
+            if !is_name(&s.name, &[]) {
+                return Err(bad(
+                    format!("boot[{i}].name"),
+                    "expected 1-64 letters, digits, `-` or `_`".into(),
+                ));
+            }
+            if !is_guest_path(&s.command) {
+                return Err(bad(
+                    format!("boot[{i}].command"),
+                    format!("`{}` must be an absolute path", s.command),
+                ));
+            }
+        }
+        let mut mains = Vec::new();
+        for (name, s) in &self.services {
+            let field = |k: &str| format!("services.{name}.{k}");
+            if !is_name(name, &[]) {
+                return Err(bad(
+                    format!("services.{name}"),
+                    "service names are 1-64 letters, digits, `-` or `_`".into(),
+                ));
+            }
+            if !is_guest_path(&s.command) {
+                return Err(bad(
+                    field("command"),
+                    format!("`{}` must be an absolute path", s.command),
+                ));
+            }
+            if let Some(w) = &s.workdir {
+                if !is_guest_path(w) {
+                    return Err(bad(
+                        field("workdir"),
+                        format!("`{w}` must be an absolute path"),
+                    ));
+                }
+            }
+            for d in &s.depends_on {
+                if !self.services.contains_key(d) {
+                    return Err(bad(field("depends_on"), format!("no service named `{d}`")));
+                }
+            }
+            for sec in &s.secrets {
+                if !is_name(sec, &['.']) {
+                    return Err(bad(
+                        field("secrets"),
+                        format!("`{sec}` is not a secret name (letters, digits, `-`, `_`, `.`)"),
+                    ));
+                }
+            }
+            if s.main {
+                mains.push(name.clone());
+            }
+        }
+        if mains.len() > 1 {
+            return Err(bad(
+                format!("services.{}.main", mains[1]),
+                format!("only one service can be `main`; `{}` already is", mains[0]),
+            ));
+        }
+        if let Some(cycle) = find_cycle(&self.services) {
+            return Err(bad(
+                format!("services.{cycle}.depends_on"),
+                "dependency cycle".into(),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, v) in self.volumes.iter().enumerate() {
+            if !is_name(&v.name, &[]) {
+                return Err(bad(
+                    format!("volumes[{i}].name"),
+                    "expected 1-64 letters, digits, `-` or `_`".into(),
+                ));
+            }
+            if !names.insert(&v.name) {
+                return Err(bad(
+                    format!("volumes[{i}].name"),
+                    format!("volume `{}` is declared twice", v.name),
+                ));
+            }
+            if !is_guest_path(&v.mount) || v.mount == "/" {
+                return Err(bad(
+                    format!("volumes[{i}].mount"),
+                    format!("`{}` must be an absolute path other than `/`", v.mount),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `uid:gid`.
+pub fn parse_owner(s: &str) -> Option<(u32, u32)> {
+    let (u, g) = s.split_once(':')?;
+    Some((u.parse().ok()?, g.parse().ok()?))
+}
+
+fn find_cycle(services: &BTreeMap<String, ServiceSpec>) -> Option<String> {
+    // Depth-first search with colours; returns a service on a cycle.
+    fn visit<'a>(
+        n: &'a str,
+        services: &'a BTreeMap<String, ServiceSpec>,
+        state: &mut BTreeMap<&'a str, u8>,
+    ) -> Option<String> {
+        match state.get(n) {
+            Some(1) => return Some(n.to_string()),
+            Some(2) => return None,
+            _ => {}
+        }
+        state.insert(n, 1);
+        if let Some(s) = services.get(n) {
+            for d in &s.depends_on {
+                if let Some(c) = visit(d, services, state) {
+                    return Some(c);
+                }
+            }
+        }
+        state.insert(n, 2);
+        None
+    }
+    let mut state = BTreeMap::new();
+    services.keys().find_map(|n| visit(n, services, &mut state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Spec, SpecError> {
+        Spec::parse(s, Path::new("app.toml"))
+    }
+
+    fn err(s: &str) -> String {
+        match parse(s) {
+            Ok(_) => panic!("spec should have been rejected:\n{s}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn minimal_spec_parses() {
+        let s = parse("name = \"x\"\n[services.a]\ncommand = \"/bin/a\"\nmain = true\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.services["a"].restart, Restart::No);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e =
+            err("name = \"x\"\n[services.web]\ncommand = \"/bin/a\"\nrestart = \"sometimes\"\n");
+        assert!(
+            e.contains("app.toml") && e.contains("services.web.restart") && e.contains("line 4"),
+            "{e}"
+        );
+        let e = err("name = \"x\"\n[services.web]\ncommand = \"/bin/a\"\nrestrat = \"no\"\n");
+        assert!(e.contains("restrat"), "{e}");
+        let e = err("name = \"x\"\nmemory = \"12X\"\n");
+        assert!(e.contains("`memory`") && e.contains("unit"), "{e}");
+        let e = err("name = \"x\"\n[services.a]\ncommand = \"bin/a\"\n");
+        assert!(e.contains("services.a.command"), "{e}");
+        let e = err("name = \"x\"\n[services.a]\ncommand = \"/a\"\ndepends_on = [\"b\"]\n");
+        assert!(
+            e.contains("services.a.depends_on") && e.contains("`b`"),
+            "{e}"
+        );
+        let e = err("name = \"x\"\n[services.a]\ncommand = \"/a\"\ndepends_on = [\"b\"]\n[services.b]\ncommand = \"/b\"\ndepends_on = [\"a\"]\n");
+        assert!(e.contains("cycle"), "{e}");
+        let e = err("name = \"x\"\n[[files]]\npath = \"/etc/../x\"\ncontents = \"\"\n");
+        assert!(e.contains("files[0].path"), "{e}");
+        let e = err("name = \"x\"\n[[files]]\npath = \"/x\"\n");
+        assert!(e.contains("files[0]"), "{e}");
+        let e = err("name = \"x\"\n[services.a]\ncommand = \"/a\"\nmain = true\n[services.b]\ncommand = \"/b\"\nmain = true\n");
+        assert!(e.contains("only one service"), "{e}");
+        let e = err("name = \"x\"\nvcpus = 0\n");
+        assert!(e.contains("vcpus"), "{e}");
+        let e = err("name = \"x\"\nname = \"y\"\n");
+        assert!(e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size_mib("256M"), Ok(256));
+        assert_eq!(parse_size_mib("1G"), Ok(1024));
+        assert_eq!(parse_size_mib("2GiB"), Ok(2048));
+        assert_eq!(parse_size_mib("64"), Ok(64));
+        assert!(parse_size_mib("0").is_err());
+        assert!(parse_size_mib("1T").is_err());
+        assert!(parse_size_mib("99999999999G").is_err());
+    }
+
+    #[test]
+    fn guest_paths() {
+        assert!(is_guest_path("/a/b"));
+        assert!(!is_guest_path("a/b"));
+        assert!(!is_guest_path("/a/../b"));
+        assert!(!is_guest_path("/a//b"));
+        assert!(!is_guest_path("/a/"));
+    }
+}

@@ -1,0 +1,219 @@
+//! hostd's WebAssembly tier: `wasi:http/proxy` components in wasmtime, each
+//! holding only the capabilities its manifest grants.
+//!
+//! - [`manifest`]: `fns.toml` (routes and grants; see `docs/capabilities.md`).
+//! - [`engine`]: pooling allocator, epoch ticker, on-disk compile cache.
+//! - [`capabilities`]: outbound HTTP, key-value, config, secrets, filesystem.
+//! - [`server`]: the hyper front and per-request stores.
+
+pub mod capabilities;
+pub mod engine;
+pub mod manifest;
+pub mod server;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+use crate::capabilities::keyvalue::KvStore;
+use crate::capabilities::FnCaps;
+use crate::manifest::Manifest;
+use crate::server::{Deployed, Router};
+
+/// Errors of the WebAssembly tier. Each says what was wrong and where.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The manifest is invalid.
+    #[error("manifest {}: {msg}", path.display())]
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A component could not be compiled or does not fit `wasi:http/proxy`.
+    #[error("component {}: {msg}", path.display())]
+    Component {
+        /// The component file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A grant could not be set up (e.g. a preopened directory is missing).
+    #[error("function {function}: {msg}")]
+    Grant {
+        /// The function's manifest name.
+        function: String,
+        /// What failed.
+        msg: String,
+    },
+    /// The key-value database could not be opened.
+    #[error("key-value state {}: {msg} (is another `hostd fn serve` using this --state-dir?)", path.display())]
+    State {
+        /// The database file.
+        path: PathBuf,
+        /// What failed.
+        msg: String,
+    },
+    /// The wasmtime engine could not be configured.
+    #[error("wasmtime engine: {0}")]
+    Engine(String),
+}
+
+/// How to run `hostd fn serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// A `fns.toml` manifest, or a single `.wasm` component served at `/` with no grants.
+    pub target: PathBuf,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Where key-value state lives (overrides the manifest's `state_dir`).
+    pub state_dir: Option<PathBuf>,
+    /// Where compiled components are cached; `None` disables the cache.
+    pub cache_dir: Option<PathBuf>,
+    /// How long to wait for in-flight requests after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// Whether `path` is a component rather than a manifest.
+pub fn is_component(path: &Path) -> bool {
+    if path.extension().is_some_and(|e| e == "wasm") {
+        return true;
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok_and(|()| magic == *b"\0asm")
+}
+
+/// A loaded server: engine, compiled and pre-instantiated functions.
+#[derive(Debug)]
+pub struct Prepared {
+    router: Arc<Router>,
+    _ticker: engine::EpochTicker,
+}
+
+/// Loads the manifest (or single component), compiles (or loads from cache)
+/// and pre-instantiates every function.
+pub fn prepare(opts: &ServeOptions) -> Result<Prepared, Error> {
+    let manifest = if is_component(&opts.target) {
+        Manifest::single(&opts.target)
+    } else {
+        Manifest::load(&opts.target)?
+    };
+    let max_memory = manifest
+        .functions
+        .iter()
+        .map(|f| f.grants.memory_bytes)
+        .max()
+        .unwrap_or(manifest::DEFAULT_MEMORY_MB << 20);
+    let engine = engine::build_engine(max_memory)?;
+    let ticker = engine::EpochTicker::start(&engine)?;
+    let linker = server::linker(&engine)?;
+
+    let needs_kv = manifest
+        .functions
+        .iter()
+        .any(|f| !f.grants.buckets.is_empty());
+    let kv = if needs_kv {
+        let dir = opts
+            .state_dir
+            .clone()
+            .or_else(|| manifest.state_dir.clone())
+            .or_else(engine::default_state_dir)
+            .ok_or_else(|| Error::Engine("no state directory: pass --state-dir".into()))?;
+        let kv = KvStore::open(&dir)?;
+        tracing::info!(state = %dir.display(), "key-value state opened");
+        Some(Arc::new(kv))
+    } else {
+        None
+    };
+
+    let mut functions = Vec::new();
+    for f in manifest.functions {
+        let t = Instant::now();
+        let component = engine::load_component(&engine, &f.component, opts.cache_dir.as_deref())?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .and_then(ProxyPre::new)
+            .map_err(|e| Error::Component {
+                path: f.component.clone(),
+                msg: format!("not a wasi:http/proxy component hostd can serve: {e:#}"),
+            })?;
+        for d in &f.grants.dirs {
+            if !d.host.is_dir() {
+                return Err(Error::Grant {
+                    function: f.name.clone(),
+                    msg: format!("preopened directory {} does not exist", d.host.display()),
+                });
+            }
+        }
+        tracing::info!(
+            function = %f.name,
+            routes = %f.routes.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(" "),
+            ready_ms = t.elapsed().as_millis() as u64,
+            "function deployed"
+        );
+        let kv = if f.grants.buckets.is_empty() {
+            None
+        } else {
+            kv.clone()
+        };
+        let caps = Arc::new(FnCaps {
+            name: f.name,
+            grants: f.grants,
+            kv,
+        });
+        functions.push(Deployed {
+            caps,
+            routes: f.routes,
+            pre,
+        });
+    }
+    Ok(Prepared {
+        router: Arc::new(Router { functions }),
+        _ticker: ticker,
+    })
+}
+
+/// Runs `hostd fn serve` until SIGTERM/SIGINT; `on_ready` is called with the
+/// bound address once the server accepts connections.
+pub fn serve(opts: &ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<(), Error> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io {
+            what: "starting the tokio runtime".into(),
+            source,
+        })?;
+    let prepared = prepare(opts)?;
+    rt.block_on(async {
+        let listener = server::bind(opts.listen).await?;
+        let addr = listener.local_addr().map_err(|source| Error::Io {
+            what: "reading the listening address".into(),
+            source,
+        })?;
+        tracing::info!(%addr, "listening");
+        on_ready(addr);
+        server::serve_on(
+            prepared.router.clone(),
+            listener,
+            server::shutdown_signal(),
+            opts.shutdown_grace,
+        )
+        .await;
+        Ok(())
+    })
+}

@@ -1,0 +1,414 @@
+//! `fns.toml`: which components serve which routes, and what each may touch.
+//!
+//! The format is documented in `docs/capabilities.md`. Everything a function
+//! may reach is listed here; whatever is not listed is denied.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::Error;
+
+/// Default memory limit of a function, in MiB.
+pub const DEFAULT_MEMORY_MB: u64 = 64;
+/// Default wall-clock limit of one request, in milliseconds.
+pub const DEFAULT_TIME_MS: u64 = 5_000;
+/// Largest memory limit a manifest may set, in MiB (the pooling allocator
+/// reserves address space for it in every slot).
+pub const MAX_MEMORY_MB: u64 = 1024;
+
+/// A parsed, validated manifest with every path made absolute.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// Where key-value buckets are stored, if the manifest names a place.
+    pub state_dir: Option<PathBuf>,
+    /// The functions, by name.
+    pub functions: Vec<Function>,
+}
+
+/// One function: a component, its routes and its grants.
+#[derive(Debug, Clone)]
+pub struct Function {
+    /// The manifest's name for it (used in logs).
+    pub name: String,
+    /// The component file.
+    pub component: PathBuf,
+    /// Routes: an exact path (`/hello`) or a prefix ending in `/...` (`/api/...`).
+    pub routes: Vec<Route>,
+    /// Grants.
+    pub grants: Grants,
+}
+
+/// A route pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Matches one path exactly.
+    Exact(String),
+    /// Matches the prefix itself and everything below it (`/api` matches `/api` and `/api/x`).
+    Prefix(String),
+}
+
+impl Route {
+    fn parse(s: &str) -> Option<Route> {
+        if !s.starts_with('/') {
+            return None;
+        }
+        if let Some(prefix) = s.strip_suffix("/...") {
+            return Some(Route::Prefix(prefix.to_owned()));
+        }
+        Some(Route::Exact(s.to_owned()))
+    }
+
+    /// Whether `path` (without query) matches, and how specific the match is.
+    pub fn matches(&self, path: &str) -> Option<usize> {
+        match self {
+            Route::Exact(p) => (p == path).then(|| p.len() + 1),
+            Route::Prefix(p) => {
+                let rest = path.strip_prefix(p.as_str())?;
+                (rest.is_empty() || rest.starts_with('/') || p.is_empty()).then_some(p.len())
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Route::Exact(p) => f.write_str(p),
+            Route::Prefix(p) => write!(f, "{p}/..."),
+        }
+    }
+}
+
+/// What one function may reach. Empty means nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Grants {
+    /// Outbound HTTP destinations: `host` (any port) or `host:port`.
+    pub outbound: Vec<String>,
+    /// Key-value bucket names.
+    pub buckets: Vec<String>,
+    /// Config values (`wasi:config/store`).
+    pub config: BTreeMap<String, String>,
+    /// Secrets by name, and where on the host each comes from.
+    pub secrets: BTreeMap<String, SecretSource>,
+    /// Preopened directories.
+    pub dirs: Vec<DirGrant>,
+    /// Environment variables.
+    pub env: BTreeMap<String, String>,
+    /// Memory limit in bytes (all linear memories together).
+    pub memory_bytes: u64,
+    /// Wall-clock limit of one request.
+    pub time_limit: std::time::Duration,
+}
+
+impl Grants {
+    /// No grants, default limits (what `hostd fn serve app.wasm` uses).
+    pub fn none() -> Grants {
+        Grants {
+            memory_bytes: DEFAULT_MEMORY_MB << 20,
+            time_limit: std::time::Duration::from_millis(DEFAULT_TIME_MS),
+            ..Grants::default()
+        }
+    }
+
+    /// Whether an outbound request to `host` (and `port`) is granted.
+    pub fn allows_outbound(&self, host: &str, port: u16) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        self.outbound
+            .iter()
+            .any(|grant| match split_host_port(grant) {
+                (h, None) => h.eq_ignore_ascii_case(host),
+                (h, Some(p)) => h.eq_ignore_ascii_case(host) && p == port,
+            })
+    }
+}
+
+/// Splits `host:port` (IPv6 in brackets); a grant without a port matches any port.
+fn split_host_port(s: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = s.strip_prefix('[') {
+        if let Some((host, tail)) = rest.split_once(']') {
+            let port = tail.strip_prefix(':').and_then(|p| p.parse().ok());
+            return (host, port);
+        }
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => match p.parse() {
+            Ok(port) => (h, Some(port)),
+            Err(_) => (s, None),
+        },
+        _ => (s, None),
+    }
+}
+
+/// Where a secret's value lives on the host. Never in the manifest itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// A file, read when the function reveals the secret.
+    File(PathBuf),
+    /// An environment variable of the `hostd` process.
+    Env(String),
+}
+
+/// A preopened directory.
+#[derive(Debug, Clone)]
+pub struct DirGrant {
+    /// The host directory.
+    pub host: PathBuf,
+    /// Where the function sees it (e.g. `/data`).
+    pub guest: String,
+    /// Whether the function may write.
+    pub writable: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    functions: BTreeMap<String, RawFunction>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFunction {
+    component: PathBuf,
+    routes: Vec<String>,
+    #[serde(default)]
+    outbound: Vec<String>,
+    #[serde(default)]
+    buckets: Vec<String>,
+    #[serde(default)]
+    config: BTreeMap<String, String>,
+    #[serde(default)]
+    secrets: BTreeMap<String, RawSecret>,
+    #[serde(default)]
+    dirs: Vec<RawDir>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    memory_mb: Option<u64>,
+    time_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    file: Option<PathBuf>,
+    env: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDir {
+    host: PathBuf,
+    guest: String,
+    #[serde(default = "default_mode")]
+    mode: String,
+}
+
+fn default_mode() -> String {
+    "ro".to_owned()
+}
+
+impl Manifest {
+    /// Reads and validates a manifest; relative paths are resolved against its directory.
+    pub fn load(path: &Path) -> Result<Manifest, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            what: format!("reading manifest {}", path.display()),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|msg| Error::Manifest {
+            path: path.to_owned(),
+            msg,
+        })
+    }
+
+    /// Parses manifest text; `base` resolves relative paths.
+    pub fn parse(text: &str, base: &Path) -> Result<Manifest, String> {
+        let raw: RawManifest = toml::from_str(text).map_err(|e| e.to_string())?;
+        if raw.functions.is_empty() {
+            return Err("no [functions.NAME] tables: nothing to serve".into());
+        }
+        let mut functions = Vec::new();
+        for (name, f) in raw.functions {
+            functions.push(
+                Self::function(&name, f, base).map_err(|e| format!("functions.{name}: {e}"))?,
+            );
+        }
+        let mut seen = BTreeMap::new();
+        for f in &functions {
+            for r in &f.routes {
+                if let Some(other) = seen.insert(r.clone().to_string(), f.name.clone()) {
+                    return Err(format!(
+                        "route {r} is claimed by both functions.{other} and functions.{}",
+                        f.name
+                    ));
+                }
+            }
+        }
+        Ok(Manifest {
+            state_dir: raw.state_dir.map(|d| base.join(d)),
+            functions,
+        })
+    }
+
+    fn function(name: &str, f: RawFunction, base: &Path) -> Result<Function, String> {
+        if f.routes.is_empty() {
+            return Err("routes is empty: give at least one, e.g. routes = [\"/hello\"]".into());
+        }
+        let routes = f
+            .routes
+            .iter()
+            .map(|r| Route::parse(r).ok_or_else(|| format!("route {r:?} must start with '/'")))
+            .collect::<Result<Vec<_>, _>>()?;
+        for host in &f.outbound {
+            if host.is_empty() || host.contains('/') || host.contains('*') {
+                return Err(format!(
+                    "outbound entry {host:?} must be a host or host:port (no scheme, path or wildcard)"
+                ));
+            }
+        }
+        let mut secrets = BTreeMap::new();
+        for (sname, s) in f.secrets {
+            let src = match (s.file, s.env) {
+                (Some(file), None) => SecretSource::File(base.join(file)),
+                (None, Some(var)) => SecretSource::Env(var),
+                _ => {
+                    return Err(format!(
+                        "secrets.{sname}: give exactly one of file = \"PATH\" or env = \"VAR\""
+                    ))
+                }
+            };
+            secrets.insert(sname, src);
+        }
+        let mut dirs = Vec::new();
+        for d in f.dirs {
+            let writable = match d.mode.as_str() {
+                "ro" => false,
+                "rw" => true,
+                other => return Err(format!("dirs: mode {other:?} must be \"ro\" or \"rw\"")),
+            };
+            if !d.guest.starts_with('/') {
+                return Err(format!(
+                    "dirs: guest path {:?} must be absolute, e.g. \"/data\"",
+                    d.guest
+                ));
+            }
+            dirs.push(DirGrant {
+                host: base.join(d.host),
+                guest: d.guest,
+                writable,
+            });
+        }
+        let memory_mb = f.memory_mb.unwrap_or(DEFAULT_MEMORY_MB);
+        if memory_mb == 0 || memory_mb > MAX_MEMORY_MB {
+            return Err(format!(
+                "memory_mb = {memory_mb} must be between 1 and {MAX_MEMORY_MB}"
+            ));
+        }
+        let time_ms = f.time_ms.unwrap_or(DEFAULT_TIME_MS);
+        if time_ms == 0 {
+            return Err("time_ms must be at least 1".into());
+        }
+        Ok(Function {
+            name: name.to_owned(),
+            component: base.join(f.component),
+            routes,
+            grants: Grants {
+                outbound: f.outbound,
+                buckets: f.buckets,
+                config: f.config,
+                secrets,
+                dirs,
+                env: f.env,
+                memory_bytes: memory_mb << 20,
+                time_limit: std::time::Duration::from_millis(time_ms),
+            },
+        })
+    }
+
+    /// A manifest serving one component at every path, with no grants.
+    pub fn single(component: &Path) -> Manifest {
+        Manifest {
+            state_dir: None,
+            functions: vec![Function {
+                name: component
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "app".into()),
+                component: component.to_owned(),
+                routes: vec![Route::Prefix(String::new())],
+                grants: Grants::none(),
+            }],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grants_and_resolves_paths() {
+        let m = Manifest::parse(
+            r#"
+            [functions.a]
+            component = "a.wasm"
+            routes = ["/a", "/api/..."]
+            outbound = ["127.0.0.1", "example.org:8080"]
+            buckets = ["b"]
+            secrets = { tok = { env = "TOK" }, key = { file = "k.txt" } }
+            dirs = [{ host = "data", guest = "/data" }, { host = "out", guest = "/out", mode = "rw" }]
+            memory_mb = 16
+            time_ms = 250
+            "#,
+            Path::new("/m"),
+        )
+        .expect("valid manifest");
+        let f = &m.functions[0];
+        assert_eq!(f.component, Path::new("/m/a.wasm"));
+        assert_eq!(f.routes[1], Route::Prefix("/api".into()));
+        assert!(f.grants.allows_outbound("127.0.0.1", 9999));
+        assert!(f.grants.allows_outbound("example.org", 8080));
+        assert!(!f.grants.allows_outbound("example.org", 80));
+        assert!(!f.grants.allows_outbound("127.0.0.2", 80));
+        assert_eq!(
+            f.grants.secrets["key"],
+            SecretSource::File("/m/k.txt".into())
+        );
+        assert!(!f.grants.dirs[0].writable && f.grants.dirs[1].writable);
+        assert_eq!(f.grants.memory_bytes, 16 << 20);
+    }
+
+    #[test]
+    fn rejects_bad_manifests() {
+        let bad = [
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = []",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"x\"]",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\nsecrets = { s = { value = \"inline\" } }",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\noutbound = [\"http://x\"]",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\n[functions.b]\ncomponent = \"b.wasm\"\nroutes = [\"/x\"]",
+            "",
+        ];
+        for text in bad {
+            assert!(
+                Manifest::parse(text, Path::new("/")).is_err(),
+                "accepted: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn routes_match_most_specific() {
+        let exact = Route::Exact("/hello".into());
+        let prefix = Route::Prefix("/api".into());
+        let all = Route::Prefix(String::new());
+        assert!(exact.matches("/hello").is_some());
+        assert!(exact.matches("/hello/x").is_none());
+        assert!(prefix.matches("/api/x").is_some());
+        assert!(prefix.matches("/apix").is_none());
+        assert!(all.matches("/anything").is_some());
+        assert!(prefix.matches("/api/x") > all.matches("/api/x"));
+    }
+}

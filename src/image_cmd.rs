@@ -1,0 +1,222 @@
+//! `hostd build`, `hostd inspect`, `hostd run`: wiring between the CLI, the image
+//! crate and the runners.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hostd_images::builder::{self, BuildOptions};
+use hostd_images::format::{digest_hex, sections, Image};
+use hostd_images::manifest::Manifest;
+use hostd_vmm::qemu::{self, Accel, QemuOptions, StagedFiles};
+use hostd_vmm::{BootSpec, BASE_CMDLINE};
+
+/// Guest init, built from guest/init by build.rs.
+static GUEST_INIT: &[u8] = include_bytes!(env!("HOSTD_INIT_PATH"));
+
+/// hostd's cache directory: $HOSTD_CACHE, else ~/.cache/hostd.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("HOSTD_CACHE") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".cache").join("hostd")
+}
+
+fn default_kernel(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("HOSTD_KERNEL").map(PathBuf::from))
+        .unwrap_or_else(|| cache_dir().join("kernel").join("default").join("vmlinux"))
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// `hostd build`.
+pub fn build(spec: &Path, output: &Path, kernel: Option<PathBuf>) -> Result<i32> {
+    let kernel = default_kernel(kernel);
+    let cache = cache_dir();
+    eprintln!("hostd: building {} -> {}", spec.display(), output.display());
+    let report = builder::build(&BuildOptions {
+        spec,
+        output,
+        init: GUEST_INIT,
+        default_kernel: &kernel,
+        cache: &cache,
+    })?;
+    eprintln!(
+        "hostd: built image {} ({}, {} service(s), {} package(s))",
+        report.id,
+        mib(report.size),
+        report.manifest.services.len(),
+        report.manifest.packages.len()
+    );
+    Ok(0)
+}
+
+/// `hostd inspect`.
+pub fn inspect(path: &Path, manifest_only: bool) -> Result<i32> {
+    let image = Image::open(path)?;
+    let manifest_bytes = image.read_section(sections::MANIFEST)?;
+    // Refuse a manifest guest init could not read, even though the digest matched.
+    Manifest::from_json(&manifest_bytes).with_context(|| {
+        format!(
+            "{}: section `manifest` is not a valid manifest",
+            path.display()
+        )
+    })?;
+    let mut out = String::new();
+    if manifest_only {
+        out.push_str(&String::from_utf8_lossy(&manifest_bytes));
+    } else {
+        out.push_str(&format!("image     {}\n", path.display()));
+        out.push_str(&format!("id        sha256:{}\n", image.id));
+        out.push_str(&format!("format    {}\n", image.header.version));
+        out.push_str(&format!(
+            "size      {} ({} bytes)\n",
+            mib(image.header.file_length),
+            image.header.file_length
+        ));
+        out.push_str("sections  (every sha256 verified)\n");
+        for s in &image.header.sections {
+            out.push_str(&format!(
+                "  {:<10} offset {:>10}  length {:>10}  sha256 {}  ok\n",
+                s.name,
+                s.offset,
+                s.length,
+                digest_hex(&s.sha256)
+            ));
+        }
+        out.push_str("manifest\n");
+        for line in String::from_utf8_lossy(&manifest_bytes).lines() {
+            out.push_str("  ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    print_out(&out);
+    Ok(0)
+}
+
+fn print_out(s: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(s.as_bytes());
+    let _ = o.flush();
+}
+
+/// Which monitor boots the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VmmKind {
+    /// QEMU's `microvm` machine (KVM where it works, TCG elsewhere).
+    Qemu,
+}
+
+/// QEMU accelerator choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelArg {
+    /// KVM if this host's KVM can run a Linux guest, else TCG.
+    Auto,
+    /// KVM.
+    Kvm,
+    /// TCG (software emulation).
+    Tcg,
+}
+
+/// Arguments of `hostd run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The image to boot.
+    pub image: PathBuf,
+    /// Which monitor boots the guest.
+    #[arg(long, value_enum, default_value = "qemu")]
+    pub vmm: VmmKind,
+    /// QEMU accelerator.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: AccelArg,
+    /// vCPUs [default: the image's].
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Guest memory, e.g. 512M or 1G [default: the image's].
+    #[arg(long, value_name = "SIZE")]
+    pub mem: Option<String>,
+    /// Extra kernel command line, appended after the image's.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Print when the VM started, guest init started, the first service started and the
+    /// VM exited (ms since hostd started), on stderr.
+    #[arg(long)]
+    pub timings: bool,
+    /// Stop the VM and fail after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+}
+
+/// `hostd run`.
+pub fn run(args: &RunArgs) -> Result<i32> {
+    let image = Image::open(&args.image)?;
+    let manifest =
+        Manifest::from_json(&image.read_section(sections::MANIFEST)?).with_context(|| {
+            format!(
+                "{}: section `manifest` is not a valid manifest",
+                args.image.display()
+            )
+        })?;
+    let vcpus = args.vcpus.unwrap_or(manifest.vcpus);
+    if !(1..=32).contains(&vcpus) {
+        bail!("--vcpus {vcpus}: expected 1 to 32");
+    }
+    let memory_mib = match &args.mem {
+        Some(m) => {
+            hostd_images::spec::parse_size_mib(m).map_err(|e| anyhow::anyhow!("--mem: {e}"))?
+        }
+        None => manifest.memory_mib,
+    };
+    let staged = StagedFiles::new().context("cannot create a temporary directory")?;
+    let kernel = staged.put("kernel", &image.read_section(sections::KERNEL)?)?;
+    let initrd = staged.put("initrd", &image.read_section(sections::INITRD)?)?;
+    let cmdline = [
+        BASE_CMDLINE,
+        manifest.cmdline.as_str(),
+        args.cmdline.as_deref().unwrap_or(""),
+    ]
+    .iter()
+    .filter(|s| !s.is_empty())
+    .copied()
+    .collect::<Vec<_>>()
+    .join(" ");
+    let boot = BootSpec {
+        kernel,
+        initrd: Some(initrd),
+        cmdline,
+        vcpus,
+        memory_mib,
+    };
+    tracing::info!(
+        "booting {} (sha256:{}) with {} vCPU(s), {} MiB",
+        manifest.name,
+        &image.id[..12],
+        vcpus,
+        memory_mib
+    );
+    let outcome = match args.vmm {
+        VmmKind::Qemu => qemu::run(
+            &boot,
+            &QemuOptions {
+                accel: match args.accel {
+                    AccelArg::Auto => Accel::Auto,
+                    AccelArg::Kvm => Accel::Kvm,
+                    AccelArg::Tcg => Accel::Tcg,
+                },
+                shutdown_grace: Duration::from_secs(u64::from(manifest.stop_timeout_secs) + 15),
+                timeout: args.timeout.map(Duration::from_secs),
+            },
+        )?,
+    };
+    if args.timings {
+        eprintln!("hostd: {}", outcome.timings);
+    }
+    Ok(i32::from(outcome.exit_code))
+}

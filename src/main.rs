@@ -1,0 +1,90 @@
+//! `hostd`: an immutable service host. CLI wiring only; the work is in the crates.
+
+mod fn_cmd;
+mod image_cmd;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// An immutable service host: build guest images from a declarative spec, boot them in
+/// microVMs, and serve WebAssembly nanoservices with only the capabilities they are
+/// granted.
+#[derive(Debug, Parser)]
+#[command(name = "hostd", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build an immutable guest image from a spec (see docs/spec.md).
+    ///
+    /// The same spec and inputs always give the same bytes; the image id is the sha256
+    /// of the file. The output is written atomically: on any error the previous file,
+    /// if any, is left as it was.
+    Build {
+        /// The spec file (TOML).
+        spec: PathBuf,
+        /// Where to write the image.
+        #[arg(short, long, value_name = "IMAGE")]
+        output: PathBuf,
+        /// Kernel used for `kernel = "default"` [default: $HOSTD_KERNEL, else the
+        /// kernel built by guest/kernel/build.sh in the hostd cache].
+        #[arg(long, value_name = "FILE")]
+        kernel: Option<PathBuf>,
+    },
+    /// Verify an image and print its id, sections and manifest.
+    ///
+    /// Every section's sha256 is checked; a damaged image is refused with the name of
+    /// the damaged section and a non-zero exit.
+    Inspect {
+        /// The image file.
+        image: PathBuf,
+        /// Print only the manifest, as JSON.
+        #[arg(long)]
+        manifest: bool,
+    },
+    /// Boot an image in a microVM; exits with the image's `main` service's exit code.
+    ///
+    /// The console is printed on stdout. Ctrl-C asks the guest to shut down cleanly
+    /// (SIGTERM to every service, then power off); a second Ctrl-C stops it at once.
+    Run(image_cmd::RunArgs),
+    /// WebAssembly nanoservices.
+    Fn {
+        #[command(subcommand)]
+        cmd: fn_cmd::FnCommand,
+    },
+}
+
+fn main() {
+    hostd_vmm::mark_start();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOSTD_LOG")
+                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Build {
+            spec,
+            output,
+            kernel,
+        } => image_cmd::build(&spec, &output, kernel),
+        Command::Inspect { image, manifest } => image_cmd::inspect(&image, manifest),
+        Command::Run(args) => image_cmd::run(&args),
+        Command::Fn { cmd } => fn_cmd::run(cmd),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("hostd: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

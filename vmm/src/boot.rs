@@ -1,0 +1,62 @@
+//! What a runner boots: a kernel, an optional initrd, a command line, vCPUs, memory.
+
+use std::path::PathBuf;
+
+/// A bootable guest, independent of the runner.
+#[derive(Debug, Clone)]
+pub struct BootSpec {
+    /// Kernel file (ELF vmlinux with a PVH note, or bzImage).
+    pub kernel: PathBuf,
+    /// Initrd (cpio), if any.
+    pub initrd: Option<PathBuf>,
+    /// Full kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+}
+
+/// The kernel command line every hostd guest gets before the image's own additions:
+/// the 8250 console, a reset that ends the VM (`reboot=t` triple-faults, which runners
+/// treat as the end), and no waiting on a panic.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet";
+
+/// Time points of one run, measured from the hostd process start.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    /// The hypervisor process (or first KVM_RUN) started.
+    pub vm_started_ms: Option<f64>,
+    /// Guest init reported it started.
+    pub init_started_ms: Option<f64>,
+    /// The first service was started.
+    pub first_service_ms: Option<f64>,
+    /// The VM ended.
+    pub exited_ms: Option<f64>,
+}
+
+impl std::fmt::Display for Timings {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let show = |v: Option<f64>| {
+            v.map(|v| format!("{v:.0} ms"))
+                .unwrap_or_else(|| "-".into())
+        };
+        write!(
+            f,
+            "timings (from hostd start): vm started {}, guest init {}, first service {}, exit {}",
+            show(self.vm_started_ms),
+            show(self.init_started_ms),
+            show(self.first_service_ms),
+            show(self.exited_ms)
+        )
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The guest's exit code (the `main` service's), as guest init reported it.
+    pub exit_code: u8,
+    /// When things happened.
+    pub timings: Timings,
+}

@@ -1,0 +1,26 @@
+//! hostd's virtual machine runners.
+//!
+//! [`qemu`] boots a guest under QEMU's `microvm` machine (KVM where it can run a Linux
+//! guest, TCG elsewhere) — the way `linuxkit run qemu` serves laptops and CI.
+
+pub mod boot;
+pub mod host;
+pub mod qemu;
+
+pub use boot::{BootSpec, Outcome, Timings, BASE_CMDLINE};
+
+static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// Records the moment timings count from; call first thing in `main`.
+pub fn mark_start() {
+    let _ = START.set(std::time::Instant::now());
+}
+
+/// Milliseconds since [`mark_start`] (or since the first call, if it was never called).
+pub fn since_start_ms() -> f64 {
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs_f64()
+        * 1000.0
+}

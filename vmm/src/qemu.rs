@@ -1,0 +1,387 @@
+//! The QEMU runner: boots a [`BootSpec`] under QEMU's `microvm` machine.
+//!
+//! The console (8250 on 0x3f8) is relayed to our stdout as it arrives; guest init's own
+//! lines give the timings and the exit code. The exit code also arrives through an
+//! `isa-debug-exit` device on [`abi::EXIT_PORT`]. Ctrl-C (SIGINT) or SIGTERM asks guest
+//! init for a clean shutdown over the console input; a second one, or a guest that does
+//! not power off in time, ends QEMU.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hostd_images::abi;
+
+use crate::boot::{BootSpec, Outcome, Timings};
+use crate::host::{kvm_kind, KvmKind};
+use crate::since_start_ms;
+
+/// Which QEMU accelerator to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// KVM if this host's KVM can run a Linux guest, else TCG.
+    Auto,
+    /// Always KVM.
+    Kvm,
+    /// Always TCG (software emulation).
+    Tcg,
+}
+
+/// Runner options.
+#[derive(Debug, Clone)]
+pub struct QemuOptions {
+    /// Accelerator choice.
+    pub accel: Accel,
+    /// How long the guest gets to power off after a shutdown request before QEMU is
+    /// killed.
+    pub shutdown_grace: Duration,
+    /// Give up (kill QEMU, error) after this long; `None` runs until the guest ends.
+    pub timeout: Option<Duration>,
+}
+
+/// Why a QEMU run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// QEMU is not installed or failed to start.
+    #[error("cannot start {binary}: {source} (install it with `apt-get install qemu-system-x86`)")]
+    Spawn {
+        /// The QEMU binary.
+        binary: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// QEMU exited before the guest powered off through guest init.
+    #[error("{0}")]
+    Guest(String),
+    /// Waiting for QEMU failed.
+    #[error("waiting for QEMU: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The QEMU binary (override with HOSTD_QEMU).
+pub fn qemu_binary() -> String {
+    std::env::var("HOSTD_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into())
+}
+
+/// Decides the accelerator and says why.
+pub fn choose_accel(accel: Accel) -> (&'static str, Option<&'static str>) {
+    match accel {
+        Accel::Kvm => ("kvm", None),
+        Accel::Tcg => ("tcg", None),
+        Accel::Auto => match kvm_kind() {
+            KvmKind::Hardware => ("kvm", None),
+            KvmKind::Absent => (
+                "tcg",
+                Some("no usable /dev/kvm; using TCG (software emulation)"),
+            ),
+            KvmKind::Pvm => (
+                "tcg",
+                Some(
+                    "/dev/kvm is a nested PVM hypervisor that cannot carry a Linux guest under \
+                     QEMU; using TCG (software emulation)",
+                ),
+            ),
+        },
+    }
+}
+
+/// The QEMU command line for a boot spec.
+pub fn command_line(boot: &BootSpec, accel: &str) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |s: &str| a.push(s.to_string());
+    push("-M");
+    // No ACPI, no option ROMs: an MP table, the 8250 console and our exit port.
+    // QEMU's own PIT, PIC and RTC stay on (the RTC gives the guest wall-clock time): without the first two a guest under TCG cannot calibrate
+    // its clocks and stalls (measured). They are QEMU's, not hostd's VMM's.
+    push("microvm,x-option-roms=off,isa-serial=on,acpi=off");
+    push("-accel");
+    push(accel);
+    push("-cpu");
+    push(if accel == "kvm" { "host" } else { "max" });
+    push("-smp");
+    push(&boot.vcpus.to_string());
+    push("-m");
+    push(&format!("{}M", boot.memory_mib));
+    for s in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
+        push(s);
+    }
+    push("-chardev");
+    push("stdio,id=console,signal=off");
+    push("-serial");
+    push("chardev:console");
+    push("-device");
+    push(&format!(
+        "isa-debug-exit,iobase={:#x},iosize=1",
+        abi::EXIT_PORT
+    ));
+    push("-kernel");
+    push(&boot.kernel.to_string_lossy());
+    if let Some(initrd) = &boot.initrd {
+        push("-initrd");
+        push(&initrd.to_string_lossy());
+    }
+    push("-append");
+    push(&boot.cmdline);
+    a
+}
+
+static SIGNALS: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only touches an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+/// What the console relay learned from guest init's lines.
+#[derive(Debug, Default)]
+struct ConsoleState {
+    init_ms: Option<f64>,
+    first_service_ms: Option<f64>,
+    exit_code: Option<u8>,
+}
+
+fn scan_line(line: &str, st: &mut ConsoleState) {
+    let Some(rest) = line
+        .trim_end_matches('\r')
+        .strip_prefix(abi::CONSOLE_PREFIX)
+    else {
+        return;
+    };
+    let now = since_start_ms();
+    if rest == abi::LINE_STARTED && st.init_ms.is_none() {
+        st.init_ms = Some(now);
+    } else if rest.starts_with(abi::LINE_SERVICE_STARTED) && rest.contains(" started (pid ") {
+        st.first_service_ms.get_or_insert(now);
+    } else if let Some(code) = rest.strip_prefix(abi::LINE_POWER_OFF) {
+        st.exit_code = code.trim_end_matches(')').parse().ok();
+    }
+}
+
+/// Boots `boot` under QEMU, relaying the console to stdout, and returns how it ended.
+pub fn run(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
+    let (accel, note) = choose_accel(opts.accel);
+    if let Some(note) = note {
+        tracing::info!("{note}");
+    }
+    let binary = qemu_binary();
+    let args = command_line(boot, accel);
+    tracing::debug!("{binary} {}", args.join(" "));
+    install_signal_handlers();
+    let mut child = Command::new(&binary)
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group: a terminal's Ctrl-C reaches only us, and we turn it
+        // into a clean guest shutdown.
+        .process_group(0)
+        .spawn()
+        .map_err(|source| QemuError::Spawn {
+            binary: binary.clone(),
+            source,
+        })?;
+    let mut timings = Timings {
+        vm_started_ms: Some(since_start_ms()),
+        ..Timings::default()
+    };
+    let state = Arc::new(Mutex::new(ConsoleState::default()));
+    let relay = spawn_console_relay(&mut child, Arc::clone(&state));
+    let stderr = spawn_stderr_collector(&mut child);
+    let mut stdin = child.stdin.take();
+
+    let started = Instant::now();
+    let mut shutdown_sent: Option<Instant> = None;
+    let mut seen_signals = 0;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        let signals = SIGNALS.load(Ordering::SeqCst);
+        if signals > seen_signals {
+            seen_signals = signals;
+            if shutdown_sent.is_none() {
+                tracing::info!("asking the guest to shut down (again to force)");
+                if let Some(w) = stdin.as_mut() {
+                    let _ = writeln!(w, "{}", abi::SHUTDOWN_REQUEST);
+                    let _ = w.flush();
+                }
+                shutdown_sent = Some(Instant::now());
+            } else {
+                tracing::warn!("forced stop: killing QEMU");
+                kill(&mut child);
+            }
+        }
+        if shutdown_sent.is_some_and(|t| t.elapsed() > opts.shutdown_grace) {
+            tracing::warn!(
+                "the guest did not power off within {:?}; killing QEMU",
+                opts.shutdown_grace
+            );
+            kill(&mut child);
+        }
+        if opts.timeout.is_some_and(|t| started.elapsed() > t) {
+            kill(&mut child);
+            let _ = child.wait();
+            return Err(QemuError::Guest(format!(
+                "the guest did not finish within {:?} (--timeout); QEMU was killed",
+                opts.timeout.unwrap_or_default()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    timings.exited_ms = Some(since_start_ms());
+    drop(stdin);
+    let _ = relay.join();
+    let stderr_text = stderr.join().unwrap_or_default();
+    let st = state.lock().unwrap_or_else(|p| p.into_inner());
+    timings.init_started_ms = st.init_ms;
+    timings.first_service_ms = st.first_service_ms;
+    // isa-debug-exit makes QEMU exit with code * 2 + 1.
+    let port_code = status
+        .code()
+        .filter(|c| c % 2 == 1 && st.exit_code.is_some())
+        .map(|c| (c >> 1) as u8);
+    match (st.exit_code, port_code) {
+        (Some(code), Some(port)) if code & 0x7f == port => Ok(Outcome {
+            exit_code: code,
+            timings,
+        }),
+        (Some(code), _) if status.code() == Some(0) || status.code().is_none() => {
+            // Reset instead of the exit port (e.g. a runner without it): trust the line.
+            Ok(Outcome {
+                exit_code: code,
+                timings,
+            })
+        }
+        _ => {
+            let how = match status.code() {
+                Some(c) => format!("QEMU exited with status {c}"),
+                None => "QEMU was killed".to_string(),
+            };
+            let why = if st.init_ms.is_none() {
+                "before guest init started (kernel failed to boot? see the console above)"
+            } else {
+                "without guest init powering off (the guest crashed or was stopped)"
+            };
+            let stderr_text = stderr_text.trim();
+            Err(QemuError::Guest(if stderr_text.is_empty() {
+                format!("{how} {why}")
+            } else {
+                format!("{how} {why}; QEMU said: {stderr_text}")
+            }))
+        }
+    }
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+}
+
+fn spawn_console_relay(
+    child: &mut Child,
+    state: Arc<Mutex<ConsoleState>>,
+) -> std::thread::JoinHandle<()> {
+    let out = child.stdout.take();
+    std::thread::spawn(move || {
+        let Some(mut out) = out else { return };
+        let mut buf = [0u8; 8192];
+        let mut line: Vec<u8> = Vec::new();
+        let stdout = std::io::stdout();
+        loop {
+            let n = match out.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            {
+                let mut o = stdout.lock();
+                let _ = o.write_all(&buf[..n]);
+                let _ = o.flush();
+            }
+            for &b in &buf[..n] {
+                if b == b'\n' {
+                    let text = String::from_utf8_lossy(&line).into_owned();
+                    scan_line(&text, &mut state.lock().unwrap_or_else(|p| p.into_inner()));
+                    line.clear();
+                } else if line.len() < 8192 {
+                    line.push(b);
+                }
+            }
+        }
+    })
+}
+
+fn spawn_stderr_collector(child: &mut Child) -> std::thread::JoinHandle<String> {
+    let err = child.stderr.take();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut e) = err {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    })
+}
+
+/// A path QEMU can be given for a section of an image: written to a private temp dir.
+#[derive(Debug)]
+pub struct StagedFiles {
+    dir: tempfile::TempDir,
+}
+
+impl StagedFiles {
+    /// A new private (0700) directory.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(StagedFiles {
+            dir: tempfile::Builder::new().prefix("hostd-run-").tempdir()?,
+        })
+    }
+
+    /// Writes `bytes` as `name` and returns its path.
+    pub fn put(&self, name: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, bytes)?;
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_give_timings_and_exit_code() {
+        let mut st = ConsoleState::default();
+        scan_line("[hello] hostd-init: powering off (exit code 9)", &mut st);
+        assert_eq!(st.exit_code, None, "a service cannot fake init's line");
+        scan_line("hostd-init: started", &mut st);
+        scan_line("hostd-init: service hello started (pid 12)", &mut st);
+        scan_line("hostd-init: powering off (exit code 7)\r", &mut st);
+        assert!(st.init_ms.is_some() && st.first_service_ms.is_some());
+        assert_eq!(st.exit_code, Some(7));
+    }
+
+    #[test]
+    fn command_line_has_no_legacy_devices_but_the_console() {
+        let boot = BootSpec {
+            kernel: "/k".into(),
+            initrd: Some("/i".into()),
+            cmdline: "console=ttyS0".into(),
+            vcpus: 2,
+            memory_mib: 256,
+        };
+        let a = command_line(&boot, "tcg").join(" ");
+        assert!(a.contains("acpi=off") && a.contains("-nodefaults"), "{a}");
+        assert!(
+            a.contains("-nodefaults") && a.contains("-smp 2") && a.contains("-m 256M"),
+            "{a}"
+        );
+    }
+}
