@@ -33,8 +33,10 @@ if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
 fi
 
 work=$cache/kernel/build-$key
-rm -rf "$work"
+rm -rf "$cache"/kernel/build-*
 mkdir -p "$work"
+# A failed build leaves nothing behind but its log (kept for reading).
+trap 'status=$?; if [ $status != 0 ]; then find "$work" -mindepth 1 -maxdepth 1 ! -name make.log -exec rm -rf {} +; fi' EXIT
 echo "hostd kernel: building $src_pkg $src_version (key $key) in $work; this takes a few minutes" >&2
 tar -C "$work" -xf /usr/src/$src_pkg.tar.xz
 cd "$work/$src_pkg"

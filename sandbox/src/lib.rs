@@ -217,3 +217,57 @@ pub fn serve(opts: &ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<(
         Ok(())
     })
 }
+
+/// Figures for benchmarks: instantiates `component` `n` times, each in a fresh
+/// store exactly as a request would (pooling engine, grants-free state,
+/// `ProxyPre`), and returns the time each instantiation took. With
+/// `pooling == false` the engine uses wasmtime's default on-demand allocator.
+pub fn measure_instantiation(
+    component: &Path,
+    n: usize,
+    pooling: bool,
+) -> Result<Vec<Duration>, Error> {
+    let engine = if pooling {
+        engine::build_engine(manifest::DEFAULT_MEMORY_MB << 20)?
+    } else {
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        wasmtime::Engine::new(&config).map_err(|e| Error::Engine(format!("{e:#}")))?
+    };
+    let linker = server::linker(&engine)?;
+    let loaded = engine::load_component(&engine, component, None)?;
+    let pre = linker
+        .instantiate_pre(&loaded)
+        .and_then(ProxyPre::new)
+        .map_err(|e| Error::Component {
+            path: component.to_owned(),
+            msg: format!("{e:#}"),
+        })?;
+    let caps = Arc::new(FnCaps {
+        name: "bench".into(),
+        grants: manifest::Grants::none(),
+        kv: None,
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io {
+            what: "starting the tokio runtime".into(),
+            source,
+        })?;
+    rt.block_on(async {
+        let mut times = Vec::with_capacity(n);
+        for _ in 0..n {
+            let state = store::FnState::new(&caps)?;
+            let t = Instant::now();
+            let mut s = wasmtime::Store::new(&engine, state);
+            s.limiter(|s| &mut s.limiter);
+            s.set_epoch_deadline(u64::MAX / 2);
+            pre.instantiate_async(&mut s)
+                .await
+                .map_err(|e| Error::Engine(format!("instantiating: {e:#}")))?;
+            times.push(t.elapsed());
+        }
+        Ok(times)
+    })
+}

@@ -107,6 +107,7 @@ pub fn spawn(
         .stdout(Stdio::from(write))
         .stderr(Stdio::from(write2))
         .process_group(0);
+    crate::sys::child_unblocks_signals(&mut cmd);
     if user.uid != 0 || user.gid != 0 {
         cmd.uid(user.uid).gid(user.gid);
     }

@@ -180,7 +180,7 @@ impl store::Host for CapsView<'_> {
         &mut self,
         identifier: String,
     ) -> wasmtime::Result<Result<Resource<BucketHandle>, store::Error>> {
-        let granted = self.caps.grants.buckets.iter().any(|b| *b == identifier);
+        let granted = self.caps.grants.buckets.contains(&identifier);
         if !granted || self.caps.kv.is_none() {
             tracing::warn!(function = %self.caps.name, capability = %"keyvalue", bucket = %identifier, "denied: bucket not granted");
             return Ok(Err(store::Error::AccessDenied));

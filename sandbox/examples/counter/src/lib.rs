@@ -10,7 +10,9 @@ impl guest::wasi::exports::http::incoming_handler::Guest for Counter {
         let key = guest::query_param(&request, "key").unwrap_or_else(|| "hits".to_string());
         let bucket = match store::open("counters") {
             Ok(b) => b,
-            Err(e) => return guest::respond(out, 403, format!("cannot open bucket: {e:?}\n").as_bytes()),
+            Err(e) => {
+                return guest::respond(out, 403, format!("cannot open bucket: {e:?}\n").as_bytes())
+            }
         };
         match atomics::increment(&bucket, &key, 1) {
             Ok(n) => guest::respond(out, 200, format!("{n}\n").as_bytes()),

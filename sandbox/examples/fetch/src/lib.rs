@@ -11,11 +11,19 @@ impl guest::wasi::exports::http::incoming_handler::Guest for Fetch {
         };
         match guest::http_get(&url) {
             Ok((200, body)) => guest::respond(out, 200, &body),
-            Ok((status, _)) => guest::respond(out, 502, format!("upstream answered {status}\n").as_bytes()),
-            Err(e) if e.contains("HttpRequestDenied") => {
-                guest::respond(out, 403, format!("outbound request denied: {e}\n").as_bytes())
+            Ok((status, _)) => {
+                guest::respond(out, 502, format!("upstream answered {status}\n").as_bytes())
             }
-            Err(e) => guest::respond(out, 502, format!("outbound request failed: {e}\n").as_bytes()),
+            Err(e) if e.contains("HttpRequestDenied") => guest::respond(
+                out,
+                403,
+                format!("outbound request denied: {e}\n").as_bytes(),
+            ),
+            Err(e) => guest::respond(
+                out,
+                502,
+                format!("outbound request failed: {e}\n").as_bytes(),
+            ),
         }
     }
 }

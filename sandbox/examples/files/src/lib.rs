@@ -17,7 +17,9 @@ impl guest::wasi::exports::http::incoming_handler::Guest for Files {
                 body.extend_from_slice(&bytes);
                 guest::respond(out, 200, &body)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => guest::respond(out, 404, b"no such file\n"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                guest::respond(out, 404, b"no such file\n")
+            }
             Err(e) => guest::respond(out, 403, format!("cannot read: {e}\n").as_bytes()),
         }
     }

@@ -5,7 +5,8 @@
 
 pub use wasi;
 use wasi::http::types::{
-    Fields, IncomingRequest, Method, OutgoingBody, OutgoingRequest, OutgoingResponse, ResponseOutparam, Scheme,
+    Fields, IncomingRequest, Method, OutgoingBody, OutgoingRequest, OutgoingResponse,
+    ResponseOutparam, Scheme,
 };
 
 /// Bindings to hostd's capability interfaces.
@@ -51,16 +52,14 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         match b[i] {
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
+            b'%' if i + 2 < b.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(v) => {
+                    out.push(v);
+                    i += 3;
+                    continue;
                 }
-            }
+                Err(_) => out.push(b'%'),
+            },
             b'+' => out.push(b' '),
             c => out.push(c),
         }
@@ -85,8 +84,10 @@ pub fn http_get(url: &str) -> Result<(u16, Vec<u8>), String> {
     let req = OutgoingRequest::new(Fields::new());
     req.set_method(&Method::Get).map_err(|()| "bad method")?;
     req.set_scheme(Some(&scheme)).map_err(|()| "bad scheme")?;
-    req.set_authority(Some(authority)).map_err(|()| "bad authority")?;
-    req.set_path_with_query(Some(path)).map_err(|()| "bad path")?;
+    req.set_authority(Some(authority))
+        .map_err(|()| "bad authority")?;
+    req.set_path_with_query(Some(path))
+        .map_err(|()| "bad path")?;
     let future = wasi::http::outgoing_handler::handle(req, None).map_err(|e| format!("{e:?}"))?;
     future.subscribe().block();
     let resp = match future.get() {

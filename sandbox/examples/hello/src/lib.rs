@@ -1,6 +1,8 @@
 //! The smallest useful nanoservice: answers every request with a greeting.
 
-use wasi::http::types::{Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam};
+use wasi::http::types::{
+    Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
+};
 
 struct Hello;
 
@@ -10,7 +12,9 @@ impl wasi::exports::http::incoming_handler::Guest for Hello {
         let body = resp.body().expect("outgoing body");
         ResponseOutparam::set(out, Ok(resp));
         let stream = body.write().expect("body stream");
-        stream.blocking_write_and_flush(b"hello from a nanoservice").expect("write");
+        stream
+            .blocking_write_and_flush(b"hello from a nanoservice")
+            .expect("write");
         drop(stream);
         OutgoingBody::finish(body, None).expect("finish");
     }

@@ -1,0 +1,177 @@
+//! Shared helpers for the end-to-end tests: the hostd binary, prerequisites that skip
+//! loudly (or fail under CI=true), building images and running them with a deadline.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The hostd binary under test.
+pub fn hostd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hostd"))
+}
+
+/// Whether we are in CI, where a missing prerequisite is a failure, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Checks a prerequisite. Returns false (after printing one SKIP line) when it is
+/// missing outside CI; panics when it is missing under CI=true.
+#[must_use]
+pub fn require(what: &str, ok: bool, how: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if in_ci() {
+        panic!("prerequisite missing under CI=true: {what} ({how})");
+    }
+    eprintln!("SKIP: {what} is missing ({how}); this test checked nothing");
+    false
+}
+
+/// hostd's cache directory, as the binary computes it.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("HOSTD_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/hostd")
+        })
+}
+
+/// The guest kernel built by guest/kernel/build.sh.
+pub fn kernel() -> PathBuf {
+    std::env::var_os("HOSTD_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("kernel/default/vmlinux"))
+}
+
+/// Prerequisites for booting a real guest under QEMU.
+#[must_use]
+pub fn require_qemu_guest() -> bool {
+    require(
+        "the hostd guest kernel",
+        kernel().exists(),
+        "run guest/kernel/build.sh",
+    ) && require(
+        "qemu-system-x86_64",
+        Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "apt-get install qemu-system-x86",
+    ) && require(
+        "apt-get (to fetch busybox-static)",
+        Command::new("apt-cache")
+            .args(["show", "busybox-static"])
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "a Debian host with apt lists: apt-get update",
+    )
+}
+
+/// Writes `spec` into a fresh temp dir as app.toml and builds it. Returns the dir (keep
+/// it alive) and the image path. Panics with hostd's output when the build fails.
+pub fn build(spec: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec_path = dir.path().join("app.toml");
+    std::fs::write(&spec_path, spec).expect("write spec");
+    let image = dir.path().join("app.img");
+    let out = hostd()
+        .arg("build")
+        .arg(&spec_path)
+        .arg("-o")
+        .arg(&image)
+        .output()
+        .expect("run hostd build");
+    assert!(
+        out.status.success(),
+        "hostd build failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (dir, image)
+}
+
+/// Output of a finished command.
+#[derive(Debug)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+    /// Both streams, for assertion messages.
+    pub fn all(&self) -> String {
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout, self.stderr
+        )
+    }
+}
+
+fn reader<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut r) = r {
+            let mut b = Vec::new();
+            let _ = r.read_to_end(&mut b);
+            s = String::from_utf8_lossy(&b).into_owned();
+        }
+        s
+    })
+}
+
+/// Runs `cmd` to completion, killing it (and failing) after `limit`.
+pub fn run_with_deadline(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let out = reader(child.stdout.take());
+    let err = reader(child.stderr.take());
+    let status = wait_deadline(&mut child, limit);
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// Waits for `child`, killing it and panicking after `limit`: nothing may hang.
+pub fn wait_deadline(child: &mut Child, limit: Duration) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `hostd run --vmm qemu IMAGE ARGS…` with a deadline.
+pub fn run_image(image: &Path, args: &[&str]) -> Output {
+    let mut cmd = hostd();
+    cmd.args(["run", "--vmm", "qemu", "--timeout", "240"])
+        .args(args)
+        .arg(image);
+    run_with_deadline(cmd, Duration::from_secs(300))
+}
+
+/// Index of the first line of `text` containing `needle`.
+pub fn line_of(text: &str, needle: &str) -> Option<usize> {
+    text.lines().position(|l| l.contains(needle))
+}
