@@ -184,12 +184,24 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
+/// Deploys to repeat for the deploy and first-request figures (medians reported).
+const DEPLOYS: usize = 5;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cache {
+    /// No compiled artifact available: the server compiles the component.
+    Cold,
+    /// The server's compile cache holds the component.
+    Warm,
+}
+
 struct Figures {
     name: String,
     command: String,
     deploy_cold_ms: f64,
-    deploy_warm_ms: Option<f64>,
-    first_request_ms: f64,
+    deploy_warm_ms: f64,
+    first_request_cold_ms: f64,
+    first_request_warm_ms: f64,
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -203,10 +215,11 @@ impl Figures {
     fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "name": self.name,
-            "command": self.command,
-            "deploy_to_first_response_cold_ms": self.deploy_cold_ms,
+            "command_warm": self.command,
+            "deploy_to_first_response_cold_cache_ms": self.deploy_cold_ms,
             "deploy_to_first_response_warm_cache_ms": self.deploy_warm_ms,
-            "first_request_latency_ms": self.first_request_ms,
+            "first_request_latency_cold_cache_ms": self.first_request_cold_ms,
+            "first_request_latency_warm_cache_ms": self.first_request_warm_ms,
             "requests": self.requests,
             "errors": self.errors,
             "requests_per_second": self.rps,
@@ -218,42 +231,60 @@ impl Figures {
     }
 }
 
+fn median(mut v: Vec<Duration>) -> f64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().map(ms).unwrap_or(f64::NAN)
+}
+
+/// Deploys `DEPLOYS` times: medians of (spawn → first 200, first request latency).
+fn deploys(make: &dyn Fn(u16, Cache) -> Command, cache: Cache) -> (f64, f64) {
+    let mut total = Vec::new();
+    let mut first = Vec::new();
+    for _ in 0..DEPLOYS {
+        let port = free_port();
+        let (p, d, f) = deploy(
+            make(port, cache),
+            &format!("http://127.0.0.1:{port}/hello"),
+            port,
+        );
+        drop(p);
+        total.push(d);
+        first.push(f);
+    }
+    (median(total), median(first))
+}
+
 fn measure(
     name: &str,
-    make: &dyn Fn(u16) -> Command,
-    warm: bool,
+    make: &dyn Fn(u16, Cache) -> Command,
     total: usize,
     concurrency: usize,
 ) -> Figures {
+    let (deploy_cold_ms, first_request_cold_ms) = deploys(make, Cache::Cold);
+    // Populate the cache, then deploy warm.
+    let port = free_port();
+    drop(deploy(
+        make(port, Cache::Warm),
+        &format!("http://127.0.0.1:{port}/hello"),
+        port,
+    ));
+    let (deploy_warm_ms, first_request_warm_ms) = deploys(make, Cache::Warm);
+
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}/hello");
-    let cmd = make(port);
+    let cmd = make(port, Cache::Warm);
     let command = format!("{cmd:?}");
-    let (proc_, deploy_cold, first) = deploy(cmd, &url, port);
-    let deploy_warm = warm.then(|| {
-        drop(proc_);
-        let port2 = free_port();
-        let (p, d, _) = deploy(
-            make(port2),
-            &format!("http://127.0.0.1:{port2}/hello"),
-            port2,
-        );
-        drop(p);
-        d
-    });
-    // Measure load on a fresh process (for hostd the warm-cache one).
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}/hello");
-    let (proc_, _, _) = deploy(make(port), &url, port);
+    let (proc_, _, _) = deploy(cmd, &url, port);
     let _ = load(&url, 500.min(total), concurrency); // warm-up
     let l = load(&url, total, concurrency);
     let (rss, hwm) = rss_kib(proc_.0.id());
     Figures {
         name: name.into(),
         command,
-        deploy_cold_ms: ms(deploy_cold),
-        deploy_warm_ms: deploy_warm.map(ms),
-        first_request_ms: ms(first),
+        deploy_cold_ms,
+        deploy_warm_ms,
+        first_request_cold_ms,
+        first_request_warm_ms,
         rps: (l.latencies_us.len() as f64 / l.seconds).round(),
         p50_ms: pct(&l.latencies_us, 0.50),
         p99_ms: pct(&l.latencies_us, 0.99),
@@ -265,11 +296,17 @@ fn measure(
 }
 
 fn stats_us(times: &[Duration]) -> serde_json::Value {
+    let first = times
+        .first()
+        .map(|d| d.as_nanos() as u64 / 1000)
+        .unwrap_or(0);
     let mut us: Vec<u64> = times.iter().map(|d| d.as_nanos() as u64 / 1000).collect();
     us.sort_unstable();
     let mean = us.iter().sum::<u64>() as f64 / us.len().max(1) as f64;
     serde_json::json!({
         "n": us.len(),
+        "first_us": first,
+        "max_us": us.last().copied().unwrap_or(0),
         "mean_us": (mean * 10.0).round() / 10.0,
         "p50_us": us.get(us.len() / 2).copied().unwrap_or(0),
         "p99_us": us.get(us.len() * 99 / 100).copied().unwrap_or(0),
@@ -358,10 +395,9 @@ fn main() {
             s.p99_ms,
             s.errors,
             s.deploy_cold_ms,
-            s.deploy_warm_ms
-                .map(|v| format!("{v:.1}"))
-                .unwrap_or_else(|| "-".into()),
-            s.first_request_ms,
+            s.deploy_warm_ms,
+            s.first_request_cold_ms,
+            s.first_request_warm_ms,
             s.rss_kib,
             s.peak_rss_kib
         );

@@ -8,6 +8,7 @@ use std::time::Duration;
 use hostd_images::builder::{self, BuildOptions};
 use hostd_images::format::{digest_hex, sections, Image};
 use hostd_images::manifest::Manifest;
+use hostd_vmm::kvm::{CpuTemplate, KvmConfig};
 use hostd_vmm::qemu::{self, Accel, QemuOptions, StagedFiles};
 use hostd_vmm::{BootSpec, BASE_CMDLINE};
 
@@ -110,6 +111,8 @@ fn print_out(s: &str) {
 /// Which monitor boots the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum VmmKind {
+    /// hostd's own VMM on KVM.
+    Kvm,
     /// QEMU's `microvm` machine (KVM where it works, TCG elsewhere).
     Qemu,
 }
@@ -125,24 +128,47 @@ pub enum AccelArg {
     Tcg,
 }
 
+/// CPU template for the built-in VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TemplateArg {
+    /// `pvm` on hosts whose /dev/kvm is a nested PVM hypervisor, else `host`.
+    Auto,
+    /// Everything KVM supports.
+    Host,
+    /// Hide what a PVM host's instruction emulator cannot run (XSAVE, POPCNT, SMAP, …).
+    Pvm,
+}
+
 /// Arguments of `hostd run`.
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["image", "kernel"])))]
 pub struct RunArgs {
     /// The image to boot.
-    pub image: PathBuf,
+    pub image: Option<PathBuf>,
+    /// Boot a bare kernel instead of an image (ELF vmlinux with a PVH note; QEMU also
+    /// takes a bzImage), as Firecracker's boot-source does.
+    #[arg(long, value_name = "FILE", conflicts_with = "image")]
+    pub kernel: Option<PathBuf>,
+    /// Initrd for --kernel.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
     /// Which monitor boots the guest.
-    #[arg(long, value_enum, default_value = "qemu")]
+    #[arg(long, value_enum, default_value = "kvm")]
     pub vmm: VmmKind,
-    /// QEMU accelerator.
+    /// QEMU accelerator (with --vmm qemu).
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelArg,
-    /// vCPUs [default: the image's].
+    /// CPU template (with --vmm kvm).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub cpu_template: TemplateArg,
+    /// vCPUs [default: the image's, or 1].
     #[arg(long)]
     pub vcpus: Option<u32>,
-    /// Guest memory, e.g. 512M or 1G [default: the image's].
+    /// Guest memory, e.g. 512M or 1G [default: the image's, or 256M].
     #[arg(long, value_name = "SIZE")]
     pub mem: Option<String>,
-    /// Extra kernel command line, appended after the image's.
+    /// Kernel command line: appended after the image's; with --kernel, the whole
+    /// command line [default with --kernel: "console=ttyS0 reboot=t panic=-1"].
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
     /// Print when the VM started, guest init started, the first service started and the
@@ -152,31 +178,63 @@ pub struct RunArgs {
     /// Stop the VM and fail after this many seconds.
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
+    /// Debugging only: run the built-in VMM without seccomp filters and without
+    /// dropping capabilities.
+    #[arg(long)]
+    pub no_sandbox: bool,
 }
 
-/// `hostd run`.
-pub fn run(args: &RunArgs) -> Result<i32> {
-    let image = Image::open(&args.image)?;
+/// What `hostd run` boots, resolved from an image or from --kernel.
+struct Resolved {
+    kernel: Vec<u8>,
+    kernel_name: String,
+    initrd: Option<Vec<u8>>,
+    cmdline: String,
+    vcpus: u32,
+    memory_mib: u32,
+    stop_timeout_secs: u32,
+}
+
+fn resolve(args: &RunArgs) -> Result<Resolved> {
+    let memory = |default: u32| -> Result<u32> {
+        match &args.mem {
+            Some(m) => {
+                hostd_images::spec::parse_size_mib(m).map_err(|e| anyhow::anyhow!("--mem: {e}"))
+            }
+            None => Ok(default),
+        }
+    };
+    if let Some(kernel) = &args.kernel {
+        let bytes = std::fs::read(kernel)
+            .with_context(|| format!("cannot read kernel {}", kernel.display()))?;
+        let initrd = match &args.initrd {
+            Some(p) => Some(
+                std::fs::read(p).with_context(|| format!("cannot read initrd {}", p.display()))?,
+            ),
+            None => None,
+        };
+        return Ok(Resolved {
+            kernel: bytes,
+            kernel_name: kernel.display().to_string(),
+            initrd,
+            cmdline: args
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| "console=ttyS0 reboot=t panic=-1".into()),
+            vcpus: args.vcpus.unwrap_or(1),
+            memory_mib: memory(256)?,
+            stop_timeout_secs: 5,
+        });
+    }
+    let path = args.image.as_deref().context("give an image or --kernel")?;
+    let image = Image::open(path)?;
     let manifest =
         Manifest::from_json(&image.read_section(sections::MANIFEST)?).with_context(|| {
             format!(
                 "{}: section `manifest` is not a valid manifest",
-                args.image.display()
+                path.display()
             )
         })?;
-    let vcpus = args.vcpus.unwrap_or(manifest.vcpus);
-    if !(1..=32).contains(&vcpus) {
-        bail!("--vcpus {vcpus}: expected 1 to 32");
-    }
-    let memory_mib = match &args.mem {
-        Some(m) => {
-            hostd_images::spec::parse_size_mib(m).map_err(|e| anyhow::anyhow!("--mem: {e}"))?
-        }
-        None => manifest.memory_mib,
-    };
-    let staged = StagedFiles::new().context("cannot create a temporary directory")?;
-    let kernel = staged.put("kernel", &image.read_section(sections::KERNEL)?)?;
-    let initrd = staged.put("initrd", &image.read_section(sections::INITRD)?)?;
     let cmdline = [
         BASE_CMDLINE,
         manifest.cmdline.as_str(),
@@ -187,33 +245,84 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     .copied()
     .collect::<Vec<_>>()
     .join(" ");
-    let boot = BootSpec {
-        kernel,
-        initrd: Some(initrd),
+    tracing::info!("image {} (sha256:{})", manifest.name, &image.id[..12]);
+    Ok(Resolved {
+        kernel: image.read_section(sections::KERNEL)?,
+        kernel_name: format!("{} (section `kernel`)", path.display()),
+        initrd: Some(image.read_section(sections::INITRD)?),
         cmdline,
-        vcpus,
-        memory_mib,
-    };
+        vcpus: args.vcpus.unwrap_or(manifest.vcpus),
+        memory_mib: memory(manifest.memory_mib)?,
+        stop_timeout_secs: manifest.stop_timeout_secs,
+    })
+}
+
+/// `hostd run`.
+pub fn run(args: &RunArgs) -> Result<i32> {
+    let r = resolve(args)?;
+    if !(1..=32).contains(&r.vcpus) {
+        bail!("--vcpus {}: expected 1 to 32", r.vcpus);
+    }
     tracing::info!(
-        "booting {} (sha256:{}) with {} vCPU(s), {} MiB",
-        manifest.name,
-        &image.id[..12],
-        vcpus,
-        memory_mib
+        "booting with {} vCPU(s), {} MiB ({:?})",
+        r.vcpus,
+        r.memory_mib,
+        args.vmm
     );
+    let timeout = args.timeout.map(Duration::from_secs);
     let outcome = match args.vmm {
-        VmmKind::Qemu => qemu::run(
-            &boot,
-            &QemuOptions {
-                accel: match args.accel {
-                    AccelArg::Auto => Accel::Auto,
-                    AccelArg::Kvm => Accel::Kvm,
-                    AccelArg::Tcg => Accel::Tcg,
+        VmmKind::Qemu => {
+            let staged = StagedFiles::new().context("cannot create a temporary directory")?;
+            let kernel = staged.put("kernel", &r.kernel)?;
+            let initrd = match &r.initrd {
+                Some(i) => Some(staged.put("initrd", i)?),
+                None => None,
+            };
+            let boot = BootSpec {
+                kernel,
+                initrd,
+                cmdline: r.cmdline,
+                vcpus: r.vcpus,
+                memory_mib: r.memory_mib,
+            };
+            qemu::run(
+                &boot,
+                &QemuOptions {
+                    accel: match args.accel {
+                        AccelArg::Auto => Accel::Auto,
+                        AccelArg::Kvm => Accel::Kvm,
+                        AccelArg::Tcg => Accel::Tcg,
+                    },
+                    shutdown_grace: Duration::from_secs(u64::from(r.stop_timeout_secs) + 15),
+                    timeout,
                 },
-                shutdown_grace: Duration::from_secs(u64::from(manifest.stop_timeout_secs) + 15),
-                timeout: args.timeout.map(Duration::from_secs),
-            },
-        )?,
+            )?
+        }
+        VmmKind::Kvm => {
+            if args.no_sandbox {
+                tracing::warn!(
+                    "--no-sandbox: the VMM runs without seccomp filters and keeps its capabilities"
+                );
+            }
+            let kernel = hostd_vmm::kvm::memory::memfd_with(c"hostd-kernel", &r.kernel)
+                .context("cannot stage the kernel")?;
+            hostd_vmm::kvm::run(KvmConfig {
+                kernel,
+                kernel_name: r.kernel_name,
+                initrd: r.initrd,
+                cmdline: r.cmdline,
+                vcpus: r.vcpus as u8,
+                memory_mib: r.memory_mib,
+                template: match args.cpu_template {
+                    TemplateArg::Auto => None,
+                    TemplateArg::Host => Some(CpuTemplate::Host),
+                    TemplateArg::Pvm => Some(CpuTemplate::Pvm),
+                },
+                rng: true,
+                timeout,
+                sandbox: !args.no_sandbox,
+            })?
+        }
     };
     if args.timings {
         eprintln!("hostd: {}", outcome.timings);

@@ -1,11 +1,15 @@
 //! hostd's virtual machine runners.
 //!
-//! [`qemu`] boots a guest under QEMU's `microvm` machine (KVM where it can run a Linux
+//! [`kvm`] is hostd's own VMM on KVM. [`qemu`] boots a guest under QEMU's `microvm` machine (KVM where it can run a Linux
 //! guest, TCG elsewhere) — the way `linuxkit run qemu` serves laptops and CI.
 
 pub mod boot;
 pub mod host;
+pub mod jail;
+pub mod kvm;
+pub mod layout;
 pub mod qemu;
+mod signals;
 
 pub use boot::{BootSpec, Outcome, Timings, BASE_CMDLINE};
 
@@ -14,6 +18,11 @@ static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new
 /// Records the moment timings count from; call first thing in `main`.
 pub fn mark_start() {
     let _ = START.set(std::time::Instant::now());
+}
+
+/// The instant timings count from.
+pub fn start_instant() -> std::time::Instant {
+    *START.get_or_init(std::time::Instant::now)
 }
 
 /// Milliseconds since [`mark_start`] (or since the first call, if it was never called).

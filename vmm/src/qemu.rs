@@ -10,7 +10,6 @@ use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -129,19 +128,6 @@ pub fn command_line(boot: &BootSpec, accel: &str) -> Vec<String> {
     a
 }
 
-static SIGNALS: AtomicU32 = AtomicU32::new(0);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    SIGNALS.fetch_add(1, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only touches an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
-}
-
 /// What the console relay learned from guest init's lines.
 #[derive(Debug, Default)]
 struct ConsoleState {
@@ -176,7 +162,7 @@ pub fn run(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
     let binary = qemu_binary();
     let args = command_line(boot, accel);
     tracing::debug!("{binary} {}", args.join(" "));
-    install_signal_handlers();
+    crate::signals::install();
     let mut child = Command::new(&binary)
         .args(&args)
         .stdin(Stdio::piped())
@@ -206,7 +192,7 @@ pub fn run(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
         if let Some(status) = child.try_wait()? {
             break status;
         }
-        let signals = SIGNALS.load(Ordering::SeqCst);
+        let signals = crate::signals::count();
         if signals > seen_signals {
             seen_signals = signals;
             if shutdown_sent.is_none() {

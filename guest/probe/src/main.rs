@@ -1,0 +1,113 @@
+//! hostd probe: a tiny freestanding PVH guest kernel.
+//!
+//! It proves a monitor boots a PVH ELF, gives it a command line, a UART, virtio-mmio
+//! devices and an exit port. See README.md for the contract. Built for
+//! `x86_64-unknown-none` (soft-float: no x87/SSE/AVX code is generated) because the
+//! guest's kernel-mode code runs through KVM's instruction emulator on this host.
+
+#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(test), no_main)]
+// Host-side unit tests build only the parsers; the rest is bare-metal only.
+#![cfg_attr(test, allow(dead_code))]
+
+#[cfg(not(test))]
+mod boot;
+mod cmdline;
+mod fmt;
+mod layout;
+#[cfg(not(test))]
+mod port;
+#[cfg(not(test))]
+mod start_info;
+#[cfg(not(test))]
+mod uart;
+#[cfg(not(test))]
+mod virtio_mmio;
+
+#[cfg(not(test))]
+mod probe {
+    use crate::layout::EXIT_PORT;
+    use crate::uart::{newline, put_bytes, put_dec, put_hex, put_line, put_str};
+    use crate::{cmdline, port, start_info, virtio_mmio};
+
+    /// Called by boot.rs in 64-bit mode with the `hvm_start_info` physical address.
+    #[no_mangle]
+    pub extern "C" fn probe_main(start_info_paddr: u64) -> ! {
+        put_line("probe: started");
+
+        let cmdline = match start_info::cmdline(start_info_paddr) {
+            Ok(text) => text,
+            Err(e) => {
+                put_str("probe: error: no command line: ");
+                match e {
+                    start_info::Error::NoStartInfo => put_str("EBX (hvm_start_info) is 0"),
+                    start_info::Error::BadMagic(m) => {
+                        put_str("bad hvm_start_info magic ");
+                        put_hex(u64::from(m));
+                    }
+                    start_info::Error::CmdlineNotMapped(a) => {
+                        put_str("cmdline_paddr above 4 GiB: ");
+                        put_hex(a);
+                    }
+                }
+                newline();
+                &[]
+            }
+        };
+        put_str("probe: cmdline: ");
+        put_bytes(cmdline);
+        newline();
+
+        for arg in cmdline::args(cmdline) {
+            match cmdline::virtio_mmio(arg) {
+                Some(Ok(dev)) => virtio_mmio::probe(dev.base, dev.size),
+                Some(Err(())) => {
+                    put_str("probe: error: malformed argument, skipped: ");
+                    put_bytes(arg);
+                    newline();
+                }
+                None => {}
+            }
+        }
+
+        // The last `probe.exit=` wins, as with repeated kernel parameters.
+        let mut code = 0u8;
+        for arg in cmdline::args(cmdline) {
+            match cmdline::exit_code(arg) {
+                Some(Ok(c)) => code = c,
+                Some(Err(())) => {
+                    put_str("probe: error: probe.exit wants a decimal 0..255, ignored: ");
+                    put_bytes(arg);
+                    newline();
+                }
+                None => {}
+            }
+        }
+        exit(code)
+    }
+
+    /// Prints the exit line, writes the code to the exit port, halts if still running.
+    pub fn exit(code: u8) -> ! {
+        put_str("probe: exiting with code ");
+        put_dec(u64::from(code));
+        newline();
+        port::outb(EXIT_PORT, code);
+        port::halt_forever()
+    }
+
+    #[panic_handler]
+    fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+        put_str("probe: panic");
+        if let Some(loc) = info.location() {
+            put_str(" at ");
+            put_str(loc.file());
+            put_str(":");
+            put_dec(u64::from(loc.line()));
+        }
+        newline();
+        exit(255)
+    }
+}
+
+#[cfg(test)]
+fn main() {}

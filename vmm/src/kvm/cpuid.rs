@@ -1,0 +1,154 @@
+//! CPUID the guest sees: what KVM supports, filtered through a named template.
+
+use kvm_bindings::kvm_cpuid_entry2;
+
+/// A named CPU template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuTemplate {
+    /// Everything KVM supports.
+    Host,
+    /// Hides features whose instructions a nested PVM hypervisor's instruction
+    /// emulator cannot execute at guest CPL0 (XSAVE family, POPCNT, SMAP/SMEP, AVX,
+    /// …), so the guest kernel does not patch them in. See DESIGN.md, "How this
+    /// machine behaves".
+    Pvm,
+}
+
+impl CpuTemplate {
+    /// The template's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuTemplate::Host => "host",
+            CpuTemplate::Pvm => "pvm",
+        }
+    }
+}
+
+/// Bits cleared by [`CpuTemplate::Pvm`]: (leaf, subleaf or None for all, register, mask).
+const PVM_HIDDEN: &[(u32, Option<u32>, Reg, u32)] = &[
+    // leaf 1 ECX: PCLMULQDQ, SSSE3.. no: keep SSE up to SSE3 for userspace; hide what the
+    // kernel patches in or uses itself: PCID(17), SSE4.1(19), SSE4.2(20), MOVBE(22),
+    // POPCNT(23), AES(25), XSAVE(26), OSXSAVE(27), AVX(28), F16C(29), RDRAND(30).
+    (
+        1,
+        None,
+        Reg::Ecx,
+        1 << 1
+            | 1 << 17
+            | 1 << 19
+            | 1 << 20
+            | 1 << 22
+            | 1 << 23
+            | 1 << 25
+            | 1 << 26
+            | 1 << 27
+            | 1 << 28
+            | 1 << 29
+            | 1 << 30,
+    ),
+    // leaf 7.0 EBX: FSGSBASE(0), BMI1(3), AVX2(5), SMEP(7), BMI2(8), ERMS(9), INVPCID(10),
+    // RDSEED(18), ADX(19), SMAP(20), AVX512*(16,17,21,26-31), SHA(29).
+    (
+        7,
+        Some(0),
+        Reg::Ebx,
+        1 | 1 << 3
+            | 1 << 5
+            | 1 << 7
+            | 1 << 8
+            | 1 << 9
+            | 1 << 10
+            | 1 << 16
+            | 1 << 17
+            | 1 << 18
+            | 1 << 19
+            | 1 << 20
+            | 1 << 21
+            | 0xfc00_0000,
+    ),
+    // leaf 7.0 ECX: UMIP(2), PKU(3), OSPKE(4), AVX512/VAES/GFNI family.
+    (7, Some(0), Reg::Ecx, 1 << 2 | 1 << 3 | 1 << 4 | 0x0000_7f42),
+    // leaf 0x80000001 ECX: LZCNT(5), SSE4A(6), 3DNowPrefetch(8).
+    (0x8000_0001, None, Reg::Ecx, 1 << 5 | 1 << 6 | 1 << 8),
+    // leaf 0x80000001 EDX: 1 GiB pages(26), RDTSCP(27).
+    (0x8000_0001, None, Reg::Edx, 1 << 26 | 1 << 27),
+];
+
+#[derive(Debug, Clone, Copy)]
+enum Reg {
+    Ebx,
+    Ecx,
+    Edx,
+}
+
+/// Applies `template` and the per-vCPU fields (APIC id, CPU count, hypervisor bit).
+pub fn apply(entries: &mut [kvm_cpuid_entry2], template: CpuTemplate, vcpu: u8, cpus: u8) {
+    for e in entries.iter_mut() {
+        match e.function {
+            1 => {
+                // Initial APIC id, logical processor count; hypervisor present.
+                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(vcpu) << 24) | (u32::from(cpus) << 16);
+                e.ecx |= 1 << 31;
+            }
+            0xb => e.edx = u32::from(vcpu),
+            _ => {}
+        }
+        if template == CpuTemplate::Pvm {
+            for (leaf, sub, reg, mask) in PVM_HIDDEN {
+                if e.function == *leaf && sub.is_none_or(|s| s == e.index) {
+                    match reg {
+                        Reg::Ebx => e.ebx &= !mask,
+                        Reg::Ecx => e.ecx &= !mask,
+                        Reg::Edx => e.edx &= !mask,
+                    }
+                }
+            }
+            if e.function == 0xd {
+                // No XSAVE: no XSAVE state components.
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+        }
+    }
+}
+
+/// The `clearcpuid=` kernel argument matching [`CpuTemplate::Pvm`]: a Linux kernel may
+/// still use a feature its CPUID hides when the host passes it through, and only one
+/// `clearcpuid=` list counts (DESIGN.md).
+pub const PVM_CLEARCPUID: &str =
+    "clearcpuid=pcid,popcnt,xsave,avx,avx2,smep,smap,invpcid,fsgsbase,rdrand,rdseed,bmi1,bmi2,erms,pku,umip";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: !0,
+            ebx: !0,
+            ecx: !0,
+            edx: !0,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pvm_template_hides_xsave_popcnt_smap() {
+        let mut e = vec![entry(1, 0), entry(7, 0), entry(7, 1), entry(0xd, 0)];
+        apply(&mut e, CpuTemplate::Pvm, 3, 4);
+        assert_eq!(e[0].ecx & (1 << 26 | 1 << 23), 0, "xsave/popcnt");
+        assert_ne!(e[0].ecx & (1 << 31), 0, "hypervisor bit");
+        assert_eq!(e[0].ebx >> 24, 3);
+        assert_eq!((e[0].ebx >> 16) & 0xff, 4);
+        assert_eq!(e[1].ebx & (1 << 20 | 1 << 7), 0, "smap/smep");
+        assert_eq!(e[2].ebx, !0, "subleaf 1 untouched");
+        assert_eq!((e[3].eax, e[3].ebx), (0, 0));
+        let mut h = vec![entry(7, 0)];
+        apply(&mut h, CpuTemplate::Host, 0, 1);
+        assert_eq!(h[0].ebx, !0);
+    }
+}

@@ -1,0 +1,76 @@
+//! Guest memory: one memfd (so device backends in other processes can map it),
+//! mapped in regions around the MMIO gap, registered with KVM.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
+
+use crate::layout::ram_regions;
+
+/// Creates `size` bytes of guest memory backed by a memfd.
+pub fn create(size: u64) -> Result<GuestMemoryMmap, String> {
+    // SAFETY: a valid NUL-terminated name and flags; the fd is checked below.
+    let fd = unsafe { libc::memfd_create(c"hostd-guest-memory".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create returned a fresh fd that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|e| format!("sizing guest memory to {size} bytes: {e}"))?;
+    let mut ranges = Vec::new();
+    let mut offset = 0u64;
+    for (start, len) in ram_regions(size) {
+        let f = file.try_clone().map_err(|e| e.to_string())?;
+        ranges.push((
+            GuestAddress(start),
+            len as usize,
+            Some(FileOffset::new(f, offset)),
+        ));
+        offset += len;
+    }
+    GuestMemoryMmap::from_ranges_with_files(ranges)
+        .map_err(|e| format!("mapping guest memory: {e}"))
+}
+
+/// Registers every region of `mem` with the VM.
+pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), String> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| format!("region host address: {e}"))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping of exactly `memory_size` bytes that stays
+        // mapped as long as `mem`, which outlives the VM's use of it.
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
+    }
+    Ok(())
+}
+
+/// An anonymous in-memory file holding `bytes` (a kernel taken out of an image).
+pub fn memfd_with(name: &std::ffi::CStr, bytes: &[u8]) -> std::io::Result<File> {
+    use std::io::{Seek, Write};
+    // SAFETY: a valid NUL-terminated name and flags; the fd is checked below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a fresh fd that nothing else owns.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    file.write_all(bytes)?;
+    file.rewind()?;
+    Ok(file)
+}

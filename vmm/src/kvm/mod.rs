@@ -1,0 +1,375 @@
+//! The built-in VMM: one KVM VM with its vCPU threads, guest memory on a memfd, the
+//! in-kernel irqchip and PIT, an 8250 console, the boot-marker and exit ports and
+//! virtio-mmio devices. No PCI, no ACPI, no other emulated hardware.
+
+pub mod boot;
+pub mod cpuid;
+pub mod memory;
+pub mod mptable;
+pub mod vcpu;
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hostd_devices::bus::{Bus, SharedDevice};
+use hostd_devices::marker::{BootMarker, ExitPort, Reports};
+use hostd_devices::serial::{Console, COM1_IRQ, COM1_LEN, COM1_PORT};
+use hostd_devices::virtio::mmio::{cmdline_arg, MmioTransport};
+use hostd_devices::virtio::rng::Rng;
+use hostd_images::abi;
+use kvm_bindings::kvm_pit_config;
+use kvm_ioctls::{Kvm, VmFd};
+use seccompiler::BpfProgram;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{Outcome, Timings};
+use crate::host::{kvm_kind, KvmKind};
+use crate::jail;
+use crate::layout;
+pub use cpuid::CpuTemplate;
+use vcpu::{Shared, StopReason};
+
+/// What to boot and how.
+#[derive(Debug)]
+pub struct KvmConfig {
+    /// The kernel (ELF with a PVH note).
+    pub kernel: File,
+    /// A name for the kernel in messages.
+    pub kernel_name: String,
+    /// Initrd bytes.
+    pub initrd: Option<Vec<u8>>,
+    /// Kernel command line (the VMM appends its devices).
+    pub cmdline: String,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// CPU template; `None` picks by host kind.
+    pub template: Option<CpuTemplate>,
+    /// Attach a virtio-rng device.
+    pub rng: bool,
+    /// Stop after this long.
+    pub timeout: Option<Duration>,
+    /// Install seccomp filters and drop capabilities (off only with --no-sandbox).
+    pub sandbox: bool,
+}
+
+/// Why the VM could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// A KVM call failed during setup.
+    #[error("KVM: {0}")]
+    Setup(String),
+    /// The kernel could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// The guest did something the VMM cannot handle.
+    #[error("{0}")]
+    Guest(String),
+    /// Sandboxing failed.
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
+}
+
+fn setup<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Result<T, KvmError> {
+    r.map_err(|e| KvmError::Setup(format!("{what}: {e}")))
+}
+
+/// ioctls the control thread issues after setup: none. It waits, relays signals as
+/// console input and kicks vCPU threads.
+const CONTROL_IOCTLS: &[u64] = &[];
+
+/// The control thread's seccomp filter: waiting (futex, sleeps), kicking vCPU threads
+/// (tgkill), writing the console and logs, tearing down (close, munmap).
+pub fn control_filter() -> Result<BpfProgram, jail::JailError> {
+    let mut syscalls = jail::COMMON_SYSCALLS.to_vec();
+    syscalls.extend_from_slice(&[
+        libc::SYS_clock_nanosleep,
+        libc::SYS_nanosleep,
+        libc::SYS_tgkill,
+    ]);
+    jail::filter(&syscalls, CONTROL_IOCTLS)
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+struct StdoutWriter;
+
+impl Write for StdoutWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = std::io::stdout().lock();
+        let n = out.write(buf)?;
+        out.flush()?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+/// Boots `cfg` and runs it to the end.
+pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
+    let kind = kvm_kind();
+    if kind == KvmKind::Absent {
+        return Err(KvmError::Setup(
+            "/dev/kvm is missing or not accessible (use --vmm qemu)".into(),
+        ));
+    }
+    let template = cfg.template.unwrap_or(if kind == KvmKind::Pvm {
+        CpuTemplate::Pvm
+    } else {
+        CpuTemplate::Host
+    });
+    if kind == KvmKind::Pvm {
+        tracing::warn!(
+            "/dev/kvm is a nested PVM hypervisor: guest kernel code runs through KVM's instruction \
+             emulator (about 1000x slower) and may stop on instructions it cannot emulate; CPU template `{}`",
+            template.name()
+        );
+    }
+    let kvm = setup("open /dev/kvm", Kvm::new())?;
+    let vm: VmFd = setup("KVM_CREATE_VM", kvm.create_vm())?;
+    let mem_size = u64::from(cfg.memory_mib) << 20;
+    let mem = setup("guest memory", memory::create(mem_size))?;
+    setup("guest memory", memory::register(&vm, &mem))?;
+    if let Err(e) = vm.set_tss_address(layout::KVM_TSS_ADDR as usize) {
+        tracing::debug!("KVM_SET_TSS_ADDR: {e}");
+    }
+    if let Err(e) = vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR) {
+        tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+    }
+    setup("KVM_CREATE_IRQCHIP", vm.create_irq_chip())?;
+    setup(
+        "KVM_CREATE_PIT2",
+        vm.create_pit2(kvm_pit_config {
+            flags: 0,
+            ..Default::default()
+        }),
+    )?;
+
+    // Devices.
+    let reports = Reports::default();
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let com1_irq = Arc::new(setup("eventfd", EventFd::new(libc::EFD_NONBLOCK))?);
+    setup("irqfd", vm.register_irqfd(&com1_irq, COM1_IRQ))?;
+    let console = Arc::new(Mutex::new(Console::new(com1_irq, StdoutWriter)));
+    setup(
+        "serial",
+        pio.insert(COM1_PORT, COM1_LEN, console.clone() as SharedDevice),
+    )?;
+    let marker: SharedDevice = Arc::new(Mutex::new(BootMarker::new(reports.clone())));
+    setup(
+        "boot marker",
+        pio.insert(u64::from(abi::BOOT_MARKER_PORT), 1, marker),
+    )?;
+    // The exit port's callback needs `shared`, which needs the bus: a slot filled below.
+    let exit_hook: Arc<Mutex<Option<Arc<Shared>>>> = Arc::default();
+    let hook = exit_hook.clone();
+    let reports_for_exit = reports.clone();
+    let exit: SharedDevice = Arc::new(Mutex::new(ExitPort::new(
+        reports.clone(),
+        Box::new(move || {
+            let code = reports_for_exit
+                .lock()
+                .map(|r| r.exit_code)
+                .unwrap_or(None)
+                .unwrap_or(0);
+            if let Some(shared) = hook.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                shared.stop_with(StopReason::ExitCode(code));
+            }
+        }),
+    )));
+    setup("exit port", pio.insert(u64::from(abi::EXIT_PORT), 1, exit))?;
+    let mut cmdline = cfg.cmdline.clone();
+    let mut next_mmio = layout::VIRTIO_MMIO_START;
+    let mut next_irq = layout::VIRTIO_IRQ_BASE;
+    if cfg.rng {
+        let irq = Arc::new(setup("eventfd", EventFd::new(libc::EFD_NONBLOCK))?);
+        setup("irqfd", vm.register_irqfd(&irq, next_irq))?;
+        let dev: SharedDevice = Arc::new(Mutex::new(MmioTransport::new(
+            Box::new(Rng::default()),
+            mem.clone(),
+            irq,
+        )));
+        setup(
+            "virtio-rng",
+            mmio.insert(next_mmio, layout::VIRTIO_MMIO_SIZE, dev),
+        )?;
+        cmdline.push(' ');
+        cmdline.push_str(&cmdline_arg(next_mmio, next_irq));
+        next_mmio += layout::VIRTIO_MMIO_SIZE;
+        next_irq += 1;
+    }
+    let _ = (next_mmio, next_irq);
+
+    // Boot.
+    let mut kernel = cfg.kernel;
+    let entry = boot::load_file(
+        &mem,
+        mem_size,
+        &mut kernel,
+        &cfg.kernel_name,
+        cfg.initrd.as_deref(),
+        cmdline.trim(),
+        cfg.vcpus,
+    )?;
+    drop(kernel);
+    let mut vcpus = Vec::new();
+    for id in 0..cfg.vcpus {
+        let fd = setup("KVM_CREATE_VCPU", vm.create_vcpu(u64::from(id)))?;
+        vcpu::configure(&kvm, &fd, id, cfg.vcpus, template, entry).map_err(KvmError::Setup)?;
+        vcpus.push(fd);
+    }
+    let shared = Arc::new(Shared {
+        pio,
+        mmio,
+        stop: Default::default(),
+        reason: Mutex::new(None),
+        first_run: Mutex::new(None),
+        mem,
+    });
+    *exit_hook.lock().unwrap_or_else(|p| p.into_inner()) = Some(shared.clone());
+
+    // SAFETY: installing a no-op handler (without SA_RESTART, so KVM_RUN returns EINTR).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_kick as *const () as usize;
+        libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+    }
+    crate::signals::install();
+    let vcpu_prog = if cfg.sandbox {
+        Some(Arc::new(vcpu::vcpu_filter()?))
+    } else {
+        None
+    };
+    let control_prog = if cfg.sandbox {
+        Some(control_filter()?)
+    } else {
+        None
+    };
+    if cfg.sandbox {
+        jail::drop_capabilities()?;
+    }
+    let mut threads = Vec::new();
+    for (id, fd) in vcpus.into_iter().enumerate() {
+        let shared = shared.clone();
+        let prog = vcpu_prog.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu::run(fd, id as u8, shared, prog))
+            .map_err(|e| KvmError::Setup(format!("vCPU thread: {e}")))?;
+        threads.push(handle);
+    }
+    if let Some(prog) = &control_prog {
+        jail::install(prog)?;
+    }
+
+    // Control loop.
+    let start = Instant::now();
+    let mut shutdown_sent: Option<Instant> = None;
+    let mut seen_signals = 0;
+    while !shared.stop.load(Ordering::SeqCst) {
+        let signals = crate::signals::count();
+        if signals > seen_signals {
+            seen_signals = signals;
+            if shutdown_sent.is_none() {
+                tracing::info!("asking the guest to shut down (again to force)");
+                let line = format!("{}\n", abi::SHUTDOWN_REQUEST);
+                console
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .input(line.as_bytes());
+                shutdown_sent = Some(Instant::now());
+            } else {
+                shared.stop_with(StopReason::Stopped);
+            }
+        }
+        if shutdown_sent.is_some_and(|t| t.elapsed() > Duration::from_secs(30)) {
+            tracing::warn!("the guest did not power off within 30 s; stopping it");
+            shared.stop_with(StopReason::Stopped);
+        }
+        if cfg.timeout.is_some_and(|t| start.elapsed() > t) {
+            shared.stop_with(StopReason::Error(format!(
+                "the guest did not finish within {:?} (--timeout)",
+                cfg.timeout.unwrap_or_default()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let exited = Instant::now();
+    // Kick every vCPU out of KVM_RUN until it notices `stop`; give up after 1 s.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            // SAFETY: the pthread is alive (not finished) and the signal has a handler.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if threads.iter().any(|t| !t.is_finished()) {
+        tracing::warn!("a vCPU thread did not stop within 1 s");
+    } else {
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    let r = reports.lock().unwrap_or_else(|p| p.into_inner());
+    let ms = |t: Instant| {
+        t.saturating_duration_since(crate::start_instant())
+            .as_secs_f64()
+            * 1000.0
+    };
+    let timings = Timings {
+        vm_started_ms: shared.first_run.lock().ok().and_then(|t| *t).map(ms),
+        init_started_ms: r
+            .markers
+            .iter()
+            .find(|m| m.0 == abi::marker::INIT_STARTED)
+            .map(|m| ms(m.1)),
+        first_service_ms: r
+            .markers
+            .iter()
+            .find(|m| m.0 == abi::marker::SERVICES_STARTED)
+            .map(|m| ms(m.1)),
+        exited_ms: Some(ms(exited)),
+    };
+    let reason = shared
+        .reason
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    match reason {
+        Some(StopReason::ExitCode(code)) => Ok(Outcome {
+            exit_code: code,
+            timings,
+        }),
+        Some(StopReason::Shutdown) => match r.exit_code {
+            Some(code) => Ok(Outcome {
+                exit_code: code,
+                timings,
+            }),
+            None => Err(KvmError::Guest(
+                "the guest reset (triple fault or reboot) without reporting an exit code".into(),
+            )),
+        },
+        Some(StopReason::Stopped) => Ok(Outcome {
+            exit_code: 130,
+            timings,
+        }),
+        Some(StopReason::Error(e)) => Err(KvmError::Guest(e)),
+        None => Err(KvmError::Guest(
+            "the VM stopped for no recorded reason".into(),
+        )),
+    }
+}
