@@ -48,14 +48,16 @@ impl Server {
         cmd.arg("fn")
             .arg("serve")
             .arg(target)
-            .args(["--listen", "127.0.0.1:0", "--cache-dir"])
-            .arg(&cache)
+            .args(["--listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if !extra.contains(&"--cache-dir") {
+            cmd.arg("--cache-dir").arg(&cache);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -401,5 +403,30 @@ fn secrets_come_from_the_host_environment() {
     assert_eq!(
         get(&agent(), &server.url("/s")),
         (200, "hi; api-token is 8 bytes: from-env\n".into())
+    );
+}
+
+#[test]
+fn compiled_components_are_cached_by_digest_and_engine() {
+    use sha2::Digest;
+    let cache = tempfile::tempdir().unwrap();
+    let wasm = examples().join("wasm/hello.wasm");
+    let digest: String = sha2::Sha256::digest(std::fs::read(&wasm).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let cache_arg = cache.path().to_str().unwrap();
+    for _ in 0..2 {
+        let server = Server::start(&wasm, &["--cache-dir", cache_arg], &[]);
+        assert_eq!(get(&agent(), &server.url("/")).0, 200);
+    }
+    let names: Vec<String> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(
+        names[0].starts_with(&format!("{digest}-")) && names[0].ends_with(".cwasm"),
+        "{names:?}"
     );
 }

@@ -117,6 +117,11 @@ pub fn command_line(boot: &BootSpec, accel: &str) -> Vec<String> {
         "isa-debug-exit,iobase={:#x},iosize=1",
         abi::EXIT_PORT
     ));
+    // Modern (virtio 1.x) virtio-mmio, as the built-in VMM offers; QEMU defaults to legacy.
+    push("-global");
+    push("virtio-mmio.force-legacy=false");
+    push("-device");
+    push("virtio-rng-device");
     push("-kernel");
     push(&boot.kernel.to_string_lossy());
     if let Some(initrd) = &boot.initrd {

@@ -52,11 +52,8 @@ impl KvStore {
             msg: e.to_string(),
         })?;
         let kv = KvStore { db, path };
-        kv.write(|t| {
-            let _ = t;
-            Ok(())
-        })
-        .map_err(|e| Error::State {
+        // Create the table up front so a bad database fails at startup, not on first use.
+        kv.write(|_| Ok(())).map_err(|e| Error::State {
             path: kv.path.clone(),
             msg: format!("{e:?}"),
         })?;

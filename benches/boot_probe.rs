@@ -1,0 +1,214 @@
+//! Boot benchmark: the same freestanding probe guest (guest/probe) booted by hostd's
+//! own VMM and by QEMU's `microvm` machine (KVM and TCG), side by side in one run.
+//!
+//! Measured from this process, the same way for every monitor: spawn → the guest's
+//! first serial line (`probe: started`, printed right after the boot-marker write) →
+//! process exit; and the monitor's peak RSS (wait4's ru_maxrss). The guest has 64 MiB
+//! of which the probe touches well under 1 MiB, so peak RSS is essentially the
+//! monitor's own overhead. hostd's own boot-marker timings are reported too.
+//!
+//! `cargo bench --bench boot_probe` — prints a table and writes target/bench/boot_probe.json.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+const RUNS: usize = 10;
+
+#[derive(Default, Clone)]
+struct Sample {
+    to_first_line_ms: f64,
+    to_exit_ms: f64,
+    max_rss_kib: i64,
+    exit_status: i32,
+    internal: Option<String>,
+}
+
+fn spawn_and_measure(mut cmd: Command) -> Option<Sample> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .ok()?;
+    let stdout = child.stdout.take()?;
+    let stderr = child.stderr.take()?;
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            s.push_str(&l);
+            s.push('\n');
+        }
+        s
+    });
+    let mut first = None;
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        if first.is_none() && line.contains("probe: started") {
+            first = Some(start.elapsed());
+        }
+    }
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; we wait for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointers; the pid is our child, not yet reaped.
+    unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    let exit = start.elapsed();
+    let stderr = err_reader.join().unwrap_or_default();
+    Some(Sample {
+        to_first_line_ms: first?.as_secs_f64() * 1e3,
+        to_exit_ms: exit.as_secs_f64() * 1e3,
+        max_rss_kib: usage.ru_maxrss,
+        exit_status: if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            -1
+        },
+        internal: stderr
+            .lines()
+            .find(|l| l.contains("timings"))
+            .map(str::to_string),
+    })
+}
+
+fn build_probe() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/guest/probe/build.sh"))
+        .output()
+        .expect("run guest/probe/build.sh");
+    assert!(
+        out.status.success(),
+        "probe build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or_default(),
+    )
+}
+
+fn qemu(probe: &Path, accel: &str) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args([
+        "-M",
+        "microvm,x-option-roms=off,isa-serial=on,acpi=off",
+        "-accel",
+        accel,
+        "-m",
+        "64M",
+    ])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ])
+    .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1"])
+    .args([
+        "-global",
+        "virtio-mmio.force-legacy=false",
+        "-device",
+        "virtio-rng-device",
+    ])
+    .arg("-kernel")
+    .arg(probe)
+    .args(["-append", "console=ttyS0 probe.exit=0"]);
+    c
+}
+
+fn hostd(probe: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hostd"));
+    c.args([
+        "run",
+        "--timings",
+        "--mem",
+        "64M",
+        "--cmdline",
+        "console=ttyS0 probe.exit=0",
+        "--kernel",
+    ])
+    .arg(probe);
+    c.env("HOSTD_LOG", "warn,hostd_vmm=error");
+    c
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let probe = build_probe();
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let qemu_ok = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok();
+    let mut peers: Vec<(&str, Box<dyn Fn() -> Command>)> = Vec::new();
+    if kvm {
+        let p = probe.clone();
+        peers.push(("hostd (built-in VMM, KVM)", Box::new(move || hostd(&p))));
+    }
+    if qemu_ok {
+        if kvm {
+            let p = probe.clone();
+            peers.push(("qemu microvm (KVM)", Box::new(move || qemu(&p, "kvm"))));
+        }
+        let p = probe.clone();
+        peers.push(("qemu microvm (TCG)", Box::new(move || qemu(&p, "tcg"))));
+    }
+    let mut json = Vec::new();
+    println!("boot_probe: {RUNS} runs each, medians; guest: guest/probe, 64 MiB, 1 vCPU");
+    println!(
+        "{:<28} {:>14} {:>12} {:>14}",
+        "monitor", "first line ms", "exit ms", "peak RSS KiB"
+    );
+    for (name, make) in &peers {
+        let samples: Vec<Sample> = (0..RUNS)
+            .filter_map(|_| spawn_and_measure(make()))
+            .collect();
+        let ok = samples
+            .iter()
+            .filter(|s| s.exit_status == 0 || s.exit_status == 1)
+            .count();
+        if samples.is_empty() {
+            println!("{name:<28} failed to run");
+            continue;
+        }
+        let first = median(samples.iter().map(|s| s.to_first_line_ms).collect());
+        let exit = median(samples.iter().map(|s| s.to_exit_ms).collect());
+        let rss = median(samples.iter().map(|s| s.max_rss_kib as f64).collect());
+        println!("{name:<28} {first:>14.1} {exit:>12.1} {rss:>14.0}");
+        if let Some(t) = samples.last().and_then(|s| s.internal.clone()) {
+            println!("    last run, hostd's own: {t}");
+        }
+        json.push(format!(
+            "{{\"monitor\":\"{name}\",\"runs\":{},\"ok_runs\":{ok},\"median_first_line_ms\":{first:.2},\"median_exit_ms\":{exit:.2},\"median_peak_rss_kib\":{rss:.0}}}",
+            samples.len()
+        ));
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join("boot_probe.json");
+    let body = format!(
+        "{{\"bench\":\"boot_probe\",\"guest_memory_mib\":64,\"results\":[{}]}}\n",
+        json.join(",")
+    );
+    match std::fs::write(&path, body) {
+        Ok(()) => println!("wrote {}", path.display()),
+        Err(e) => println!("cannot write {}: {e}", path.display()),
+    }
+}

@@ -1,0 +1,164 @@
+//! hostd's own VMM on KVM: a real Linux kernel's early boot through our serial device,
+//! and the freestanding probe guest (serial, boot marker, virtio-rng round trip, exit
+//! code).
+
+mod common;
+
+use common::{build, hostd, require, require_qemu_guest, run_with_deadline};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+fn is_pvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+#[test]
+fn linux_boots_through_our_vmm_with_our_cmdline_memory_map_and_cpus() {
+    if !require("/dev/kvm", kvm_usable(), "a host with KVM") || !require_qemu_guest() {
+        return;
+    }
+    let (_dir, image) = build(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/images/examples/hello.toml"
+        ))
+        .expect("hello.toml"),
+    );
+    let mut cmd = hostd();
+    cmd.args([
+        "run",
+        "--vcpus",
+        "2",
+        "--mem",
+        "192M",
+        "--cmdline",
+        "loglevel=8",
+        "--timeout",
+        "300",
+    ])
+    .arg(&image);
+    let out = run_with_deadline(cmd, Duration::from_secs(400));
+    let c = &out.stdout;
+    assert!(c.contains("Linux version 6.1"), "{}", out.all());
+    let expected_cmdline =
+        "Kernel command line: console=ttyS0 reboot=t panic=-1 quiet loglevel=8 virtio_mmio.device=4K@0xd0000000:5";
+    assert!(c.contains(expected_cmdline), "{}", out.all());
+    // 192 MiB: usable up to 0xbffffff, base memory up to the MP table.
+    assert!(
+        c.contains("BIOS-e820: [mem 0x0000000000100000-0x000000000bffffff] usable"),
+        "{}",
+        out.all()
+    );
+    assert!(
+        c.contains("BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable"),
+        "{}",
+        out.all()
+    );
+    assert!(c.contains("smpboot: Allowing 2 CPUs"), "{}", out.all());
+    assert!(c.contains("Processors: 2"), "{}", out.all());
+    if is_pvm_host() {
+        // This host's KVM cannot carry Linux further: hostd must say exactly why.
+        assert_ne!(out.code(), Some(0), "{}", out.all());
+        assert!(
+            out.stderr.contains("KVM_EXIT_INTERNAL_ERROR"),
+            "{}",
+            out.all()
+        );
+        assert!(
+            out.stderr.contains("RIP 0x") && out.stderr.contains("instruction bytes: "),
+            "{}",
+            out.all()
+        );
+    } else {
+        assert_eq!(out.code(), Some(0), "{}", out.all());
+        assert!(c.contains("[hello] hello from hostd"), "{}", out.all());
+    }
+}
+
+/// The probe guest, built by guest/probe/build.sh (cached by cargo).
+fn probe() -> Option<PathBuf> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/guest/probe/build.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        panic!(
+            "guest/probe/build.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let path = PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()?
+            .to_string(),
+    );
+    path.exists().then_some(path)
+}
+
+#[test]
+fn probe_guest_round_trips_virtio_rng_and_exits_with_its_code() {
+    if !require("/dev/kvm", kvm_usable(), "a host with KVM") {
+        return;
+    }
+    let probe = probe().expect("probe built");
+    let mut cmd = hostd();
+    cmd.args([
+        "run",
+        "--timings",
+        "--timeout",
+        "120",
+        "--cmdline",
+        "console=ttyS0 probe.exit=42",
+        "--kernel",
+    ])
+    .arg(&probe);
+    let out = run_with_deadline(cmd, Duration::from_secs(200));
+    let c = &out.stdout;
+    assert_eq!(out.code(), Some(42), "{}", out.all());
+    assert!(c.contains("probe: started"), "{}", out.all());
+    assert!(
+        c.contains(
+            "probe: cmdline: console=ttyS0 probe.exit=42 virtio_mmio.device=4K@0xd0000000:5"
+        ),
+        "{}",
+        out.all()
+    );
+    assert!(c.contains("device-id 4"), "{}", out.all());
+    assert!(
+        c.contains("probe: virtio-rng round trip ok: 16 bytes: "),
+        "{}",
+        out.all()
+    );
+    // Sixteen random bytes are not all zero (probability 2^-128).
+    let hex = c
+        .lines()
+        .find_map(|l| l.split("16 bytes: ").nth(1))
+        .unwrap_or_default();
+    assert!(
+        hex.chars().any(|ch| ch.is_ascii_hexdigit() && ch != '0'),
+        "{hex}"
+    );
+    let timings = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("timings"))
+        .unwrap_or_default();
+    assert!(
+        timings.contains("vm started")
+            && timings.contains("guest init")
+            && !timings.contains("guest init -"),
+        "{}",
+        out.all()
+    );
+}

@@ -1,0 +1,40 @@
+//! Each seccomp filter denies what its thread kind does not need: the offending
+//! process dies with SIGSYS. (The vCPU filter's test lives next to it, in kvm/vcpu.rs.)
+
+use hostd_vmm::jail::child_killed_by;
+use hostd_vmm::kvm::control_filter;
+
+fn open_file() {
+    // SAFETY: a raw syscall with a valid NUL-terminated path.
+    unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            c"/etc/passwd".as_ptr(),
+            libc::O_RDONLY,
+        )
+    };
+}
+
+fn any_ioctl() {
+    // SAFETY: a raw syscall with integer arguments on a bad fd.
+    unsafe { libc::syscall(libc::SYS_ioctl, -1, 0xae80u64, 0) };
+}
+
+fn execve() {
+    // SAFETY: a raw syscall with a valid path and null argv/envp.
+    unsafe { libc::syscall(libc::SYS_execve, c"/bin/true".as_ptr(), 0, 0) };
+}
+
+fn sleep_briefly() {
+    std::thread::sleep(std::time::Duration::from_millis(1));
+}
+
+#[test]
+fn control_filter_denies_files_ioctls_and_exec() {
+    let prog = control_filter().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(child_killed_by(&prog, open_file), Some(libc::SIGSYS));
+    assert_eq!(child_killed_by(&prog, any_ioctl), Some(libc::SIGSYS));
+    assert_eq!(child_killed_by(&prog, execve), Some(libc::SIGSYS));
+    assert_eq!(child_killed_by(&prog, sleep_briefly), None);
+}
