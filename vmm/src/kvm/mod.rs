@@ -2,6 +2,7 @@
 //! in-kernel irqchip and PIT, an 8250 console, the boot-marker and exit ports and
 //! virtio-mmio devices. No PCI, no ACPI, no other emulated hardware.
 
+pub mod assist;
 pub mod boot;
 pub mod cpuid;
 pub mod memory;
@@ -130,6 +131,7 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         CpuTemplate::Host
     });
     if kind == KvmKind::Pvm {
+        assist::enable();
         tracing::warn!(
             "/dev/kvm is a nested PVM hypervisor: guest kernel code runs through KVM's instruction \
              emulator (about 1000x slower) and may stop on instructions it cannot emulate; CPU template `{}`",

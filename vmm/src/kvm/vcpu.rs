@@ -242,6 +242,10 @@ pub fn run(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>, filter: Option<Arc<Bpf
                 Some(StopReason::Shutdown)
             }
             Ok(VcpuExit::InternalError) => {
+                // Nested PVM hosts: complete the few instructions KVM's emulator lacks.
+                if super::assist::complete(&vcpu, &shared.mem).is_some() {
+                    continue;
+                }
                 let run = vcpu.get_kvm_run();
                 // SAFETY: on KVM_EXIT_INTERNAL_ERROR the `internal` member of the exit
                 // union is the one KVM filled in.
