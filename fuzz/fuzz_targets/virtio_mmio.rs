@@ -26,13 +26,21 @@ fn write(bus: &Bus, offset: u64, v: u32) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]) else { return };
+    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]) else {
+        return;
+    };
     // Layout of the input: [flags][n ops][n * 8 bytes of ops][guest memory contents].
-    let (Some(&flags), Some(&nops)) = (data.first(), data.get(1)) else { return };
+    let (Some(&flags), Some(&nops)) = (data.first(), data.get(1)) else {
+        return;
+    };
     let ops_end = (2 + usize::from(nops) * 8).min(data.len());
     let (ops, seed) = data[2..].split_at(ops_end - 2);
     let _ = mem.write_slice(&seed[..seed.len().min(MEM)], GuestAddress(0));
-    let dev: SharedDevice = Arc::new(Mutex::new(MmioTransport::new(Box::new(Rng::default()), mem.clone(), Arc::new(NoIrq))));
+    let dev: SharedDevice = Arc::new(Mutex::new(MmioTransport::new(
+        Box::new(Rng::default()),
+        mem.clone(),
+        Arc::new(NoIrq),
+    )));
     let mut bus = Bus::new();
     if bus.insert(BASE, 0x1000, dev).is_err() {
         return;

@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use hostd_devices::bus::{Bus, SharedDevice};
@@ -239,6 +239,7 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         reason: Mutex::new(None),
         first_run: Mutex::new(None),
         mem,
+        start: Barrier::new(usize::from(cfg.vcpus) + 1),
     });
     *exit_hook.lock().unwrap_or_else(|p| p.into_inner()) = Some(shared.clone());
 
@@ -272,9 +273,10 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
             .map_err(|e| KvmError::Setup(format!("vCPU thread: {e}")))?;
         threads.push(handle);
     }
-    if let Some(prog) = &control_prog {
-        jail::install(prog)?;
+    if let Some(Err(e)) = control_prog.as_ref().map(jail::install) {
+        shared.stop_with(StopReason::Error(format!("control thread: {e}")));
     }
+    shared.start.wait();
 
     // Control loop.
     let start = Instant::now();

@@ -3,7 +3,7 @@
 //! instruction bytes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::Instant;
 
 use hostd_devices::bus::Bus;
@@ -44,6 +44,9 @@ pub struct Shared {
     pub first_run: Mutex<Option<Instant>>,
     /// Guest memory, to read instruction bytes for error reports.
     pub mem: GuestMemoryMmap,
+    /// Every vCPU thread and the control thread meet here once their seccomp filters
+    /// are installed; only then does guest code run.
+    pub start: Barrier,
 }
 
 impl Shared {
@@ -206,8 +209,9 @@ fn where_is(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> String {
 pub fn run(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>, filter: Option<Arc<BpfProgram>>) {
     if let Some(Err(e)) = filter.map(|f| jail::install(&f)) {
         shared.stop_with(StopReason::Error(format!("vCPU {id}: {e}")));
-        return;
     }
+    // No guest code runs before every thread of the VMM has its filter.
+    shared.start.wait();
     if id == 0 {
         shared
             .first_run
