@@ -4,8 +4,8 @@
 #   guest/kernel/build.sh            build (or reuse) and print the output directory
 #
 # Output: $HOSTD_CACHE/kernel/<key>/{vmlinux,bzImage,config}, where <key> is a hash of
-# everything that goes into the build (this script, the config fragment, the patches,
-# the linux-source package version). $HOSTD_CACHE/kernel/default points at the newest
+# everything that goes into the build (the recipe version below, the config fragment, the
+# patches, the linux-source package version). $HOSTD_CACHE/kernel/default points at the newest
 # build; `hostd build` uses it for `kernel = "default"`.
 set -euo pipefail
 
@@ -22,8 +22,11 @@ if ! dpkg-query -W -f='${Status}' "$src_pkg" 2>/dev/null | grep -q 'install ok i
 fi
 src_version=$(dpkg-query -W -f='${Version}' "$src_pkg")
 
-key=$( { echo "$src_pkg $src_version"; cat "$here/build.sh" "$here/hostd.config";
-         find "$here/patches" -type f -name '*.patch' | LC_ALL=C sort | xargs -r cat; } |
+patches() { [ -d "$here/patches" ] && find "$here/patches" -type f -name '*.patch' | LC_ALL=C sort; true; }
+# Bump when a change to this script changes the kernel it produces.
+recipe=2
+key=$( { echo "$src_pkg $src_version recipe $recipe"; cat "$here/hostd.config";
+         patches | xargs -r cat; } |
        sha256sum | cut -c1-16)
 out=$cache/kernel/$key
 if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
@@ -40,7 +43,7 @@ trap 'status=$?; if [ $status != 0 ]; then find "$work" -mindepth 1 -maxdepth 1 
 echo "hostd kernel: building $src_pkg $src_version (key $key) in $work; this takes a few minutes" >&2
 tar -C "$work" -xf /usr/src/$src_pkg.tar.xz
 cd "$work/$src_pkg"
-for p in $(find "$here/patches" -type f -name '*.patch' | LC_ALL=C sort); do
+for p in $(patches); do
     echo "hostd kernel: applying $(basename "$p")" >&2
     patch -p1 --quiet < "$p"
 done
