@@ -1,5 +1,6 @@
 //! `hostd`: an immutable service host. CLI wiring only; the work is in the crates.
 
+mod backend_cmd;
 mod fn_cmd;
 mod image_cmd;
 
@@ -50,6 +51,12 @@ enum Command {
     /// The console is printed on stdout. Ctrl-C asks the guest to shut down cleanly
     /// (SIGTERM to every service, then power off); a second Ctrl-C stops it at once.
     Run(image_cmd::RunArgs),
+    /// A device backend process (started by `hostd run`; not for direct use).
+    #[command(hide = true)]
+    Backend {
+        #[command(subcommand)]
+        cmd: backend_cmd::BackendCommand,
+    },
     /// WebAssembly nanoservices.
     Fn {
         #[command(subcommand)]
@@ -78,6 +85,7 @@ fn main() {
         } => image_cmd::build(&spec, &output, kernel),
         Command::Inspect { image, manifest } => image_cmd::inspect(&image, manifest),
         Command::Run(args) => image_cmd::run(&args),
+        Command::Backend { cmd } => backend_cmd::run(cmd),
         Command::Fn { cmd } => fn_cmd::run(cmd),
     };
     match result {

@@ -8,8 +8,10 @@
 //! - [`virtio`]: the virtio-mmio transport and the in-process virtio-rng device.
 
 pub mod bus;
+pub mod jail;
 pub mod marker;
 pub mod serial;
+pub mod vhost_user;
 pub mod virtio;
 
 /// Something that can raise a guest interrupt line (an irqfd in the VMM).

@@ -3,6 +3,7 @@
 //! [`kvm`] is hostd's own VMM on KVM. [`qemu`] boots a guest under QEMU's `microvm` machine (KVM where it can run a Linux
 //! guest, TCG elsewhere) — the way `linuxkit run qemu` serves laptops and CI.
 
+pub mod backends;
 pub mod boot;
 pub mod host;
 pub mod jail;
@@ -11,7 +12,7 @@ pub mod layout;
 pub mod qemu;
 mod signals;
 
-pub use boot::{BootSpec, Outcome, Timings, BASE_CMDLINE};
+pub use boot::{BootSpec, Outcome, RootDisk, Timings, BASE_CMDLINE};
 
 static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 

@@ -1,19 +1,16 @@
-//! Privilege dropping for the VMM process: seccomp filters (one per thread kind, each
-//! defined next to the code whose syscalls it lists), no_new_privs, no capabilities.
+//! seccomp-bpf filters built with seccompiler. Each thread kind and each device backend
+//! defines its own filter next to the code whose syscalls it lists; this module has the
+//! shared pieces.
 
 use std::collections::BTreeMap;
 
+use super::JailError;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
 
-/// Why a filter could not be built or installed.
-#[derive(Debug, thiserror::Error)]
-#[error("seccomp: {0}")]
-pub struct JailError(pub String);
-
-/// Syscalls every thread of the VMM needs once running: memory management by the
+/// Syscalls every jailed thread needs once running: memory management by the
 /// allocator, futexes, signal return, thread exit, writing logs, closing their own fds.
 pub const COMMON_SYSCALLS: &[i64] = &[
     libc::SYS_read,
@@ -42,8 +39,8 @@ pub const COMMON_SYSCALLS: &[i64] = &[
 pub fn filter(syscalls: &[i64], ioctls: &[u64]) -> Result<BpfProgram, JailError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         syscalls.iter().map(|s| (*s, vec![])).collect();
-    // fcntl(fd, F_GETFD) only: Rust's standard library checks an fd is still open when
-    // it closes it (debug builds), and nothing else may change fd flags.
+    // fcntl(fd, F_GETFD) at least: Rust's standard library checks an fd is still open
+    // when it closes it (debug builds). Callers that list fcntl get all of it.
     let getfd = SeccompCondition::new(
         1,
         SeccompCmpArgLen::Dword,
@@ -52,7 +49,7 @@ pub fn filter(syscalls: &[i64], ioctls: &[u64]) -> Result<BpfProgram, JailError>
     )
     .and_then(|c| SeccompRule::new(vec![c]))
     .map_err(|e| JailError(e.to_string()))?;
-    rules.insert(libc::SYS_fcntl, vec![getfd]);
+    rules.entry(libc::SYS_fcntl).or_insert(vec![getfd]);
     if !ioctls.is_empty() {
         let ioctl_rules = ioctls
             .iter()
@@ -78,48 +75,6 @@ pub fn filter(syscalls: &[i64], ioctls: &[u64]) -> Result<BpfProgram, JailError>
 /// Installs `prog` on the calling thread (and sets no_new_privs, which seccomp needs).
 pub fn install(prog: &BpfProgram) -> Result<(), JailError> {
     seccompiler::apply_filter(prog).map_err(|e| JailError(e.to_string()))
-}
-
-/// Drops every capability of the calling thread (threads started later inherit the
-/// empty sets) and sets no_new_privs.
-pub fn drop_capabilities() -> Result<(), JailError> {
-    // SAFETY: prctl with integer arguments has no memory effects.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(JailError(format!(
-            "no_new_privs: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    for cap in 0..64 {
-        // SAFETY: as above; unknown capability numbers fail with EINVAL, which we ignore.
-        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-    }
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Default, Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let mut header = Header {
-        version: 0x2008_0522,
-        pid: 0,
-    }; // _LINUX_CAPABILITY_VERSION_3
-    let data = [Data::default(); 2];
-    // SAFETY: header and data are valid, correctly laid out for capset v3.
-    let r = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
-    if r != 0 {
-        return Err(JailError(format!(
-            "capset: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
 }
 
 /// Test support: runs `forbidden` in a forked child after installing `prog`, and

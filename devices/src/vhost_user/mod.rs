@@ -1,0 +1,186 @@
+//! Device backends speaking vhost-user: each runs in its own jailed process (see
+//! [`crate::jail`]) and gets from the VMM (ours or QEMU) only the guest memory fds, the
+//! queue addresses and the kick/call eventfds.
+//!
+//! - [`rng`]: virtio-rng from getrandom(2).
+//! - [`block`]: virtio-blk over one file region: the image's read-only root file system
+//!   (every 4 KiB block checked against its recorded sha256) or a read-write volume.
+
+pub mod block;
+pub mod rng;
+
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+
+use crate::jail;
+
+/// Guest memory as the backends see it.
+pub type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+/// A descriptor chain over that memory.
+pub type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
+
+/// Why a backend stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Setting up failed (socket, files, jail, filter).
+    #[error("{0}")]
+    Setup(String),
+    /// The vhost-user connection failed.
+    #[error("vhost-user: {0}")]
+    Protocol(String),
+}
+
+/// Pops every available chain of `vring`, lets `handle` serve it (returning how many
+/// bytes it wrote into the chain), returns it as used, and signals the driver. Loops
+/// until the driver offers nothing more, with notifications re-enabled.
+pub fn drain<F>(vring: &VringRwLock, mem: &Memory, mut handle: F) -> io::Result<()>
+where
+    F: FnMut(Chain) -> u32,
+{
+    loop {
+        vring
+            .disable_notification()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let mut used = false;
+        {
+            let mut state = vring.get_mut();
+            let queue = state.get_queue_mut();
+            while let Some(chain) = queue.pop_descriptor_chain(mem.memory()) {
+                let head = chain.head_index();
+                let len = handle(chain);
+                queue
+                    .add_used(&*mem.memory(), head, len)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                used = true;
+            }
+        }
+        if used {
+            vring.signal_used_queue()?;
+        }
+        if !vring
+            .enable_notification()
+            .map_err(|e| io::Error::other(e.to_string()))?
+        {
+            return Ok(());
+        }
+    }
+}
+
+/// Serves one vhost-user connection on `socket` with `backend`: binds the socket, enters
+/// the jail (unless `sandbox` is false), installs `filter`, accepts the VMM's
+/// connection, and returns when the VMM hangs up.
+pub fn serve<B>(
+    name: &str,
+    socket: &Path,
+    backend: B,
+    sandbox: bool,
+    filter: impl FnOnce() -> Result<seccompiler::BpfProgram, jail::JailError>,
+    selftest: Option<&str>,
+) -> Result<(), BackendError>
+where
+    B: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> + Send + Sync + 'static,
+{
+    let setup =
+        |what: &str, e: &dyn std::fmt::Display| BackendError::Setup(format!("{name}: {what}: {e}"));
+    let mut listener = Listener::new(socket, true)
+        .map_err(|e| setup(&format!("listen on {}", socket.display()), &e))?;
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let backend = Arc::new(RwLock::new(backend));
+    let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
+        .map_err(|e| setup("vhost-user daemon", &e))?;
+    if sandbox {
+        jail::enter(false).map_err(|e| setup("jail", &e))?;
+    }
+    if selftest == Some("open-passwd") {
+        // The jail leaves nothing to open: report what open(2) says, then go on.
+        match std::fs::File::open("/etc/passwd") {
+            Ok(_) => eprintln!("selftest: open /etc/passwd: succeeded"),
+            Err(e) => eprintln!("selftest: open /etc/passwd: {e}"),
+        }
+        leave(daemon, listener);
+        return Ok(());
+    }
+    if sandbox {
+        let prog = filter().map_err(|e| setup("seccomp filter", &e))?;
+        jail::seccomp::install(&prog).map_err(|e| setup("seccomp", &e))?;
+    }
+    if selftest == Some("forbidden-syscall") {
+        eprintln!("selftest: calling socket(2), which no backend filter allows");
+        // SAFETY: a raw syscall with integer arguments.
+        unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) };
+        eprintln!("selftest: socket(2) was allowed");
+        leave(daemon, listener);
+        return Ok(());
+    }
+    tracing::debug!("{name}: waiting for the VMM on {}", socket.display());
+    daemon
+        .start(&mut listener)
+        .map_err(|e| BackendError::Protocol(e.to_string()))?;
+    let result = daemon.wait();
+    leave(daemon, listener);
+    match result {
+        Ok(()) => Ok(()),
+        // The VMM going away is how a backend's life normally ends.
+        Err(e) if e.to_string().contains("disconnect") || e.to_string().contains("Disconnect") => {
+            Ok(())
+        }
+        Err(e) => Err(BackendError::Protocol(e.to_string())),
+    }
+}
+
+/// Ends a backend's use of its daemon and listener without dropping them: the vring
+/// worker threads stay parked in epoll_wait and dropping the daemon would join them
+/// forever, and dropping the listener would unlink the socket, which the jail forbids
+/// (the VMM that started us removes its socket directory). The process exits next.
+fn leave<B>(daemon: VhostUserDaemon<B>, listener: Listener)
+where
+    B: vhost_user_backend::VhostUserBackend + Clone + 'static,
+{
+    std::mem::forget(daemon);
+    std::mem::forget(listener);
+}
+
+/// Syscalls every vhost-user backend needs after the jail: the vhost-user protocol
+/// (accept, messages with fds, mapping guest memory from the fds it receives), the
+/// epoll worker, eventfds, threads.
+pub const BACKEND_SYSCALLS: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_eventfd2,
+    libc::SYS_clone3,
+    libc::SYS_clone,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_prctl,
+    libc::SYS_shutdown,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_lseek,
+    libc::SYS_dup,
+    libc::SYS_fcntl,
+    libc::SYS_mprotect,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
+/// The filter for a backend: [`jail::seccomp::COMMON_SYSCALLS`], [`BACKEND_SYSCALLS`]
+/// and the device's own `extra` syscalls; no ioctls.
+pub fn backend_filter(extra: &[i64]) -> Result<seccompiler::BpfProgram, jail::JailError> {
+    let mut syscalls = jail::seccomp::COMMON_SYSCALLS.to_vec();
+    syscalls.extend_from_slice(BACKEND_SYSCALLS);
+    syscalls.extend_from_slice(extra);
+    jail::seccomp::filter(&syscalls, &[])
+}

@@ -1,0 +1,130 @@
+//! `hostd backend …` (hidden): one device backend process, started by `hostd run` for
+//! each device. It binds its vhost-user socket, opens the files it serves, jails itself
+//! and serves the VMM until it hangs up.
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use sha2::{Digest, Sha256};
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use hostd_devices::vhost_user::block::{BlockBackend, Verity, BLOCK_SYSCALLS};
+use hostd_devices::vhost_user::rng::{RngBackend, RNG_SYSCALLS};
+use hostd_devices::vhost_user::{backend_filter, serve};
+
+/// Options every backend takes.
+#[derive(Debug, clap::Args)]
+pub struct Common {
+    /// The vhost-user socket to listen on.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Debugging only: no jail, no seccomp filter.
+    #[arg(long)]
+    no_sandbox: bool,
+    /// Test hook: `open-passwd` (report what opening /etc/passwd does inside the jail)
+    /// or `forbidden-syscall` (make a syscall the filter does not allow).
+    #[arg(long, hide = true)]
+    selftest: Option<String>,
+}
+
+/// A device backend.
+#[derive(Debug, Subcommand)]
+pub enum BackendCommand {
+    /// virtio-rng.
+    Rng {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// virtio-blk over a file region.
+    Block {
+        #[command(flatten)]
+        common: Common,
+        /// The file to serve.
+        #[arg(long)]
+        file: PathBuf,
+        /// Start of the region in the file.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// Length of the region [default: the rest of the file].
+        #[arg(long)]
+        length: Option<u64>,
+        /// Refuse writes.
+        #[arg(long)]
+        read_only: bool,
+        /// Per-block sha256 table in the same file: OFFSET:LENGTH:SHA256 (the table's own
+        /// digest, from the verified image header). Implies --read-only.
+        #[arg(long, value_name = "OFFSET:LENGTH:SHA256")]
+        verity: Option<String>,
+        /// Serial number the guest sees (/sys/block/vdX/serial).
+        #[arg(long, default_value = "hostd")]
+        id: String,
+    },
+}
+
+/// Runs a backend to completion.
+pub fn run(cmd: BackendCommand) -> Result<i32> {
+    match cmd {
+        BackendCommand::Rng { common } => {
+            serve(
+                "rng",
+                &common.socket,
+                RngBackend::default(),
+                !common.no_sandbox,
+                || backend_filter(RNG_SYSCALLS),
+                common.selftest.as_deref(),
+            )?;
+        }
+        BackendCommand::Block {
+            common,
+            file,
+            offset,
+            length,
+            read_only,
+            verity,
+            id,
+        } => {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(!read_only && verity.is_none())
+                .open(&file)
+                .with_context(|| format!("cannot open {}", file.display()))?;
+            let size = f.metadata()?.len();
+            let length = length.unwrap_or(size.saturating_sub(offset));
+            if offset.checked_add(length).is_none_or(|end| end > size) {
+                bail!(
+                    "{}: region {offset}+{length} runs past the end of the file ({size} bytes)",
+                    file.display()
+                );
+            }
+            let verity = match verity {
+                None => None,
+                Some(spec) => {
+                    let parts: Vec<&str> = spec.split(':').collect();
+                    let [o, l, digest] = parts[..] else {
+                        bail!("--verity: expected OFFSET:LENGTH:SHA256")
+                    };
+                    let (o, l): (u64, u64) = (o.parse()?, l.parse()?);
+                    let mut raw = vec![0u8; usize::try_from(l)?];
+                    f.read_exact_at(&mut raw, o)
+                        .context("reading the hash table")?;
+                    let got = hostd_images::format::digest_hex(&Sha256::digest(&raw).into());
+                    if got != digest {
+                        bail!("{}: the rootfs hash table changed on disk (sha256 {got}, expected {digest})", file.display());
+                    }
+                    Some(Verity::new(&raw, length).map_err(anyhow::Error::msg)?)
+                }
+            };
+            let backend = BlockBackend::new(f, offset, length, read_only, verity, &id);
+            serve(
+                &format!("block-{id}"),
+                &common.socket,
+                backend,
+                !common.no_sandbox,
+                || backend_filter(BLOCK_SYSCALLS),
+                common.selftest.as_deref(),
+            )?;
+        }
+    }
+    Ok(0)
+}
