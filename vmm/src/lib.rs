@@ -11,6 +11,7 @@ pub mod kvm;
 pub mod layout;
 pub mod qemu;
 mod signals;
+pub mod volumes;
 
 pub use boot::{BootSpec, Outcome, RootDisk, Timings, BASE_CMDLINE};
 
