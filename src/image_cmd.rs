@@ -10,7 +10,7 @@ use hostd_images::format::{digest_hex, sections, Image};
 use hostd_images::manifest::Manifest;
 use hostd_vmm::kvm::{CpuTemplate, KvmConfig};
 use hostd_vmm::qemu::{self, Accel, QemuOptions, StagedFiles};
-use hostd_vmm::{BootSpec, BASE_CMDLINE};
+use hostd_vmm::{BootSpec, RootDisk, BASE_CMDLINE};
 
 /// Guest init, built from guest/init by build.rs.
 static GUEST_INIT: &[u8] = include_bytes!(env!("HOSTD_INIT_PATH"));
@@ -83,7 +83,7 @@ pub fn inspect(path: &Path, manifest_only: bool) -> Result<i32> {
         out.push_str("sections  (every sha256 verified)\n");
         for s in &image.header.sections {
             out.push_str(&format!(
-                "  {:<10} offset {:>10}  length {:>10}  sha256 {}  ok\n",
+                "  {:<13} offset {:>10}  length {:>10}  sha256 {}  ok\n",
                 s.name,
                 s.offset,
                 s.length,
@@ -193,6 +193,8 @@ struct Resolved {
     vcpus: u32,
     memory_mib: u32,
     stop_timeout_secs: u32,
+    /// The image's read-only root file system (its `rootfs` section), if it has one.
+    rootfs: Option<RootDisk>,
 }
 
 fn resolve(args: &RunArgs) -> Result<Resolved> {
@@ -224,6 +226,7 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
             vcpus: args.vcpus.unwrap_or(1),
             memory_mib: memory(256)?,
             stop_timeout_secs: 5,
+            rootfs: None,
         });
     }
     let path = args.image.as_deref().context("give an image or --kernel")?;
@@ -246,6 +249,28 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
     .collect::<Vec<_>>()
     .join(" ");
     tracing::info!("image {} (sha256:{})", manifest.name, &image.id[..12]);
+    let rootfs = match &manifest.root {
+        None => None,
+        Some(root) => {
+            let s = image.section(sections::ROOTFS)?;
+            let hashes = image.section(sections::ROOTFS_HASHES)?;
+            if s.length != root.size {
+                bail!(
+                    "{}: section `rootfs` is {} bytes but the manifest records {}; the image is damaged, rebuild it",
+                    path.display(),
+                    s.length,
+                    root.size
+                );
+            }
+            hostd_images::verity::check_lengths(s.length, hashes.length)
+                .with_context(|| format!("{}", path.display()))?;
+            Some(RootDisk {
+                file: path.to_path_buf(),
+                offset: s.offset,
+                length: s.length,
+            })
+        }
+    };
     Ok(Resolved {
         kernel: image.read_section(sections::KERNEL)?,
         kernel_name: format!("{} (section `kernel`)", path.display()),
@@ -254,6 +279,7 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
         vcpus: args.vcpus.unwrap_or(manifest.vcpus),
         memory_mib: memory(manifest.memory_mib)?,
         stop_timeout_secs: manifest.stop_timeout_secs,
+        rootfs,
     })
 }
 
@@ -284,6 +310,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 cmdline: r.cmdline,
                 vcpus: r.vcpus,
                 memory_mib: r.memory_mib,
+                rootfs: r.rootfs,
             };
             qemu::run(
                 &boot,
@@ -299,6 +326,15 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             )?
         }
         VmmKind::Kvm => {
+            if let Some(disk) = &r.rootfs {
+                // The built-in VMM has no block device yet (the vhost-user block
+                // backend comes next); guest init will report the missing root.
+                tracing::debug!(
+                    "the built-in VMM does not attach the image's rootfs section yet ({} bytes at offset {}); booting without it",
+                    disk.length,
+                    disk.offset
+                );
+            }
             if args.no_sandbox {
                 tracing::warn!(
                     "--no-sandbox: the VMM runs without seccomp filters and keeps its capabilities"

@@ -22,6 +22,11 @@ pub const EXIT_PORT: u16 = 0x501;
 /// failed boot step, a `main` service that cannot be started).
 pub const EXIT_INIT_FAILED: u8 = 125;
 
+/// The block device a runner attaches the image's `rootfs` section as (the first
+/// virtio-blk disk), and the one guest init mounts as the read-only root when the
+/// manifest has a `root`.
+pub const ROOT_DEVICE: &str = "/dev/vda";
+
 /// Every console line guest init prints itself starts with this.
 pub const CONSOLE_PREFIX: &str = "hostd-init: ";
 /// Printed (after [`CONSOLE_PREFIX`]) as soon as init runs.

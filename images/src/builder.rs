@@ -1,15 +1,36 @@
 //! `hostd build`: spec → image file.
+//!
+//! The root file system (base directories, then packages, then the spec's files) is
+//! built in memory as a [`Tree`]. Where it goes depends on the spec's `root`:
+//!
+//! - `root = "initrd"` (the default): the whole tree, plus guest init at `/init` and
+//!   the manifest, is the `initrd` section (cpio newc). The guest runs from RAM.
+//! - `root = "erofs"`: the tree becomes the `rootfs` section, a read-only erofs image
+//!   ([`crate::erofs`]) padded to 4 KiB, followed by `rootfs-hashes`, the sha256 of each
+//!   of its 4 KiB blocks ([`crate::verity`]). The manifest records it (`root`), and the
+//!   initrd keeps only what guest init needs before the root is mounted: `/init`, the
+//!   manifest, `/dev/console` and the mount points. Volume mount points are created in
+//!   the root, since the guest cannot create them on a read-only `/`.
+//!
+//! Sections are written in this order: `manifest`, `kernel`, `initrd`, then `rootfs`
+//! and `rootfs-hashes` when there is a root file system.
 
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 use crate::debs;
+use crate::erofs;
 use crate::format::{self, sections};
 use crate::manifest::{
-    KernelInfo, Manifest, Service, Step, Volume, MANIFEST_PATH_IN_GUEST, MANIFEST_SCHEMA,
+    KernelInfo, Manifest, RootInfo, Service, Step, Volume, MANIFEST_PATH_IN_GUEST, MANIFEST_SCHEMA,
 };
 use crate::rootfs::{Kind, Node, Tree};
-use crate::spec::{parse_owner, Spec, SpecError};
+use crate::spec::{parse_owner, RootKind, Spec, SpecError};
+use crate::verity;
+
+/// Where guest init mounts the read-only root before switching to it (a directory of
+/// the initrd).
+pub const NEW_ROOT_IN_INITRD: &str = "/newroot";
 
 /// Default guest memory in MiB.
 pub const DEFAULT_MEMORY_MIB: u32 = 256;
@@ -41,6 +62,14 @@ pub enum BuildError {
         path: PathBuf,
         /// What went wrong and what to do.
         message: String,
+    },
+    /// The read-only root file system could not be made.
+    #[error("{file}: root = \"erofs\": {source}")]
+    Rootfs {
+        /// The spec file.
+        file: PathBuf,
+        /// What went wrong.
+        source: erofs::ErofsError,
     },
     /// Writing the output failed.
     #[error("cannot write {path}: {source}")]
@@ -201,6 +230,22 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         tree.insert(&f.path, node);
     }
 
+    // A read-only root: the whole tree goes into the `rootfs` section.
+    let rootfs = match spec.root {
+        RootKind::Initrd => None,
+        RootKind::Erofs => {
+            for v in &spec.volumes {
+                tree.insert(&v.mount, dir_node(0o755));
+            }
+            let bytes = erofs::build(&tree).map_err(|source| BuildError::Rootfs {
+                file: file.clone(),
+                source,
+            })?;
+            let hashes = verity::block_hashes(&bytes);
+            Some((bytes, hashes))
+        }
+    };
+
     let manifest = Manifest {
         schema: MANIFEST_SCHEMA,
         name: spec.name.clone(),
@@ -256,9 +301,22 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             })
             .collect(),
         stop_timeout_secs: spec.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT),
+        root: rootfs.as_ref().map(|(bytes, _)| RootInfo {
+            fs: "erofs".into(),
+            size: bytes.len() as u64,
+            block_size: verity::BLOCK_SIZE as u32,
+            sha256: format::digest_hex(&Sha256::digest(bytes).into()),
+        }),
     };
     let manifest_json = manifest.to_canonical_json();
 
+    if rootfs.is_some() {
+        // The initrd only carries guest init up to the switch to the real root.
+        tree = Tree::new();
+        for dir in ["/proc", "/sys", "/dev", "/run", "/tmp", NEW_ROOT_IN_INITRD] {
+            tree.insert(dir, dir_node(0o755));
+        }
+    }
     tree.insert(
         "/init",
         Node {
@@ -289,12 +347,16 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     );
     let initrd = tree.to_cpio();
 
-    let image = format::write_image(&[
+    let mut parts: Vec<(&str, &[u8])> = vec![
         (sections::MANIFEST, &manifest_json),
         (sections::KERNEL, &kernel),
         (sections::INITRD, &initrd),
-    ])
-    .map_err(|e| BuildError::Output {
+    ];
+    if let Some((bytes, hashes)) = &rootfs {
+        parts.push((sections::ROOTFS, bytes));
+        parts.push((sections::ROOTFS_HASHES, hashes));
+    }
+    let image = format::write_image(&parts).map_err(|e| BuildError::Output {
         path: opts.output.to_path_buf(),
         source: std::io::Error::other(e),
     })?;
@@ -307,4 +369,13 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         size: image.len() as u64,
         manifest,
     })
+}
+
+fn dir_node(mode: u32) -> Node {
+    Node {
+        kind: Kind::Dir,
+        mode,
+        uid: 0,
+        gid: 0,
+    }
 }

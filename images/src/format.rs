@@ -45,8 +45,15 @@ pub mod sections {
     pub const MANIFEST: &str = "manifest";
     /// The guest kernel (vmlinux ELF or bzImage).
     pub const KERNEL: &str = "kernel";
-    /// cpio newc initrd with guest init and the root file system.
+    /// cpio newc initrd with guest init and the root file system (or, when the image
+    /// has a `rootfs` section, only what must exist before the root is mounted).
     pub const INITRD: &str = "initrd";
+    /// Read-only erofs root file system, padded to a multiple of 4 KiB; attached to the
+    /// guest as a virtio-blk disk straight from the image file at its offset.
+    pub const ROOTFS: &str = "rootfs";
+    /// sha256 of every 4 KiB block of `rootfs`, in order, 32 raw bytes each
+    /// ([`crate::verity`]); what a block backend checks each read against.
+    pub const ROOTFS_HASHES: &str = "rootfs-hashes";
 }
 
 /// What is wrong with an image.

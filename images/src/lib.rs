@@ -11,8 +11,12 @@ pub mod builder;
 #[cfg(feature = "builder")]
 pub mod debs;
 #[cfg(feature = "builder")]
+pub mod erofs;
+#[cfg(feature = "builder")]
 pub mod format;
 #[cfg(feature = "builder")]
 pub mod rootfs;
 #[cfg(feature = "builder")]
 pub mod spec;
+#[cfg(feature = "builder")]
+pub mod verity;

@@ -39,6 +39,28 @@ pub struct Manifest {
     pub volumes: Vec<Volume>,
     /// Seconds services get between SIGTERM and SIGKILL at shutdown.
     pub stop_timeout_secs: u32,
+    /// The read-only root file system in the image's `rootfs` section, when the image
+    /// has one (spec `root = "erofs"`). Absent (and not written) when the root file
+    /// system is the initrd itself, so manifests of such images are unchanged and
+    /// readers that predate this field still read them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<RootInfo>,
+}
+
+/// A read-only root file system packed as the image's `rootfs` section. Runners attach
+/// that section as the guest's first virtio-blk disk ([`crate::abi::ROOT_DEVICE`]);
+/// guest init mounts it read-only and switches to it before running anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootInfo {
+    /// File system type, as mount(2) names it: `erofs`.
+    pub fs: String,
+    /// Length of the `rootfs` section in bytes (a multiple of `block_size`).
+    pub size: u64,
+    /// Size of the blocks the `rootfs-hashes` section holds one sha256 for.
+    pub block_size: u32,
+    /// sha256 of the whole `rootfs` section, hex.
+    pub sha256: String,
 }
 
 /// The kernel packed into an image.
@@ -194,6 +216,7 @@ mod tests {
                 .collect(),
             volumes: vec![],
             stop_timeout_secs: 5,
+            root: None,
         }
     }
 
@@ -218,5 +241,20 @@ mod tests {
         let bytes = m.to_canonical_json();
         assert_eq!(Manifest::from_json(&bytes).ok(), Some(m.clone()));
         assert_eq!(bytes, m.to_canonical_json());
+    }
+
+    #[test]
+    fn root_is_optional_and_omitted_when_absent() {
+        let mut m = manifest(&[("a", &[])]);
+        let without = String::from_utf8_lossy(&m.to_canonical_json()).into_owned();
+        assert!(!without.contains("\"root\":"), "{without}");
+        m.root = Some(RootInfo {
+            fs: "erofs".into(),
+            size: 8192,
+            block_size: 4096,
+            sha256: "00".into(),
+        });
+        let bytes = m.to_canonical_json();
+        assert_eq!(Manifest::from_json(&bytes).ok(), Some(m));
     }
 }

@@ -96,6 +96,11 @@ impl Tree {
         self.nodes.get(&normalise(path))
     }
 
+    /// Every entry, sorted by path (a directory comes before everything below it).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Node)> {
+        self.nodes.iter().map(|(p, n)| (p.as_str(), n))
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.nodes.len()

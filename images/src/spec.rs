@@ -122,6 +122,22 @@ pub struct Spec {
     /// Persistent volumes.
     #[serde(default)]
     pub volumes: Vec<VolumeSpec>,
+    /// Where the root file system (packages and files) goes.
+    #[serde(default)]
+    pub root: RootKind,
+}
+
+/// Where an image's root file system (its packages and files) lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RootKind {
+    /// In the initrd: unpacked into RAM at boot, writable, hashed as one section.
+    /// The default, so specs that do not ask for a read-only root build as before.
+    #[default]
+    Initrd,
+    /// A read-only erofs file system in the image's `rootfs` section, attached as a
+    /// virtio-blk disk, with a sha256 per 4 KiB block in the `rootfs-hashes` section.
+    Erofs,
 }
 
 /// A file, directory or symlink placed in the image.
@@ -523,6 +539,16 @@ mod tests {
         assert!(e.contains("vcpus"), "{e}");
         let e = err("name = \"x\"\nname = \"y\"\n");
         assert!(e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn root_defaults_to_the_initrd_and_names_bad_values() {
+        let s = parse("name = \"x\"\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.root, RootKind::Initrd);
+        let s = parse("name = \"x\"\nroot = \"erofs\"\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.root, RootKind::Erofs);
+        let e = err("name = \"x\"\nroot = \"squashfs\"\n");
+        assert!(e.contains("`root`") && e.contains("erofs"), "{e}");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! What a runner boots: a kernel, an optional initrd, a command line, vCPUs, memory.
+//! What a runner boots: a kernel, an optional initrd, an optional read-only root disk,
+//! a command line, vCPUs, memory.
 
 use std::path::PathBuf;
 
@@ -15,6 +16,21 @@ pub struct BootSpec {
     pub vcpus: u32,
     /// Guest memory in MiB.
     pub memory_mib: u32,
+    /// The image's read-only root file system, attached as the first virtio-blk disk
+    /// (the guest's `/dev/vda`), if the image has one.
+    pub rootfs: Option<RootDisk>,
+}
+
+/// A read-only disk whose bytes are a range of a file: an image's `rootfs` section,
+/// served straight from the image file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootDisk {
+    /// The image file.
+    pub file: PathBuf,
+    /// Where the section starts in the file (a multiple of 4 KiB).
+    pub offset: u64,
+    /// The section's length (a multiple of 4 KiB).
+    pub length: u64,
 }
 
 /// The kernel command line every hostd guest gets before the image's own additions:

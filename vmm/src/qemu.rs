@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use hostd_images::abi;
 
-use crate::boot::{BootSpec, Outcome, Timings};
+use crate::boot::{BootSpec, Outcome, RootDisk, Timings};
 use crate::host::{kvm_kind, KvmKind};
 use crate::since_start_ms;
 
@@ -122,6 +122,10 @@ pub fn command_line(boot: &BootSpec, accel: &str) -> Vec<String> {
     push("virtio-mmio.force-legacy=false");
     push("-device");
     push("virtio-rng-device");
+    if let Some(disk) = &boot.rootfs {
+        a.extend(rootfs_args(disk));
+    }
+    let mut push = |s: &str| a.push(s.to_string());
     push("-kernel");
     push(&boot.kernel.to_string_lossy());
     if let Some(initrd) = &boot.initrd {
@@ -131,6 +135,28 @@ pub fn command_line(boot: &BootSpec, accel: &str) -> Vec<String> {
     push("-append");
     push(&boot.cmdline);
     a
+}
+
+/// The QEMU arguments attaching an image's read-only root disk as the first virtio-blk
+/// device (the guest's `/dev/vda`).
+///
+/// For now this is QEMU's own virtio-blk device reading the image file through its
+/// `raw` driver's `offset`/`size` window, read-only: the guest sees exactly the section
+/// and cannot write to it. The per-block sha256 checks against the `rootfs-hashes`
+/// section come with hostd's vhost-user block backend, which will replace these
+/// arguments (`-chardev socket,…` + `vhost-user-blk-device`) here and nowhere else.
+pub fn rootfs_args(disk: &RootDisk) -> Vec<String> {
+    // -drive splits on commas; a literal comma in a path is written twice.
+    let file = disk.file.to_string_lossy().replace(',', ",,");
+    vec![
+        "-drive".into(),
+        format!(
+            "file={file},format=raw,if=none,id=rootfs,readonly=on,offset={},size={}",
+            disk.offset, disk.length
+        ),
+        "-device".into(),
+        "virtio-blk-device,drive=rootfs".into(),
+    ]
 }
 
 /// What the console relay learned from guest init's lines.
@@ -367,12 +393,42 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             vcpus: 2,
             memory_mib: 256,
+            rootfs: None,
         };
         let a = command_line(&boot, "tcg").join(" ");
+        assert!(!a.contains("virtio-blk"), "{a}");
         assert!(a.contains("acpi=off") && a.contains("-nodefaults"), "{a}");
         assert!(
             a.contains("-nodefaults") && a.contains("-smp 2") && a.contains("-m 256M"),
             "{a}"
         );
+    }
+
+    #[test]
+    fn rootfs_is_a_read_only_window_of_the_image_file() {
+        let boot = BootSpec {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            memory_mib: 128,
+            rootfs: Some(RootDisk {
+                file: "/images/a,b.img".into(),
+                offset: 8192,
+                length: 40960,
+            }),
+        };
+        let a = command_line(&boot, "tcg");
+        let drive = a
+            .iter()
+            .position(|s| s == "-drive")
+            .and_then(|i| a.get(i + 1))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            drive,
+            "file=/images/a,,b.img,format=raw,if=none,id=rootfs,readonly=on,offset=8192,size=40960"
+        );
+        assert!(a.iter().any(|s| s == "virtio-blk-device,drive=rootfs"));
     }
 }

@@ -163,8 +163,13 @@ impl BlockBackend {
         Ok(buf[from..from + len as usize].to_vec())
     }
 
+    /// Uses `mem` as guest memory (what the VMM's memory table says).
+    pub fn set_memory(&mut self, mem: Memory) {
+        self.mem = mem;
+    }
+
     /// Serves one request; returns the bytes written into the chain.
-    fn request(&self, chain: Chain) -> u32 {
+    pub fn request(&self, chain: Chain) -> u32 {
         let mem = self.mem.memory();
         let (Ok(mut r), Ok(mut w)) = (chain.clone().reader(&mem), chain.writer(&mem)) else {
             return 0;

@@ -5,11 +5,14 @@
 //! - [`rng`]: virtio-rng from getrandom(2).
 //! - [`block`]: virtio-blk over one file region: the image's read-only root file system
 //!   (every 4 KiB block checked against its recorded sha256) or a read-write volume.
+//! - [`net`]: virtio-net over a TAP device.
 
 pub mod block;
+pub mod net;
 pub mod rng;
 
 use std::io;
+use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -17,6 +20,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 use crate::jail;
 
@@ -86,6 +90,25 @@ pub fn serve<B>(
 where
     B: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> + Send + Sync + 'static,
 {
+    serve_with_listeners(name, socket, backend, sandbox, filter, selftest, &[])
+}
+
+/// [`serve`], with extra fds the backend's worker watches: each `(fd, id)` is registered
+/// edge-triggered for input with the worker's epoll, and readiness arrives as
+/// `handle_event(id, ..)`. Ids up to and including the backend's number of queues are
+/// the library's own.
+pub fn serve_with_listeners<B>(
+    name: &str,
+    socket: &Path,
+    backend: B,
+    sandbox: bool,
+    filter: impl FnOnce() -> Result<seccompiler::BpfProgram, jail::JailError>,
+    selftest: Option<&str>,
+    listeners: &[(RawFd, u16)],
+) -> Result<(), BackendError>
+where
+    B: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> + Send + Sync + 'static,
+{
     let setup =
         |what: &str, e: &dyn std::fmt::Display| BackendError::Setup(format!("{name}: {what}: {e}"));
     let mut listener = Listener::new(socket, true)
@@ -94,6 +117,17 @@ where
     let backend = Arc::new(RwLock::new(backend));
     let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
         .map_err(|e| setup("vhost-user daemon", &e))?;
+    if !listeners.is_empty() {
+        let handlers = daemon.get_epoll_handlers();
+        let worker = handlers
+            .first()
+            .ok_or_else(|| setup("epoll", &"the daemon has no worker"))?;
+        for (fd, id) in listeners {
+            worker
+                .register_listener(*fd, EventSet::IN | EventSet::EDGE_TRIGGERED, u64::from(*id))
+                .map_err(|e| setup(&format!("watching fd {fd} as event {id}"), &e))?;
+        }
+    }
     if sandbox {
         jail::enter(false).map_err(|e| setup("jail", &e))?;
     }

@@ -1,12 +1,14 @@
 //! hostd guest init: PID 1 inside every hostd guest.
 //!
-//! Mounts the basic file systems, reads the manifest, runs the boot steps, starts the
+//! Mounts the basic file systems, reads the manifest, switches to the image's read-only
+//! root file system when it has one, runs the boot steps, starts the
 //! services in dependency order and supervises them (restart policies, zombie reaping),
 //! relays their output to the console, and powers the VM off with the `main`
 //! service's exit code. SIGTERM (or the host's shutdown request on the console) stops
 //! every service with SIGTERM, then SIGKILL after the manifest's stop timeout.
 
 mod console;
+mod root;
 mod spawn;
 mod sys;
 
@@ -41,6 +43,17 @@ fn main() {
             finish(abi::EXIT_INIT_FAILED);
         }
     };
+    if let Some(root) = &manifest.root {
+        if let Err(e) = root::switch_to(root) {
+            log(&e);
+            finish(abi::EXIT_INIT_FAILED);
+        }
+        log(&format!(
+            "root file system {} ({}, read-only) mounted",
+            abi::ROOT_DEVICE,
+            root.fs
+        ));
+    }
     if let Err(e) = sys::sethostname(&manifest.hostname) {
         log(&format!("cannot set hostname: {e}"));
     }
