@@ -10,8 +10,9 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use hostd_devices::vhost_user::block::{BlockBackend, Verity, BLOCK_SYSCALLS};
+use hostd_devices::vhost_user::net::{open_tap, parse_mac, NetBackend, NET_SYSCALLS};
 use hostd_devices::vhost_user::rng::{RngBackend, RNG_SYSCALLS};
-use hostd_devices::vhost_user::{backend_filter, serve};
+use hostd_devices::vhost_user::{backend_filter, serve, serve_with_listeners};
 
 /// Options every backend takes.
 #[derive(Debug, clap::Args)]
@@ -59,6 +60,17 @@ pub enum BackendCommand {
         /// Serial number the guest sees (/sys/block/vdX/serial).
         #[arg(long, default_value = "hostd")]
         id: String,
+    },
+    /// virtio-net over an existing TAP device.
+    Net {
+        #[command(flatten)]
+        common: Common,
+        /// The TAP interface (create it first: `ip tuntap add NAME mode tap`).
+        #[arg(long)]
+        tap: String,
+        /// The guest's MAC address, e.g. 52:54:00:12:34:56.
+        #[arg(long, default_value = "52:54:00:12:34:56")]
+        mac: String,
     },
 }
 
@@ -123,6 +135,21 @@ pub fn run(cmd: BackendCommand) -> Result<i32> {
                 !common.no_sandbox,
                 || backend_filter(BLOCK_SYSCALLS),
                 common.selftest.as_deref(),
+            )?;
+        }
+        BackendCommand::Net { common, tap, mac } => {
+            let mac = parse_mac(&mac)?;
+            let file = open_tap(&tap)?;
+            let backend = NetBackend::new(file, &tap, mac);
+            let fd = backend.tap_fd();
+            serve_with_listeners(
+                &format!("net-{tap}"),
+                &common.socket,
+                backend,
+                !common.no_sandbox,
+                || backend_filter(NET_SYSCALLS),
+                common.selftest.as_deref(),
+                &[(fd, NetBackend::TAP_EVENT)],
             )?;
         }
     }

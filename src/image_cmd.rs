@@ -8,9 +8,10 @@ use std::time::Duration;
 use hostd_images::builder::{self, BuildOptions};
 use hostd_images::format::{digest_hex, sections, Image};
 use hostd_images::manifest::Manifest;
+use hostd_vmm::backends::DeviceBackend;
 use hostd_vmm::kvm::{CpuTemplate, KvmConfig};
 use hostd_vmm::qemu::{self, Accel, QemuOptions, StagedFiles};
-use hostd_vmm::{BootSpec, RootDisk, BASE_CMDLINE};
+use hostd_vmm::{BootSpec, BASE_CMDLINE};
 
 /// Guest init, built from guest/init by build.rs.
 static GUEST_INIT: &[u8] = include_bytes!(env!("HOSTD_INIT_PATH"));
@@ -178,8 +179,11 @@ pub struct RunArgs {
     /// Stop the VM and fail after this many seconds.
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
-    /// Debugging only: run the built-in VMM without seccomp filters and without
-    /// dropping capabilities.
+    /// Where volumes live [default: $HOSTD_STATE, else ~/.local/share/hostd].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Debugging only: run the VMM and the device backends without seccomp filters,
+    /// jails or dropped capabilities.
     #[arg(long)]
     pub no_sandbox: bool,
 }
@@ -194,7 +198,9 @@ struct Resolved {
     memory_mib: u32,
     stop_timeout_secs: u32,
     /// The image's read-only root file system (its `rootfs` section), if it has one.
-    rootfs: Option<RootDisk>,
+    root: Option<DeviceBackend>,
+    /// The image's volumes.
+    volumes: Vec<hostd_images::manifest::Volume>,
 }
 
 fn resolve(args: &RunArgs) -> Result<Resolved> {
@@ -226,7 +232,8 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
             vcpus: args.vcpus.unwrap_or(1),
             memory_mib: memory(256)?,
             stop_timeout_secs: 5,
-            rootfs: None,
+            root: None,
+            volumes: vec![],
         });
     }
     let path = args.image.as_deref().context("give an image or --kernel")?;
@@ -264,10 +271,15 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
             }
             hostd_images::verity::check_lengths(s.length, hashes.length)
                 .with_context(|| format!("{}", path.display()))?;
-            Some(RootDisk {
-                file: path.to_path_buf(),
+            // Served by the block backend straight from the image file, every block
+            // checked against the hash table whose digest the verified header holds.
+            Some(DeviceBackend::Block {
+                id: "rootfs".into(),
+                file: std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
                 offset: s.offset,
                 length: s.length,
+                read_only: true,
+                verity: Some((hashes.offset, hashes.length, digest_hex(&hashes.sha256))),
             })
         }
     };
@@ -279,7 +291,8 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
         vcpus: args.vcpus.unwrap_or(manifest.vcpus),
         memory_mib: memory(manifest.memory_mib)?,
         stop_timeout_secs: manifest.stop_timeout_secs,
-        rootfs,
+        root: rootfs,
+        volumes: manifest.volumes.clone(),
     })
 }
 
@@ -304,13 +317,34 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 Some(i) => Some(staged.put("initrd", i)?),
                 None => None,
             };
+            // Device order is what the guest sees: the root disk first (/dev/vda), then
+            // the volumes in manifest order (serials vol0, vol1, …), then the rest.
+            let mut devices: Vec<DeviceBackend> = r.root.iter().cloned().collect();
+            let state = args
+                .state_dir
+                .clone()
+                .unwrap_or_else(hostd_vmm::volumes::state_dir);
+            for (i, v) in r.volumes.iter().enumerate() {
+                let file = hostd_vmm::volumes::ensure(&state, &v.name, v.size_mib)?;
+                let length = std::fs::metadata(&file)?.len();
+                devices.push(DeviceBackend::Block {
+                    id: format!("vol{i}"),
+                    file,
+                    offset: 0,
+                    length,
+                    read_only: false,
+                    verity: None,
+                });
+            }
+            devices.push(DeviceBackend::Rng);
             let boot = BootSpec {
                 kernel,
                 initrd,
                 cmdline: r.cmdline,
                 vcpus: r.vcpus,
                 memory_mib: r.memory_mib,
-                rootfs: r.rootfs,
+                devices,
+                sandbox_devices: !args.no_sandbox,
             };
             qemu::run(
                 &boot,
@@ -326,14 +360,10 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             )?
         }
         VmmKind::Kvm => {
-            if let Some(disk) = &r.rootfs {
-                // The built-in VMM has no block device yet (the vhost-user block
-                // backend comes next); guest init will report the missing root.
-                tracing::debug!(
-                    "the built-in VMM does not attach the image's rootfs section yet ({} bytes at offset {}); booting without it",
-                    disk.length,
-                    disk.offset
-                );
+            if r.root.is_some() || !r.volumes.is_empty() {
+                // The built-in VMM cannot attach vhost-user devices yet; guest init will
+                // report the missing root disk.
+                tracing::warn!("the built-in VMM does not attach the image's root disk and volumes yet (use --vmm qemu)");
             }
             if args.no_sandbox {
                 tracing::warn!(

@@ -25,6 +25,13 @@ pub enum DeviceBackend {
         /// Per-block hash table in the same file: offset, length, sha256 of the table.
         verity: Option<(u64, u64, String)>,
     },
+    /// virtio-net over an existing TAP device on the host.
+    Net {
+        /// The TAP interface.
+        tap: String,
+        /// The guest's MAC address (52:54:00:12:34:56 form).
+        mac: String,
+    },
 }
 
 impl DeviceBackend {
@@ -32,6 +39,7 @@ impl DeviceBackend {
         match self {
             DeviceBackend::Rng => "rng".into(),
             DeviceBackend::Block { id, .. } => format!("blk-{id}"),
+            DeviceBackend::Net { tap, .. } => format!("net-{tap}"),
         }
     }
 
@@ -66,14 +74,36 @@ impl DeviceBackend {
                 }
                 a
             }
+            DeviceBackend::Net { tap, mac } => vec![
+                "net".into(),
+                "--tap".into(),
+                tap.clone(),
+                "--mac".into(),
+                mac.clone(),
+            ],
         }
     }
 
-    /// The QEMU device that attaches this backend (on the virtio-mmio bus).
-    fn qemu_device(&self, chardev: &str) -> String {
+    /// The QEMU arguments that attach this backend (on the virtio-mmio bus) once its
+    /// socket is `-chardev socket,id=dev{index}`: a `-device`, and for net the
+    /// `-netdev vhost-user` the device sits on.
+    fn qemu_device_args(&self, index: usize) -> Vec<String> {
+        let chardev = format!("dev{index}");
         match self {
-            DeviceBackend::Rng => format!("vhost-user-rng,chardev={chardev}"),
-            DeviceBackend::Block { .. } => format!("vhost-user-blk,chardev={chardev},num-queues=1"),
+            DeviceBackend::Rng => vec![
+                "-device".into(),
+                format!("vhost-user-rng,chardev={chardev}"),
+            ],
+            DeviceBackend::Block { .. } => vec![
+                "-device".into(),
+                format!("vhost-user-blk,chardev={chardev},num-queues=1"),
+            ],
+            DeviceBackend::Net { mac, .. } => vec![
+                "-netdev".into(),
+                format!("vhost-user,id=net{index},chardev={chardev}"),
+                "-device".into(),
+                format!("virtio-net-device,netdev=net{index},mac={mac}"),
+            ],
         }
     }
 }
@@ -96,7 +126,8 @@ pub enum BackendsError {
 pub struct RunningBackends {
     dir: tempfile::TempDir,
     children: Vec<(String, Child)>,
-    devices: Vec<(String, PathBuf, String)>,
+    /// Name, socket, and the QEMU arguments after the socket's `-chardev`.
+    devices: Vec<(String, PathBuf, Vec<String>)>,
 }
 
 impl RunningBackends {
@@ -147,11 +178,8 @@ impl RunningBackends {
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            running.devices.push((
-                name,
-                socket,
-                b.qemu_device(&format!("dev{}", running.devices.len())),
-            ));
+            let args = b.qemu_device_args(running.devices.len());
+            running.devices.push((name, socket, args));
         }
         Ok(running)
     }
@@ -163,11 +191,10 @@ impl RunningBackends {
             "-object".to_string(),
             format!("memory-backend-memfd,id=mem,size={memory_mib}M,share=on"),
         ];
-        for (i, (_, socket, device)) in self.devices.iter().enumerate() {
+        for (i, (_, socket, device_args)) in self.devices.iter().enumerate() {
             a.push("-chardev".into());
             a.push(format!("socket,id=dev{i},path={}", socket.display()));
-            a.push("-device".into());
-            a.push(device.clone());
+            a.extend(device_args.iter().cloned());
         }
         a
     }
@@ -198,5 +225,35 @@ impl Drop for RunningBackends {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_net_device_brings_its_netdev() {
+        let net = DeviceBackend::Net {
+            tap: "tap0".into(),
+            mac: "52:54:00:12:34:56".into(),
+        };
+        assert_eq!(
+            net.qemu_device_args(2),
+            [
+                "-netdev",
+                "vhost-user,id=net2,chardev=dev2",
+                "-device",
+                "virtio-net-device,netdev=net2,mac=52:54:00:12:34:56"
+            ]
+        );
+        assert_eq!(
+            net.args(),
+            ["net", "--tap", "tap0", "--mac", "52:54:00:12:34:56"]
+        );
+        assert_eq!(
+            DeviceBackend::Rng.qemu_device_args(0),
+            ["-device", "vhost-user-rng,chardev=dev0"]
+        );
     }
 }

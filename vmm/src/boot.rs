@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::backends::DeviceBackend;
+
 /// A bootable guest, independent of the runner.
 #[derive(Debug, Clone)]
 pub struct BootSpec {
@@ -16,21 +18,11 @@ pub struct BootSpec {
     pub vcpus: u32,
     /// Guest memory in MiB.
     pub memory_mib: u32,
-    /// The image's read-only root file system, attached as the first virtio-blk disk
-    /// (the guest's `/dev/vda`), if the image has one.
-    pub rootfs: Option<RootDisk>,
-}
-
-/// A read-only disk whose bytes are a range of a file: an image's `rootfs` section,
-/// served straight from the image file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RootDisk {
-    /// The image file.
-    pub file: PathBuf,
-    /// Where the section starts in the file (a multiple of 4 KiB).
-    pub offset: u64,
-    /// The section's length (a multiple of 4 KiB).
-    pub length: u64,
+    /// Devices, each served by its own jailed backend process over vhost-user, in the
+    /// order the guest should find them (an image's root disk first: `/dev/vda`).
+    pub devices: Vec<DeviceBackend>,
+    /// Jail the backends (off only with --no-sandbox).
+    pub sandbox_devices: bool,
 }
 
 /// The kernel command line every hostd guest gets before the image's own additions:

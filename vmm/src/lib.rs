@@ -13,7 +13,7 @@ pub mod qemu;
 mod signals;
 pub mod volumes;
 
-pub use boot::{BootSpec, Outcome, RootDisk, Timings, BASE_CMDLINE};
+pub use boot::{BootSpec, Outcome, Timings, BASE_CMDLINE};
 
 static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use hostd_images::abi;
 
-use crate::boot::{BootSpec, Outcome, RootDisk, Timings};
+use crate::backends::RunningBackends;
+use crate::boot::{BootSpec, Outcome, Timings};
 use crate::host::{kvm_kind, KvmKind};
 use crate::since_start_ms;
 
@@ -89,14 +90,21 @@ pub fn choose_accel(accel: Accel) -> (&'static str, Option<&'static str>) {
 }
 
 /// The QEMU command line for a boot spec.
-pub fn command_line(boot: &BootSpec, accel: &str) -> Vec<String> {
+/// `devices` are the arguments that attach the running device backends
+/// ([`RunningBackends::qemu_args`]); with any, guest memory is a shared memfd.
+pub fn command_line(boot: &BootSpec, accel: &str, devices: &[String]) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |s: &str| a.push(s.to_string());
     push("-M");
     // No ACPI, no option ROMs: an MP table, the 8250 console and our exit port.
     // QEMU's own PIT, PIC and RTC stay on (the RTC gives the guest wall-clock time): without the first two a guest under TCG cannot calibrate
     // its clocks and stalls (measured). They are QEMU's, not hostd's VMM's.
-    push("microvm,x-option-roms=off,isa-serial=on,acpi=off");
+    push(if devices.is_empty() {
+        "microvm,x-option-roms=off,isa-serial=on,acpi=off"
+    } else {
+        // Backends in other processes map guest memory: it must be a shared memfd.
+        "microvm,x-option-roms=off,isa-serial=on,acpi=off,memory-backend=mem"
+    });
     push("-accel");
     push(accel);
     push("-cpu");
@@ -120,11 +128,7 @@ pub fn command_line(boot: &BootSpec, accel: &str) -> Vec<String> {
     // Modern (virtio 1.x) virtio-mmio, as the built-in VMM offers; QEMU defaults to legacy.
     push("-global");
     push("virtio-mmio.force-legacy=false");
-    push("-device");
-    push("virtio-rng-device");
-    if let Some(disk) = &boot.rootfs {
-        a.extend(rootfs_args(disk));
-    }
+    a.extend(devices.iter().cloned());
     let mut push = |s: &str| a.push(s.to_string());
     push("-kernel");
     push(&boot.kernel.to_string_lossy());
@@ -135,28 +139,6 @@ pub fn command_line(boot: &BootSpec, accel: &str) -> Vec<String> {
     push("-append");
     push(&boot.cmdline);
     a
-}
-
-/// The QEMU arguments attaching an image's read-only root disk as the first virtio-blk
-/// device (the guest's `/dev/vda`).
-///
-/// For now this is QEMU's own virtio-blk device reading the image file through its
-/// `raw` driver's `offset`/`size` window, read-only: the guest sees exactly the section
-/// and cannot write to it. The per-block sha256 checks against the `rootfs-hashes`
-/// section come with hostd's vhost-user block backend, which will replace these
-/// arguments (`-chardev socket,…` + `vhost-user-blk-device`) here and nowhere else.
-pub fn rootfs_args(disk: &RootDisk) -> Vec<String> {
-    // -drive splits on commas; a literal comma in a path is written twice.
-    let file = disk.file.to_string_lossy().replace(',', ",,");
-    vec![
-        "-drive".into(),
-        format!(
-            "file={file},format=raw,if=none,id=rootfs,readonly=on,offset={},size={}",
-            disk.offset, disk.length
-        ),
-        "-device".into(),
-        "virtio-blk-device,drive=rootfs".into(),
-    ]
 }
 
 /// What the console relay learned from guest init's lines.
@@ -191,7 +173,15 @@ pub fn run(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
         tracing::info!("{note}");
     }
     let binary = qemu_binary();
-    let args = command_line(boot, accel);
+    let exe = std::env::current_exe().map_err(QemuError::Io)?;
+    let mut backends = RunningBackends::start(&exe, &boot.devices, boot.sandbox_devices)
+        .map_err(|e| QemuError::Guest(e.to_string()))?;
+    let device_args = if boot.devices.is_empty() {
+        Vec::new()
+    } else {
+        backends.qemu_args(boot.memory_mib)
+    };
+    let args = command_line(boot, accel, &device_args);
     tracing::debug!("{binary} {}", args.join(" "));
     crate::signals::install();
     let mut child = Command::new(&binary)
@@ -222,6 +212,24 @@ pub fn run(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
+        }
+        if let Some(dead) = backends.check() {
+            // A backend also ends when QEMU does (it hangs up): give QEMU a moment to be
+            // the one that ended.
+            let until = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < until {
+                if child.try_wait()?.is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            // A device is gone: the guest would hang on it. Stop the VM and say why.
+            kill(&mut child);
+            let _ = child.wait();
+            return Err(QemuError::Guest(format!("{dead}; the VM was stopped")));
         }
         let signals = crate::signals::count();
         if signals > seen_signals {
@@ -262,23 +270,29 @@ pub fn run(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
     let st = state.lock().unwrap_or_else(|p| p.into_inner());
     timings.init_started_ms = st.init_ms;
     timings.first_service_ms = st.first_service_ms;
-    // isa-debug-exit makes QEMU exit with code * 2 + 1.
+    // isa-debug-exit makes QEMU exit with code * 2 + 1 (7 bits survive). Status 1 is
+    // also how QEMU reports its own errors: it counts as the port only when QEMU said
+    // nothing on stderr.
     let port_code = status
         .code()
-        .filter(|c| c % 2 == 1 && st.exit_code.is_some())
+        .filter(|c| c % 2 == 1 && (*c > 1 || stderr_text.trim().is_empty()))
         .map(|c| (c >> 1) as u8);
     match (st.exit_code, port_code) {
+        // guest init's line carries all 8 bits; the port confirms it.
         (Some(code), Some(port)) if code & 0x7f == port => Ok(Outcome {
             exit_code: code,
             timings,
         }),
-        (Some(code), _) if status.code() == Some(0) || status.code().is_none() => {
-            // Reset instead of the exit port (e.g. a runner without it): trust the line.
-            Ok(Outcome {
-                exit_code: code,
-                timings,
-            })
-        }
+        // Reset instead of the exit port (e.g. a runner without it): trust the line.
+        (Some(code), None) if status.code() == Some(0) || status.code().is_none() => Ok(Outcome {
+            exit_code: code,
+            timings,
+        }),
+        // A guest without hostd's init (a bare --kernel) that used the exit port.
+        (None, Some(port)) => Ok(Outcome {
+            exit_code: port,
+            timings,
+        }),
         _ => {
             let how = match status.code() {
                 Some(c) => format!("QEMU exited with status {c}"),
@@ -393,42 +407,25 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             vcpus: 2,
             memory_mib: 256,
-            rootfs: None,
+            devices: vec![],
+            sandbox_devices: true,
         };
-        let a = command_line(&boot, "tcg").join(" ");
-        assert!(!a.contains("virtio-blk"), "{a}");
-        assert!(a.contains("acpi=off") && a.contains("-nodefaults"), "{a}");
+        let a = command_line(&boot, "tcg", &[]).join(" ");
         assert!(
-            a.contains("-nodefaults") && a.contains("-smp 2") && a.contains("-m 256M"),
+            !a.contains("virtio-blk") && !a.contains("memory-backend"),
             "{a}"
         );
-    }
-
-    #[test]
-    fn rootfs_is_a_read_only_window_of_the_image_file() {
-        let boot = BootSpec {
-            kernel: "/k".into(),
-            initrd: None,
-            cmdline: String::new(),
-            vcpus: 1,
-            memory_mib: 128,
-            rootfs: Some(RootDisk {
-                file: "/images/a,b.img".into(),
-                offset: 8192,
-                length: 40960,
-            }),
-        };
-        let a = command_line(&boot, "tcg");
-        let drive = a
-            .iter()
-            .position(|s| s == "-drive")
-            .and_then(|i| a.get(i + 1))
-            .cloned()
-            .unwrap_or_default();
-        assert_eq!(
-            drive,
-            "file=/images/a,,b.img,format=raw,if=none,id=rootfs,readonly=on,offset=8192,size=40960"
+        assert!(a.contains("acpi=off") && a.contains("-nodefaults"), "{a}");
+        assert!(a.contains("-smp 2") && a.contains("-m 256M"), "{a}");
+        let with = command_line(
+            &boot,
+            "tcg",
+            &["-device".into(), "vhost-user-rng,chardev=dev0".into()],
+        )
+        .join(" ");
+        assert!(
+            with.contains("memory-backend=mem") && with.contains("vhost-user-rng"),
+            "{with}"
         );
-        assert!(a.iter().any(|s| s == "virtio-blk-device,drive=rootfs"));
     }
 }

@@ -65,7 +65,8 @@ pub fn ensure(state: &Path, name: &str, size_mib: u32) -> Result<PathBuf, Volume
         path.display()
     );
     let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L"])
+        // 4 KiB blocks: the block backend announces a 4 KiB logical block size.
+        .args(["-q", "-F", "-b", "4096", "-L"])
         .arg(format!("vol-{name}"))
         .args(["-E", "root_owner=0:0"])
         .arg(&tmp)

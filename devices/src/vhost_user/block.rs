@@ -257,11 +257,13 @@ impl VhostUserBackendMut for BlockBackend {
         1
     }
     fn max_queue_size(&self) -> usize {
-        256
+        // QEMU's vhost-user front ends ask for up to 1024 entries (vhost-user-rng does).
+        1024
     }
     fn features(&self) -> u64 {
         let mut f = VIRTIO_F_VERSION_1
             | VHOST_USER_F_PROTOCOL_FEATURES
+            | super::RING_FEATURES
             | VIRTIO_BLK_F_SEG_MAX
             | VIRTIO_BLK_F_BLK_SIZE
             | VIRTIO_BLK_F_FLUSH;

@@ -64,7 +64,11 @@ where
                 used = true;
             }
         }
-        if used {
+        if used
+            && vring
+                .needs_notification()
+                .map_err(|e| io::Error::other(e.to_string()))?
+        {
             vring.signal_used_queue()?;
         }
         if !vring
@@ -179,6 +183,11 @@ where
     std::mem::forget(daemon);
     std::mem::forget(listener);
 }
+
+/// Ring features every backend offers: indirect descriptors and event indexes (both
+/// handled by virtio-queue). QEMU's vhost-user front ends set them whether or not they
+/// were offered, and a backend must then accept them.
+pub const RING_FEATURES: u64 = (1 << 28) | (1 << 29);
 
 /// Syscalls every vhost-user backend needs after the jail: the vhost-user protocol
 /// (accept, messages with fds, mapping guest memory from the fds it receives), the

@@ -295,10 +295,7 @@ where
     }
     // A chain popped for a frame that turned out not to fit, kept for the next frame.
     let mut held: Option<DescriptorChain<M>> = None;
-    loop {
-        let Some(frame) = pending.take().or_else(&mut *source) else {
-            break;
-        };
+    while let Some(frame) = pending.take().or_else(&mut *source) {
         let chain = match held.take() {
             Some(c) => c,
             None => match queue.pop_descriptor_chain(mem.clone()) {

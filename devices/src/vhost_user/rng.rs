@@ -55,10 +55,11 @@ impl VhostUserBackendMut for RngBackend {
         1
     }
     fn max_queue_size(&self) -> usize {
-        256
+        // QEMU's vhost-user front ends ask for up to 1024 entries (vhost-user-rng does).
+        1024
     }
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES
+        VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | super::RING_FEATURES
     }
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::empty()

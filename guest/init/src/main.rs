@@ -11,6 +11,7 @@ mod console;
 mod root;
 mod spawn;
 mod sys;
+mod volumes;
 
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,11 @@ fn main() {
             root.fs
         ));
     }
+    if let Err(e) = volumes::mount_all(&manifest.volumes) {
+        log(&e);
+        finish(abi::EXIT_INIT_FAILED);
+    }
+    let _ = MOUNTED_VOLUMES.set(manifest.volumes.clone());
     if let Err(e) = sys::sethostname(&manifest.hostname) {
         log(&format!("cannot set hostname: {e}"));
     }
@@ -109,9 +115,16 @@ fn mount_basics() {
     }
 }
 
-/// Prints the last line, drains the relays and powers off.
+/// Volumes to unmount at power-off.
+static MOUNTED_VOLUMES: std::sync::OnceLock<Vec<hostd_images::manifest::Volume>> =
+    std::sync::OnceLock::new();
+
+/// Prints the last line, drains the relays, unmounts volumes and powers off.
 fn finish(code: u8) -> ! {
     console::drain(Duration::from_secs(1));
+    if let Some(v) = MOUNTED_VOLUMES.get() {
+        volumes::unmount_all(v);
+    }
     log(&format!("{}{code})", abi::LINE_POWER_OFF));
     sys::power_off(code)
 }

@@ -217,3 +217,10 @@ pub fn child_unblocks_signals(cmd: &mut std::process::Command) {
         })
     };
 }
+
+/// umount(2).
+pub fn umount(target: &str) -> io::Result<()> {
+    let t = cstr(target)?;
+    // SAFETY: a valid NUL-terminated path.
+    check(unsafe { libc::umount(t.as_ptr()) })
+}
