@@ -160,7 +160,7 @@ main = true
 
 [services.stubborn]
 command = "/bin/busybox"
-args = ["sh", "-c", "trap '' TERM; while true; do /bin/busybox sleep 1; done"]
+args = ["sh", "-c", "trap '' TERM; echo ready; while true; do /bin/busybox sleep 1; done"]
 "#,
     );
     let mut child = hostd()
@@ -176,7 +176,8 @@ args = ["sh", "-c", "trap '' TERM; while true; do /bin/busybox sleep 1; done"]
     let reader = std::thread::spawn(move || {
         let mut all = String::new();
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains("[server] ready") {
+            // Both traps are set once both services said so.
+            if line.contains("[server] ready") || line.contains("[stubborn] ready") {
                 let _ = tx.send(());
             }
             all.push_str(&line);
@@ -184,8 +185,10 @@ args = ["sh", "-c", "trap '' TERM; while true; do /bin/busybox sleep 1; done"]
         }
         all
     });
-    rx.recv_timeout(Duration::from_secs(240))
-        .expect("the server never became ready");
+    for _ in 0..2 {
+        rx.recv_timeout(Duration::from_secs(240))
+            .expect("the services never became ready");
+    }
     // What a terminal's Ctrl-C does.
     // SAFETY: kill has no memory effects; the pid is our live child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };

@@ -29,9 +29,27 @@ pub fn log(msg: &str) {
     write_line(abi::CONSOLE_PREFIX, msg.as_bytes());
 }
 
+/// One running relay: done once its pipe reached EOF (everything was printed).
+#[derive(Debug, Clone, Default)]
+pub struct Relay(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Relay {
+    /// Waits up to `timeout` for the relay to print everything its program wrote (a
+    /// program's exit is logged after its last line, unless a child of it keeps the
+    /// pipe open).
+    pub fn wait(&self, timeout: std::time::Duration) {
+        let end = std::time::Instant::now() + timeout;
+        while !self.0.load(Ordering::SeqCst) && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+}
+
 /// Copies `pipe` to the console, prefixing each line with `[name] `, until EOF.
-pub fn relay(name: &str, pipe: std::fs::File) {
+pub fn relay(name: &str, pipe: std::fs::File) -> Relay {
     let prefix = format!("[{name}] ");
+    let done = Relay::default();
+    let flag = done.0.clone();
     RELAYS.fetch_add(1, Ordering::SeqCst);
     let spawned = std::thread::Builder::new()
         .name(format!("relay-{name}"))
@@ -50,12 +68,15 @@ pub fn relay(name: &str, pipe: std::fs::File) {
                     }
                 }
             }
+            flag.store(true, Ordering::SeqCst);
             RELAYS.fetch_sub(1, Ordering::SeqCst);
         });
     if spawned.is_err() {
         RELAYS.fetch_sub(1, Ordering::SeqCst);
         log(&format!("cannot start the output relay for {name}"));
+        done.0.store(true, Ordering::SeqCst);
     }
+    done
 }
 
 /// Waits up to `timeout` for every relay to reach EOF (all output printed).

@@ -26,6 +26,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A service that ran at least this long starts over at [`FIRST_BACKOFF`].
 const HEALTHY_RUN: Duration = Duration::from_secs(10);
+/// How long an exit waits for the program's last output to reach the console.
+const RELAY_DRAIN: Duration = Duration::from_millis(500);
 
 fn main() {
     if let Err(e) = sys::block_signals() {
@@ -139,6 +141,7 @@ struct Svc {
     name: String,
     spec: Service,
     pid: Option<i32>,
+    relay: console::Relay,
     started_at: Option<Instant>,
     failures: u32,
     restart_at: Option<Instant>,
@@ -168,6 +171,7 @@ impl Supervisor {
                     name,
                     spec,
                     pid: None,
+                    relay: console::Relay::default(),
                     started_at: None,
                     failures: 0,
                     restart_at: None,
@@ -186,8 +190,8 @@ impl Supervisor {
     fn run_boot_steps(&mut self, m: &Manifest) -> Result<(), u8> {
         for step in &m.boot {
             log(&format!("boot step {} running", step.name));
-            let pid =
-                spawn::spawn(&step.name, &step.argv, &step.env, &step.user, "/").map_err(|e| {
+            let (pid, relay) = spawn::spawn(&step.name, &step.argv, &step.env, &step.user, "/")
+                .map_err(|e| {
                     log(&format!("boot step {} failed: {e}", step.name));
                     abi::EXIT_INIT_FAILED
                 })?;
@@ -207,6 +211,7 @@ impl Supervisor {
                     break exit;
                 }
             };
+            relay.wait(RELAY_DRAIN);
             if !exit.success() {
                 log(&format!("boot step {} {exit}; stopping", step.name));
                 return Err(abi::EXIT_INIT_FAILED);
@@ -296,7 +301,8 @@ impl Supervisor {
             &s.spec.user,
             &s.spec.workdir,
         ) {
-            Ok(pid) => {
+            Ok((pid, relay)) => {
+                s.relay = relay;
                 log(&format!(
                     "{}{} started (pid {pid})",
                     abi::LINE_SERVICE_STARTED,
@@ -319,6 +325,7 @@ impl Supervisor {
         };
         let s = &mut self.services[i];
         s.pid = None;
+        s.relay.wait(RELAY_DRAIN);
         log(&format!("service {} {exit}", s.name));
         // Whatever else is left in its process group goes with it.
         sys::kill_group(pid, libc::SIGKILL);

@@ -83,14 +83,14 @@ fn pipe() -> std::io::Result<(std::fs::File, OwnedFd)> {
 }
 
 /// Starts `argv` as `user` in its own process group with stdout and stderr relayed to
-/// the console as `[name] …`. Returns the pid.
+/// the console as `[name] …`. Returns the pid and the output relay.
 pub fn spawn(
     name: &str,
     argv: &[String],
     env: &BTreeMap<String, String>,
     user: &str,
     workdir: &str,
-) -> Result<i32, String> {
+) -> Result<(i32, crate::console::Relay), String> {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let user = resolve_user(user, &passwd)?;
     let (program, args) = argv.split_first().ok_or("empty command")?;
@@ -116,10 +116,10 @@ pub fn spawn(
         .map_err(|e| format!("cannot start {program}: {e}"))?;
     // Close our copies of the write ends so the relay sees EOF when the child exits.
     drop(cmd);
-    crate::console::relay(name, read);
+    let relay = crate::console::relay(name, read);
     // The child is reaped by the supervisor's waitpid(-1); dropping `Child` neither
     // waits nor kills.
-    Ok(child.id() as i32)
+    Ok((child.id() as i32, relay))
 }
 
 #[cfg(test)]
