@@ -35,8 +35,17 @@ if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
     exit 0
 fi
 
+# One build at a time on this machine (two would fight over CPU and the cache).
+mkdir -p "$cache/kernel"
+exec 9>"$cache/kernel/.lock"
+flock 9
+if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
+    ln -sfn "$key" "$cache/kernel/default"
+    echo "$out"
+    exit 0
+fi
 work=$cache/kernel/build-$key
-rm -rf "$cache"/kernel/build-*
+rm -rf "$work"
 mkdir -p "$work"
 # A failed build leaves nothing behind but its log (kept for reading).
 trap 'status=$?; if [ $status != 0 ]; then find "$work" -mindepth 1 -maxdepth 1 ! -name make.log -exec rm -rf {} +; fi' EXIT
