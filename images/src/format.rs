@@ -252,7 +252,7 @@ pub fn parse_header(block: &[u8], actual_len: u64) -> Result<Header, (Option<Str
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(&block[e + 32..e + 64]);
         let bad = |r: String| (Some(name.clone()), r);
-        if offset % BLOCK != 0 {
+        if !offset.is_multiple_of(BLOCK) {
             return Err(bad(format!("offset {offset} is not {BLOCK}-byte aligned")));
         }
         if offset < end_of_previous {

@@ -71,10 +71,13 @@ mod tests {
     fn regions_skip_the_mmio_gap() {
         assert_eq!(ram_regions(256 << 20), vec![(0, 256 << 20)]);
         assert_eq!(ram_regions(4 << 30), vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
-        // Everything fixed fits where it should.
+    }
+
+    // Everything fixed fits where it should (checked at compile time).
+    const _: () = {
         assert!(PVH_MODLIST_START + 32 <= PVH_MEMMAP_START);
         assert!(PVH_MEMMAP_START + (PVH_MEMMAP_MAX_ENTRIES as u64) * 24 <= CMDLINE_START);
         assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= MPTABLE_START);
         assert!(VIRTIO_MMIO_START >= MMIO_GAP_START && VIRTIO_MMIO_START < IOAPIC_ADDR);
-    }
+    };
 }

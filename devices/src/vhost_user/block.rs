@@ -52,7 +52,7 @@ pub struct Verity {
 impl Verity {
     /// Parses the raw concatenated digests; `region_len` must be covered exactly.
     pub fn new(raw: &[u8], region_len: u64) -> Result<Verity, String> {
-        if raw.len() % 32 != 0 {
+        if !raw.len().is_multiple_of(32) {
             return Err(format!(
                 "hash table of {} bytes is not a whole number of sha256 digests",
                 raw.len()

@@ -204,7 +204,7 @@ impl MmioTransport {
                 if queue_writable =>
             {
                 if let Some(q) = self.selected_queue().filter(|q| !q.ready()) {
-                    let (lo, hi) = if offset % 8 == 0 {
+                    let (lo, hi) = if offset.is_multiple_of(8) {
                         (Some(v), None)
                     } else {
                         (None, Some(v))
@@ -265,7 +265,7 @@ impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= reg::CONFIG {
             self.device.read_config(offset - reg::CONFIG, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
         }
     }
@@ -274,7 +274,7 @@ impl BusDevice for MmioTransport {
         if offset >= reg::CONFIG {
             self.device.write_config(offset - reg::CONFIG, data);
             self.config_generation = self.config_generation.wrapping_add(1);
-        } else if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset % 4 == 0) {
+        } else if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
             self.write_reg(offset, u32::from_le_bytes(bytes));
         }
     }

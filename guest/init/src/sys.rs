@@ -170,8 +170,8 @@ pub fn kill_all(sig: libc::c_int) {
 
 /// Asks PID 1 (this process) to shut down, from any thread.
 pub fn request_shutdown() {
-    // SAFETY: kill has no memory effects.
-    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+    // SAFETY: kill has no memory effects; init is PID 1.
+    unsafe { libc::kill(1, libc::SIGTERM) };
 }
 
 /// Turns off echo on the console so the host's control lines are not printed back.
@@ -206,6 +206,7 @@ pub fn child_unblocks_signals(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs between fork and exec and calls only sigemptyset and
     // sigprocmask, which are async-signal-safe; it touches no shared state.
+    #[allow(clippy::multiple_unsafe_ops_per_block)]
     unsafe {
         cmd.pre_exec(|| {
             let mut empty: libc::sigset_t = std::mem::zeroed();

@@ -193,6 +193,11 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     )));
     setup("exit port", pio.insert(u64::from(abi::EXIT_PORT), 1, exit))?;
     let mut cmdline = cfg.cmdline.clone();
+    if kind == KvmKind::Pvm {
+        // Keep the guest kernel off instructions a nested PVM host cannot run (docs/pvm.md).
+        cmdline.push(' ');
+        cmdline.push_str(cpuid::PVM_KERNEL_ARGS);
+    }
     let mut next_mmio = layout::VIRTIO_MMIO_START;
     let mut next_irq = layout::VIRTIO_IRQ_BASE;
     if cfg.rng {
@@ -243,12 +248,11 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     });
     *exit_hook.lock().unwrap_or_else(|p| p.into_inner()) = Some(shared.clone());
 
-    // SAFETY: installing a no-op handler (without SA_RESTART, so KVM_RUN returns EINTR).
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_kick as *const () as usize;
-        libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
-    }
+    // SAFETY: sigaction is plain data; zeroed is a valid "no flags, empty mask" value.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = on_kick as *const () as usize;
+    // SAFETY: installs a no-op handler without SA_RESTART, so KVM_RUN returns EINTR.
+    unsafe { libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) };
     crate::signals::install();
     let vcpu_prog = if cfg.sandbox {
         Some(Arc::new(vcpu::vcpu_filter()?))
