@@ -170,8 +170,10 @@ pub fn kill_all(sig: libc::c_int) {
 
 /// Asks PID 1 (this process) to shut down, from any thread.
 pub fn request_shutdown() {
-    // SAFETY: kill has no memory effects; init is PID 1.
-    unsafe { libc::kill(1, libc::SIGTERM) };
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    // SAFETY: kill has no memory effects.
+    unsafe { libc::kill(me, libc::SIGTERM) };
 }
 
 /// Turns off echo on the console so the host's control lines are not printed back.

@@ -9,8 +9,9 @@ pub enum CpuTemplate {
     Host,
     /// Hides features whose instructions a nested PVM hypervisor's instruction
     /// emulator cannot execute at guest CPL0 (XSAVE family, POPCNT, SMAP/SMEP, AVX,
-    /// …), so the guest kernel does not patch them in. See DESIGN.md, "How this
-    /// machine behaves".
+    /// …). Measured on a kvm_pvm host: the guest's CPUID instruction ignores this
+    /// (it returns the host's values), so the VMM also passes [`PVM_KERNEL_ARGS`].
+    /// See docs/pvm.md.
     Pvm,
 }
 
@@ -114,11 +115,15 @@ pub fn apply(entries: &mut [kvm_cpuid_entry2], template: CpuTemplate, vcpu: u8, 
     }
 }
 
-/// The `clearcpuid=` kernel argument matching [`CpuTemplate::Pvm`]: a Linux kernel may
-/// still use a feature its CPUID hides when the host passes it through, and only one
-/// `clearcpuid=` list counts (DESIGN.md).
-pub const PVM_CLEARCPUID: &str =
-    "clearcpuid=pcid,popcnt,xsave,avx,avx2,smep,smap,invpcid,fsgsbase,rdrand,rdseed,bmi1,bmi2,erms,pku,umip";
+/// Kernel arguments the VMM adds on a nested PVM host (docs/pvm.md). They, not the CPU
+/// template, keep the guest kernel off instructions the host cannot run: there the
+/// guest's CPUID instruction returns the host CPU's own values (KVM_SET_CPUID2 is not
+/// consulted; measured with a probe guest at CPL0 and CPL3), so a kernel only avoids a
+/// feature it is told to clear. `noxsave`: XRSTOR/XSAVE are not emulated. Only one
+/// `clearcpuid=` list counts. `fsrm` goes with `erms`: memmove's "FSRM implies ERMS"
+/// alternative otherwise drops its small-copy length check and the first short memmove
+/// runs away over memory (seen as an endless page fault on the per-CPU area).
+pub const PVM_KERNEL_ARGS: &str = "noxsave clearcpuid=pcid,popcnt,xsave,avx,avx2,smep,smap,invpcid,fsgsbase,rdrand,rdseed,bmi1,bmi2,erms,fsrm,pku,umip";
 
 #[cfg(test)]
 mod tests {
