@@ -296,6 +296,30 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
     })
 }
 
+/// The devices a run attaches, in the order the guest sees them: the root disk first
+/// (/dev/vda), then the volumes in manifest order (serials vol0, vol1, …), then rng.
+fn devices_for(r: &Resolved, args: &RunArgs) -> Result<Vec<DeviceBackend>> {
+    let mut devices: Vec<DeviceBackend> = r.root.iter().cloned().collect();
+    let state = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(hostd_vmm::volumes::state_dir);
+    for (i, v) in r.volumes.iter().enumerate() {
+        let file = hostd_vmm::volumes::ensure(&state, &v.name, v.size_mib)?;
+        let length = std::fs::metadata(&file)?.len();
+        devices.push(DeviceBackend::Block {
+            id: format!("vol{i}"),
+            file,
+            offset: 0,
+            length,
+            read_only: false,
+            verity: None,
+        });
+    }
+    devices.push(DeviceBackend::Rng);
+    Ok(devices)
+}
+
 /// `hostd run`.
 pub fn run(args: &RunArgs) -> Result<i32> {
     let r = resolve(args)?;
@@ -317,26 +341,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 Some(i) => Some(staged.put("initrd", i)?),
                 None => None,
             };
-            // Device order is what the guest sees: the root disk first (/dev/vda), then
-            // the volumes in manifest order (serials vol0, vol1, …), then the rest.
-            let mut devices: Vec<DeviceBackend> = r.root.iter().cloned().collect();
-            let state = args
-                .state_dir
-                .clone()
-                .unwrap_or_else(hostd_vmm::volumes::state_dir);
-            for (i, v) in r.volumes.iter().enumerate() {
-                let file = hostd_vmm::volumes::ensure(&state, &v.name, v.size_mib)?;
-                let length = std::fs::metadata(&file)?.len();
-                devices.push(DeviceBackend::Block {
-                    id: format!("vol{i}"),
-                    file,
-                    offset: 0,
-                    length,
-                    read_only: false,
-                    verity: None,
-                });
-            }
-            devices.push(DeviceBackend::Rng);
+            let devices = devices_for(&r, args)?;
             let boot = BootSpec {
                 kernel,
                 initrd,
@@ -360,16 +365,12 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             )?
         }
         VmmKind::Kvm => {
-            if r.root.is_some() || !r.volumes.is_empty() {
-                // The built-in VMM cannot attach vhost-user devices yet; guest init will
-                // report the missing root disk.
-                tracing::warn!("the built-in VMM does not attach the image's root disk and volumes yet (use --vmm qemu)");
-            }
             if args.no_sandbox {
                 tracing::warn!(
                     "--no-sandbox: the VMM runs without seccomp filters and keeps its capabilities"
                 );
             }
+            let devices = devices_for(&r, args)?;
             let kernel = hostd_vmm::kvm::memory::memfd_with(c"hostd-kernel", &r.kernel)
                 .context("cannot stage the kernel")?;
             hostd_vmm::kvm::run(KvmConfig {
@@ -384,7 +385,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                     TemplateArg::Host => Some(CpuTemplate::Host),
                     TemplateArg::Pvm => Some(CpuTemplate::Pvm),
                 },
-                rng: true,
+                devices,
                 timeout,
                 sandbox: !args.no_sandbox,
             })?

@@ -84,11 +84,30 @@ impl DeviceBackend {
         }
     }
 
-    /// The QEMU arguments that attach this backend (on the virtio-mmio bus) once its
-    /// socket is `-chardev socket,id=dev{index}`: a `-device`, and for net the
+    /// The QEMU arguments that attach this backend on `socket` (on the virtio-mmio bus):
+    /// the `-chardev socket,id=dev{index}`, a `-device`, and for net the
     /// `-netdev vhost-user` the device sits on.
-    fn qemu_device_args(&self, index: usize) -> Vec<String> {
+    fn qemu_device_args(&self, index: usize, socket: &Path) -> Vec<String> {
         let chardev = format!("dev{index}");
+        // Net: QEMU 7.2 ends the first vhost-user-net connection with an out-of-order
+        // SET_VRING_ENABLE; it reconnects, and the backend waits for that (see
+        // hostd_devices::vhost_user::serve_with_listeners).
+        let reconnect = match self {
+            DeviceBackend::Net { .. } => ",reconnect=1",
+            _ => "",
+        };
+        let mut a = vec![
+            "-chardev".to_string(),
+            format!(
+                "socket,id={chardev},path={}{reconnect}",
+                socket.to_string_lossy().replace(',', ",,")
+            ),
+        ];
+        a.extend(self.qemu_device_only(&chardev, index));
+        a
+    }
+
+    fn qemu_device_only(&self, chardev: &str, index: usize) -> Vec<String> {
         match self {
             DeviceBackend::Rng => vec![
                 "-device".into(),
@@ -121,12 +140,18 @@ pub enum BackendsError {
     },
 }
 
+fn dir_path(dir: &Option<tempfile::TempDir>) -> PathBuf {
+    dir.as_ref()
+        .map(|d| d.path().to_path_buf())
+        .unwrap_or_default()
+}
+
 /// Running backend processes and their sockets.
 #[derive(Debug)]
 pub struct RunningBackends {
-    dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
     children: Vec<(String, Child)>,
-    /// Name, socket, and the QEMU arguments after the socket's `-chardev`.
+    /// Name, socket, and the QEMU arguments attaching it.
     devices: Vec<(String, PathBuf, Vec<String>)>,
 }
 
@@ -145,13 +170,13 @@ impl RunningBackends {
                 message: format!("cannot create a socket directory: {e}"),
             })?;
         let mut running = RunningBackends {
-            dir,
+            dir: Some(dir),
             children: Vec::new(),
             devices: Vec::new(),
         };
         for b in backends {
             let name = b.name();
-            let socket = running.dir.path().join(format!("{name}.sock"));
+            let socket = dir_path(&running.dir).join(format!("{name}.sock"));
             let mut cmd = Command::new(exe);
             cmd.arg("backend")
                 .args(b.args())
@@ -178,7 +203,7 @@ impl RunningBackends {
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let args = b.qemu_device_args(running.devices.len());
+            let args = b.qemu_device_args(running.devices.len(), &socket);
             running.devices.push((name, socket, args));
         }
         Ok(running)
@@ -191,9 +216,7 @@ impl RunningBackends {
             "-object".to_string(),
             format!("memory-backend-memfd,id=mem,size={memory_mib}M,share=on"),
         ];
-        for (i, (_, socket, device_args)) in self.devices.iter().enumerate() {
-            a.push("-chardev".into());
-            a.push(format!("socket,id=dev{i},path={}", socket.display()));
+        for (_, _, device_args) in &self.devices {
             a.extend(device_args.iter().cloned());
         }
         a
@@ -239,8 +262,10 @@ mod tests {
             mac: "52:54:00:12:34:56".into(),
         };
         assert_eq!(
-            net.qemu_device_args(2),
+            net.qemu_device_args(2, Path::new("/run/n.sock")),
             [
+                "-chardev",
+                "socket,id=dev2,path=/run/n.sock,reconnect=1",
                 "-netdev",
                 "vhost-user,id=net2,chardev=dev2",
                 "-device",
@@ -252,8 +277,40 @@ mod tests {
             ["net", "--tap", "tap0", "--mac", "52:54:00:12:34:56"]
         );
         assert_eq!(
-            DeviceBackend::Rng.qemu_device_args(0),
-            ["-device", "vhost-user-rng,chardev=dev0"]
+            DeviceBackend::Rng.qemu_device_args(0, Path::new("/run/r.sock")),
+            [
+                "-chardev",
+                "socket,id=dev0,path=/run/r.sock",
+                "-device",
+                "vhost-user-rng,chardev=dev0"
+            ]
         );
+    }
+}
+
+impl RunningBackends {
+    /// Removes the socket directory once every front end has connected (the backends
+    /// accept one connection each), so nothing is left to clean up later from a jailed
+    /// thread.
+    pub fn remove_sockets(&mut self) {
+        self.dir = None;
+    }
+
+    /// Each running backend's socket, with its virtio device type and queue count, in
+    /// the order they were given (for the built-in VMM's vhost-user front end).
+    pub fn sockets(&self, backends: &[DeviceBackend]) -> Vec<(PathBuf, u32, usize)> {
+        self.devices
+            .iter()
+            .zip(backends)
+            .map(|((_, socket, _), b)| {
+                let (device_type, queues) = match b {
+                    DeviceBackend::Rng => (4, 1),
+                    DeviceBackend::Block { .. } => (2, 1),
+                    #[allow(unreachable_patterns)]
+                    _ => (1, 2),
+                };
+                (socket.clone(), device_type, queues)
+            })
+            .collect()
     }
 }

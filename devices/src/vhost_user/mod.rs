@@ -94,13 +94,21 @@ pub fn serve<B>(
 where
     B: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> + Send + Sync + 'static,
 {
-    serve_with_listeners(name, socket, backend, sandbox, filter, selftest, &[])
+    serve_inner(name, socket, backend, sandbox, filter, selftest, &[], false)
 }
 
-/// [`serve`], with extra fds the backend's worker watches: each `(fd, id)` is registered
-/// edge-triggered for input with the worker's epoll, and readiness arrives as
-/// `handle_event(id, ..)`. Ids up to and including the backend's number of queues are
-/// the library's own.
+/// [`serve`], with extra fds the backend's worker watches, and a second chance for the
+/// VMM. Each `(fd, id)` is registered edge-triggered for input with the worker's epoll,
+/// and readiness arrives as `handle_event(id, ..)` (ids up to and including the
+/// backend's number of queues are the library's own).
+///
+/// A connection that ends in a protocol error is not the end: a fresh daemon (new
+/// vhost-user state, new worker, same backend) waits for the VMM to reconnect. QEMU 7.2
+/// needs this for `-netdev vhost-user` (give its `-chardev` `reconnect=1`): when the
+/// guest acks its features it sends SET_VRING_ENABLE before SET_FEATURES, which
+/// vhost-user-backend refuses ("inactive feature"), closing that first connection;
+/// after reconnecting it sends SET_FEATURES first. The old daemon is leaked (its worker
+/// parks in epoll_wait with the listeners unregistered; dropping it would join it).
 pub fn serve_with_listeners<B>(
     name: &str,
     socket: &Path,
@@ -113,13 +121,26 @@ pub fn serve_with_listeners<B>(
 where
     B: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> + Send + Sync + 'static,
 {
+    serve_inner(
+        name, socket, backend, sandbox, filter, selftest, listeners, true,
+    )
+}
+
+type Daemon<B> = VhostUserDaemon<Arc<RwLock<B>>>;
+
+/// A daemon for `backend` with `listeners` registered on its (first) worker.
+fn new_daemon<B>(
+    name: &str,
+    backend: &Arc<RwLock<B>>,
+    listeners: &[(RawFd, u16)],
+) -> Result<Daemon<B>, BackendError>
+where
+    B: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> + Send + Sync + 'static,
+{
     let setup =
         |what: &str, e: &dyn std::fmt::Display| BackendError::Setup(format!("{name}: {what}: {e}"));
-    let mut listener = Listener::new(socket, true)
-        .map_err(|e| setup(&format!("listen on {}", socket.display()), &e))?;
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = Arc::new(RwLock::new(backend));
-    let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
+    let daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), mem)
         .map_err(|e| setup("vhost-user daemon", &e))?;
     if !listeners.is_empty() {
         let handlers = daemon.get_epoll_handlers();
@@ -132,6 +153,29 @@ where
                 .map_err(|e| setup(&format!("watching fd {fd} as event {id}"), &e))?;
         }
     }
+    Ok(daemon)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve_inner<B>(
+    name: &str,
+    socket: &Path,
+    backend: B,
+    sandbox: bool,
+    filter: impl FnOnce() -> Result<seccompiler::BpfProgram, jail::JailError>,
+    selftest: Option<&str>,
+    listeners: &[(RawFd, u16)],
+    reconnect: bool,
+) -> Result<(), BackendError>
+where
+    B: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> + Send + Sync + 'static,
+{
+    let setup =
+        |what: &str, e: &dyn std::fmt::Display| BackendError::Setup(format!("{name}: {what}: {e}"));
+    let mut listener = Listener::new(socket, true)
+        .map_err(|e| setup(&format!("listen on {}", socket.display()), &e))?;
+    let backend = Arc::new(RwLock::new(backend));
+    let mut daemon = new_daemon(name, &backend, listeners)?;
     if sandbox {
         jail::enter(false).map_err(|e| setup("jail", &e))?;
     }
@@ -156,20 +200,42 @@ where
         leave(daemon, listener);
         return Ok(());
     }
-    tracing::debug!("{name}: waiting for the VMM on {}", socket.display());
-    daemon
-        .start(&mut listener)
-        .map_err(|e| BackendError::Protocol(e.to_string()))?;
-    let result = daemon.wait();
-    leave(daemon, listener);
-    match result {
-        Ok(()) => Ok(()),
-        // The VMM going away is how a backend's life normally ends.
-        Err(e) if e.to_string().contains("disconnect") || e.to_string().contains("Disconnect") => {
-            Ok(())
+    loop {
+        tracing::debug!("{name}: waiting for the VMM on {}", socket.display());
+        daemon
+            .start(&mut listener)
+            .map_err(|e| BackendError::Protocol(e.to_string()))?;
+        let result = daemon.wait();
+        match result {
+            Ok(()) => break,
+            // The VMM going away is how a backend's life normally ends.
+            Err(e)
+                if e.to_string().contains("disconnect") || e.to_string().contains("Disconnect") =>
+            {
+                break
+            }
+            Err(e) if reconnect => {
+                tracing::warn!("{name}: connection ended: {e}; waiting for the VMM to reconnect");
+                for handler in daemon.get_epoll_handlers() {
+                    for (fd, id) in listeners {
+                        let _ = handler.unregister_listener(
+                            *fd,
+                            EventSet::IN | EventSet::EDGE_TRIGGERED,
+                            u64::from(*id),
+                        );
+                    }
+                }
+                let old = std::mem::replace(&mut daemon, new_daemon(name, &backend, listeners)?);
+                std::mem::forget(old);
+            }
+            Err(e) => {
+                leave(daemon, listener);
+                return Err(BackendError::Protocol(e.to_string()));
+            }
         }
-        Err(e) => Err(BackendError::Protocol(e.to_string())),
     }
+    leave(daemon, listener);
+    Ok(())
 }
 
 /// Ends a backend's use of its daemon and listener without dropping them: the vring

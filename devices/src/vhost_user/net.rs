@@ -27,6 +27,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::{GuestAddressSpace, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use super::rng::VHOST_USER_F_PROTOCOL_FEATURES;
 use super::Memory;
 use crate::virtio::VIRTIO_F_VERSION_1;
 
@@ -460,18 +461,16 @@ impl VhostUserBackendMut for NetBackend {
     fn max_queue_size(&self) -> usize {
         256
     }
-    /// VHOST_USER_F_PROTOCOL_FEATURES is not offered: QEMU 7.2 (Debian 12) acks it for
-    /// vhost-user-blk/rng but not for `-netdev vhost-user`, then sends
-    /// SET_VRING_ENABLE anyway, which vhost-user-backend refuses ("inactive feature")
-    /// and the connection ends (seen here). Without it the rings start enabled at
-    /// SET_FEATURES, as the vhost-user spec says. The cost: no GET_CONFIG, so the
-    /// frontend serves the MAC from its own config space (QEMU's virtio-net does; our
-    /// VMM knows the MAC from the same command line).
+    /// VHOST_USER_F_PROTOCOL_FEATURES is required by QEMU 7.2's `-netdev vhost-user`
+    /// (without it, it does not start vhost: "unable to start vhost net: 22"). That QEMU
+    /// also sends SET_VRING_ENABLE when the guest acks its features, before SET_FEATURES
+    /// reached us, which vhost-user-backend refuses, ending the first connection; see
+    /// [`super::serve_with_listeners`] for how the backend survives that.
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | (1 << 30)
+        VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | VIRTIO_NET_F_MAC
     }
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::empty()
+        VhostUserProtocolFeatures::CONFIG
     }
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let c = self.config();
@@ -691,11 +690,6 @@ mod tests {
         assert_eq!(b.get_config(0, 6), vec![1, 2, 3, 4, 5, 6]);
         assert_eq!(b.get_config(4, 4), vec![5, 6, 0, 0]);
         assert_eq!(b.features() & VIRTIO_NET_F_MAC, VIRTIO_NET_F_MAC);
-        assert_eq!(
-            b.features() & super::super::rng::VHOST_USER_F_PROTOCOL_FEATURES,
-            0,
-            "QEMU 7.2's -netdev vhost-user does not ack it"
-        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! the common registers are ignored, queue registers are only writable while the queue
 //! is not ready, and a driver that sets up an invalid queue gets DEVICE_NEEDS_RESET.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
@@ -77,7 +78,7 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     driver_features: u64,
     status: u32,
-    interrupt_status: u32,
+    interrupt_status: Arc<AtomicU32>,
     config_generation: u32,
 }
 
@@ -93,7 +94,7 @@ impl std::fmt::Debug for MmioTransport {
 impl MmioTransport {
     /// Wraps `device`; `irq` is its interrupt line.
     pub fn new(
-        device: Box<dyn VirtioDevice>,
+        mut device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         irq: Arc<dyn Interrupt>,
     ) -> Self {
@@ -102,6 +103,8 @@ impl MmioTransport {
             .iter()
             .filter_map(|max| Queue::new(*max).ok())
             .collect();
+        let interrupt_status = Arc::new(AtomicU32::new(0));
+        device.attach_interrupt(interrupt_status.clone(), irq.clone());
         MmioTransport {
             device,
             mem,
@@ -112,9 +115,15 @@ impl MmioTransport {
             driver_features_sel: 0,
             driver_features: 0,
             status: 0,
-            interrupt_status: 0,
+            interrupt_status,
             config_generation: 0,
         }
+    }
+
+    /// The interrupt status register, shared with devices that raise interrupts from
+    /// their own threads.
+    pub fn interrupt_status(&self) -> Arc<AtomicU32> {
+        self.interrupt_status.clone()
     }
 
     /// The device's current status register.
@@ -128,7 +137,7 @@ impl MmioTransport {
 
     fn reset(&mut self) {
         self.status = 0;
-        self.interrupt_status = 0;
+        self.interrupt_status.store(0, Ordering::SeqCst);
         self.driver_features = 0;
         self.queue_sel = 0;
         self.device_features_sel = 0;
@@ -155,7 +164,7 @@ impl MmioTransport {
                 .map(|q| q.max_size().into())
                 .unwrap_or(0),
             reg::QUEUE_READY => self.selected_queue().map(|q| q.ready().into()).unwrap_or(0),
-            reg::INTERRUPT_STATUS => self.interrupt_status,
+            reg::INTERRUPT_STATUS => self.interrupt_status.load(Ordering::SeqCst),
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
             _ => 0,
@@ -217,7 +226,9 @@ impl MmioTransport {
                 }
             }
             reg::QUEUE_NOTIFY => self.notify(v),
-            reg::INTERRUPT_ACK => self.interrupt_status &= !v,
+            reg::INTERRUPT_ACK => {
+                self.interrupt_status.fetch_and(!v, Ordering::SeqCst);
+            }
             reg::STATUS => self.write_status(v),
             _ => tracing::trace!("virtio-mmio: write to {offset:#x} ignored"),
         }
@@ -242,6 +253,13 @@ impl MmioTransport {
         if v & status::DRIVER_OK != 0 && v & status::FEATURES_OK == 0 {
             v &= !status::DRIVER_OK;
         }
+        let newly = v & !self.status;
+        if newly & status::FEATURES_OK != 0 {
+            self.device.acked_features(self.driver_features);
+        }
+        if newly & status::DRIVER_OK != 0 {
+            self.device.activate(&self.queues);
+        }
         // Bits only ever get set by the driver (besides reset), and NEEDS_RESET is ours.
         self.status = (self.status & status::DEVICE_NEEDS_RESET)
             | (self.status | v) & !status::DEVICE_NEEDS_RESET;
@@ -255,7 +273,7 @@ impl MmioTransport {
             return;
         };
         if self.device.process_queue(index as usize, queue, &self.mem) {
-            self.interrupt_status |= INT_VRING;
+            self.interrupt_status.fetch_or(INT_VRING, Ordering::SeqCst);
             self.irq.trigger();
         }
     }

@@ -2,6 +2,7 @@
 
 pub mod mmio;
 pub mod rng;
+pub mod vhost_user;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -42,4 +43,16 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// The driver accepted these features (FEATURES_OK).
+    fn acked_features(&mut self, _features: u64) {}
+    /// The driver set DRIVER_OK with these queues set up.
+    fn activate(&mut self, _queues: &[Queue]) {}
+    /// Gives the device the transport's interrupt status and line, for devices that
+    /// raise interrupts from elsewhere than [`VirtioDevice::process_queue`].
+    fn attach_interrupt(
+        &mut self,
+        _status: std::sync::Arc<std::sync::atomic::AtomicU32>,
+        _irq: std::sync::Arc<dyn crate::Interrupt>,
+    ) {
+    }
 }

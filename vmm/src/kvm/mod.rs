@@ -20,13 +20,14 @@ use hostd_devices::bus::{Bus, SharedDevice};
 use hostd_devices::marker::{BootMarker, ExitPort, Reports};
 use hostd_devices::serial::{Console, COM1_IRQ, COM1_LEN, COM1_PORT};
 use hostd_devices::virtio::mmio::{cmdline_arg, MmioTransport};
-use hostd_devices::virtio::rng::Rng;
+use hostd_devices::virtio::vhost_user::{forward_interrupts, VhostUserDevice};
 use hostd_images::abi;
 use kvm_bindings::kvm_pit_config;
 use kvm_ioctls::{Kvm, VmFd};
 use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::backends::{DeviceBackend, RunningBackends};
 use crate::boot::{Outcome, Timings};
 use crate::host::{kvm_kind, KvmKind};
 use crate::jail;
@@ -51,8 +52,8 @@ pub struct KvmConfig {
     pub memory_mib: u32,
     /// CPU template; `None` picks by host kind.
     pub template: Option<CpuTemplate>,
-    /// Attach a virtio-rng device.
-    pub rng: bool,
+    /// Devices, each served by its own backend process (`hostd backend …`).
+    pub devices: Vec<DeviceBackend>,
     /// Stop after this long.
     pub timeout: Option<Duration>,
     /// Install seccomp filters and drop capabilities (off only with --no-sandbox).
@@ -85,13 +86,20 @@ fn setup<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Result<T, KvmE
 const CONTROL_IOCTLS: &[u64] = &[];
 
 /// The control thread's seccomp filter: waiting (futex, sleeps), kicking vCPU threads
-/// (tgkill), writing the console and logs, tearing down (close, munmap).
+/// (tgkill), writing the console and logs, finishing vhost-user device activation
+/// (sendmsg/recvmsg on the backend sockets it already holds), watching and finally
+/// killing the backend processes (wait4/waitid, kill), tearing down (close, munmap).
 pub fn control_filter() -> Result<BpfProgram, jail::JailError> {
     let mut syscalls = jail::COMMON_SYSCALLS.to_vec();
     syscalls.extend_from_slice(&[
         libc::SYS_clock_nanosleep,
         libc::SYS_nanosleep,
         libc::SYS_tgkill,
+        libc::SYS_sendmsg,
+        libc::SYS_recvmsg,
+        libc::SYS_wait4,
+        libc::SYS_waitid,
+        libc::SYS_kill,
     ]);
     jail::filter(&syscalls, CONTROL_IOCTLS)
 }
@@ -200,24 +208,47 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     }
     let mut next_mmio = layout::VIRTIO_MMIO_START;
     let mut next_irq = layout::VIRTIO_IRQ_BASE;
-    if cfg.rng {
+    // Devices: each served by its own jailed backend process over vhost-user; the VMM
+    // keeps the virtio-mmio register file and forwards interrupts.
+    let exe =
+        std::env::current_exe().map_err(|e| KvmError::Setup(format!("own executable: {e}")))?;
+    let mut backends = RunningBackends::start(&exe, &cfg.devices, cfg.sandbox)
+        .map_err(|e| KvmError::Setup(e.to_string()))?;
+    let mut activations = Vec::new();
+    let mut forwarders = Vec::new();
+    for (socket, device_type, queues) in backends.sockets(&cfg.devices) {
+        let (dev, activation) = VhostUserDevice::connect(&socket, device_type, queues, &mem)
+            .map_err(|e| KvmError::Setup(e.to_string()))?;
         let irq = Arc::new(setup("eventfd", EventFd::new(libc::EFD_NONBLOCK))?);
         setup("irqfd", vm.register_irqfd(&irq, next_irq))?;
-        let dev: SharedDevice = Arc::new(Mutex::new(MmioTransport::new(
-            Box::new(Rng::default()),
-            mem.clone(),
-            irq,
-        )));
+        let calls = dev.call_fds();
+        let transport = MmioTransport::new(Box::new(dev), mem.clone(), irq.clone());
+        let status = transport.interrupt_status();
+        let shared_dev: SharedDevice = Arc::new(Mutex::new(transport));
         setup(
-            "virtio-rng",
-            mmio.insert(next_mmio, layout::VIRTIO_MMIO_SIZE, dev),
+            "virtio-mmio",
+            mmio.insert(next_mmio, layout::VIRTIO_MMIO_SIZE, shared_dev),
         )?;
+        for call in calls {
+            forwarders.push((
+                call,
+                status.clone(),
+                irq.clone() as Arc<dyn hostd_devices::Interrupt>,
+            ));
+        }
+        activations.push(activation);
         cmdline.push(' ');
         cmdline.push_str(&cmdline_arg(next_mmio, next_irq));
         next_mmio += layout::VIRTIO_MMIO_SIZE;
         next_irq += 1;
+        if next_irq > layout::IRQ_MAX {
+            return Err(KvmError::Setup(
+                "too many devices for the I/O APIC's inputs".into(),
+            ));
+        }
     }
-    let _ = (next_mmio, next_irq);
+
+    backends.remove_sockets();
 
     // Boot.
     let mut kernel = cfg.kernel;
@@ -267,6 +298,27 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     if cfg.sandbox {
         jail::drop_capabilities()?;
     }
+    // One thread per device queue turns the backend's "used buffers" signal into the
+    // transport's interrupt status and the guest interrupt. Its filter: read and write
+    // eventfds, futexes.
+    let forwarder_prog = if cfg.sandbox {
+        Some(Arc::new(jail::filter(jail::COMMON_SYSCALLS, &[])?))
+    } else {
+        None
+    };
+    for (call, status, irq) in forwarders {
+        let prog = forwarder_prog.clone();
+        std::thread::Builder::new()
+            .name("irq-forward".into())
+            .spawn(move || {
+                if let Some(Err(e)) = prog.map(|p| jail::install(&p)) {
+                    tracing::error!("interrupt forwarder: {e}");
+                    return;
+                }
+                forward_interrupts(call, status, irq)
+            })
+            .map_err(|e| KvmError::Setup(format!("interrupt thread: {e}")))?;
+    }
     let mut threads = Vec::new();
     for (id, fd) in vcpus.into_iter().enumerate() {
         let shared = shared.clone();
@@ -287,6 +339,14 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     let mut shutdown_sent: Option<Instant> = None;
     let mut seen_signals = 0;
     while !shared.stop.load(Ordering::SeqCst) {
+        for a in &activations {
+            if let Err(e) = a.complete() {
+                shared.stop_with(StopReason::Error(e.to_string()));
+            }
+        }
+        if let Some(dead) = backends.check() {
+            shared.stop_with(StopReason::Error(format!("{dead}; the VM was stopped")));
+        }
         let signals = crate::signals::count();
         if signals > seen_signals {
             seen_signals = signals;

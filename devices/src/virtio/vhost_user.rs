@@ -1,0 +1,292 @@
+//! The built-in VMM's side of vhost-user: a [`VirtioDevice`] whose queues are served by
+//! a backend in another process. The VMM keeps only the virtio-mmio register file.
+//!
+//! Everything that talks to the backend socket happens on the VMM's control thread: at
+//! setup (features, config space, memory table) and when the driver sets DRIVER_OK
+//! ([`VhostUserDevice::complete_activation`], polled by the control loop). vCPU threads
+//! only write the kick eventfd; a small thread per device turns the backend's call
+//! eventfd into the transport's interrupt status plus the guest interrupt.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::VirtioDevice;
+use crate::Interrupt;
+
+/// VHOST_USER_F_PROTOCOL_FEATURES.
+const PROTOCOL_FEATURES: u64 = 1 << 30;
+/// How much config space we read from the backend (virtio-blk's is 60 bytes).
+const CONFIG_SIZE: u32 = 64;
+
+/// Why a vhost-user device could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("vhost-user {socket}: {message}")]
+pub struct FrontendError {
+    /// The backend's socket.
+    pub socket: String,
+    /// What failed.
+    pub message: String,
+}
+
+/// One queue as the driver set it up.
+#[derive(Debug, Clone, Copy)]
+struct QueueSetup {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+/// A virtio device served by a vhost-user backend.
+pub struct VhostUserDevice {
+    socket: String,
+    device_type: u32,
+    features: u64,
+    max_sizes: Vec<u16>,
+    config: Vec<u8>,
+    kicks: Vec<EventFd>,
+    calls: Vec<Arc<EventFd>>,
+    acked: u64,
+    pending: Arc<Mutex<Option<(u64, Vec<QueueSetup>)>>>,
+}
+
+impl std::fmt::Debug for VhostUserDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("VhostUserDevice")
+            .field("socket", &self.socket)
+            .field("type", &self.device_type)
+            .finish()
+    }
+}
+
+/// What the control loop needs to finish a device's activation later.
+#[derive(Clone)]
+pub struct Activation {
+    socket: String,
+    frontend: Arc<Mutex<Frontend>>,
+    pending: Arc<Mutex<Option<(u64, Vec<QueueSetup>)>>>,
+    kicks: Vec<Arc<EventFd>>,
+    calls: Vec<Arc<EventFd>>,
+    mem: GuestMemoryMmap,
+    protocol: bool,
+}
+
+impl std::fmt::Debug for Activation {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("Activation")
+            .field("socket", &self.socket)
+            .finish()
+    }
+}
+
+impl VhostUserDevice {
+    /// Connects to the backend at `socket`, negotiates, reads its config space and
+    /// hands it the guest memory table.
+    pub fn connect(
+        socket: &Path,
+        device_type: u32,
+        queues: usize,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(Self, Activation), FrontendError> {
+        let name = socket.display().to_string();
+        let err = |what: &str, e: &dyn std::fmt::Display| FrontendError {
+            socket: name.clone(),
+            message: format!("{what}: {e}"),
+        };
+        let mut fe = Frontend::connect(socket, queues as u64).map_err(|e| err("connect", &e))?;
+        fe.set_owner().map_err(|e| err("SET_OWNER", &e))?;
+        let features = fe.get_features().map_err(|e| err("GET_FEATURES", &e))?;
+        let mut protocol = false;
+        let mut config = vec![0u8; CONFIG_SIZE as usize];
+        if features & PROTOCOL_FEATURES != 0 {
+            protocol = true;
+            let offered = fe
+                .get_protocol_features()
+                .map_err(|e| err("GET_PROTOCOL_FEATURES", &e))?;
+            let want = offered & VhostUserProtocolFeatures::CONFIG;
+            fe.set_protocol_features(want)
+                .map_err(|e| err("SET_PROTOCOL_FEATURES", &e))?;
+            if want.contains(VhostUserProtocolFeatures::CONFIG) {
+                let (_, payload) = fe
+                    .get_config(0, CONFIG_SIZE, VhostUserConfigFlags::WRITABLE, &config)
+                    .map_err(|e| err("GET_CONFIG", &e))?;
+                let n = payload.len().min(config.len());
+                config[..n].copy_from_slice(&payload[..n]);
+            }
+        }
+        let mut regions = Vec::new();
+        for region in mem.iter() {
+            let fo = region
+                .file_offset()
+                .ok_or_else(|| err("memory table", &"guest memory is not file-backed (memfd)"))?;
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|e| err("memory table", &e))?;
+            regions.push(VhostUserMemoryRegionInfo {
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                mmap_offset: fo.start(),
+                mmap_handle: fo.file().as_raw_fd(),
+            });
+        }
+        fe.set_mem_table(&regions)
+            .map_err(|e| err("SET_MEM_TABLE", &e))?;
+        let mut kicks = Vec::new();
+        let mut calls = Vec::new();
+        for _ in 0..queues {
+            kicks.push(Arc::new(
+                EventFd::new(EFD_NONBLOCK).map_err(|e| err("eventfd", &e))?,
+            ));
+            calls.push(Arc::new(EventFd::new(0).map_err(|e| err("eventfd", &e))?));
+        }
+        let frontend = Arc::new(Mutex::new(fe));
+        let pending = Arc::new(Mutex::new(None));
+        let activation = Activation {
+            socket: name.clone(),
+            frontend: frontend.clone(),
+            pending: pending.clone(),
+            kicks: kicks.clone(),
+            calls: calls.clone(),
+            mem: mem.clone(),
+            protocol,
+        };
+        let _ = &frontend;
+        let dev = VhostUserDevice {
+            socket: name.clone(),
+            device_type,
+            features: features & !PROTOCOL_FEATURES,
+            max_sizes: vec![256; queues],
+            config,
+            kicks: kicks
+                .iter()
+                .map(|k| k.try_clone())
+                .collect::<Result<_, _>>()
+                .map_err(|e| err("eventfd", &e))?,
+            calls,
+            acked: 0,
+            pending,
+        };
+        Ok((dev, activation))
+    }
+
+    /// The call eventfds: the backend signals them when it used buffers.
+    pub fn call_fds(&self) -> Vec<Arc<EventFd>> {
+        self.calls.clone()
+    }
+}
+
+/// Turns backend "used buffers" signals into the transport's interrupt status and a
+/// guest interrupt. Runs on its own thread per queue; returns when the eventfd fails.
+pub fn forward_interrupts(call: Arc<EventFd>, status: Arc<AtomicU32>, irq: Arc<dyn Interrupt>) {
+    while call.read().is_ok() {
+        status.fetch_or(1, Ordering::SeqCst);
+        irq.trigger();
+    }
+}
+
+impl Activation {
+    /// Sends the queue setup to the backend if the driver activated the device since the
+    /// last call. Returns an error the VMM reports (the device is then dead to the guest).
+    pub fn complete(&self) -> Result<bool, FrontendError> {
+        let Some((acked, queues)) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return Ok(false);
+        };
+        let err = |what: &str, e: &dyn std::fmt::Display| FrontendError {
+            socket: self.socket.clone(),
+            message: format!("{what}: {e}"),
+        };
+        let mut fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
+        let features = acked | if self.protocol { PROTOCOL_FEATURES } else { 0 };
+        fe.set_features(features)
+            .map_err(|e| err("SET_FEATURES", &e))?;
+        for (i, q) in queues.iter().enumerate() {
+            let host = |gpa: u64| -> Result<u64, FrontendError> {
+                self.mem
+                    .get_host_address(GuestAddress(gpa))
+                    .map(|p| p as u64)
+                    .map_err(|e| err("queue address", &e))
+            };
+            let config = VringConfigData {
+                queue_max_size: 256,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: host(q.desc)?,
+                used_ring_addr: host(q.used)?,
+                avail_ring_addr: host(q.avail)?,
+                log_addr: None,
+            };
+            fe.set_vring_num(i, q.size)
+                .map_err(|e| err("SET_VRING_NUM", &e))?;
+            fe.set_vring_addr(i, &config)
+                .map_err(|e| err("SET_VRING_ADDR", &e))?;
+            fe.set_vring_base(i, 0)
+                .map_err(|e| err("SET_VRING_BASE", &e))?;
+            fe.set_vring_call(i, &self.calls[i])
+                .map_err(|e| err("SET_VRING_CALL", &e))?;
+            fe.set_vring_kick(i, &self.kicks[i])
+                .map_err(|e| err("SET_VRING_KICK", &e))?;
+            if self.protocol {
+                fe.set_vring_enable(i, true)
+                    .map_err(|e| err("SET_VRING_ENABLE", &e))?;
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl VirtioDevice for VhostUserDevice {
+    fn device_type(&self) -> u32 {
+        self.device_type
+    }
+    fn features(&self) -> u64 {
+        self.features
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.max_sizes
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let start = (offset as usize).min(self.config.len());
+        let end = start.saturating_add(data.len()).min(self.config.len());
+        data[..end - start].copy_from_slice(&self.config[start..end]);
+    }
+    fn acked_features(&mut self, features: u64) {
+        self.acked = features;
+    }
+    fn activate(&mut self, queues: &[Queue]) {
+        let setup = queues
+            .iter()
+            .map(|q| QueueSetup {
+                size: q.size(),
+                desc: q.desc_table(),
+                avail: q.avail_ring(),
+                used: q.used_ring(),
+            })
+            .collect();
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some((self.acked, setup));
+    }
+    fn process_queue(&mut self, index: usize, _queue: &mut Queue, _mem: &GuestMemoryMmap) -> bool {
+        if let Some(kick) = self.kicks.get(index) {
+            let _ = kick.write(1);
+        }
+        // Used buffers are signalled by the backend through the call eventfd.
+        false
+    }
+}
