@@ -77,3 +77,70 @@ fn a_syscall_outside_the_filter_kills_the_backend() {
         );
     }
 }
+
+#[test]
+fn every_thread_of_a_waiting_backend_is_jailed() {
+    if !require(
+        "root (namespaces, pivot_root)",
+        is_root(),
+        "run the tests as root",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("s.sock");
+    let mut child = hostd()
+        .args(["backend", "rng", "--socket"])
+        .arg(&socket)
+        .spawn()
+        .expect("spawn backend");
+    let start = std::time::Instant::now();
+    while !socket.exists() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Give it a moment to finish jailing and start its vring worker.
+    std::thread::sleep(Duration::from_millis(300));
+    let own_mnt = std::fs::read_link("/proc/self/ns/mnt").expect("own mount ns");
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .expect("tasks")
+        .flatten()
+    {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .unwrap_or("?")
+                .to_string()
+        };
+        let mnt = std::fs::read_link(task.path().join("ns/mnt")).ok();
+        threads.push((
+            field("Name:"),
+            field("Seccomp:"),
+            field("CapEff:"),
+            mnt != Some(own_mnt.clone()),
+        ));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        threads.len() >= 2,
+        "expected the main thread and the vring worker: {threads:?}"
+    );
+    for (name, seccomp, caps, own_ns) in &threads {
+        assert_eq!(
+            seccomp, "2",
+            "thread {name} runs without a seccomp filter: {threads:?}"
+        );
+        assert_eq!(
+            caps, "0000000000000000",
+            "thread {name} kept capabilities: {threads:?}"
+        );
+        assert!(
+            own_ns,
+            "thread {name} shares the host's mount namespace: {threads:?}"
+        );
+    }
+}

@@ -89,17 +89,10 @@ impl DeviceBackend {
     /// `-netdev vhost-user` the device sits on.
     fn qemu_device_args(&self, index: usize, socket: &Path) -> Vec<String> {
         let chardev = format!("dev{index}");
-        // Net: QEMU 7.2 ends the first vhost-user-net connection with an out-of-order
-        // SET_VRING_ENABLE; it reconnects, and the backend waits for that (see
-        // hostd_devices::vhost_user::serve_with_listeners).
-        let reconnect = match self {
-            DeviceBackend::Net { .. } => ",reconnect=1",
-            _ => "",
-        };
         let mut a = vec![
             "-chardev".to_string(),
             format!(
-                "socket,id={chardev},path={}{reconnect}",
+                "socket,id={chardev},path={}",
                 socket.to_string_lossy().replace(',', ",,")
             ),
         ];
@@ -251,43 +244,6 @@ impl Drop for RunningBackends {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_net_device_brings_its_netdev() {
-        let net = DeviceBackend::Net {
-            tap: "tap0".into(),
-            mac: "52:54:00:12:34:56".into(),
-        };
-        assert_eq!(
-            net.qemu_device_args(2, Path::new("/run/n.sock")),
-            [
-                "-chardev",
-                "socket,id=dev2,path=/run/n.sock,reconnect=1",
-                "-netdev",
-                "vhost-user,id=net2,chardev=dev2",
-                "-device",
-                "virtio-net-device,netdev=net2,mac=52:54:00:12:34:56"
-            ]
-        );
-        assert_eq!(
-            net.args(),
-            ["net", "--tap", "tap0", "--mac", "52:54:00:12:34:56"]
-        );
-        assert_eq!(
-            DeviceBackend::Rng.qemu_device_args(0, Path::new("/run/r.sock")),
-            [
-                "-chardev",
-                "socket,id=dev0,path=/run/r.sock",
-                "-device",
-                "vhost-user-rng,chardev=dev0"
-            ]
-        );
-    }
-}
-
 impl RunningBackends {
     /// Removes the socket directory once every front end has connected (the backends
     /// accept one connection each), so nothing is left to clean up later from a jailed
@@ -312,5 +268,42 @@ impl RunningBackends {
                 (socket.clone(), device_type, queues)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_net_device_brings_its_netdev() {
+        let net = DeviceBackend::Net {
+            tap: "tap0".into(),
+            mac: "52:54:00:12:34:56".into(),
+        };
+        assert_eq!(
+            net.qemu_device_args(2, Path::new("/run/n.sock")),
+            [
+                "-chardev",
+                "socket,id=dev2,path=/run/n.sock",
+                "-netdev",
+                "vhost-user,id=net2,chardev=dev2",
+                "-device",
+                "virtio-net-device,netdev=net2,mac=52:54:00:12:34:56"
+            ]
+        );
+        assert_eq!(
+            net.args(),
+            ["net", "--tap", "tap0", "--mac", "52:54:00:12:34:56"]
+        );
+        assert_eq!(
+            DeviceBackend::Rng.qemu_device_args(0, Path::new("/run/r.sock")),
+            [
+                "-chardev",
+                "socket,id=dev0,path=/run/r.sock",
+                "-device",
+                "vhost-user-rng,chardev=dev0"
+            ]
+        );
     }
 }

@@ -97,18 +97,12 @@ where
     serve_inner(name, socket, backend, sandbox, filter, selftest, &[], false)
 }
 
-/// [`serve`], with extra fds the backend's worker watches, and a second chance for the
-/// VMM. Each `(fd, id)` is registered edge-triggered for input with the worker's epoll,
-/// and readiness arrives as `handle_event(id, ..)` (ids up to and including the
-/// backend's number of queues are the library's own).
-///
-/// A connection that ends in a protocol error is not the end: a fresh daemon (new
-/// vhost-user state, new worker, same backend) waits for the VMM to reconnect. QEMU 7.2
-/// needs this for `-netdev vhost-user` (give its `-chardev` `reconnect=1`): when the
-/// guest acks its features it sends SET_VRING_ENABLE before SET_FEATURES, which
-/// vhost-user-backend refuses ("inactive feature"), closing that first connection;
-/// after reconnecting it sends SET_FEATURES first. The old daemon is leaked (its worker
-/// parks in epoll_wait with the listeners unregistered; dropping it would join it).
+/// [`serve`], with extra fds the backend's worker watches, and the frontend's messages
+/// passed through [`net::frontend_relay`] (QEMU 7.2's `-netdev vhost-user` sends
+/// SET_VRING_ENABLE too early for vhost-user-backend; see there). Each `(fd, id)` is
+/// registered edge-triggered for input with the worker's epoll, and readiness arrives
+/// as `handle_event(id, ..)` (ids up to and including the backend's number of queues
+/// are the library's own).
 pub fn serve_with_listeners<B>(
     name: &str,
     socket: &Path,
@@ -165,7 +159,7 @@ fn serve_inner<B>(
     filter: impl FnOnce() -> Result<seccompiler::BpfProgram, jail::JailError>,
     selftest: Option<&str>,
     listeners: &[(RawFd, u16)],
-    reconnect: bool,
+    relay: bool,
 ) -> Result<(), BackendError>
 where
     B: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> + Send + Sync + 'static,
@@ -175,23 +169,32 @@ where
     let mut listener = Listener::new(socket, true)
         .map_err(|e| setup(&format!("listen on {}", socket.display()), &e))?;
     let backend = Arc::new(RwLock::new(backend));
-    let mut daemon = new_daemon(name, &backend, listeners)?;
     if sandbox {
         jail::enter(false).map_err(|e| setup("jail", &e))?;
     }
+    // Inside the jail's own network namespace, before the filter (socket, bind, connect).
+    let inner = if relay {
+        Some(net::frontend_relay::inner_pair(name).map_err(|e| setup("relay socket", &e))?)
+    } else {
+        None
+    };
     if selftest == Some("open-passwd") {
         // The jail leaves nothing to open: report what open(2) says, then go on.
         match std::fs::File::open("/etc/passwd") {
             Ok(_) => eprintln!("selftest: open /etc/passwd: succeeded"),
             Err(e) => eprintln!("selftest: open /etc/passwd: {e}"),
         }
-        leave(daemon, listener);
+        std::mem::forget(listener);
         return Ok(());
     }
     if sandbox {
         let prog = filter().map_err(|e| setup("seccomp filter", &e))?;
         jail::seccomp::install(&prog).map_err(|e| setup("seccomp", &e))?;
     }
+    // The daemon starts its vring worker thread, the one that handles what the guest
+    // writes: only now, so that it inherits the jail and the filter (namespaces,
+    // capabilities, Landlock and seccomp are per thread).
+    let mut daemon = new_daemon(name, &backend, listeners)?;
     if selftest == Some("forbidden-syscall") {
         eprintln!("selftest: calling socket(2), which no backend filter allows");
         // SAFETY: a raw syscall with integer arguments.
@@ -200,42 +203,48 @@ where
         leave(daemon, listener);
         return Ok(());
     }
-    loop {
-        tracing::debug!("{name}: waiting for the VMM on {}", socket.display());
-        daemon
-            .start(&mut listener)
-            .map_err(|e| BackendError::Protocol(e.to_string()))?;
-        let result = daemon.wait();
-        match result {
-            Ok(()) => break,
-            // The VMM going away is how a backend's life normally ends.
-            Err(e)
-                if e.to_string().contains("disconnect") || e.to_string().contains("Disconnect") =>
-            {
-                break
-            }
-            Err(e) if reconnect => {
-                tracing::warn!("{name}: connection ended: {e}; waiting for the VMM to reconnect");
-                for handler in daemon.get_epoll_handlers() {
-                    for (fd, id) in listeners {
-                        let _ = handler.unregister_listener(
-                            *fd,
-                            EventSet::IN | EventSet::EDGE_TRIGGERED,
-                            u64::from(*id),
-                        );
-                    }
+    tracing::debug!("{name}: waiting for the VMM on {}", socket.display());
+    let result = match inner {
+        None => {
+            daemon
+                .start(&mut listener)
+                .map_err(|e| BackendError::Protocol(e.to_string()))?;
+            daemon.wait()
+        }
+        Some((inner_listener, inner_client)) => {
+            daemon
+                .start(&mut Listener::from(inner_listener))
+                .map_err(|e| BackendError::Protocol(e.to_string()))?;
+            let frontend = loop {
+                match listener.accept() {
+                    Ok(Some(s)) => break Ok(s),
+                    Ok(None) => continue,
+                    Err(e) => break Err(e),
                 }
-                let old = std::mem::replace(&mut daemon, new_daemon(name, &backend, listeners)?);
-                std::mem::forget(old);
-            }
-            Err(e) => {
-                leave(daemon, listener);
-                return Err(BackendError::Protocol(e.to_string()));
+            };
+            match frontend {
+                Ok(frontend) => {
+                    if let Err(e) = net::frontend_relay::relay(frontend, inner_client) {
+                        tracing::debug!("{name}: relay: {e}");
+                    }
+                    daemon.wait()
+                }
+                Err(e) => {
+                    leave(daemon, listener);
+                    return Err(BackendError::Protocol(e.to_string()));
+                }
             }
         }
-    }
+    };
     leave(daemon, listener);
-    Ok(())
+    match result {
+        Ok(()) => Ok(()),
+        // The VMM going away is how a backend's life normally ends.
+        Err(e) if e.to_string().contains("disconnect") || e.to_string().contains("Disconnect") => {
+            Ok(())
+        }
+        Err(e) => Err(BackendError::Protocol(e.to_string())),
+    }
 }
 
 /// Ends a backend's use of its daemon and listener without dropping them: the vring
@@ -280,6 +289,9 @@ pub const BACKEND_SYSCALLS: &[i64] = &[
     libc::SYS_dup,
     libc::SYS_fcntl,
     libc::SYS_mprotect,
+    // Creating the daemon after the filter: its signal setup and std's hash seeds.
+    libc::SYS_rt_sigaction,
+    libc::SYS_getrandom,
     libc::SYS_sched_getaffinity,
     libc::SYS_poll,
     libc::SYS_ppoll,

@@ -201,7 +201,7 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     )));
     setup("exit port", pio.insert(u64::from(abi::EXIT_PORT), 1, exit))?;
     let mut cmdline = cfg.cmdline.clone();
-    if kind == KvmKind::Pvm {
+    if template == CpuTemplate::Pvm {
         // Keep the guest kernel off instructions a nested PVM host cannot run (docs/pvm.md).
         cmdline.push(' ');
         cmdline.push_str(cpuid::PVM_KERNEL_ARGS);
@@ -249,6 +249,8 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     }
 
     backends.remove_sockets();
+    let cmdline = cmdline.trim().to_string();
+    tracing::info!("kernel command line: {cmdline}");
 
     // Boot.
     let mut kernel = cfg.kernel;
