@@ -179,6 +179,11 @@ pub struct RunArgs {
     /// Stop the VM and fail after this many seconds.
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
+    /// Attach a network card backed by an existing TAP device, and give the guest's
+    /// eth0 an address: `tap=NAME[,ip=ADDR/PREFIX][,gw=GATEWAY][,mac=MAC]`. Create the
+    /// TAP first: `ip tuntap add NAME mode tap && ip link set NAME up`.
+    #[arg(long, value_name = "tap=NAME,...", value_parser = parse_net)]
+    pub net: Option<NetArg>,
     /// Where volumes live [default: $HOSTD_STATE, else ~/.local/share/hostd].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -186,6 +191,53 @@ pub struct RunArgs {
     /// jails or dropped capabilities.
     #[arg(long)]
     pub no_sandbox: bool,
+}
+
+/// `--net tap=NAME[,ip=ADDR/PREFIX][,gw=GATEWAY][,mac=MAC]`.
+#[derive(Debug, Clone)]
+pub struct NetArg {
+    tap: String,
+    ip: Option<String>,
+    gw: Option<String>,
+    mac: String,
+}
+
+fn parse_net(s: &str) -> Result<NetArg, String> {
+    let mut net = NetArg {
+        tap: String::new(),
+        ip: None,
+        gw: None,
+        mac: "52:54:00:12:34:56".into(),
+    };
+    for part in s.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or(format!("`{part}`: expected key=value"))?;
+        match k {
+            "tap" => net.tap = v.to_string(),
+            "ip" => {
+                let (a, p) = v.split_once('/').unwrap_or((v, "24"));
+                a.parse::<std::net::Ipv4Addr>()
+                    .map_err(|_| format!("ip: `{a}` is not an IPv4 address"))?;
+                p.parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= 32)
+                    .ok_or(format!("ip: bad prefix `{p}`"))?;
+                net.ip = Some(format!("{a}/{p}"));
+            }
+            "gw" => {
+                v.parse::<std::net::Ipv4Addr>()
+                    .map_err(|_| format!("gw: `{v}` is not an IPv4 address"))?;
+                net.gw = Some(v.to_string());
+            }
+            "mac" => net.mac = v.to_string(),
+            _ => return Err(format!("unknown key `{k}` (tap, ip, gw, mac)")),
+        }
+    }
+    if net.tap.is_empty() {
+        return Err("tap=NAME is required".into());
+    }
+    Ok(net)
 }
 
 /// What `hostd run` boots, resolved from an image or from --kernel.
@@ -245,9 +297,25 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
                 path.display()
             )
         })?;
+    let net_args = args
+        .net
+        .as_ref()
+        .map(|n| {
+            let ip =
+                n.ip.as_ref()
+                    .map(|ip| format!("hostd.ip={ip}"))
+                    .unwrap_or_default();
+            let gw =
+                n.gw.as_ref()
+                    .map(|gw| format!(" hostd.gw={gw}"))
+                    .unwrap_or_default();
+            format!("{ip}{gw}")
+        })
+        .unwrap_or_default();
     let cmdline = [
         BASE_CMDLINE,
         manifest.cmdline.as_str(),
+        net_args.as_str(),
         args.cmdline.as_deref().unwrap_or(""),
     ]
     .iter()
@@ -314,6 +382,12 @@ fn devices_for(r: &Resolved, args: &RunArgs) -> Result<Vec<DeviceBackend>> {
             length,
             read_only: false,
             verity: None,
+        });
+    }
+    if let Some(net) = &args.net {
+        devices.push(DeviceBackend::Net {
+            tap: net.tap.clone(),
+            mac: net.mac.clone(),
         });
     }
     devices.push(DeviceBackend::Rng);

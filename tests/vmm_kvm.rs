@@ -131,9 +131,9 @@ fn on_pvm_hosts_the_pvm_template_takes_linux_to_userspace() {
         .expect("hello.toml"),
     );
     let mut cmd = hostd();
-    cmd.args(["run", "--cmdline", "loglevel=8", "--timeout", "300"])
+    cmd.args(["run", "--cmdline", "loglevel=8", "--timeout", "600"])
         .arg(&image);
-    let out = run_with_deadline(cmd, Duration::from_secs(400));
+    let out = run_with_deadline(cmd, Duration::from_secs(700));
     assert!(
         hostd_cmdline(&out.stderr).contains("noxsave clearcpuid="),
         "{}",

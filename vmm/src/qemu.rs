@@ -270,27 +270,27 @@ pub fn run(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
     let st = state.lock().unwrap_or_else(|p| p.into_inner());
     timings.init_started_ms = st.init_ms;
     timings.first_service_ms = st.first_service_ms;
-    // isa-debug-exit makes QEMU exit with code * 2 + 1 (7 bits survive). Status 1 is
-    // also how QEMU reports its own errors: it counts as the port only when QEMU said
+    // isa-debug-exit makes QEMU exit with code * 2 + 1 (7 bits survive). guest init's
+    // line carries all 8 bits; the port confirms it. Status 1 is also how QEMU reports
+    // its own errors: without init's line it counts as the port only when QEMU said
     // nothing on stderr.
-    let port_code = status
-        .code()
+    let status_code = status.code();
+    let port_code = status_code
         .filter(|c| c % 2 == 1 && (*c > 1 || stderr_text.trim().is_empty()))
         .map(|c| (c >> 1) as u8);
-    match (st.exit_code, port_code) {
-        // guest init's line carries all 8 bits; the port confirms it.
-        (Some(code), Some(port)) if code & 0x7f == port => Ok(Outcome {
+    match st.exit_code {
+        Some(code) if status_code == Some(i32::from(code & 0x7f) * 2 + 1) => Ok(Outcome {
             exit_code: code,
             timings,
         }),
         // Reset instead of the exit port (e.g. a runner without it): trust the line.
-        (Some(code), None) if status.code() == Some(0) || status.code().is_none() => Ok(Outcome {
+        Some(code) if status_code == Some(0) || status_code.is_none() => Ok(Outcome {
             exit_code: code,
             timings,
         }),
         // A guest without hostd's init (a bare --kernel) that used the exit port.
-        (None, Some(port)) => Ok(Outcome {
-            exit_code: port,
+        None if port_code.is_some() => Ok(Outcome {
+            exit_code: port_code.unwrap_or_default(),
             timings,
         }),
         _ => {

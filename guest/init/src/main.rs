@@ -8,6 +8,7 @@
 //! every service with SIGTERM, then SIGKILL after the manifest's stop timeout.
 
 mod console;
+mod net;
 mod root;
 mod spawn;
 mod sys;
@@ -62,6 +63,17 @@ fn main() {
         finish(abi::EXIT_INIT_FAILED);
     }
     let _ = MOUNTED_VOLUMES.set(manifest.volumes.clone());
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    match net::parse(&cmdline) {
+        Ok(cfg) => {
+            if let Err(e) = net::configure(cfg.as_ref()) {
+                log(&format!("network: {e}"));
+            } else if let Some(c) = cfg {
+                log(&format!("network: eth0 {}/{}", c.addr, c.prefix));
+            }
+        }
+        Err(e) => log(&format!("network: {e}")),
+    }
     if let Err(e) = sys::sethostname(&manifest.hostname) {
         log(&format!("cannot set hostname: {e}"));
     }

@@ -227,3 +227,94 @@ pub fn umount(target: &str) -> io::Result<()> {
     // SAFETY: a valid NUL-terminated path.
     check(unsafe { libc::umount(t.as_ptr()) })
 }
+
+/// An AF_INET datagram socket for interface and route ioctls.
+#[derive(Debug)]
+pub struct NetSocket(std::os::fd::OwnedFd);
+
+fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= r.ifr_name.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    for (d, s) in r.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    Ok(r)
+}
+
+fn sockaddr_in(addr: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; the generic form is what the
+    // ioctls take.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+impl NetSocket {
+    /// A new socket.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: socket with constant arguments; the fd is checked and owned below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd nobody else owns.
+        Ok(NetSocket(unsafe {
+            std::os::fd::FromRawFd::from_raw_fd(fd)
+        }))
+    }
+
+    fn ioctl<T>(&self, req: u64, arg: &mut T) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `arg` is the structure type `req` expects, valid for the call.
+        // (musl takes the request as c_int, glibc as c_ulong; the values fit both.)
+        check(unsafe { libc::ioctl(self.0.as_raw_fd(), req as _, arg as *mut T) })
+    }
+
+    /// Sets the interface up (and running).
+    pub fn up(&self, name: &str) -> io::Result<()> {
+        let mut r = ifreq(name)?;
+        self.ioctl(libc::SIOCGIFFLAGS, &mut r)?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+        let flags = unsafe { r.ifr_ifru.ifru_flags };
+        r.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        self.ioctl(libc::SIOCSIFFLAGS, &mut r)
+    }
+
+    /// Sets the interface's IPv4 address and netmask.
+    pub fn set_addr(
+        &self,
+        name: &str,
+        addr: std::net::Ipv4Addr,
+        mask: std::net::Ipv4Addr,
+    ) -> io::Result<()> {
+        let mut r = ifreq(name)?;
+        r.ifr_ifru.ifru_addr = sockaddr_in(addr);
+        self.ioctl(libc::SIOCSIFADDR, &mut r)?;
+        let mut r = ifreq(name)?;
+        r.ifr_ifru.ifru_netmask = sockaddr_in(mask);
+        self.ioctl(libc::SIOCSIFNETMASK, &mut r)
+    }
+
+    /// Adds a default route via `gw`.
+    pub fn default_route(&self, gw: std::net::Ipv4Addr) -> io::Result<()> {
+        // SAFETY: rtentry is plain data; all-zero is a valid value.
+        let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED);
+        rt.rt_genmask = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED);
+        rt.rt_gateway = sockaddr_in(gw);
+        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        self.ioctl(libc::SIOCADDRT, &mut rt)
+    }
+}

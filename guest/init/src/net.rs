@@ -1,0 +1,94 @@
+//! Networking: the runner passes `hostd.ip=ADDR/PREFIX` (and optionally `hostd.gw=GW`)
+//! on the kernel command line when it attaches a network device; guest init brings up
+//! `lo`, gives `eth0` that address and adds the default route, with plain ioctls.
+
+use std::net::Ipv4Addr;
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// eth0's address.
+    pub addr: Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+    /// Default gateway.
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// Parses `hostd.ip=` / `hostd.gw=` from a kernel command line.
+pub fn parse(cmdline: &str) -> Result<Option<NetConfig>, String> {
+    let mut ip = None;
+    let mut gw = None;
+    for arg in cmdline.split_whitespace() {
+        if let Some(v) = arg.strip_prefix("hostd.ip=") {
+            let (a, p) = v.split_once('/').unwrap_or((v, "24"));
+            let addr: Ipv4Addr = a
+                .parse()
+                .map_err(|_| format!("hostd.ip: `{a}` is not an IPv4 address"))?;
+            let prefix: u8 = p
+                .parse()
+                .ok()
+                .filter(|p| *p <= 32)
+                .ok_or(format!("hostd.ip: bad prefix `{p}`"))?;
+            ip = Some((addr, prefix));
+        } else if let Some(v) = arg.strip_prefix("hostd.gw=") {
+            gw = Some(
+                v.parse::<Ipv4Addr>()
+                    .map_err(|_| format!("hostd.gw: `{v}` is not an IPv4 address"))?,
+            );
+        }
+    }
+    Ok(ip.map(|(addr, prefix)| NetConfig {
+        addr,
+        prefix,
+        gateway: gw,
+    }))
+}
+
+/// The netmask for a prefix length.
+pub fn netmask(prefix: u8) -> Ipv4Addr {
+    let bits = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix))
+    };
+    Ipv4Addr::from(bits)
+}
+
+/// Brings up `lo` always, and `eth0` as configured.
+pub fn configure(cfg: Option<&NetConfig>) -> Result<(), String> {
+    let sock = crate::sys::NetSocket::new().map_err(|e| format!("socket: {e}"))?;
+    sock.up("lo").map_err(|e| format!("lo up: {e}"))?;
+    let Some(cfg) = cfg else { return Ok(()) };
+    sock.set_addr("eth0", cfg.addr, netmask(cfg.prefix))
+        .map_err(|e| format!("eth0 address: {e}"))?;
+    sock.up("eth0").map_err(|e| format!("eth0 up: {e}"))?;
+    if let Some(gw) = cfg.gateway {
+        sock.default_route(gw)
+            .map_err(|e| format!("default route via {gw}: {e}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_command_line() {
+        assert_eq!(parse("console=ttyS0 quiet"), Ok(None));
+        assert_eq!(
+            parse("a hostd.ip=10.0.2.2/24 hostd.gw=10.0.2.1"),
+            Ok(Some(NetConfig {
+                addr: Ipv4Addr::new(10, 0, 2, 2),
+                prefix: 24,
+                gateway: Some(Ipv4Addr::new(10, 0, 2, 1))
+            }))
+        );
+        assert!(parse("hostd.ip=10.0.2/24").is_err());
+        assert!(parse("hostd.ip=10.0.2.2/33").is_err());
+        assert_eq!(netmask(24), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(netmask(0), Ipv4Addr::new(0, 0, 0, 0));
+        assert_eq!(netmask(32), Ipv4Addr::new(255, 255, 255, 255));
+    }
+}

@@ -1,0 +1,196 @@
+//! Networking through hostd's own net backend (a jailed process on a TAP device) under
+//! QEMU: the web example answers a real HTTP client on the host side. Everything runs
+//! in a network namespace the test creates and deletes.
+
+mod common;
+
+use common::{hostd, require, require_qemu_guest, run_with_deadline, wait_deadline};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn tool(name: &str) -> bool {
+    Command::new(name).arg("-V").output().is_ok()
+        || Command::new(name).arg("--version").output().is_ok()
+}
+
+/// A network namespace with a TAP device at 10.0.2.1/24, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tap: &str) -> Netns {
+        let name = format!("hostdt{}", std::process::id());
+        let ns = Netns(name.clone());
+        let run = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&["netns", "add", &name]);
+        run(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"]);
+        run(&[
+            "netns", "exec", &name, "ip", "tuntap", "add", tap, "mode", "tap",
+        ]);
+        run(&[
+            "netns",
+            "exec",
+            &name,
+            "ip",
+            "addr",
+            "add",
+            "10.0.2.1/24",
+            "dev",
+            tap,
+        ]);
+        run(&["netns", "exec", &name, "ip", "link", "set", tap, "up"]);
+        ns
+    }
+
+    fn exec(&self) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+#[test]
+fn web_example_answers_curl_over_a_tap() {
+    if !require_qemu_guest()
+        || !require(
+            "root (network namespaces, TAP)",
+            is_root(),
+            "run the tests as root",
+        )
+        || !require(
+            "ip and curl",
+            tool("ip") && tool("curl"),
+            "apt-get install iproute2 curl",
+        )
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("web.img");
+    let mut build = hostd();
+    build
+        .arg("build")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/images/examples/web.toml"
+        ))
+        .arg("-o")
+        .arg(&image);
+    let out = run_with_deadline(build, Duration::from_secs(120));
+    assert!(out.status.success(), "{}", out.all());
+
+    let tap = "hostdtap0";
+    let ns = Netns::new(tap);
+    let mut child = ns
+        .exec()
+        .arg(env!("CARGO_BIN_EXE_hostd"))
+        .args([
+            "run",
+            "--vmm",
+            "qemu",
+            "--timeout",
+            "240",
+            "--net",
+            &format!("tap={tap},ip=10.0.2.2/24,gw=10.0.2.1"),
+        ])
+        .arg(&image)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn hostd run");
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            s.push_str(&l);
+            s.push('\n');
+        }
+        s
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("service httpd started") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let started = rx.recv_timeout(Duration::from_secs(240)).is_ok();
+    let mut answer = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while started && Instant::now() < deadline {
+        let out = ns
+            .exec()
+            .args(["curl", "-s", "--max-time", "5", "http://10.0.2.2/"])
+            .output()
+            .expect("curl");
+        answer = String::from_utf8_lossy(&out.stdout).into_owned();
+        if answer.contains("hostd web ok") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // A clean shutdown, as Ctrl-C would do it.
+    // SAFETY: kill has no memory effects; the pid is our live child (ip netns exec execs hostd).
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = wait_deadline(&mut child, Duration::from_secs(60));
+    let console = reader.join().unwrap_or_default();
+    let console = format!(
+        "{console}\n--- host ---\n{}",
+        errors.join().unwrap_or_default()
+    );
+    assert!(started, "httpd never started:\n{console}");
+    assert_eq!(answer.trim(), "hostd web ok", "console:\n{console}");
+    assert!(console.contains("network: eth0 10.0.2.2/24"), "{console}");
+    assert_eq!(status.code(), Some(0), "{console}");
+}
+
+#[test]
+fn a_missing_tap_is_a_clear_error() {
+    if !require_qemu_guest() || !require("root", is_root(), "run the tests as root") {
+        return;
+    }
+    let mut cmd = hostd();
+    cmd.args([
+        "run",
+        "--vmm",
+        "qemu",
+        "--timeout",
+        "60",
+        "--net",
+        "tap=hostdnotap9",
+    ])
+    .arg("--kernel")
+    .arg(common::kernel());
+    let out = run_with_deadline(cmd, Duration::from_secs(120));
+    assert_ne!(out.code(), Some(0), "{}", out.all());
+    assert!(
+        out.stderr.contains("hostdnotap9") && out.stderr.contains("ip tuntap add"),
+        "{}",
+        out.all()
+    );
+}
