@@ -3,9 +3,7 @@
 
 mod common;
 
-use common::{build, hostd, line_of, require_qemu_guest, run_image, wait_deadline};
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
+use common::{build, hostd, line_of, require_qemu_guest, run_image, spawn_running};
 use std::time::Duration;
 
 #[test]
@@ -163,37 +161,20 @@ command = "/bin/busybox"
 args = ["sh", "-c", "trap '' TERM; echo ready; while true; do /bin/busybox sleep 1; done"]
 "#,
     );
-    let mut child = hostd()
-        .args(["run", "--vmm", "qemu", "--timeout", "240"])
-        .arg(&image)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn hostd run");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            // Both traps are set once both services said so.
-            if line.contains("[server] ready") || line.contains("[stubborn] ready") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    for _ in 0..2 {
-        rx.recv_timeout(Duration::from_secs(240))
-            .expect("the services never became ready");
-    }
+    let mut cmd = hostd();
+    cmd.args(["run", "--vmm", "qemu", "--timeout", "240"])
+        .arg(&image);
+    let run = spawn_running(cmd);
+    // Both traps are set once both services said so.
+    let ready = run.wait_for_all(
+        &["[server] ready", "[stubborn] ready"],
+        Duration::from_secs(240),
+    );
     // What a terminal's Ctrl-C does.
-    // SAFETY: kill has no memory effects; the pid is our live child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let status = wait_deadline(&mut child, Duration::from_secs(120));
-    let console = reader.join().expect("reader");
+    run.signal(libc::SIGINT);
+    let out = run.finish(Duration::from_secs(120));
+    let (status, console) = (out.status, out.stdout);
+    assert!(ready, "the services never became ready:\n{console}");
     assert_eq!(status.code(), Some(0), "{console}");
     assert!(
         console.contains("shutdown requested by the host"),

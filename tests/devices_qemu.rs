@@ -4,11 +4,9 @@
 
 mod common;
 
-use common::{build, hostd, require_qemu_guest, run_with_deadline, wait_deadline};
-use std::io::{BufRead, BufReader};
+use common::{build, hostd, require_qemu_guest, run_with_deadline, spawn_running};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 fn counter_spec(hostname: &str) -> String {
@@ -115,43 +113,23 @@ main = true
         .expect("canary in the rootfs")
         + (2 << 20)
         - 8192;
-    let mut child = hostd()
-        .args(["run", "--vmm", "qemu", "--timeout", "240", "--state-dir"])
+    let mut cmd = hostd();
+    cmd.args(["run", "--vmm", "qemu", "--timeout", "240", "--state-dir"])
         .arg(state.path())
-        .arg(&image)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let stderr = child.stderr.take().expect("stderr");
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            s.push_str(&l);
-            s.push('\n');
-        }
-        s
-    });
-    let mut console = String::new();
-    let mut tampered = false;
-    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-        if line.contains("[check] waiting") && !tampered {
-            // hostd verified the whole image before booting; change it now, while the
-            // guest runs and has not read the canary yet.
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&image)
-                .expect("open image");
-            f.write_all_at(b"X", at as u64).expect("tamper");
-            tampered = true;
-        }
-        console.push_str(&line);
-        console.push('\n');
+        .arg(&image);
+    let run = spawn_running(cmd);
+    // hostd verified the whole image before booting; change it now, while the guest
+    // runs and has not read the end of the canary yet.
+    let tampered = run.wait_for("[check] waiting", Duration::from_secs(240));
+    if tampered {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .expect("open image");
+        f.write_all_at(b"X", at as u64).expect("tamper");
     }
-    let status = wait_deadline(&mut child, Duration::from_secs(300));
-    let host_log = err.join().unwrap_or_default();
+    let out = run.finish(Duration::from_secs(300));
+    let (status, console, host_log) = (out.status, out.stdout, out.stderr);
     assert!(tampered, "{console}");
     assert_eq!(status.code(), Some(0), "{console}\n{host_log}");
     assert!(console.contains("Read-only file system"), "{console}");
@@ -180,34 +158,16 @@ args = ["sh", "-c", "echo ready; exec /bin/busybox sleep 1000"]
 main = true
 "#,
     );
-    let mut child = hostd()
-        .args(["run", "--vmm", "qemu", "--timeout", "240"])
-        .arg(&image)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let stderr = child.stderr.take().expect("stderr");
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            s.push_str(&l);
-            s.push('\n');
-        }
-        s
-    });
-    let reader = std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
-        lines.find(|l| l.contains("[wait] ready")).is_some()
-    });
+    let mut cmd = hostd();
+    cmd.args(["run", "--vmm", "qemu", "--timeout", "240"])
+        .arg(&image);
+    let run = spawn_running(cmd);
     assert!(
-        reader.join().unwrap_or(false),
+        run.wait_for("[wait] ready", Duration::from_secs(240)),
         "the guest never became ready"
     );
     // The backends are hostd's children: kill the rng backend.
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", run.child.id()))
         .unwrap_or_default();
     let backend = children
         .split_whitespace()
@@ -219,8 +179,8 @@ main = true
         .expect("an rng backend process");
     // SAFETY: kill has no memory effects; the pid is a live child of our child.
     unsafe { libc::kill(backend, libc::SIGKILL) };
-    let status = wait_deadline(&mut child, Duration::from_secs(60));
-    let log = err.join().unwrap_or_default();
+    let out = run.finish(Duration::from_secs(60));
+    let (status, log) = (out.status, out.stderr);
     assert_ne!(status.code(), Some(0), "{log}");
     assert!(
         log.contains(&format!(

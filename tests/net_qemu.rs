@@ -4,9 +4,8 @@
 
 mod common;
 
-use common::{hostd, require, require_qemu_guest, run_with_deadline, wait_deadline};
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use common::{hostd, require, require_qemu_guest, run_with_deadline, spawn_running};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn is_root() -> bool {
@@ -99,9 +98,8 @@ fn web_example_answers_curl_over_a_tap() {
 
     let tap = "hostdtap0";
     let ns = Netns::new(tap);
-    let mut child = ns
-        .exec()
-        .arg(env!("CARGO_BIN_EXE_hostd"))
+    let mut cmd = ns.exec();
+    cmd.arg(env!("CARGO_BIN_EXE_hostd"))
         .args([
             "run",
             "--vmm",
@@ -111,35 +109,9 @@ fn web_example_answers_curl_over_a_tap() {
             "--net",
             &format!("tap={tap},ip=10.0.2.2/24,gw=10.0.2.1"),
         ])
-        .arg(&image)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn hostd run");
-    let stdout = child.stdout.take().expect("stdout");
-    let stderr = child.stderr.take().expect("stderr");
-    let errors = std::thread::spawn(move || {
-        let mut s = String::new();
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            s.push_str(&l);
-            s.push('\n');
-        }
-        s
-    });
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains("service httpd started") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    let started = rx.recv_timeout(Duration::from_secs(240)).is_ok();
+        .arg(&image);
+    let run = spawn_running(cmd);
+    let started = run.wait_for("service httpd started", Duration::from_secs(240));
     let mut answer = String::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while started && Instant::now() < deadline {
@@ -154,15 +126,11 @@ fn web_example_answers_curl_over_a_tap() {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    // A clean shutdown, as Ctrl-C would do it.
-    // SAFETY: kill has no memory effects; the pid is our live child (ip netns exec execs hostd).
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let status = wait_deadline(&mut child, Duration::from_secs(60));
-    let console = reader.join().unwrap_or_default();
-    let console = format!(
-        "{console}\n--- host ---\n{}",
-        errors.join().unwrap_or_default()
-    );
+    // A clean shutdown, as Ctrl-C would do it (ip netns exec execs hostd: same pid).
+    run.signal(libc::SIGINT);
+    let out = run.finish(Duration::from_secs(60));
+    let status = out.status;
+    let console = format!("{}\n--- host ---\n{}", out.stdout, out.stderr);
     assert!(started, "httpd never started:\n{console}");
     assert_eq!(answer.trim(), "hostd web ok", "console:\n{console}");
     assert!(console.contains("network: eth0 10.0.2.2/24"), "{console}");

@@ -175,3 +175,79 @@ pub fn run_image(image: &Path, args: &[&str]) -> Output {
 pub fn line_of(text: &str, needle: &str) -> Option<usize> {
     text.lines().position(|l| l.contains(needle))
 }
+
+/// A running process (usually `hostd run`) whose stdout lines can be waited for.
+pub struct Running {
+    pub child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stdout: std::thread::JoinHandle<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+/// Spawns `cmd` with piped stdout/stderr, collecting both.
+pub fn spawn_running(mut cmd: Command) -> Running {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let stderr = reader(child.stderr.take());
+    Running {
+        child,
+        lines: rx,
+        stdout,
+        stderr,
+    }
+}
+
+impl Running {
+    /// Waits up to `limit` for a stdout line containing `needle`; false if it never came.
+    pub fn wait_for(&self, needle: &str, limit: Duration) -> bool {
+        self.wait_for_all(&[needle], limit)
+    }
+
+    /// Waits up to `limit` until each of `needles` was on some stdout line, in any order.
+    pub fn wait_for_all(&self, needles: &[&str], limit: Duration) -> bool {
+        let mut missing: Vec<&str> = needles.to_vec();
+        let end = Instant::now() + limit;
+        while !missing.is_empty() {
+            let Some(left) = end.checked_duration_since(Instant::now()) else {
+                return false;
+            };
+            match self.lines.recv_timeout(left) {
+                Ok(line) => missing.retain(|n| !line.contains(n)),
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Sends `sig` to the process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill has no memory effects; the pid is our live child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits (at most `limit`) for the process to end; returns how, stdout and stderr.
+    pub fn finish(mut self, limit: Duration) -> Output {
+        let status = wait_deadline(&mut self.child, limit);
+        Output {
+            status,
+            stdout: self.stdout.join().unwrap_or_default(),
+            stderr: self.stderr.join().unwrap_or_default(),
+        }
+    }
+}

@@ -276,12 +276,7 @@ impl VhostUserBackendMut for BlockBackend {
         VhostUserProtocolFeatures::CONFIG
     }
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let c = self.config();
-        let start = (offset as usize).min(c.len());
-        let end = start.saturating_add(size as usize).min(c.len());
-        let mut out = c[start..end].to_vec();
-        out.resize(size as usize, 0);
-        out
+        super::config_window(&self.config(), offset, size)
     }
     fn set_event_idx(&mut self, _enabled: bool) {}
     fn update_memory(&mut self, mem: Memory) -> io::Result<()> {
@@ -295,14 +290,7 @@ impl VhostUserBackendMut for BlockBackend {
         vrings: &[VringRwLock],
         _thread: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
-        }
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
-            return Err(io::Error::other(format!(
-                "event for unknown queue {device_event}"
-            )));
-        };
+        let vring = super::kicked_vring(device_event, evset, vrings)?;
         let mem = self.mem.clone();
         drain(vring, &mem, |chain| self.request(chain))
     }

@@ -6,10 +6,12 @@
 //! - [`block`]: virtio-blk over one file region: the image's read-only root file system
 //!   (every 4 KiB block checked against its recorded sha256) or a read-write volume.
 //! - [`net`]: virtio-net over a TAP device.
+//! - [`vsock`]: virtio-vsock whose host side (secrets, echo) lives in the backend.
 
 pub mod block;
 pub mod net;
 pub mod rng;
+pub mod vsock;
 
 use std::io;
 use std::os::fd::RawFd;
@@ -169,6 +171,12 @@ where
     let mut listener = Listener::new(socket, true)
         .map_err(|e| setup(&format!("listen on {}", socket.display()), &e))?;
     let backend = Arc::new(RwLock::new(backend));
+    // glibc gives each new thread its own malloc arena, and the first time such an
+    // arena shrinks it opens /proc/sys/vm/overcommit_memory, which the jail forbids
+    // (measured: the rootfs backend's vring worker died with SIGSYS on openat). One
+    // arena for every thread never does.
+    // SAFETY: mallopt only sets an allocator parameter; no thread runs yet.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     if sandbox {
         jail::enter(false).map_err(|e| setup("jail", &e))?;
     }
@@ -257,6 +265,31 @@ where
 {
     std::mem::forget(daemon);
     std::mem::forget(listener);
+}
+
+/// Bytes `[offset, offset + size)` of a device's config space, zero-filled past its end
+/// (the front end asks with its own offsets and sizes).
+pub fn config_window(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let start = (offset as usize).min(config.len());
+    let end = start.saturating_add(size as usize).min(config.len());
+    let mut out = config[start..end].to_vec();
+    out.resize(size as usize, 0);
+    out
+}
+
+/// The vring a kick event is for: the daemon reports queue kicks as `device_event` =
+/// queue index, with `EventSet::IN`.
+pub fn kicked_vring(
+    device_event: u16,
+    evset: vmm_sys_util::epoll::EventSet,
+    vrings: &[VringRwLock],
+) -> io::Result<&VringRwLock> {
+    if evset != vmm_sys_util::epoll::EventSet::IN {
+        return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+    }
+    vrings
+        .get(usize::from(device_event))
+        .ok_or_else(|| io::Error::other(format!("event for unknown queue {device_event}")))
 }
 
 /// Ring features every backend offers: indirect descriptors and event indexes (both

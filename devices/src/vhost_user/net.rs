@@ -475,12 +475,7 @@ impl VhostUserBackendMut for NetBackend {
         VhostUserProtocolFeatures::CONFIG
     }
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let c = self.config();
-        let start = (offset as usize).min(c.len());
-        let end = start.saturating_add(size as usize).min(c.len());
-        let mut out = c[start..end].to_vec();
-        out.resize(size as usize, 0);
-        out
+        super::config_window(&self.config(), offset, size)
     }
     fn set_event_idx(&mut self, _enabled: bool) {}
     fn update_memory(&mut self, mem: Memory) -> io::Result<()> {

@@ -79,14 +79,7 @@ impl VhostUserBackendMut for RngBackend {
         vrings: &[VringRwLock],
         _thread: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
-        }
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
-            return Err(io::Error::other(format!(
-                "event for unknown queue {device_event}"
-            )));
-        };
+        let vring = super::kicked_vring(device_event, evset, vrings)?;
         let mem = self.mem.clone();
         drain(vring, &mem, |chain| {
             let m = mem.memory();
