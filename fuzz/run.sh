@@ -8,7 +8,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(virtio_mmio image_and_kernel)
+[ ${#targets[@]} -gt 0 ] || targets=($(sed -n 's/^name = "\(.*\)"$/\1/p' "$here/Cargo.toml" | grep -v hostd-fuzz))
 command -v cargo-fuzz >/dev/null || cargo +nightly install cargo-fuzz --locked
 corpus=${HOSTD_CACHE:-$HOME/.cache/hostd}/fuzz
 mkdir -p "$corpus/image_and_kernel" "$corpus/virtio_mmio"
