@@ -12,7 +12,11 @@ use std::path::PathBuf;
 use hostd_devices::vhost_user::block::{BlockBackend, Verity, BLOCK_SYSCALLS};
 use hostd_devices::vhost_user::net::{open_tap, parse_mac, NetBackend, NET_SYSCALLS};
 use hostd_devices::vhost_user::rng::{RngBackend, RNG_SYSCALLS};
+use hostd_devices::vhost_user::vsock::{VsockBackend, VSOCK_SYSCALLS};
 use hostd_devices::vhost_user::{backend_filter, serve, serve_with_listeners};
+
+/// Largest secret value `hostd backend vsock` accepts (1 MiB).
+const MAX_SECRET: usize = 1 << 20;
 
 /// Options every backend takes.
 #[derive(Debug, clap::Args)]
@@ -71,6 +75,18 @@ pub enum BackendCommand {
         /// The guest's MAC address, e.g. 52:54:00:12:34:56.
         #[arg(long, default_value = "52:54:00:12:34:56")]
         mac: String,
+    },
+    /// virtio-vsock; serves secrets to the guest on host port 1025 and echoes on 1026.
+    Vsock {
+        #[command(flatten)]
+        common: Common,
+        /// The guest's CID.
+        #[arg(long, default_value_t = 3)]
+        cid: u64,
+        /// A secret to deliver: NAME=PATH (the file is read before the jail; values
+        /// never appear on a command line).
+        #[arg(long = "secret", value_name = "NAME=PATH")]
+        secrets: Vec<String>,
     },
 }
 
@@ -150,6 +166,40 @@ pub fn run(cmd: BackendCommand) -> Result<i32> {
                 || backend_filter(NET_SYSCALLS),
                 common.selftest.as_deref(),
                 &[(fd, NetBackend::TAP_EVENT)],
+            )?;
+        }
+        BackendCommand::Vsock {
+            common,
+            cid,
+            secrets,
+        } => {
+            if cid < 3 || cid > u64::from(u32::MAX) {
+                bail!("--cid {cid}: guest CIDs start at 3");
+            }
+            let mut values = Vec::new();
+            for s in &secrets {
+                let (name, path) = s
+                    .split_once('=')
+                    .with_context(|| format!("--secret {s}: expected NAME=PATH"))?;
+                let value = std::fs::read(path)
+                    .with_context(|| format!("secret {name}: cannot read {path}"))?;
+                if value.len() > MAX_SECRET {
+                    bail!(
+                        "secret {name}: {path} holds {} bytes; secrets are limited to {MAX_SECRET} bytes",
+                        value.len()
+                    );
+                }
+                values.push((name.to_string(), value));
+            }
+            let backend = VsockBackend::new(cid, &values)?;
+            drop(values);
+            serve(
+                "vsock",
+                &common.socket,
+                backend,
+                !common.no_sandbox,
+                || backend_filter(VSOCK_SYSCALLS),
+                common.selftest.as_deref(),
             )?;
         }
     }

@@ -191,6 +191,66 @@ pub struct RunArgs {
     /// jails or dropped capabilities.
     #[arg(long)]
     pub no_sandbox: bool,
+    /// Deliver a secret at boot (over vsock) to the services that declare it, as
+    /// /run/secrets/NAME: `NAME=@FILE` (repeatable). The value never touches the image
+    /// or a volume.
+    #[arg(long = "secret", value_name = "NAME=@FILE", value_parser = parse_secret)]
+    pub secrets: Vec<(String, PathBuf)>,
+    /// Deliver every file in DIR as a secret named after the file.
+    #[arg(long, value_name = "DIR")]
+    pub secret_dir: Option<PathBuf>,
+}
+
+/// `--secret NAME=@FILE`.
+fn parse_secret(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, file) = s
+        .split_once('=')
+        .ok_or(format!("`{s}`: expected NAME=@FILE"))?;
+    let file = file.strip_prefix('@').ok_or(format!(
+        "`{s}`: give the value as a file, NAME=@FILE (a value on the command line would show in ps)"
+    ))?;
+    hostd_devices::vhost_user::vsock::check_secret_name(name).map_err(|e| e.to_string())?;
+    if file.is_empty() {
+        return Err(format!("`{s}`: no file after `@`"));
+    }
+    Ok((name.to_string(), PathBuf::from(file)))
+}
+
+/// The secrets the host offers: `--secret`s, then every file of `--secret-dir` (a
+/// `--secret` of the same name wins). Files must exist and be readable.
+fn host_secrets(args: &RunArgs) -> Result<Vec<(String, PathBuf)>> {
+    let mut out: std::collections::BTreeMap<String, PathBuf> = Default::default();
+    if let Some(dir) = &args.secret_dir {
+        let entries = std::fs::read_dir(dir)
+            .with_context(|| format!("--secret-dir {}: cannot list it", dir.display()))?;
+        for e in entries {
+            let e = e.with_context(|| format!("--secret-dir {}", dir.display()))?;
+            if !e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            if hostd_devices::vhost_user::vsock::check_secret_name(&name).is_err() {
+                tracing::warn!(
+                    "--secret-dir {}: skipping `{name}`: not a valid secret name",
+                    dir.display()
+                );
+                continue;
+            }
+            out.insert(name, e.path());
+        }
+    }
+    for (name, file) in &args.secrets {
+        out.insert(name.clone(), file.clone());
+    }
+    out.into_iter()
+        .map(|(name, file)| {
+            let f = std::fs::canonicalize(&file)
+                .with_context(|| format!("secret {name}: cannot find {}", file.display()))?;
+            std::fs::File::open(&f)
+                .with_context(|| format!("secret {name}: cannot read {}", f.display()))?;
+            Ok((name, f))
+        })
+        .collect()
 }
 
 /// `--net tap=NAME[,ip=ADDR/PREFIX][,gw=GATEWAY][,mac=MAC]`.
@@ -253,6 +313,8 @@ struct Resolved {
     root: Option<DeviceBackend>,
     /// The image's volumes.
     volumes: Vec<hostd_images::manifest::Volume>,
+    /// Every secret some service declares.
+    declared_secrets: std::collections::BTreeSet<String>,
 }
 
 fn resolve(args: &RunArgs) -> Result<Resolved> {
@@ -286,6 +348,7 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
             stop_timeout_secs: 5,
             root: None,
             volumes: vec![],
+            declared_secrets: Default::default(),
         });
     }
     let path = args.image.as_deref().context("give an image or --kernel")?;
@@ -361,6 +424,11 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
         stop_timeout_secs: manifest.stop_timeout_secs,
         root: rootfs,
         volumes: manifest.volumes.clone(),
+        declared_secrets: manifest
+            .services
+            .values()
+            .flat_map(|s| s.secrets.iter().cloned())
+            .collect(),
     })
 }
 
@@ -391,8 +459,35 @@ fn devices_for(r: &Resolved, args: &RunArgs) -> Result<Vec<DeviceBackend>> {
         });
     }
     devices.push(DeviceBackend::Rng);
+    let offered = host_secrets(args)?;
+    if !r.declared_secrets.is_empty() || !offered.is_empty() {
+        for name in &r.declared_secrets {
+            if !offered.iter().any(|(n, _)| n == name) {
+                tracing::warn!(
+                    "secret {name} is declared by the image but not provided (--secret {name}=@FILE); services that declare it will not find /run/secrets/{name}"
+                );
+            }
+        }
+        let mut secrets = Vec::new();
+        for (name, file) in offered {
+            if r.declared_secrets.contains(&name) {
+                secrets.push((name, file));
+            } else {
+                tracing::warn!(
+                    "secret {name} is provided but no service of the image declares it; not delivered"
+                );
+            }
+        }
+        devices.push(DeviceBackend::Vsock {
+            cid: GUEST_CID,
+            secrets,
+        });
+    }
     Ok(devices)
 }
+
+/// The guest's vsock CID.
+const GUEST_CID: u64 = 3;
 
 /// `hostd run`.
 pub fn run(args: &RunArgs) -> Result<i32> {
@@ -469,4 +564,24 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         eprintln!("hostd: {}", outcome.timings);
     }
     Ok(i32::from(outcome.exit_code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_come_from_files_only() {
+        assert_eq!(
+            parse_secret("db_password=@/run/pw").ok(),
+            Some(("db_password".to_string(), PathBuf::from("/run/pw")))
+        );
+        let literal = parse_secret("db_password=hunter2")
+            .err()
+            .unwrap_or_default();
+        assert!(literal.contains("NAME=@FILE"), "{literal}");
+        assert!(parse_secret("../x=@/run/pw").is_err());
+        assert!(parse_secret("x=@").is_err());
+        assert!(parse_secret("x").is_err());
+    }
 }

@@ -39,3 +39,20 @@ pub const LINE_POWER_OFF: &str = "powering off (exit code ";
 /// A line the host writes to the console input to ask guest init for a clean shutdown
 /// (SIGTERM to every service, then power off).
 pub const SHUTDOWN_REQUEST: &str = "\u{1b}hostd:shutdown";
+
+/// The host's vsock CID, where guest init fetches secrets.
+pub const VSOCK_HOST_CID: u32 = 2;
+/// vsock port on the host serving the secrets payload (`NAME=HEX\n` lines, then EOF).
+/// The vsock backend (devices/src/vhost_user/vsock.rs) listens on the same number.
+pub const VSOCK_SECRETS_PORT: u32 = 1025;
+/// vsock port on the host that echoes what it receives (round-trip self-test).
+pub const VSOCK_ECHO_PORT: u32 = 1026;
+/// Where a service finds the secrets it was granted: `/run/secrets/NAME`.
+pub const SECRETS_DIR: &str = "/run/secrets";
+/// Kernel command line flag making guest init send a line to [`VSOCK_ECHO_PORT`] and
+/// log what comes back.
+pub const VSOCK_SELFTEST_FLAG: &str = "hostd.vsock_selftest=1";
+/// Printed (after [`CONSOLE_PREFIX`]) once secrets arrived: `secrets received over vsock (N)`.
+pub const LINE_SECRETS_RECEIVED: &str = "secrets received over vsock (";
+/// Printed (after [`CONSOLE_PREFIX`]) by the vsock self-test: `vsock echo: LINE`.
+pub const LINE_VSOCK_ECHO: &str = "vsock echo: ";

@@ -32,6 +32,15 @@ pub enum DeviceBackend {
         /// The guest's MAC address (52:54:00:12:34:56 form).
         mac: String,
     },
+    /// virtio-vsock with the host side in the backend (secrets on port 1025, echo on
+    /// 1026).
+    Vsock {
+        /// The guest's CID.
+        cid: u64,
+        /// Secrets to deliver: name and the host file holding the value (the backend
+        /// reads it; values never go on a command line).
+        secrets: Vec<(String, PathBuf)>,
+    },
 }
 
 impl DeviceBackend {
@@ -40,6 +49,7 @@ impl DeviceBackend {
             DeviceBackend::Rng => "rng".into(),
             DeviceBackend::Block { id, .. } => format!("blk-{id}"),
             DeviceBackend::Net { tap, .. } => format!("net-{tap}"),
+            DeviceBackend::Vsock { .. } => "vsock".into(),
         }
     }
 
@@ -81,6 +91,14 @@ impl DeviceBackend {
                 "--mac".into(),
                 mac.clone(),
             ],
+            DeviceBackend::Vsock { cid, secrets } => {
+                let mut a = vec!["vsock".into(), "--cid".into(), cid.to_string()];
+                for (name, path) in secrets {
+                    a.push("--secret".into());
+                    a.push(format!("{name}={}", path.to_string_lossy()));
+                }
+                a
+            }
         }
     }
 
@@ -115,6 +133,11 @@ impl DeviceBackend {
                 format!("vhost-user,id=net{index},chardev={chardev}"),
                 "-device".into(),
                 format!("virtio-net-device,netdev=net{index},mac={mac}"),
+            ],
+            // QEMU reads the guest CID from the backend's config space.
+            DeviceBackend::Vsock { .. } => vec![
+                "-device".into(),
+                format!("vhost-user-vsock-device,chardev={chardev}"),
             ],
         }
     }
@@ -262,6 +285,7 @@ impl RunningBackends {
                 let (device_type, queues) = match b {
                     DeviceBackend::Rng => (4, 1),
                     DeviceBackend::Block { .. } => (2, 1),
+                    DeviceBackend::Vsock { .. } => (19, 3),
                     #[allow(unreachable_patterns)]
                     _ => (1, 2),
                 };
@@ -274,6 +298,33 @@ impl RunningBackends {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vsock_device_passes_secret_paths_never_values() {
+        let vsock = DeviceBackend::Vsock {
+            cid: 3,
+            secrets: vec![("db_password".into(), PathBuf::from("/etc/hostd/db"))],
+        };
+        assert_eq!(
+            vsock.args(),
+            [
+                "vsock",
+                "--cid",
+                "3",
+                "--secret",
+                "db_password=/etc/hostd/db"
+            ]
+        );
+        assert_eq!(
+            vsock.qemu_device_args(1, Path::new("/run/v.sock")),
+            [
+                "-chardev",
+                "socket,id=dev1,path=/run/v.sock",
+                "-device",
+                "vhost-user-vsock-device,chardev=dev1"
+            ]
+        );
+    }
 
     #[test]
     fn a_net_device_brings_its_netdev() {

@@ -16,8 +16,8 @@ use std::ops::Deref;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vm_memory::GuestAddressSpace;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::rng::VHOST_USER_F_PROTOCOL_FEATURES;
@@ -568,12 +568,7 @@ impl VhostUserBackendMut for VsockBackend {
         VhostUserProtocolFeatures::CONFIG
     }
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let c = self.guest_cid.to_le_bytes();
-        let start = (offset as usize).min(c.len());
-        let end = start.saturating_add(size as usize).min(c.len());
-        let mut out = c[start..end].to_vec();
-        out.resize(size as usize, 0);
-        out
+        super::config_window(&self.guest_cid.to_le_bytes(), offset, size)
     }
     fn set_event_idx(&mut self, _enabled: bool) {}
     fn update_memory(&mut self, mem: Memory) -> io::Result<()> {

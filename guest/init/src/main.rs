@@ -10,6 +10,7 @@
 mod console;
 mod net;
 mod root;
+mod secrets;
 mod spawn;
 mod sys;
 mod volumes;
@@ -77,8 +78,10 @@ fn main() {
     if let Err(e) = sys::sethostname(&manifest.hostname) {
         log(&format!("cannot set hostname: {e}"));
     }
+    let secret_dirs = secrets::deliver(&manifest, &cmdline);
     console::watch_for_shutdown_request();
     let mut sup = Supervisor::new(&manifest);
+    sup.secrets = secret_dirs;
     if let Err(code) = sup.run_boot_steps(&manifest) {
         finish(code);
     }
@@ -167,6 +170,8 @@ struct Supervisor {
     stop_timeout: Duration,
     /// Set once shutdown began: the exit code and when to SIGKILL.
     stopping: Option<(u8, Instant)>,
+    /// Once secrets were delivered: each granted service's store directory.
+    secrets: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl Supervisor {
@@ -195,6 +200,7 @@ impl Supervisor {
             services,
             stop_timeout: Duration::from_secs(u64::from(m.stop_timeout_secs)),
             stopping: None,
+            secrets: None,
         }
     }
 
@@ -202,11 +208,14 @@ impl Supervisor {
     fn run_boot_steps(&mut self, m: &Manifest) -> Result<(), u8> {
         for step in &m.boot {
             log(&format!("boot step {} running", step.name));
-            let (pid, relay) = spawn::spawn(&step.name, &step.argv, &step.env, &step.user, "/")
-                .map_err(|e| {
-                    log(&format!("boot step {} failed: {e}", step.name));
-                    abi::EXIT_INIT_FAILED
-                })?;
+            let view = self.secrets.as_ref().map(|_| None);
+            let (pid, relay) = spawn::spawn(
+                &step.name, &step.argv, &step.env, &step.user, "/", view,
+            )
+            .map_err(|e| {
+                log(&format!("boot step {} failed: {e}", step.name));
+                abi::EXIT_INIT_FAILED
+            })?;
             let exit = loop {
                 match sys::wait_signal(Duration::from_secs(1)) {
                     Some(libc::SIGCHLD) | None => {}
@@ -306,12 +315,17 @@ impl Supervisor {
 
     fn start(&mut self, i: usize) {
         let s = &mut self.services[i];
+        let view = self
+            .secrets
+            .as_ref()
+            .map(|dirs| dirs.get(&s.name).map(String::as_str));
         match spawn::spawn(
             &s.name,
             &s.spec.argv,
             &s.spec.env,
             &s.spec.user,
             &s.spec.workdir,
+            view,
         ) {
             Ok((pid, relay)) => {
                 s.relay = relay;

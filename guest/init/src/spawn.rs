@@ -83,13 +83,16 @@ fn pipe() -> std::io::Result<(std::fs::File, OwnedFd)> {
 }
 
 /// Starts `argv` as `user` in its own process group with stdout and stderr relayed to
-/// the console as `[name] …`. Returns the pid and the output relay.
+/// the console as `[name] …`. Returns the pid and the output relay. With `secrets`
+/// (set once secrets were delivered), the program runs in its own mount namespace
+/// whose /run/secrets is the given store directory (None: an empty one).
 pub fn spawn(
     name: &str,
     argv: &[String],
     env: &BTreeMap<String, String>,
     user: &str,
     workdir: &str,
+    secrets: Option<Option<&str>>,
 ) -> Result<(i32, crate::console::Relay), String> {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let user = resolve_user(user, &passwd)?;
@@ -108,8 +111,27 @@ pub fn spawn(
         .stderr(Stdio::from(write2))
         .process_group(0);
     crate::sys::child_unblocks_signals(&mut cmd);
-    if user.uid != 0 || user.gid != 0 {
-        cmd.uid(user.uid).gid(user.gid);
+    match secrets {
+        Some(granted) => {
+            // The mounts need root: the closure changes uid and gid itself afterwards.
+            let view = crate::sys::SecretsView {
+                granted: granted.map(str::to_string),
+                uid: user.uid,
+                gid: user.gid,
+            };
+            crate::sys::child_sees_secrets(
+                &mut cmd,
+                &view,
+                hostd_images::abi::SECRETS_DIR,
+                crate::secrets::STORE,
+            )
+            .map_err(|e| format!("secrets: {e}"))?;
+        }
+        None => {
+            if user.uid != 0 || user.gid != 0 {
+                cmd.uid(user.uid).gid(user.gid);
+            }
+        }
     }
     let child = cmd
         .spawn()

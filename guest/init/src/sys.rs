@@ -318,3 +318,139 @@ impl NetSocket {
         self.ioctl(libc::SIOCADDRT, &mut rt)
     }
 }
+
+/// A connected AF_VSOCK stream socket to `cid`:`port`, with `timeout` on reads.
+pub fn vsock_connect(
+    cid: u32,
+    port: u32,
+    timeout: std::time::Duration,
+) -> io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket(2) with constant arguments; the fd is checked below.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket nobody else owns; the File closes it.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    // SAFETY: a valid timeval of the size given, on our socket.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    })?;
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    // SAFETY: `addr` is a valid sockaddr_vm of the length given.
+    check(unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    })?;
+    Ok(file)
+}
+
+/// What a child sees of the delivered secrets (see `secrets.rs`).
+#[derive(Debug, Clone)]
+pub struct SecretsView {
+    /// The directory bind-mounted on /run/secrets, or None for an empty one.
+    pub granted: Option<String>,
+    /// The child's uid and gid (set here, after the mounts, instead of by std, which
+    /// changes them before `pre_exec` closures run).
+    pub uid: u32,
+    /// See `uid`.
+    pub gid: u32,
+}
+
+/// Makes `cmd`'s child run in its own mount namespace whose /run/secrets holds only
+/// `view.granted` (read-only) and where the store of every service's secrets is
+/// detached; then the child drops to `view.uid`/`view.gid`.
+pub fn child_sees_secrets(
+    cmd: &mut std::process::Command,
+    view: &SecretsView,
+    mount_point: &str,
+    store: &str,
+) -> io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let granted = view.granted.as_deref().map(cstr).transpose()?;
+    let target = cstr(mount_point)?;
+    let store = cstr(store)?;
+    let root = cstr("/")?;
+    let tmpfs = cstr("tmpfs")?;
+    let opts = cstr("mode=0555")?;
+    let (uid, gid) = (view.uid, view.gid);
+    // SAFETY: the closure runs between fork and exec and makes only raw syscalls
+    // (unshare, mount, umount2, setgroups, setgid, setuid) on C strings built before
+    // the fork; it allocates nothing and touches no shared state.
+    #[allow(clippy::multiple_unsafe_ops_per_block)]
+    unsafe {
+        cmd.pre_exec(move || {
+            let ok = |r: libc::c_int| {
+                if r == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            };
+            ok(libc::unshare(libc::CLONE_NEWNS))?;
+            ok(libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            match &granted {
+                Some(dir) => {
+                    ok(libc::mount(
+                        dir.as_ptr(),
+                        target.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ))?;
+                    ok(libc::mount(
+                        std::ptr::null(),
+                        target.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REMOUNT
+                            | libc::MS_BIND
+                            | libc::MS_RDONLY
+                            | libc::MS_NOSUID
+                            | libc::MS_NODEV
+                            | libc::MS_NOEXEC,
+                        std::ptr::null(),
+                    ))?;
+                }
+                None => ok(libc::mount(
+                    tmpfs.as_ptr(),
+                    target.as_ptr(),
+                    tmpfs.as_ptr(),
+                    libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    opts.as_ptr().cast(),
+                ))?,
+            }
+            ok(libc::umount2(store.as_ptr(), libc::MNT_DETACH))?;
+            if uid != 0 || gid != 0 {
+                ok(libc::setgroups(0, std::ptr::null()))?;
+                ok(libc::setgid(gid))?;
+                ok(libc::setuid(uid))?;
+            }
+            Ok(())
+        })
+    };
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! Secrets: fetched from the host over vsock at boot (never from the image or a
+//! volume), stored on a tmpfs only init can reach (`/run/hostd/secrets/SERVICE/NAME`,
+//! 0400, owned by the service's user), and shown to each service, in its own mount
+//! namespace, as `/run/secrets/NAME` — only the secrets it declares. Services that
+//! declare none see an empty, read-only /run/secrets.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::time::Duration;
+
+use hostd_images::abi;
+use hostd_images::manifest::Manifest;
+
+use crate::console::log;
+use crate::sys;
+
+/// The tmpfs holding every service's secrets; detached in each service's namespace.
+pub const STORE: &str = "/run/hostd/secrets";
+/// How long to wait for the host's answer.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A secret name as the host's backend checks it: a plain file name.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Parses the payload: `NAME=HEX\n` lines. Bad lines are reported and skipped.
+pub fn parse(payload: &[u8]) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for (i, line) in payload.split(|b| *b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let parsed = std::str::from_utf8(line)
+            .ok()
+            .and_then(|l| l.split_once('='))
+            .filter(|(n, _)| valid_name(n))
+            .and_then(|(n, h)| Some((n.to_string(), unhex(h)?)));
+        match parsed {
+            Some((n, v)) => {
+                out.insert(n, v);
+            }
+            None => log(&format!(
+                "secrets: line {} from the host is malformed; skipped",
+                i + 1
+            )),
+        }
+    }
+    out
+}
+
+fn receive() -> Result<BTreeMap<String, Vec<u8>>, String> {
+    let mut s =
+        sys::vsock_connect(abi::VSOCK_HOST_CID, abi::VSOCK_SECRETS_PORT, TIMEOUT).map_err(|e| {
+            format!(
+                "connect to the host (vsock port {}): {e}",
+                abi::VSOCK_SECRETS_PORT
+            )
+        })?;
+    let mut payload = Vec::new();
+    s.read_to_end(&mut payload)
+        .map_err(|e| format!("read: {e}"))?;
+    Ok(parse(&payload))
+}
+
+/// The `hostd.vsock_selftest=1` round trip: a line to the host's echo port and back.
+fn selftest() {
+    let result = (|| -> Result<String, String> {
+        let mut s = sys::vsock_connect(abi::VSOCK_HOST_CID, abi::VSOCK_ECHO_PORT, TIMEOUT)
+            .map_err(|e| format!("connect: {e}"))?;
+        s.write_all(b"hostd-vsock-ping\n")
+            .map_err(|e| format!("write: {e}"))?;
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while got.len() < 256 {
+            match s.read(&mut byte) {
+                Ok(0) => break,
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) => got.push(byte[0]),
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+        Ok(String::from_utf8_lossy(&got).into_owned())
+    })();
+    match result {
+        Ok(line) => log(&format!("{}{line}", abi::LINE_VSOCK_ECHO)),
+        Err(e) => log(&format!("vsock self-test failed: {e}")),
+    }
+}
+
+/// Fetches and stores the secrets the manifest's services declare. Returns, when any
+/// service declares secrets, each such service's directory in the store (what
+/// [`sys::child_sees_secrets`] mounts for it); None leaves services as they were.
+pub fn deliver(m: &Manifest, cmdline: &str) -> Option<BTreeMap<String, String>> {
+    if cmdline
+        .split_whitespace()
+        .any(|w| w == abi::VSOCK_SELFTEST_FLAG)
+    {
+        selftest();
+    }
+    if m.services.values().all(|s| s.secrets.is_empty()) {
+        return None;
+    }
+    let mut received = match receive() {
+        Ok(r) => {
+            log(&format!("{}{})", abi::LINE_SECRETS_RECEIVED, r.len()));
+            r
+        }
+        Err(e) => {
+            log(&format!(
+                "secrets: {e}; services get no secrets (did the runner attach the vsock device?)"
+            ));
+            BTreeMap::new()
+        }
+    };
+    let result = store(m, &received);
+    // Init keeps no copy.
+    for v in received.values_mut() {
+        v.fill(0);
+    }
+    match result {
+        Ok(dirs) => Some(dirs),
+        Err(e) => {
+            log(&format!("secrets: {e}"));
+            // Still isolate: every service gets an empty /run/secrets.
+            Some(BTreeMap::new())
+        }
+    }
+}
+
+fn store(
+    m: &Manifest,
+    received: &BTreeMap<String, Vec<u8>>,
+) -> Result<BTreeMap<String, String>, String> {
+    std::fs::create_dir_all(STORE).map_err(|e| format!("mkdir {STORE}: {e}"))?;
+    std::fs::create_dir_all(abi::SECRETS_DIR)
+        .map_err(|e| format!("mkdir {}: {e}", abi::SECRETS_DIR))?;
+    sys::mount(
+        "tmpfs",
+        STORE,
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "mode=0700",
+    )
+    .map_err(|e| format!("mount tmpfs on {STORE}: {e}"))?;
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let mut dirs = BTreeMap::new();
+    for (svc, spec) in &m.services {
+        if spec.secrets.is_empty() {
+            continue;
+        }
+        if !valid_name(svc) {
+            log(&format!(
+                "secrets: service name `{svc}` cannot name a directory; it gets none"
+            ));
+            continue;
+        }
+        let user = match crate::spawn::resolve_user(&spec.user, &passwd) {
+            Ok(u) => u,
+            Err(e) => {
+                log(&format!("secrets: service {svc}: {e}"));
+                continue;
+            }
+        };
+        let dir = format!("{STORE}/{svc}");
+        std::fs::create_dir(&dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
+        for name in &spec.secrets {
+            let Some(value) = received.get(name) else {
+                log(&format!(
+                    "secrets: service {svc} declares {name} but the host did not provide it"
+                ));
+                continue;
+            };
+            let path = format!("{dir}/{name}");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o400)
+                .open(&path)
+                .map_err(|e| format!("create {path}: {e}"))?;
+            f.write_all(value)
+                .map_err(|e| format!("write {path}: {e}"))?;
+            std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))
+                .map_err(|e| format!("chown {path}: {e}"))?;
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o500))
+            .map_err(|e| format!("chmod {dir}: {e}"))?;
+        std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid))
+            .map_err(|e| format!("chown {dir}: {e}"))?;
+        log(&format!(
+            "secrets: service {svc} gets {}",
+            spec.secrets
+                .iter()
+                .filter(|n| received.contains_key(*n))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        dirs.insert(svc.clone(), dir);
+    }
+    Ok(dirs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_lines() {
+        let p = parse(b"db=7077\nbad\n../x=00\nodd=7\napi=\n");
+        assert_eq!(p.get("db").map(|v| v.as_slice()), Some(&b"pw"[..]));
+        assert_eq!(p.get("api").map(|v| v.len()), Some(0));
+        assert_eq!(p.len(), 2);
+    }
+}
