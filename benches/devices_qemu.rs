@@ -5,8 +5,12 @@
 //! The guest writes 64 MiB to its volume with `dd … conv=fsync`, drops its page cache
 //! and reads the file back, timing each with busybox `time`. Medians of RUNS boots.
 //!
+//! TCP: the guest listens (busybox nc) on a TAP device in a network namespace the bench
+//! creates; the host side sends 64 MiB (bash /dev/tcp) and times it; hostd's jailed
+//! vhost-user net backend vs QEMU's built-in virtio-net on the same TAP. Needs root.
+//!
 //! `cargo bench --bench devices_qemu` — prints a table and writes
-//! target/bench/devices_qemu.json. (TCP throughput is not measured yet.)
+//! target/bench/devices_qemu.json.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -46,6 +50,64 @@ fn parse(console: &str) -> Option<(f64, f64)> {
         64.0 / secs("write-seconds ")?,
         64.0 / secs("read-seconds ")?,
     ))
+}
+
+const TCP_SPEC: &str = r#"
+name = "tcpbench"
+packages = ["busybox-static"]
+memory = "256M"
+
+[services.sink]
+command = "/bin/busybox"
+args = ["sh", "-c", "echo listening; /bin/busybox nc -l -p 5001 > /dev/null; echo received"]
+main = true
+"#;
+
+const NS: &str = "hostdbench";
+const TAP: &str = "hbtap0";
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Starts `cmd` (a guest that listens on 10.0.2.2:5001), sends 64 MiB from the
+/// namespace once it listens, and returns MB/s as seen by the sender.
+fn tcp_run(mut cmd: Command) -> Option<f64> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .stdin(Stdio::piped())
+        .spawn()
+        .ok()?;
+    let out = child.stdout.take()?;
+    let mut lines = BufReader::new(out).lines().map_while(Result::ok);
+    let ready = lines.any(|l| l.contains("[sink] listening"));
+    let rate = ready
+        .then(|| {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let start = std::time::Instant::now();
+            let ok = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    NS,
+                    "bash",
+                    "-c",
+                    "head -c 67108864 /dev/zero > /dev/tcp/10.0.2.2/5001",
+                ])
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then(|| 64.0 / start.elapsed().as_secs_f64())
+        })
+        .flatten();
+    for _ in lines {}
+    let _ = child.wait();
+    rate
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -174,6 +236,135 @@ fn main() {
             rows[0].2 / rows[1].2
         );
     }
+
+    // TCP through a TAP in a namespace of our own.
+    let mut tcp_rows = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let _ = ip(&["netns", "del", NS]);
+    if root
+        && ip(&["netns", "add", NS])
+        && ip(&["netns", "exec", NS, "ip", "link", "set", "lo", "up"])
+        && ip(&[
+            "netns", "exec", NS, "ip", "tuntap", "add", TAP, "mode", "tap",
+        ])
+        && ip(&[
+            "netns",
+            "exec",
+            NS,
+            "ip",
+            "addr",
+            "add",
+            "10.0.2.1/24",
+            "dev",
+            TAP,
+        ])
+        && ip(&["netns", "exec", NS, "ip", "link", "set", TAP, "up"])
+    {
+        std::fs::write(dir.path().join("tcp.toml"), TCP_SPEC).expect("spec");
+        let tcp_image = dir.path().join("tcp.img");
+        let built = Command::new(env!("CARGO_BIN_EXE_hostd"))
+            .arg("build")
+            .arg(dir.path().join("tcp.toml"))
+            .arg("-o")
+            .arg(&tcp_image)
+            .status()
+            .is_ok_and(|s| s.success());
+        if let Some(img) = Image::open(&tcp_image).ok().filter(|_| built) {
+            let initrd2 = dir.path().join("initrd-tcp");
+            std::fs::write(
+                &initrd2,
+                img.read_section(sections::INITRD).expect("initrd"),
+            )
+            .expect("write");
+            let hostd_cmd = || {
+                let mut c = Command::new("ip");
+                c.args([
+                    "netns",
+                    "exec",
+                    NS,
+                    env!("CARGO_BIN_EXE_hostd"),
+                    "run",
+                    "--vmm",
+                    "qemu",
+                    "--accel",
+                    "tcg",
+                ])
+                .args([
+                    "--timeout",
+                    "300",
+                    "--net",
+                    &format!("tap={TAP},ip=10.0.2.2/24"),
+                ])
+                .arg(&tcp_image)
+                .env("HOSTD_LOG", "warn");
+                c
+            };
+            let builtin_cmd = || {
+                let boot = BootSpec {
+                    kernel: kernel.clone(),
+                    initrd: Some(initrd2.clone()),
+                    cmdline: format!("{BASE_CMDLINE} hostd.ip=10.0.2.2/24"),
+                    vcpus: 1,
+                    memory_mib: 256,
+                    devices: vec![],
+                    sandbox_devices: true,
+                };
+                let devices = vec![
+                    "-netdev".to_string(),
+                    format!("tap,id=n0,ifname={TAP},script=no,downscript=no"),
+                    "-device".into(),
+                    "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56".into(),
+                    "-device".into(),
+                    "virtio-rng-device".into(),
+                ];
+                let args: Vec<String> = hostd_vmm::qemu::command_line(&boot, "tcg", &devices)
+                    .into_iter()
+                    .map(|a| a.replace(",memory-backend=mem", ""))
+                    .collect();
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", NS, "qemu-system-x86_64"])
+                    .args(args);
+                c
+            };
+            println!(
+                "{:<36} {:>12}",
+                "network device (TCP, host -> guest)", "MB/s"
+            );
+            for (name, samples) in [
+                (
+                    "hostd vhost-user backend (jailed)",
+                    (0..RUNS)
+                        .filter_map(|_| tcp_run(hostd_cmd()))
+                        .collect::<Vec<_>>(),
+                ),
+                (
+                    "QEMU built-in virtio-net (tap)",
+                    (0..RUNS)
+                        .filter_map(|_| tcp_run(builtin_cmd()))
+                        .collect::<Vec<_>>(),
+                ),
+            ] {
+                if samples.is_empty() {
+                    println!("{name:<36} failed");
+                    continue;
+                }
+                let m = median(samples.clone());
+                println!("{name:<36} {m:>12.1}");
+                tcp_rows.push((name, m, samples.len()));
+            }
+            if tcp_rows.len() == 2 {
+                println!("ratio hostd/QEMU: tcp {:.2}", tcp_rows[0].1 / tcp_rows[1].1);
+            }
+        }
+        let _ = ip(&["netns", "del", NS]);
+    } else {
+        println!("TCP: skipped (needs root and iproute2 to make a network namespace with a TAP)");
+    }
+    let tcp_json: Vec<String> = tcp_rows
+        .iter()
+        .map(|(n, m, k)| format!("{{\"device\":\"{n}\",\"runs\":{k},\"median_tcp_mb_s\":{m:.2}}}"))
+        .collect();
     let json: Vec<String> = rows
         .iter()
         .map(|(n, w, r, k)| format!("{{\"device\":\"{n}\",\"runs\":{k},\"median_write_mb_s\":{w:.2},\"median_read_mb_s\":{r:.2}}}"))
@@ -182,8 +373,9 @@ fn main() {
     let _ = std::fs::create_dir_all(&out);
     let path = out.join("devices_qemu.json");
     let body = format!(
-        "{{\"bench\":\"devices_qemu\",\"accel\":\"tcg\",\"bytes\":67108864,\"results\":[{}]}}\n",
-        json.join(",")
+        "{{\"bench\":\"devices_qemu\",\"accel\":\"tcg\",\"bytes\":67108864,\"block\":[{}],\"tcp\":[{}]}}\n",
+        json.join(","),
+        tcp_json.join(",")
     );
     match std::fs::write(&path, body) {
         Ok(()) => println!("wrote {}", path.display()),
