@@ -39,6 +39,9 @@ pub struct FrontendError {
     pub message: String,
 }
 
+/// The driver's acked features and queue setup, waiting for the control thread.
+type PendingActivation = Arc<Mutex<Option<(u64, Vec<QueueSetup>)>>>;
+
 /// One queue as the driver set it up.
 #[derive(Debug, Clone, Copy)]
 struct QueueSetup {
@@ -58,7 +61,7 @@ pub struct VhostUserDevice {
     kicks: Vec<EventFd>,
     calls: Vec<Arc<EventFd>>,
     acked: u64,
-    pending: Arc<Mutex<Option<(u64, Vec<QueueSetup>)>>>,
+    pending: PendingActivation,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -75,7 +78,7 @@ impl std::fmt::Debug for VhostUserDevice {
 pub struct Activation {
     socket: String,
     frontend: Arc<Mutex<Frontend>>,
-    pending: Arc<Mutex<Option<(u64, Vec<QueueSetup>)>>>,
+    pending: PendingActivation,
     kicks: Vec<Arc<EventFd>>,
     calls: Vec<Arc<EventFd>>,
     mem: GuestMemoryMmap,

@@ -62,6 +62,7 @@ impl Assist {
     }
 
     /// Length of the instruction in bytes.
+    #[allow(clippy::len_without_is_empty)] // an instruction length, not a collection
     pub fn len(self) -> u64 {
         match self {
             Assist::Int3 => 1,
