@@ -115,8 +115,6 @@ fn linux_boots_through_our_vmm_with_our_cmdline_memory_map_and_cpus() {
 /// first system call still fails on such hosts (the remaining blocker of issue 5), so
 /// this asserts how far the kernel gets, not the exit code.
 #[test]
-#[ignore = "issue 5 in progress: on this PVM host the boot sometimes stalls after `crng init done` \
-            for minutes (seen under load); run with `cargo test --test vmm_kvm -- --ignored`"]
 fn on_pvm_hosts_the_pvm_template_takes_linux_to_userspace() {
     if !require("/dev/kvm", kvm_usable(), "a host with KVM") || !require_qemu_guest() {
         return;

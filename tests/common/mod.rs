@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// The hostd binary under test.
+/// The hostd binary under test, building images with this checkout's kernel.
 pub fn hostd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_hostd"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hostd"));
+    c.env("HOSTD_KERNEL", kernel());
+    c
 }
 
 /// Whether we are in CI, where a missing prerequisite is a failure, not a skip.
@@ -41,11 +43,33 @@ pub fn cache_dir() -> PathBuf {
         })
 }
 
-/// The guest kernel built by guest/kernel/build.sh.
+/// The guest kernel for this checkout's kernel config: guest/kernel/build.sh prints its
+/// cached build (instant once built; .ci/setup builds it). Several checkouts share the
+/// cache, so the `default` link may point at another checkout's kernel; tests never
+/// rely on it. $HOSTD_KERNEL overrides.
 pub fn kernel() -> PathBuf {
-    std::env::var_os("HOSTD_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache_dir().join("kernel/default/vmlinux"))
+    static KERNEL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    KERNEL
+        .get_or_init(|| {
+            if let Some(k) = std::env::var_os("HOSTD_KERNEL") {
+                return PathBuf::from(k);
+            }
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/guest/kernel/build.sh");
+            Command::new("bash")
+                .arg(script)
+                .stderr(Stdio::inherit())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .last()
+                        .map(|l| PathBuf::from(l.trim()).join("vmlinux"))
+                })
+                .unwrap_or_else(|| cache_dir().join("kernel/missing/vmlinux"))
+        })
+        .clone()
 }
 
 /// Prerequisites for booting a real guest under QEMU.
