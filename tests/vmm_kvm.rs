@@ -30,18 +30,23 @@ fn is_pvm_host() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
-#[test]
-fn linux_boots_through_our_vmm_with_our_cmdline_memory_map_and_cpus() {
-    if !require("/dev/kvm", kvm_usable(), "a host with KVM") || !require_qemu_guest() {
-        return;
-    }
-    let (_dir, image) = build(
+/// images/examples/hello.toml, built.
+fn hello_image() -> (tempfile::TempDir, PathBuf) {
+    build(
         &std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/images/examples/hello.toml"
         ))
         .expect("hello.toml"),
-    );
+    )
+}
+
+#[test]
+fn linux_boots_through_our_vmm_with_our_cmdline_memory_map_and_cpus() {
+    if !require("/dev/kvm", kvm_usable(), "a host with KVM") || !require_qemu_guest() {
+        return;
+    }
+    let (_dir, image) = hello_image();
     let mut cmd = hostd();
     // The `host` CPU template: no PVM workarounds, so on a PVM host the kernel stops at
     // the first instruction KVM's emulator lacks, and hostd must name it.
@@ -123,13 +128,7 @@ fn on_pvm_hosts_the_pvm_template_takes_linux_to_userspace() {
         eprintln!("SKIP: not a PVM host; the test above boots Linux fully with the host template");
         return;
     }
-    let (_dir, image) = build(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/images/examples/hello.toml"
-        ))
-        .expect("hello.toml"),
-    );
+    let (_dir, image) = hello_image();
     let mut cmd = hostd();
     cmd.args(["run", "--cmdline", "loglevel=8", "--timeout", "600"])
         .arg(&image);
