@@ -136,7 +136,8 @@ pub enum TemplateArg {
     Auto,
     /// Everything KVM supports.
     Host,
-    /// Hide what a PVM host's instruction emulator cannot run (XSAVE, POPCNT, SMAP, …).
+    /// Hide what a PVM host's instruction emulator cannot run (XSAVE, POPCNT, SMAP, …),
+    /// also on the kernel command line (`noxsave clearcpuid=…`).
     Pvm,
 }
 
@@ -540,6 +541,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 );
             }
             let devices = devices_for(&r, args)?;
+            // Decided now: once the VM runs, this thread's seccomp filter forbids opening
+            // /dev/kvm again.
+            let pvm_host = hostd_vmm::host::kvm_kind() == hostd_vmm::host::KvmKind::Pvm;
             let kernel = hostd_vmm::kvm::memory::memfd_with(c"hostd-kernel", &r.kernel)
                 .context("cannot stage the kernel")?;
             hostd_vmm::kvm::run(KvmConfig {
@@ -557,6 +561,16 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 devices,
                 timeout,
                 sandbox: !args.no_sandbox,
+            })
+            .map_err(|e| {
+                let hint = if pvm_host {
+                    "\n  hint: this host's /dev/kvm is a nested PVM hypervisor, on which hostd's own \
+                     monitor cannot yet carry Linux through its first system call (docs/pvm.md); \
+                     `hostd run --vmm qemu` boots the same image"
+                } else {
+                    ""
+                };
+                anyhow::anyhow!("{e}{hint}")
             })?
         }
     };
