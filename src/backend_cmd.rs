@@ -92,6 +92,10 @@ pub enum BackendCommand {
 
 /// Runs a backend to completion.
 pub fn run(cmd: BackendCommand) -> Result<i32> {
+    // A backend never outlives the hostd that started it (even one killed with SIGKILL
+    // before its VMM connected).
+    // SAFETY: prctl with integer arguments has no memory effects.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     match cmd {
         BackendCommand::Rng { common } => {
             serve(

@@ -1,6 +1,7 @@
 //! Device backends as separate, jailed processes (`hostd backend …`) speaking
 //! vhost-user: started before the VMM, watched while it runs, killed after.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -201,6 +202,9 @@ impl RunningBackends {
             if !sandbox {
                 cmd.arg("--no-sandbox");
             }
+            // Its own process group: a terminal's Ctrl-C reaches only hostd, which turns it
+            // into a clean guest shutdown; the backends end when their VMM hangs up.
+            cmd.process_group(0);
             let child = cmd.spawn().map_err(|e| BackendsError::Start {
                 name: name.clone(),
                 message: e.to_string(),
