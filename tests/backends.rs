@@ -3,14 +3,9 @@
 
 mod common;
 
-use common::{hostd, require, run_with_deadline};
+use common::{hostd, is_root, require, run_with_deadline};
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 fn selftest(kind: &[&str], test: &str) -> common::Output {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -23,6 +18,24 @@ fn selftest(kind: &[&str], test: &str) -> common::Output {
     run_with_deadline(cmd, Duration::from_secs(30))
 }
 
+/// Runs selftest `test` on each backend kind: rng, and block over a scratch file.
+fn selftest_each(test: &str) -> Vec<(Vec<String>, common::Output)> {
+    let image = tempfile::NamedTempFile::new().expect("file");
+    std::fs::write(image.path(), vec![0u8; 8192]).expect("write");
+    let file = image.path().to_string_lossy().into_owned();
+    [
+        vec!["rng".to_string()],
+        vec!["block".into(), "--file".into(), file],
+    ]
+    .into_iter()
+    .map(|kind| {
+        let args: Vec<&str> = kind.iter().map(String::as_str).collect();
+        let out = selftest(&args, test);
+        (kind, out)
+    })
+    .collect()
+}
+
 #[test]
 fn backends_cannot_open_host_files() {
     if !require(
@@ -32,11 +45,7 @@ fn backends_cannot_open_host_files() {
     ) {
         return;
     }
-    let image = tempfile::NamedTempFile::new().expect("file");
-    std::fs::write(image.path(), vec![0u8; 8192]).expect("write");
-    let file = image.path().to_string_lossy().into_owned();
-    for kind in [vec!["rng"], vec!["block", "--file", file.as_str()]] {
-        let out = selftest(&kind, "open-passwd");
+    for (kind, out) in selftest_each("open-passwd") {
         assert!(out.status.success(), "{kind:?}: {}", out.all());
         assert!(
             out.stderr
@@ -59,11 +68,7 @@ fn a_syscall_outside_the_filter_kills_the_backend() {
     ) {
         return;
     }
-    let image = tempfile::NamedTempFile::new().expect("file");
-    std::fs::write(image.path(), vec![0u8; 8192]).expect("write");
-    let file = image.path().to_string_lossy().into_owned();
-    for kind in [vec!["rng"], vec!["block", "--file", file.as_str()]] {
-        let out = selftest(&kind, "forbidden-syscall");
+    for (kind, out) in selftest_each("forbidden-syscall") {
         assert_eq!(
             out.status.signal(),
             Some(libc::SIGSYS),

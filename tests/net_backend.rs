@@ -3,15 +3,10 @@
 
 mod common;
 
-use common::{hostd, require, run_with_deadline};
+use common::{hostd, is_root, require, run_with_deadline};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use std::time::Duration;
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 /// A TAP device that exists for the life of the value.
 struct Tap(String);

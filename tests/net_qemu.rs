@@ -4,14 +4,9 @@
 
 mod common;
 
-use common::{hostd, require, require_qemu_guest, run_with_deadline, spawn_running};
+use common::{hostd, is_root, require, require_qemu_guest, run_with_deadline, spawn_running};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 fn tool(name: &str) -> bool {
     Command::new(name).arg("-V").output().is_ok()

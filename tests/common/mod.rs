@@ -33,6 +33,12 @@ pub fn require(what: &str, ok: bool, how: &str) -> bool {
     false
 }
 
+/// Whether the tests run as root (namespaces, pivot_root, TAP devices need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// hostd's cache directory, as the binary computes it.
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("HOSTD_CACHE")

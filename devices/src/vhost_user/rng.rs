@@ -30,20 +30,6 @@ impl Default for RngBackend {
     }
 }
 
-fn random(buf: &mut [u8]) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: pointer and length describe `rest`, which getrandom fills.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        done += n as usize;
-    }
-    Ok(())
-}
-
 /// The syscalls virtio-rng needs beyond every backend's.
 pub const RNG_SYSCALLS: &[i64] = &[libc::SYS_getrandom];
 
@@ -88,7 +74,7 @@ impl VhostUserBackendMut for RngBackend {
             };
             let len = w.available_bytes().min(MAX_PER_CHAIN);
             let mut buf = vec![0u8; len];
-            if random(&mut buf).is_err() || w.write_all(&buf).is_err() {
+            if crate::virtio::rng::random(&mut buf).is_err() || w.write_all(&buf).is_err() {
                 return 0;
             }
             w.bytes_written() as u32

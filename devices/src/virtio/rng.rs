@@ -16,18 +16,23 @@ pub struct Rng {
     pub served: u64,
 }
 
-fn random(buf: &mut [u8]) -> bool {
+/// Fills `buf` from getrandom(2). Shared by the in-process device and the vhost-user
+/// backend.
+pub(crate) fn random(buf: &mut [u8]) -> std::io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         let rest = &mut buf[done..];
         // SAFETY: the pointer and length describe `rest`, which getrandom fills.
         let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n <= 0 {
-            return false;
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Err(std::io::Error::other("getrandom returned no bytes"));
         }
         done += n as usize;
     }
-    true
+    Ok(())
 }
 
 impl VirtioDevice for Rng {
@@ -54,7 +59,7 @@ impl VirtioDevice for Rng {
                 }
                 let len = desc.len().min(MAX_PER_CHAIN - written);
                 let mut buf = vec![0u8; len as usize];
-                if !random(&mut buf) {
+                if random(&mut buf).is_err() {
                     tracing::warn!("virtio-rng: getrandom failed");
                     break;
                 }
