@@ -564,9 +564,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             })
             .map_err(|e| {
                 let hint = if pvm_host {
-                    "\n  hint: this host's /dev/kvm is a nested PVM hypervisor, on which hostd's own \
-                     monitor cannot yet carry Linux through its first system call (docs/pvm.md); \
-                     `hostd run --vmm qemu` boots the same image"
+                    "\n  hint: this host's /dev/kvm is a nested PVM hypervisor, on which a guest kernel \
+                     runs only with hostd's patches and command line (guest/kernel/, docs/pvm.md); \
+                     `hostd run --vmm qemu` boots the same image under QEMU"
                 } else {
                     ""
                 };

@@ -1,6 +1,6 @@
-//! Networking through hostd's own net backend (a jailed process on a TAP device) under
-//! QEMU: the web example answers a real HTTP client on the host side. Everything runs
-//! in a network namespace the test creates and deletes.
+//! Networking through hostd's own net backend (a jailed process on a TAP device), under
+//! QEMU and under hostd's own VMM: the web example answers a real HTTP client on the
+//! host side. Everything runs in a network namespace the test creates and deletes.
 
 mod common;
 
@@ -17,8 +17,8 @@ fn tool(name: &str) -> bool {
 struct Netns(String);
 
 impl Netns {
-    fn new(tap: &str) -> Netns {
-        let name = format!("hostdt{}", std::process::id());
+    fn new(tap: &str, tag: &str) -> Netns {
+        let name = format!("hostdt{}{tag}", std::process::id());
         let ns = Netns(name.clone());
         let run = |args: &[&str]| {
             let out = Command::new("ip").args(args).output().expect("ip");
@@ -63,6 +63,25 @@ impl Drop for Netns {
 
 #[test]
 fn web_example_answers_curl_over_a_tap() {
+    web_example_answers_curl("qemu");
+}
+
+/// The same through hostd's own monitor (on a nested PVM host: with its PVM support,
+/// docs/pvm.md).
+#[test]
+fn web_example_answers_curl_over_a_tap_with_the_built_in_vmm() {
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !require("/dev/kvm", kvm, "a host with KVM") {
+        return;
+    }
+    web_example_answers_curl("kvm");
+}
+
+fn web_example_answers_curl(vmm: &str) {
     if !require_qemu_guest()
         || !require(
             "root (network namespaces, TAP)",
@@ -92,21 +111,21 @@ fn web_example_answers_curl_over_a_tap() {
     assert!(out.status.success(), "{}", out.all());
 
     let tap = "hostdtap0";
-    let ns = Netns::new(tap);
+    let ns = Netns::new(tap, vmm);
     let mut cmd = ns.exec();
     cmd.arg(env!("CARGO_BIN_EXE_hostd"))
         .args([
             "run",
             "--vmm",
-            "qemu",
+            vmm,
             "--timeout",
-            "240",
+            "400",
             "--net",
             &format!("tap={tap},ip=10.0.2.2/24,gw=10.0.2.1"),
         ])
         .arg(&image);
     let run = spawn_running(cmd);
-    let started = run.wait_for("service httpd started", Duration::from_secs(240));
+    let started = run.wait_for("service httpd started", Duration::from_secs(400));
     let mut answer = String::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while started && Instant::now() < deadline {

@@ -11,6 +11,10 @@
 //!   `text_poke_bp()`): KVM's emulator only delivers software interrupts in real mode.
 //!   Completed by injecting #BP (a trap: RIP after the instruction) through
 //!   KVM_SET_VCPU_EVENTS, so the guest's own IDT handler runs.
+//! - `fwait` (0x9b) at CPL0 (Linux's `fpu__drop()`, on every exit and exec): waits for
+//!   pending x87 exceptions. Completed from the vCPU's x87 status word (KVM_GET_FPU):
+//!   with an unmasked exception pending (FSW.ES) it raises #MF, a fault (RIP stays, the
+//!   guest's exception-table entry skips it); otherwise it is done, RIP + 1.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -20,7 +24,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 /// Set once, before vCPUs run, when /dev/kvm is a nested PVM hypervisor.
 static ENABLED: AtomicBool = AtomicBool::new(false);
 /// How many instructions were completed, by kind (see [`Assist::index`]).
-static COUNTS: [AtomicU64; 1] = [AtomicU64::new(0)];
+static COUNTS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
 /// Turns the assist path on (PVM hosts only).
 pub fn enable() {
@@ -34,7 +38,7 @@ pub fn enabled() -> bool {
 
 /// How often each assisted instruction was completed so far, by name.
 pub fn counts() -> Vec<(&'static str, u64)> {
-    [Assist::Int3]
+    [Assist::Int3, Assist::Fwait]
         .iter()
         .map(|a| (a.name(), COUNTS[a.index()].load(Ordering::Relaxed)))
         .collect()
@@ -45,6 +49,9 @@ pub fn counts() -> Vec<(&'static str, u64)> {
 pub enum Assist {
     /// `int3` (0xcc) in kernel mode: inject #BP with RIP past the instruction.
     Int3,
+    /// `fwait` (0x9b) in kernel mode: #MF if an unmasked x87 exception is pending,
+    /// else RIP past the instruction.
+    Fwait,
 }
 
 impl Assist {
@@ -52,12 +59,14 @@ impl Assist {
     pub fn name(self) -> &'static str {
         match self {
             Assist::Int3 => "int3",
+            Assist::Fwait => "fwait",
         }
     }
 
     fn index(self) -> usize {
         match self {
             Assist::Int3 => 0,
+            Assist::Fwait => 1,
         }
     }
 
@@ -65,7 +74,7 @@ impl Assist {
     #[allow(clippy::len_without_is_empty)] // an instruction length, not a collection
     pub fn len(self) -> u64 {
         match self {
-            Assist::Int3 => 1,
+            Assist::Int3 | Assist::Fwait => 1,
         }
     }
 }
@@ -75,6 +84,7 @@ impl Assist {
 pub fn decode(bytes: &[u8], cpl: u8) -> Option<Assist> {
     match (bytes.first(), cpl) {
         (Some(0xcc), 0) => Some(Assist::Int3),
+        (Some(0x9b), 0) => Some(Assist::Fwait),
         _ => None,
     }
 }
@@ -98,22 +108,44 @@ pub fn complete(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Option<Assist> {
     let assist = decode(&b, sregs.cs.dpl)?;
     match assist {
         Assist::Int3 => {
-            let mut ev = vcpu.get_vcpu_events().ok()?;
-            if ev.exception.injected != 0 || ev.exception.pending != 0 {
-                return None; // an event is already on its way: do not stack another
-            }
-            ev.exception.injected = 1;
-            ev.exception.nr = 3; // #BP
-            ev.exception.has_error_code = 0;
-            ev.exception.error_code = 0;
+            // A trap: the guest's handler sees RIP after the instruction.
             regs.rip = regs.rip.wrapping_add(assist.len());
             vcpu.set_regs(&regs).ok()?;
-            vcpu.set_vcpu_events(&ev).ok()?;
+            inject(vcpu, 3)?; // #BP
+        }
+        Assist::Fwait => {
+            let fpu = vcpu.get_fpu().ok()?;
+            if x87_exception_pending(fpu.fsw) {
+                inject(vcpu, 16)?; // #MF, a fault: RIP stays on the fwait
+            } else {
+                regs.rip = regs.rip.wrapping_add(assist.len());
+                vcpu.set_regs(&regs).ok()?;
+            }
         }
     }
     COUNTS[assist.index()].fetch_add(1, Ordering::Relaxed);
     tracing::debug!("assisted {} at {:#x}", assist.name(), regs.rip);
     Some(assist)
+}
+
+/// FSW.ES: an unmasked x87 exception is pending (the next waiting x87 instruction
+/// raises #MF).
+fn x87_exception_pending(fsw: u16) -> bool {
+    fsw & 0x80 != 0
+}
+
+/// Injects exception `nr` (one without an error code) unless an event is already on
+/// its way, which would make this one stack on top of it.
+fn inject(vcpu: &VcpuFd, nr: u8) -> Option<()> {
+    let mut ev = vcpu.get_vcpu_events().ok()?;
+    if ev.exception.injected != 0 || ev.exception.pending != 0 {
+        return None;
+    }
+    ev.exception.injected = 1;
+    ev.exception.nr = nr;
+    ev.exception.has_error_code = 0;
+    ev.exception.error_code = 0;
+    vcpu.set_vcpu_events(&ev).ok()
 }
 
 #[cfg(test)]
@@ -127,9 +159,22 @@ mod tests {
     }
 
     #[test]
+    fn fwait_in_kernel_mode_is_assisted_and_raises_mf_only_when_pending() {
+        assert_eq!(decode(&[0x9b, 0x65, 0x48], 0), Some(Assist::Fwait));
+        assert_eq!(Assist::Fwait.len(), 1);
+        // FNINIT's status word: nothing pending.
+        assert!(!x87_exception_pending(0));
+        // A masked precision exception sets PE but not ES: nothing to raise.
+        assert!(!x87_exception_pending(0x0020));
+        // An unmasked invalid operation: IE and ES.
+        assert!(x87_exception_pending(0x0081));
+    }
+
+    #[test]
     fn user_mode_and_other_instructions_are_not() {
         // int3 at CPL3 is the guest's own business (its kernel gets #BP natively).
         assert_eq!(decode(&[0xcc], 3), None);
+        assert_eq!(decode(&[0x9b], 3), None);
         // XRSTOR64, POPCNT: avoided with the PVM command line, never completed here.
         assert_eq!(decode(&[0x48, 0x0f, 0xae, 0x2f], 0), None);
         assert_eq!(decode(&[0xf3, 0x48, 0x0f, 0xb8, 0xc7], 0), None);

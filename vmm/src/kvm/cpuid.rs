@@ -123,7 +123,9 @@ pub fn apply(entries: &mut [kvm_cpuid_entry2], template: CpuTemplate, vcpu: u8, 
 /// `clearcpuid=` list counts. `fsrm` goes with `erms`: memmove's "FSRM implies ERMS"
 /// alternative otherwise drops its small-copy length check and the first short memmove
 /// runs away over memory (seen as an endless page fault on the per-CPU area).
-pub const PVM_KERNEL_ARGS: &str = "noxsave clearcpuid=pcid,popcnt,xsave,avx,avx2,smep,smap,invpcid,fsgsbase,rdrand,rdseed,bmi1,bmi2,erms,fsrm,pku,umip";
+/// `syscall_via_fault` turns on hostd's guest kernel patch that completes system calls
+/// this host leaves half done (guest/kernel/patches/0001-…); other kernels ignore it.
+pub const PVM_KERNEL_ARGS: &str = "syscall_via_fault noxsave clearcpuid=pcid,popcnt,xsave,avx,avx2,smep,smap,invpcid,fsgsbase,rdrand,rdseed,bmi1,bmi2,erms,fsrm,pku,umip";
 
 #[cfg(test)]
 mod tests {

@@ -142,7 +142,8 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         assist::enable();
         tracing::warn!(
             "/dev/kvm is a nested PVM hypervisor: guest kernel code runs through KVM's instruction \
-             emulator (about 1000x slower) and may stop on instructions it cannot emulate; CPU template `{}`",
+             emulator (about 1000x slower; Linux takes seconds to boot, user code runs at full \
+             speed); CPU template `{}`, PVM kernel arguments and instruction assist on (docs/pvm.md)",
             template.name()
         );
     }
@@ -394,6 +395,16 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         }
     }
 
+    if assist::enabled() {
+        let counts: Vec<String> = assist::counts()
+            .iter()
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect();
+        tracing::info!(
+            "instructions completed by the PVM assist: {}",
+            counts.join(", ")
+        );
+    }
     let r = reports.lock().unwrap_or_else(|p| p.into_inner());
     let ms = |t: Instant| {
         t.saturating_duration_since(crate::start_instant())

@@ -71,6 +71,7 @@ const VCPU_IOCTLS: &[u64] = &[
     0x4090_ae82, // KVM_SET_REGS
     0x8040_ae9f, // KVM_GET_VCPU_EVENTS
     0x4040_aea0, // KVM_SET_VCPU_EVENTS
+    0x81a0_ae8c, // KVM_GET_FPU (fwait: is an x87 exception pending?)
 ];
 
 /// The vCPU threads' seccomp filter: KVM_RUN and the register reads for error reports,
@@ -259,9 +260,6 @@ pub fn run(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>, filter: Option<Arc<Bpf
                 // SAFETY: on KVM_EXIT_INTERNAL_ERROR the `internal` member of the exit
                 // union is the one KVM filled in.
                 let internal = unsafe { run.__bindgen_anon_1.internal };
-                if super::assist::enabled() {
-                    tracing::info!("instruction assists so far: {:?}", super::assist::counts());
-                }
                 let what = match internal.suberror {
                     1 => "emulation failure (KVM's instruction emulator cannot execute this instruction)".to_string(),
                     2 => "simultaneous exceptions".to_string(),
