@@ -7,6 +7,7 @@ pub mod boot;
 pub mod cpuid;
 pub mod memory;
 pub mod mptable;
+pub mod profile;
 pub mod vcpu;
 
 use std::fs::File;
@@ -279,6 +280,7 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         first_run: Mutex::new(None),
         mem,
         start: Barrier::new(usize::from(cfg.vcpus) + 1),
+        profile: profile::Profile::from_env(),
     });
     *exit_hook.lock().unwrap_or_else(|p| p.into_inner()) = Some(shared.clone());
 
@@ -375,6 +377,12 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
                 cfg.timeout.unwrap_or_default()
             )));
         }
+        if shared.profile.is_some() {
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                // SAFETY: the pthread is alive (not finished) and the signal has a handler.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+            }
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
     let exited = Instant::now();
@@ -395,6 +403,9 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         }
     }
 
+    if let Some(p) = &shared.profile {
+        p.report(30);
+    }
     if assist::enabled() {
         let counts: Vec<String> = assist::counts()
             .iter()

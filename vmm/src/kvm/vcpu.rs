@@ -47,6 +47,8 @@ pub struct Shared {
     /// Every vCPU thread and the control thread meet here once their seccomp filters
     /// are installed; only then does guest code run.
     pub start: Barrier,
+    /// The guest profile, when asked for (`HOSTD_GUEST_PROFILE`, profile.rs).
+    pub profile: Option<super::profile::Profile>,
 }
 
 impl Shared {
@@ -281,7 +283,12 @@ pub fn run(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>, filter: Option<Arc<Bpf
                     where_is(&vcpu, &shared.mem)
                 )))
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                if let (Some(p), Ok(regs)) = (&shared.profile, vcpu.get_regs()) {
+                    p.record(regs.rip);
+                }
+                None
+            }
             Err(e) => Some(StopReason::Error(format!("vCPU {id}: KVM_RUN failed: {e}"))),
         };
         if let Some(reason) = reason {
