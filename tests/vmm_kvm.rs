@@ -166,6 +166,48 @@ fn on_pvm_hosts_hostd_run_boots_hello_to_its_service_and_exit_code() {
     }
 }
 
+/// With two vCPUs on a nested PVM host: both come up (the guest must not send IPIs by
+/// hypercall there, so hostd adds `nopv`) and the service runs to its exit code.
+#[test]
+fn on_pvm_hosts_hostd_run_brings_up_two_vcpus() {
+    if !require("/dev/kvm", kvm_usable(), "a host with KVM") || !require_qemu_guest() {
+        return;
+    }
+    if !is_pvm_host() {
+        eprintln!("SKIP: not a PVM host; the first test boots two vCPUs with the host template");
+        return;
+    }
+    let (_dir, image) = hello_image();
+    let mut cmd = hostd();
+    cmd.args([
+        "run",
+        "--vcpus",
+        "2",
+        "--cmdline",
+        "loglevel=7",
+        "--timeout",
+        "600",
+    ])
+    .arg(&image);
+    let out = run_with_deadline(cmd, Duration::from_secs(700));
+    assert!(
+        hostd_cmdline(&out.stderr).contains(" nopv"),
+        "{}",
+        out.all()
+    );
+    assert!(
+        out.stdout.contains("smp: Brought up 1 node, 2 CPUs"),
+        "{}",
+        out.all()
+    );
+    assert!(
+        out.stdout.contains("[hello] hello from hostd"),
+        "{}",
+        out.all()
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.all());
+}
+
 /// The probe guest, built by guest/probe/build.sh (cached by cargo).
 fn probe() -> Option<PathBuf> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/guest/probe/build.sh");

@@ -10,7 +10,7 @@ pub enum CpuTemplate {
     /// Hides features whose instructions a nested PVM hypervisor's instruction
     /// emulator cannot execute at guest CPL0 (XSAVE family, POPCNT, SMAP/SMEP, AVX,
     /// …). Measured on a kvm_pvm host: the guest's CPUID instruction ignores this
-    /// (it returns the host's values), so the VMM also passes [`PVM_KERNEL_ARGS`].
+    /// (it returns the host's values), so the VMM also passes [`pvm_kernel_args`].
     /// See docs/pvm.md.
     Pvm,
 }
@@ -125,11 +125,32 @@ pub fn apply(entries: &mut [kvm_cpuid_entry2], template: CpuTemplate, vcpu: u8, 
 /// runs away over memory (seen as an endless page fault on the per-CPU area).
 /// `syscall_via_fault` turns on hostd's guest kernel patch that completes system calls
 /// this host leaves half done (guest/kernel/patches/0001-…); other kernels ignore it.
-pub const PVM_KERNEL_ARGS: &str = "syscall_via_fault noxsave clearcpuid=pcid,popcnt,xsave,avx,avx2,smep,smap,invpcid,fsgsbase,rdrand,rdseed,bmi1,bmi2,erms,fsrm,pku,umip";
+const PVM_KERNEL_ARGS: &str = "syscall_via_fault noxsave clearcpuid=pcid,popcnt,xsave,avx,avx2,smep,smap,invpcid,fsgsbase,rdrand,rdseed,bmi1,bmi2,erms,fsrm,pku,umip";
+
+/// [`PVM_KERNEL_ARGS`], plus `nopv` for more than one vCPU: the guest sees the host's
+/// KVM feature leaf too, so it sends IPIs by hypercall (KVM_HC_SEND_IPI), and a
+/// non-PVM guest's VMCALL never completes on these hosts: secondary CPUs never came
+/// up (vCPU 0 stuck in `kvm_hypercall4`, vCPU 1 in `queued_spin_lock_slowpath`).
+/// `nopv` makes the guest ignore the hypervisor's PV features. With one vCPU nothing
+/// sends IPIs and `nopv` only costs boot time (1.4 s: no kvmclock, TSC calibrated).
+pub fn pvm_kernel_args(vcpus: u8) -> String {
+    if vcpus > 1 {
+        format!("{PVM_KERNEL_ARGS} nopv")
+    } else {
+        PVM_KERNEL_ARGS.to_string()
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pvm_kernel_args_add_nopv_only_for_smp() {
+        assert!(pvm_kernel_args(1).starts_with("syscall_via_fault noxsave clearcpuid="));
+        assert!(!pvm_kernel_args(1).contains("nopv"));
+        assert!(pvm_kernel_args(2).ends_with(" nopv"));
+    }
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {

@@ -206,7 +206,7 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     if template == CpuTemplate::Pvm {
         // Keep the guest kernel off instructions a nested PVM host cannot run (docs/pvm.md).
         cmdline.push(' ');
-        cmdline.push_str(cpuid::PVM_KERNEL_ARGS);
+        cmdline.push_str(&cpuid::pvm_kernel_args(cfg.vcpus));
     }
     let mut next_mmio = layout::VIRTIO_MMIO_START;
     let mut next_irq = layout::VIRTIO_IRQ_BASE;
