@@ -9,68 +9,13 @@
 //!
 //! `cargo bench --bench boot_probe` — prints a table and writes target/bench/boot_probe.json.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
+use common::{kvm_usable, median, spawn_and_measure, Sample};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::process::Command;
 
 const RUNS: usize = 10;
-
-#[derive(Default, Clone)]
-struct Sample {
-    to_first_line_ms: f64,
-    to_exit_ms: f64,
-    max_rss_kib: i64,
-    exit_status: i32,
-    internal: Option<String>,
-}
-
-fn spawn_and_measure(mut cmd: Command) -> Option<Sample> {
-    let start = Instant::now();
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()
-        .ok()?;
-    let stdout = child.stdout.take()?;
-    let stderr = child.stderr.take()?;
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            s.push_str(&l);
-            s.push('\n');
-        }
-        s
-    });
-    let mut first = None;
-    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-        if first.is_none() && line.contains("probe: started") {
-            first = Some(start.elapsed());
-        }
-    }
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is valid; we wait for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid out-pointers; the pid is our child, not yet reaped.
-    unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    let exit = start.elapsed();
-    let stderr = err_reader.join().unwrap_or_default();
-    Some(Sample {
-        to_first_line_ms: first?.as_secs_f64() * 1e3,
-        to_exit_ms: exit.as_secs_f64() * 1e3,
-        max_rss_kib: usage.ru_maxrss,
-        exit_status: if libc::WIFEXITED(status) {
-            libc::WEXITSTATUS(status)
-        } else {
-            -1
-        },
-        internal: stderr
-            .lines()
-            .find(|l| l.contains("timings"))
-            .map(str::to_string),
-    })
-}
 
 fn build_probe() -> PathBuf {
     let out = Command::new("bash")
@@ -138,21 +83,12 @@ fn hostd(probe: &Path) -> Command {
     c
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
     let probe = build_probe();
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let kvm = kvm_usable();
     let qemu_ok = Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
@@ -178,7 +114,7 @@ fn main() {
     );
     for (name, make) in &peers {
         let samples: Vec<Sample> = (0..RUNS)
-            .filter_map(|_| spawn_and_measure(make()))
+            .filter_map(|_| spawn_and_measure(make(), &["probe: started"]))
             .collect();
         let ok = samples
             .iter()
@@ -188,7 +124,13 @@ fn main() {
             println!("{name:<28} failed to run");
             continue;
         }
-        let first = median(samples.iter().map(|s| s.to_first_line_ms).collect());
+        // A run without the line counts as never reaching it (infinity), not as 0.
+        let first = median(
+            samples
+                .iter()
+                .map(|s| s.markers_ms[0].unwrap_or(f64::INFINITY))
+                .collect(),
+        );
         let exit = median(samples.iter().map(|s| s.to_exit_ms).collect());
         let rss = median(samples.iter().map(|s| s.max_rss_kib as f64).collect());
         println!("{name:<28} {first:>14.1} {exit:>12.1} {rss:>14.0}");
