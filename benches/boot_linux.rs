@@ -22,7 +22,10 @@ const MARKERS: [&str; 2] = ["hostd-init: started", "[hello] hello from hostd"];
 /// This checkout's guest kernel (guest/kernel/build.sh, cached).
 fn kernel() -> PathBuf {
     let out = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/guest/kernel/build.sh"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/guest/kernel/build.sh"
+        ))
         .output()
         .expect("run guest/kernel/build.sh");
     assert!(
@@ -92,9 +95,7 @@ fn main() {
     let qemu_accel = if kvm_usable() && !pvm { "KVM" } else { "TCG" };
     peers.push((format!("hostd --vmm qemu (microvm, {qemu_accel})"), "qemu"));
 
-    println!(
-        "boot_linux: {runs} runs each, medians; hello image, 128 MiB, 1 vCPU; ms from spawn"
-    );
+    println!("boot_linux: {runs} runs each, medians; hello image, 128 MiB, 1 vCPU; ms from spawn");
     println!(
         "{:<40} {:>10} {:>10} {:>10} {:>14} {:>6}",
         "monitor", "init", "service", "exit", "peak RSS KiB", "ok"

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{hostd, is_root, require, require_qemu_guest, run_with_deadline, spawn_running};
+use common::{
+    hostd, is_root, kvm_usable, require, require_qemu_guest, run_with_deadline, spawn_running,
+};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -70,12 +72,7 @@ fn web_example_answers_curl_over_a_tap() {
 /// docs/pvm.md).
 #[test]
 fn web_example_answers_curl_over_a_tap_with_the_built_in_vmm() {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !require("/dev/kvm", kvm, "a host with KVM") {
+    if !require("/dev/kvm", kvm_usable(), "a host with KVM") {
         return;
     }
     web_example_answers_curl("kvm");

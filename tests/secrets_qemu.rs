@@ -1,11 +1,12 @@
 //! Secrets delivered over vsock at boot (issue 4): a granted service reads the host's
 //! value from /run/secrets/NAME, other services cannot, and the value appears nowhere in
 //! the image file or the volumes. Also a vsock round trip through the backend's echo
-//! port.
+//! port. Under QEMU and under hostd's own VMM (which then also carries the erofs root
+//! and the volume over virtio-blk, and virtio-rng).
 
 mod common;
 
-use common::{build, require_qemu_guest, run_image};
+use common::{build, kvm_usable, require, require_qemu_guest, run_image_with};
 use std::path::Path;
 
 const SPEC: &str = r#"
@@ -61,6 +62,18 @@ fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
 
 #[test]
 fn only_granted_services_read_host_secrets_and_vsock_round_trips() {
+    granted_secrets_and_vsock("qemu");
+}
+
+#[test]
+fn only_granted_services_read_host_secrets_and_vsock_round_trips_with_the_built_in_vmm() {
+    if !require("/dev/kvm", kvm_usable(), "a host with KVM") {
+        return;
+    }
+    granted_secrets_and_vsock("kvm");
+}
+
+fn granted_secrets_and_vsock(vmm: &str) {
     if !require_qemu_guest() {
         return;
     }
@@ -71,7 +84,8 @@ fn only_granted_services_read_host_secrets_and_vsock_round_trips() {
     let unused = dir.path().join("unused.txt");
     std::fs::write(&unused, "nobody-asked").expect("write secret");
     let state = tempfile::tempdir().expect("state dir");
-    let out = run_image(
+    let out = run_image_with(
+        vmm,
         &image,
         &[
             "--state-dir",
@@ -141,7 +155,8 @@ fn a_declared_secret_the_host_does_not_provide_is_a_warning() {
     }
     let (_dir, image) = build(SPEC);
     let state = tempfile::tempdir().expect("state dir");
-    let out = run_image(
+    let out = run_image_with(
+        "qemu",
         &image,
         &["--state-dir", state.path().to_str().expect("utf-8 path")],
     );

@@ -4,17 +4,9 @@
 
 mod common;
 
-use common::{build, hostd, require, require_qemu_guest, run_with_deadline};
+use common::{build, hostd, kvm_usable, require, require_qemu_guest, run_with_deadline};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
 
 /// The kernel command line hostd logged that it passed.
 fn hostd_cmdline(stderr: &str) -> String {
