@@ -136,8 +136,11 @@ pub enum TemplateArg {
     Auto,
     /// Everything KVM supports.
     Host,
-    /// Hide what a PVM host's instruction emulator cannot run (XSAVE, POPCNT, SMAP, …),
-    /// also on the kernel command line (`noxsave clearcpuid=…`).
+    /// For nested PVM hosts (docs/pvm.md): hide what the host's instruction emulator
+    /// cannot run (XSAVE, POPCNT, SMAP, …), also on the kernel command line (`noxsave
+    /// clearcpuid=…`), turn on hostd's kernel patch for system calls
+    /// (`syscall_via_fault`), and `nopv` with several vCPUs. (The VMM's instruction
+    /// assist is on whenever the host is PVM, whatever the template.)
     Pvm,
 }
 
