@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{kvm_usable, median, spawn_and_measure, Sample};
+use common::{kvm_usable, median, spawn_and_measure, write_json, Sample};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -149,15 +149,9 @@ fn main() {
             num(exit)
         ));
     }
-    let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    let _ = std::fs::create_dir_all(&out_dir);
-    let path = out_dir.join("boot_linux.json");
-    let body = format!(
-        "{{\"bench\":\"boot_linux\",\"image\":\"images/examples/hello.toml\",\"pvm_host\":{pvm},\"results\":[{}]}}\n",
-        json.join(",")
+    write_json(
+        "boot_linux",
+        &format!("\"image\":\"images/examples/hello.toml\",\"pvm_host\":{pvm},"),
+        &json,
     );
-    match std::fs::write(&path, body) {
-        Ok(()) => println!("wrote {}", path.display()),
-        Err(e) => println!("cannot write {}: {e}", path.display()),
-    }
 }

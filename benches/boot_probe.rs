@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{kvm_usable, median, spawn_and_measure, Sample};
+use common::{kvm_usable, median, spawn_and_measure, write_json, Sample};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -142,15 +142,5 @@ fn main() {
             samples.len()
         ));
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    let _ = std::fs::create_dir_all(&dir);
-    let path = dir.join("boot_probe.json");
-    let body = format!(
-        "{{\"bench\":\"boot_probe\",\"guest_memory_mib\":64,\"results\":[{}]}}\n",
-        json.join(",")
-    );
-    match std::fs::write(&path, body) {
-        Ok(()) => println!("wrote {}", path.display()),
-        Err(e) => println!("cannot write {}: {e}", path.display()),
-    }
+    write_json("boot_probe", "\"guest_memory_mib\":64,", &json);
 }

@@ -33,6 +33,19 @@ fn hello_image() -> (tempfile::TempDir, PathBuf) {
     )
 }
 
+/// The hello image, on a nested PVM host with KVM and the guest kernel; None (after
+/// a SKIP line) elsewhere: the first test boots Linux fully on hardware KVM.
+fn hello_image_on_a_pvm_host() -> Option<(tempfile::TempDir, PathBuf)> {
+    if !require("/dev/kvm", kvm_usable(), "a host with KVM") || !require_qemu_guest() {
+        return None;
+    }
+    if !is_pvm_host() {
+        eprintln!("SKIP: not a PVM host; the first test boots Linux fully with the host template");
+        return None;
+    }
+    Some(hello_image())
+}
+
 #[test]
 fn linux_boots_through_our_vmm_with_our_cmdline_memory_map_and_cpus() {
     if !require("/dev/kvm", kvm_usable(), "a host with KVM") || !require_qemu_guest() {
@@ -114,14 +127,9 @@ fn linux_boots_through_our_vmm_with_our_cmdline_memory_map_and_cpus() {
 /// (docs/pvm.md).
 #[test]
 fn on_pvm_hosts_hostd_run_boots_hello_to_its_service_and_exit_code() {
-    if !require("/dev/kvm", kvm_usable(), "a host with KVM") || !require_qemu_guest() {
+    let Some((_dir, image)) = hello_image_on_a_pvm_host() else {
         return;
-    }
-    if !is_pvm_host() {
-        eprintln!("SKIP: not a PVM host; the test above boots Linux fully with the host template");
-        return;
-    }
-    let (_dir, image) = hello_image();
+    };
     let mut cmd = hostd();
     cmd.args(["run", "--timings", "--timeout", "600"])
         .arg(&image);
@@ -162,14 +170,9 @@ fn on_pvm_hosts_hostd_run_boots_hello_to_its_service_and_exit_code() {
 /// hypercall there, so hostd adds `nopv`) and the service runs to its exit code.
 #[test]
 fn on_pvm_hosts_hostd_run_brings_up_two_vcpus() {
-    if !require("/dev/kvm", kvm_usable(), "a host with KVM") || !require_qemu_guest() {
+    let Some((_dir, image)) = hello_image_on_a_pvm_host() else {
         return;
-    }
-    if !is_pvm_host() {
-        eprintln!("SKIP: not a PVM host; the first test boots two vCPUs with the host template");
-        return;
-    }
-    let (_dir, image) = hello_image();
+    };
     let mut cmd = hostd();
     cmd.args([
         "run",

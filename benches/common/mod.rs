@@ -86,3 +86,19 @@ pub fn kvm_usable() -> bool {
         .open("/dev/kvm")
         .is_ok()
 }
+
+/// Writes `{"bench":NAME,<extra>"results":[RESULTS]}` to target/bench/NAME.json and says
+/// where. `extra` is zero or more `"key":value,` pairs.
+pub fn write_json(name: &str, extra: &str, results: &[String]) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join(format!("{name}.json"));
+    let body = format!(
+        "{{\"bench\":\"{name}\",{extra}\"results\":[{}]}}\n",
+        results.join(",")
+    );
+    match std::fs::write(&path, body) {
+        Ok(()) => println!("wrote {}", path.display()),
+        Err(e) => println!("cannot write {}: {e}", path.display()),
+    }
+}
