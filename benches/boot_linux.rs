@@ -8,8 +8,13 @@
 //! (wait4: the largest of hostd, its backends and QEMU). On a nested PVM host the
 //! built-in monitor's figure is what its kernel-mode emulation costs (docs/pvm.md).
 //!
-//! `cargo bench --bench boot_linux` — prints a table and writes target/bench/boot_linux.json.
-//! BOOT_LINUX_RUNS sets the runs per monitor (default 3).
+//! Then what a booted guest's work costs under each: one image whose service times
+//! (busybox `time`, in the guest) 10,000 one-byte `dd` reads and writes (20,000 system
+//! calls), 20 fork+exec of `true`, and 16 MiB through a pipe into `sha256sum`. On a
+//! nested PVM host guest user code runs natively but every kernel entry runs emulated.
+//!
+//! `cargo bench --bench boot_linux` — prints tables and writes target/bench/boot_linux.json.
+//! BOOT_LINUX_RUNS sets the boot runs per monitor (default 3); the workload runs once.
 
 mod common;
 
@@ -18,6 +23,37 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const MARKERS: [&str; 2] = ["hostd-init: started", "[hello] hello from hostd"];
+
+/// The workload image: each step timed by busybox `time` inside the guest.
+const WORKLOAD: &str = r#"
+name = "workload"
+memory = "128M"
+packages = ["busybox-static"]
+
+[services.work]
+command = "/bin/busybox"
+args = ["sh", "-c", "B=/bin/busybox; $B time $B sh -c '/bin/busybox dd if=/dev/zero of=/dev/null bs=1 count=10000 2>/dev/null'; $B time $B sh -c 'i=0; while [ $i -lt 20 ]; do i=$((i+1)); /bin/busybox true; done'; $B time $B sh -c '/bin/busybox dd if=/dev/zero bs=1M count=16 2>/dev/null | /bin/busybox sha256sum >/dev/null'; echo workload-done"]
+main = true
+"#;
+
+const STEPS: [&str; 3] = [
+    "20,000 syscalls (dd bs=1)",
+    "20 fork+exec",
+    "16 MiB pipe + sha256",
+];
+
+/// The `real` times busybox `time` printed, in seconds, in order (`real\t0m 6.90s`).
+fn real_times(stdout: &str) -> Vec<f64> {
+    stdout
+        .lines()
+        .filter_map(|l| l.split("real").nth(1))
+        .filter_map(|t| {
+            let t = t.trim().trim_end_matches('s');
+            let (m, s) = t.split_once('m')?;
+            Some(m.trim().parse::<f64>().ok()? * 60.0 + s.trim().parse::<f64>().ok()?)
+        })
+        .collect()
+}
 
 /// This checkout's guest kernel (guest/kernel/build.sh, cached).
 fn kernel() -> PathBuf {
@@ -42,13 +78,10 @@ fn kernel() -> PathBuf {
     PathBuf::from(dir).join("vmlinux")
 }
 
-fn build_image(kernel: &Path, out: &Path) {
+fn build_image(kernel: &Path, spec: &Path, out: &Path) {
     let status = Command::new(env!("CARGO_BIN_EXE_hostd"))
         .arg("build")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/images/examples/hello.toml"
-        ))
+        .arg(spec)
         .arg("-o")
         .arg(out)
         .env("HOSTD_KERNEL", kernel)
@@ -84,7 +117,11 @@ fn main() {
     let kernel = kernel();
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("hello.img");
-    build_image(&kernel, &image);
+    let hello = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/images/examples/hello.toml"
+    ));
+    build_image(&kernel, hello, &image);
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
 
     let mut peers: Vec<(String, &str)> = Vec::new();
@@ -149,9 +186,38 @@ fn main() {
             num(exit)
         ));
     }
+
+    // The workload: once per monitor.
+    let spec = dir.path().join("workload.toml");
+    std::fs::write(&spec, WORKLOAD).expect("write workload spec");
+    let work_image = dir.path().join("workload.img");
+    build_image(&kernel, &spec, &work_image);
+    println!("\nin-guest work (busybox time, seconds; one run each)");
+    println!(
+        "{:<40} {:>26} {:>14} {:>22}",
+        "monitor", STEPS[0], STEPS[1], STEPS[2]
+    );
+    let mut work_json = Vec::new();
+    for (name, vmm) in &peers {
+        let out = hostd_run(&work_image, vmm).output().expect("run hostd");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let t = real_times(&stdout);
+        if t.len() != STEPS.len() || !stdout.contains("workload-done") {
+            println!("{name:<40} failed: {}", stdout.lines().last().unwrap_or(""));
+            continue;
+        }
+        println!("{name:<40} {:>26.2} {:>14.2} {:>22.2}", t[0], t[1], t[2]);
+        work_json.push(format!(
+            "{{\"monitor\":\"{name}\",\"vmm\":\"{vmm}\",\"syscalls_20000_s\":{:.3},\"fork_exec_20_s\":{:.3},\"pipe_sha256_16mib_s\":{:.3}}}",
+            t[0], t[1], t[2]
+        ));
+    }
     write_json(
         "boot_linux",
-        &format!("\"image\":\"images/examples/hello.toml\",\"pvm_host\":{pvm},"),
+        &format!(
+            "\"image\":\"images/examples/hello.toml\",\"pvm_host\":{pvm},\"workload\":[{}],",
+            work_json.join(",")
+        ),
         &json,
     );
 }
