@@ -136,21 +136,6 @@ fn same_spec_in_two_places_at_two_times_gives_identical_bytes() {
     );
 }
 
-fn section_offsets(img: &[u8]) -> Vec<(String, usize, usize)> {
-    let count = u32::from_le_bytes(img[12..16].try_into().expect("4 bytes")) as usize;
-    (0..count)
-        .map(|i| {
-            let e = 64 + i * 64;
-            let name = String::from_utf8_lossy(&img[e..e + 16])
-                .trim_end_matches('\0')
-                .to_string();
-            let off = u64::from_le_bytes(img[e + 16..e + 24].try_into().expect("8 bytes")) as usize;
-            let len = u64::from_le_bytes(img[e + 24..e + 32].try_into().expect("8 bytes")) as usize;
-            (name, off, len)
-        })
-        .collect()
-}
-
 fn refuses(img: &Path, needle: &str) {
     for sub in [&["inspect"][..], &["run", "--vmm", "qemu"][..]] {
         let mut cmd = hostd();
@@ -181,7 +166,7 @@ fn damaged_images_are_refused_naming_the_section() {
     let out = build_in(dir.path(), SPEC);
     assert!(out.status.success(), "{}", out.all());
     let good = std::fs::read(dir.path().join("app.img")).expect("read");
-    let sections = section_offsets(&good);
+    let sections = common::sections(&good);
     assert_eq!(
         sections.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
         ["manifest", "kernel", "initrd"]

@@ -98,25 +98,8 @@ fn services_run_from_the_read_only_root_and_cannot_write_to_it() {
     assert!(mounted < boot, "root mounted after the boot steps:\n{c}");
 }
 
-/// Header fields of each section: (name, offset, length, sha256).
-fn sections(img: &[u8]) -> Vec<(String, usize, usize, [u8; 32])> {
-    let count = u32::from_le_bytes(img[12..16].try_into().expect("4 bytes")) as usize;
-    (0..count)
-        .map(|i| {
-            let e = 64 + i * 64;
-            let name = String::from_utf8_lossy(&img[e..e + 16])
-                .trim_end_matches('\0')
-                .to_string();
-            let off = u64::from_le_bytes(img[e + 16..e + 24].try_into().expect("8 bytes")) as usize;
-            let len = u64::from_le_bytes(img[e + 24..e + 32].try_into().expect("8 bytes")) as usize;
-            let sha: [u8; 32] = img[e + 32..e + 64].try_into().expect("32 bytes");
-            (name, off, len, sha)
-        })
-        .collect()
-}
-
 fn section<'a>(img: &'a [u8], name: &str) -> &'a [u8] {
-    let (_, off, len, _) = sections(img)
+    let (_, off, len) = common::sections(img)
         .into_iter()
         .find(|s| s.0 == name)
         .unwrap_or_else(|| panic!("no section {name}"));
@@ -184,7 +167,7 @@ fn erofs_images_are_reproducible_and_hash_every_block() {
         hex(&Sha256::digest(a)),
         hex(&Sha256::digest(b))
     );
-    let names: Vec<String> = sections(a).into_iter().map(|s| s.0).collect();
+    let names: Vec<String> = common::sections(a).into_iter().map(|s| s.0).collect();
     assert_eq!(
         names,
         ["manifest", "kernel", "initrd", "rootfs", "rootfs-hashes"]
@@ -221,7 +204,7 @@ fn erofs_images_are_reproducible_and_hash_every_block() {
     // One flipped byte in either section and hostd refuses the image, naming it.
     let bad = dirs[0].path().join("bad.img");
     for name in ["rootfs", "rootfs-hashes"] {
-        let (_, off, len, _) = sections(a)
+        let (_, off, len) = common::sections(a)
             .into_iter()
             .find(|s| s.0 == name)
             .expect("section");

@@ -296,3 +296,21 @@ impl Running {
         }
     }
 }
+
+/// The image header's section table, read from the raw bytes (independently of the
+/// images crate, so tests can damage exactly the bytes they mean to): (name, offset,
+/// length) of each section.
+pub fn sections(img: &[u8]) -> Vec<(String, usize, usize)> {
+    let count = u32::from_le_bytes(img[12..16].try_into().expect("4 bytes")) as usize;
+    (0..count)
+        .map(|i| {
+            let e = 64 + i * 64;
+            let name = String::from_utf8_lossy(&img[e..e + 16])
+                .trim_end_matches('\0')
+                .to_string();
+            let off = u64::from_le_bytes(img[e + 16..e + 24].try_into().expect("8 bytes")) as usize;
+            let len = u64::from_le_bytes(img[e + 24..e + 32].try_into().expect("8 bytes")) as usize;
+            (name, off, len)
+        })
+        .collect()
+}
