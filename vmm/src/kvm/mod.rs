@@ -106,6 +106,14 @@ pub fn control_filter() -> Result<BpfProgram, jail::JailError> {
 }
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
+/// Makes every vCPU thread still running return from KVM_RUN (EINTR) once.
+fn kick(threads: &[std::thread::JoinHandle<()>]) {
+    for t in threads.iter().filter(|t| !t.is_finished()) {
+        // SAFETY: the pthread is alive (not finished) and the signal has a handler.
+        unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+    }
+}
+
 fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN()
 }
@@ -380,10 +388,7 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
             )));
         }
         if shared.profile.is_some() {
-            for t in threads.iter().filter(|t| !t.is_finished()) {
-                // SAFETY: the pthread is alive (not finished) and the signal has a handler.
-                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
-            }
+            kick(&threads);
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -391,10 +396,7 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     // Kick every vCPU out of KVM_RUN until it notices `stop`; give up after 1 s.
     let deadline = Instant::now() + Duration::from_secs(1);
     while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
-        for t in threads.iter().filter(|t| !t.is_finished()) {
-            // SAFETY: the pthread is alive (not finished) and the signal has a handler.
-            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
-        }
+        kick(&threads);
         std::thread::sleep(Duration::from_millis(2));
     }
     if threads.iter().any(|t| !t.is_finished()) {
