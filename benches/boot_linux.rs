@@ -15,6 +15,7 @@
 //!
 //! `cargo bench --bench boot_linux` — prints tables and writes target/bench/boot_linux.json.
 //! BOOT_LINUX_RUNS sets the boot runs per monitor (default 3); the workload runs once.
+#![allow(clippy::print_stdout)] // a benchmark's figures are its output
 
 mod common;
 

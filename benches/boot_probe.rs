@@ -8,6 +8,7 @@
 //! monitor's own overhead. hostd's own boot-marker timings are reported too.
 //!
 //! `cargo bench --bench boot_probe` — prints a table and writes target/bench/boot_probe.json.
+#![allow(clippy::print_stdout)] // a benchmark's figures are its output
 
 mod common;
 
@@ -16,6 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const RUNS: usize = 10;
+
+/// Builds one monitor's command line for a run.
+type MakeCommand = Box<dyn Fn() -> Command>;
 
 fn build_probe() -> PathBuf {
     let out = Command::new("bash")
@@ -93,7 +97,7 @@ fn main() {
         .arg("--version")
         .output()
         .is_ok();
-    let mut peers: Vec<(&str, Box<dyn Fn() -> Command>)> = Vec::new();
+    let mut peers: Vec<(&str, MakeCommand)> = Vec::new();
     if kvm {
         let p = probe.clone();
         peers.push(("hostd (built-in VMM, KVM)", Box::new(move || hostd(&p))));

@@ -11,6 +11,7 @@
 //!
 //! `cargo bench --bench devices_qemu` — prints a table and writes
 //! target/bench/devices_qemu.json.
+#![allow(clippy::print_stdout)] // a benchmark's figures are its output
 
 use std::path::Path;
 use std::process::{Command, Stdio};
