@@ -8,9 +8,12 @@ use std::time::Duration;
 use hostd_images::builder::{self, BuildOptions};
 use hostd_images::format::{digest_hex, sections, Image};
 use hostd_images::manifest::Manifest;
+use hostd_images::names;
+use hostd_images::signature::{self, Signer, SigningKey, TrustedKey};
 use hostd_vmm::backends::DeviceBackend;
 use hostd_vmm::kvm::{CpuTemplate, KvmConfig};
 use hostd_vmm::qemu::{self, Accel, QemuOptions, StagedFiles};
+use hostd_vmm::volumes::VolumeLock;
 use hostd_vmm::{BootSpec, BASE_CMDLINE};
 
 /// Guest init, built from guest/init by build.rs.
@@ -36,10 +39,45 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
+/// `hostd key`.
+#[derive(Debug, clap::Subcommand)]
+pub enum KeyCommand {
+    /// Make a new signing key pair: PREFIX.key (secret, mode 0600, unencrypted) and
+    /// PREFIX.pub (public). Sign with `hostd build --sign PREFIX.key`; check with
+    /// `hostd run --trust PREFIX.pub`. Existing files are never replaced.
+    New {
+        /// Path prefix of the two key files.
+        prefix: PathBuf,
+    },
+}
+
+/// `hostd key`.
+pub fn key(cmd: KeyCommand) -> Result<i32> {
+    match cmd {
+        KeyCommand::New { prefix } => {
+            let (secret, public, id) = SigningKey::generate(&prefix)?;
+            eprintln!(
+                "hostd: key {id}: secret key {} (keep it private), public key {}",
+                secret.display(),
+                public.display()
+            );
+            Ok(0)
+        }
+    }
+}
+
 /// `hostd build`.
-pub fn build(spec: &Path, output: &Path, kernel: Option<PathBuf>) -> Result<i32> {
+pub fn build(
+    spec: &Path,
+    output: &Path,
+    kernel: Option<PathBuf>,
+    context: Option<PathBuf>,
+    sign: Option<PathBuf>,
+) -> Result<i32> {
+    crate::interrupt::remove_scratch_on_signals();
     let kernel = default_kernel(kernel);
     let cache = cache_dir();
+    let key = sign.as_deref().map(SigningKey::load).transpose()?;
     eprintln!("hostd: building {} -> {}", spec.display(), output.display());
     let report = builder::build(&BuildOptions {
         spec,
@@ -47,9 +85,14 @@ pub fn build(spec: &Path, output: &Path, kernel: Option<PathBuf>) -> Result<i32>
         init: GUEST_INIT,
         default_kernel: &kernel,
         cache: &cache,
+        context: context.as_deref(),
+        sign: key.as_ref(),
     })?;
+    let signed = key
+        .map(|k| format!(", signed by key {}", k.id()))
+        .unwrap_or_default();
     eprintln!(
-        "hostd: built image {} ({}, {} service(s), {} package(s))",
+        "hostd: built image {} ({}, {} service(s), {} package(s){signed})",
         report.id,
         mib(report.size),
         report.manifest.services.len(),
@@ -58,17 +101,27 @@ pub fn build(spec: &Path, output: &Path, kernel: Option<PathBuf>) -> Result<i32>
     Ok(0)
 }
 
-/// `hostd inspect`.
-pub fn inspect(path: &Path, manifest_only: bool) -> Result<i32> {
+/// Opens and verifies an image: every digest, the manifest and the sections it needs,
+/// and, when keys are given, its signature.
+fn open_image(path: &Path, trust: &[PathBuf]) -> Result<(Image, Manifest, Option<Signer>)> {
     let image = Image::open(path)?;
+    let manifest = image.manifest()?;
+    let signer = if trust.is_empty() {
+        None
+    } else {
+        let keys = trust
+            .iter()
+            .map(|p| TrustedKey::load(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        Some(signature::verify(&image, &keys)?)
+    };
+    Ok((image, manifest, signer))
+}
+
+/// `hostd inspect`.
+pub fn inspect(path: &Path, manifest_only: bool, trust: &[PathBuf]) -> Result<i32> {
+    let (image, _, verified) = open_image(path, trust)?;
     let manifest_bytes = image.read_section(sections::MANIFEST)?;
-    // Refuse a manifest guest init could not read, even though the digest matched.
-    Manifest::from_json(&manifest_bytes).with_context(|| {
-        format!(
-            "{}: section `manifest` is not a valid manifest",
-            path.display()
-        )
-    })?;
     let mut out = String::new();
     if manifest_only {
         out.push_str(&String::from_utf8_lossy(&manifest_bytes));
@@ -76,6 +129,15 @@ pub fn inspect(path: &Path, manifest_only: bool) -> Result<i32> {
         out.push_str(&format!("image     {}\n", path.display()));
         out.push_str(&format!("id        sha256:{}\n", image.id));
         out.push_str(&format!("format    {}\n", image.header.version));
+        let signed = match (verified, signature::signer_unverified(&image)?) {
+            (Some(s), _) => format!("key {} (verified: {})", s.key_id, s.comment),
+            (None, Some(s)) => format!(
+                "key {} (not verified; give --trust KEY.pub to check it)",
+                s.key_id
+            ),
+            (None, None) => "no".into(),
+        };
+        out.push_str(&format!("signed    {signed}\n"));
         out.push_str(&format!(
             "size      {} ({} bytes)\n",
             mib(image.header.file_length),
@@ -203,6 +265,11 @@ pub struct RunArgs {
     /// Deliver every file in DIR as a secret named after the file.
     #[arg(long, value_name = "DIR")]
     pub secret_dir: Option<PathBuf>,
+    /// Boot only an image signed by one of these public keys (repeatable; minisign
+    /// format, as `hostd key new` writes): an unsigned image, or one signed by any
+    /// other key, is refused.
+    #[arg(long, value_name = "PUBKEY", requires = "image")]
+    pub trust: Vec<PathBuf>,
 }
 
 /// `--secret NAME=@FILE`.
@@ -250,7 +317,7 @@ fn host_secrets(args: &RunArgs) -> Result<Vec<(String, PathBuf)>> {
         .map(|(name, file)| {
             let f = std::fs::canonicalize(&file)
                 .with_context(|| format!("secret {name}: cannot find {}", file.display()))?;
-            std::fs::File::open(&f)
+            hostd_images::input::read_regular(&f, hostd_images::input::MAX_SECRET)
                 .with_context(|| format!("secret {name}: cannot read {}", f.display()))?;
             Ok((name, f))
         })
@@ -278,7 +345,20 @@ fn parse_net(s: &str) -> Result<NetArg, String> {
             .split_once('=')
             .ok_or(format!("`{part}`: expected key=value"))?;
         match k {
-            "tap" => net.tap = v.to_string(),
+            "tap" => {
+                // IFNAMSIZ: 15 bytes and a NUL; no `/`, whitespace or `:`.
+                if v.is_empty()
+                    || v.len() > 15
+                    || !v
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    return Err(format!(
+                        "tap: `{v}` is not an interface name (1-15 letters, digits, `-`, `_`, `.`)"
+                    ));
+                }
+                net.tap = v.to_string()
+            }
             "ip" => {
                 let (a, p) = v.split_once('/').unwrap_or((v, "24"));
                 a.parse::<std::net::Ipv4Addr>()
@@ -294,7 +374,23 @@ fn parse_net(s: &str) -> Result<NetArg, String> {
                     .map_err(|_| format!("gw: `{v}` is not an IPv4 address"))?;
                 net.gw = Some(v.to_string());
             }
-            "mac" => net.mac = v.to_string(),
+            "mac" => {
+                let octets: Vec<&str> = v.split(':').collect();
+                if octets.len() != 6
+                    || !octets
+                        .iter()
+                        .all(|o| o.len() == 2 && u8::from_str_radix(o, 16).is_ok())
+                {
+                    return Err(format!(
+                        "mac: `{v}` is not a MAC address (52:54:00:12:34:56)"
+                    ));
+                }
+                let first = u8::from_str_radix(octets[0], 16).unwrap_or(1);
+                if first & 1 == 1 {
+                    return Err(format!("mac: `{v}` is a multicast address"));
+                }
+                net.mac = v.to_ascii_lowercase()
+            }
             _ => return Err(format!("unknown key `{k}` (tap, ip, gw, mac)")),
         }
     }
@@ -306,6 +402,8 @@ fn parse_net(s: &str) -> Result<NetArg, String> {
 
 /// What `hostd run` boots, resolved from an image or from --kernel.
 struct Resolved {
+    /// The image's name (or the kernel's path).
+    name: String,
     kernel: Vec<u8>,
     kernel_name: String,
     initrd: Option<Vec<u8>>,
@@ -325,21 +423,41 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
     let memory = |default: u32| -> Result<u32> {
         match &args.mem {
             Some(m) => {
-                hostd_images::spec::parse_size_mib(m).map_err(|e| anyhow::anyhow!("--mem: {e}"))
+                let mib = hostd_images::spec::parse_size_mib(m)
+                    .map_err(|e| anyhow::anyhow!("--mem: {e}"))?;
+                if !(MIN_MEM_MIB..=*names::MEMORY_MIB.end()).contains(&mib) {
+                    bail!("--mem {m}: expected {MIN_MEM_MIB}M to 64G");
+                }
+                Ok(mib)
             }
             None => Ok(default),
         }
     };
+    if let Some(c) = &args.cmdline {
+        names::check_cmdline(c).map_err(|e| anyhow::anyhow!("--cmdline: {e}"))?;
+    }
+    if let Some(v) = args.vcpus {
+        if !names::VCPUS.contains(&v) {
+            bail!("--vcpus {v}: expected 1 to 32");
+        }
+    }
+    if let Some(t) = args.timeout {
+        if !(1..=MAX_TIMEOUT_SECS).contains(&t) {
+            bail!("--timeout {t}: expected 1 to {MAX_TIMEOUT_SECS} seconds");
+        }
+    }
     if let Some(kernel) = &args.kernel {
-        let bytes = std::fs::read(kernel)
-            .with_context(|| format!("cannot read kernel {}", kernel.display()))?;
+        let read = |p: &Path, what: &str| {
+            hostd_images::input::read_regular(p, hostd_images::input::MAX_KERNEL)
+                .with_context(|| format!("{what} {}: cannot read it", p.display()))
+        };
+        let bytes = read(kernel, "--kernel")?;
         let initrd = match &args.initrd {
-            Some(p) => Some(
-                std::fs::read(p).with_context(|| format!("cannot read initrd {}", p.display()))?,
-            ),
+            Some(p) => Some(read(p, "--initrd")?),
             None => None,
         };
         return Ok(Resolved {
+            name: kernel.display().to_string(),
             kernel: bytes,
             kernel_name: kernel.display().to_string(),
             initrd,
@@ -356,14 +474,10 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
         });
     }
     let path = args.image.as_deref().context("give an image or --kernel")?;
-    let image = Image::open(path)?;
-    let manifest =
-        Manifest::from_json(&image.read_section(sections::MANIFEST)?).with_context(|| {
-            format!(
-                "{}: section `manifest` is not a valid manifest",
-                path.display()
-            )
-        })?;
+    let (image, manifest, signer) = open_image(path, &args.trust)?;
+    if let Some(s) = signer {
+        tracing::info!("signature verified: key {} ({})", s.key_id, s.comment);
+    }
     let net_args = args
         .net
         .as_ref()
@@ -419,6 +533,7 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
         }
     };
     Ok(Resolved {
+        name: manifest.name.clone(),
         kernel: image.read_section(sections::KERNEL)?,
         kernel_name: format!("{} (section `kernel`)", path.display()),
         initrd: Some(image.read_section(sections::INITRD)?),
@@ -438,13 +553,17 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
 
 /// The devices a run attaches, in the order the guest sees them: the root disk first
 /// (/dev/vda), then the volumes in manifest order (serials vol0, vol1, …), then rng.
-fn devices_for(r: &Resolved, args: &RunArgs) -> Result<Vec<DeviceBackend>> {
+/// Each volume is locked for this VM for as long as the returned locks live.
+fn devices_for(r: &Resolved, args: &RunArgs) -> Result<(Vec<DeviceBackend>, Vec<VolumeLock>)> {
     let mut devices: Vec<DeviceBackend> = r.root.iter().cloned().collect();
+    let mut locks = Vec::new();
     let state = args
         .state_dir
         .clone()
         .unwrap_or_else(hostd_vmm::volumes::state_dir);
+    let holder = format!("VM {} (hostd pid {})", r.name, std::process::id());
     for (i, v) in r.volumes.iter().enumerate() {
+        locks.push(hostd_vmm::volumes::lock(&state, &v.name, &holder)?);
         let file = hostd_vmm::volumes::ensure(&state, &v.name, v.size_mib)?;
         let length = std::fs::metadata(&file)?.len();
         devices.push(DeviceBackend::Block {
@@ -487,18 +606,38 @@ fn devices_for(r: &Resolved, args: &RunArgs) -> Result<Vec<DeviceBackend>> {
             secrets,
         });
     }
-    Ok(devices)
+    check_cmdline_fits(&r.cmdline, devices.len())?;
+    Ok((devices, locks))
 }
 
 /// The guest's vsock CID.
 const GUEST_CID: u64 = 3;
 
+/// Smallest `--mem` (a bare `--kernel` guest may be tiny; images need 32 MiB).
+const MIN_MEM_MIB: u32 = 1;
+/// Longest `--timeout`: a year.
+const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
+/// Room kept on the kernel command line for each device argument a runner adds
+/// (`virtio_mmio.device=4K@0xfeb00000:12` and a space).
+const CMDLINE_PER_DEVICE: usize = 48;
+
+/// Refuses a command line that, with the runner's own device arguments, would not fit
+/// the kernel's (which would cut it silently).
+fn check_cmdline_fits(cmdline: &str, devices: usize) -> Result<()> {
+    let total = cmdline.len() + CMDLINE_PER_DEVICE * (devices + 1);
+    if total >= hostd_vmm::layout::CMDLINE_MAX_SIZE {
+        bail!(
+            "the kernel command line would be about {total} bytes with the runner's device \
+             arguments; at most {} fit (shorten --cmdline or the image's `cmdline`)",
+            hostd_vmm::layout::CMDLINE_MAX_SIZE - 1
+        );
+    }
+    Ok(())
+}
+
 /// `hostd run`.
 pub fn run(args: &RunArgs) -> Result<i32> {
     let r = resolve(args)?;
-    if !(1..=32).contains(&r.vcpus) {
-        bail!("--vcpus {}: expected 1 to 32", r.vcpus);
-    }
     tracing::info!(
         "booting with {} vCPU(s), {} MiB ({:?})",
         r.vcpus,
@@ -514,7 +653,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 Some(i) => Some(staged.put("initrd", i)?),
                 None => None,
             };
-            let devices = devices_for(&r, args)?;
+            let (devices, _volume_locks) = devices_for(&r, args)?;
             let boot = BootSpec {
                 kernel,
                 initrd,
@@ -543,7 +682,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                     "--no-sandbox: the VMM runs without seccomp filters and keeps its capabilities"
                 );
             }
-            let devices = devices_for(&r, args)?;
+            let (devices, _volume_locks) = devices_for(&r, args)?;
             // Decided now: once the VM runs, this thread's seccomp filter forbids opening
             // /dev/kvm again.
             let pvm_host = hostd_vmm::host::kvm_kind() == hostd_vmm::host::KvmKind::Pvm;

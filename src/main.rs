@@ -3,6 +3,7 @@
 mod backend_cmd;
 mod fn_cmd;
 mod image_cmd;
+mod interrupt;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -34,6 +35,15 @@ enum Command {
         /// kernel built by guest/kernel/build.sh in the hostd cache].
         #[arg(long, value_name = "FILE")]
         kernel: Option<PathBuf>,
+        /// The directory the spec's relative paths (`kernel`, `files[].source`) may
+        /// read from, symlinks resolved; anything outside it is refused [default: the
+        /// spec's directory].
+        #[arg(long, value_name = "DIR")]
+        context: Option<PathBuf>,
+        /// Sign the image with this minisign secret key (`hostd key new` makes one;
+        /// `minisign -G` keys work too). `hostd run --trust KEY.pub` then checks it.
+        #[arg(long, value_name = "KEY")]
+        sign: Option<PathBuf>,
     },
     /// Verify an image and print its id, sections and manifest.
     ///
@@ -45,12 +55,21 @@ enum Command {
         /// Print only the manifest, as JSON.
         #[arg(long)]
         manifest: bool,
+        /// Also check the image's signature against these public keys (repeatable);
+        /// fails when it is unsigned or signed by another key.
+        #[arg(long, value_name = "PUBKEY")]
+        trust: Vec<PathBuf>,
     },
     /// Boot an image in a microVM; exits with the image's `main` service's exit code.
     ///
     /// The console is printed on stdout. Ctrl-C asks the guest to shut down cleanly
     /// (SIGTERM to every service, then power off); a second Ctrl-C stops it at once.
     Run(image_cmd::RunArgs),
+    /// Signing keys for images.
+    Key {
+        #[command(subcommand)]
+        cmd: image_cmd::KeyCommand,
+    },
     /// A device backend process (started by `hostd run`; not for direct use).
     #[command(hide = true)]
     Backend {
@@ -82,8 +101,15 @@ fn main() {
             spec,
             output,
             kernel,
-        } => image_cmd::build(&spec, &output, kernel),
-        Command::Inspect { image, manifest } => image_cmd::inspect(&image, manifest),
+            context,
+            sign,
+        } => image_cmd::build(&spec, &output, kernel, context, sign),
+        Command::Inspect {
+            image,
+            manifest,
+            trust,
+        } => image_cmd::inspect(&image, manifest, &trust),
+        Command::Key { cmd } => image_cmd::key(cmd),
         Command::Run(args) => image_cmd::run(&args),
         Command::Backend { cmd } => backend_cmd::run(cmd),
         Command::Fn { cmd } => fn_cmd::run(cmd),

@@ -4,16 +4,9 @@
 
 mod common;
 
-use common::{hostd, run_with_deadline};
+use common::{fake_kernel, hostd, run_with_deadline};
 use std::path::Path;
 use std::time::Duration;
-
-/// A minimal ELF header: enough for the builder to accept the file as a vmlinux.
-fn fake_kernel(dir: &Path) {
-    let mut k = b"\x7fELF\x02\x01\x01".to_vec();
-    k.resize(64 * 1024, 0xAB);
-    std::fs::write(dir.join("vmlinux"), k).expect("write kernel");
-}
 
 const SPEC: &str = r#"
 name = "repro"

@@ -21,10 +21,12 @@ use std::path::{Path, PathBuf};
 use crate::debs;
 use crate::erofs;
 use crate::format::{self, sections};
+use crate::input;
 use crate::manifest::{
     KernelInfo, Manifest, RootInfo, Service, Step, Volume, MANIFEST_PATH_IN_GUEST, MANIFEST_SCHEMA,
 };
 use crate::rootfs::{Kind, Node, Tree};
+use crate::signature::SigningKey;
 use crate::spec::{parse_owner, RootKind, Spec, SpecError};
 use crate::verity;
 
@@ -44,7 +46,7 @@ pub enum BuildError {
     #[error(transparent)]
     Spec(#[from] SpecError),
     /// A package could not be fetched or unpacked.
-    #[error("{file}: {source}")]
+    #[error("{file}")]
     Package {
         /// The spec file.
         file: PathBuf,
@@ -64,15 +66,21 @@ pub enum BuildError {
         message: String,
     },
     /// The read-only root file system could not be made.
-    #[error("{file}: root = \"erofs\": {source}")]
+    #[error("{file}: root = \"erofs\"")]
     Rootfs {
         /// The spec file.
         file: PathBuf,
         /// What went wrong.
         source: erofs::ErofsError,
     },
+    /// Signing failed.
+    #[error("--sign")]
+    Sign {
+        /// Why.
+        source: crate::signature::SignatureError,
+    },
     /// Writing the output failed.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Output {
         /// The output path.
         path: PathBuf,
@@ -94,6 +102,11 @@ pub struct BuildOptions<'a> {
     pub default_kernel: &'a Path,
     /// Cache directory for downloaded packages.
     pub cache: &'a Path,
+    /// The only directory a spec's relative paths (`kernel`, `files[].source`) may
+    /// reach into, symlinks resolved [default: the spec's directory].
+    pub context: Option<&'a Path>,
+    /// Sign the image with this key (a `signature` section, last).
+    pub sign: Option<&'a SigningKey>,
 }
 
 /// What was built.
@@ -120,22 +133,77 @@ pub fn kernel_format(bytes: &[u8]) -> Option<&'static str> {
 
 /// Builds an image. The output is replaced atomically, and only on success.
 pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
-    let spec = Spec::load(opts.spec)?;
     let file = opts.spec.to_path_buf();
-    let base = opts.spec.parent().unwrap_or(Path::new("."));
+    let output_err = |e: std::io::Error| BuildError::Output {
+        path: opts.output.to_path_buf(),
+        source: e,
+    };
+    input::check_output(opts.output).map_err(output_err)?;
+    if input::same_file(opts.spec, opts.output) {
+        return Err(output_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "it is the spec itself; choose another output path",
+        )));
+    }
+    let spec = Spec::load(opts.spec)?;
+    let base = match opts.spec.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let input_err = |field: &str, path: &Path, message: String| BuildError::Input {
         file: file.clone(),
         field: field.to_string(),
         path: path.to_path_buf(),
         message,
     };
+    let context_dir = opts.context.unwrap_or(base);
+    let context = std::fs::canonicalize(context_dir).map_err(|e| {
+        input_err(
+            "(build context)",
+            context_dir,
+            format!("{e} (the build context must be an existing directory)"),
+        )
+    })?;
+    // A relative path of the spec, resolved (symlinks too) and confined to the context.
+    let confined = |field: &str, rel: &Path| -> Result<PathBuf, BuildError> {
+        let joined = base.join(rel);
+        let real =
+            std::fs::canonicalize(&joined).map_err(|e| input_err(field, &joined, e.to_string()))?;
+        if !real.starts_with(&context) {
+            return Err(input_err(
+                field,
+                &joined,
+                format!(
+                    "it resolves to {}, outside the build context {}; a spec reads only files \
+                     under its context (move the file there, or give `hostd build --context DIR`)",
+                    real.display(),
+                    context.display()
+                ),
+            ));
+        }
+        if input::same_file(&real, opts.output) {
+            return Err(output_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "it is an input of the build (field `{field}`); choose another output path"
+                ),
+            )));
+        }
+        Ok(real)
+    };
 
     // Kernel.
     let kernel_path = match spec.kernel.as_deref() {
         None | Some("default") => opts.default_kernel.to_path_buf(),
-        Some(p) => base.join(p),
+        Some(p) => confined("kernel", Path::new(p))?,
     };
-    let kernel = std::fs::read(&kernel_path).map_err(|e| {
+    if input::same_file(&kernel_path, opts.output) {
+        return Err(output_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "it is the kernel the image is built from; choose another output path",
+        )));
+    }
+    let kernel = input::read_regular(&kernel_path, input::MAX_KERNEL).map_err(|e| {
         let hint = if spec.kernel.as_deref().unwrap_or("default") == "default" {
             " (build hostd's kernel with guest/kernel/build.sh, or set HOSTD_KERNEL)"
         } else {
@@ -196,9 +264,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                 .unwrap_or(default)
         };
         let node = if let Some(src) = &f.source {
-            let path = base.join(src);
-            let data = std::fs::read(&path)
-                .map_err(|e| input_err(&format!("files[{i}].source"), &path, e.to_string()))?;
+            let field = format!("files[{i}].source");
+            let path = confined(&field, src)?;
+            let data = input::read_regular(&path, input::MAX_SOURCE_FILE)
+                .map_err(|e| input_err(&field, &path, e.to_string()))?;
             Node {
                 kind: Kind::File(data),
                 mode: mode(0o644),
@@ -356,10 +425,17 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         parts.push((sections::ROOTFS, bytes));
         parts.push((sections::ROOTFS_HASHES, hashes));
     }
-    let image = format::write_image(&parts).map_err(|e| BuildError::Output {
-        path: opts.output.to_path_buf(),
-        source: std::io::Error::other(e),
-    })?;
+    let mut image =
+        format::write_image(&parts).map_err(|e| output_err(std::io::Error::other(e)))?;
+    if let Some(key) = opts.sign {
+        let header = format::parse_header(&image, image.len() as u64)
+            .map_err(|(_, e)| output_err(std::io::Error::other(e)))?;
+        let signature = key
+            .sign(&header, &manifest.name)
+            .map_err(|source| BuildError::Sign { source })?;
+        parts.push((sections::SIGNATURE, &signature));
+        image = format::write_image(&parts).map_err(|e| output_err(std::io::Error::other(e)))?;
+    }
     format::write_atomically(opts.output, &image).map_err(|source| BuildError::Output {
         path: opts.output.to_path_buf(),
         source,

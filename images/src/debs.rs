@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::manifest::PackageInfo;
+use crate::names;
 use crate::rootfs::{Kind, Node, Tree};
 
 /// Why a package could not be used.
@@ -51,14 +52,34 @@ fn run(package: &str, cmd: &mut Command) -> Result<Vec<u8>, DebError> {
     Ok(out.stdout)
 }
 
+/// apt with nothing from the environment that could change its configuration; operands
+/// after `--`, so a name can never be read as an option.
+fn apt(program: &str) -> Command {
+    let mut c = Command::new(program);
+    c.env_remove("APT_CONFIG");
+    c
+}
+
 /// Resolves `name` or `name=version` to an exact version.
 fn resolve_version(spec: &str) -> Result<(String, String), DebError> {
-    if let Some((name, version)) = spec.split_once('=') {
+    // Checked again here (the spec validator checks first): whatever reaches apt is a
+    // Debian package name and version, never an option.
+    let (name, version) = match spec.split_once('=') {
+        Some((n, v)) => (n, Some(v)),
+        None => (spec, None),
+    };
+    if !names::is_debian_package(name) || !version.is_none_or(names::is_debian_version) {
+        return Err(err(
+            spec,
+            "not a Debian package name (`name` or `name=version`)",
+        ));
+    }
+    if let Some(version) = version {
         return Ok((name.to_string(), version.to_string()));
     }
     let out = run(
         spec,
-        Command::new("apt-cache").args(["show", "--no-all-versions", spec]),
+        apt("apt-cache").args(["show", "--no-all-versions", "--", spec]),
     )?;
     let text = String::from_utf8_lossy(&out);
     let version = text
@@ -99,10 +120,11 @@ pub fn fetch(spec: &str, cache: &Path) -> Result<(PathBuf, PackageInfo), DebErro
         None => {
             tracing::info!("downloading {name}={version}");
             let tmp = tempfile::tempdir_in(&dir).map_err(|e| err(spec, e.to_string()))?;
+            let _scratch = crate::scratch::register(tmp.path());
             run(
                 spec,
-                Command::new("apt-get")
-                    .args(["download", "-q", &format!("{name}={version}")])
+                apt("apt-get")
+                    .args(["download", "-q", "--", &format!("{name}={version}")])
                     .current_dir(tmp.path()),
             )?;
             let got =

@@ -33,7 +33,7 @@ pub fn mkfs_binary() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum ErofsError {
     /// Staging the tree into the temporary directory failed.
-    #[error("cannot stage {path} for the erofs root: {source}{hint}")]
+    #[error("cannot stage {path} for the erofs root{hint}")]
     Stage {
         /// The path in the guest.
         path: String,
@@ -78,6 +78,7 @@ pub fn build(tree: &Tree) -> Result<Vec<u8>, ErofsError> {
         .prefix("hostd-rootfs-")
         .tempdir()
         .map_err(stage_err("/", " (is TMPDIR writable?)"))?;
+    let _scratch = crate::scratch::register(tmp.path());
     let root = tmp.path().join("root");
     std::fs::create_dir(&root).map_err(stage_err("/", ""))?;
 

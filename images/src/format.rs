@@ -22,6 +22,8 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use crate::manifest::Manifest;
+
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"HOSTDIMG";
 /// Current format version.
@@ -54,13 +56,16 @@ pub mod sections {
     /// sha256 of every 4 KiB block of `rootfs`, in order, 32 raw bytes each
     /// ([`crate::verity`]); what a block backend checks each read against.
     pub const ROOTFS_HASHES: &str = "rootfs-hashes";
+    /// A minisign (ed25519) signature of every other section's name, length and
+    /// sha256 ([`crate::signature`]); present in signed images only, always last.
+    pub const SIGNATURE: &str = "signature";
 }
 
 /// What is wrong with an image.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// Reading the file failed.
-    #[error("{file}: {source}")]
+    #[error("{file}")]
     Io {
         /// The image file.
         file: PathBuf,
@@ -260,6 +265,12 @@ pub fn parse_header(block: &[u8], actual_len: u64) -> Result<Header, (Option<Str
                 "offset {offset} overlaps the header or the previous section"
             )));
         }
+        if offset != align_up(end_of_previous) {
+            return Err(bad(format!(
+                "offset {offset} leaves a gap after the previous section (expected {})",
+                align_up(end_of_previous)
+            )));
+        }
         let end = offset
             .checked_add(length)
             .filter(|end| *end <= file_length)
@@ -274,6 +285,23 @@ pub fn parse_header(block: &[u8], actual_len: u64) -> Result<Header, (Option<Str
             length,
             sha256,
         });
+    }
+    if file_length != align_up(end_of_previous) {
+        return Err(h(format!(
+            "the header records {file_length} bytes but the sections end at {end_of_previous} \
+             (expected {} with padding)",
+            align_up(end_of_previous)
+        )));
+    }
+    // The unused part of the section table and the reserved bytes are covered by the
+    // header digest already; they must still be zero, so no two valid headers differ
+    // only in bytes that mean nothing.
+    if block[24..TABLE].iter().any(|b| *b != 0)
+        || block[TABLE + count * ENTRY..HEADER_DIGEST]
+            .iter()
+            .any(|b| *b != 0)
+    {
+        return Err(h("reserved header bytes are not zero".into()));
     }
     Ok(Header {
         version,
@@ -299,7 +327,7 @@ impl Image {
             file: path.to_path_buf(),
             source,
         };
-        let mut f = File::open(path).map_err(io)?;
+        let mut f = crate::input::open_regular(path).map_err(io)?;
         let len = f.metadata().map_err(io)?.len();
         let mut block = Vec::with_capacity(BLOCK as usize);
         (&mut f).take(BLOCK).read_to_end(&mut block).map_err(io)?;
@@ -319,8 +347,17 @@ impl Image {
         whole.update(&block);
         let mut pos = BLOCK;
         let mut buf = vec![0u8; 1 << 20];
+        let padding_err = |after: &str| ImageError::Section {
+            file: path.to_path_buf(),
+            section: after.to_string(),
+            reason: "the padding after it is not zero (bytes outside every section)".into(),
+        };
+        let mut previous = "header";
         for s in &header.sections {
-            copy_range(&mut f, &mut whole, None, &mut pos, s.offset, &mut buf).map_err(io)?;
+            if !copy_range(&mut f, &mut whole, None, &mut pos, s.offset, &mut buf).map_err(io)? {
+                return Err(padding_err(previous));
+            }
+            previous = &s.name;
             let mut sect = Sha256::new();
             copy_range(
                 &mut f,
@@ -344,7 +381,9 @@ impl Image {
                 });
             }
         }
-        copy_range(&mut f, &mut whole, None, &mut pos, len, &mut buf).map_err(io)?;
+        if !copy_range(&mut f, &mut whole, None, &mut pos, len, &mut buf).map_err(io)? {
+            return Err(padding_err(previous));
+        }
         Ok(Image {
             path: path.to_path_buf(),
             header,
@@ -369,6 +408,66 @@ impl Image {
             })
     }
 
+    /// Reads and checks the manifest, and checks the sections every image needs against
+    /// it: `kernel` present, not empty, of the format and sha256 the manifest records;
+    /// `initrd` present and not empty; `rootfs` and `rootfs-hashes` present exactly
+    /// when the manifest says the image has a read-only root.
+    pub fn manifest(&self) -> Result<Manifest, ImageError> {
+        let bad = |section: &str, reason: String| ImageError::Section {
+            file: self.path.clone(),
+            section: section.into(),
+            reason,
+        };
+        let s = self.section(sections::MANIFEST)?;
+        if s.length > crate::input::MAX_SPEC {
+            return Err(bad(
+                sections::MANIFEST,
+                format!("{} bytes; at most {}", s.length, crate::input::MAX_SPEC),
+            ));
+        }
+        let manifest = Manifest::from_json(&self.read_section(sections::MANIFEST)?)
+            .map_err(|e| bad(sections::MANIFEST, e.to_string()))?;
+        let kernel = self.section(sections::KERNEL)?;
+        if kernel.length == 0 {
+            return Err(bad(sections::KERNEL, "is empty".into()));
+        }
+        if digest_hex(&kernel.sha256) != manifest.kernel.sha256 {
+            return Err(bad(
+                sections::KERNEL,
+                "its sha256 is not the one the manifest records".into(),
+            ));
+        }
+        if self.section(sections::INITRD)?.length == 0 {
+            return Err(bad(sections::INITRD, "is empty".into()));
+        }
+        match &manifest.root {
+            Some(root) => {
+                let r = self.section(sections::ROOTFS)?;
+                self.section(sections::ROOTFS_HASHES)?;
+                if r.length != root.size || digest_hex(&r.sha256) != root.sha256 {
+                    return Err(bad(
+                        sections::ROOTFS,
+                        "its length or sha256 is not what the manifest records".into(),
+                    ));
+                }
+            }
+            None => {
+                if let Some(extra) = self
+                    .header
+                    .sections
+                    .iter()
+                    .find(|s| s.name == sections::ROOTFS || s.name == sections::ROOTFS_HASHES)
+                {
+                    return Err(bad(
+                        &extra.name,
+                        "present, but the manifest has no read-only root".into(),
+                    ));
+                }
+            }
+        }
+        Ok(manifest)
+    }
+
     /// Reads a section's bytes, checking its digest again (the file may have changed
     /// since [`Image::open`]).
     pub fn read_section(&self, name: &str) -> Result<Vec<u8>, ImageError> {
@@ -377,7 +476,7 @@ impl Image {
             file: self.path.clone(),
             source,
         };
-        let mut f = File::open(&self.path).map_err(io)?;
+        let mut f = crate::input::open_regular(&self.path).map_err(io)?;
         f.seek(SeekFrom::Start(s.offset)).map_err(io)?;
         let mut data = Vec::with_capacity(s.length as usize);
         f.take(s.length).read_to_end(&mut data).map_err(io)?;
@@ -394,7 +493,8 @@ impl Image {
 }
 
 /// Reads from the current position `pos` up to `end`, feeding the whole-file hasher and
-/// optionally a section hasher. Short files show up as UnexpectedEof.
+/// optionally a section hasher. Short files show up as UnexpectedEof. Returns whether
+/// every byte read was zero (what padding must be).
 fn copy_range(
     f: &mut File,
     whole: &mut Sha256,
@@ -402,17 +502,19 @@ fn copy_range(
     pos: &mut u64,
     end: u64,
     buf: &mut [u8],
-) -> io::Result<()> {
+) -> io::Result<bool> {
+    let mut all_zero = true;
     while *pos < end {
         let want = ((end - *pos) as usize).min(buf.len());
         f.read_exact(&mut buf[..want])?;
         whole.update(&buf[..want]);
-        if let Some(s) = sect.as_deref_mut() {
-            s.update(&buf[..want]);
+        match sect.as_deref_mut() {
+            Some(s) => s.update(&buf[..want]),
+            None => all_zero &= buf[..want].iter().all(|b| *b == 0),
         }
         *pos += want as u64;
     }
-    Ok(())
+    Ok(all_zero)
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory,
@@ -423,6 +525,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
         _ => Path::new("."),
     };
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let _scratch = crate::scratch::register(tmp.path());
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;

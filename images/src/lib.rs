@@ -4,7 +4,14 @@
 //! With default features off, only [`manifest`] is built (that is what the guest needs).
 
 pub mod abi;
+#[cfg(feature = "builder")]
+pub mod input;
 pub mod manifest;
+pub mod names;
+#[cfg(feature = "builder")]
+pub mod scratch;
+#[cfg(feature = "builder")]
+pub mod signature;
 
 #[cfg(feature = "builder")]
 pub mod builder;

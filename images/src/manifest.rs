@@ -4,6 +4,36 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::names;
+
+/// Why a manifest was refused.
+#[derive(Debug)]
+pub enum ManifestError {
+    /// Not manifest JSON.
+    Json(serde_json::Error),
+    /// A field's value is not acceptable.
+    Invalid {
+        /// Dotted path of the field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            ManifestError::Json(e) => write!(f, "not a valid manifest: {e}"),
+            ManifestError::Invalid { field, message } => {
+                write!(f, "manifest field `{field}`: {message}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ManifestError {}
 
 /// Where guest init finds the manifest inside the initrd.
 pub const MANIFEST_PATH_IN_GUEST: &str = "/etc/hostd/manifest.json";
@@ -155,9 +185,157 @@ impl Manifest {
         out
     }
 
-    /// Parses manifest JSON.
-    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(bytes)
+    /// Parses manifest JSON and checks every value ([`Manifest::validate`]): a manifest
+    /// comes from an image file, which anyone can make by hand with correct digests.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ManifestError> {
+        let m: Manifest = serde_json::from_slice(bytes).map_err(ManifestError::Json)?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Checks every name, path and number against the rules a spec is held to
+    /// ([`crate::names`]), so that nothing a hand-made manifest says can reach a host
+    /// path, an option or an out-of-range resource.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let bad = |field: String, message: String| Err(ManifestError::Invalid { field, message });
+        if self.schema != MANIFEST_SCHEMA {
+            return bad(
+                "schema".into(),
+                format!(
+                    "schema {}; this hostd reads schema {MANIFEST_SCHEMA}",
+                    self.schema
+                ),
+            );
+        }
+        for (field, v) in [("name", &self.name), ("hostname", &self.hostname)] {
+            if !names::is_dotted_name(v) {
+                return bad(field.into(), format!("`{v}` is not a valid name"));
+            }
+        }
+        if !names::VCPUS.contains(&self.vcpus) {
+            return bad(
+                "vcpus".into(),
+                format!("{} is out of range; expected 1 to 32", self.vcpus),
+            );
+        }
+        if !names::MEMORY_MIB.contains(&self.memory_mib) {
+            return bad(
+                "memory_mib".into(),
+                format!(
+                    "{} MiB is out of range; expected 32 to 65536",
+                    self.memory_mib
+                ),
+            );
+        }
+        if self.stop_timeout_secs > names::MAX_STOP_TIMEOUT {
+            return bad(
+                "stop_timeout_secs".into(),
+                format!(
+                    "{} is more than {}",
+                    self.stop_timeout_secs,
+                    names::MAX_STOP_TIMEOUT
+                ),
+            );
+        }
+        if let Err(m) = names::check_cmdline(&self.cmdline) {
+            return bad("cmdline".into(), m);
+        }
+        for (i, p) in self.packages.iter().enumerate() {
+            if !names::is_debian_package(&p.name) || !names::is_debian_version(&p.version) {
+                return bad(
+                    format!("packages[{i}]"),
+                    format!(
+                        "`{}={}` is not a Debian package and version",
+                        p.name, p.version
+                    ),
+                );
+            }
+        }
+        let programs = self
+            .boot
+            .iter()
+            .map(|s| {
+                (
+                    format!("boot.{}", s.name),
+                    &s.name,
+                    &s.argv,
+                    &s.env,
+                    &s.user,
+                )
+            })
+            .chain(
+                self.services
+                    .iter()
+                    .map(|(n, s)| (format!("services.{n}"), n, &s.argv, &s.env, &s.user)),
+            );
+        for (field, name, argv, env, user) in programs {
+            if !names::is_plain_name(name) {
+                return bad(field, "not a valid name".into());
+            }
+            if let Err(m) = names::check_program(argv, env, user) {
+                return bad(field, m);
+            }
+        }
+        for (n, s) in &self.services {
+            if !names::is_guest_path(&s.workdir) {
+                return bad(
+                    format!("services.{n}.workdir"),
+                    "not an absolute path".into(),
+                );
+            }
+            if let Some(d) = s
+                .depends_on
+                .iter()
+                .find(|d| !self.services.contains_key(*d))
+            {
+                return bad(
+                    format!("services.{n}.depends_on"),
+                    format!("no service `{d}`"),
+                );
+            }
+            if let Some(x) = s.secrets.iter().find(|x| !names::is_dotted_name(x)) {
+                return bad(
+                    format!("services.{n}.secrets"),
+                    format!("`{x}` is not a secret name"),
+                );
+            }
+        }
+        if self.services.values().filter(|s| s.main).count() > 1 {
+            return bad("services".into(), "more than one `main` service".into());
+        }
+        if self.start_order().is_none() {
+            return bad("services".into(), "dependency cycle".into());
+        }
+        for (i, v) in self.volumes.iter().enumerate() {
+            if !names::is_plain_name(&v.name) {
+                return bad(
+                    format!("volumes[{i}].name"),
+                    format!(
+                        "`{}` is not a volume name (letters, digits, `-`, `_`)",
+                        v.name
+                    ),
+                );
+            }
+            if self.volumes[..i].iter().any(|o| o.name == v.name) {
+                return bad(
+                    format!("volumes[{i}].name"),
+                    format!("`{}` appears twice", v.name),
+                );
+            }
+            if !names::VOLUME_MIB.contains(&v.size_mib) {
+                return bad(
+                    format!("volumes[{i}].size_mib"),
+                    format!("{} MiB is out of range (8 MiB to 1 TiB)", v.size_mib),
+                );
+            }
+            if !names::is_guest_path(&v.mount) || v.mount == "/" {
+                return bad(
+                    format!("volumes[{i}].mount"),
+                    "not an absolute path other than `/`".into(),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Service names in an order where every service comes after its dependencies.

@@ -13,7 +13,7 @@ use crate::manifest::Restart;
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     /// The file could not be read.
-    #[error("{file}: cannot read spec: {source}")]
+    #[error("{file}: cannot read spec")]
     Read {
         /// The spec file.
         file: PathBuf,
@@ -221,30 +221,22 @@ pub struct VolumeSpec {
     pub mount: String,
 }
 
-fn is_name(s: &str, extra: &[char]) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || extra.contains(&c))
-}
-
-/// Whether `p` is an absolute, normalised guest path (no `.`/`..`/empty components).
-pub fn is_guest_path(p: &str) -> bool {
-    p.starts_with('/')
-        && p.len() < 4096
-        && !p.contains('\0')
-        && (p == "/"
-            || p[1..]
-                .split('/')
-                .all(|c| !c.is_empty() && c != "." && c != ".."))
-}
+use crate::names::{self, is_dotted_name, is_plain_name};
+pub use crate::names::{is_guest_path, parse_owner};
 
 impl Spec {
     /// Reads and validates a spec file.
     pub fn load(path: &Path) -> Result<Spec, SpecError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+        let read = |source| SpecError::Read {
             file: path.to_path_buf(),
             source,
+        };
+        let bytes = crate::input::read_regular(path, crate::input::MAX_SPEC).map_err(read)?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            read(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "is not UTF-8 text",
+            ))
         })?;
         Self::parse(&text, path)
     }
@@ -278,14 +270,14 @@ impl Spec {
             field,
             message,
         };
-        if !is_name(&self.name, &['.']) {
+        if !is_dotted_name(&self.name) {
             return Err(bad(
                 "name".into(),
                 "expected 1-64 letters, digits, `-`, `_` or `.`".into(),
             ));
         }
         if let Some(h) = &self.hostname {
-            if !is_name(h, &['.']) {
+            if !is_dotted_name(h) {
                 return Err(bad(
                     "hostname".into(),
                     "expected 1-64 letters, digits, `-`, `_` or `.`".into(),
@@ -293,7 +285,7 @@ impl Spec {
             }
         }
         if let Some(v) = self.vcpus {
-            if !(1..=32).contains(&v) {
+            if !names::VCPUS.contains(&v) {
                 return Err(bad(
                     "vcpus".into(),
                     format!("{v} is out of range; expected 1 to 32"),
@@ -301,19 +293,35 @@ impl Spec {
             }
         }
         if let Some(SizeMib(m)) = self.memory {
-            if !(32..=65536).contains(&m) {
+            if !names::MEMORY_MIB.contains(&m) {
                 return Err(bad(
                     "memory".into(),
                     format!("{m} MiB is out of range; expected 32M to 64G"),
                 ));
             }
         }
+        if let Some(t) = self.stop_timeout.filter(|t| *t > names::MAX_STOP_TIMEOUT) {
+            return Err(bad(
+                "stop_timeout".into(),
+                format!(
+                    "{t} seconds is too long; at most {}",
+                    names::MAX_STOP_TIMEOUT
+                ),
+            ));
+        }
+        names::check_cmdline(self.cmdline.trim()).map_err(|m| bad("cmdline".into(), m))?;
         for (i, p) in self.packages.iter().enumerate() {
-            let name = p.split('=').next().unwrap_or("");
-            if !is_name(name, &['.', '+']) || p.contains(char::is_whitespace) {
+            let (name, version) = match p.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (p.as_str(), None),
+            };
+            if !names::is_debian_package(name) || !version.is_none_or(names::is_debian_version) {
                 return Err(bad(
                     format!("packages[{i}]"),
-                    format!("`{p}` is not a Debian package name (`name` or `name=version`)"),
+                    format!(
+                        "`{p}` is not a Debian package name (`name` or `name=version`: lower-case \
+                         letters, digits, `+`, `-`, `.`, starting with a letter or digit)"
+                    ),
                 ));
             }
         }
@@ -357,13 +365,21 @@ impl Spec {
                 if parse_owner(o).is_none() {
                     return Err(bad(
                         field("owner"),
-                        format!("`{o}` is not `uid:gid` (numbers)"),
+                        format!("`{o}` is not `uid:gid` (numbers from 0 to 4294967294)"),
+                    ));
+                }
+            }
+            if let Some(t) = &f.symlink {
+                if t.is_empty() || t.len() > names::MAX_GUEST_PATH || t.contains('\0') {
+                    return Err(bad(
+                        field("symlink"),
+                        "expected a non-empty target without NUL bytes".into(),
                     ));
                 }
             }
         }
         for (i, s) in self.boot.iter().enumerate() {
-            if !is_name(&s.name, &[]) {
+            if !is_plain_name(&s.name) {
                 return Err(bad(
                     format!("boot[{i}].name"),
                     "expected 1-64 letters, digits, `-` or `_`".into(),
@@ -375,11 +391,13 @@ impl Spec {
                     format!("`{}` must be an absolute path", s.command),
                 ));
             }
+            check_program(&s.command, &s.args, &s.env, s.user.as_deref())
+                .map_err(|m| bad(format!("boot[{i}]"), m))?;
         }
         let mut mains = Vec::new();
         for (name, s) in &self.services {
             let field = |k: &str| format!("services.{name}.{k}");
-            if !is_name(name, &[]) {
+            if !is_plain_name(name) {
                 return Err(bad(
                     format!("services.{name}"),
                     "service names are 1-64 letters, digits, `-` or `_`".into(),
@@ -391,6 +409,8 @@ impl Spec {
                     format!("`{}` must be an absolute path", s.command),
                 ));
             }
+            check_program(&s.command, &s.args, &s.env, s.user.as_deref())
+                .map_err(|m| bad(format!("services.{name}"), m))?;
             if let Some(w) = &s.workdir {
                 if !is_guest_path(w) {
                     return Err(bad(
@@ -405,7 +425,7 @@ impl Spec {
                 }
             }
             for sec in &s.secrets {
-                if !is_name(sec, &['.']) {
+                if !is_dotted_name(sec) {
                     return Err(bad(
                         field("secrets"),
                         format!("`{sec}` is not a secret name (letters, digits, `-`, `_`, `.`)"),
@@ -430,10 +450,16 @@ impl Spec {
         }
         let mut names = BTreeSet::new();
         for (i, v) in self.volumes.iter().enumerate() {
-            if !is_name(&v.name, &[]) {
+            if !is_plain_name(&v.name) {
                 return Err(bad(
                     format!("volumes[{i}].name"),
                     "expected 1-64 letters, digits, `-` or `_`".into(),
+                ));
+            }
+            if !names::VOLUME_MIB.contains(&v.size.0) {
+                return Err(bad(
+                    format!("volumes[{i}].size"),
+                    format!("{} MiB is out of range; expected 8M to 1024G", v.size.0),
                 ));
             }
             if !names.insert(&v.name) {
@@ -453,10 +479,18 @@ impl Spec {
     }
 }
 
-/// Parses `uid:gid`.
-pub fn parse_owner(s: &str) -> Option<(u32, u32)> {
-    let (u, g) = s.split_once(':')?;
-    Some((u.parse().ok()?, g.parse().ok()?))
+/// The checks a manifest's program gets ([`names::check_program`]), on a spec's
+/// `command`, `args`, `env` and `user`.
+fn check_program(
+    command: &str,
+    args: &[String],
+    env: &BTreeMap<String, String>,
+    user: Option<&str>,
+) -> Result<(), String> {
+    let argv: Vec<String> = std::iter::once(command.to_string())
+        .chain(args.iter().cloned())
+        .collect();
+    names::check_program(&argv, env, user.unwrap_or("root"))
 }
 
 fn find_cycle(services: &BTreeMap<String, ServiceSpec>) -> Option<String> {
@@ -552,6 +586,46 @@ mod tests {
     }
 
     #[test]
+    fn values_that_would_be_cut_wrapped_or_read_as_options_are_refused() {
+        for (spec, field) in [
+            ("packages = [\"--config-file=/tmp/x\"]", "packages[0]"),
+            ("packages = [\"-oAPT::Foo=1\"]", "packages[0]"),
+            ("packages = [\"busybox=--x\"]", "packages[0]"),
+            ("packages = [\"busybox/bookworm\"]", "packages[0]"),
+            ("stop_timeout = 4000000000", "stop_timeout"),
+            (
+                "[[files]]\npath = \"/x\"\ncontents = \"\"\nowner = \"4294967295:0\"",
+                "files[0].owner",
+            ),
+            (
+                "[[volumes]]\nname = \"d\"\nsize = \"4000G\"\nmount = \"/d\"",
+                "volumes[0].size",
+            ),
+            (
+                "[[volumes]]\nname = \"-d\"\nsize = \"8M\"\nmount = \"/d\"",
+                "volumes[0].name",
+            ),
+            (
+                "[services.a]\ncommand = \"/a\"\nenv = { \"A=B\" = \"x\" }",
+                "services.a",
+            ),
+            (
+                "[services.a]\ncommand = \"/a\"\nuser = \"4294967295\"",
+                "services.a",
+            ),
+            (
+                "[services.a]\ncommand = \"/a\"\nargs = [\"a\\u0000b\"]",
+                "services.a",
+            ),
+        ] {
+            let e = err(&format!("name = \"x\"\n{spec}\n"));
+            assert!(e.contains(&format!("`{field}`")), "{spec}: {e}");
+        }
+        let long = format!("name = \"x\"\ncmdline = \"{}\"\n", "a".repeat(3000));
+        assert!(err(&long).contains("`cmdline`"));
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size_mib("256M"), Ok(256));
         assert_eq!(parse_size_mib("1G"), Ok(1024));
@@ -560,14 +634,5 @@ mod tests {
         assert!(parse_size_mib("0").is_err());
         assert!(parse_size_mib("1T").is_err());
         assert!(parse_size_mib("99999999999G").is_err());
-    }
-
-    #[test]
-    fn guest_paths() {
-        assert!(is_guest_path("/a/b"));
-        assert!(!is_guest_path("a/b"));
-        assert!(!is_guest_path("/a/../b"));
-        assert!(!is_guest_path("/a//b"));
-        assert!(!is_guest_path("/a/"));
     }
 }

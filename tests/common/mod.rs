@@ -125,6 +125,21 @@ pub fn build(spec: &str) -> (tempfile::TempDir, PathBuf) {
     (dir, image)
 }
 
+/// Writes `dir/vmlinux`, a minimal ELF header: enough for the builder to accept the file
+/// as a kernel (for tests that build images without booting them).
+pub fn fake_kernel(dir: &Path) {
+    let mut k = b"\x7fELF\x02\x01\x01".to_vec();
+    k.resize(64 * 1024, 0xAB);
+    std::fs::write(dir.join("vmlinux"), k).expect("write kernel");
+}
+
+/// Makes a FIFO at `path`.
+pub fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
 /// Output of a finished command.
 #[derive(Debug)]
 pub struct Output {

@@ -31,16 +31,92 @@ pub fn volume_path(state: &Path, name: &str) -> PathBuf {
     state.join("volumes").join(format!("{name}.ext4"))
 }
 
+/// Refuses a name that is not a plain volume name: names come from image manifests,
+/// which are untrusted, and become host file names.
+fn check_name(name: &str) -> Result<(), VolumeError> {
+    if hostd_images::names::is_plain_name(name) {
+        return Ok(());
+    }
+    Err(VolumeError {
+        name: name.to_string(),
+        message: "not a volume name (1-64 letters, digits, `-`, `_`); the image is refused".into(),
+    })
+}
+
+/// An exclusive hold on a volume for one VM: while it lives, every other `hostd run`
+/// that wants the same volume is refused. Released when dropped or when the process
+/// ends, however it ends (an `flock` on `NAME.lock` beside the volume).
+#[derive(Debug)]
+pub struct VolumeLock {
+    _file: std::fs::File,
+}
+
+/// Takes the volume's lock for `holder` (a description such as `VM hello (hostd pid
+/// 123)`), or says who holds it.
+pub fn lock(state: &Path, name: &str, holder: &str) -> Result<VolumeLock, VolumeError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    check_name(name)?;
+    let err = |message: String| VolumeError {
+        name: name.to_string(),
+        message,
+    };
+    let dir = state.join("volumes");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+    let path = dir.join(format!("{name}.lock"));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
+    // SAFETY: flock on an fd we own; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let mut who = String::new();
+            let _ = (&file).take(256).read_to_string(&mut who);
+            let who = who.trim();
+            return Err(err(format!(
+                "in use by {}; a volume is attached to one VM at a time (stop that VM first)",
+                if who.is_empty() { "another VM" } else { who }
+            )));
+        }
+        return Err(err(format!("cannot lock {}: {e}", path.display())));
+    }
+    let _ = file
+        .set_len(0)
+        .and_then(|_| file.rewind())
+        .and_then(|_| file.write_all(holder.as_bytes()));
+    Ok(VolumeLock { _file: file })
+}
+
 /// Returns the volume's file, creating and formatting it on first use. An existing
 /// volume is used as it is (it is never shrunk or reformatted; a larger declared size
 /// is reported, not applied).
 pub fn ensure(state: &Path, name: &str, size_mib: u32) -> Result<PathBuf, VolumeError> {
+    check_name(name)?;
+    if !hostd_images::names::VOLUME_MIB.contains(&size_mib) {
+        return Err(VolumeError {
+            name: name.to_string(),
+            message: format!("{size_mib} MiB is out of range (8 MiB to 1 TiB)"),
+        });
+    }
     let err = |message: String| VolumeError {
         name: name.to_string(),
         message,
     };
     let path = volume_path(state, name);
     if let Ok(meta) = std::fs::metadata(&path) {
+        if !meta.is_file() {
+            return Err(err(format!(
+                "{} is {}, not a regular file",
+                path.display(),
+                hostd_images::input::kind_name(meta.file_type())
+            )));
+        }
         let want = u64::from(size_mib) << 20;
         if meta.len() < want {
             tracing::warn!(
@@ -55,6 +131,7 @@ pub fn ensure(state: &Path, name: &str, size_mib: u32) -> Result<PathBuf, Volume
         .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
     // Build under a temporary name so a failure never leaves a half-made volume.
     let tmp = dir.join(format!(".{name}.ext4.new"));
+    let scratch = hostd_images::scratch::register(&tmp);
     let file = std::fs::File::create(&tmp)
         .map_err(|e| err(format!("cannot create {}: {e}", tmp.display())))?;
     file.set_len(u64::from(size_mib) << 20)
@@ -68,7 +145,13 @@ pub fn ensure(state: &Path, name: &str, size_mib: u32) -> Result<PathBuf, Volume
         // 4 KiB blocks: the block backend announces a 4 KiB logical block size.
         .args(["-q", "-F", "-b", "4096", "-L"])
         .arg(format!("vol-{name}"))
-        .args(["-E", "root_owner=0:0"])
+        // Inode tables and the journal are initialised lazily (by the guest's kernel),
+        // so a large volume costs the host no more than the metadata it really uses.
+        .args([
+            "-E",
+            "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1",
+            "--",
+        ])
         .arg(&tmp)
         .output()
         .map_err(|e| {
@@ -77,7 +160,6 @@ pub fn ensure(state: &Path, name: &str, size_mib: u32) -> Result<PathBuf, Volume
             ))
         })?;
     if !out.status.success() {
-        let _ = std::fs::remove_file(&tmp);
         return Err(err(format!(
             "mkfs.ext4 failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
@@ -85,12 +167,35 @@ pub fn ensure(state: &Path, name: &str, size_mib: u32) -> Result<PathBuf, Volume
     }
     std::fs::rename(&tmp, &path)
         .map_err(|e| err(format!("cannot move the new volume into place: {e}")))?;
+    scratch.keep();
     Ok(path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_volume_is_held_by_one_vm_at_a_time_and_bad_names_never_reach_the_host() {
+        let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let first = lock(state.path(), "data", "VM one (hostd pid 1)");
+        assert!(first.is_ok());
+        let second = lock(state.path(), "data", "VM two (hostd pid 2)")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            second.contains("in use by VM one (hostd pid 1)"),
+            "{second}"
+        );
+        drop(first);
+        assert!(lock(state.path(), "data", "VM two (hostd pid 2)").is_ok());
+        for bad in ["../x", "/etc/passwd", "-x", "", "a/b"] {
+            assert!(lock(state.path(), bad, "t").is_err(), "{bad}");
+            assert!(ensure(state.path(), bad, 16).is_err(), "{bad}");
+        }
+        assert!(ensure(state.path(), "huge", 4_096_000).is_err());
+    }
 
     #[test]
     fn volumes_are_created_once_and_kept() {

@@ -1,0 +1,112 @@
+//! Scratch files and directories (a half-written image, a package download, a volume
+//! being formatted) that must not outlive hostd, whichever way it ends. Each is
+//! registered while it exists; its guard removes it on every normal exit path, and a
+//! signal handler calls [`remove_all`] before the process ends.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes its path (file or directory tree) when dropped, unless [`Scratch::keep`]
+/// was called (the path was renamed into place).
+#[derive(Debug)]
+pub struct Scratch {
+    path: PathBuf,
+}
+
+/// Registers `path` as scratch: removed by the guard's drop or by [`remove_all`].
+pub fn register(path: &Path) -> Scratch {
+    if let Ok(mut live) = LIVE.lock() {
+        live.push(path.to_path_buf());
+    }
+    Scratch {
+        path: path.to_path_buf(),
+    }
+}
+
+fn remove(path: &Path) {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            let _ = std::fs::remove_dir_all(path);
+        }
+        Ok(_) => {
+            let _ = std::fs::remove_file(path);
+        }
+        Err(_) => {}
+    }
+}
+
+fn forget(path: &Path) {
+    if let Ok(mut live) = LIVE.lock() {
+        if let Some(i) = live.iter().rposition(|p| p == path) {
+            live.swap_remove(i);
+        }
+    }
+}
+
+impl Scratch {
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The path has become a result (renamed into place): stop tracking it.
+    pub fn keep(self) {
+        forget(&self.path);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        remove(&self.path);
+        forget(&self.path);
+    }
+}
+
+/// Removes every registered scratch path. For signal handlers that are about to end
+/// the process; it takes the registry's lock, so call it from a normal thread (a
+/// thread waiting in `sigwait`), not from an asynchronous signal handler. Other threads
+/// may still be writing into a scratch directory meanwhile, so each removal is tried
+/// until the path is gone (for at most about a second).
+pub fn remove_all() {
+    let paths = match LIVE.lock() {
+        Ok(mut live) => std::mem::take(&mut *live),
+        Err(_) => return,
+    };
+    for p in paths {
+        for _ in 0..100 {
+            remove(&p);
+            if std::fs::symlink_metadata(&p).is_err() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_goes_on_drop_and_on_remove_all_but_not_when_kept() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let a = dir.path().join("a");
+        std::fs::write(&a, b"x").unwrap_or_else(|e| panic!("{e}"));
+        drop(register(&a));
+        assert!(!a.exists());
+        let b = dir.path().join("b");
+        std::fs::create_dir_all(b.join("c")).unwrap_or_else(|e| panic!("{e}"));
+        let guard = register(&b);
+        remove_all();
+        assert!(!b.exists());
+        drop(guard);
+        let k = dir.path().join("k");
+        std::fs::write(&k, b"x").unwrap_or_else(|e| panic!("{e}"));
+        register(&k).keep();
+        remove_all();
+        assert!(k.exists());
+    }
+}
