@@ -705,7 +705,10 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 sandbox: !args.no_sandbox,
             })
             .map_err(|e| {
-                let hint = if pvm_host {
+                // The hint is for a guest that failed to run, not for an image or flag
+                // that was refused before it started.
+                let guest_failed = matches!(e, hostd_vmm::kvm::KvmError::Guest(_));
+                let hint = if pvm_host && guest_failed {
                     "\n  hint: this host's /dev/kvm is a nested PVM hypervisor, on which a guest kernel \
                      runs only with hostd's patches and command line (guest/kernel/, docs/pvm.md); \
                      `hostd run --vmm qemu` boots the same image under QEMU"

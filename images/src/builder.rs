@@ -205,7 +205,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     }
     let kernel = input::read_regular(&kernel_path, input::MAX_KERNEL).map_err(|e| {
         let hint = if spec.kernel.as_deref().unwrap_or("default") == "default" {
-            " (build hostd's kernel with guest/kernel/build.sh, or set HOSTD_KERNEL)"
+            " (the kernel for `kernel = \"default\"` comes from --kernel, $HOSTD_KERNEL or \
+             hostd's cache: build it with guest/kernel/build.sh)"
         } else {
             ""
         };

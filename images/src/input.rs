@@ -79,13 +79,26 @@ fn too_big(len: u64, max: u64) -> io::Error {
     )
 }
 
-/// Checks that `path` may be written as an output: it does not exist yet, or it is a
-/// regular file (never a device, FIFO, directory or socket).
+/// Checks that `path` may be written as an output: it does not exist yet (and its
+/// directory does), or it is a regular file (never a device, FIFO, directory or socket).
 pub fn check_output(path: &Path) -> io::Result<()> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => Ok(()),
         Ok(m) => Err(not_regular(m.file_type())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            if dir.is_dir() {
+                Ok(())
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("its directory {} does not exist", dir.display()),
+                ))
+            }
+        }
         Err(e) => Err(e),
     }
 }
