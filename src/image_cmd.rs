@@ -420,6 +420,13 @@ struct Resolved {
 }
 
 fn resolve(args: &RunArgs) -> Result<Resolved> {
+    // A flag for the other monitor would be ignored; say so instead.
+    if args.vmm == VmmKind::Kvm && args.accel != AccelArg::Auto {
+        bail!("--accel applies to --vmm qemu only (the built-in VMM always uses KVM)");
+    }
+    if args.vmm == VmmKind::Qemu && args.cpu_template != TemplateArg::Auto {
+        bail!("--cpu-template applies to the built-in VMM only (--vmm kvm)");
+    }
     let memory = |default: u32| -> Result<u32> {
         match &args.mem {
             Some(m) => {

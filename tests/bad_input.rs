@@ -351,6 +351,15 @@ fn values_out_of_range_are_refused_never_cut_or_wrapped() {
         full.push(&img);
         refused(&hostd_out(&full), &[needle]);
     }
+    // A flag for the other monitor is refused rather than ignored.
+    refused(
+        &hostd_out(&["run", "--vmm", "kvm", "--accel", "tcg", &img]),
+        &["--accel applies to --vmm qemu only"],
+    );
+    refused(
+        &hostd_out(&["run", "--vmm", "qemu", "--cpu-template", "pvm", &img]),
+        &["--cpu-template applies to the built-in VMM only"],
+    );
 }
 
 /// Rewrites `img`'s manifest with `edit` and writes a new, self-consistent image (every
