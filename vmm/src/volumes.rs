@@ -2,6 +2,8 @@
 //! created with its declared size (sparse) and formatted the first time it is used.
 //! The same name is the same data, across reboots and new versions of an image.
 
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -31,6 +33,13 @@ pub fn volume_path(state: &Path, name: &str) -> PathBuf {
     state.join("volumes").join(format!("{name}.ext4"))
 }
 
+fn c_path(p: &Path) -> Result<std::ffi::CString, VolumeError> {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| VolumeError {
+        name: p.display().to_string(),
+        message: "path holds a NUL byte".into(),
+    })
+}
+
 /// Refuses a name that is not a plain volume name: names come from image manifests,
 /// which are untrusted, and become host file names.
 fn check_name(name: &str) -> Result<(), VolumeError> {
@@ -55,7 +64,6 @@ pub struct VolumeLock {
 /// 123)`), or says who holds it.
 pub fn lock(state: &Path, name: &str, holder: &str) -> Result<VolumeLock, VolumeError> {
     use std::io::{Read, Seek, Write};
-    use std::os::fd::AsRawFd;
     check_name(name)?;
     let err = |message: String| VolumeError {
         name: name.to_string(),
@@ -129,14 +137,28 @@ pub fn ensure(state: &Path, name: &str, size_mib: u32) -> Result<PathBuf, Volume
     let dir = path.parent().unwrap_or(state);
     std::fs::create_dir_all(dir)
         .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
-    // Build under a temporary name so a failure never leaves a half-made volume.
-    let tmp = dir.join(format!(".{name}.ext4.new"));
-    let scratch = hostd_images::scratch::register(&tmp);
-    let file = std::fs::File::create(&tmp)
-        .map_err(|e| err(format!("cannot create {}: {e}", tmp.display())))?;
+    // Built as an unnamed file (O_TMPFILE) and linked into place only when complete: a
+    // failure, a signal or `kill -9` at any point leaves nothing behind.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+        .map_err(|e| {
+            err(format!(
+                "cannot create a volume file in {}: {e}",
+                dir.display()
+            ))
+        })?;
     file.set_len(u64::from(size_mib) << 20)
-        .map_err(|e| err(format!("cannot size {}: {e}", tmp.display())))?;
-    drop(file);
+        .map_err(|e| err(format!("cannot size the new volume: {e}")))?;
+    // mkfs opens it through our fd's /proc entry.
+    let tmp = PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        file.as_raw_fd()
+    ));
     tracing::info!(
         "creating volume {name} ({size_mib} MiB) at {}",
         path.display()
@@ -165,9 +187,26 @@ pub fn ensure(state: &Path, name: &str, size_mib: u32) -> Result<PathBuf, Volume
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    std::fs::rename(&tmp, &path)
-        .map_err(|e| err(format!("cannot move the new volume into place: {e}")))?;
-    scratch.keep();
+    let from = c_path(&tmp)?;
+    let to = c_path(&path)?;
+    // SAFETY: two valid NUL-terminated paths; AT_SYMLINK_FOLLOW links the file the
+    // /proc magic link names (our unnamed volume), not the link itself.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if r != 0 {
+        return Err(err(format!(
+            "cannot link the new volume into place at {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
     Ok(path)
 }
 
