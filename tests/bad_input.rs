@@ -362,22 +362,13 @@ fn values_out_of_range_are_refused_never_cut_or_wrapped() {
     );
 }
 
-/// Rewrites `img`'s manifest with `edit` and writes a new, self-consistent image (every
-/// digest correct, as a hand-made hostile image would be).
+/// Rewrites `img`'s manifest JSON with `edit` into `out`, every digest correct.
 fn hand_made(img: &Path, out: &Path, edit: impl Fn(&mut serde_json::Value)) {
-    use hostd_images::format::{self, Image};
-    let image = Image::open(img).expect("open");
-    let mut parts: Vec<(String, Vec<u8>)> = image
-        .header
-        .sections
-        .iter()
-        .map(|s| (s.name.clone(), image.read_section(&s.name).expect("read")))
-        .collect();
-    let mut m: serde_json::Value = serde_json::from_slice(&parts[0].1).expect("manifest json");
-    edit(&mut m);
-    parts[0].1 = serde_json::to_vec(&m).expect("json");
-    let refs: Vec<(&str, &[u8])> = parts.iter().map(|(n, d)| (n.as_str(), &d[..])).collect();
-    std::fs::write(out, format::write_image(&refs).expect("write_image")).expect("write");
+    common::rewrite_manifest(img, out, |bytes| {
+        let mut m: serde_json::Value = serde_json::from_slice(&bytes).expect("manifest json");
+        edit(&mut m);
+        serde_json::to_vec(&m).expect("json")
+    });
 }
 
 #[test]

@@ -104,23 +104,12 @@ fn only_images_signed_by_a_trusted_key_boot_with_trust() {
     // The release key's signature over this build, carried by an image whose manifest
     // was changed afterwards (every digest recomputed, as a forger would).
     let swapped = d("swapped.img");
-    {
-        use hostd_images::format::{self, Image};
-        let a = Image::open(&d("signed.img")).expect("open");
-        let mut parts: Vec<(String, Vec<u8>)> = a
-            .header
-            .sections
-            .iter()
-            .map(|s| (s.name.clone(), a.read_section(&s.name).expect("read")))
-            .collect();
-        // This image's content with a changed manifest, carrying the release signature.
-        let m = String::from_utf8(parts[0].1.clone()).expect("utf-8");
-        parts[0].1 = m
+    common::rewrite_manifest(&d("signed.img"), &swapped, |m| {
+        String::from_utf8(m)
+            .expect("utf-8")
             .replace("\"memory_mib\": 128", "\"memory_mib\": 129")
-            .into_bytes();
-        let refs: Vec<(&str, &[u8])> = parts.iter().map(|(n, x)| (n.as_str(), &x[..])).collect();
-        std::fs::write(&swapped, format::write_image(&refs).expect("write")).expect("write");
-    }
+            .into_bytes()
+    });
     for (image, needle) in [
         ("unsigned.img", "is not signed"),
         ("other.img", "not among the trusted keys"),

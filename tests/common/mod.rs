@@ -133,6 +133,23 @@ pub fn fake_kernel(dir: &Path) {
     std::fs::write(dir.join("vmlinux"), k).expect("write kernel");
 }
 
+/// Writes `out`: the image `img` with its manifest section's bytes passed through
+/// `edit`, every digest recomputed (what a hand-made, hostile image looks like: all its
+/// digests are right). Other sections, a signature included, are kept as they are.
+pub fn rewrite_manifest(img: &Path, out: &Path, edit: impl FnOnce(Vec<u8>) -> Vec<u8>) {
+    use hostd_images::format::{self, Image};
+    let image = Image::open(img).expect("open");
+    let mut parts: Vec<(String, Vec<u8>)> = image
+        .header
+        .sections
+        .iter()
+        .map(|s| (s.name.clone(), image.read_section(&s.name).expect("read")))
+        .collect();
+    parts[0].1 = edit(std::mem::take(&mut parts[0].1));
+    let refs: Vec<(&str, &[u8])> = parts.iter().map(|(n, d)| (n.as_str(), &d[..])).collect();
+    std::fs::write(out, format::write_image(&refs).expect("write_image")).expect("write");
+}
+
 /// Makes a FIFO at `path`.
 pub fn mkfifo(path: &Path) {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
