@@ -76,7 +76,7 @@ for t in "${targets[@]}"; do
     failed+=("$t")
     repro=$(ls -t "$artifacts" 2>/dev/null | head -1)
     echo "fuzz: $t: FAILED (libFuzzer exit $rc); last stats: ${stats:-none}" >&2
-    grep -E -m 3 "panicked at|^SUMMARY|ERROR: libFuzzer|==ERROR" "$log" >&2 || tail -20 "$log" >&2
+    grep -E -A1 -m 3 "panicked at|^SUMMARY|ERROR: libFuzzer|==ERROR" "$log" >&2 || tail -20 "$log" >&2
     if [ "$(ls -A "$artifacts" | wc -l)" -gt "$before" ] && [ -n "$repro" ]; then
         echo "fuzz: $t: reproducer: $artifacts/$repro" >&2
         echo "fuzz: $t: replay it: $bin_dir/$t $artifacts/$repro" >&2
