@@ -25,6 +25,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use hostd_devices::bus::BusDevice;
@@ -480,21 +481,19 @@ impl Link {
     }
 }
 
-/// The listening socket the front end connects to, one per process (a run holds it).
-fn listener() -> MutexGuard<'static, (UnixListener, PathBuf)> {
-    static LISTENER: OnceLock<Mutex<(UnixListener, PathBuf)>> = OnceLock::new();
-    LISTENER
-        .get_or_init(|| {
-            let dir = std::env::temp_dir().join(format!("hostd-fuzz-vu-{}", std::process::id()));
-            let _ = std::fs::create_dir_all(&dir);
-            let path = dir.join("backend.sock");
-            let _ = std::fs::remove_file(&path);
-            let l = UnixListener::bind(&path)
-                .unwrap_or_else(|e| panic!("bind {}: {e}", path.display()));
-            Mutex::new((l, path))
-        })
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+/// A fresh listening socket for one run's front end to connect to, at a path of its own
+/// (runs may go on in parallel, as `cargo test` runs tests); the caller removes the path.
+fn listener() -> (UnixListener, PathBuf) {
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "hostd-fuzz-vhost-user-{}-{}.sock",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        UnixListener::bind(&path).unwrap_or_else(|e| panic!("bind {}: {e}", path.display()));
+    (listener, path)
 }
 
 fn memory() -> GuestMemoryMmap {
@@ -669,8 +668,8 @@ pub fn run(data: &[u8]) {
         host,
         rings: vec![Ring::default(); queues],
     }));
-    let guard = listener();
-    let (listener, path) = (&guard.0, guard.1.clone());
+    let (listener, path) = listener();
+    let listener = &listener;
     let mut link = Link {
         peer: peer.clone(),
         handler: None,
@@ -679,6 +678,8 @@ pub fn run(data: &[u8]) {
     let connected = link.drive(listener, || {
         VhostUserDevice::connect(&path, device_type, queues, &mem)
     });
+    // The connection is made (or never will be): the path has done its job.
+    let _ = std::fs::remove_file(&path);
     let violation = lock(&peer).violation.take();
     if let Some(v) = violation {
         panic!("vhost-user front end: {v}");
