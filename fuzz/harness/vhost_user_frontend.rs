@@ -26,7 +26,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
 
 use hostd_devices::bus::BusDevice;
 use hostd_devices::virtio::mmio::{status, MmioTransport};
@@ -405,8 +405,29 @@ fn lock(peer: &Mutex<Peer>) -> MutexGuard<'_, Peer> {
 /// The backend's end of the connection, once the front end connected.
 struct Link {
     peer: Arc<Mutex<Peer>>,
+    /// Signalled by the front end's thread when an operation returned.
+    done: EventFd,
     handler: Option<(BackendReqHandler<Mutex<Peer>>, UnixStream)>,
     alive: bool,
+}
+
+/// A job for the front end's thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Runs `job` on the front end's thread: one for the whole process, so that a run does
+/// not pay for a thread per operation.
+fn front_end(job: Job) {
+    static FRONT_END: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    let sender = FRONT_END.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("vhost-user front end".into())
+            .spawn(move || rx.into_iter().for_each(|job| job()))
+            .unwrap_or_else(|e| panic!("front end thread: {e}"));
+        Mutex::new(tx)
+    });
+    let sent = sender.lock().unwrap_or_else(|p| p.into_inner()).send(job);
+    assert!(sent.is_ok(), "the front end's thread is gone");
 }
 
 fn readable(fd: RawFd) -> libc::pollfd {
@@ -418,40 +439,50 @@ fn readable(fd: RawFd) -> libc::pollfd {
 }
 
 impl Link {
-    /// Runs `op` (the front end's side) on its own thread while this thread serves the
-    /// backend's side, until `op` returned and every message it sent was handled.
-    fn drive<R: Send>(&mut self, listener: &UnixListener, op: impl FnOnce() -> R + Send) -> R {
-        let done = EventFd::new(EFD_NONBLOCK).unwrap_or_else(|e| panic!("eventfd: {e}"));
-        std::thread::scope(|s| {
-            let front = s.spawn(|| {
-                let r = op();
-                let _ = done.write(1);
-                r
-            });
-            loop {
-                let mut fds = vec![readable(done.as_raw_fd())];
-                match &self.handler {
-                    None => fds.push(readable(listener.as_raw_fd())),
-                    Some((_, sock)) if self.alive => fds.push(readable(sock.as_raw_fd())),
-                    Some(_) => {}
-                }
-                // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the call.
-                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-                if n < 0 {
-                    continue;
-                }
-                if fds.get(1).is_some_and(|p| p.revents != 0) {
-                    self.serve_one(listener);
-                    continue;
-                }
-                if fds[0].revents != 0 {
-                    break;
-                }
+    /// Runs `op` (the front end's side) on the front end's thread while this thread
+    /// serves the backend's side, until `op` returned and every message it sent was
+    /// handled.
+    fn drive<R: Send + 'static>(
+        &mut self,
+        listener: &UnixListener,
+        op: impl FnOnce() -> R + Send + 'static,
+    ) -> R {
+        let (result_tx, result) = mpsc::channel();
+        let done = self
+            .done
+            .try_clone()
+            .unwrap_or_else(|e| panic!("eventfd: {e}"));
+        front_end(Box::new(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(op));
+            let _ = result_tx.send(r);
+            let _ = done.write(1);
+        }));
+        loop {
+            let mut fds = vec![readable(self.done.as_raw_fd())];
+            match &self.handler {
+                None => fds.push(readable(listener.as_raw_fd())),
+                Some((_, sock)) if self.alive => fds.push(readable(sock.as_raw_fd())),
+                Some(_) => {}
             }
-            front
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if n < 0 {
+                continue;
+            }
+            if fds.get(1).is_some_and(|p| p.revents != 0) {
+                self.serve_one(listener);
+                continue;
+            }
+            if fds[0].revents != 0 {
+                let _ = self.done.read();
+                break;
+            }
+        }
+        match result.recv() {
+            Ok(Ok(r)) => r,
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(_) => panic!("the front end's thread is gone"),
+        }
     }
 
     fn serve_one(&mut self, listener: &UnixListener) {
@@ -617,7 +648,8 @@ fn control(
     activation: &Activation,
     peer: &Mutex<Peer>,
 ) -> bool {
-    let result = link.drive(listener, || activation.complete());
+    let activation = activation.clone();
+    let result = link.drive(listener, move || activation.complete());
     let violation = lock(peer).violation.take();
     if let Some(v) = violation {
         panic!("vhost-user front end: {v}");
@@ -672,11 +704,13 @@ pub fn run(data: &[u8]) {
     let listener = &listener;
     let mut link = Link {
         peer: peer.clone(),
+        done: EventFd::new(EFD_NONBLOCK).unwrap_or_else(|e| panic!("eventfd: {e}")),
         handler: None,
         alive: true,
     };
-    let connected = link.drive(listener, || {
-        VhostUserDevice::connect(&path, device_type, queues, &mem)
+    let (socket, front_mem) = (path.clone(), mem.clone());
+    let connected = link.drive(listener, move || {
+        VhostUserDevice::connect(&socket, device_type, queues, &front_mem)
     });
     // The connection is made (or never will be): the path has done its job.
     let _ = std::fs::remove_file(&path);
