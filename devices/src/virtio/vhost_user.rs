@@ -39,12 +39,22 @@ pub struct FrontendError {
     pub message: String,
 }
 
-/// The driver's acked features and queue setup, waiting for the control thread.
-type PendingActivation = Arc<Mutex<Option<(u64, Vec<QueueSetup>)>>>;
+/// What the driver did that the control thread has yet to tell the backend.
+#[derive(Debug, Default)]
+struct Pending {
+    /// The driver reset the device: the rings the backend runs must be stopped.
+    reset: bool,
+    /// The driver set DRIVER_OK: its acked features and queue setup.
+    activation: Option<(u64, Vec<QueueSetup>)>,
+}
+
+/// Shared between the transport (vCPU threads) and the control thread.
+type PendingActivation = Arc<Mutex<Pending>>;
 
 /// One queue as the driver set it up.
 #[derive(Debug, Clone, Copy)]
 struct QueueSetup {
+    ready: bool,
     size: u16,
     desc: u64,
     avail: u64,
@@ -83,6 +93,8 @@ pub struct Activation {
     calls: Vec<Arc<EventFd>>,
     mem: GuestMemoryMmap,
     protocol: bool,
+    /// The rings the backend was started on (sent a kick fd) and not stopped since.
+    started: Arc<Mutex<Vec<bool>>>,
 }
 
 impl std::fmt::Debug for Activation {
@@ -155,7 +167,7 @@ impl VhostUserDevice {
             calls.push(Arc::new(EventFd::new(0).map_err(|e| err("eventfd", &e))?));
         }
         let frontend = Arc::new(Mutex::new(fe));
-        let pending = Arc::new(Mutex::new(None));
+        let pending = Arc::new(Mutex::new(Pending::default()));
         let activation = Activation {
             socket: name.clone(),
             frontend: frontend.clone(),
@@ -164,6 +176,7 @@ impl VhostUserDevice {
             calls: calls.clone(),
             mem: mem.clone(),
             protocol,
+            started: Arc::new(Mutex::new(vec![false; queues])),
         };
         let _ = &frontend;
         let dev = VhostUserDevice {
@@ -200,26 +213,46 @@ pub fn forward_interrupts(call: Arc<EventFd>, status: Arc<AtomicU32>, irq: Arc<d
 }
 
 impl Activation {
-    /// Sends the queue setup to the backend if the driver activated the device since the
-    /// last call. Returns an error the VMM reports (the device is then dead to the guest).
+    /// Tells the backend what the driver did since the last call: a reset stops every
+    /// ring the backend runs (GET_VRING_BASE, as the vhost-user spec has rings stopped),
+    /// an activation sends the setup of the queues the driver made ready. Returns whether
+    /// anything was sent, or an error the VMM reports (the device is then dead to the
+    /// guest).
     pub fn complete(&self) -> Result<bool, FrontendError> {
-        let Some((acked, queues)) = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        else {
-            return Ok(false);
+        let (reset, activation) = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                std::mem::take(&mut pending.reset),
+                pending.activation.take(),
+            )
         };
+        if !reset && activation.is_none() {
+            return Ok(false);
+        }
         let err = |what: &str, e: &dyn std::fmt::Display| FrontendError {
             socket: self.socket.clone(),
             message: format!("{what}: {e}"),
         };
         let mut fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
+        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        if reset {
+            for (i, running) in started.iter_mut().enumerate() {
+                if *running {
+                    fe.get_vring_base(i)
+                        .map_err(|e| err("GET_VRING_BASE", &e))?;
+                    *running = false;
+                }
+            }
+        }
+        let Some((acked, queues)) = activation else {
+            return Ok(true);
+        };
         let features = acked | if self.protocol { PROTOCOL_FEATURES } else { 0 };
         fe.set_features(features)
             .map_err(|e| err("SET_FEATURES", &e))?;
-        for (i, q) in queues.iter().enumerate() {
+        // Queues the driver did not make ready are not the device's to use (virtio 1.2,
+        // 4.2.2: QueueReady); their registers hold whatever the driver left there.
+        for (i, q) in queues.iter().enumerate().filter(|(_, q)| q.ready) {
             let host = |gpa: u64| -> Result<u64, FrontendError> {
                 self.mem
                     .get_host_address(GuestAddress(gpa))
@@ -245,6 +278,9 @@ impl Activation {
                 .map_err(|e| err("SET_VRING_CALL", &e))?;
             fe.set_vring_kick(i, &self.kicks[i])
                 .map_err(|e| err("SET_VRING_KICK", &e))?;
+            if let Some(running) = started.get_mut(i) {
+                *running = true;
+            }
             if self.protocol {
                 fe.set_vring_enable(i, true)
                     .map_err(|e| err("SET_VRING_ENABLE", &e))?;
@@ -277,13 +313,25 @@ impl VirtioDevice for VhostUserDevice {
         let setup = queues
             .iter()
             .map(|q| QueueSetup {
+                ready: q.ready(),
                 size: q.size(),
                 desc: q.desc_table(),
                 avail: q.avail_ring(),
                 used: q.used_ring(),
             })
             .collect();
-        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some((self.acked, setup));
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .activation = Some((self.acked, setup));
+    }
+    fn reset(&mut self) {
+        // An activation the control thread has not sent yet is void, and whatever rings
+        // the backend runs must stop before the driver reuses their memory.
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.activation = None;
+        pending.reset = true;
+        self.acked = 0;
     }
     fn process_queue(&mut self, index: usize, _queue: &mut Queue, _mem: &GuestMemoryMmap) -> bool {
         if let Some(kick) = self.kicks.get(index) {
