@@ -236,7 +236,7 @@ pub fn serve(opts: &ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<(
         tracing::warn!(
             requested = limits.max_connections,
             max_connections = cap,
-            open_file_limit = ?nofile,
+            open_file_limit = nofile.unwrap_or(u64::MAX),
             reserve = server::fd_limit::FD_RESERVE,
             "connection cap lowered to fit the open-file limit"
         );

@@ -15,25 +15,25 @@ pub const MIN_CONNECTIONS: usize = 16;
 pub fn raise_nofile_limit() -> Option<u64> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let current = getrlimit(Resource::Nofile);
-    let soft = current.current;
     let target = current.maximum.unwrap_or(u64::MAX).min(1 << 20);
-    match soft {
+    let soft = match current.current {
         Some(s) if s >= target => return Some(s),
+        // Unlimited.
         None => return None,
-        Some(_) => {}
-    }
+        Some(s) => s,
+    };
     let raised = Rlimit {
         current: Some(target),
         maximum: current.maximum,
     };
     match setrlimit(Resource::Nofile, raised) {
         Ok(()) => {
-            tracing::info!(from = ?soft, to = target, "raised the open-file limit");
+            tracing::info!(from = soft, to = target, "raised the open-file limit");
             Some(target)
         }
         Err(e) => {
-            tracing::warn!(limit = ?soft, "cannot raise the open-file limit: {e}");
-            soft
+            tracing::warn!(limit = soft, "cannot raise the open-file limit: {e}");
+            Some(soft)
         }
     }
 }
