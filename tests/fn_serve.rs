@@ -1025,3 +1025,39 @@ fn fifos_and_devices_as_component_or_manifest_are_refused() {
         assert!(err.contains("not a regular file"), "{err}");
     }
 }
+
+#[test]
+fn a_fifo_as_secret_file_is_refused_without_hanging_the_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("token");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let manifest = dir.path().join("fns.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[functions.s]\ncomponent = {:?}\nroutes = [\"/s\"]\nconfig = {{ greeting = \"hi\" }}\n\
+             secrets = {{ api-token = {{ file = {:?} }} }}\n",
+            examples().join("wasm/secret.wasm"),
+            fifo,
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&manifest, &[], &[]);
+    let (status, body) = get(&agent(), &server.url("/s"));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("Unavailable"), "{body}");
+    server.wait_log(&[
+        "secret unavailable",
+        "is a FIFO, not a regular file",
+        fifo.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        get(&agent(), &server.url("/s")).0,
+        403,
+        "server still answers"
+    );
+}
