@@ -537,13 +537,14 @@ impl HelloLoad {
     }
 }
 
-fn assert_hello_load_clean(load: HelloLoad) -> usize {
+fn assert_hello_load_clean(load: HelloLoad, server: &Server) -> usize {
     let (total, errors) = load.finish();
     assert!(
         errors.is_empty(),
-        "{} of {total} /hello requests failed, first: {:?}",
+        "{} of {total} /hello requests failed, first: {:?}; server log:\n{}",
         errors.len(),
-        errors.first()
+        errors.first(),
+        server.log.lock().unwrap()
     );
     assert!(
         total >= HelloLoad::CONCURRENCY,
@@ -727,7 +728,7 @@ fn abusive_clients_are_cut_off_while_hello_answers() {
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
     assert!(answer.contains("request headers not received"), "{answer}");
 
-    let hellos = assert_hello_load_clean(load);
+    let hellos = assert_hello_load_clean(load, &server);
     let elapsed = started.elapsed().as_secs() as usize;
     eprintln!("{hellos} /hello answered while {IDLE} idle connections came and went");
 
@@ -774,7 +775,7 @@ fn idle_connections_beyond_a_low_fd_limit_do_not_stop_hello() {
     let started = Instant::now();
     let load = HelloLoad::start(server.url("/hello"));
     idle_flood(&server.addr(), IDLE);
-    assert_hello_load_clean(load);
+    assert_hello_load_clean(load, &server);
     let elapsed = started.elapsed().as_secs() as usize;
     server.wait_log(&["connection limit reached: closed the longest-idle connection"]);
     let lines = server.count_log(&["connection"]);

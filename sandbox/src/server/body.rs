@@ -89,7 +89,7 @@ pub(crate) struct BodyDeadline {
 pub(crate) struct GuardedBody {
     inner: HyperOutgoingBody,
     deadline: Option<(Pin<Box<tokio::time::Sleep>>, Arc<Outcome>)>,
-    _request: RequestGuard,
+    request: RequestGuard,
 }
 
 impl GuardedBody {
@@ -101,7 +101,7 @@ impl GuardedBody {
         GuardedBody {
             inner,
             deadline: deadline.map(|d| (Box::pin(tokio::time::sleep_until(d.at)), d.outcome)),
-            _request: request,
+            request,
         }
     }
 }
@@ -118,6 +118,7 @@ impl Body for GuardedBody {
             if sleep.as_mut().poll(cx).is_ready() {
                 outcome.mark_failed();
                 outcome.log_time_limit(Phase::Body);
+                self.request.abort_connection();
                 return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseTimeout)));
             }
         }
@@ -126,6 +127,7 @@ impl Body for GuardedBody {
             // trapped or was stopped): end with an error so that hyper closes
             // the connection instead of presenting a truncated body as whole.
             Poll::Ready(None) if self.deadline.as_ref().is_some_and(|(_, o)| o.failed()) => {
+                self.request.abort_connection();
                 Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
             }
             other => other,

@@ -8,6 +8,7 @@
 //! | a request's headers not complete within the header timeout | `408`, then closed | `closed connection: request headers not received in time` |
 //! | a new connection at the cap, some connection idle | the longest-idle connection closed | `connection limit reached: closed the longest-idle connection` |
 //! | a new connection at the cap, every connection busy | `503`, then closed | `connection limit reached and every connection busy: answered 503` |
+//! | a response body cut at its request's deadline (see `body.rs`) | the connection reset | (the function's time-limit line) |
 //! | `accept` fails for lack of file descriptors | (waits in the backlog) | `accept: out of file descriptors` |
 
 use std::collections::HashMap;
@@ -83,8 +84,15 @@ pub(crate) struct ConnState {
     /// Whether a request was ever served on it (a keep-alive client that is
     /// likely to send another).
     served: AtomicBool,
+    /// Whether a read since it became idle found the socket empty. Until
+    /// then a request may be waiting unread in the kernel (its task not yet
+    /// run), and closing the connection would reset it.
+    seen_empty: AtomicBool,
     /// Chosen to make room for a new connection.
     evicted: AtomicBool,
+    /// A response body was cut at its deadline: close with a reset, dropping
+    /// what the kernel still holds for a client that reads too slowly.
+    abort: AtomicBool,
     /// Wakes the watchdog (a request's first bytes arrived, or eviction).
     wake: Notify,
 }
@@ -98,7 +106,9 @@ impl ConnState {
             idle_since: AtomicU64::new(now),
             head_started: AtomicU64::new(0),
             served: AtomicBool::new(false),
+            seen_empty: AtomicBool::new(false),
             evicted: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
             wake: Notify::new(),
         }
     }
@@ -107,8 +117,18 @@ impl ConnState {
         self.base.elapsed().as_millis() as u64
     }
 
+    /// Called by the socket when a read finds nothing to read.
+    pub(crate) fn on_read_pending(&self) {
+        if self.in_request.load(Ordering::SeqCst) == 0
+            && self.head_started.load(Ordering::SeqCst) == 0
+        {
+            self.seen_empty.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Called by the socket whenever bytes arrive.
     pub(crate) fn on_bytes_read(&self) {
+        self.seen_empty.store(false, Ordering::SeqCst);
         if self.in_request.load(Ordering::SeqCst) == 0
             && self.head_started.load(Ordering::SeqCst) == 0
         {
@@ -122,6 +142,7 @@ impl ConnState {
         self.in_request.fetch_add(1, Ordering::SeqCst);
         self.head_started.store(0, Ordering::SeqCst);
         self.served.store(true, Ordering::SeqCst);
+        self.seen_empty.store(false, Ordering::SeqCst);
         RequestGuard(self.clone())
     }
 
@@ -160,6 +181,13 @@ impl ConnState {
 /// Held while a request is served (moved into its response body).
 #[derive(Debug)]
 pub(crate) struct RequestGuard(Arc<ConnState>);
+
+impl RequestGuard {
+    /// The response was cut off: the connection ends with a reset.
+    pub(crate) fn abort_connection(&self) {
+        self.0.abort.store(true, Ordering::SeqCst);
+    }
+}
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
@@ -227,15 +255,18 @@ impl Registry {
 
     /// Marks the longest-idle connection for closing; false if none is idle.
     ///
-    /// Order of preference: connections that never carried a request (opened
-    /// and left silent), then keep-alive connections between requests, then
-    /// connections in the middle of sending their headers; the longest idle
-    /// first within each. A keep-alive client is likely to be sending its next
-    /// request as the server closes, which it would see as an error.
+    /// Order of preference: connections last seen empty that never carried a
+    /// request (opened and left silent), then keep-alive connections seen
+    /// empty between requests, then connections not looked at since they
+    /// became idle (a request may be waiting unread), then connections in the
+    /// middle of sending their headers; the longest idle first within each.
+    /// Closing a connection with an unread request resets it, which its
+    /// client sees as an error.
     fn evict_longest_idle(conns: &HashMap<u64, Arc<ConnState>>) -> bool {
         let victim = conns.values().filter(|c| c.is_idle()).min_by_key(|c| {
             (
                 c.head_started.load(Ordering::SeqCst) != 0,
+                !c.seen_empty.load(Ordering::SeqCst),
                 c.served.load(Ordering::SeqCst),
                 c.idle_since.load(Ordering::SeqCst),
             )
@@ -445,6 +476,11 @@ async fn connection(
                 r = conn.as_mut() => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, "connection ended: {e}");
+                    }
+                    if state.abort.load(Ordering::SeqCst) {
+                        // Linger 0: close sends a reset and frees the send
+                        // buffer instead of waiting for a slow reader to drain it.
+                        let _ = rustix::net::sockopt::set_socket_linger(&*stream, Some(Duration::ZERO));
                     }
                     return;
                 }

@@ -12,6 +12,9 @@ use tokio::net::TcpStream;
 
 use super::connections::ConnState;
 
+/// Most bytes one read takes from the socket.
+const READ_CHUNK: usize = 32 << 10;
+
 /// A client connection's socket as hyper sees it.
 #[derive(Debug)]
 pub(crate) struct TrackedIo {
@@ -32,8 +35,15 @@ impl AsyncRead for TrackedIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         loop {
-            ready!(self.stream.poll_read_ready(cx))?;
-            match self.stream.try_read(buf.initialize_unfilled()) {
+            if let Poll::Ready(r) = self.stream.poll_read_ready(cx) {
+                r?;
+            } else {
+                self.conn.on_read_pending();
+                return Poll::Pending;
+            }
+            // Zero at most READ_CHUNK bytes of hyper's buffer per read.
+            let room = buf.remaining().min(READ_CHUNK);
+            match self.stream.try_read(buf.initialize_unfilled_to(room)) {
                 Ok(n) => {
                     buf.advance(n);
                     if n > 0 {
