@@ -2,9 +2,12 @@
 //! holding only the capabilities its manifest grants.
 //!
 //! - [`manifest`]: `fns.toml` (routes and grants; see `docs/capabilities.md`).
-//! - [`engine`]: pooling allocator, epoch ticker, on-disk compile cache.
+//! - [`engine`]: pooling allocator, epoch ticker, on-disk compile cache
+//!   (checked directory, artifacts verified by digest).
+//! - [`input`]: every user file is a regular file read with a size bound.
 //! - [`capabilities`]: outbound HTTP, key-value, config, secrets, filesystem.
-//! - [`server`]: the hyper front and per-request stores.
+//! - [`server`]: the hyper front, connection limits, per-request deadlines.
+//! - [`store`]: per-request stores, memory limiter, resource-table cap.
 
 pub mod capabilities;
 pub mod engine;
