@@ -304,7 +304,7 @@ fn after_response(caps: &FnCaps, outcome: &Outcome, end: TaskEnd) {
             if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
                 outcome.log_time_limit(Phase::Body);
             } else {
-                tracing::warn!(function = %caps.name, "function trapped after sending its response headers: {e:#}");
+                tracing::warn!(function = %caps.name, "function trapped after its response headers were handed to the client (or the client left): {e:#}");
             }
         }
         TaskEnd::Panicked(m) => {
