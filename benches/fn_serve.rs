@@ -5,10 +5,12 @@
 //! from process start to the first answered request (cold compile cache and,
 //! for hostd, warm cache), the first request's own latency, per-request
 //! instantiation time (in-process, the same engine settings hostd serves
-//! with), and the server's RSS. Prints a table and writes
+//! with), the server's RSS, and the same load again while idle connections
+//! are held open against the server. Prints a table and writes
 //! `target/bench/fn_serve.json`.
 //!
 //! `cargo bench --bench fn_serve` (env: `FN_BENCH_REQUESTS`, `FN_BENCH_CONCURRENCY`,
+//! `FN_BENCH_IDLE` = idle connections held, default 5000,
 //! `WASMTIME` = path of the wasmtime CLI). Without a wasmtime CLI the peer is
 //! skipped with a note on how to install it.
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
@@ -209,6 +211,12 @@ struct Figures {
     requests: usize,
     rss_kib: u64,
     peak_rss_kib: u64,
+    /// The same load while `idle_connections` connections that never send a
+    /// byte are held open against the server.
+    idle_connections: usize,
+    flood_rps: f64,
+    flood_p99_ms: f64,
+    flood_errors: usize,
 }
 
 impl Figures {
@@ -227,6 +235,10 @@ impl Figures {
             "p99_ms": self.p99_ms,
             "rss_kib_after_load": self.rss_kib,
             "peak_rss_kib": self.peak_rss_kib,
+            "idle_connections_held": self.idle_connections,
+            "requests_per_second_under_idle_flood": self.flood_rps,
+            "p99_ms_under_idle_flood": self.flood_p99_ms,
+            "errors_under_idle_flood": self.flood_errors,
         })
     }
 }
@@ -259,6 +271,7 @@ fn measure(
     make: &dyn Fn(u16, Cache) -> Command,
     total: usize,
     concurrency: usize,
+    idle_connections: usize,
 ) -> Figures {
     let (deploy_cold_ms, first_request_cold_ms) = deploys(make, Cache::Cold);
     // Populate the cache, then deploy warm.
@@ -278,6 +291,13 @@ fn measure(
     let _ = load(&url, 500.min(total), concurrency); // warm-up
     let l = load(&url, total, concurrency);
     let (rss, hwm) = rss_kib(proc_.0.id());
+    // The same load again while idle connections (opened, never used) are held.
+    let idle: Vec<TcpStream> = (0..idle_connections)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    let held = idle.len();
+    let flood = load(&url, total, concurrency);
+    drop(idle);
     Figures {
         name: name.into(),
         command,
@@ -292,6 +312,10 @@ fn measure(
         requests: l.requests,
         rss_kib: rss,
         peak_rss_kib: hwm,
+        idle_connections: held,
+        flood_rps: (flood.latencies_us.len() as f64 / flood.seconds).round(),
+        flood_p99_ms: pct(&flood.latencies_us, 0.99),
+        flood_errors: flood.errors,
     }
 }
 
@@ -318,6 +342,7 @@ fn main() {
     let benching = std::env::args().any(|a| a == "--bench");
     let total = env_usize("FN_BENCH_REQUESTS", if benching { 20_000 } else { 200 });
     let concurrency = env_usize("FN_BENCH_CONCURRENCY", 64);
+    let idle = env_usize("FN_BENCH_IDLE", if benching { 5000 } else { 200 });
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let component = root.join("sandbox/examples/wasm/hello.wasm");
     let hostd = PathBuf::from(env!("CARGO_BIN_EXE_hostd"));
@@ -342,7 +367,13 @@ fn main() {
             .env("RUST_LOG", "warn");
         c
     };
-    let mut servers = vec![measure("hostd fn serve", &hostd_cmd, total, concurrency)];
+    let mut servers = vec![measure(
+        "hostd fn serve",
+        &hostd_cmd,
+        total,
+        concurrency,
+        idle,
+    )];
 
     let wasmtime = find_wasmtime();
     let mut wasmtime_version = serde_json::Value::Null;
@@ -358,7 +389,7 @@ fn main() {
                     .arg(&component);
                 c
             };
-            servers.push(measure("wasmtime serve", &wasmtime_cmd, total, concurrency));
+            servers.push(measure("wasmtime serve", &wasmtime_cmd, total, concurrency, idle));
         }
         None => println!(
             "fn_serve: SKIPPING the wasmtime serve peer: no wasmtime CLI found (WASMTIME, \
@@ -405,6 +436,17 @@ fn main() {
     let pool = stats_us(&inst_pool);
     let default = stats_us(&inst_default);
     println!("(deploy = process start to first 200, first = latency of that first request; ms, medians of {DEPLOYS}; RSS in KiB)");
+    println!("the same load while idle connections (opened, never used) are held open:");
+    println!(
+        "{:<16} {:>8} {:>8} {:>8} {:>6}",
+        "server", "idle", "req/s", "p99 ms", "errors"
+    );
+    for s in &servers {
+        println!(
+            "{:<16} {:>8} {:>8} {:>8.3} {:>6}",
+            s.name, s.idle_connections, s.flood_rps, s.flood_p99_ms, s.flood_errors
+        );
+    }
     println!("instantiation per request (in-process, fresh store + ProxyPre, hostd's engine):");
     println!("  pooling allocator (hostd; also wasmtime serve's default): {pool}");
     println!("  on-demand allocator:                                       {default}");

@@ -32,6 +32,18 @@ pub enum FnCommand {
         /// Seconds to wait for in-flight requests after SIGTERM.
         #[arg(long, default_value_t = 30)]
         shutdown_grace: u64,
+        /// Open client connections at most; at the cap a new connection closes the
+        /// longest-idle one, or gets 503 when all are busy. Lowered to the open-file
+        /// limit minus 512.
+        #[arg(long, default_value_t = hostd_sandbox::server::connections::DEFAULT_MAX_CONNECTIONS as u64,
+              value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        max_connections: u64,
+        /// Seconds a client has to finish sending a request's headers, from their first byte (then 408).
+        #[arg(long, default_value = "10", value_parser = parse_seconds)]
+        header_timeout: Duration,
+        /// Seconds a connection may stay open without a request (then it is closed).
+        #[arg(long, default_value = "30", value_parser = parse_seconds)]
+        idle_timeout: Duration,
     },
 }
 
@@ -45,6 +57,9 @@ pub fn run(cmd: FnCommand) -> anyhow::Result<i32> {
             cache_dir,
             no_cache,
             shutdown_grace,
+            max_connections,
+            header_timeout,
+            idle_timeout,
         } => {
             let cache_dir = if no_cache {
                 None
@@ -57,6 +72,12 @@ pub fn run(cmd: FnCommand) -> anyhow::Result<i32> {
                 state_dir,
                 cache_dir,
                 shutdown_grace: Duration::from_secs(shutdown_grace),
+                connections: hostd_sandbox::server::ConnectionLimits {
+                    max_connections: usize::try_from(max_connections)
+                        .context("--max-connections")?,
+                    header_timeout,
+                    idle_timeout,
+                },
             };
             hostd_sandbox::serve(&opts, |addr| {
                 eprintln!("hostd fn serve: listening on http://{addr}");
@@ -65,4 +86,15 @@ pub fn run(cmd: FnCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// Seconds (decimals allowed, e.g. `0.5`), from 0.01 to one day.
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.01..=86_400.0).contains(&secs) {
+        return Err(format!("{s} must be between 0.01 and 86400 seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use crate::Error;
+use crate::{input, Error};
 
 /// How often the epoch ticker advances the engine's epoch. Deadlines are
 /// counted in these ticks, so a time limit is enforced to within one tick.
@@ -48,18 +48,22 @@ pub fn engine_hash(engine: &Engine) -> String {
     format!("{:016x}", h.finish())
 }
 
-/// Loads a component: from the compile cache when present, otherwise compiles
-/// it and stores the artifact (written to a temporary file, then renamed, so
-/// concurrent servers never read half an artifact).
+/// Loads a component: from the compile cache when a verified artifact is
+/// there, otherwise compiles it and stores the artifact.
+///
+/// The cache directory must belong to this user and not be writable by group
+/// or others (else the cache is not used, with a warning). An artifact is named
+/// `<component sha256>-<engine hash>-<artifact sha256>.cwasm`: the whole file
+/// is hashed and compared with its name before wasmtime sees a byte of it, so
+/// a changed or truncated artifact is refused (and replaced), never loaded.
+/// Artifacts are written under an unpredictable temporary name (`O_EXCL`,
+/// mode 0600) and renamed into place.
 pub fn load_component(
     engine: &Engine,
     path: &Path,
     cache_dir: Option<&Path>,
 ) -> Result<Component, Error> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        what: format!("reading component {}", path.display()),
-        source,
-    })?;
+    let bytes = input::read_regular("component", path, input::MAX_COMPONENT_BYTES)?;
     let compile = |bytes: &[u8]| {
         Component::new(engine, bytes).map_err(|e| Error::Component {
             path: path.to_owned(),
@@ -69,28 +73,20 @@ pub fn load_component(
     let Some(cache_dir) = cache_dir else {
         return compile(&bytes);
     };
-    let digest = hex(&Sha256::digest(&bytes));
-    let artifact = cache_dir.join(format!("{digest}-{}.cwasm", engine_hash(engine)));
-    if artifact.is_file() {
-        // SAFETY: `deserialize_file` trusts the file to be a wasmtime artifact
-        // produced by this engine configuration. The cache directory belongs to
-        // hostd, the file name binds the artifact to the component's sha256 and
-        // the engine's compatibility hash, and wasmtime itself checks the
-        // artifact's header and version before using it.
-        match unsafe { Component::deserialize_file(engine, &artifact) } {
-            Ok(c) => {
-                tracing::debug!(component = %path.display(), artifact = %artifact.display(), "compiled component loaded from cache");
-                return Ok(c);
-            }
-            Err(e) => {
-                tracing::warn!(artifact = %artifact.display(), "ignoring unusable cached artifact: {e:#}")
-            }
-        }
+    if let Err(e) = prepare_cache_dir(cache_dir) {
+        tracing::warn!(cache = %cache_dir.display(), "not using the compile cache: {e}");
+        return compile(&bytes);
+    }
+    let prefix = format!("{}-{}-", hex(&Sha256::digest(&bytes)), engine_hash(engine));
+    if let Some(c) = load_cached(engine, cache_dir, &prefix) {
+        tracing::debug!(component = %path.display(), "compiled component loaded from cache");
+        return Ok(c);
     }
     let component = compile(&bytes)?;
     match component.serialize() {
         Ok(serialized) => {
-            if let Err(e) = write_atomically(cache_dir, &artifact, &serialized) {
+            let name = format!("{prefix}{}.cwasm", hex(&Sha256::digest(&serialized)));
+            if let Err(e) = write_atomically(cache_dir, &name, &serialized) {
                 tracing::warn!(cache = %cache_dir.display(), "could not cache compiled component: {e}");
             }
         }
@@ -99,11 +95,134 @@ pub fn load_component(
     Ok(component)
 }
 
-fn write_atomically(dir: &Path, target: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let tmp = target.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, target)
+/// Why the compile cache directory is not used.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheDirError {
+    /// It could not be created or inspected.
+    #[error("cannot create or inspect it: {0}")]
+    Io(std::io::Error),
+    /// It is not a directory.
+    #[error("it is not a directory")]
+    NotADirectory,
+    /// Someone else owns it.
+    #[error("it is owned by uid {owner}, not by this user (uid {me})")]
+    Owner {
+        /// Its owner.
+        owner: u32,
+        /// Our effective uid.
+        me: u32,
+    },
+    /// Others may write into it.
+    #[error("it is writable by group or others (mode {mode:o}); run chmod go-w on it")]
+    Mode {
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+/// Creates the cache directory (mode 0700) if needed and checks that only
+/// this user can write into it.
+pub fn prepare_cache_dir(dir: &Path) -> Result<(), CacheDirError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(CacheDirError::Io)?;
+    let meta = std::fs::metadata(dir).map_err(CacheDirError::Io)?;
+    if !meta.is_dir() {
+        return Err(CacheDirError::NotADirectory);
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(CacheDirError::Owner {
+            owner: meta.uid(),
+            me,
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(CacheDirError::Mode { mode });
+    }
+    Ok(())
+}
+
+/// Whether `name` is `<prefix><64 hex digits>.cwasm`; returns the digits.
+fn artifact_digest<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {
+    let digest = name.strip_prefix(prefix)?.strip_suffix(".cwasm")?;
+    (digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then_some(digest)
+}
+
+/// The first artifact in `dir` for `prefix` whose content matches its name
+/// and that wasmtime accepts. Artifacts that do not match are removed.
+fn load_cached(engine: &Engine, dir: &Path, prefix: &str) -> Option<Component> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(cache = %dir.display(), "cannot list the compile cache: {e}");
+            return None;
+        }
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(expected) = name.to_str().and_then(|n| artifact_digest(n, prefix)) else {
+            continue;
+        };
+        let artifact = entry.path();
+        let bytes =
+            match input::read_regular("cached artifact", &artifact, input::MAX_ARTIFACT_BYTES) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(artifact = %artifact.display(), "refusing cached artifact: {e}");
+                    continue;
+                }
+            };
+        let actual = hex(&Sha256::digest(&bytes));
+        if actual != expected {
+            tracing::warn!(
+                artifact = %artifact.display(),
+                sha256 = %actual,
+                "refusing cached artifact: its sha256 does not match its name (changed or corrupted); removing it and compiling again"
+            );
+            if let Err(e) = std::fs::remove_file(&artifact) {
+                tracing::warn!(artifact = %artifact.display(), "cannot remove refused artifact: {e}");
+            }
+            continue;
+        }
+        // SAFETY: `deserialize` requires bytes produced by `serialize` of a
+        // compatible engine. These bytes hash to the sha256 recorded in the
+        // file name when this process family serialized them, the name binds
+        // them to this engine's compatibility hash, and the cache directory
+        // was checked to be owned by this user and writable by no one else.
+        // The bytes were read into memory once, so what was verified is
+        // exactly what is deserialized.
+        match unsafe { Component::deserialize(engine, &bytes) } {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                tracing::warn!(artifact = %artifact.display(), "ignoring unusable cached artifact: {e:#}")
+            }
+        }
+    }
+    None
+}
+
+/// Writes `bytes` as `dir/name`: first to a new file with a random name
+/// (created exclusively, mode 0600), then renamed over `name`, so readers
+/// never see half an artifact and nobody can predict or pre-create the file.
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .suffix(".cwasm")
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(dir.join(name)).map_err(|e| e.error)?;
+    Ok(())
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

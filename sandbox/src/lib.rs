@@ -2,12 +2,16 @@
 //! holding only the capabilities its manifest grants.
 //!
 //! - [`manifest`]: `fns.toml` (routes and grants; see `docs/capabilities.md`).
-//! - [`engine`]: pooling allocator, epoch ticker, on-disk compile cache.
+//! - [`engine`]: pooling allocator, epoch ticker, on-disk compile cache
+//!   (checked directory, artifacts verified by digest).
+//! - [`input`]: every user file is a regular file read with a size bound.
 //! - [`capabilities`]: outbound HTTP, key-value, config, secrets, filesystem.
-//! - [`server`]: the hyper front and per-request stores.
+//! - [`server`]: the hyper front, connection limits, per-request deadlines.
+//! - [`store`]: per-request stores, memory limiter, resource-table cap.
 
 pub mod capabilities;
 pub mod engine;
+pub mod input;
 pub mod manifest;
 pub mod server;
 pub mod store;
@@ -70,6 +74,28 @@ pub enum Error {
     /// The wasmtime engine could not be configured.
     #[error("wasmtime engine: {0}")]
     Engine(String),
+    /// An input file is not a regular file (a FIFO, a device, a directory …).
+    #[error("{what} {}: is {kind}, not a regular file", path.display())]
+    NotRegular {
+        /// What the file was to be (manifest, component, secret …).
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        kind: &'static str,
+    },
+    /// An input file is larger than hostd reads.
+    #[error("{what} {}: {size} bytes is more than the limit of {max} bytes", path.display())]
+    TooLarge {
+        /// What the file was to be.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Its size (or how much was read before giving up).
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
 }
 
 /// How to run `hostd fn serve`.
@@ -85,17 +111,29 @@ pub struct ServeOptions {
     pub cache_dir: Option<PathBuf>,
     /// How long to wait for in-flight requests after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Connection limits: cap, header-read and idle timeouts.
+    pub connections: server::ConnectionLimits,
 }
 
-/// Whether `path` is a component rather than a manifest.
-pub fn is_component(path: &Path) -> bool {
-    if path.extension().is_some_and(|e| e == "wasm") {
-        return true;
+/// Reads the serve target: a component (a `.wasm` name, or a file starting
+/// with the wasm magic) served alone, or a manifest.
+fn load_target(target: &Path) -> Result<Manifest, Error> {
+    if target.extension().is_some_and(|e| e == "wasm") {
+        return Ok(Manifest::single(target));
     }
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
-        .is_ok_and(|()| magic == *b"\0asm")
+    let bytes = input::read_regular("manifest", target, input::MAX_COMPONENT_BYTES)?;
+    if bytes.starts_with(b"\0asm") {
+        return Ok(Manifest::single(target));
+    }
+    if bytes.len() as u64 > input::MAX_MANIFEST_BYTES {
+        return Err(Error::TooLarge {
+            what: "manifest",
+            path: target.to_owned(),
+            size: bytes.len() as u64,
+            max: input::MAX_MANIFEST_BYTES,
+        });
+    }
+    Manifest::from_bytes(&bytes, target)
 }
 
 /// A loaded server: engine, compiled and pre-instantiated functions.
@@ -108,11 +146,7 @@ pub struct Prepared {
 /// Loads the manifest (or single component), compiles (or loads from cache)
 /// and pre-instantiates every function.
 pub fn prepare(opts: &ServeOptions) -> Result<Prepared, Error> {
-    let manifest = if is_component(&opts.target) {
-        Manifest::single(&opts.target)
-    } else {
-        Manifest::load(&opts.target)?
-    };
+    let manifest = load_target(&opts.target)?;
     let max_memory = manifest
         .functions
         .iter()
@@ -198,6 +232,19 @@ pub fn serve(opts: &ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<(
             what: "starting the tokio runtime".into(),
             source,
         })?;
+    let nofile = server::fd_limit::raise_nofile_limit();
+    let mut limits = opts.connections;
+    let cap = server::fd_limit::connection_cap(limits.max_connections, nofile);
+    if cap < limits.max_connections {
+        tracing::warn!(
+            requested = limits.max_connections,
+            max_connections = cap,
+            open_file_limit = nofile.unwrap_or(u64::MAX),
+            reserve = server::fd_limit::FD_RESERVE,
+            "connection cap lowered to fit the open-file limit"
+        );
+        limits.max_connections = cap;
+    }
     let prepared = prepare(opts)?;
     rt.block_on(async {
         let listener = server::bind(opts.listen).await?;
@@ -205,11 +252,18 @@ pub fn serve(opts: &ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<(
             what: "reading the listening address".into(),
             source,
         })?;
-        tracing::info!(%addr, "listening");
+        tracing::info!(
+            %addr,
+            max_connections = limits.max_connections,
+            header_timeout_ms = limits.header_timeout.as_millis() as u64,
+            idle_timeout_ms = limits.idle_timeout.as_millis() as u64,
+            "listening"
+        );
         on_ready(addr);
         server::serve_on(
             prepared.router.clone(),
             listener,
+            limits,
             server::shutdown_signal(),
             opts.shutdown_grace,
         )

@@ -14,9 +14,19 @@ use crate::Error;
 pub const DEFAULT_MEMORY_MB: u64 = 64;
 /// Default wall-clock limit of one request, in milliseconds.
 pub const DEFAULT_TIME_MS: u64 = 5_000;
+/// Largest `time_ms` a manifest may set (one hour).
+pub const MAX_TIME_MS: u64 = 3_600_000;
 /// Largest memory limit a manifest may set, in MiB (the pooling allocator
 /// reserves address space for it in every slot).
 pub const MAX_MEMORY_MB: u64 = 1024;
+/// Default largest key-value value a function may write, in KiB.
+pub const DEFAULT_KV_VALUE_KB: u64 = 1024;
+/// Largest `kv_value_kb` a manifest may set (64 MiB).
+pub const MAX_KV_VALUE_KB: u64 = 64 << 10;
+/// Default size a function may grow a bucket to (keys and values), in MiB.
+pub const DEFAULT_KV_BUCKET_MB: u64 = 64;
+/// Largest `kv_bucket_mb` a manifest may set (1 TiB).
+pub const MAX_KV_BUCKET_MB: u64 = 1 << 20;
 
 /// A parsed, validated manifest with every path made absolute.
 #[derive(Debug, Clone)]
@@ -98,8 +108,12 @@ pub struct Grants {
     pub env: BTreeMap<String, String>,
     /// Memory limit in bytes (all linear memories together).
     pub memory_bytes: u64,
-    /// Wall-clock limit of one request.
+    /// Wall-clock limit of one request, response body included.
     pub time_limit: std::time::Duration,
+    /// Largest value the function may write to a bucket, in bytes.
+    pub kv_max_value: u64,
+    /// Size (keys plus values) beyond which the function may not grow a bucket, in bytes.
+    pub kv_max_bucket: u64,
 }
 
 impl Grants {
@@ -108,6 +122,8 @@ impl Grants {
         Grants {
             memory_bytes: DEFAULT_MEMORY_MB << 20,
             time_limit: std::time::Duration::from_millis(DEFAULT_TIME_MS),
+            kv_max_value: DEFAULT_KV_VALUE_KB << 10,
+            kv_max_bucket: DEFAULT_KV_BUCKET_MB << 20,
             ..Grants::default()
         }
     }
@@ -188,6 +204,8 @@ struct RawFunction {
     env: BTreeMap<String, String>,
     memory_mb: Option<u64>,
     time_ms: Option<u64>,
+    kv_value_kb: Option<u64>,
+    kv_bucket_mb: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -213,12 +231,18 @@ fn default_mode() -> String {
 impl Manifest {
     /// Reads and validates a manifest; relative paths are resolved against its directory.
     pub fn load(path: &Path) -> Result<Manifest, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            what: format!("reading manifest {}", path.display()),
-            source,
+        let bytes = crate::input::read_regular("manifest", path, crate::input::MAX_MANIFEST_BYTES)?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Validates manifest bytes read from `path`.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Manifest, Error> {
+        let text = std::str::from_utf8(bytes).map_err(|e| Error::Manifest {
+            path: path.to_owned(),
+            msg: format!("not UTF-8 text: {e}"),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base).map_err(|msg| Error::Manifest {
+        Self::parse(text, base).map_err(|msg| Error::Manifest {
             path: path.to_owned(),
             msg,
         })
@@ -308,8 +332,22 @@ impl Manifest {
             ));
         }
         let time_ms = f.time_ms.unwrap_or(DEFAULT_TIME_MS);
-        if time_ms == 0 {
-            return Err("time_ms must be at least 1".into());
+        if time_ms == 0 || time_ms > MAX_TIME_MS {
+            return Err(format!(
+                "time_ms = {time_ms} must be between 1 and {MAX_TIME_MS}"
+            ));
+        }
+        let kv_value_kb = f.kv_value_kb.unwrap_or(DEFAULT_KV_VALUE_KB);
+        if kv_value_kb == 0 || kv_value_kb > MAX_KV_VALUE_KB {
+            return Err(format!(
+                "kv_value_kb = {kv_value_kb} must be between 1 and {MAX_KV_VALUE_KB}"
+            ));
+        }
+        let kv_bucket_mb = f.kv_bucket_mb.unwrap_or(DEFAULT_KV_BUCKET_MB);
+        if kv_bucket_mb == 0 || kv_bucket_mb > MAX_KV_BUCKET_MB {
+            return Err(format!(
+                "kv_bucket_mb = {kv_bucket_mb} must be between 1 and {MAX_KV_BUCKET_MB}"
+            ));
         }
         Ok(Function {
             name: name.to_owned(),
@@ -324,6 +362,8 @@ impl Manifest {
                 env: f.env,
                 memory_bytes: memory_mb << 20,
                 time_limit: std::time::Duration::from_millis(time_ms),
+                kv_max_value: kv_value_kb << 10,
+                kv_max_bucket: kv_bucket_mb << 20,
             },
         })
     }
@@ -388,6 +428,9 @@ mod tests {
             "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"x\"]",
             "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\nsecrets = { s = { value = \"inline\" } }",
             "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\noutbound = [\"http://x\"]",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\nkv_bucket_mb = 0",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\nkv_value_kb = 1000000",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\ntime_ms = 99999999999",
             "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\n[functions.b]\ncomponent = \"b.wasm\"\nroutes = [\"/x\"]",
             "",
         ];

@@ -15,7 +15,12 @@ pub mod bindings {
     wasmtime::component::bindgen!({
         path: "wit",
         world: "hostd:capabilities/imports",
-        imports: { default: trappable },
+        // Key-value calls are async: the database work runs on the blocking pool.
+        imports: {
+            "wasi:keyvalue/store": async | trappable,
+            "wasi:keyvalue/atomics": async | trappable,
+            default: trappable,
+        },
         with: {
             "wasi:keyvalue/store.bucket": crate::capabilities::keyvalue::BucketHandle,
             "hostd:capabilities/secrets.secret": crate::capabilities::secrets::SecretHandle,
@@ -48,6 +53,8 @@ pub struct CapsView<'a> {
     pub caps: &'a FnCaps,
     /// The store's resource table (bucket and secret handles live here).
     pub table: &'a mut ResourceTable,
+    /// Whether this request already logged a key-value quota denial.
+    pub kv_quota_logged: &'a mut bool,
 }
 
 impl std::fmt::Debug for CapsView<'_> {

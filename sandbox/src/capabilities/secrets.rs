@@ -42,7 +42,8 @@ impl secrets::HostSecret for CapsView<'_> {
         let handle = self.table.get(&s)?;
         let value = match &handle.source {
             SecretSource::File(path) => {
-                std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))
+                crate::input::read_regular("secret", path, crate::input::MAX_SECRET_BYTES)
+                    .map_err(|e| e.to_string())
             }
             SecretSource::Env(var) => std::env::var_os(var)
                 .map(|v| v.into_encoded_bytes())

@@ -1,5 +1,17 @@
 //! The HTTP front: hyper on tokio, routing paths to pre-instantiated
 //! components, one fresh store per request, graceful shutdown on SIGTERM.
+//!
+//! - [`connections`]: the connection cap, header-read and idle timeouts,
+//!   accept back-off.
+//! - `body`: the response body under the request's deadline.
+//! - [`fd_limit`]: the open-file limit and the cap it allows.
+//! - [`log_limit`]: rate-limited log lines.
+
+mod body;
+pub mod connections;
+pub mod fd_limit;
+mod io;
+pub mod log_limit;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -10,7 +22,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use wasmtime::component::Linker;
 use wasmtime::{Engine, Store, Trap};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -18,16 +29,21 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::WasiHttpView;
 
+use self::body::{BodyDeadline, GuardedBody, Outcome, Phase};
+pub use self::connections::ConnectionLimits;
+use self::connections::RequestGuard;
 use crate::capabilities::{self, Caps, FnCaps};
 use crate::engine::deadline_ticks;
 use crate::manifest::Route;
 use crate::store::FnState;
 use crate::Error;
 
-/// Extra wall-clock time past a function's limit before the host gives up on
-/// a request that is blocked outside WebAssembly (e.g. awaiting a slow
-/// upstream), where epoch deadlines cannot reach it.
-const HOST_GRACE: Duration = Duration::from_millis(500);
+/// Extra wall-clock time past a function's limit before the host stops a
+/// request that is blocked outside WebAssembly (awaiting a slow upstream, a
+/// slow client reading its response, a timer), where epoch deadlines cannot
+/// reach it. The whole request, response body included, ends by
+/// `time_ms` + this.
+pub const HOST_GRACE: Duration = Duration::from_millis(500);
 
 /// A function ready to serve: its routes, grants and pre-instantiated component.
 pub struct Deployed {
@@ -137,16 +153,21 @@ impl Router {
             .map(|(_, d)| d)
     }
 
-    /// Handles one HTTP request; never fails at the hyper level.
-    pub async fn handle(
+    /// Handles one HTTP request; never fails at the hyper level. `guard`
+    /// keeps the connection busy until the response body is done.
+    pub(crate) async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
+        guard: RequestGuard,
     ) -> Result<Response<HyperOutgoingBody>, Infallible> {
+        let guarded = |resp: Response<HyperOutgoingBody>, deadline| {
+            resp.map(|b| GuardedBody::new(b, guard, deadline).boxed_unsync())
+        };
         let Some(deployed) = self.find(req.uri().path()) else {
-            return Ok(Failure::NoRoute.response());
+            return Ok(guarded(Failure::NoRoute.response(), None));
         };
         match run(deployed, req).await {
-            Ok(resp) => Ok(resp),
+            Ok((resp, deadline)) => Ok(guarded(resp, Some(deadline))),
             Err(f) => {
                 let name = &deployed.caps.name;
                 match &f {
@@ -159,19 +180,32 @@ impl Router {
                     }
                     _ => {}
                 }
-                Ok(f.response())
+                Ok(guarded(f.response(), None))
             }
         }
     }
 }
 
-/// Runs one request in a fresh store.
+/// How a request's task ended, as its supervisor saw it.
+enum TaskEnd {
+    Finished(Result<(), RunError>, bool),
+    Panicked(String),
+    TimedOut,
+}
+
+/// Runs one request in a fresh store. The request's task runs under a
+/// supervisor that stops it at the deadline (`time_ms` + [`HOST_GRACE`]
+/// after the start) wherever it is: running WebAssembly (the epoch deadline
+/// has then already trapped it), blocked in the host, or writing a response
+/// body nobody reads. The returned deadline cuts the response body at the same
+/// instant.
 async fn run(
     deployed: &Deployed,
     req: Request<Incoming>,
-) -> Result<Response<HyperOutgoingBody>, Failure> {
+) -> Result<(Response<HyperOutgoingBody>, BodyDeadline), Failure> {
     let caps = &deployed.caps;
     let limit = caps.grants.time_limit;
+    let deadline = tokio::time::Instant::now() + limit + HOST_GRACE;
     let state = FnState::new(caps).map_err(|e| Failure::Host(e.to_string()))?;
     let mut store = Store::new(deployed.pre.engine(), state);
     store.limiter(|s| &mut s.limiter);
@@ -190,47 +224,91 @@ async fn run(
         .new_response_outparam(sender)
         .map_err(|e| Failure::Host(format!("{e:#}")))?;
     let pre = deployed.pre.clone();
+    let outcome = Outcome::new(caps.clone());
     let started = Instant::now();
-    let task = tokio::spawn(async move {
-        let proxy = match pre.instantiate_async(&mut store).await {
-            Ok(p) => p,
-            Err(e) => return (Err(RunError::Instantiate(e)), store.into_data().limiter.hit),
+    let task_outcome = outcome.clone();
+    let mut task = tokio::spawn(async move {
+        let r = match pre.instantiate_async(&mut store).await {
+            Err(e) => Err(RunError::Instantiate(e)),
+            Ok(proxy) => {
+                tracing::trace!(
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "instantiated"
+                );
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, incoming, out)
+                    .await
+                    .map_err(RunError::Call)
+            }
         };
-        tracing::trace!(
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "instantiated"
-        );
-        let r = proxy
-            .wasi_http_incoming_handler()
-            .call_handle(&mut store, incoming, out)
-            .await
-            .map_err(RunError::Call);
-        (r, store.into_data().limiter.hit)
-    });
-    let abort = task.abort_handle();
-
-    let outcome = tokio::time::timeout(limit + HOST_GRACE, async {
-        match receiver.await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(code)) => Err(Failure::Trapped(format!(
-                "function answered with error {code:?}"
-            ))),
-            Err(_) => Err(match task.await {
-                Ok((Ok(()), _)) => {
-                    Failure::Trapped("function returned without setting a response".into())
-                }
-                Ok((Err(e), memory_hit)) => classify(caps, e, memory_hit),
-                Err(join) => Failure::Host(format!("request task failed: {join}")),
-            }),
+        if r.is_err() {
+            // Before the store (and with it the response body's sender) goes.
+            task_outcome.mark_failed();
         }
-    })
-    .await;
-    match outcome {
-        Ok(r) => r,
-        Err(_elapsed) => {
-            abort.abort();
-            log_time_limit(caps);
-            Err(Failure::TimeLimit)
+        let memory_hit = store.into_data().limiter.hit;
+        (r, memory_hit)
+    });
+
+    let (end_tx, end_rx) = tokio::sync::oneshot::channel();
+    let sup_caps = caps.clone();
+    let sup_outcome = outcome.clone();
+    tokio::spawn(async move {
+        let end = match tokio::time::timeout_at(deadline, &mut task).await {
+            Ok(Ok((r, memory_hit))) => TaskEnd::Finished(r, memory_hit),
+            Ok(Err(join)) => TaskEnd::Panicked(join.to_string()),
+            Err(_elapsed) => {
+                sup_outcome.mark_failed();
+                task.abort();
+                TaskEnd::TimedOut
+            }
+        };
+        // When nobody waits any more, the response has gone out already.
+        if let Err(end) = end_tx.send(end) {
+            after_response(&sup_caps, &sup_outcome, end);
+        }
+    });
+
+    match receiver.await {
+        Ok(Ok(resp)) => Ok((
+            resp,
+            BodyDeadline {
+                at: deadline,
+                outcome,
+            },
+        )),
+        Ok(Err(code)) => Err(Failure::Trapped(format!(
+            "function answered with error {code:?}"
+        ))),
+        Err(_) => match end_rx.await {
+            Ok(TaskEnd::Finished(Ok(()), _)) => Err(Failure::Trapped(
+                "function returned without setting a response".into(),
+            )),
+            Ok(TaskEnd::Finished(Err(e), memory_hit)) => Err(classify(&outcome, e, memory_hit)),
+            Ok(TaskEnd::Panicked(m)) => Err(Failure::Host(format!("request task failed: {m}"))),
+            Ok(TaskEnd::TimedOut) => {
+                outcome.log_time_limit(Phase::Response);
+                Err(Failure::TimeLimit)
+            }
+            Err(_) => Err(Failure::Host("request task vanished".into())),
+        },
+    }
+}
+
+/// Logs how a request ended after its response headers were sent.
+fn after_response(caps: &FnCaps, outcome: &Outcome, end: TaskEnd) {
+    match end {
+        TaskEnd::Finished(Ok(()), _) => {}
+        TaskEnd::TimedOut => outcome.log_time_limit(Phase::Body),
+        TaskEnd::Finished(Err(RunError::Call(e) | RunError::Instantiate(e)), _) => {
+            if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+                outcome.log_time_limit(Phase::Body);
+            } else {
+                tracing::warn!(function = %caps.name, "function trapped after its response headers were handed to the client (or the client left): {e:#}");
+            }
+        }
+        TaskEnd::Panicked(m) => {
+            tracing::error!(function = %caps.name, "request task failed: {m}")
         }
     }
 }
@@ -240,22 +318,13 @@ enum RunError {
     Call(wasmtime::Error),
 }
 
-fn log_time_limit(caps: &FnCaps) {
-    tracing::warn!(
-        function = %caps.name,
-        capability = %"time",
-        limit_ms = caps.grants.time_limit.as_millis() as u64,
-        "stopped: time limit exceeded"
-    );
-}
-
-fn classify(caps: &FnCaps, e: RunError, memory_hit: bool) -> Failure {
+fn classify(outcome: &Outcome, e: RunError, memory_hit: bool) -> Failure {
     let (e, instantiating) = match e {
         RunError::Instantiate(e) => (e, true),
         RunError::Call(e) => (e, false),
     };
     if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-        log_time_limit(caps);
+        outcome.log_time_limit(Phase::Response);
         return Failure::TimeLimit;
     }
     if memory_hit {
@@ -271,49 +340,17 @@ fn classify(caps: &FnCaps, e: RunError, memory_hit: bool) -> Failure {
     Failure::Trapped(format!("{e:#}"))
 }
 
-/// Accepts connections on `listener` until `shutdown` resolves, then stops
-/// accepting and waits up to `grace` for in-flight requests to finish.
+/// Accepts connections on `listener` under `limits` until `shutdown`
+/// resolves, then stops accepting and waits up to `grace` for in-flight
+/// requests to finish.
 pub async fn serve_on(
     router: Arc<Router>,
     listener: tokio::net::TcpListener,
+    limits: ConnectionLimits,
     shutdown: impl std::future::Future<Output = ()>,
     grace: Duration,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let router = router.clone();
-                let service = hyper::service::service_fn(move |req| router.clone().handle(req));
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, "connection ended: {e}");
-                    }
-                });
-            }
-            () = &mut shutdown => break,
-        }
-    }
-    drop(listener);
-    tracing::info!("shutting down: no new connections; waiting for in-flight requests");
-    tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all requests finished"),
-        () = tokio::time::sleep(grace) => tracing::warn!("gave up waiting for in-flight requests after {grace:?}"),
-    }
+    connections::serve(router, listener, limits, shutdown, grace).await;
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -335,12 +372,24 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Binds `addr`.
+/// Connections the kernel queues for `accept` (it caps this at
+/// `net.core.somaxconn`). A deep queue lets a burst of connections wait for
+/// the accept loop instead of having their SYNs dropped and retried seconds later.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` (with `SO_REUSEADDR`, as `TcpListener::bind` does) and listens.
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Io {
-            what: format!("listening on {addr}"),
-            source,
-        })
+    let io = |source| Error::Io {
+        what: format!("listening on {addr}"),
+        source,
+    };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(io)?;
+    socket.set_reuseaddr(true).map_err(io)?;
+    socket.bind(addr).map_err(io)?;
+    socket.listen(LISTEN_BACKLOG).map_err(io)
 }
