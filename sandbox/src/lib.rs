@@ -32,7 +32,7 @@ use crate::server::{Deployed, Router};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O operation failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
