@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{build, kvm_usable, require, require_qemu_guest, run_image_with};
+use common::{build, kvm_usable, require, require_qemu_guest, run_image, run_image_with};
 use std::path::Path;
 
 /// Guest init as the build made it: its `vsock-probe` mode is the vsock client.
@@ -297,4 +297,47 @@ fn a_declared_secret_the_host_does_not_provide_is_a_warning() {
     );
     assert!(out.stdout.contains("[reader] got="), "{all}");
     assert!(!out.stdout.contains("LEAK"), "{all}");
+}
+
+#[test]
+fn exit_codes_and_signals_pass_through_the_namespaces() {
+    if !require_qemu_guest() {
+        return;
+    }
+    // Every service runs in namespaces of its own because one declares a secret.
+    let (dir, image) = build(
+        r#"
+name = "exits"
+packages = ["busybox-static"]
+
+[services.three]
+command = "/bin/busybox"
+args = ["sh", "-c", "exit 3"]
+secrets = ["token"]
+user = "1000:1000"
+
+[services.main]
+command = "/bin/busybox"
+args = ["sh", "-c", "/bin/busybox sleep 1; echo pid=$$; kill -USR1 $$"]
+main = true
+"#,
+    );
+    let token = dir.path().join("token.txt");
+    std::fs::write(&token, "t").expect("write secret");
+    let out = run_image(
+        &image,
+        &["--secret", &format!("token=@{}", token.display())],
+    );
+    let all = out.all();
+    // The program is PID 2 of its namespace, under the reaper.
+    assert!(out.stdout.contains("[main] pid=2"), "{all}");
+    assert!(
+        out.stdout.contains("service three exited with code 3"),
+        "{all}"
+    );
+    assert!(
+        out.stdout.contains("service main was killed by signal 10"),
+        "{all}"
+    );
+    assert_eq!(out.code(), Some(128 + 10), "{all}");
 }
