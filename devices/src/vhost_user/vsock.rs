@@ -1,8 +1,13 @@
 //! vhost-user virtio-vsock, with the host side of every connection inside the backend.
 //!
 //! The guest (CID from `--cid`) can reach two services on the host (CID 2):
-//! - [`SECRETS_PORT`]: on connect, the backend sends the secrets it was given before it
-//!   jailed itself, one `NAME=HEX\n` line each, then shuts its side down (EOF);
+//! - [`SECRETS_PORT`]: the first connection from a privileged guest port (at most
+//!   [`LAST_PRIVILEGED_PORT`]: only root in the guest can bind one) gets the secrets the
+//!   backend was given before it jailed itself, one `NAME=HEX\n` line each; then the
+//!   backend shuts its side down (EOF) and forgets them. Guest init makes that
+//!   connection before any boot step or service runs; every other connection (a
+//!   service trying its luck, or init after a reboot) is reset and logged on the host.
+//!   See docs/security.md.
 //! - [`ECHO_PORT`]: every byte the guest sends comes back (for round-trip tests).
 //!
 //! Any other port, or a packet for a connection that does not exist, gets RST. Every
@@ -30,6 +35,9 @@ pub const HOST_CID: u64 = 2;
 pub const SECRETS_PORT: u32 = 1025;
 /// The port echoing what it receives.
 pub const ECHO_PORT: u32 = 1026;
+/// Guest ports up to this one can be bound only with `CAP_NET_BIND_SERVICE` (Linux's
+/// vsock rule), i.e. by root in the guest; guest init fetches the secrets from one.
+pub const LAST_PRIVILEGED_PORT: u32 = 1023;
 
 /// Size of a virtio-vsock packet header.
 pub const HEADER_LEN: usize = 44;
@@ -211,12 +219,30 @@ impl Conn {
     }
 }
 
+/// The secrets payload, served once.
+enum Secrets {
+    /// Not asked for yet.
+    Waiting(Vec<u8>),
+    /// Handed to the first connection (guest port): never again.
+    Served(u32),
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // Never the values, not even in a debug log.
+            Secrets::Waiting(p) => write!(f, "Waiting({} bytes)", p.len()),
+            Secrets::Served(port) => write!(f, "Served(to guest port {port})"),
+        }
+    }
+}
+
 /// The host side of every connection: a state machine fed with packets the guest sent
 /// and asked for packets to give it. Knows nothing of guest memory (fuzzed as is).
 #[derive(Debug)]
 pub struct Host {
     guest_cid: u64,
-    secrets: Vec<u8>,
+    secrets: Secrets,
     /// Keyed by (guest port, host port).
     conns: BTreeMap<(u32, u32), Conn>,
     control: VecDeque<Header>,
@@ -227,7 +253,7 @@ impl Host {
     pub fn new(guest_cid: u64, secrets: &[(String, Vec<u8>)]) -> Host {
         Host {
             guest_cid,
-            secrets: encode_secrets(secrets),
+            secrets: Secrets::Waiting(encode_secrets(secrets)),
             conns: BTreeMap::new(),
             control: VecDeque::new(),
         }
@@ -304,6 +330,22 @@ impl Host {
                 self.rst(&h);
                 return Ok(());
             }
+            if service == Service::Secrets && h.src_port > LAST_PRIVILEGED_PORT {
+                tracing::warn!(
+                    "vsock: refused a connection from guest port {} to the secrets port: not a privileged port (guest init connects from one); something in the guest that is not root tried",
+                    h.src_port
+                );
+                self.rst(&h);
+                return Ok(());
+            }
+            if let (Service::Secrets, Secrets::Served(first)) = (service, &self.secrets) {
+                tracing::warn!(
+                    "vsock: refused a connection from guest port {} to the secrets port: the secrets were handed out once this boot (to guest init, port {first}); something in the guest asked again",
+                    h.src_port
+                );
+                self.rst(&h);
+                return Ok(());
+            }
             let mut conn = Conn {
                 service,
                 peer_buf_alloc: h.buf_alloc,
@@ -315,8 +357,18 @@ impl Host {
                 shutdown_sent: false,
             };
             if service == Service::Secrets {
-                conn.out.extend(self.secrets.iter().copied());
+                let served = Secrets::Served(h.src_port);
+                if let Secrets::Waiting(mut payload) = std::mem::replace(&mut self.secrets, served)
+                {
+                    conn.out.extend(payload.iter().copied());
+                    // Only the connection's buffer holds them now.
+                    payload.fill(0);
+                }
                 conn.close_after = true;
+                tracing::info!(
+                    "vsock: secrets handed to guest port {} (the first connection); the port now refuses every other",
+                    h.src_port
+                );
             }
             self.conns.insert(key, conn);
             let r = self.reply(&h, OP_RESPONSE);
@@ -636,12 +688,12 @@ mod tests {
     fn secrets_are_sent_then_shut_down() {
         let mut host = Host::new(GUEST, &[("db".into(), b"pw".to_vec())]);
         assert_eq!(
-            host.receive(&pkt(OP_REQUEST, 5000, SECRETS_PORT, &[])),
+            host.receive(&pkt(OP_REQUEST, 1023, SECRETS_PORT, &[])),
             Ok(())
         );
         let out = all_out(&mut host);
         assert_eq!(out[0].0.op, OP_RESPONSE);
-        assert_eq!(out[0].0.dst_port, 5000);
+        assert_eq!(out[0].0.dst_port, 1023);
         let data: Vec<u8> = out
             .iter()
             .filter(|(h, _)| h.op == OP_RW)
@@ -652,6 +704,54 @@ mod tests {
             out.last().map(|(h, _)| (h.op, h.flags)),
             Some((OP_SHUTDOWN, SHUTDOWN_SEND))
         );
+    }
+
+    #[test]
+    fn the_secrets_port_serves_the_first_connection_only() {
+        let mut host = Host::new(GUEST, &[("db".into(), b"pw".to_vec())]);
+        // From an unprivileged port (not root in the guest): RST, and nothing used up.
+        host.receive(&pkt(OP_REQUEST, 40000, SECRETS_PORT, &[]))
+            .ok();
+        let out = all_out(&mut host);
+        assert!(
+            out.len() == 1 && out[0].0.op == OP_RST && out[0].0.dst_port == 40000,
+            "{out:?}"
+        );
+        host.receive(&pkt(OP_REQUEST, 1000, SECRETS_PORT, &[])).ok();
+        let first: Vec<u8> = all_out(&mut host)
+            .into_iter()
+            .filter(|(h, _)| h.op == OP_RW)
+            .flat_map(|(_, d)| d)
+            .collect();
+        assert_eq!(first, b"db=7077\n");
+        // While the first is still open, and after it is gone, from any port: RST only.
+        for port in [5001, 1000, 1023] {
+            if port == 1023 {
+                host.receive(&pkt(OP_RST, 1000, SECRETS_PORT, &[])).ok();
+            }
+            host.receive(&pkt(OP_REQUEST, port, SECRETS_PORT, &[])).ok();
+            let out = all_out(&mut host);
+            assert!(
+                out.iter().all(|(h, d)| h.op == OP_RST && d.is_empty()),
+                "{out:?}"
+            );
+            assert!(out.iter().any(|(h, _)| h.dst_port == port), "{out:?}");
+        }
+        // A refused connection cannot be talked into data either.
+        host.receive(&pkt(OP_RW, 1023, SECRETS_PORT, b"x")).ok();
+        host.receive(&pkt(OP_CREDIT_REQUEST, 1023, SECRETS_PORT, &[]))
+            .ok();
+        assert!(all_out(&mut host).iter().all(|(h, _)| h.op == OP_RST));
+        assert!(!format!("{host:?}").contains("7077"));
+        // The echo port is unaffected.
+        host.receive(&pkt(OP_REQUEST, 7, ECHO_PORT, &[])).ok();
+        host.receive(&pkt(OP_RW, 7, ECHO_PORT, b"hi")).ok();
+        let echoed: Vec<u8> = all_out(&mut host)
+            .into_iter()
+            .filter(|(h, _)| h.op == OP_RW)
+            .flat_map(|(_, d)| d)
+            .collect();
+        assert_eq!(echoed, b"hi");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! every service with SIGTERM, then SIGKILL after the manifest's stop timeout.
 
 mod console;
+mod isolate;
 mod net;
 mod root;
 mod secrets;
@@ -32,6 +33,15 @@ const HEALTHY_RUN: Duration = Duration::from_secs(10);
 const RELAY_DRAIN: Duration = Duration::from_millis(500);
 
 fn main() {
+    if std::process::id() != 1 {
+        // Run as an ordinary program (the tests place this binary in a guest).
+        let args: Vec<String> = std::env::args().collect();
+        if let [_, mode, port, rest @ ..] = args.as_slice() {
+            if mode == "vsock-probe" && rest.len() <= 1 {
+                std::process::exit(secrets::probe(port, rest.first().map(String::as_str)));
+            }
+        }
+    }
     if let Err(e) = sys::block_signals() {
         log(&format!("cannot block signals: {e}"));
     }

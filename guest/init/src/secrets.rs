@@ -1,8 +1,11 @@
 //! Secrets: fetched from the host over vsock at boot (never from the image or a
-//! volume), stored on a tmpfs only init can reach (`/run/hostd/secrets/SERVICE/NAME`,
-//! 0400, owned by the service's user), and shown to each service, in its own mount
-//! namespace, as `/run/secrets/NAME` — only the secrets it declares. Services that
-//! declare none see an empty, read-only /run/secrets.
+//! volume), before any boot step or service runs, on the one connection the host
+//! serves them to (it refuses every later one); stored on a tmpfs per service only
+//! init can reach (`/run/hostd/secrets/SERVICE/NAME`, 0400, owned by the service's
+//! user), and shown to each service, in mount and PID namespaces of its own
+//! (`isolate.rs`), as `/run/secrets/NAME` — only the secrets it declares. Services
+//! that declare none see an empty, read-only /run/secrets. docs/security.md says
+//! what holds against whom.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -19,6 +22,9 @@ use crate::sys;
 pub const STORE: &str = "/run/hostd/secrets";
 /// How long to wait for the host's answer.
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// The guest port init fetches the secrets from: a privileged one (at most 1023, so
+/// only root can bind it), as the host's backend requires.
+const CLIENT_PORT: u32 = 1023;
 
 /// A secret name as the host's backend checks it: a plain file name.
 fn valid_name(name: &str) -> bool {
@@ -67,23 +73,30 @@ pub fn parse(payload: &[u8]) -> BTreeMap<String, Vec<u8>> {
 }
 
 fn receive() -> Result<BTreeMap<String, Vec<u8>>, String> {
-    let mut s =
-        sys::vsock_connect(abi::VSOCK_HOST_CID, abi::VSOCK_SECRETS_PORT, TIMEOUT).map_err(|e| {
-            format!(
-                "connect to the host (vsock port {}): {e}",
-                abi::VSOCK_SECRETS_PORT
-            )
-        })?;
+    let mut s = sys::vsock_connect(
+        abi::VSOCK_HOST_CID,
+        abi::VSOCK_SECRETS_PORT,
+        Some(CLIENT_PORT),
+        TIMEOUT,
+    )
+    .map_err(|e| {
+        format!(
+            "connect to the host (vsock port {}): {e}",
+            abi::VSOCK_SECRETS_PORT
+        )
+    })?;
     let mut payload = Vec::new();
-    s.read_to_end(&mut payload)
-        .map_err(|e| format!("read: {e}"))?;
-    Ok(parse(&payload))
+    let read = s.read_to_end(&mut payload);
+    let parsed = parse(&payload);
+    payload.fill(0);
+    read.map_err(|e| format!("read: {e}"))?;
+    Ok(parsed)
 }
 
 /// The `hostd.vsock_selftest=1` round trip: a line to the host's echo port and back.
 fn selftest() {
     let result = (|| -> Result<String, String> {
-        let mut s = sys::vsock_connect(abi::VSOCK_HOST_CID, abi::VSOCK_ECHO_PORT, TIMEOUT)
+        let mut s = sys::vsock_connect(abi::VSOCK_HOST_CID, abi::VSOCK_ECHO_PORT, None, TIMEOUT)
             .map_err(|e| format!("connect: {e}"))?;
         s.write_all(b"hostd-vsock-ping\n")
             .map_err(|e| format!("write: {e}"))?;
@@ -105,9 +118,57 @@ fn selftest() {
     }
 }
 
+/// `hostd-init vsock-probe PORT [LOCAL_PORT]`: what any program in the guest can do
+/// with vsock, for the tests (docs/security.md): connects to the host's PORT (from
+/// LOCAL_PORT when given), sends one line, and prints on stdout what came back. Exit
+/// code 0 when anything came back.
+pub fn probe(port: &str, local: Option<&str>) -> i32 {
+    let say = |what: &str| {
+        let _ = writeln!(std::io::stdout(), "vsock-probe: port {port}: {what}");
+    };
+    let Ok(port_n) = port.parse::<u32>() else {
+        say("not a port number");
+        return 2;
+    };
+    let Ok(local) = local.map(str::parse::<u32>).transpose() else {
+        say("not a local port number");
+        return 2;
+    };
+    let mut s = match sys::vsock_connect(abi::VSOCK_HOST_CID, port_n, local, Duration::from_secs(3))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            say(&format!("connect failed: {e}"));
+            return 1;
+        }
+    };
+    let _ = s.write_all(b"hostd-vsock-probe\n");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                // The echo port never closes: one line is the whole answer.
+                if port_n == abi::VSOCK_ECHO_PORT && got.ends_with(b"\n") {
+                    break;
+                }
+            }
+            Err(e) => {
+                say(&format!("read failed: {e}"));
+                break;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&got).replace('\n', "\\n");
+    say(&format!("received {} bytes: {text}", got.len()));
+    i32::from(got.is_empty())
+}
+
 /// Fetches and stores the secrets the manifest's services declare. Returns, when any
 /// service declares secrets, each such service's directory in the store (what
-/// [`sys::child_sees_secrets`] mounts for it); None leaves services as they were.
+/// [`crate::isolate::child_isolated`] mounts for it); None leaves services as they were.
 pub fn deliver(m: &Manifest, cmdline: &str) -> Option<BTreeMap<String, String>> {
     if cmdline
         .split_whitespace()
@@ -116,6 +177,18 @@ pub fn deliver(m: &Manifest, cmdline: &str) -> Option<BTreeMap<String, String>> 
         selftest();
     }
     if m.services.values().all(|s| s.secrets.is_empty()) {
+        // Nothing to deliver, but the host serves its secrets port to the first
+        // connection only: take it, so no service ever can. (Without a vsock device
+        // the connect fails at once.)
+        if let Ok(mut r) = receive() {
+            for v in r.values_mut() {
+                v.fill(0);
+            }
+            log(&format!(
+                "secrets: none declared; the host's secrets port is used up for this boot ({} received, none kept)",
+                r.len()
+            ));
+        }
         return None;
     }
     let mut received = match receive() {
@@ -130,6 +203,9 @@ pub fn deliver(m: &Manifest, cmdline: &str) -> Option<BTreeMap<String, String>> 
             BTreeMap::new()
         }
     };
+    if !std::path::Path::new("/proc/self/ns/pid").exists() {
+        log("secrets: this kernel has no PID namespaces (CONFIG_PID_NS); services cannot be isolated from each other's secrets and will not start (use hostd's kernel, or add CONFIG_PID_NS=y)");
+    }
     let result = store(m, &received);
     // Init keeps no copy.
     for v in received.values_mut() {
@@ -181,6 +257,17 @@ fn store(
         };
         let dir = format!("{STORE}/{svc}");
         std::fs::create_dir(&dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
+        // A tmpfs per service: what a service's /run/secrets binds holds nothing of any
+        // other service's, not even by inode (open_by_handle_at needs only a mount of the
+        // same file system).
+        sys::mount(
+            "tmpfs",
+            &dir,
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            "mode=0700",
+        )
+        .map_err(|e| format!("mount tmpfs on {dir}: {e}"))?;
         for name in &spec.secrets {
             let Some(value) = received.get(name) else {
                 log(&format!(

@@ -84,8 +84,9 @@ fn pipe() -> std::io::Result<(std::fs::File, OwnedFd)> {
 
 /// Starts `argv` as `user` in its own process group with stdout and stderr relayed to
 /// the console as `[name] …`. Returns the pid and the output relay. With `secrets`
-/// (set once secrets were delivered), the program runs in its own mount namespace
-/// whose /run/secrets is the given store directory (None: an empty one).
+/// (set once secrets were delivered), the program runs in a mount and a PID namespace
+/// of its own whose /run/secrets is the given store directory (None: an empty one);
+/// see `isolate.rs`.
 pub fn spawn(
     name: &str,
     argv: &[String],
@@ -110,16 +111,16 @@ pub fn spawn(
         .stdout(Stdio::from(write))
         .stderr(Stdio::from(write2))
         .process_group(0);
-    crate::sys::child_unblocks_signals(&mut cmd);
     match secrets {
         Some(granted) => {
-            // The mounts need root: the closure changes uid and gid itself afterwards.
-            let view = crate::sys::SecretsView {
+            // The mounts need root: the namespaced child changes uid and gid itself
+            // afterwards, and clears its signal mask.
+            let view = crate::isolate::SecretsView {
                 granted: granted.map(str::to_string),
                 uid: user.uid,
                 gid: user.gid,
             };
-            crate::sys::child_sees_secrets(
+            crate::isolate::child_isolated(
                 &mut cmd,
                 &view,
                 hostd_images::abi::SECRETS_DIR,
@@ -128,6 +129,7 @@ pub fn spawn(
             .map_err(|e| format!("secrets: {e}"))?;
         }
         None => {
+            crate::sys::child_unblocks_signals(&mut cmd);
             if user.uid != 0 || user.gid != 0 {
                 cmd.uid(user.uid).gid(user.gid);
             }

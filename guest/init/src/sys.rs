@@ -1,14 +1,15 @@
 //! The few places guest init talks to the kernel directly: mounts, hostname, I/O
-//! ports, signals, reboot. Every `unsafe` block of the init lives here.
+//! ports, signals, reboot. Every `unsafe` block of the init lives here, but for the
+//! namespaces a service starts in (`isolate.rs`).
 
 use std::ffi::CString;
 use std::io;
 
-fn cstr(s: &str) -> io::Result<CString> {
+pub(crate) fn cstr(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in string"))
 }
 
-fn check(ret: libc::c_int) -> io::Result<()> {
+pub(crate) fn check(ret: libc::c_int) -> io::Result<()> {
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -319,10 +320,12 @@ impl NetSocket {
     }
 }
 
-/// A connected AF_VSOCK stream socket to `cid`:`port`, with `timeout` on reads.
+/// A connected AF_VSOCK stream socket to `cid`:`port`, with `timeout` on reads, from
+/// `local_port` when given (ports up to 1023 need `CAP_NET_BIND_SERVICE`).
 pub fn vsock_connect(
     cid: u32,
     port: u32,
+    local_port: Option<u32>,
     timeout: std::time::Duration,
 ) -> io::Result<std::fs::File> {
     use std::os::fd::FromRawFd;
@@ -347,6 +350,21 @@ pub fn vsock_connect(
             std::mem::size_of::<libc::timeval>() as libc::socklen_t,
         )
     })?;
+    if let Some(local) = local_port {
+        // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+        let mut me: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        me.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        me.svm_cid = libc::VMADDR_CID_ANY;
+        me.svm_port = local;
+        // SAFETY: `me` is a valid sockaddr_vm of the length given.
+        check(unsafe {
+            libc::bind(
+                fd,
+                (&me as *const libc::sockaddr_vm).cast(),
+                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            )
+        })?;
+    }
     // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
     addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
@@ -361,96 +379,4 @@ pub fn vsock_connect(
         )
     })?;
     Ok(file)
-}
-
-/// What a child sees of the delivered secrets (see `secrets.rs`).
-#[derive(Debug, Clone)]
-pub struct SecretsView {
-    /// The directory bind-mounted on /run/secrets, or None for an empty one.
-    pub granted: Option<String>,
-    /// The child's uid and gid (set here, after the mounts, instead of by std, which
-    /// changes them before `pre_exec` closures run).
-    pub uid: u32,
-    /// See `uid`.
-    pub gid: u32,
-}
-
-/// Makes `cmd`'s child run in its own mount namespace whose /run/secrets holds only
-/// `view.granted` (read-only) and where the store of every service's secrets is
-/// detached; then the child drops to `view.uid`/`view.gid`.
-pub fn child_sees_secrets(
-    cmd: &mut std::process::Command,
-    view: &SecretsView,
-    mount_point: &str,
-    store: &str,
-) -> io::Result<()> {
-    use std::os::unix::process::CommandExt;
-    let granted = view.granted.as_deref().map(cstr).transpose()?;
-    let target = cstr(mount_point)?;
-    let store = cstr(store)?;
-    let root = cstr("/")?;
-    let tmpfs = cstr("tmpfs")?;
-    let opts = cstr("mode=0555")?;
-    let (uid, gid) = (view.uid, view.gid);
-    // SAFETY: the closure runs between fork and exec and makes only raw syscalls
-    // (unshare, mount, umount2, setgroups, setgid, setuid) on C strings built before
-    // the fork; it allocates nothing and touches no shared state.
-    #[allow(clippy::multiple_unsafe_ops_per_block)]
-    unsafe {
-        cmd.pre_exec(move || {
-            let ok = |r: libc::c_int| {
-                if r == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                }
-            };
-            ok(libc::unshare(libc::CLONE_NEWNS))?;
-            ok(libc::mount(
-                std::ptr::null(),
-                root.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ))?;
-            match &granted {
-                Some(dir) => {
-                    ok(libc::mount(
-                        dir.as_ptr(),
-                        target.as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_BIND,
-                        std::ptr::null(),
-                    ))?;
-                    ok(libc::mount(
-                        std::ptr::null(),
-                        target.as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_REMOUNT
-                            | libc::MS_BIND
-                            | libc::MS_RDONLY
-                            | libc::MS_NOSUID
-                            | libc::MS_NODEV
-                            | libc::MS_NOEXEC,
-                        std::ptr::null(),
-                    ))?;
-                }
-                None => ok(libc::mount(
-                    tmpfs.as_ptr(),
-                    target.as_ptr(),
-                    tmpfs.as_ptr(),
-                    libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                    opts.as_ptr().cast(),
-                ))?,
-            }
-            ok(libc::umount2(store.as_ptr(), libc::MNT_DETACH))?;
-            if uid != 0 || gid != 0 {
-                ok(libc::setgroups(0, std::ptr::null()))?;
-                ok(libc::setgid(gid))?;
-                ok(libc::setuid(uid))?;
-            }
-            Ok(())
-        })
-    };
-    Ok(())
 }
