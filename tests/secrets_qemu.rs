@@ -14,7 +14,9 @@
 
 mod common;
 
-use common::{build, kvm_usable, require, require_qemu_guest, run_image, run_image_with};
+use common::{
+    build, build_with_files, kvm_usable, require, require_qemu_guest, run_image, run_image_with,
+};
 use std::path::Path;
 
 /// Guest init as the build made it: its `vsock-probe` mode is the vsock client.
@@ -57,7 +59,7 @@ packages = ["busybox-static"]
 
 [[files]]
 path = "/usr/bin/vsock-probe"
-source = "{PROBE}"
+source = "vsock-probe"
 mode = "0755"
 {services}"#
     )
@@ -143,7 +145,7 @@ fn granted_secrets_and_vsock(vmm: &str, attacks: bool) {
     if !require_qemu_guest() {
         return;
     }
-    let (dir, image) = build(&spec(attacks));
+    let (dir, image) = build_with_files(&spec(attacks), &[("vsock-probe", Path::new(PROBE))]);
     let value = format!("pw-{}", random_value());
     let secret = dir.path().join("db_password.txt");
     std::fs::write(&secret, &value).expect("write secret");
@@ -278,7 +280,7 @@ fn a_declared_secret_the_host_does_not_provide_is_a_warning() {
     if !require_qemu_guest() {
         return;
     }
-    let (_dir, image) = build(&spec(true));
+    let (_dir, image) = build_with_files(&spec(true), &[("vsock-probe", Path::new(PROBE))]);
     let state = tempfile::tempdir().expect("state dir");
     let out = run_image_with(
         "qemu",

@@ -105,7 +105,16 @@ pub fn require_qemu_guest() -> bool {
 /// Writes `spec` into a fresh temp dir as app.toml and builds it. Returns the dir (keep
 /// it alive) and the image path. Panics with hostd's output when the build fails.
 pub fn build(spec: &str) -> (tempfile::TempDir, PathBuf) {
+    build_with_files(spec, &[])
+}
+
+/// As [`build`], with host files copied next to the spec first (`(name, from)`), so the
+/// spec can name them as `source = "name"` inside its build context.
+pub fn build_with_files(spec: &str, files: &[(&str, &Path)]) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
+    for (name, from) in files {
+        std::fs::copy(from, dir.path().join(name)).expect("copy a file next to the spec");
+    }
     let spec_path = dir.path().join("app.toml");
     std::fs::write(&spec_path, spec).expect("write spec");
     let image = dir.path().join("app.img");
