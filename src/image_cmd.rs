@@ -495,6 +495,9 @@ const GUEST_CID: u64 = 3;
 
 /// `hostd run`.
 pub fn run(args: &RunArgs) -> Result<i32> {
+    // Ctrl-C, SIGTERM and SIGHUP from here on are counted, never fatal: the runner stops
+    // the VM (at once while it boots) and every staged file is removed.
+    hostd_vmm::signals::install();
     let r = resolve(args)?;
     if !(1..=32).contains(&r.vcpus) {
         bail!("--vcpus {}: expected 1 to 32", r.vcpus);
