@@ -353,6 +353,18 @@ fn jailed_vm(vmm: &str) {
     for p in &monitor {
         check_jailed(p, monitor_fds, &mut problems);
     }
+    // Under QEMU, the VM's own process (forked by `hostd run`, parent of QEMU and the
+    // backends) is jailed too once they run: its pipes to QEMU and the pidfd of
+    // `hostd run`.
+    let vm_process: Vec<&Proc> = tree
+        .iter()
+        .filter(|p| p.ppid == hostd_pid && p.cmdline.get(1).is_some_and(|a| a == "run"))
+        .collect();
+    if vmm == "qemu" {
+        for p in &vm_process {
+            check_jailed(p, &["anon_inode:[pidfd]"], &mut problems);
+        }
+    }
     for p in &backends {
         let extra: Vec<String> = if p.cmdline.get(2).is_some_and(|k| k == "block") {
             // A block backend serves its file: the image (root file system) or a volume.
@@ -370,6 +382,7 @@ fn jailed_vm(vmm: &str) {
     let out = running.finish(Duration::from_secs(60));
     assert!(ready, "the guest never became ready: {}", out.all());
     assert_eq!(monitor.len(), 1, "one {vmm} process expected: {tree:#?}");
+    assert_eq!(vm_process.len(), 1, "one VM process expected: {tree:#?}");
     // Root disk, volume, rng, vsock.
     assert_eq!(backends.len(), 4, "four backends expected: {tree:#?}");
     assert!(problems.is_empty(), "{problems:#?}");

@@ -187,6 +187,7 @@ impl RunningBackends {
     ) -> Result<Self, BackendsError> {
         let dir = tempfile::Builder::new()
             .prefix("hostd-devices-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir_in(crate::jail::runtime_dir())
             .map_err(|e| BackendsError::Start {
                 name: "all".into(),
@@ -292,6 +293,15 @@ impl RunningBackends {
     /// thread.
     pub fn remove_sockets(&mut self) {
         self.dir = None;
+    }
+
+    /// Leaves the socket directory in place for good (no cleanup on drop): for a process
+    /// about to lose its file system (the directory lives in the VM's private tmpfs,
+    /// which goes with the VM).
+    pub fn keep_sockets(&mut self) {
+        if let Some(d) = self.dir.take() {
+            let _ = d.keep();
+        }
     }
 
     /// Gives the socket directory and every socket to `id` (QEMU's uid), so that QEMU

@@ -49,7 +49,11 @@ pub fn runtime_dir() -> &'static Path {
         Ok(p) => p,
         Err(e) => {
             tracing::debug!("no private runtime tmpfs ({e}); using a temporary directory");
-            match tempfile::Builder::new().prefix("hostd-vm-").tempdir() {
+            match tempfile::Builder::new()
+                .prefix("hostd-vm-")
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .tempdir()
+            {
                 Ok(d) => d.keep(),
                 Err(_) => std::env::temp_dir(),
             }
@@ -178,6 +182,21 @@ pub fn enter_vmm(threads: u64, guest_bytes: u64) -> Result<(), JailError> {
         max_threads: Some(threads),
     })?;
     // The uid change cleared the parent-death request.
+    supervisor::die_with_hostd()
+}
+
+/// Jails the process that runs QEMU (the VM's process under the supervisor) once QEMU
+/// and the backends run: the same jail as the built-in VMM's (empty root, Landlock,
+/// rlimits, no capabilities) as QEMU's own uid, so that it may still signal QEMU but
+/// nothing else. `threads` bounds QEMU's and its threads together (same uid).
+pub fn enter_qemu_parent(threads: u64) -> Result<(), JailError> {
+    hostd_devices::jail::enter(&hostd_devices::jail::JailOptions {
+        keep_net: false,
+        id: Some(vm_jail_id(0)),
+        parent: None,
+        max_address_space: None,
+        max_threads: Some(threads),
+    })?;
     supervisor::die_with_hostd()
 }
 

@@ -189,11 +189,42 @@ pub fn run(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
     // Counted from now on: a Ctrl-C while the backends start stops the VM at once.
     crate::signals::install();
     if !boot.sandbox_devices {
+        tracing::warn!(
+            "--no-sandbox: QEMU runs as root without -sandbox, the device backends unjailed, \
+             and the VM without a PID namespace or cgroup of its own (for debugging only)"
+        );
         return run_qemu(boot, opts);
     }
     let limits = crate::jail::cgroup::Limits::for_vm(boot.memory_mib, boot.vcpus);
     crate::jail::supervisor::run(limits, || run_qemu(boot, opts).map_err(|e| e.to_string()))
         .map_err(QemuError::Guest)
+}
+
+/// The seccomp filter of the process that runs QEMU, once QEMU runs: relaying QEMU's
+/// console and stderr (read, write, its own two threads), watching and finally killing
+/// QEMU (wait4, kill), sleeping. No files, no sockets, no exec.
+pub fn parent_filter() -> Result<seccompiler::BpfProgram, crate::jail::JailError> {
+    let mut syscalls = crate::jail::COMMON_SYSCALLS.to_vec();
+    syscalls.extend_from_slice(&[
+        libc::SYS_wait4,
+        libc::SYS_waitid,
+        libc::SYS_kill,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_nanosleep,
+        // Its two relay threads (jail::filter allows clone with CLONE_THREAD only).
+        libc::SYS_clone,
+        libc::SYS_set_robust_list,
+        libc::SYS_rseq,
+        libc::SYS_prctl,
+        libc::SYS_mprotect,
+        libc::SYS_sched_getaffinity,
+        libc::SYS_getrandom,
+        libc::SYS_poll,
+        // The standard library's per-thread signal setup (measured: a relay thread
+        // died with SIGSYS on rt_sigaction without it).
+        libc::SYS_rt_sigaction,
+    ]);
+    crate::jail::filter(&syscalls, &[])
 }
 
 /// Makes what QEMU must read or connect to (the staged kernel and initrd, the backend
@@ -284,6 +315,21 @@ fn run_qemu(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
         })?;
     // The Command holds what its pre-exec steps needed (the Landlock ruleset's fd).
     drop(cmd);
+    if boot.sandbox_devices && crate::jail::supervisor::supervised() {
+        // QEMU and the backends run: this process now needs only their pipes, its
+        // children's exit statuses and QEMU's pid. Before its relay threads start, so
+        // that they inherit all of it.
+        backends.keep_sockets();
+        let jailed = parent_filter().and_then(|prog| {
+            crate::jail::enter_qemu_parent(QEMU_MAX_THREADS + 8)?;
+            crate::jail::install(&prog)
+        });
+        if let Err(e) = jailed {
+            kill(&mut child);
+            let _ = child.wait();
+            return Err(QemuError::Guest(format!("jailing the VM's process: {e}")));
+        }
+    }
     let mut timings = Timings {
         vm_started_ms: Some(since_start_ms()),
         ..Timings::default()
@@ -477,6 +523,7 @@ impl StagedFiles {
         Ok(StagedFiles {
             dir: tempfile::Builder::new()
                 .prefix("hostd-run-")
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
                 .tempdir_in(crate::jail::runtime_dir())?,
         })
     }
@@ -517,6 +564,24 @@ mod tests {
     }
 
     #[test]
+    fn staged_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let staged = StagedFiles::new().expect("staging directory");
+        let file = staged.put("kernel", b"bytes").expect("staged file");
+        let mode = |p: &std::path::Path| {
+            std::fs::metadata(p)
+                .map(|m| m.permissions().mode() & 0o777)
+                .unwrap_or(0)
+        };
+        assert_eq!(mode(staged.path()), 0o700);
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(std::fs::read(&file).ok().as_deref(), Some(&b"bytes"[..]));
+        let dir = staged.path().to_path_buf();
+        drop(staged);
+        assert!(!dir.exists(), "the staging directory outlived its owner");
+    }
+
+    #[test]
     fn command_line_has_no_legacy_devices_but_the_console() {
         let boot = BootSpec {
             kernel: "/k".into(),
@@ -534,6 +599,8 @@ mod tests {
         );
         assert!(a.contains("acpi=off") && a.contains("-nodefaults"), "{a}");
         assert!(a.contains("-smp 2") && a.contains("-m 256M"), "{a}");
+        assert!(a.contains(&format!("-sandbox {SANDBOX}")), "{a}");
+        assert!(a.contains("dump-guest-core=off"), "{a}");
         let with = command_line(
             &boot,
             "tcg",

@@ -166,6 +166,18 @@ fn vcpu_filter_denies_opening_files_and_sockets() {
 }
 
 #[test]
+fn the_qemu_parent_filter_denies_files_sockets_exec_and_processes() {
+    let prog = hostd_vmm::qemu::parent_filter().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(child_killed_by(&prog, open_file), Some(libc::SIGSYS));
+    assert_eq!(child_killed_by(&prog, socket), Some(libc::SIGSYS));
+    assert_eq!(child_killed_by(&prog, execve), Some(libc::SIGSYS));
+    assert_eq!(child_killed_by(&prog, fork), Some(libc::SIGSYS));
+    assert_eq!(child_killed_by(&prog, any_ioctl), Some(libc::SIGSYS));
+    assert_eq!(child_status(&prog, spawn_thread), Ok(0));
+    assert_eq!(child_status(&prog, sleep_briefly), Ok(0));
+}
+
+#[test]
 fn no_filter_lets_code_be_mapped() {
     let forwarder = jail::filter(jail::COMMON_SYSCALLS, &[]).unwrap_or_else(|e| panic!("{e}"));
     let progs = [
@@ -175,6 +187,10 @@ fn no_filter_lets_code_be_mapped() {
         ),
         ("vcpu", vcpu_filter().unwrap_or_else(|e| panic!("{e}"))),
         ("forwarder", forwarder),
+        (
+            "qemu parent",
+            hostd_vmm::qemu::parent_filter().unwrap_or_else(|e| panic!("{e}")),
+        ),
     ];
     for (name, prog) in progs.iter().chain(backend_filters().iter()) {
         assert_eq!(

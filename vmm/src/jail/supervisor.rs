@@ -25,6 +25,12 @@ fn os(what: &str) -> JailError {
     JailError(format!("{what}: {}", std::io::Error::last_os_error()))
 }
 
+/// Whether this process is a VM's process started by [`run`] (and so may give up root
+/// once its children run: the PID namespace ends them when it ends).
+pub fn supervised() -> bool {
+    PARENT_PIDFD.load(Ordering::SeqCst) >= 0
+}
+
 /// Asks the kernel for SIGKILL when the parent (`hostd run`) dies, then checks that it
 /// has not died already (in which case the process ends at once). Call again after any
 /// uid change, which clears the request.
