@@ -280,6 +280,53 @@ fn memory_limit(pid: u32) -> Option<(String, u64)> {
     None
 }
 
+/// The names of `pid`'s environment variables.
+fn env_names(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            let v = String::from_utf8_lossy(v);
+            v.split('=').next().unwrap_or_default().to_string()
+        })
+        .collect()
+}
+
+/// Variables a VM's process may have: backends keep the log filter, QEMU nothing.
+const ENV_ALLOWED: &[&str] = &["HOSTD_LOG", "RUST_LOG", "RUST_BACKTRACE"];
+
+/// For a process hostd started with exec (backends, QEMU; not the VM's own process,
+/// which is hostd forked): nothing of hostd's environment but the log filter.
+fn check_clean_env(p: &Proc, problems: &mut Vec<String>) {
+    let env = env_names(p.pid);
+    if env.iter().any(|v| !ENV_ALLOWED.contains(&v.as_str())) {
+        problems.push(format!(
+            "pid {} ({}): environment not clean: {env:?}",
+            p.pid,
+            p.cmdline.join(" ")
+        ));
+    }
+}
+
+/// Not dumpable: the kernel then gives /proc/PID/* to root, whatever the process's uid
+/// (and refuses ptrace and core dumps). QEMU, started by exec, is dumpable again (it
+/// has RLIMIT_CORE 0 and dump-guest-core=off instead).
+fn check_not_dumpable(p: &Proc, problems: &mut Vec<String>) {
+    use std::os::unix::fs::MetadataExt;
+    // Not /proc/PID itself: world-readable directories there always show the uid.
+    let owner = std::fs::metadata(format!("/proc/{}/status", p.pid))
+        .map(|m| m.uid())
+        .ok();
+    if owner != Some(0) {
+        problems.push(format!(
+            "pid {} ({}): dumpable (/proc/PID/status owned by {owner:?})",
+            p.pid,
+            p.cmdline.join(" ")
+        ));
+    }
+}
+
 fn check_jailed(p: &Proc, extra_fds: &[&str], problems: &mut Vec<String>) {
     let pid = p.pid;
     let name = format!("pid {pid} ({})", p.cmdline.join(" "));
@@ -352,6 +399,11 @@ fn jailed_vm(vmm: &str) {
     let monitor_fds = if vmm == "qemu" { QEMU_FDS } else { VMM_FDS };
     for p in &monitor {
         check_jailed(p, monitor_fds, &mut problems);
+        if vmm == "qemu" {
+            check_clean_env(p, &mut problems);
+        } else {
+            check_not_dumpable(p, &mut problems);
+        }
     }
     // Under QEMU, the VM's own process (forked by `hostd run`, parent of QEMU and the
     // backends) is jailed too once they run: its pipes to QEMU and the pidfd of
@@ -363,6 +415,7 @@ fn jailed_vm(vmm: &str) {
     if vmm == "qemu" {
         for p in &vm_process {
             check_jailed(p, &["anon_inode:[pidfd]"], &mut problems);
+            check_not_dumpable(p, &mut problems);
         }
     }
     for p in &backends {
@@ -377,6 +430,8 @@ fn jailed_vm(vmm: &str) {
         };
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         check_jailed(p, &extra, &mut problems);
+        check_clean_env(p, &mut problems);
+        check_not_dumpable(p, &mut problems);
     }
     running.signal(libc::SIGKILL);
     let out = running.finish(Duration::from_secs(60));
