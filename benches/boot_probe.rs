@@ -7,6 +7,9 @@
 //! of which the probe touches well under 1 MiB, so peak RSS is essentially the
 //! monitor's own overhead. hostd's own boot-marker timings are reported too.
 //!
+//! hostd runs twice: jailed (the default) and with `--no-sandbox`, so that the start-up
+//! cost of the jail is measured side by side under the same load.
+//!
 //! `cargo bench --bench boot_probe` — prints a table and writes target/bench/boot_probe.json.
 #![allow(clippy::print_stdout)] // a benchmark's figures are its output
 
@@ -71,10 +74,13 @@ fn qemu(probe: &Path, accel: &str) -> Command {
     c
 }
 
-fn hostd(probe: &Path) -> Command {
+fn hostd(probe: &Path, sandbox: bool) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_hostd"));
+    c.arg("run");
+    if !sandbox {
+        c.arg("--no-sandbox");
+    }
     c.args([
-        "run",
         "--timings",
         "--mem",
         "64M",
@@ -100,7 +106,14 @@ fn main() {
     let mut peers: Vec<(&str, MakeCommand)> = Vec::new();
     if kvm {
         let p = probe.clone();
-        peers.push(("hostd (built-in VMM, KVM)", Box::new(move || hostd(&p))));
+        peers.push((
+            "hostd (built-in VMM, KVM)",
+            Box::new(move || hostd(&p, true)),
+        ));
+        // The same without the jail (no PID namespace, cgroup, uid change, pivot_root,
+        // Landlock or seccomp for the VMM and its backend): what the jailing costs.
+        let p = probe.clone();
+        peers.push(("hostd --no-sandbox", Box::new(move || hostd(&p, false))));
     }
     if qemu_ok {
         if kvm {

@@ -9,11 +9,44 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
+use hostd_devices::jail::identity::{die_with_parent, jail_id, IDS_PER_VM};
+use hostd_devices::jail::JailOptions;
 use hostd_devices::vhost_user::block::{BlockBackend, Verity, BLOCK_SYSCALLS};
 use hostd_devices::vhost_user::net::{open_tap, parse_mac, NetBackend, NET_SYSCALLS};
 use hostd_devices::vhost_user::rng::{RngBackend, RNG_SYSCALLS};
 use hostd_devices::vhost_user::vsock::{VsockBackend, VSOCK_SYSCALLS};
 use hostd_devices::vhost_user::{backend_filter, serve, serve_with_listeners};
+
+/// Guest memory assumed when `--guest-mib` is not given (a backend started by hand).
+const DEFAULT_GUEST_MIB: u64 = 1024;
+
+/// Address space a backend may use besides guest memory: its mapped executable and
+/// libraries, one arena of heap, the stacks of its few threads (8 MiB each, reserved).
+/// Measured: a waiting backend maps about 120 MiB.
+const BACKEND_OVERHEAD_MIB: u64 = 512;
+
+/// Threads a backend may have in all: the main thread, the vhost-user connection
+/// handler, the vring worker(s) and the net relay; the rest is headroom.
+const BACKEND_MAX_THREADS: u64 = 16;
+
+impl Common {
+    /// The jail for this backend, or None with --no-sandbox.
+    fn jail(&self, parent: libc::pid_t) -> Option<JailOptions> {
+        if self.no_sandbox {
+            return None;
+        }
+        Some(JailOptions {
+            keep_net: false,
+            id: Some(
+                self.jail_id
+                    .unwrap_or_else(|| jail_id(std::process::id(), IDS_PER_VM - 1)),
+            ),
+            parent: Some(parent),
+            max_address_space: Some(self.guest_mib.saturating_add(BACKEND_OVERHEAD_MIB) << 20),
+            max_threads: Some(BACKEND_MAX_THREADS),
+        })
+    }
+}
 
 /// Largest secret value `hostd backend vsock` accepts (1 MiB).
 const MAX_SECRET: usize = 1 << 20;
@@ -27,8 +60,18 @@ pub struct Common {
     /// Debugging only: no jail, no seccomp filter.
     #[arg(long)]
     no_sandbox: bool,
-    /// Test hook: `open-passwd` (report what opening /etc/passwd does inside the jail)
-    /// or `forbidden-syscall` (make a syscall the filter does not allow).
+    /// The unprivileged uid and gid to run as once jailed [default: one of hostd's
+    /// jail range derived from this process's pid].
+    #[arg(long, value_name = "ID")]
+    jail_id: Option<u32>,
+    /// Guest memory the backend will map, in MiB: its address space is limited to this
+    /// plus a fixed allowance for its own code, heap and thread stacks.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_GUEST_MIB)]
+    guest_mib: u64,
+    /// Test hook: `open-passwd` (report what opening /etc/passwd does inside the jail),
+    /// or make one call the filter does not allow: `forbidden-syscall` (socket),
+    /// `mmap-exec`, `mprotect-exec`, `fork` (clone without CLONE_THREAD),
+    /// `prctl-dumpable`.
     #[arg(long, hide = true)]
     selftest: Option<String>,
 }
@@ -93,16 +136,19 @@ pub enum BackendCommand {
 /// Runs a backend to completion.
 pub fn run(cmd: BackendCommand) -> Result<i32> {
     // A backend never outlives the hostd that started it (even one killed with SIGKILL
-    // before its VMM connected).
-    // SAFETY: prctl with integer arguments has no memory effects.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // before its VMM connected). `hostd run` already asked for this between fork and
+    // exec and checked its parent then (RunningBackends::start); this covers a backend
+    // started by hand. The jail asks again after its uid change, which clears it.
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    die_with_parent(parent)?;
     match cmd {
         BackendCommand::Rng { common } => {
             serve(
                 "rng",
                 &common.socket,
                 RngBackend::default(),
-                !common.no_sandbox,
+                common.jail(parent).as_ref(),
                 || backend_filter(RNG_SYSCALLS),
                 common.selftest.as_deref(),
             )?;
@@ -152,7 +198,7 @@ pub fn run(cmd: BackendCommand) -> Result<i32> {
                 &format!("block-{id}"),
                 &common.socket,
                 backend,
-                !common.no_sandbox,
+                common.jail(parent).as_ref(),
                 || backend_filter(BLOCK_SYSCALLS),
                 common.selftest.as_deref(),
             )?;
@@ -166,7 +212,7 @@ pub fn run(cmd: BackendCommand) -> Result<i32> {
                 &format!("net-{tap}"),
                 &common.socket,
                 backend,
-                !common.no_sandbox,
+                common.jail(parent).as_ref(),
                 || backend_filter(NET_SYSCALLS),
                 common.selftest.as_deref(),
                 &[(fd, NetBackend::TAP_EVENT)],
@@ -201,7 +247,7 @@ pub fn run(cmd: BackendCommand) -> Result<i32> {
                 "vsock",
                 &common.socket,
                 backend,
-                !common.no_sandbox,
+                common.jail(parent).as_ref(),
                 || backend_filter(VSOCK_SYSCALLS),
                 common.selftest.as_deref(),
             )?;

@@ -644,6 +644,9 @@ fn check_cmdline_fits(cmdline: &str, devices: usize) -> Result<()> {
 
 /// `hostd run`.
 pub fn run(args: &RunArgs) -> Result<i32> {
+    // Ctrl-C, SIGTERM and SIGHUP from here on are counted, never fatal: the runner stops
+    // the VM (at once while it boots) and every staged file is removed.
+    hostd_vmm::signals::install();
     let r = resolve(args)?;
     tracing::info!(
         "booting with {} vCPU(s), {} MiB ({:?})",

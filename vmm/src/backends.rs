@@ -173,15 +173,22 @@ pub struct RunningBackends {
 }
 
 impl RunningBackends {
-    /// Starts every backend (re-executing `exe`) and waits until each listens.
+    /// Starts every backend (re-executing `exe`) and waits until each listens. Each
+    /// backend gets its own unprivileged uid (slot 1.. of this VM's jail ids), an address
+    /// space bounded by `memory_mib` of guest memory plus its own needs, no stdin, a clean
+    /// environment, no inherited fd but stdout and stderr, and dies with the calling
+    /// thread (keep calling [`RunningBackends::check`] from that same thread: the kernel
+    /// sends the parent-death signal when the creating *thread* exits).
     pub fn start(
         exe: &Path,
         backends: &[DeviceBackend],
         sandbox: bool,
+        memory_mib: u32,
     ) -> Result<Self, BackendsError> {
         let dir = tempfile::Builder::new()
             .prefix("hostd-devices-")
-            .tempdir()
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir_in(crate::jail::runtime_dir())
             .map_err(|e| BackendsError::Start {
                 name: "all".into(),
                 message: format!("cannot create a socket directory: {e}"),
@@ -191,20 +198,25 @@ impl RunningBackends {
             children: Vec::new(),
             devices: Vec::new(),
         };
-        for b in backends {
+        for (slot, b) in backends.iter().enumerate() {
             let name = b.name();
             let socket = dir_path(&running.dir).join(format!("{name}.sock"));
             let mut cmd = Command::new(exe);
             cmd.arg("backend")
                 .args(b.args())
                 .arg("--socket")
-                .arg(&socket);
+                .arg(&socket)
+                .arg("--guest-mib")
+                .arg(memory_mib.to_string())
+                .arg("--jail-id")
+                .arg(crate::jail::vm_jail_id(slot as u32 + 1).to_string());
             if !sandbox {
                 cmd.arg("--no-sandbox");
             }
             // Its own process group: a terminal's Ctrl-C reaches only hostd, which turns it
             // into a clean guest shutdown; the backends end when their VMM hangs up.
             cmd.process_group(0);
+            crate::jail::clean_child(&mut cmd, crate::jail::LOG_ENV);
             let child = cmd.spawn().map_err(|e| BackendsError::Start {
                 name: name.clone(),
                 message: e.to_string(),
@@ -265,8 +277,12 @@ impl RunningBackends {
 impl Drop for RunningBackends {
     fn drop(&mut self) {
         for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
+            // A VMM that gave up root may not signal its backends (each has a uid of its
+            // own): they end when it hangs up, or with its pid namespace. Wait only for
+            // one we could kill.
+            if child.kill().is_ok() {
+                let _ = child.wait();
+            }
         }
     }
 }
@@ -277,6 +293,27 @@ impl RunningBackends {
     /// thread.
     pub fn remove_sockets(&mut self) {
         self.dir = None;
+    }
+
+    /// Leaves the socket directory in place for good (no cleanup on drop): for a process
+    /// about to lose its file system (the directory lives in the VM's private tmpfs,
+    /// which goes with the VM).
+    pub fn keep_sockets(&mut self) {
+        if let Some(d) = self.dir.take() {
+            let _ = d.keep();
+        }
+    }
+
+    /// Gives the socket directory and every socket to `id` (QEMU's uid), so that QEMU
+    /// can connect to them.
+    pub fn share_sockets_with(&self, id: u32) -> Result<(), crate::jail::JailError> {
+        if let Some(dir) = &self.dir {
+            crate::jail::give_to(dir.path(), id)?;
+        }
+        for (_, socket, _) in &self.devices {
+            crate::jail::give_to(socket, id)?;
+        }
+        Ok(())
     }
 
     /// Each running backend's socket, with its virtio device type and queue count, in

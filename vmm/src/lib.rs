@@ -10,7 +10,7 @@ pub mod jail;
 pub mod kvm;
 pub mod layout;
 pub mod qemu;
-mod signals;
+pub mod signals;
 pub mod volumes;
 
 pub use boot::{BootSpec, Outcome, Timings, BASE_CMDLINE};
@@ -20,6 +20,7 @@ static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new
 /// Records the moment timings count from; call first thing in `main`.
 pub fn mark_start() {
     let _ = START.set(std::time::Instant::now());
+    jail::vm_pid();
 }
 
 /// The instant timings count from.

@@ -89,6 +89,9 @@ pub fn choose_accel(accel: Accel) -> (&'static str, Option<&'static str>) {
     }
 }
 
+/// QEMU's `-sandbox` with everything hostd's QEMU does not need denied.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// The QEMU command line for a boot spec.
 /// `devices` are the arguments that attach the running device backends
 /// ([`RunningBackends::qemu_args`]); with any, guest memory is a shared memfd.
@@ -99,12 +102,19 @@ pub fn command_line(boot: &BootSpec, accel: &str, devices: &[String]) -> Vec<Str
     // No ACPI, no option ROMs: an MP table, the 8250 console and our exit port.
     // QEMU's own PIT, PIC and RTC stay on (the RTC gives the guest wall-clock time): without the first two a guest under TCG cannot calibrate
     // its clocks and stalls (measured). They are QEMU's, not hostd's VMM's.
+    // dump-guest-core=off: a core dump of QEMU never carries guest memory.
     push(if devices.is_empty() {
-        "microvm,x-option-roms=off,isa-serial=on,acpi=off"
+        "microvm,x-option-roms=off,isa-serial=on,acpi=off,dump-guest-core=off"
     } else {
         // Backends in other processes map guest memory: it must be a shared memfd.
-        "microvm,x-option-roms=off,isa-serial=on,acpi=off,memory-backend=mem"
+        "microvm,x-option-roms=off,isa-serial=on,acpi=off,dump-guest-core=off,memory-backend=mem"
     });
+    if boot.sandbox_devices {
+        // QEMU's own seccomp filter, everything it does not need denied: obsolete
+        // syscalls, set*uid and friends, fork/exec, and scheduler/resource changes.
+        push("-sandbox");
+        push(SANDBOX);
+    }
     push("-accel");
     push(accel);
     push("-cpu");
@@ -166,16 +176,101 @@ fn scan_line(line: &str, st: &mut ConsoleState) {
     }
 }
 
+/// Threads QEMU may have (RLIMIT_NPROC under its own uid): its main loop, RCU and
+/// signal threads, one per vCPU, and its I/O worker pool (up to 64).
+const QEMU_MAX_THREADS: u64 = 128;
+
 /// Boots `boot` under QEMU, relaying the console to stdout, and returns how it ended.
+/// With the sandbox (the default), QEMU and the device backends run below a process of
+/// their own: PID 1 of a new PID namespace, in a per-VM cgroup (see
+/// [`crate::jail::supervisor`]); QEMU itself runs as the VM's unprivileged uid, with
+/// its `-sandbox` seccomp filter.
 pub fn run(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
+    // Counted from now on: a Ctrl-C while the backends start stops the VM at once.
+    crate::signals::install();
+    if !boot.sandbox_devices {
+        tracing::warn!(
+            "--no-sandbox: QEMU runs as root without -sandbox, the device backends unjailed, \
+             and the VM without a PID namespace or cgroup of its own (for debugging only)"
+        );
+        return run_qemu(boot, opts);
+    }
+    let limits = crate::jail::cgroup::Limits::for_vm(boot.memory_mib, boot.vcpus);
+    crate::jail::supervisor::run(limits, || run_qemu(boot, opts).map_err(|e| e.to_string()))
+        .map_err(QemuError::Guest)
+}
+
+/// The seccomp filter of the process that runs QEMU, once QEMU runs: relaying QEMU's
+/// console and stderr (read, write, its own two threads), watching and finally killing
+/// QEMU (wait4, kill), sleeping. No files, no sockets, no exec.
+pub fn parent_filter() -> Result<seccompiler::BpfProgram, crate::jail::JailError> {
+    let mut syscalls = crate::jail::COMMON_SYSCALLS.to_vec();
+    syscalls.extend_from_slice(&[
+        libc::SYS_wait4,
+        libc::SYS_waitid,
+        libc::SYS_kill,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_nanosleep,
+        // Its two relay threads (jail::filter allows clone with CLONE_THREAD only).
+        libc::SYS_clone,
+        libc::SYS_set_robust_list,
+        libc::SYS_rseq,
+        libc::SYS_prctl,
+        libc::SYS_mprotect,
+        libc::SYS_sched_getaffinity,
+        libc::SYS_getrandom,
+        libc::SYS_poll,
+        // The standard library's per-thread signal setup (measured: a relay thread
+        // died with SIGSYS on rt_sigaction without it).
+        libc::SYS_rt_sigaction,
+    ]);
+    crate::jail::filter(&syscalls, &[])
+}
+
+/// Makes what QEMU must read or connect to (the staged kernel and initrd, the backend
+/// sockets) belong to `id`, the uid QEMU runs as.
+fn share_with_qemu(
+    boot: &BootSpec,
+    backends: &RunningBackends,
+    id: u32,
+) -> Result<(), crate::jail::JailError> {
+    let runtime = crate::jail::runtime_dir();
+    for file in std::iter::once(&boot.kernel).chain(boot.initrd.as_ref()) {
+        if file.starts_with(runtime) {
+            if let Some(dir) = file.parent() {
+                crate::jail::give_to(dir, id)?;
+            }
+            crate::jail::give_to(file, id)?;
+        }
+    }
+    backends.share_sockets_with(id)
+}
+
+/// What QEMU may touch on the host's file system: its program, libraries and firmware
+/// (read), the VM's runtime directory (the staged kernel and initrd, the backend
+/// sockets) and the few device nodes it opens. Nothing else: not the host's /etc,
+/// /home, /root or /proc of other processes.
+fn qemu_landlock() -> Result<hostd_devices::jail::landlock::Prepared, crate::jail::JailError> {
+    use std::path::Path;
+    let read: Vec<&Path> = ["/usr", "/lib", "/lib64", "/etc/ld.so.cache", "/dev/urandom"]
+        .iter()
+        .map(Path::new)
+        .chain(std::iter::once(crate::jail::runtime_dir()))
+        .collect();
+    let read_write: Vec<&Path> = ["/dev/kvm", "/dev/null"].iter().map(Path::new).collect();
+    hostd_devices::jail::landlock::prepare(&read, &read_write)
+}
+
+fn run_qemu(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
     let (accel, note) = choose_accel(opts.accel);
     if let Some(note) = note {
         tracing::info!("{note}");
     }
     let binary = qemu_binary();
     let exe = std::env::current_exe().map_err(QemuError::Io)?;
-    let mut backends = RunningBackends::start(&exe, &boot.devices, boot.sandbox_devices)
-        .map_err(|e| QemuError::Guest(e.to_string()))?;
+    let mut backends =
+        RunningBackends::start(&exe, &boot.devices, boot.sandbox_devices, boot.memory_mib)
+            .map_err(|e| QemuError::Guest(e.to_string()))?;
     let device_args = if boot.devices.is_empty() {
         Vec::new()
     } else {
@@ -183,8 +278,29 @@ pub fn run(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
     };
     let args = command_line(boot, accel, &device_args);
     tracing::debug!("{binary} {}", args.join(" "));
-    crate::signals::install();
-    let mut child = Command::new(&binary)
+    let mut cmd = Command::new(&binary);
+    // A clean environment, no inherited fd but the three below, and killed when this
+    // thread (the one that waits for it) ends, also by SIGKILL.
+    crate::jail::clean_child(&mut cmd, &[]);
+    if boot.sandbox_devices {
+        let id = crate::jail::vm_jail_id(0);
+        share_with_qemu(boot, &backends, id).map_err(|e| QemuError::Guest(e.to_string()))?;
+        // With KVM, QEMU keeps the group that may open /dev/kvm.
+        let kvm_group = (accel == "kvm")
+            .then(|| {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::metadata("/dev/kvm").ok().map(|m| m.gid())
+            })
+            .flatten();
+        crate::jail::run_as(
+            &mut cmd,
+            id,
+            kvm_group,
+            QEMU_MAX_THREADS,
+            Some(qemu_landlock().map_err(|e| QemuError::Guest(e.to_string()))?),
+        );
+    }
+    let mut child = cmd
         .args(&args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -197,6 +313,23 @@ pub fn run(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
             binary: binary.clone(),
             source,
         })?;
+    // The Command holds what its pre-exec steps needed (the Landlock ruleset's fd).
+    drop(cmd);
+    if boot.sandbox_devices && crate::jail::supervisor::supervised() {
+        // QEMU and the backends run: this process now needs only their pipes, its
+        // children's exit statuses and QEMU's pid. Before its relay threads start, so
+        // that they inherit all of it.
+        backends.keep_sockets();
+        let jailed = parent_filter().and_then(|prog| {
+            crate::jail::enter_qemu_parent(QEMU_MAX_THREADS + 8)?;
+            crate::jail::install(&prog)
+        });
+        if let Err(e) = jailed {
+            kill(&mut child);
+            let _ = child.wait();
+            return Err(QemuError::Guest(format!("jailing the VM's process: {e}")));
+        }
+    }
     let mut timings = Timings {
         vm_started_ms: Some(since_start_ms()),
         ..Timings::default()
@@ -234,7 +367,20 @@ pub fn run(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
         let signals = crate::signals::count();
         if signals > seen_signals {
             seen_signals = signals;
-            if shutdown_sent.is_none() {
+            let init_started = state.lock().map(|s| s.init_ms.is_some()).unwrap_or(false);
+            if !init_started {
+                // Nobody in the guest could act on a shutdown request yet: stop now.
+                tracing::info!("interrupted before guest init started; stopping QEMU");
+                kill(&mut child);
+                let _ = child.wait();
+                drop(stdin);
+                let _ = relay.join();
+                timings.exited_ms = Some(since_start_ms());
+                return Ok(Outcome {
+                    exit_code: 130,
+                    timings,
+                });
+            } else if shutdown_sent.is_none() {
                 tracing::info!("asking the guest to shut down (again to force)");
                 if let Some(w) = stdin.as_mut() {
                     let _ = writeln!(w, "{}", abi::SHUTDOWN_REQUEST);
@@ -361,7 +507,11 @@ fn spawn_stderr_collector(child: &mut Child) -> std::thread::JoinHandle<String> 
     })
 }
 
-/// A path QEMU can be given for a section of an image: written to a private temp dir.
+/// A path QEMU can be given for a section of an image: written to a private (0700)
+/// directory in the VM's runtime tmpfs ([`crate::jail::runtime_dir`]), as 0600 files.
+/// The tmpfs lives in `hostd run`'s own mount namespace, so the copies never reach the
+/// host's file system and vanish with the VM's last process, whatever ends it; the
+/// directory is also removed on drop.
 #[derive(Debug)]
 pub struct StagedFiles {
     dir: tempfile::TempDir,
@@ -371,15 +521,29 @@ impl StagedFiles {
     /// A new private (0700) directory.
     pub fn new() -> std::io::Result<Self> {
         Ok(StagedFiles {
-            dir: tempfile::Builder::new().prefix("hostd-run-").tempdir()?,
+            dir: tempfile::Builder::new()
+                .prefix("hostd-run-")
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .tempdir_in(crate::jail::runtime_dir())?,
         })
     }
 
-    /// Writes `bytes` as `name` and returns its path.
+    /// Writes `bytes` as `name` (mode 0600) and returns its path.
     pub fn put(&self, name: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::OpenOptionsExt;
         let p = self.dir.path().join(name);
-        std::fs::write(&p, bytes)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)?;
+        f.write_all(bytes)?;
         Ok(p)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
     }
 }
 
@@ -400,6 +564,24 @@ mod tests {
     }
 
     #[test]
+    fn staged_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let staged = StagedFiles::new().expect("staging directory");
+        let file = staged.put("kernel", b"bytes").expect("staged file");
+        let mode = |p: &std::path::Path| {
+            std::fs::metadata(p)
+                .map(|m| m.permissions().mode() & 0o777)
+                .unwrap_or(0)
+        };
+        assert_eq!(mode(staged.path()), 0o700);
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(std::fs::read(&file).ok().as_deref(), Some(&b"bytes"[..]));
+        let dir = staged.path().to_path_buf();
+        drop(staged);
+        assert!(!dir.exists(), "the staging directory outlived its owner");
+    }
+
+    #[test]
     fn command_line_has_no_legacy_devices_but_the_console() {
         let boot = BootSpec {
             kernel: "/k".into(),
@@ -417,6 +599,8 @@ mod tests {
         );
         assert!(a.contains("acpi=off") && a.contains("-nodefaults"), "{a}");
         assert!(a.contains("-smp 2") && a.contains("-m 256M"), "{a}");
+        assert!(a.contains(&format!("-sandbox {SANDBOX}")), "{a}");
+        assert!(a.contains("dump-guest-core=off"), "{a}");
         let with = command_line(
             &boot,
             "tcg",

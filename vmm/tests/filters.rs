@@ -1,7 +1,12 @@
 //! Each seccomp filter denies what its thread kind does not need: the offending
 //! process dies with SIGSYS.
 
-use hostd_vmm::jail::child_killed_by;
+use hostd_devices::vhost_user::backend_filter;
+use hostd_devices::vhost_user::block::BLOCK_SYSCALLS;
+use hostd_devices::vhost_user::net::NET_SYSCALLS;
+use hostd_devices::vhost_user::rng::RNG_SYSCALLS;
+use hostd_devices::vhost_user::vsock::VSOCK_SYSCALLS;
+use hostd_vmm::jail::{self, child_killed_by, child_status};
 use hostd_vmm::kvm::control_filter;
 use hostd_vmm::kvm::vcpu::vcpu_filter;
 
@@ -43,6 +48,101 @@ fn execve() {
     unsafe { libc::syscall(libc::SYS_execve, c"/bin/true".as_ptr(), 0, 0) };
 }
 
+fn mmap_exec() {
+    // SAFETY: a fresh anonymous mapping, never used.
+    unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+}
+
+fn mprotect_exec() {
+    let page = vec![0u8; 8192];
+    let addr = (page.as_ptr() as usize + 4095) & !4095;
+    // SAFETY: a page of our own live allocation; nothing jumps there.
+    unsafe {
+        libc::mprotect(
+            addr as *mut libc::c_void,
+            4096,
+            libc::PROT_READ | libc::PROT_EXEC,
+        )
+    };
+}
+
+fn mmap_data() {
+    // SAFETY: a fresh anonymous read-write mapping, checked below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        // SAFETY: _exit is always sound.
+        unsafe { libc::_exit(3) };
+    }
+    // SAFETY: the mapping is ours, writable and at least one byte long.
+    unsafe { *(p as *mut u8) = 1 };
+    // SAFETY: unmapping exactly the mapping made above.
+    unsafe { libc::munmap(p, 4096) };
+}
+
+/// clone without CLONE_THREAD: a new process.
+fn fork() {
+    // SAFETY: a raw clone with only an exit signal; a child, should there be one,
+    // leaves at once.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+    if pid == 0 {
+        // SAFETY: _exit is always sound.
+        unsafe { libc::_exit(0) };
+    }
+}
+
+/// A thread through the standard library: the C library tries clone3 first (the filter
+/// answers ENOSYS), then clone with CLONE_THREAD.
+fn spawn_thread() {
+    let ok = std::thread::Builder::new()
+        .name("filtered".into())
+        .spawn(|| 7)
+        .ok()
+        .and_then(|t| t.join().ok())
+        == Some(7);
+    if !ok {
+        // SAFETY: _exit is always sound.
+        unsafe { libc::_exit(3) };
+    }
+}
+
+fn clone3_is_enosys() {
+    // SAFETY: clone3 with a null argument: the filter answers before the kernel reads it.
+    let r = unsafe { libc::syscall(libc::SYS_clone3, 0, 0) };
+    let e = std::io::Error::last_os_error().raw_os_error();
+    if r != -1 || e != Some(libc::ENOSYS) {
+        // SAFETY: _exit is always sound.
+        unsafe { libc::_exit(3) };
+    }
+}
+
+fn prctl_dumpable() {
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+}
+
+fn prctl_seccomp() {
+    // SAFETY: prctl with integer arguments (a strict-mode request).
+    unsafe { libc::prctl(libc::PR_SET_SECCOMP, 1, 0, 0, 0) };
+}
+
 fn sleep_briefly() {
     std::thread::sleep(std::time::Duration::from_millis(1));
 }
@@ -63,4 +163,88 @@ fn vcpu_filter_denies_opening_files_and_sockets() {
     assert_eq!(child_killed_by(&prog, socket), Some(libc::SIGSYS));
     assert_eq!(child_killed_by(&prog, create_vm_ioctl), Some(libc::SIGSYS));
     assert_eq!(child_killed_by(&prog, getpid), None);
+}
+
+#[test]
+fn the_qemu_parent_filter_denies_files_sockets_exec_and_processes() {
+    let prog = hostd_vmm::qemu::parent_filter().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(child_killed_by(&prog, open_file), Some(libc::SIGSYS));
+    assert_eq!(child_killed_by(&prog, socket), Some(libc::SIGSYS));
+    assert_eq!(child_killed_by(&prog, execve), Some(libc::SIGSYS));
+    assert_eq!(child_killed_by(&prog, fork), Some(libc::SIGSYS));
+    assert_eq!(child_killed_by(&prog, any_ioctl), Some(libc::SIGSYS));
+    assert_eq!(child_status(&prog, spawn_thread), Ok(0));
+    assert_eq!(child_status(&prog, sleep_briefly), Ok(0));
+}
+
+#[test]
+fn no_filter_lets_code_be_mapped() {
+    let forwarder = jail::filter(jail::COMMON_SYSCALLS, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let progs = [
+        (
+            "control",
+            control_filter().unwrap_or_else(|e| panic!("{e}")),
+        ),
+        ("vcpu", vcpu_filter().unwrap_or_else(|e| panic!("{e}"))),
+        ("forwarder", forwarder),
+        (
+            "qemu parent",
+            hostd_vmm::qemu::parent_filter().unwrap_or_else(|e| panic!("{e}")),
+        ),
+    ];
+    for (name, prog) in progs.iter().chain(backend_filters().iter()) {
+        assert_eq!(
+            child_killed_by(prog, mmap_exec),
+            Some(libc::SIGSYS),
+            "{name}"
+        );
+        assert_eq!(child_status(prog, mmap_data), Ok(0), "{name}");
+    }
+}
+
+fn backend_filters() -> Vec<(&'static str, seccompiler::BpfProgram)> {
+    [
+        ("rng backend", RNG_SYSCALLS),
+        ("block backend", BLOCK_SYSCALLS),
+        ("net backend", NET_SYSCALLS),
+        ("vsock backend", VSOCK_SYSCALLS),
+    ]
+    .into_iter()
+    .map(|(name, extra)| {
+        (
+            name,
+            backend_filter(extra).unwrap_or_else(|e| panic!("{e}")),
+        )
+    })
+    .collect()
+}
+
+#[test]
+fn backend_filters_allow_threads_but_no_process_no_code_and_few_prctls() {
+    for (name, prog) in backend_filters() {
+        assert_eq!(child_killed_by(&prog, fork), Some(libc::SIGSYS), "{name}");
+        assert_eq!(
+            child_killed_by(&prog, mmap_exec),
+            Some(libc::SIGSYS),
+            "{name}"
+        );
+        assert_eq!(
+            child_killed_by(&prog, mprotect_exec),
+            Some(libc::SIGSYS),
+            "{name}"
+        );
+        assert_eq!(
+            child_killed_by(&prog, prctl_dumpable),
+            Some(libc::SIGSYS),
+            "{name}"
+        );
+        assert_eq!(
+            child_killed_by(&prog, prctl_seccomp),
+            Some(libc::SIGSYS),
+            "{name}"
+        );
+        assert_eq!(child_killed_by(&prog, socket), Some(libc::SIGSYS), "{name}");
+        assert_eq!(child_status(&prog, spawn_thread), Ok(0), "{name}");
+        assert_eq!(child_status(&prog, clone3_is_enosys), Ok(0), "{name}");
+    }
 }

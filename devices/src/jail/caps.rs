@@ -2,6 +2,17 @@
 
 use super::JailError;
 
+/// Empties the capability bounding set, so that nothing executed later can regain a
+/// capability. Needs CAP_SETPCAP: call it before giving up root.
+pub fn drop_bounding_set() {
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments; unknown capability numbers fail with
+        // EINVAL and a missing CAP_SETPCAP with EPERM, which we ignore (the sets are
+        // emptied below either way).
+        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+    }
+}
+
 /// Drops every capability of the calling thread (threads started later inherit the
 /// empty sets) and sets no_new_privs.
 pub fn drop_capabilities() -> Result<(), JailError> {
@@ -12,10 +23,7 @@ pub fn drop_capabilities() -> Result<(), JailError> {
             std::io::Error::last_os_error()
         )));
     }
-    for cap in 0..64 {
-        // SAFETY: as above; unknown capability numbers fail with EINVAL, which we ignore.
-        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-    }
+    drop_bounding_set();
     #[repr(C)]
     struct Header {
         version: u32,

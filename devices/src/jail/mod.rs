@@ -4,12 +4,14 @@
 //! - [`seccomp`]: syscall filters (one per thread kind or device, defined next to the
 //!   code whose syscalls they list).
 //! - [`caps`]: no capabilities, no_new_privs.
+//! - [`identity`]: an unprivileged uid of its own, not dumpable, dies with its parent.
 //! - [`namespaces`]: new mount/IPC/UTS/network namespaces and `pivot_root` into an
 //!   empty, read-only tmpfs: nothing of the host's file system is left to open.
 //! - [`landlock`]: a Landlock ruleset that grants no file system access at all (where
 //!   the kernel supports Landlock).
 
 pub mod caps;
+pub mod identity;
 pub mod landlock;
 pub mod namespaces;
 pub mod seccomp;
@@ -19,21 +21,57 @@ pub mod seccomp;
 #[error("jail: {0}")]
 pub struct JailError(pub String);
 
-/// Puts the calling process into a jail: namespaces and an empty root, Landlock,
-/// no capabilities, no_new_privs, small rlimits. `keep_net` keeps the host's network
-/// namespace (the net backend's TAP fd works either way; it is for backends that
-/// must reach host sockets by path — none today). The seccomp filter comes last and
+/// How to jail a process.
+#[derive(Debug, Clone, Default)]
+pub struct JailOptions {
+    /// Keep the host's network namespace (the net backend's TAP fd works either way;
+    /// it is for backends that must reach host sockets by path — none today).
+    pub keep_net: bool,
+    /// Become this uid and gid once the namespaces and mounts are set up (see
+    /// [`identity`]); `None` keeps the uid (only for tests of the other parts).
+    pub id: Option<u32>,
+    /// The pid that started this process: after the uid change, the request to die with
+    /// it is made again (a uid change clears it) and checked.
+    pub parent: Option<libc::pid_t>,
+    /// RLIMIT_AS in bytes: all the memory the process may map, guest memory included.
+    pub max_address_space: Option<u64>,
+    /// RLIMIT_NPROC: how many threads the process may have in all (its uid is its own,
+    /// so the kernel's per-uid count is this process's threads). New processes are
+    /// refused by the seccomp filter in any case.
+    pub max_threads: Option<u64>,
+}
+
+/// Puts the calling process into a jail: namespaces and an empty root, Landlock, small
+/// rlimits, not dumpable, no capabilities in any set, no_new_privs, and — with
+/// `opts.id` — an unprivileged uid and gid of its own. The seccomp filter comes last and
 /// separately (see [`seccomp::install`]), once the backend has set up what it needs.
-pub fn enter(keep_net: bool) -> Result<(), JailError> {
-    namespaces::enter_empty_root(keep_net)?;
+pub fn enter(opts: &JailOptions) -> Result<(), JailError> {
+    namespaces::enter_empty_root(opts.keep_net)?;
     landlock::deny_all_filesystem_access();
-    limit_resources()?;
+    limit_resources(opts)?;
+    identity::not_dumpable()?;
+    caps::drop_bounding_set();
+    if let Some(id) = opts.id {
+        identity::become_unprivileged(id)?;
+        // A uid change makes the process dumpable again where fs.suid_dumpable says so.
+        identity::not_dumpable()?;
+    }
+    if let Some(parent) = opts.parent {
+        identity::die_with_parent(parent)?;
+    }
     caps::drop_capabilities()?;
     Ok(())
 }
 
-fn limit_resources() -> Result<(), JailError> {
-    for (res, limit) in [(libc::RLIMIT_CORE, 0), (libc::RLIMIT_NOFILE, 256)] {
+fn limit_resources(opts: &JailOptions) -> Result<(), JailError> {
+    let mut limits = vec![(libc::RLIMIT_CORE, 0), (libc::RLIMIT_NOFILE, 256)];
+    if let Some(bytes) = opts.max_address_space {
+        limits.push((libc::RLIMIT_AS, bytes));
+    }
+    if let Some(n) = opts.max_threads {
+        limits.push((libc::RLIMIT_NPROC, n));
+    }
+    for (res, limit) in limits {
         let rl = libc::rlimit {
             rlim_cur: limit,
             rlim_max: limit,
@@ -41,7 +79,7 @@ fn limit_resources() -> Result<(), JailError> {
         // SAFETY: a valid rlimit struct for a valid resource.
         if unsafe { libc::setrlimit(res, &rl) } != 0 {
             return Err(JailError(format!(
-                "setrlimit: {}",
+                "setrlimit({res}, {limit}): {}",
                 std::io::Error::last_os_error()
             )));
         }

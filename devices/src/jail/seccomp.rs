@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use super::JailError;
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
 };
 
 /// Syscalls every jailed thread needs once running: memory management by the
@@ -34,11 +34,63 @@ pub const COMMON_SYSCALLS: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// A filter allowing `syscalls` unconditionally and `ioctls` (by request number) on
-/// any fd; anything else kills the process with SIGSYS.
+/// `prctl` options a jailed thread may use: naming itself (the standard library names
+/// threads it starts). Everything else (`PR_SET_SECCOMP`, `PR_SET_PDEATHSIG`,
+/// `PR_SET_DUMPABLE`, `PR_CAP_AMBIENT`, …) is denied.
+pub const PRCTL_OPTIONS: &[u64] = &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64];
+
+fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, JailError> {
+    // The low 32 bits: each of these arguments is an int (or flags that fit in one) for
+    // the kernel, whatever the caller left in the upper half of the register.
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
+        .map_err(|e| JailError(e.to_string()))
+}
+
+fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, JailError> {
+    SeccompRule::new(conditions).map_err(|e| JailError(e.to_string()))
+}
+
+/// The argument rules for syscalls broader than any jailed thread needs, applied
+/// whenever a filter lists them:
+/// - `clone` only with `CLONE_THREAD` (threads, never processes);
+/// - `mmap`, `mprotect` never with `PROT_EXEC` (no new code);
+/// - `prctl` only with [`PRCTL_OPTIONS`].
+fn argument_rules(syscall: i64) -> Result<Option<Vec<SeccompRule>>, JailError> {
+    let thread = libc::CLONE_THREAD as u64;
+    let exec = libc::PROT_EXEC as u64;
+    Ok(match syscall {
+        libc::SYS_clone => Some(vec![rule(vec![cond(
+            0,
+            SeccompCmpOp::MaskedEq(thread),
+            thread,
+        )?])?]),
+        libc::SYS_mmap | libc::SYS_mprotect => {
+            Some(vec![rule(vec![cond(2, SeccompCmpOp::MaskedEq(exec), 0)?])?])
+        }
+        libc::SYS_prctl => Some(
+            PRCTL_OPTIONS
+                .iter()
+                .map(|o| rule(vec![cond(0, SeccompCmpOp::Eq, *o)?]))
+                .collect::<Result<_, _>>()?,
+        ),
+        _ => None,
+    })
+}
+
+/// A filter allowing `syscalls` and `ioctls` (by request number) on any fd; anything
+/// else kills the process with SIGSYS. `clone`, `mmap`, `mprotect` and `prctl` are
+/// allowed only with the arguments [`argument_rules`] lets through. `clone3` (whose
+/// flags live in memory a filter cannot read) is never allowed: a filter that allows
+/// `clone` answers it with ENOSYS, so that the C library falls back to `clone`, whose
+/// flags it can check.
 pub fn filter(syscalls: &[i64], ioctls: &[u64]) -> Result<BpfProgram, JailError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        syscalls.iter().map(|s| (*s, vec![])).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for s in syscalls {
+        if *s == libc::SYS_clone3 {
+            continue;
+        }
+        rules.insert(*s, argument_rules(*s)?.unwrap_or_default());
+    }
     // fcntl(fd, F_GETFD) at least: Rust's standard library checks an fd is still open
     // when it closes it (debug builds). Callers that list fcntl get all of it.
     let getfd = SeccompCondition::new(
@@ -61,6 +113,7 @@ pub fn filter(syscalls: &[i64], ioctls: &[u64]) -> Result<BpfProgram, JailError>
             .collect::<Result<Vec<_>, _>>()?;
         rules.insert(libc::SYS_ioctl, ioctl_rules);
     }
+    let threads = rules.contains_key(&libc::SYS_clone);
     let f = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
@@ -68,8 +121,48 @@ pub fn filter(syscalls: &[i64], ioctls: &[u64]) -> Result<BpfProgram, JailError>
         TargetArch::x86_64,
     )
     .map_err(|e| JailError(e.to_string()))?;
-    f.try_into()
-        .map_err(|e: seccompiler::BackendError| JailError(e.to_string()))
+    let prog: BpfProgram = f
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| JailError(e.to_string()))?;
+    Ok(if threads {
+        clone3_is_enosys(prog)
+    } else {
+        prog
+    })
+}
+
+/// Puts three instructions before `prog`: load the syscall number; if it is `clone3`,
+/// return ENOSYS; else go on with `prog` (whose jumps are relative, so they still hold;
+/// it loads the architecture itself first). `clone3`'s number is the same for every
+/// ABI the kernel can enter on x86_64, so no architecture check is needed before it.
+fn clone3_is_enosys(prog: BpfProgram) -> BpfProgram {
+    const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const BPF_JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const BPF_RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    let mut out = vec![
+        // seccomp_data.nr is at offset 0.
+        sock_filter {
+            code: BPF_LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        sock_filter {
+            code: BPF_JEQ_K,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_clone3 as u32,
+        },
+        sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        },
+    ];
+    out.extend(prog);
+    out
 }
 
 /// Installs `prog` on the calling thread (and sets no_new_privs, which seccomp needs).
@@ -81,20 +174,32 @@ pub fn install(prog: &BpfProgram) -> Result<(), JailError> {
 /// returns the signal that killed the child (SIGSYS when the filter denied it).
 #[doc(hidden)]
 pub fn child_killed_by(prog: &BpfProgram, forbidden: fn()) -> Option<i32> {
-    // SAFETY: the child only installs the prebuilt filter, makes raw syscalls and
-    // _exits; it does not touch locks another thread of the parent could hold.
+    child_status(prog, forbidden).err()
+}
+
+/// Test support: runs `f` in a forked child after installing `prog`; `Ok(exit code)`
+/// when the child exited (0 when `f` returned; `f` may `_exit` with its own code),
+/// `Err(signal)` when a signal killed it.
+#[doc(hidden)]
+pub fn child_status(prog: &BpfProgram, f: fn()) -> Result<i32, i32> {
+    // SAFETY: the child only installs the prebuilt filter, runs `f` (raw syscalls, or
+    // allocations, which glibc's fork keeps usable) and _exits.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         if install(prog).is_err() {
             // SAFETY: _exit is async-signal-safe.
             unsafe { libc::_exit(100) };
         }
-        forbidden();
+        f();
         // SAFETY: as above.
         unsafe { libc::_exit(0) };
     }
     let mut status = 0;
     // SAFETY: waiting for our own child with a valid out-pointer.
     unsafe { libc::waitpid(pid, &mut status, 0) };
-    libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status))
+    if libc::WIFSIGNALED(status) {
+        Err(libc::WTERMSIG(status))
+    } else {
+        Ok(libc::WEXITSTATUS(status))
+    }
 }

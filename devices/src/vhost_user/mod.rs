@@ -83,13 +83,13 @@ where
 }
 
 /// Serves one vhost-user connection on `socket` with `backend`: binds the socket, enters
-/// the jail (unless `sandbox` is false), installs `filter`, accepts the VMM's
-/// connection, and returns when the VMM hangs up.
+/// the jail `sandbox` describes (none with `None`: --no-sandbox), installs `filter`,
+/// accepts the VMM's connection, and returns when the VMM hangs up.
 pub fn serve<B>(
     name: &str,
     socket: &Path,
     backend: B,
-    sandbox: bool,
+    sandbox: Option<&jail::JailOptions>,
     filter: impl FnOnce() -> Result<seccompiler::BpfProgram, jail::JailError>,
     selftest: Option<&str>,
 ) -> Result<(), BackendError>
@@ -109,7 +109,7 @@ pub fn serve_with_listeners<B>(
     name: &str,
     socket: &Path,
     backend: B,
-    sandbox: bool,
+    sandbox: Option<&jail::JailOptions>,
     filter: impl FnOnce() -> Result<seccompiler::BpfProgram, jail::JailError>,
     selftest: Option<&str>,
     listeners: &[(RawFd, u16)],
@@ -157,7 +157,7 @@ fn serve_inner<B>(
     name: &str,
     socket: &Path,
     backend: B,
-    sandbox: bool,
+    sandbox: Option<&jail::JailOptions>,
     filter: impl FnOnce() -> Result<seccompiler::BpfProgram, jail::JailError>,
     selftest: Option<&str>,
     listeners: &[(RawFd, u16)],
@@ -177,8 +177,8 @@ where
     // arena for every thread never does.
     // SAFETY: mallopt only sets an allocator parameter; no thread runs yet.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
-    if sandbox {
-        jail::enter(false).map_err(|e| setup("jail", &e))?;
+    if let Some(opts) = sandbox {
+        jail::enter(opts).map_err(|e| setup("jail", &e))?;
     }
     // Inside the jail's own network namespace, before the filter (socket, bind, connect).
     let inner = if relay {
@@ -195,7 +195,7 @@ where
         std::mem::forget(listener);
         return Ok(());
     }
-    if sandbox {
+    if sandbox.is_some() {
         let prog = filter().map_err(|e| setup("seccomp filter", &e))?;
         jail::seccomp::install(&prog).map_err(|e| setup("seccomp", &e))?;
     }
@@ -203,13 +203,14 @@ where
     // writes: only now, so that it inherits the jail and the filter (namespaces,
     // capabilities, Landlock and seccomp are per thread).
     let mut daemon = new_daemon(name, &backend, listeners)?;
-    if selftest == Some("forbidden-syscall") {
-        eprintln!("selftest: calling socket(2), which no backend filter allows");
-        // SAFETY: a raw syscall with integer arguments.
-        unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) };
-        eprintln!("selftest: socket(2) was allowed");
-        leave(daemon, listener);
-        return Ok(());
+    if let Some(test) = selftest {
+        if let Some((what, call)) = forbidden_call(test) {
+            eprintln!("selftest: calling {what}, which no backend filter allows");
+            call();
+            eprintln!("selftest: {what} was allowed");
+            leave(daemon, listener);
+            return Ok(());
+        }
     }
     tracing::debug!("{name}: waiting for the VMM on {}", socket.display());
     let result = match inner {
@@ -252,6 +253,64 @@ where
             Ok(())
         }
         Err(e) => Err(BackendError::Protocol(e.to_string())),
+    }
+}
+
+/// The selftests that make one call a backend's filter must deny (the process should
+/// die with SIGSYS before it reports back).
+fn forbidden_call(test: &str) -> Option<(&'static str, fn())> {
+    fn socket() {
+        // SAFETY: a raw syscall with integer arguments.
+        unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) };
+    }
+    fn mmap_exec() {
+        // SAFETY: a fresh anonymous mapping; nothing is executed from it, and it is
+        // never unmapped (the process ends next).
+        unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+    }
+    fn mprotect_exec() {
+        let page = vec![0u8; 8192];
+        let addr = (page.as_ptr() as usize + 4095) & !4095;
+        // SAFETY: a page inside our own live allocation; if the call were allowed the
+        // page would only become executable, and nothing jumps there.
+        unsafe {
+            libc::mprotect(
+                addr as *mut libc::c_void,
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+            )
+        };
+    }
+    fn fork() {
+        // A new process: clone without CLONE_THREAD.
+        // SAFETY: a raw clone with only an exit signal; should it be allowed, the child
+        // leaves at once without touching anything.
+        let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+        if pid == 0 {
+            // SAFETY: _exit in the child is always sound.
+            unsafe { libc::_exit(0) };
+        }
+    }
+    fn prctl_other() {
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+    }
+    match test {
+        "forbidden-syscall" => Some(("socket(2)", socket)),
+        "mmap-exec" => Some(("mmap(2) with PROT_EXEC", mmap_exec)),
+        "mprotect-exec" => Some(("mprotect(2) with PROT_EXEC", mprotect_exec)),
+        "fork" => Some(("clone(2) without CLONE_THREAD", fork)),
+        "prctl-dumpable" => Some(("prctl(PR_SET_DUMPABLE)", prctl_other)),
+        _ => None,
     }
 }
 
@@ -309,10 +368,12 @@ pub const BACKEND_SYSCALLS: &[i64] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_eventfd2,
-    libc::SYS_clone3,
+    // Threads only (see jail::seccomp::filter: clone needs CLONE_THREAD, and clone3 is
+    // answered with ENOSYS so the C library falls back to clone).
     libc::SYS_clone,
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
+    // Naming threads only (jail::seccomp::PRCTL_OPTIONS).
     libc::SYS_prctl,
     libc::SYS_shutdown,
     libc::SYS_fstat,
@@ -321,6 +382,7 @@ pub const BACKEND_SYSCALLS: &[i64] = &[
     libc::SYS_lseek,
     libc::SYS_dup,
     libc::SYS_fcntl,
+    // Never with PROT_EXEC (jail::seccomp::filter), like mmap.
     libc::SYS_mprotect,
     // Creating the daemon after the filter: its signal setup and std's hash seeds.
     libc::SYS_rt_sigaction,

@@ -35,8 +35,29 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, String> {
         ));
         offset += len;
     }
-    GuestMemoryMmap::from_ranges_with_files(ranges)
-        .map_err(|e| format!("mapping guest memory: {e}"))
+    let mem = GuestMemoryMmap::from_ranges_with_files(ranges)
+        .map_err(|e| format!("mapping guest memory: {e}"))?;
+    exclude_from_core_dumps(&mem)?;
+    Ok(mem)
+}
+
+/// MADV_DONTDUMP on every region: a core dump of the VMM never carries guest memory.
+fn exclude_from_core_dumps(mem: &GuestMemoryMmap) -> Result<(), String> {
+    for region in mem.iter() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| format!("region host address: {e}"))?;
+        // SAFETY: `host` and `len` describe exactly one live mapping owned by `mem`;
+        // MADV_DONTDUMP changes only what a core dump includes.
+        let r = unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTDUMP) };
+        if r != 0 {
+            return Err(format!(
+                "madvise(MADV_DONTDUMP) on guest memory: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Registers every region of `mem` with the VM.

@@ -134,8 +134,22 @@ impl Write for StdoutWriter {
     }
 }
 
-/// Boots `cfg` and runs it to the end.
+/// Boots `cfg` and runs it to the end. With the sandbox (the default), the VMM runs in
+/// a process of its own: PID 1 of a new PID namespace, in a per-VM cgroup, jailed
+/// (unprivileged uid, empty root, Landlock, rlimits, seccomp per thread) once its
+/// devices are connected; see [`jail::supervisor`].
 pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
+    // Counted from now on: a Ctrl-C while the VM is set up stops it as soon as it runs.
+    crate::signals::install();
+    if !cfg.sandbox {
+        return run_vmm(cfg);
+    }
+    let limits = jail::cgroup::Limits::for_vm(cfg.memory_mib, u32::from(cfg.vcpus));
+    jail::supervisor::run(limits, || run_vmm(cfg).map_err(|e| e.to_string()))
+        .map_err(KvmError::Guest)
+}
+
+fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     let kind = kvm_kind();
     if kind == KvmKind::Absent {
         return Err(KvmError::Setup(
@@ -157,6 +171,10 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
              `{}`, PVM kernel arguments and instruction assist on (docs/pvm.md)",
             template.name()
         );
+    }
+    if cfg.sandbox {
+        // No core dumps (guest memory is also MADV_DONTDUMP) and no ptrace by the same uid.
+        jail::not_dumpable()?;
     }
     let kvm = setup("open /dev/kvm", Kvm::new())?;
     let vm: VmFd = setup("KVM_CREATE_VM", kvm.create_vm())?;
@@ -182,7 +200,10 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     let reports = Reports::default();
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
-    let com1_irq = Arc::new(setup("eventfd", EventFd::new(libc::EFD_NONBLOCK))?);
+    let com1_irq = Arc::new(setup(
+        "eventfd",
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC),
+    )?);
     setup("irqfd", vm.register_irqfd(&com1_irq, COM1_IRQ))?;
     let console = Arc::new(Mutex::new(Console::new(com1_irq, StdoutWriter)));
     setup(
@@ -224,14 +245,17 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     // keeps the virtio-mmio register file and forwards interrupts.
     let exe =
         std::env::current_exe().map_err(|e| KvmError::Setup(format!("own executable: {e}")))?;
-    let mut backends = RunningBackends::start(&exe, &cfg.devices, cfg.sandbox)
+    let mut backends = RunningBackends::start(&exe, &cfg.devices, cfg.sandbox, cfg.memory_mib)
         .map_err(|e| KvmError::Setup(e.to_string()))?;
     let mut activations = Vec::new();
     let mut forwarders = Vec::new();
     for (socket, device_type, queues) in backends.sockets(&cfg.devices) {
         let (dev, activation) = VhostUserDevice::connect(&socket, device_type, queues, &mem)
             .map_err(|e| KvmError::Setup(e.to_string()))?;
-        let irq = Arc::new(setup("eventfd", EventFd::new(libc::EFD_NONBLOCK))?);
+        let irq = Arc::new(setup(
+            "eventfd",
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC),
+        )?);
         setup("irqfd", vm.register_irqfd(&irq, next_irq))?;
         let calls = dev.call_fds();
         let transport = MmioTransport::new(Box::new(dev), mem.clone(), irq.clone());
@@ -299,7 +323,6 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     sa.sa_sigaction = on_kick as *const () as usize;
     // SAFETY: installs a no-op handler without SA_RESTART, so KVM_RUN returns EINTR.
     unsafe { libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) };
-    crate::signals::install();
     let vcpu_prog = if cfg.sandbox {
         Some(Arc::new(vcpu::vcpu_filter()?))
     } else {
@@ -311,7 +334,10 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         None
     };
     if cfg.sandbox {
-        jail::drop_capabilities()?;
+        // Every thread this process will have: this one, the vCPUs, one interrupt
+        // forwarder per device queue, and a few for the C library and headroom.
+        let threads = 8 + u64::from(cfg.vcpus) + forwarders.len() as u64;
+        jail::enter_vmm(threads, mem_size)?;
     }
     // One thread per device queue turns the backend's "used buffers" signal into the
     // transport's interrupt status and the guest interrupt. Its filter: read and write
@@ -365,7 +391,15 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         let signals = crate::signals::count();
         if signals > seen_signals {
             seen_signals = signals;
-            if shutdown_sent.is_none() {
+            let init_started = reports
+                .lock()
+                .map(|r| r.markers.iter().any(|m| m.0 == abi::marker::INIT_STARTED))
+                .unwrap_or(false);
+            if !init_started {
+                // Nobody in the guest could act on a shutdown request yet: stop now.
+                tracing::info!("interrupted before guest init started; stopping the VM");
+                shared.stop_with(StopReason::Stopped);
+            } else if shutdown_sent.is_none() {
                 tracing::info!("asking the guest to shut down (again to force)");
                 let line = format!("{}\n", abi::SHUTDOWN_REQUEST);
                 console

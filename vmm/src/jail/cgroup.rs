@@ -1,0 +1,414 @@
+//! A cgroup per VM, below the cgroups `hostd run` itself is in (as systemd's delegation
+//! would place it), never above or beside them: a process is only ever moved into a
+//! descendant of its own cgroup, so it never leaves the memory cgroup the host put it in.
+//!
+//! Works on cgroup v1 (one hierarchy per controller; memory, pids and cpu are used where
+//! mounted) and on v2 (one unified hierarchy).
+
+use std::path::{Path, PathBuf};
+
+use super::JailError;
+
+/// Memory a VM may use besides its guest RAM: the VMM's or QEMU's own code, heap and
+/// (TCG) translation cache, the backends' code and heaps, page tables. Measured: a VM
+/// with 256 MiB of guest RAM and four backends peaks at about 150 MiB above its RAM
+/// under QEMU TCG; 512 MiB leaves room without letting a VM take the host.
+pub const MEMORY_OVERHEAD_MIB: u64 = 512;
+
+/// Processes and threads a VM may have besides one thread per vCPU: the VMM's or
+/// QEMU's own threads and the backends' (each has a handful).
+pub const PIDS_BASE: u64 = 128;
+
+/// The limits for one VM.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// memory.limit_in_bytes (v1) / memory.max (v2).
+    pub memory_bytes: u64,
+    /// pids.max.
+    pub pids: u64,
+    /// CPU bandwidth in whole CPUs (cfs quota = this × period).
+    pub cpus: u64,
+}
+
+impl Limits {
+    /// Guest RAM plus [`MEMORY_OVERHEAD_MIB`]; [`PIDS_BASE`] plus the vCPUs; one CPU per
+    /// vCPU plus one for the device backends and the VMM's own threads.
+    pub fn for_vm(memory_mib: u32, vcpus: u32) -> Limits {
+        Limits {
+            memory_bytes: (u64::from(memory_mib) + MEMORY_OVERHEAD_MIB) << 20,
+            pids: PIDS_BASE + u64::from(vcpus),
+            cpus: u64::from(vcpus) + 1,
+        }
+    }
+}
+
+const CFS_PERIOD_US: u64 = 100_000;
+
+/// The per-VM cgroup(s): one directory per v1 hierarchy used, or one v2 directory.
+#[derive(Debug)]
+pub struct VmCgroup {
+    dirs: Vec<PathBuf>,
+}
+
+/// Where a cgroup hierarchy is mounted and which cgroup of it this process is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Hierarchy {
+    /// Controllers (v1), or empty for v2.
+    controllers: Vec<String>,
+    /// The mount point.
+    mount: PathBuf,
+    /// Our cgroup, relative to the mount.
+    own: String,
+}
+
+/// `/proc/self/cgroup` lines: `ID:CONTROLLERS:PATH` (v2: `0::PATH`).
+fn own_cgroups(text: &str) -> Vec<(Vec<String>, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let _id = parts.next()?;
+            let ctrls = parts.next()?;
+            let path = parts.next()?;
+            Some((
+                ctrls
+                    .split(',')
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                path.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// A cgroup mount: v1 with its controllers (and `name=` if named), or v2.
+#[derive(Debug)]
+struct Mount {
+    v2: bool,
+    controllers: Vec<String>,
+    path: PathBuf,
+    root: String,
+}
+
+/// cgroup mounts from `/proc/self/mountinfo`.
+fn cgroup_mounts(text: &str) -> Vec<Mount> {
+    let mut out = Vec::new();
+    for l in text.lines() {
+        let Some((left, right)) = l.split_once(" - ") else {
+            continue;
+        };
+        let mut r = right.split_whitespace();
+        let fstype = r.next().unwrap_or_default();
+        let _source = r.next();
+        let options = r.next().unwrap_or_default();
+        let f: Vec<&str> = left.split_whitespace().collect();
+        let (Some(root), Some(mount)) = (f.get(3), f.get(4)) else {
+            continue;
+        };
+        let (v2, controllers) = match fstype {
+            "cgroup" => (
+                false,
+                options
+                    .split(',')
+                    .filter(|o| {
+                        !matches!(
+                            *o,
+                            "rw" | "ro"
+                                | "xattr"
+                                | "noprefix"
+                                | "clone_children"
+                                | "cpuset_v2_mode"
+                        ) && !o.starts_with("release_agent=")
+                    })
+                    .map(str::to_string)
+                    .collect(),
+            ),
+            "cgroup2" => (true, Vec::new()),
+            _ => continue,
+        };
+        out.push(Mount {
+            v2,
+            controllers,
+            path: PathBuf::from(mount),
+            root: root.to_string(),
+        });
+    }
+    out
+}
+
+/// The hierarchies to use: the v1 ones holding memory, pids and cpu, or else the v2
+/// one (when it has the memory controller).
+fn hierarchies(cgroup: &str, mountinfo: &str) -> Vec<Hierarchy> {
+    let own = own_cgroups(cgroup);
+    let mounts = cgroup_mounts(mountinfo);
+    let mut v1 = Vec::new();
+    for want in ["memory", "pids", "cpu"] {
+        let Some((ctrls, path)) = own.iter().find(|(c, _)| c.iter().any(|c| c == want)) else {
+            continue;
+        };
+        let Some(m) = mounts.iter().find(|m| !m.v2 && m.controllers == *ctrls) else {
+            continue;
+        };
+        let rel = path.strip_prefix(m.root.as_str()).unwrap_or(path);
+        let h = Hierarchy {
+            controllers: ctrls.clone(),
+            mount: m.path.clone(),
+            own: rel.trim_start_matches('/').to_string(),
+        };
+        if !v1.contains(&h) {
+            v1.push(h);
+        }
+    }
+    if v1
+        .iter()
+        .any(|h| h.controllers.iter().any(|c| c == "memory"))
+    {
+        return v1;
+    }
+    let v2 = own
+        .iter()
+        .find(|(c, _)| c.is_empty())
+        .and_then(|(_, path)| {
+            mounts.iter().find(|m| m.v2).map(|m| Hierarchy {
+                controllers: Vec::new(),
+                mount: m.path.clone(),
+                own: path
+                    .strip_prefix(m.root.as_str())
+                    .unwrap_or(path)
+                    .trim_start_matches('/')
+                    .to_string(),
+            })
+        });
+    match v2 {
+        Some(h)
+            if std::fs::read_to_string(h.mount.join(&h.own).join("cgroup.controllers"))
+                .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory")) =>
+        {
+            vec![h]
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn write(path: &Path, value: &str) -> Result<(), JailError> {
+    std::fs::write(path, value)
+        .map_err(|e| JailError(format!("writing {value:?} to {}: {e}", path.display())))
+}
+
+/// The name of the cgroup of the VM whose `hostd run` has host pid `pid`.
+fn name_for(pid: u32) -> String {
+    format!("hostd-vm-{pid}")
+}
+
+impl VmCgroup {
+    /// Creates the cgroup(s) of the VM of `hostd run` pid `vm_pid` below this process's
+    /// own, with `limits`. Leftovers of VMs whose `hostd run` is gone (killed with
+    /// SIGKILL) are removed first.
+    pub fn create(vm_pid: u32, limits: Limits) -> Result<VmCgroup, JailError> {
+        let read = |p: &str| {
+            std::fs::read_to_string(p).map_err(|e| JailError(format!("reading {p}: {e}")))
+        };
+        let found = hierarchies(&read("/proc/self/cgroup")?, &read("/proc/self/mountinfo")?);
+        if found.is_empty() {
+            return Err(JailError(
+                "no cgroup hierarchy with the memory controller is mounted".into(),
+            ));
+        }
+        let mut cg = VmCgroup { dirs: Vec::new() };
+        for h in &found {
+            let parent = h.mount.join(&h.own);
+            remove_stale(&parent);
+            let dir = parent.join(name_for(vm_pid));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(JailError(format!("creating {}: {e}", dir.display())));
+                }
+            }
+            cg.dirs.push(dir.clone());
+            if h.controllers.is_empty() {
+                cg.limit_v2(&parent, &dir, limits)?;
+            } else {
+                for c in &h.controllers {
+                    match c.as_str() {
+                        "memory" => {
+                            write(
+                                &dir.join("memory.limit_in_bytes"),
+                                &limits.memory_bytes.to_string(),
+                            )?;
+                            // Swap counts too where the kernel accounts it.
+                            let memsw = dir.join("memory.memsw.limit_in_bytes");
+                            if memsw.exists() {
+                                write(&memsw, &limits.memory_bytes.to_string())?;
+                            }
+                        }
+                        "pids" => write(&dir.join("pids.max"), &limits.pids.to_string())?,
+                        "cpu" => {
+                            write(&dir.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
+                            write(
+                                &dir.join("cpu.cfs_quota_us"),
+                                &(limits.cpus * CFS_PERIOD_US).to_string(),
+                            )?;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(cg)
+    }
+
+    fn limit_v2(&self, parent: &Path, dir: &Path, limits: Limits) -> Result<(), JailError> {
+        let available =
+            std::fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
+        let wanted: Vec<&str> = ["memory", "pids", "cpu"]
+            .into_iter()
+            .filter(|c| available.split_whitespace().any(|a| a == *c))
+            .collect();
+        let enable: String = wanted
+            .iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if let Err(e) = write(&parent.join("cgroup.subtree_control"), &enable) {
+            // v2 enables controllers for children only of a cgroup without processes
+            // of its own: move this process into a leaf below its cgroup first (still
+            // below, never out of it), then try again.
+            let leaf = parent.join("hostd-run");
+            let _ = std::fs::create_dir(&leaf);
+            write(&leaf.join("cgroup.procs"), "0")?;
+            write(&parent.join("cgroup.subtree_control"), &enable)
+                .map_err(|e2| JailError(format!("{e}; after moving to a leaf: {e2}")))?;
+        }
+        write(&dir.join("memory.max"), &limits.memory_bytes.to_string())?;
+        if wanted.contains(&"pids") {
+            write(&dir.join("pids.max"), &limits.pids.to_string())?;
+        }
+        if wanted.contains(&"cpu") {
+            write(
+                &dir.join("cpu.max"),
+                &format!("{} {CFS_PERIOD_US}", limits.cpus * CFS_PERIOD_US),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Moves the calling process into the VM's cgroup(s) (everything it starts from
+    /// now on is in them too).
+    pub fn enter(&self) -> Result<(), JailError> {
+        for d in &self.dirs {
+            write(&d.join("cgroup.procs"), "0")?;
+        }
+        Ok(())
+    }
+
+    /// The directories, for messages and tests.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+}
+
+impl Drop for VmCgroup {
+    /// Removes the cgroups once their processes are gone (the caller waited for them;
+    /// the kernel may still be tearing the last one down, hence a few tries).
+    fn drop(&mut self) {
+        for d in &self.dirs {
+            for _ in 0..50 {
+                match std::fs::remove_dir(d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                }
+            }
+        }
+    }
+}
+
+/// Removes `hostd-vm-PID` cgroups below `parent` whose `hostd run` no longer exists and
+/// that hold no process.
+fn remove_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("hostd-vm-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO_V1: &str = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+    const CGROUP_V1: &str = "\
+9:name=systemd:/
+8:pids:/
+4:memory:/process_api/e810
+1:cpu:/
+0::/
+";
+
+    #[test]
+    fn v1_hierarchies_are_found_below_our_own_cgroups() {
+        let h = hierarchies(CGROUP_V1, MOUNTINFO_V1);
+        assert_eq!(
+            h,
+            vec![
+                Hierarchy {
+                    controllers: vec!["memory".into()],
+                    mount: "/sys/fs/cgroup/memory".into(),
+                    own: "process_api/e810".into(),
+                },
+                Hierarchy {
+                    controllers: vec!["pids".into()],
+                    mount: "/sys/fs/cgroup/pids".into(),
+                    own: "".into(),
+                },
+                Hierarchy {
+                    controllers: vec!["cpu".into()],
+                    mount: "/sys/fs/cgroup/cpu".into(),
+                    own: "".into(),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_combined_cpu_hierarchy_and_a_mounted_subtree_are_handled() {
+        let mountinfo = "\
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 /lxc/x /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+";
+        let cgroup = "4:memory:/lxc/x/app\n1:cpu,cpuacct:/\n";
+        let h = hierarchies(cgroup, mountinfo);
+        assert_eq!(h[0].own, "app");
+        assert_eq!(h[1].controllers, ["cpu", "cpuacct"]);
+        assert_eq!(h[1].mount, Path::new("/sys/fs/cgroup/cpu,cpuacct"));
+    }
+
+    #[test]
+    fn limits_add_the_stated_overhead() {
+        let l = Limits::for_vm(256, 2);
+        assert_eq!(l.memory_bytes, (256 + MEMORY_OVERHEAD_MIB) << 20);
+        assert_eq!(l.pids, PIDS_BASE + 2);
+        assert_eq!(l.cpus, 3);
+    }
+}

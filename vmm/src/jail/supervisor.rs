@@ -1,0 +1,272 @@
+//! Jailer-style start of a VM: `hostd run` forks one child into a new PID namespace —
+//! the VM's process (the built-in VMM itself, or the parent of QEMU) — moves it into the
+//! VM's cgroup and waits for it, forwarding Ctrl-C and SIGTERM.
+//!
+//! The child is PID 1 of its namespace: every process of the VM (device backends, QEMU)
+//! is its descendant, so when it ends — because the guest ended, or because `hostd run`
+//! was killed (the child asked the kernel for SIGKILL when its parent dies) — the kernel
+//! kills every other process of the VM. Nothing of a VM outlives its `hostd run`.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+use super::cgroup::{Limits, VmCgroup};
+use super::JailError;
+use crate::boot::{Outcome, Timings};
+
+/// A pidfd of `hostd run`, held by the VM's process so that it can check, each time it
+/// asks to die with its parent, that the parent is still there (`getppid` cannot tell:
+/// the parent lives outside the child's PID namespace). -1 outside a supervised VM.
+static PARENT_PIDFD: AtomicI32 = AtomicI32::new(-1);
+
+fn os(what: &str) -> JailError {
+    JailError(format!("{what}: {}", std::io::Error::last_os_error()))
+}
+
+/// Whether this process is a VM's process started by [`run`] (and so may give up root
+/// once its children run: the PID namespace ends them when it ends).
+pub fn supervised() -> bool {
+    PARENT_PIDFD.load(Ordering::SeqCst) >= 0
+}
+
+/// Asks the kernel for SIGKILL when the parent (`hostd run`) dies, then checks that it
+/// has not died already (in which case the process ends at once). Call again after any
+/// uid change, which clears the request.
+pub fn die_with_hostd() -> Result<(), JailError> {
+    // SAFETY: prctl with integer arguments has no memory effects.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(os("PR_SET_PDEATHSIG"));
+    }
+    let fd = PARENT_PIDFD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no waiting. A pidfd polls readable once its process
+        // has exited.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        if n > 0 && p.revents & libc::POLLIN != 0 {
+            // SAFETY: _exit is always sound.
+            unsafe { libc::_exit(1) };
+        }
+    }
+    Ok(())
+}
+
+fn threads() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(usize::MAX)
+}
+
+fn encode(r: &Result<Outcome, String>) -> String {
+    let t = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    match r {
+        Ok(o) => format!(
+            "ok\n{}\n{}\n{}\n{}\n{}\n",
+            o.exit_code,
+            t(o.timings.vm_started_ms),
+            t(o.timings.init_started_ms),
+            t(o.timings.first_service_ms),
+            t(o.timings.exited_ms)
+        ),
+        Err(e) => format!("err\n{e}"),
+    }
+}
+
+fn decode(s: &str) -> Option<Result<Outcome, String>> {
+    if let Some(e) = s.strip_prefix("err\n") {
+        return Some(Err(e.to_string()));
+    }
+    let mut l = s.strip_prefix("ok\n")?.lines();
+    let exit_code = l.next()?.parse().ok()?;
+    let mut t = || l.next().and_then(|v| v.parse().ok());
+    Some(Ok(Outcome {
+        exit_code,
+        timings: Timings {
+            vm_started_ms: t(),
+            init_started_ms: t(),
+            first_service_ms: t(),
+            exited_ms: t(),
+        },
+    }))
+}
+
+/// Runs `vm` in the VM's own process (see the module's documentation), in a cgroup with
+/// `limits`, and returns its outcome. Must be called while `hostd run` has a single
+/// thread (the child of a fork only has the forking thread); otherwise, or without
+/// root, `vm` runs in this process with a warning.
+pub fn run<F>(limits: Limits, vm: F) -> Result<Outcome, String>
+where
+    F: FnOnce() -> Result<Outcome, String>,
+{
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        tracing::warn!("not root: the VM runs without its own PID namespace and cgroup");
+        return vm();
+    }
+    if threads() != 1 {
+        tracing::warn!("hostd run has several threads: the VM runs without its own PID namespace");
+        return vm();
+    }
+    let cgroup = match VmCgroup::create(super::vm_pid(), limits) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("the VM runs without a cgroup of its own: {e}");
+            None
+        }
+    };
+    start(cgroup, vm).map_err(|e| e.to_string())?
+}
+
+fn start<F>(cgroup: Option<VmCgroup>, vm: F) -> Result<Result<Outcome, String>, JailError>
+where
+    F: FnOnce() -> Result<Outcome, String>,
+{
+    let me = std::process::id() as libc::pid_t;
+    // SAFETY: pidfd_open of our own pid, no flags; the result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, me, 0) } as RawFd;
+    if pidfd < 0 {
+        return Err(os("pidfd_open"));
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let mut fds = [0; 2];
+    // SAFETY: a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(os("pipe2"));
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let rd = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: as above.
+    let wr = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+    let own_pid_ns = std::fs::File::open("/proc/self/ns/pid")
+        .map_err(|e| JailError(format!("/proc/self/ns/pid: {e}")))?;
+    let seen = crate::signals::count();
+    // SAFETY: unshare with a namespace flag has no memory effects; it applies to the
+    // children this thread creates from now on.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        return Err(os("unshare(CLONE_NEWPID)"));
+    }
+    // SAFETY: this process has one thread (checked by the caller), so the child gets
+    // every lock in the state the only thread left it in.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        drop(rd);
+        drop(own_pid_ns);
+        PARENT_PIDFD.store(pidfd.as_raw_fd(), Ordering::SeqCst);
+        std::mem::forget(pidfd);
+        let result = child(cgroup.as_ref(), vm);
+        // The cgroup is the parent's to remove.
+        std::mem::forget(cgroup);
+        let mut w = std::fs::File::from(wr);
+        let _ = w.write_all(encode(&result).as_bytes());
+        let _ = std::io::stdout().flush();
+        // SAFETY: ends the VM's process (and with it its PID namespace); nothing of
+        // ours is half-written.
+        unsafe { libc::_exit(0) };
+    }
+    // The parent: its later children belong in its own PID namespace again.
+    // SAFETY: a valid namespace fd of the right type.
+    unsafe { libc::setns(own_pid_ns.as_raw_fd(), libc::CLONE_NEWPID) };
+    if pid < 0 {
+        return Err(os("fork"));
+    }
+    drop(wr);
+    drop(pidfd);
+    let status = wait_forwarding(pid, seen);
+    let mut text = String::new();
+    let _ = std::fs::File::from(rd).read_to_string(&mut text);
+    drop(cgroup);
+    Ok(decode(&text).unwrap_or_else(|| {
+        Err(if libc::WIFSIGNALED(status) {
+            format!(
+                "the VM's process was killed by signal {}",
+                libc::WTERMSIG(status)
+            )
+        } else {
+            format!(
+                "the VM's process ended (status {}) without a result",
+                libc::WEXITSTATUS(status)
+            )
+        })
+    }))
+}
+
+/// Waits for the VM's process, passing on each SIGINT/SIGTERM/SIGHUP this process gets
+/// after `seen` as one SIGINT (the child counts them the same way).
+fn wait_forwarding(pid: libc::pid_t, mut seen: u32) -> libc::c_int {
+    loop {
+        let mut status = 0;
+        // SAFETY: waiting for our own child with a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid || r < 0 {
+            return status;
+        }
+        let n = crate::signals::count();
+        while seen < n {
+            seen += 1;
+            // SAFETY: kill has no memory effects; `pid` is our live child.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn child<F>(cgroup: Option<&VmCgroup>, vm: F) -> Result<Outcome, String>
+where
+    F: FnOnce() -> Result<Outcome, String>,
+{
+    die_with_hostd().map_err(|e| e.to_string())?;
+    // Its own process group: a terminal's Ctrl-C reaches `hostd run` only, which passes
+    // it on once.
+    // SAFETY: setpgid on ourselves has no memory effects.
+    unsafe { libc::setpgid(0, 0) };
+    if let Some(cg) = cgroup {
+        cg.enter().map_err(|e| e.to_string())?;
+    }
+    // SAFETY: unshare with namespace flags has no memory effects.
+    if unsafe { libc::unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) } != 0 {
+        return Err(os("unshare(IPC, UTS)").to_string());
+    }
+    vm()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_survive_the_pipe() {
+        let ok = Ok(Outcome {
+            exit_code: 7,
+            timings: Timings {
+                vm_started_ms: Some(1.5),
+                init_started_ms: None,
+                first_service_ms: Some(30.25),
+                exited_ms: Some(40.0),
+            },
+        });
+        let back = decode(&encode(&ok)).expect("decodes");
+        let o = back.expect("ok");
+        assert_eq!(o.exit_code, 7);
+        assert_eq!(o.timings.vm_started_ms, Some(1.5));
+        assert_eq!(o.timings.init_started_ms, None);
+        assert_eq!(o.timings.first_service_ms, Some(30.25));
+        let err: Result<Outcome, String> = Err("device backend rng died\nline 2".into());
+        assert_eq!(
+            decode(&encode(&err)).expect("decodes").err().as_deref(),
+            Some("device backend rng died\nline 2")
+        );
+        assert!(decode("").is_none());
+    }
+}
