@@ -47,7 +47,7 @@ pub struct QemuOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
     /// QEMU is not installed or failed to start.
-    #[error("cannot start {binary}: {source} (install it with `apt-get install qemu-system-x86`)")]
+    #[error("cannot start {binary} (install it with `apt-get install qemu-system-x86`)")]
     Spawn {
         /// The QEMU binary.
         binary: String,
@@ -444,16 +444,14 @@ fn run_qemu(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
                 Some(c) => format!("QEMU exited with status {c}"),
                 None => "QEMU was killed".to_string(),
             };
-            let why = if st.init_ms.is_none() {
-                "before guest init started (kernel failed to boot? see the console above)"
-            } else {
-                "without guest init powering off (the guest crashed or was stopped)"
-            };
             let stderr_text = stderr_text.trim();
-            Err(QemuError::Guest(if stderr_text.is_empty() {
-                format!("{how} {why}")
+            // QEMU's own words when it has any; otherwise only what is known.
+            Err(QemuError::Guest(if !stderr_text.is_empty() {
+                format!("{how}: {stderr_text}")
+            } else if st.init_ms.is_none() {
+                format!("{how} before guest init started (the guest's console is above)")
             } else {
-                format!("{how} {why}; QEMU said: {stderr_text}")
+                format!("{how} without guest init powering off")
             }))
         }
     }
