@@ -4,7 +4,6 @@
 //! With default features off, only [`manifest`] is built (that is what the guest needs).
 
 pub mod abi;
-#[cfg(feature = "builder")]
 pub mod input;
 pub mod manifest;
 pub mod names;

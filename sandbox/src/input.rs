@@ -3,7 +3,7 @@
 //! a FIFO cannot hang the server and `/dev/zero` cannot grow it without end.
 
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use crate::Error;
@@ -17,22 +17,9 @@ pub const MAX_SECRET_BYTES: u64 = 1 << 20;
 /// Largest compiled artifact read from the compile cache.
 pub const MAX_ARTIFACT_BYTES: u64 = 1 << 30;
 
-/// What kind of file `meta` describes, for messages.
+/// What kind of file `meta` describes, for messages (the same words `hostd build` uses).
 fn kind(meta: &std::fs::Metadata) -> &'static str {
-    let t = meta.file_type();
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    }
+    hostd_images::input::kind_name(meta.file_type())
 }
 
 fn check(what: &'static str, path: &Path, meta: &std::fs::Metadata, max: u64) -> Result<(), Error> {
