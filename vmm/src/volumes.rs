@@ -228,7 +228,16 @@ mod tests {
             "{second}"
         );
         drop(first);
-        assert!(lock(state.path(), "data", "VM two (hostd pid 2)").is_ok());
+        // Free once its holder is gone. (A child another test thread forks meanwhile
+        // inherits the lock's fd and holds it until it exits: wait for that.)
+        let start = std::time::Instant::now();
+        while lock(state.path(), "data", "VM two (hostd pid 2)").is_err() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "the volume stayed locked after its holder was dropped"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         for bad in ["../x", "/etc/passwd", "-x", "", "a/b"] {
             assert!(lock(state.path(), bad, "t").is_err(), "{bad}");
             assert!(ensure(state.path(), bad, 16).is_err(), "{bad}");
