@@ -4,6 +4,22 @@
 //! ([`hostd_images::scratch`]) and exits with 128 + the signal's number. Child
 //! processes (apt, mkfs) start with the signal mask cleared by the standard library.
 
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// The signal being handled (0: none yet).
+static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
+
+/// Called by `main` before it exits: when a signal is being handled, the command's own
+/// outcome (often an error, its scratch files having vanished under it) must not win
+/// the race to exit; the signal thread ends the process with 128 + the signal.
+pub fn wait_if_interrupted() {
+    if INTERRUPTED.load(Ordering::SeqCst) != 0 {
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
 /// Installs the waiting thread. Call before any other thread is started.
 pub fn remove_scratch_on_signals() {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
@@ -25,6 +41,7 @@ pub fn remove_scratch_on_signals() {
             let mut sig: libc::c_int = 0;
             // SAFETY: a valid set (moved into this thread) and out-pointer.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                INTERRUPTED.store(sig, Ordering::SeqCst);
                 hostd_images::scratch::remove_all();
                 eprintln!("hostd: interrupted (signal {sig}); nothing was written");
                 std::process::exit(128 + sig);

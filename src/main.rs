@@ -114,6 +114,7 @@ fn main() {
         Command::Backend { cmd } => backend_cmd::run(cmd),
         Command::Fn { cmd } => fn_cmd::run(cmd),
     };
+    interrupt::wait_if_interrupted();
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
