@@ -20,7 +20,15 @@ pub mod debs;
 #[cfg(feature = "builder")]
 pub mod erofs;
 #[cfg(feature = "builder")]
+pub mod etc;
+#[cfg(feature = "builder")]
 pub mod format;
+#[cfg(feature = "builder")]
+pub mod lock;
+#[cfg(feature = "builder")]
+pub mod packages;
+#[cfg(feature = "builder")]
+pub mod progress;
 #[cfg(feature = "builder")]
 pub mod rootfs;
 #[cfg(feature = "builder")]
