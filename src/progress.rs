@@ -49,7 +49,11 @@ impl Progress for CliProgress {
                 *b = Some(bar);
             }
         } else {
-            eprintln!("hostd: {what} ({})", amount(total, bytes));
+            if bytes {
+                eprintln!("hostd: {what} ({})", amount(total, bytes));
+            } else {
+                eprintln!("hostd: {what}");
+            }
             if let Ok(mut s) = self.step.lock() {
                 *s = (what.to_string(), 0, if bytes { total } else { 0 });
             }

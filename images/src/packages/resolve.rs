@@ -48,6 +48,7 @@ pub fn resolve(
         provided: BTreeMap::new(),
         queue: VecDeque::new(),
         notes: Vec::new(),
+        dropped: BTreeMap::new(),
     };
     for req in requests {
         let (name, version) = match req.split_once('=') {
@@ -101,9 +102,19 @@ pub fn resolve(
             r.satisfy(pkg, rel)?;
         }
     }
+    let mut notes = r.notes;
+    for (relation, by) in r.dropped {
+        let shown: Vec<&str> = by.iter().take(4).map(String::as_str).collect();
+        let more = if by.len() > shown.len() { ", …" } else { "" };
+        notes.push(format!(
+            "excluded: dropped the dependency on `{relation}` of {} package(s) ({}{more})",
+            by.len(),
+            shown.join(", ")
+        ));
+    }
     Ok(Closure {
         packages: r.selected.into_values().cloned().collect(),
-        notes: r.notes,
+        notes,
     })
 }
 
@@ -115,6 +126,9 @@ struct Resolver<'a> {
     provided: BTreeMap<String, Vec<(&'a str, Option<&'a str>)>>,
     queue: VecDeque<&'a Package>,
     notes: Vec<String>,
+    /// Relations dropped because every alternative is excluded (by the names they
+    /// name), with the packages that had them.
+    dropped: BTreeMap<String, Vec<String>>,
 }
 
 impl<'a> Resolver<'a> {
@@ -203,10 +217,11 @@ impl<'a> Resolver<'a> {
             .iter()
             .all(|a| self.excluded.contains(a.name.as_str()))
         {
-            self.notes.push(format!(
-                "{} needs `{rel}`: dropped, excluded by the spec",
-                by.name
-            ));
+            let names: Vec<&str> = rel.0.iter().map(|a| a.name.as_str()).collect();
+            self.dropped
+                .entry(names.join(" | "))
+                .or_default()
+                .push(by.name.clone());
             return Ok(());
         }
         // Name a clash with a selected version when that is why.
@@ -319,10 +334,13 @@ mod tests {
         let c = resolve(&idx, &req(&["app"]), &req(&["debconf", "perl"]))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(names(&c), ["app=1", "cdebconf=1"]);
-        assert!(c
-            .notes
-            .iter()
-            .any(|n| n.contains("perl") && n.contains("excluded")));
+        assert!(
+            c.notes
+                .iter()
+                .any(|n| n.contains("`perl`") && n.contains("excluded") && n.contains("(app)")),
+            "{:?}",
+            c.notes
+        );
         let c = resolve(&idx, &req(&["app"]), &[]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(names(&c), ["app=1", "debconf=1", "perl=1"]);
         let e = resolve(&idx, &req(&["nope"]), &[])
