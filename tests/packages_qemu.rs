@@ -166,3 +166,176 @@ fn redis_runs_as_its_declared_user_and_answers_redis_cli() {
     assert!(!lock.contains("name = \"usrmerge\""), "{lock}");
     assert!(!lock.contains("name = \"perl\""), "{lock}");
 }
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Packs `dir` as a reproducible tar with GNU tar.
+fn tar_of(dir: &std::path::Path) -> Vec<u8> {
+    let out = Command::new("tar")
+        .args([
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--mtime=@0",
+            "-C",
+        ])
+        .arg(dir)
+        .args(["-cf", "-", "."])
+        .output()
+        .expect("run tar");
+    assert!(out.status.success(), "tar failed");
+    out.stdout
+}
+
+/// Writes an oci-archive with two layers (the first gzip-compressed) into `root`,
+/// the second whiting out a file and making a directory opaque. Returns the image
+/// manifest's digest.
+fn write_oci_archive(root: &std::path::Path, archive: &std::path::Path) -> String {
+    let l1 = root.join("l1");
+    let l2 = root.join("l2");
+    for (path, text) in [
+        (l1.join("etc/app/keep.txt"), "kept from layer one\n"),
+        (l1.join("etc/app/gone.txt"), "must be whited out\n"),
+        (l1.join("opt/old/a.txt"), "hidden by the opaque dir\n"),
+        (l2.join("etc/app/.wh.gone.txt"), ""),
+        (l2.join("opt/old/.wh..wh..opq"), ""),
+        (l2.join("opt/old/b.txt"), "layer two's b\n"),
+        (l2.join("etc/app/added.txt"), "added by layer two\n"),
+    ] {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, text).expect("write");
+    }
+    let layer1_tar = tar_of(&l1);
+    let gz = {
+        use std::io::Write;
+        let mut child = Command::new("gzip")
+            .args(["-n", "-c"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("gzip");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&layer1_tar)
+            .expect("feed gzip");
+        let out = child.wait_with_output().expect("gzip");
+        out.stdout
+    };
+    let layer2_tar = tar_of(&l2);
+    let layout = root.join("layout");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("mkdir blobs");
+    let put = |bytes: &[u8]| -> String {
+        let h = sha256_hex(bytes);
+        std::fs::write(blobs.join(&h), bytes).expect("blob");
+        format!("sha256:{h}")
+    };
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["sha256:{}","sha256:{}"]}}}}"#,
+        sha256_hex(&layer1_tar),
+        sha256_hex(&layer2_tar)
+    );
+    let config_digest = put(config.as_bytes());
+    let l1_digest = put(&gz);
+    let l2_digest = put(&layer2_tar);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{l1_digest}","size":{}}},{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{l2_digest}","size":{}}}]}}"#,
+        config.len(),
+        gz.len(),
+        layer2_tar.len()
+    );
+    let manifest_digest = put(manifest.as_bytes());
+    std::fs::write(
+        layout.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest_digest}","size":{},"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#,
+            manifest.len()
+        ),
+    )
+    .expect("index.json");
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .expect("oci-layout");
+    std::fs::write(archive, tar_of(&layout)).expect("archive");
+    manifest_digest
+}
+
+#[test]
+fn an_oci_archive_with_two_layers_and_whiteouts_is_the_root() {
+    if !require_qemu_guest() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let digest = write_oci_archive(dir.path(), &dir.path().join("base.oci.tar"));
+    let spec = dir.path().join("app.toml");
+    std::fs::write(
+        &spec,
+        r#"
+name = "oci"
+base = "oci-archive:base.oci.tar"
+packages = ["busybox-static"]
+
+[services.main]
+command = "/bin/busybox"
+args = ["sh", "-c", "cat /etc/app/keep.txt /etc/app/added.txt; echo old: $(/bin/busybox ls /opt/old); [ -e /etc/app/gone.txt ] || echo gone.txt is gone"]
+main = true
+"#,
+    )
+    .expect("spec");
+    let image = dir.path().join("app.img");
+    let out = hostd()
+        .arg("build")
+        .arg(&spec)
+        .arg("-o")
+        .arg(&image)
+        .output()
+        .expect("build");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inspect = hostd()
+        .arg("inspect")
+        .arg(&image)
+        .output()
+        .expect("inspect");
+    let shown = String::from_utf8_lossy(&inspect.stdout);
+    assert!(shown.contains(&digest), "{digest} not in:\n{shown}");
+    let out = run_image_with("qemu", &image, &[]);
+    for want in [
+        "[main] kept from layer one",
+        "[main] added by layer two",
+        "[main] old: b.txt",
+        "[main] gone.txt is gone",
+    ] {
+        assert!(
+            out.stdout.contains(want),
+            "missing {want:?}:\n{}",
+            out.all()
+        );
+    }
+    assert_eq!(out.code(), Some(0), "{}", out.all());
+    // The same archive, the same image.
+    let again = dir.path().join("again.img");
+    let out = hostd()
+        .arg("build")
+        .arg(&spec)
+        .arg("-o")
+        .arg(&again)
+        .output()
+        .expect("build");
+    assert!(out.status.success());
+    assert!(std::fs::read(&image).expect("img") == std::fs::read(&again).expect("again"));
+}

@@ -1,6 +1,7 @@
 //! `hostd build`: spec → image file.
 //!
-//! The root file system (base directories, then packages with their dependency
+//! The root file system (base directories, the OCI base image when the spec names
+//! one ([`crate::oci`]), then packages with their dependency
 //! closure, then the system files of [`crate::etc`], then the spec's files) is built in
 //! memory as a [`Tree`]. Packages come from the spec's lock file when there is one
 //! ([`crate::lock`]), else from resolving the spec's `packages` against the build
@@ -32,7 +33,8 @@ use crate::format::{self, sections};
 use crate::input;
 use crate::lock::{self, Lock, LockedPackage, LOCK_VERSION};
 use crate::manifest::{
-    KernelInfo, Manifest, RootInfo, Service, Step, Volume, MANIFEST_PATH_IN_GUEST, MANIFEST_SCHEMA,
+    BaseInfo, KernelInfo, Manifest, RootInfo, Service, Step, Volume, MANIFEST_PATH_IN_GUEST,
+    MANIFEST_SCHEMA,
 };
 use crate::packages::{self, index::Index, PackageError};
 use crate::progress::Progress;
@@ -69,6 +71,14 @@ pub enum BuildError {
         file: PathBuf,
         /// What went wrong.
         source: debs::DebError,
+    },
+    /// The OCI base image could not be read.
+    #[error("{file}: field `base`")]
+    Base {
+        /// The spec file.
+        file: PathBuf,
+        /// What went wrong.
+        source: crate::oci::OciError,
     },
     /// The package closure could not be computed.
     #[error("{file}: field `packages`")]
@@ -297,6 +307,19 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             gid: 0,
         },
     );
+    // An OCI base first: packages and files go on top.
+    let base_info = match spec.base.as_deref().and_then(crate::spec::base_source) {
+        None => None,
+        Some((kind, rel)) => {
+            let path = confined("base", Path::new(rel))?;
+            let (digest, layers) =
+                crate::oci::apply(&path, kind, &mut tree).map_err(|source| BuildError::Base {
+                    file: file.clone(),
+                    source,
+                })?;
+            Some(BaseInfo { digest, layers })
+        }
+    };
     let (packages, packages_report, new_lock) = if spec.packages.is_empty() {
         (Vec::new(), None, None)
     } else {
@@ -440,6 +463,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             block_size: verity::BLOCK_SIZE as u32,
             sha256: format::digest_hex(&Sha256::digest(bytes).into()),
         }),
+        base: base_info,
     };
     let manifest_json = manifest.to_canonical_json();
 

@@ -11,7 +11,7 @@ use std::process::Command;
 use crate::lock::LockedPackage;
 use crate::names;
 use crate::progress::Progress;
-use crate::rootfs::{Kind, Node, Tree};
+use crate::rootfs::Tree;
 /// Why a package could not be used.
 #[derive(Debug, thiserror::Error)]
 #[error("package `{package}`: {message}")]
@@ -247,86 +247,5 @@ pub fn data_tars(debs: &[(String, PathBuf)]) -> Result<Vec<Vec<u8>>, DebError> {
 /// Unpacks a .deb's data archive ([`data_tars`]) into `tree`. Owners and modes come
 /// from the package; mtimes are dropped.
 pub fn unpack(package: &str, tar_bytes: &[u8], tree: &mut Tree) -> Result<(), DebError> {
-    let mut archive = tar::Archive::new(tar_bytes);
-    let entries = archive
-        .entries()
-        .map_err(|e| err(package, format!("bad data.tar: {e}")))?;
-    let mut links: Vec<(String, String, Node)> = Vec::new();
-    for entry in entries {
-        let mut entry = entry.map_err(|e| err(package, format!("bad data.tar entry: {e}")))?;
-        let path = entry
-            .path()
-            .map_err(|e| err(package, format!("bad path in data.tar: {e}")))?
-            .to_string_lossy()
-            .into_owned();
-        let path = path.trim_start_matches('.').to_string();
-        if path.is_empty() || path == "/" {
-            continue;
-        }
-        if path.split('/').any(|c| c == "..") {
-            return Err(err(package, format!("refusing path `{path}` with `..`")));
-        }
-        let h = entry.header();
-        let mode = h.mode().unwrap_or(0o644) & 0o7777;
-        let uid = h.uid().unwrap_or(0) as u32;
-        let gid = h.gid().unwrap_or(0) as u32;
-        let et = h.entry_type();
-        let link_name = entry
-            .link_name()
-            .ok()
-            .flatten()
-            .map(|l| l.to_string_lossy().into_owned());
-        let kind = if et.is_dir() {
-            Kind::Dir
-        } else if et.is_symlink() {
-            Kind::Symlink(link_name.unwrap_or_default())
-        } else if et.is_hard_link() {
-            let target = link_name
-                .unwrap_or_default()
-                .trim_start_matches('.')
-                .to_string();
-            links.push((
-                path,
-                target,
-                Node {
-                    kind: Kind::Dir,
-                    mode,
-                    uid,
-                    gid,
-                },
-            ));
-            continue;
-        } else if et.is_file() {
-            let mut data = Vec::new();
-            entry
-                .read_to_end(&mut data)
-                .map_err(|e| err(package, format!("reading {path}: {e}")))?;
-            Kind::File(data)
-        } else {
-            tracing::warn!("package {package}: skipping special file {path}");
-            continue;
-        };
-        tree.insert(
-            &path,
-            Node {
-                kind,
-                mode,
-                uid,
-                gid,
-            },
-        );
-    }
-    // Hard links become copies: cpio newc could share data, but copies keep the
-    // archive simple and the result identical for the guest.
-    for (path, target, mut node) in links {
-        let target_node = tree.get(&target).cloned().ok_or_else(|| {
-            err(
-                package,
-                format!("hard link {path} -> {target}: target missing"),
-            )
-        })?;
-        node.kind = target_node.kind;
-        tree.insert(&path, node);
-    }
-    Ok(())
+    crate::layer::apply(tar_bytes, tree, false).map_err(|m| err(package, m))
 }

@@ -24,7 +24,11 @@ pub mod etc;
 #[cfg(feature = "builder")]
 pub mod format;
 #[cfg(feature = "builder")]
+pub mod layer;
+#[cfg(feature = "builder")]
 pub mod lock;
+#[cfg(feature = "builder")]
+pub mod oci;
 #[cfg(feature = "builder")]
 pub mod packages;
 #[cfg(feature = "builder")]

@@ -107,6 +107,9 @@ pub struct Spec {
     pub memory: Option<SizeMib>,
     /// Seconds between SIGTERM and SIGKILL at shutdown (default 5).
     pub stop_timeout: Option<u32>,
+    /// An OCI image the root file system starts from: `oci-archive:FILE` or
+    /// `oci:DIR` (an OCI image layout), relative to the spec, inside the build context.
+    pub base: Option<String>,
     /// Debian packages to unpack, as `name` or `name=version`, with everything they
     /// depend on (see docs/spec.md, "Packages").
     #[serde(default)]
@@ -364,6 +367,14 @@ impl Spec {
                 ));
             }
         }
+        if let Some(b) = &self.base {
+            if base_source(b).is_none() {
+                return Err(bad(
+                    "base".into(),
+                    format!("`{b}` is not `oci-archive:FILE` or `oci:DIR` (an OCI image layout)"),
+                ));
+            }
+        }
         for (i, p) in self.exclude.iter().enumerate() {
             if !names::is_debian_package(p) {
                 return Err(bad(
@@ -585,6 +596,18 @@ impl Spec {
     }
 }
 
+/// Splits a spec's `base` into its kind and path.
+pub fn base_source(base: &str) -> Option<(crate::oci::Source, &str)> {
+    let (kind, path) = if let Some(p) = base.strip_prefix("oci-archive:") {
+        (crate::oci::Source::Archive, p)
+    } else if let Some(p) = base.strip_prefix("oci:") {
+        (crate::oci::Source::Layout, p)
+    } else {
+        return None;
+    };
+    (!path.is_empty() && !path.contains('\0')).then_some((kind, path))
+}
+
 /// The checks a manifest's program gets ([`names::check_program`]), on a spec's
 /// `command`, `args`, `env` and `user`.
 fn check_program(
@@ -701,6 +724,8 @@ mod tests {
             ("packages = [\"busybox=--x\"]", "packages[0]"),
             ("packages = [\"busybox/bookworm\"]", "packages[0]"),
             ("exclude = [\"-x\"]", "exclude[0]"),
+            ("base = \"docker://debian\"", "base"),
+            ("base = \"oci:\"", "base"),
             ("[[users]]\nname = \"root:x\"\nuid = 1", "users[0].name"),
             ("[[users]]\nname = \"Redis\"\nuid = 1", "users[0].name"),
             (
