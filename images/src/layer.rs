@@ -132,3 +132,62 @@ pub fn apply(tar_bytes: &[u8], tree: &mut Tree, whiteouts: bool) -> Result<(), S
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, path, *data)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        b.into_inner().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn paths(t: &Tree) -> Vec<String> {
+        t.iter()
+            .filter(|(_, n)| matches!(n.kind, Kind::File(_)))
+            .map(|(p, _)| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn whiteouts_remove_only_what_lower_layers_put_there() {
+        let mut t = Tree::new();
+        let lower = tar(&[
+            ("a/keep", b"1"),
+            ("a/gone", b"2"),
+            ("o/x", b"3"),
+            ("o/y", b"4"),
+        ]);
+        apply(&lower, &mut t, true).unwrap_or_else(|e| panic!("{e}"));
+        // The opaque marker comes after the layer's own entry in that directory: it
+        // still only hides the lower layer's.
+        let upper = tar(&[("a/.wh.gone", b""), ("o/z", b"5"), ("o/.wh..wh..opq", b"")]);
+        apply(&upper, &mut t, true).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(paths(&t), ["/a/keep", "/o/z"]);
+        assert!(t.get("/o").is_some());
+        // Without whiteouts (a .deb) such names are plain files.
+        let mut d = Tree::new();
+        apply(&upper, &mut d, false).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(paths(&d), ["/a/.wh.gone", "/o/.wh..wh..opq", "/o/z"]);
+        // A name with `..`, written raw (the tar crate's builder refuses to).
+        let mut h = tar::Header::new_old();
+        let name = b"../../etc/passwd";
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append(&h, &b"x"[..]).unwrap_or_else(|e| panic!("{e}"));
+        let evil = b.into_inner().unwrap_or_else(|e| panic!("{e}"));
+        let e = apply(&evil, &mut d, false).err().unwrap_or_default();
+        assert!(e.contains(".."), "{e}");
+    }
+}
