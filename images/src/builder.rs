@@ -108,7 +108,7 @@ pub enum BuildError {
         message: String,
     },
     /// The read-only root file system could not be made.
-    #[error("{file}: root = \"erofs\"")]
+    #[error("{file}: the erofs root (`root = \"erofs\"`, or `root` unset and over 8 MiB)")]
     Rootfs {
         /// The spec file.
         file: PathBuf,
