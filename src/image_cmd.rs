@@ -73,6 +73,7 @@ pub fn build(
     kernel: Option<PathBuf>,
     context: Option<PathBuf>,
     sign: Option<PathBuf>,
+    update_lock: bool,
 ) -> Result<i32> {
     crate::interrupt::remove_scratch_on_signals();
     let kernel = default_kernel(kernel);
@@ -87,7 +88,25 @@ pub fn build(
         cache: &cache,
         context: context.as_deref(),
         sign: key.as_ref(),
+        update_lock,
+        progress: &crate::progress::CliProgress::new(),
     })?;
+    if let Some(p) = &report.packages {
+        for note in &p.notes {
+            eprintln!("hostd: {note}");
+        }
+        eprintln!(
+            "hostd: {} package(s) with dependencies, {} of .debs; {} {}",
+            p.count,
+            mib(p.deb_bytes),
+            if p.lock_written {
+                "wrote lock file"
+            } else {
+                "followed lock file"
+            },
+            p.lock.display()
+        );
+    }
     let signed = key
         .map(|k| format!(", signed by key {}", k.id()))
         .unwrap_or_default();

@@ -4,6 +4,7 @@ mod backend_cmd;
 mod fn_cmd;
 mod image_cmd;
 mod interrupt;
+mod progress;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -44,6 +45,10 @@ enum Command {
         /// `minisign -G` keys work too). `hostd run --trust KEY.pub` then checks it.
         #[arg(long, value_name = "KEY")]
         sign: Option<PathBuf>,
+        /// Resolve the spec's packages again from the apt lists and rewrite its lock
+        /// file (`app.lock` next to `app.toml`) instead of following it.
+        #[arg(long)]
+        update_lock: bool,
     },
     /// Verify an image and print its id, sections and manifest.
     ///
@@ -103,7 +108,8 @@ fn main() {
             kernel,
             context,
             sign,
-        } => image_cmd::build(&spec, &output, kernel, context, sign),
+            update_lock,
+        } => image_cmd::build(&spec, &output, kernel, context, sign, update_lock),
         Command::Inspect {
             image,
             manifest,

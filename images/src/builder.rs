@@ -1,9 +1,17 @@
 //! `hostd build`: spec → image file.
 //!
-//! The root file system (base directories, then packages, then the spec's files) is
-//! built in memory as a [`Tree`]. Where it goes depends on the spec's `root`:
+//! The root file system (base directories, the OCI base image when the spec names
+//! one ([`crate::oci`]), then packages with their dependency
+//! closure, then the system files of [`crate::etc`], then the spec's files) is built in
+//! memory as a [`Tree`]. Packages come from the spec's lock file when there is one
+//! ([`crate::lock`]), else from resolving the spec's `packages` against the build
+//! host's apt lists ([`crate::packages`]); the lock is then written.
 //!
-//! - `root = "initrd"` (the default): the whole tree, plus guest init at `/init` and
+//! Where the tree goes depends on the spec's `root`; unset, on its size: a tree whose
+//! files and links hold more than [`EROFS_THRESHOLD`] bytes becomes an erofs root,
+//! a smaller one stays in the initrd.
+//!
+//! - `root = "initrd"`: the whole tree, plus guest init at `/init` and
 //!   the manifest, is the `initrd` section (cpio newc). The guest runs from RAM.
 //! - `root = "erofs"`: the tree becomes the `rootfs` section, a read-only erofs image
 //!   ([`crate::erofs`]) padded to 4 KiB, followed by `rootfs-hashes`, the sha256 of each
@@ -20,11 +28,16 @@ use std::path::{Path, PathBuf};
 
 use crate::debs;
 use crate::erofs;
+use crate::etc;
 use crate::format::{self, sections};
 use crate::input;
+use crate::lock::{self, Lock, LockedPackage, LOCK_VERSION};
 use crate::manifest::{
-    KernelInfo, Manifest, RootInfo, Service, Step, Volume, MANIFEST_PATH_IN_GUEST, MANIFEST_SCHEMA,
+    BaseInfo, KernelInfo, Manifest, RootInfo, Service, Step, Volume, MANIFEST_PATH_IN_GUEST,
+    MANIFEST_SCHEMA,
 };
+use crate::packages::{self, index::Index, PackageError};
+use crate::progress::Progress;
 use crate::rootfs::{Kind, Node, Tree};
 use crate::signature::SigningKey;
 use crate::spec::{parse_owner, RootKind, Spec, SpecError};
@@ -33,6 +46,12 @@ use crate::verity;
 /// Where guest init mounts the read-only root before switching to it (a directory of
 /// the initrd).
 pub const NEW_ROOT_IN_INITRD: &str = "/newroot";
+
+/// An unset `root` puts a root file system holding more than this many bytes (files
+/// and symlink targets) into an erofs `rootfs` section rather than the initrd: 8 MiB.
+/// Busybox-sized roots stay in RAM; anything with a C library and an interpreter is
+/// read from the verified disk instead of being copied into guest memory at boot.
+pub const EROFS_THRESHOLD: u64 = 8 << 20;
 
 /// Default guest memory in MiB.
 pub const DEFAULT_MEMORY_MIB: u32 = 256;
@@ -53,6 +72,29 @@ pub enum BuildError {
         /// What went wrong.
         source: debs::DebError,
     },
+    /// The OCI base image could not be read.
+    #[error("{file}: field `base`")]
+    Base {
+        /// The spec file.
+        file: PathBuf,
+        /// What went wrong.
+        source: crate::oci::OciError,
+    },
+    /// The package closure could not be computed.
+    #[error("{file}: field `packages`")]
+    Closure {
+        /// The spec file.
+        file: PathBuf,
+        /// What went wrong.
+        source: PackageError,
+    },
+    /// The lock file could not be read or written.
+    #[error("lock file")]
+    Lock {
+        /// What went wrong.
+        #[source]
+        source: lock::LockError,
+    },
     /// An input file (kernel, `files[].source`) could not be read.
     #[error("{file}: field `{field}`: cannot read {path}: {message}")]
     Input {
@@ -66,7 +108,7 @@ pub enum BuildError {
         message: String,
     },
     /// The read-only root file system could not be made.
-    #[error("{file}: root = \"erofs\"")]
+    #[error("{file}: the erofs root (`root = \"erofs\"`, or `root` unset and over 8 MiB)")]
     Rootfs {
         /// The spec file.
         file: PathBuf,
@@ -107,6 +149,26 @@ pub struct BuildOptions<'a> {
     pub context: Option<&'a Path>,
     /// Sign the image with this key (a `signature` section, last).
     pub sign: Option<&'a SigningKey>,
+    /// Resolve the packages again and rewrite the lock file.
+    pub update_lock: bool,
+    /// Where progress of downloads and unpacking goes.
+    pub progress: &'a dyn Progress,
+}
+
+/// What the package step did.
+#[derive(Debug)]
+pub struct PackagesReport {
+    /// How many packages were unpacked (the closure).
+    pub count: usize,
+    /// Their .deb files' total size in bytes.
+    pub deb_bytes: u64,
+    /// The lock file.
+    pub lock: PathBuf,
+    /// Whether the lock file was written (a first build or `--update-lock`) rather
+    /// than followed.
+    pub lock_written: bool,
+    /// Choices made while resolving (virtual packages, dropped relations).
+    pub notes: Vec<String>,
 }
 
 /// What was built.
@@ -118,6 +180,8 @@ pub struct BuildReport {
     pub size: u64,
     /// The manifest that was written.
     pub manifest: Manifest,
+    /// Packages, when the spec has any.
+    pub packages: Option<PackagesReport>,
 }
 
 /// Detects the kernel format from its first bytes: `elf` or `bzimage`.
@@ -244,18 +308,26 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             gid: 0,
         },
     );
-    let mut packages = Vec::new();
-    for p in &spec.packages {
-        let (deb, info) = debs::fetch(p, opts.cache).map_err(|source| BuildError::Package {
-            file: file.clone(),
-            source,
-        })?;
-        debs::unpack(p, &deb, &mut tree).map_err(|source| BuildError::Package {
-            file: file.clone(),
-            source,
-        })?;
-        packages.push(info);
-    }
+    // An OCI base first: packages and files go on top.
+    let base_info = match spec.base.as_deref().and_then(crate::spec::base_source) {
+        None => None,
+        Some((kind, rel)) => {
+            let path = confined("base", Path::new(rel))?;
+            let (digest, layers) =
+                crate::oci::apply(&path, kind, &mut tree).map_err(|source| BuildError::Base {
+                    file: file.clone(),
+                    source,
+                })?;
+            Some(BaseInfo { digest, layers })
+        }
+    };
+    let (packages, packages_report, new_lock) = if spec.packages.is_empty() {
+        (Vec::new(), None, None)
+    } else {
+        closure(&spec, opts, &mut tree)?
+    };
+    let hostname = spec.hostname.clone().unwrap_or_else(|| spec.name.clone());
+    etc::write(&mut tree, &spec, &hostname);
     for (i, f) in spec.files.iter().enumerate() {
         let (uid, gid) = f.owner.as_deref().and_then(parse_owner).unwrap_or((0, 0));
         let mode = |default: u32| {
@@ -301,7 +373,22 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     }
 
     // A read-only root: the whole tree goes into the `rootfs` section.
-    let rootfs = match spec.root {
+    let root = spec.root.unwrap_or_else(|| {
+        let bytes: u64 = tree
+            .iter()
+            .map(|(_, n)| match &n.kind {
+                Kind::File(d) => d.len() as u64,
+                Kind::Symlink(t) => t.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        if bytes > EROFS_THRESHOLD {
+            RootKind::Erofs
+        } else {
+            RootKind::Initrd
+        }
+    });
+    let rootfs = match root {
         RootKind::Initrd => None,
         RootKind::Erofs => {
             for v in &spec.volumes {
@@ -319,7 +406,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let manifest = Manifest {
         schema: MANIFEST_SCHEMA,
         name: spec.name.clone(),
-        hostname: spec.hostname.clone().unwrap_or_else(|| spec.name.clone()),
+        hostname,
         vcpus: spec.vcpus.unwrap_or(1),
         memory_mib: spec.memory.map(|m| m.0).unwrap_or(DEFAULT_MEMORY_MIB),
         cmdline: spec.cmdline.trim().to_string(),
@@ -377,6 +464,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             block_size: verity::BLOCK_SIZE as u32,
             sha256: format::digest_hex(&Sha256::digest(bytes).into()),
         }),
+        base: base_info,
     };
     let manifest_json = manifest.to_canonical_json();
 
@@ -441,11 +529,106 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         path: opts.output.to_path_buf(),
         source,
     })?;
+    // The lock is written only once the image it describes exists.
+    if let (Some(new_lock), Some(r)) = (new_lock, &packages_report) {
+        new_lock
+            .save(&r.lock)
+            .map_err(|source| BuildError::Lock { source })?;
+    }
     Ok(BuildReport {
         id: format::digest_hex(&Sha256::digest(&image).into()),
         size: image.len() as u64,
         manifest,
+        packages: packages_report,
     })
+}
+
+/// What the package step gives: the manifest's entries, the report, and the lock to
+/// write once the image exists (when one was resolved).
+type Unpacked = (
+    Vec<crate::manifest::PackageInfo>,
+    Option<PackagesReport>,
+    Option<Lock>,
+);
+
+/// The package step: the closure from the lock (or resolved, then a new lock to
+/// write), fetched, checked and unpacked into `tree` in name order.
+fn closure(spec: &Spec, opts: &BuildOptions, tree: &mut Tree) -> Result<Unpacked, BuildError> {
+    let file = opts.spec.to_path_buf();
+    let lock_path = lock::path_for(opts.spec);
+    let lock_err = |source| BuildError::Lock { source };
+    let existing = if opts.update_lock {
+        None
+    } else {
+        Lock::load(&lock_path).map_err(lock_err)?
+    };
+    let (locked, notes, new_lock) = match existing {
+        Some(l) => {
+            l.check_matches(&lock_path, &spec.packages, &spec.exclude)
+                .map_err(lock_err)?;
+            (l.locked, Vec::new(), None)
+        }
+        None => {
+            let closure_err = |source| BuildError::Closure {
+                file: file.clone(),
+                source,
+            };
+            let index = Index::load_host().map_err(closure_err)?;
+            let c = packages::resolve::resolve(&index, &spec.packages, &spec.exclude)
+                .map_err(closure_err)?;
+            let locked: Vec<LockedPackage> = c
+                .packages
+                .iter()
+                .map(|p| LockedPackage {
+                    name: p.name.clone(),
+                    version: p.version.clone(),
+                    architecture: p.architecture.clone(),
+                    sha256: p.sha256.clone(),
+                    size: p.size,
+                })
+                .collect();
+            let new_lock = Lock {
+                version: LOCK_VERSION,
+                packages: spec.packages.clone(),
+                exclude: spec.exclude.clone(),
+                locked: locked.clone(),
+            };
+            (locked, c.notes, Some(new_lock))
+        }
+    };
+    let pkg_err = |source| BuildError::Package {
+        file: file.clone(),
+        source,
+    };
+    let debs = debs::fetch(&locked, opts.cache, opts.progress).map_err(pkg_err)?;
+    opts.progress.begin(
+        &format!("unpacking {} package(s)", locked.len()),
+        locked.len() as u64,
+        false,
+    );
+    let named: Vec<(String, PathBuf)> = locked.iter().map(|p| p.name.clone()).zip(debs).collect();
+    let tars = debs::data_tars(&named).map_err(pkg_err)?;
+    for (p, tar) in locked.iter().zip(&tars) {
+        debs::unpack(&p.name, tar, tree).map_err(pkg_err)?;
+        opts.progress.advance(1, &p.name);
+    }
+    opts.progress.end();
+    let infos = locked
+        .iter()
+        .map(|p| crate::manifest::PackageInfo {
+            name: p.name.clone(),
+            version: p.version.clone(),
+            sha256: p.sha256.clone(),
+        })
+        .collect();
+    let report = PackagesReport {
+        count: locked.len(),
+        deb_bytes: locked.iter().map(|p| p.size).sum(),
+        lock: lock_path,
+        lock_written: new_lock.is_some(),
+        notes,
+    };
+    Ok((infos, Some(report), new_lock))
 }
 
 fn dir_node(mode: u32) -> Node {

@@ -1,17 +1,17 @@
-//! Debian packages: fetched with `apt-get download` into a cache keyed by exact
-//! version, unpacked with `dpkg-deb --fsys-tarfile` into the image tree. Packages are
-//! unpacked as they are: no dependency resolution and no maintainer scripts, so a spec
-//! lists every package it needs.
+//! Debian packages: fetched with `apt-get download` into a cache (one file per exact
+//! name, version and architecture), checked against the sha256 the index or the lock
+//! gives, unpacked with `dpkg-deb --fsys-tarfile` into the image tree. No maintainer
+//! scripts run.
 
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::manifest::PackageInfo;
+use crate::lock::LockedPackage;
 use crate::names;
-use crate::rootfs::{Kind, Node, Tree};
-
+use crate::progress::Progress;
+use crate::rootfs::Tree;
 /// Why a package could not be used.
 #[derive(Debug, thiserror::Error)]
 #[error("package `{package}`: {message}")]
@@ -60,179 +60,192 @@ fn apt(program: &str) -> Command {
     c
 }
 
-/// Resolves `name` or `name=version` to an exact version.
-fn resolve_version(spec: &str) -> Result<(String, String), DebError> {
-    // Checked again here (the spec validator checks first): whatever reaches apt is a
-    // Debian package name and version, never an option.
-    let (name, version) = match spec.split_once('=') {
-        Some((n, v)) => (n, Some(v)),
-        None => (spec, None),
-    };
-    if !names::is_debian_package(name) || !version.is_none_or(names::is_debian_version) {
-        return Err(err(
-            spec,
-            "not a Debian package name (`name` or `name=version`)",
-        ));
-    }
-    if let Some(version) = version {
-        return Ok((name.to_string(), version.to_string()));
-    }
-    let out = run(
-        spec,
-        apt("apt-cache").args(["show", "--no-all-versions", "--", spec]),
-    )?;
-    let text = String::from_utf8_lossy(&out);
-    let version = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Version: "))
-        .ok_or_else(|| {
-            err(
-                spec,
-                "apt-cache knows no such package (run `apt-get update`?)",
-            )
-        })?;
-    Ok((spec.to_string(), version.trim().to_string()))
-}
-
-/// Fetches a package into `cache` (or finds it there) and returns its path and info.
-pub fn fetch(spec: &str, cache: &Path) -> Result<(PathBuf, PackageInfo), DebError> {
-    let (name, version) = resolve_version(spec)?;
-    let dir = cache.join("debs");
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| err(spec, format!("cannot create {}: {e}", dir.display())))?;
-    // apt names files NAME_VERSION_ARCH.deb with ':' escaped as %3a.
-    let prefix = format!("{}_{}_", name, version.replace(':', "%3a"));
-    let find = |dir: &Path| -> Option<PathBuf> {
-        let mut hits: Vec<PathBuf> = std::fs::read_dir(dir)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|f| f.to_str())
-                    .is_some_and(|f| f.starts_with(&prefix) && f.ends_with(".deb"))
-            })
-            .collect();
-        hits.sort();
-        hits.pop()
-    };
-    let path = match find(&dir) {
-        Some(p) => p,
-        None => {
-            tracing::info!("downloading {name}={version}");
-            let tmp = tempfile::tempdir_in(&dir).map_err(|e| err(spec, e.to_string()))?;
-            let _scratch = crate::scratch::register(tmp.path());
-            run(
-                spec,
-                apt("apt-get")
-                    .args(["download", "-q", "--", &format!("{name}={version}")])
-                    .current_dir(tmp.path()),
-            )?;
-            let got =
-                find(tmp.path()).ok_or_else(|| err(spec, "apt-get download produced no .deb"))?;
-            let dest = dir.join(got.file_name().unwrap_or_default());
-            std::fs::rename(&got, &dest).map_err(|e| err(spec, e.to_string()))?;
-            dest
-        }
-    };
-    let bytes = std::fs::read(&path).map_err(|e| err(spec, format!("{}: {e}", path.display())))?;
-    let sha256 = crate::format::digest_hex(&Sha256::digest(&bytes).into());
-    Ok((
-        path,
-        PackageInfo {
-            name,
-            version,
-            sha256,
-        },
+/// Where the cache keeps a package: `CACHE/debs/NAME_VERSION_ARCH.deb`, `:` written
+/// `%3a` (the name `apt-get download` gives it).
+pub fn cache_file(cache: &Path, p: &LockedPackage) -> PathBuf {
+    cache.join("debs").join(format!(
+        "{}_{}_{}.deb",
+        p.name,
+        p.version.replace(':', "%3a"),
+        p.architecture
     ))
 }
 
-/// Unpacks a .deb's data into `tree`. Owners and modes come from the package; mtimes
-/// are dropped.
-pub fn unpack(package: &str, deb: &Path, tree: &mut Tree) -> Result<(), DebError> {
-    let tar_bytes = run(
-        package,
-        Command::new("dpkg-deb").arg("--fsys-tarfile").arg(deb),
-    )?;
-    let mut archive = tar::Archive::new(&tar_bytes[..]);
-    let entries = archive
-        .entries()
-        .map_err(|e| err(package, format!("bad data.tar: {e}")))?;
-    let mut links: Vec<(String, String, Node)> = Vec::new();
-    for entry in entries {
-        let mut entry = entry.map_err(|e| err(package, format!("bad data.tar entry: {e}")))?;
-        let path = entry
-            .path()
-            .map_err(|e| err(package, format!("bad path in data.tar: {e}")))?
-            .to_string_lossy()
-            .into_owned();
-        let path = path.trim_start_matches('.').to_string();
-        if path.is_empty() || path == "/" {
-            continue;
+/// How many packages one `apt-get download` fetches (progress advances per batch).
+const DOWNLOAD_BATCH: usize = 8;
+
+/// Makes sure every package is in the cache with the expected sha256 and returns the
+/// files, in the order given. Missing ones are downloaded; a file whose digest differs
+/// is refused, naming the package.
+pub fn fetch(
+    packages: &[LockedPackage],
+    cache: &Path,
+    progress: &dyn Progress,
+) -> Result<Vec<PathBuf>, DebError> {
+    let dir = cache.join("debs");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| err("(cache)", format!("cannot create {}: {e}", dir.display())))?;
+    for p in packages {
+        // The lock and the index are checked where they are read; checked again here
+        // because whatever reaches apt must be a name and a version, never an option.
+        if !names::is_debian_package(&p.name) || !names::is_debian_version(&p.version) {
+            return Err(err(&p.name, "not a Debian package name and version"));
         }
-        if path.split('/').any(|c| c == "..") {
-            return Err(err(package, format!("refusing path `{path}` with `..`")));
-        }
-        let h = entry.header();
-        let mode = h.mode().unwrap_or(0o644) & 0o7777;
-        let uid = h.uid().unwrap_or(0) as u32;
-        let gid = h.gid().unwrap_or(0) as u32;
-        let et = h.entry_type();
-        let link_name = entry
-            .link_name()
-            .ok()
-            .flatten()
-            .map(|l| l.to_string_lossy().into_owned());
-        let kind = if et.is_dir() {
-            Kind::Dir
-        } else if et.is_symlink() {
-            Kind::Symlink(link_name.unwrap_or_default())
-        } else if et.is_hard_link() {
-            let target = link_name
-                .unwrap_or_default()
-                .trim_start_matches('.')
-                .to_string();
-            links.push((
-                path,
-                target,
-                Node {
-                    kind: Kind::Dir,
-                    mode,
-                    uid,
-                    gid,
-                },
-            ));
-            continue;
-        } else if et.is_file() {
-            let mut data = Vec::new();
-            entry
-                .read_to_end(&mut data)
-                .map_err(|e| err(package, format!("reading {path}: {e}")))?;
-            Kind::File(data)
-        } else {
-            tracing::warn!("package {package}: skipping special file {path}");
-            continue;
-        };
-        tree.insert(
-            &path,
-            Node {
-                kind,
-                mode,
-                uid,
-                gid,
-            },
-        );
     }
-    // Hard links become copies: cpio newc could share data, but copies keep the
-    // archive simple and the result identical for the guest.
-    for (path, target, mut node) in links {
-        let target_node = tree.get(&target).cloned().ok_or_else(|| {
+    let missing: Vec<&LockedPackage> = packages
+        .iter()
+        .filter(|p| !cache_file(cache, p).exists())
+        .collect();
+    if !missing.is_empty() {
+        let bytes: u64 = missing.iter().map(|p| p.size).sum();
+        progress.begin(
+            &format!("downloading {} package(s)", missing.len()),
+            bytes,
+            true,
+        );
+        for batch in missing.chunks(DOWNLOAD_BATCH) {
+            download(batch, cache, &dir)?;
+            let size = batch.iter().map(|p| p.size).sum();
+            progress.advance(size, &batch[batch.len() - 1].name);
+        }
+        progress.end();
+    }
+    packages
+        .iter()
+        .map(|p| {
+            let path = cache_file(cache, p);
+            verify(p, &path)?;
+            Ok(path)
+        })
+        .collect()
+}
+
+fn download(batch: &[&LockedPackage], cache: &Path, dir: &Path) -> Result<(), DebError> {
+    let first = batch.first().map(|p| p.name.as_str()).unwrap_or("");
+    let tmp = tempfile::tempdir_in(dir).map_err(|e| err(first, e.to_string()))?;
+    let _scratch = crate::scratch::register(tmp.path());
+    let args: Vec<String> = batch
+        .iter()
+        .map(|p| format!("{}={}", p.name, p.version))
+        .collect();
+    let out = apt("apt-get")
+        .args(["download", "-q", "--"])
+        .args(&args)
+        .current_dir(tmp.path())
+        .output()
+        .map_err(|e| {
             err(
-                package,
-                format!("hard link {path} -> {target}: target missing"),
+                first,
+                format!("cannot run apt-get: {e} (is this a Debian host with apt?)"),
             )
         })?;
-        node.kind = target_node.kind;
-        tree.insert(&path, node);
+    if !out.status.success() {
+        // Name the package that cannot be had: one at a time.
+        if batch.len() > 1 {
+            for p in batch {
+                download(&[p], cache, dir)?;
+            }
+            return Ok(());
+        }
+        let p = batch[0];
+        return Err(err(
+            &p.name,
+            format!(
+                "version {} cannot be fetched ({}); put its .deb (sha256 {}) at {}, or run                  `hostd build --update-lock` to resolve the packages again",
+                p.version,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                p.sha256,
+                cache_file(cache, p).display()
+            ),
+        ));
+    }
+    for p in batch {
+        let dest = cache_file(cache, p);
+        let got = tmp.path().join(dest.file_name().unwrap_or_default());
+        if !got.exists() {
+            return Err(err(
+                &p.name,
+                format!("apt-get download did not produce {}", got.display()),
+            ));
+        }
+        // Checked before it enters the cache: a bad download never lands there.
+        verify(p, &got)?;
+        std::fs::rename(&got, &dest).map_err(|e| err(&p.name, e.to_string()))?;
     }
     Ok(())
+}
+
+/// Checks a .deb's sha256.
+fn verify(p: &LockedPackage, path: &Path) -> Result<(), DebError> {
+    let mut f =
+        std::fs::File::open(path).map_err(|e| err(&p.name, format!("{}: {e}", path.display())))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| err(&p.name, format!("{}: {e}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let got = crate::format::digest_hex(&h.finalize().into());
+    if got != p.sha256 {
+        return Err(err(
+            &p.name,
+            format!(
+                "{} has sha256 {got}, but version {} must have {}; the file is damaged or \
+                 not the locked package: delete it to download it again",
+                path.display(),
+                p.version,
+                p.sha256
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The data archive (tar) of each .deb, extracted by `dpkg-deb` on a few threads.
+pub fn data_tars(debs: &[(String, PathBuf)]) -> Result<Vec<Vec<u8>>, DebError> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    type Slot = std::sync::Mutex<Option<Result<Vec<u8>, DebError>>>;
+    let results: Vec<Slot> = debs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((name, path)) = debs.get(i) else {
+                    break;
+                };
+                let r = run(
+                    name,
+                    Command::new("dpkg-deb").arg("--fsys-tarfile").arg(path),
+                );
+                if let Ok(mut slot) = results[i].lock() {
+                    *slot = Some(r);
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .zip(debs)
+        .map(|(slot, (name, _))| {
+            slot.into_inner()
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| Err(err(name, "dpkg-deb did not run")))
+        })
+        .collect()
+}
+
+/// Unpacks a .deb's data archive ([`data_tars`]) into `tree`. Owners and modes come
+/// from the package; mtimes are dropped.
+pub fn unpack(package: &str, tar_bytes: &[u8], tree: &mut Tree) -> Result<(), DebError> {
+    crate::layer::apply(tar_bytes, tree, false).map_err(|m| err(package, m))
 }

@@ -75,6 +75,20 @@ pub struct Manifest {
     /// readers that predate this field still read them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<RootInfo>,
+    /// The OCI image the root file system starts from (spec `base`). Absent (and not
+    /// written) for images without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseInfo>,
+}
+
+/// An OCI image used as the base of the root file system.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseInfo {
+    /// The image manifest's digest, `sha256:…` (what `skopeo inspect` calls Digest).
+    pub digest: String,
+    /// How many layers were applied.
+    pub layers: u32,
 }
 
 /// A read-only root file system packed as the image's `rootfs` section. Runners attach
@@ -206,6 +220,19 @@ impl Manifest {
                     self.schema
                 ),
             );
+        }
+        if let Some(b) = &self.base {
+            let ok = b.digest.strip_prefix("sha256:").is_some_and(|h| {
+                h.len() == 64
+                    && h.bytes()
+                        .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+            });
+            if !ok {
+                return bad(
+                    "base.digest".into(),
+                    "expected `sha256:` and 64 lower-case hex digits".into(),
+                );
+            }
         }
         for (field, v) in [("name", &self.name), ("hostname", &self.hostname)] {
             if !names::is_dotted_name(v) {
@@ -395,6 +422,7 @@ mod tests {
             volumes: vec![],
             stop_timeout_secs: 5,
             root: None,
+            base: None,
         }
     }
 

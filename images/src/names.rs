@@ -79,6 +79,17 @@ pub fn is_debian_version(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || ".+~-:".contains(c))
 }
 
+/// A user or group name for /etc/passwd and /etc/group: 1-32 lower-case letters,
+/// digits, `_` and `-`, starting with a letter or `_` (what `adduser` accepts by
+/// default), so it can never hold the files' `:` or newline separators.
+pub fn is_account_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
 /// An environment variable name: letters, digits and `_`, not starting with a digit.
 pub fn is_env_name(s: &str) -> bool {
     !s.is_empty()

@@ -91,6 +91,25 @@ impl Tree {
         self.nodes.insert(path, node);
     }
 
+    /// Removes `path` and everything below it (an OCI layer's whiteout).
+    pub fn remove(&mut self, path: &str) {
+        let path = normalise(path);
+        let prefix = format!("{path}/");
+        self.nodes
+            .retain(|k, _| *k != path && !k.starts_with(&prefix));
+    }
+
+    /// Removes everything below `dir`, keeping `dir` (an OCI opaque whiteout).
+    pub fn clear_below(&mut self, dir: &str) {
+        let path = normalise(dir);
+        let prefix = if path == "/" {
+            path
+        } else {
+            format!("{path}/")
+        };
+        self.nodes.retain(|k, _| !k.starts_with(&prefix));
+    }
+
     /// Looks up a path.
     pub fn get(&self, path: &str) -> Option<&Node> {
         self.nodes.get(&normalise(path))

@@ -107,9 +107,22 @@ pub struct Spec {
     pub memory: Option<SizeMib>,
     /// Seconds between SIGTERM and SIGKILL at shutdown (default 5).
     pub stop_timeout: Option<u32>,
-    /// Debian packages to unpack, as `name` or `name=version`.
+    /// An OCI image the root file system starts from: `oci-archive:FILE` or
+    /// `oci:DIR` (an OCI image layout), relative to the spec, inside the build context.
+    pub base: Option<String>,
+    /// Debian packages to unpack, as `name` or `name=version`, with everything they
+    /// depend on (see docs/spec.md, "Packages").
     #[serde(default)]
     pub packages: Vec<String>,
+    /// Packages never pulled in by the dependency closure.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Accounts written into /etc/passwd and /etc/shadow.
+    #[serde(default)]
+    pub users: Vec<UserSpec>,
+    /// Groups written into /etc/group.
+    #[serde(default)]
+    pub groups: Vec<GroupSpec>,
     /// Files to place in the root file system.
     #[serde(default)]
     pub files: Vec<FileSpec>,
@@ -122,9 +135,38 @@ pub struct Spec {
     /// Persistent volumes.
     #[serde(default)]
     pub volumes: Vec<VolumeSpec>,
-    /// Where the root file system (packages and files) goes.
+    /// Where the root file system (packages and files) goes; unset, by its size
+    /// (see [`crate::builder::EROFS_THRESHOLD`]).
+    pub root: Option<RootKind>,
+}
+
+/// An account (what a package's maintainer script would have made with `adduser`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserSpec {
+    /// Login name.
+    pub name: String,
+    /// User id.
+    pub uid: u32,
+    /// Primary group id [default: the same as `uid`].
+    pub gid: Option<u32>,
+    /// Home directory [default: `/nonexistent`].
+    pub home: Option<String>,
+    /// Login shell [default: `/usr/sbin/nologin`].
+    pub shell: Option<String>,
+}
+
+/// A group.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    /// Group name.
+    pub name: String,
+    /// Group id.
+    pub gid: u32,
+    /// Supplementary members (user names).
     #[serde(default)]
-    pub root: RootKind,
+    pub members: Vec<String>,
 }
 
 /// Where an image's root file system (its packages and files) lives.
@@ -132,7 +174,7 @@ pub struct Spec {
 #[serde(rename_all = "kebab-case")]
 pub enum RootKind {
     /// In the initrd: unpacked into RAM at boot, writable, hashed as one section.
-    /// The default, so specs that do not ask for a read-only root build as before.
+    /// What an unset `root` gives for a small root file system.
     #[default]
     Initrd,
     /// A read-only erofs file system in the image's `rootfs` section, attached as a
@@ -325,6 +367,81 @@ impl Spec {
                 ));
             }
         }
+        if let Some(b) = &self.base {
+            if base_source(b).is_none() {
+                return Err(bad(
+                    "base".into(),
+                    format!("`{b}` is not `oci-archive:FILE` or `oci:DIR` (an OCI image layout)"),
+                ));
+            }
+        }
+        for (i, p) in self.exclude.iter().enumerate() {
+            if !names::is_debian_package(p) {
+                return Err(bad(
+                    format!("exclude[{i}]"),
+                    format!("`{p}` is not a Debian package name"),
+                ));
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            let field = |k: &str| format!("users[{i}].{k}");
+            if !names::is_account_name(&u.name) {
+                return Err(bad(
+                    field("name"),
+                    format!(
+                        "`{}` is not an account name (1-32 lower-case letters, digits, `_`, `-`, \
+                         starting with a letter or `_`)",
+                        u.name
+                    ),
+                ));
+            }
+            if !seen.insert(u.name.as_str()) {
+                return Err(bad(
+                    field("name"),
+                    format!("user `{}` is declared twice", u.name),
+                ));
+            }
+            for (k, id) in [("uid", Some(u.uid)), ("gid", u.gid)] {
+                if id.is_some_and(|id| id == u32::MAX) {
+                    return Err(bad(field(k), "4294967295 is not a valid id".into()));
+                }
+            }
+            for (k, path) in [("home", &u.home), ("shell", &u.shell)] {
+                if let Some(p) = path {
+                    if !is_guest_path(p) || p.contains([':', '\n']) {
+                        return Err(bad(
+                            field(k),
+                            format!("`{p}` must be an absolute path without `:` or newlines"),
+                        ));
+                    }
+                }
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for (i, g) in self.groups.iter().enumerate() {
+            let field = |k: &str| format!("groups[{i}].{k}");
+            if !names::is_account_name(&g.name) {
+                return Err(bad(
+                    field("name"),
+                    format!("`{}` is not a group name", g.name),
+                ));
+            }
+            if !seen.insert(g.name.as_str()) {
+                return Err(bad(
+                    field("name"),
+                    format!("group `{}` is declared twice", g.name),
+                ));
+            }
+            if g.gid == u32::MAX {
+                return Err(bad(field("gid"), "4294967295 is not a valid id".into()));
+            }
+            for m in &g.members {
+                if !names::is_account_name(m) {
+                    return Err(bad(field("members"), format!("`{m}` is not a user name")));
+                }
+            }
+        }
         for (i, f) in self.files.iter().enumerate() {
             let field = |k: &str| format!("files[{i}].{k}");
             if !is_guest_path(&f.path) || f.path == "/" {
@@ -479,6 +596,18 @@ impl Spec {
     }
 }
 
+/// Splits a spec's `base` into its kind and path.
+pub fn base_source(base: &str) -> Option<(crate::oci::Source, &str)> {
+    let (kind, path) = if let Some(p) = base.strip_prefix("oci-archive:") {
+        (crate::oci::Source::Archive, p)
+    } else if let Some(p) = base.strip_prefix("oci:") {
+        (crate::oci::Source::Layout, p)
+    } else {
+        return None;
+    };
+    (!path.is_empty() && !path.contains('\0')).then_some((kind, path))
+}
+
 /// The checks a manifest's program gets ([`names::check_program`]), on a spec's
 /// `command`, `args`, `env` and `user`.
 fn check_program(
@@ -578,9 +707,11 @@ mod tests {
     #[test]
     fn root_defaults_to_the_initrd_and_names_bad_values() {
         let s = parse("name = \"x\"\n").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(s.root, RootKind::Initrd);
+        assert_eq!(s.root, None);
         let s = parse("name = \"x\"\nroot = \"erofs\"\n").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(s.root, RootKind::Erofs);
+        assert_eq!(s.root, Some(RootKind::Erofs));
+        let s = parse("name = \"x\"\nroot = \"initrd\"\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.root, Some(RootKind::Initrd));
         let e = err("name = \"x\"\nroot = \"squashfs\"\n");
         assert!(e.contains("`root`") && e.contains("erofs"), "{e}");
     }
@@ -592,6 +723,28 @@ mod tests {
             ("packages = [\"-oAPT::Foo=1\"]", "packages[0]"),
             ("packages = [\"busybox=--x\"]", "packages[0]"),
             ("packages = [\"busybox/bookworm\"]", "packages[0]"),
+            ("exclude = [\"-x\"]", "exclude[0]"),
+            ("base = \"docker://debian\"", "base"),
+            ("base = \"oci:\"", "base"),
+            ("[[users]]\nname = \"root:x\"\nuid = 1", "users[0].name"),
+            ("[[users]]\nname = \"Redis\"\nuid = 1", "users[0].name"),
+            (
+                "[[users]]\nname = \"r\"\nuid = 1\nhome = \"x\"",
+                "users[0].home",
+            ),
+            (
+                "[[users]]\nname = \"r\"\nuid = 1\nshell = \"/bin/sh\\n\"",
+                "users[0].shell",
+            ),
+            ("[[users]]\nname = \"r\"\nuid = 4294967295", "users[0].uid"),
+            (
+                "[[users]]\nname = \"r\"\nuid = 1\n[[users]]\nname = \"r\"\nuid = 2",
+                "users[1].name",
+            ),
+            (
+                "[[groups]]\nname = \"g\"\ngid = 1\nmembers = [\"a,b\"]",
+                "groups[0].members",
+            ),
             ("stop_timeout = 4000000000", "stop_timeout"),
             (
                 "[[files]]\npath = \"/x\"\ncontents = \"\"\nowner = \"4294967295:0\"",
