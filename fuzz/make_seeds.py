@@ -215,3 +215,58 @@ ops = bring_up + bytes([CONTROL, NOTIFY, 0, RESET, CONTROL]) + bring_up + bytes(
 save("vhost_user_frontend", "bring-up-reset-bring-up", header + ops)
 header_dies = bytes([7]) + struct.pack("<QQ", RING, 0) + bytes([1, 2, 12, 0])
 save("vhost_user_frontend", "backend-dies", header_dies + bring_up + bytes([CONTROL]))
+
+
+def oci_archive_seed():
+    """A valid two-layer OCI archive (one gzip layer, one plain with a whiteout)."""
+    import gzip
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    def tar_of(entries):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
+            for name, data in entries:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = 0
+                t.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    blobs = {}
+
+    def blob(data):
+        d = hashlib.sha256(data).hexdigest()
+        blobs[d] = data
+        return "sha256:" + d, len(data)
+
+    l1 = gzip.compress(tar_of([("etc/a", b"a\n"), ("etc/b", b"b\n")]), mtime=0)
+    l2 = tar_of([("etc/.wh.a", b""), ("etc/c", b"c\n")])
+    cfg = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    cd, cs = blob(cfg)
+    d1, s1 = blob(l1)
+    d2, s2 = blob(l2)
+    manifest = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d1, "size": s1},
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d2, "size": s2},
+        ],
+    }).encode()
+    md, ms = blob(manifest)
+    index = json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
+        "platform": {"architecture": "amd64", "os": "linux"}}]}).encode()
+    entries = [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", index)]
+    entries += [("blobs/sha256/" + d, data) for d, data in sorted(blobs.items())]
+    return tar_of(entries)
+
+
+save("oci_archive", "two-layers.tar", oci_archive_seed())
+# debian_packages/seed-apt-stanzas is `apt-cache show --no-all-versions busybox-static
+# libc6 libgcc-s1 gcc-12-base` from a Debian 12 host; lock_toml/seed-redis.lock is
+# images/examples/redis.lock.
