@@ -276,6 +276,19 @@ fn outputs_never_clobber_inputs_or_special_files() {
     }
     let spec = std::fs::read_to_string(c.path("app.toml")).expect("read");
     assert!(spec.contains("name = \"t\""), "the spec was replaced");
+    // With packages, the lock file goes beside the spec: never onto the image or the spec.
+    let out = c.build("packages = [\"busybox-static\"]", "app.lock", &[]);
+    refused(&out, &["app.lock", "lock file"]);
+    assert!(!c.path("app.lock").exists());
+    std::fs::write(
+        c.path("x.lock"),
+        "name = \"t\"\nkernel = \"vmlinux\"\npackages = [\"busybox-static\"]\n",
+    )
+    .expect("write");
+    let out = hostd_out(&["build", &c.s("x.lock"), "-o", &c.s("x.img")]);
+    refused(&out, &["would be the spec itself"]);
+    assert!(std::fs::read_to_string(c.path("x.lock")).is_ok_and(|s| s.contains("name = \"t\"")));
+    std::fs::remove_file(c.path("x.lock")).expect("rm");
     // -o onto a device node, a directory, a FIFO.
     mkfifo(&c.path("fifo"));
     std::fs::create_dir(c.path("adir")).expect("mkdir");

@@ -210,6 +210,26 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         )));
     }
     let spec = Spec::load(opts.spec)?;
+    if !spec.packages.is_empty() {
+        // The lock is written beside the spec: it must be neither the spec nor the image.
+        let lock_path = lock::path_for(opts.spec);
+        if input::same_path(&lock_path, opts.spec) {
+            return Err(BuildError::Input {
+                file: file.clone(),
+                field: "packages".into(),
+                path: lock_path,
+                message: "the spec's lock file (the spec's name with `.lock`) would be the spec \
+                          itself; name the spec NAME.toml"
+                    .into(),
+            });
+        }
+        if input::same_path(&lock_path, opts.output) {
+            return Err(output_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "it is where the spec's lock file goes; choose another output path",
+            )));
+        }
+    }
     let base = match opts.spec.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

@@ -103,6 +103,19 @@ pub fn check_output(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Whether `a` and `b` are the same path once their directories are resolved (either
+/// may not exist yet), or name the same existing file.
+pub fn same_path(a: &Path, b: &Path) -> bool {
+    let resolved = |p: &Path| {
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        Some((std::fs::canonicalize(dir).ok()?, p.file_name()?.to_owned()))
+    };
+    same_file(a, b) || matches!((resolved(a), resolved(b)), (Some(x), Some(y)) if x == y)
+}
+
 /// Whether `a` and `b` name the same existing file (same device and inode).
 pub fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
