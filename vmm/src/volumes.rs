@@ -57,7 +57,32 @@ fn check_name(name: &str) -> Result<(), VolumeError> {
 /// ends, however it ends (an `flock` on `NAME.lock` beside the volume).
 #[derive(Debug)]
 pub struct VolumeLock {
-    _file: std::fs::File,
+    file: std::fs::File,
+}
+
+/// The fds of the locks this process holds: the VM's process, forked from `hostd run`,
+/// closes its copies at once ([`close_inherited_locks`]); only `hostd run` holds them.
+static LOCK_FDS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+impl Drop for VolumeLock {
+    fn drop(&mut self) {
+        if let Ok(mut fds) = LOCK_FDS.lock() {
+            fds.retain(|fd| *fd != self.file.as_raw_fd());
+        }
+    }
+}
+
+/// In a child just forked from the process holding volume locks: closes the child's
+/// copies of their fds (the parent's hold on each lock stays). Call only in a
+/// single-threaded child, which then never drops the parent's [`VolumeLock`]s.
+pub fn close_inherited_locks() {
+    if let Ok(mut fds) = LOCK_FDS.lock() {
+        for fd in fds.drain(..) {
+            // SAFETY: closing our copy of an fd the (single-threaded) child inherited
+            // and will not use or close again.
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 /// Takes the volume's lock for `holder` (a description such as `VM hello (hostd pid
@@ -98,7 +123,10 @@ pub fn lock(state: &Path, name: &str, holder: &str) -> Result<VolumeLock, Volume
         .set_len(0)
         .and_then(|_| file.rewind())
         .and_then(|_| file.write_all(holder.as_bytes()));
-    Ok(VolumeLock { _file: file })
+    if let Ok(mut fds) = LOCK_FDS.lock() {
+        fds.push(file.as_raw_fd());
+    }
+    Ok(VolumeLock { file })
 }
 
 /// Returns the volume's file, creating and formatting it on first use. An existing

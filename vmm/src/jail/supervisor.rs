@@ -163,6 +163,7 @@ where
     if pid == 0 {
         drop(rd);
         drop(own_pid_ns);
+        crate::volumes::close_inherited_locks();
         PARENT_PIDFD.store(pidfd.as_raw_fd(), Ordering::SeqCst);
         std::mem::forget(pidfd);
         let result = child(cgroup.as_ref(), vm);
