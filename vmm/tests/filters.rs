@@ -1,6 +1,7 @@
 //! Each seccomp filter denies what its thread kind does not need: the offending
 //! process dies with SIGSYS.
 
+use hostd_devices::jail::seccomp::probes::{mmap_exec, mprotect_exec, new_process};
 use hostd_devices::vhost_user::backend_filter;
 use hostd_devices::vhost_user::block::BLOCK_SYSCALLS;
 use hostd_devices::vhost_user::net::NET_SYSCALLS;
@@ -48,33 +49,6 @@ fn execve() {
     unsafe { libc::syscall(libc::SYS_execve, c"/bin/true".as_ptr(), 0, 0) };
 }
 
-fn mmap_exec() {
-    // SAFETY: a fresh anonymous mapping, never used.
-    unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ | libc::PROT_EXEC,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-}
-
-fn mprotect_exec() {
-    let page = vec![0u8; 8192];
-    let addr = (page.as_ptr() as usize + 4095) & !4095;
-    // SAFETY: a page of our own live allocation; nothing jumps there.
-    unsafe {
-        libc::mprotect(
-            addr as *mut libc::c_void,
-            4096,
-            libc::PROT_READ | libc::PROT_EXEC,
-        )
-    };
-}
-
 fn mmap_data() {
     // SAFETY: a fresh anonymous read-write mapping, checked below.
     let p = unsafe {
@@ -95,17 +69,6 @@ fn mmap_data() {
     unsafe { *(p as *mut u8) = 1 };
     // SAFETY: unmapping exactly the mapping made above.
     unsafe { libc::munmap(p, 4096) };
-}
-
-/// clone without CLONE_THREAD: a new process.
-fn fork() {
-    // SAFETY: a raw clone with only an exit signal; a child, should there be one,
-    // leaves at once.
-    let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
-    if pid == 0 {
-        // SAFETY: _exit is always sound.
-        unsafe { libc::_exit(0) };
-    }
 }
 
 /// A thread through the standard library: the C library tries clone3 first (the filter
@@ -171,7 +134,7 @@ fn the_qemu_parent_filter_denies_files_sockets_exec_and_processes() {
     assert_eq!(child_killed_by(&prog, open_file), Some(libc::SIGSYS));
     assert_eq!(child_killed_by(&prog, socket), Some(libc::SIGSYS));
     assert_eq!(child_killed_by(&prog, execve), Some(libc::SIGSYS));
-    assert_eq!(child_killed_by(&prog, fork), Some(libc::SIGSYS));
+    assert_eq!(child_killed_by(&prog, new_process), Some(libc::SIGSYS));
     assert_eq!(child_killed_by(&prog, any_ioctl), Some(libc::SIGSYS));
     assert_eq!(child_status(&prog, spawn_thread), Ok(0));
     assert_eq!(child_status(&prog, sleep_briefly), Ok(0));
@@ -222,7 +185,11 @@ fn backend_filters() -> Vec<(&'static str, seccompiler::BpfProgram)> {
 #[test]
 fn backend_filters_allow_threads_but_no_process_no_code_and_few_prctls() {
     for (name, prog) in backend_filters() {
-        assert_eq!(child_killed_by(&prog, fork), Some(libc::SIGSYS), "{name}");
+        assert_eq!(
+            child_killed_by(&prog, new_process),
+            Some(libc::SIGSYS),
+            "{name}"
+        );
         assert_eq!(
             child_killed_by(&prog, mmap_exec),
             Some(libc::SIGSYS),

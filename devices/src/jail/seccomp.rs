@@ -170,6 +170,53 @@ pub fn install(prog: &BpfProgram) -> Result<(), JailError> {
     seccompiler::apply_filter(prog).map_err(|e| JailError(e.to_string()))
 }
 
+/// Calls a filter must deny, shared by the backends' selftests and the filter tests:
+/// each makes one call and does nothing with its result (the caller expects SIGSYS).
+#[doc(hidden)]
+pub mod probes {
+    /// mmap(2) of an anonymous page with PROT_EXEC.
+    pub fn mmap_exec() {
+        // SAFETY: a fresh anonymous mapping; nothing is executed from it, and it is
+        // never unmapped (the process ends next).
+        unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+    }
+
+    /// mprotect(2) of a page of our own heap to PROT_EXEC.
+    pub fn mprotect_exec() {
+        let page = vec![0u8; 8192];
+        let addr = (page.as_ptr() as usize + 4095) & !4095;
+        // SAFETY: a page inside our own live allocation; if the call were allowed the
+        // page would only become executable, and nothing jumps there.
+        unsafe {
+            libc::mprotect(
+                addr as *mut libc::c_void,
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+            )
+        };
+    }
+
+    /// clone(2) without CLONE_THREAD: a new process.
+    pub fn new_process() {
+        // SAFETY: a raw clone with only an exit signal; should it be allowed, the child
+        // leaves at once without touching anything.
+        let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+        if pid == 0 {
+            // SAFETY: _exit in the child is always sound.
+            unsafe { libc::_exit(0) };
+        }
+    }
+}
+
 /// Test support: runs `forbidden` in a forked child after installing `prog`, and
 /// returns the signal that killed the child (SIGSYS when the filter denied it).
 #[doc(hidden)]

@@ -259,46 +259,10 @@ where
 /// The selftests that make one call a backend's filter must deny (the process should
 /// die with SIGSYS before it reports back).
 fn forbidden_call(test: &str) -> Option<(&'static str, fn())> {
+    use crate::jail::seccomp::probes;
     fn socket() {
         // SAFETY: a raw syscall with integer arguments.
         unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) };
-    }
-    fn mmap_exec() {
-        // SAFETY: a fresh anonymous mapping; nothing is executed from it, and it is
-        // never unmapped (the process ends next).
-        unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_EXEC,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-    }
-    fn mprotect_exec() {
-        let page = vec![0u8; 8192];
-        let addr = (page.as_ptr() as usize + 4095) & !4095;
-        // SAFETY: a page inside our own live allocation; if the call were allowed the
-        // page would only become executable, and nothing jumps there.
-        unsafe {
-            libc::mprotect(
-                addr as *mut libc::c_void,
-                4096,
-                libc::PROT_READ | libc::PROT_EXEC,
-            )
-        };
-    }
-    fn fork() {
-        // A new process: clone without CLONE_THREAD.
-        // SAFETY: a raw clone with only an exit signal; should it be allowed, the child
-        // leaves at once without touching anything.
-        let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
-        if pid == 0 {
-            // SAFETY: _exit in the child is always sound.
-            unsafe { libc::_exit(0) };
-        }
     }
     fn prctl_other() {
         // SAFETY: prctl with integer arguments.
@@ -306,9 +270,9 @@ fn forbidden_call(test: &str) -> Option<(&'static str, fn())> {
     }
     match test {
         "forbidden-syscall" => Some(("socket(2)", socket)),
-        "mmap-exec" => Some(("mmap(2) with PROT_EXEC", mmap_exec)),
-        "mprotect-exec" => Some(("mprotect(2) with PROT_EXEC", mprotect_exec)),
-        "fork" => Some(("clone(2) without CLONE_THREAD", fork)),
+        "mmap-exec" => Some(("mmap(2) with PROT_EXEC", probes::mmap_exec)),
+        "mprotect-exec" => Some(("mprotect(2) with PROT_EXEC", probes::mprotect_exec)),
+        "fork" => Some(("clone(2) without CLONE_THREAD", probes::new_process)),
         "prctl-dumpable" => Some(("prctl(PR_SET_DUMPABLE)", prctl_other)),
         _ => None,
     }
