@@ -665,6 +665,8 @@ fn check_cmdline_fits(cmdline: &str, devices: usize) -> Result<()> {
 pub fn run(args: &RunArgs) -> Result<i32> {
     // Ctrl-C, SIGTERM and SIGHUP from here on are counted, never fatal: the runner stops
     // the VM (at once while it boots) and every staged file is removed.
+    // Under systemd (Type=notify): READY=1 once guest init has started the services.
+    hostd_vmm::ready::init_from_env();
     hostd_vmm::signals::install();
     let r = resolve(args)?;
     tracing::info!(

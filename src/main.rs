@@ -5,6 +5,7 @@ mod fn_cmd;
 mod image_cmd;
 mod interrupt;
 mod progress;
+mod systemd_cmd;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -86,6 +87,11 @@ enum Command {
         #[command(subcommand)]
         cmd: fn_cmd::FnCommand,
     },
+    /// The fleet's guests as systemd units, for hosts without NixOS (docs/nixos.md).
+    Systemd {
+        #[command(subcommand)]
+        cmd: systemd_cmd::SystemdCommand,
+    },
 }
 
 fn main() {
@@ -119,6 +125,7 @@ fn main() {
         Command::Run(args) => image_cmd::run(&args),
         Command::Backend { cmd } => backend_cmd::run(cmd),
         Command::Fn { cmd } => fn_cmd::run(cmd),
+        Command::Systemd { cmd } => systemd_cmd::run(cmd),
     };
     interrupt::wait_if_interrupted();
     match result {

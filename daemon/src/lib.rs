@@ -2,3 +2,4 @@
 //! state (a fleet file), with each VM its own jailed process under supervision.
 
 pub mod fleet;
+pub mod units;
