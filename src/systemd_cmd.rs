@@ -143,8 +143,28 @@ fn write_if_changed(path: &Path, text: &str) -> Result<bool> {
     Ok(true)
 }
 
-fn generate(a: &GenerateArgs) -> Result<Generated> {
-    let fleet = Fleet::load(&a.fleet)?;
+/// Units rendered for a fleet, not yet written.
+struct Plan {
+    dir: PathBuf,
+    units: Units,
+    /// Units the previous generation wrote (its manifest).
+    previous: BTreeSet<String>,
+}
+
+impl Plan {
+    /// Units of the previous generation that this one does not have.
+    fn stale(&self) -> Vec<String> {
+        self.previous
+            .iter()
+            .filter(|p| !self.units.files.iter().any(|f| &f.name == *p))
+            .cloned()
+            .collect()
+    }
+}
+
+fn plan(a: &GenerateArgs) -> Result<Plan> {
+    // Absolute first: Fleet::load cannot resolve against the empty parent of `fleet.toml`.
+    let fleet = Fleet::load(&std::path::absolute(&a.fleet)?)?;
     let hostd = match &a.hostd {
         Some(h) => std::path::absolute(h)?,
         None => std::env::current_exe().context("cannot find this hostd binary")?,
@@ -157,22 +177,38 @@ fn generate(a: &GenerateArgs) -> Result<Generated> {
         ip: find_ip(),
         state_dir: std::path::absolute(&a.state_dir)?,
         listen: a.listen.clone(),
-        source: std::path::absolute(&a.fleet)?,
         unit_dir: dir.clone(),
     };
-    let Units {
-        files,
-        wants,
-        daemon_fleet,
-    } = units::render(&fleet, &facts(&fleet)?, &opts)?;
-
-    let manifest = dir.join(units::MANIFEST);
-    let previous: BTreeSet<String> = std::fs::read_to_string(&manifest)
+    let units = units::render(&fleet, &facts(&fleet)?, &opts)?;
+    let previous = std::fs::read_to_string(dir.join(units::MANIFEST))
         .unwrap_or_default()
         .lines()
         .map(str::to_owned)
         .filter(|l| !l.is_empty() && !l.contains('/'))
         .collect();
+    Ok(Plan {
+        dir,
+        units,
+        previous,
+    })
+}
+
+fn generate(a: &GenerateArgs) -> Result<Generated> {
+    write(plan(a)?)
+}
+
+fn write(plan: Plan) -> Result<Generated> {
+    let Plan {
+        dir,
+        units,
+        previous,
+    } = plan;
+    let Units {
+        files,
+        wants,
+        daemon_fleet,
+    } = units;
+    let manifest = dir.join(units::MANIFEST);
     let mut written = BTreeMap::new();
     for f in &files {
         let changed = write_if_changed(&dir.join(&f.name), &f.text)?;
@@ -234,13 +270,17 @@ fn systemctl(args: &[&str]) -> Result<()> {
 
 /// `hostd systemd apply`.
 fn apply(a: &GenerateArgs) -> Result<i32> {
-    let g = generate(a)?;
-    systemctl(&["daemon-reload"])?;
-    for u in &g.removed {
+    let plan = plan(a)?;
+    // Stopped while their unit files still say how (KillMode=mixed: SIGTERM to hostd
+    // run alone, which shuts the guest down); a unit whose file is gone would be killed
+    // with systemd's defaults.
+    for u in plan.stale() {
         eprintln!("hostd: stopping {u} (its guest left the fleet)");
-        // A unit that is not loaded any more is not running either.
-        let _ = systemctl(&["stop", u]);
+        // A unit that is not loaded is not running either.
+        let _ = systemctl(&["stop", &u]);
     }
+    let g = write(plan)?;
+    systemctl(&["daemon-reload"])?;
     let changed: Vec<&str> = g
         .written
         .iter()
