@@ -161,7 +161,12 @@ let
 
   coreGuests = mapAttrs
     (name: g: {
-      image = if g.image == null then null else toString g.image;
+      # A Nix path is copied to the store, so a changed image changes the unit (and
+      # restarts the guest on switch); a string names a host file as it is.
+      image =
+        if g.image == null then null
+        else if builtins.isPath g.image then "${g.image}"
+        else g.image;
       specFile = specDir name g;
       inherit (g) vmm vcpus memory autostart restart secrets stopTimeout;
       trust = map toString g.trust;
