@@ -91,6 +91,8 @@ let
       Delegate = true;
       KillMode = "mixed";
       KillSignal = "SIGTERM";
+      # The guest's main service ended by SIGTERM (128 + 15), as on a clean stop.
+      SuccessExitStatus = 143;
       TimeoutStopSec = g.stopTimeout + stopMargin;
       Restart = restartValue g.restart;
       RestartSec = restartSec;
@@ -125,6 +127,7 @@ let
       "Delegate=yes"
       "KillMode=mixed"
       "KillSignal=SIGTERM"
+      "SuccessExitStatus=143"
       "TimeoutStopSec=${toString s.TimeoutStopSec}"
       "Restart=${s.Restart}"
       "RestartSec=${toString restartSec}"

@@ -8,7 +8,8 @@
 //! started the image's services), stops with SIGTERM to `hostd run` alone
 //! (`KillMode=mixed`: it shuts the guest down cleanly, then the rest of the VM's
 //! processes go), within the image's `stop_timeout` plus the runner's margin, restarts
-//! by the fleet's policy, logs the guest console to the journal, receives secrets as
+//! by the fleet's policy (a main service ended by SIGTERM, exit code 143, as on a clean
+//! stop, counts as success), logs the guest console to the journal, receives secrets as
 //! systemd credentials (`LoadCredential=`, read back from `%d`), and keeps volumes in a
 //! state directory of its own.
 
@@ -299,7 +300,7 @@ fn guest_text(
     }
     write!(
         t,
-        "{creds}{state_directory}Delegate=yes\nKillMode=mixed\nKillSignal=SIGTERM\nTimeoutStopSec={stop_timeout}\nRestart={restart}\nRestartSec={RESTART_SEC}\nStandardOutput=journal\nStandardError=journal\n\n[Install]\nWantedBy={GUESTS_TARGET}\n"
+        "{creds}{state_directory}Delegate=yes\nKillMode=mixed\nKillSignal=SIGTERM\nSuccessExitStatus=143\nTimeoutStopSec={stop_timeout}\nRestart={restart}\nRestartSec={RESTART_SEC}\nStandardOutput=journal\nStandardError=journal\n\n[Install]\nWantedBy={GUESTS_TARGET}\n"
     )
     .ok();
     Ok(t)

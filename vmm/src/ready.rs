@@ -76,3 +76,32 @@ pub fn services_started() {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one test that touches NOTIFY_SOCKET and the process-wide socket.
+    #[test]
+    fn ready_is_sent_once_to_the_socket_named_by_the_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify");
+        let manager = UnixDatagram::bind(&path).expect("bind");
+        manager.set_nonblocking(true).expect("nonblocking");
+        assert!(!awaited());
+        std::env::set_var("NOTIFY_SOCKET", &path);
+        init_from_env();
+        assert!(std::env::var_os("NOTIFY_SOCKET").is_none());
+        assert!(awaited());
+        services_started();
+        services_started();
+        let mut buf = [0u8; 256];
+        let n = manager.recv(&mut buf).expect("one datagram");
+        assert_eq!(
+            &buf[..n],
+            b"READY=1\nSTATUS=guest services started\n".as_slice()
+        );
+        assert!(manager.recv(&mut buf).is_err(), "a second READY was sent");
+        assert!(!awaited());
+    }
+}
