@@ -76,7 +76,7 @@ pub fn run(cmd: SystemdCommand) -> Result<i32> {
 
 /// What a generation did.
 struct Generated {
-    /// Units written, with whether their text changed.
+    /// Units written, with whether an earlier text of theirs changed.
     written: BTreeMap<String, bool>,
     /// Units of the previous generation that are gone.
     removed: Vec<String>,
@@ -211,14 +211,18 @@ fn write(plan: Plan) -> Result<Generated> {
     let manifest = dir.join(units::MANIFEST);
     let mut written = BTreeMap::new();
     for f in &files {
-        let changed = write_if_changed(&dir.join(&f.name), &f.text)?;
+        let path = dir.join(&f.name);
+        // A new unit is not a changed one (nothing of it runs yet).
+        let existed = path.exists();
+        let changed = write_if_changed(&path, &f.text)? && existed;
         written.insert(f.name.clone(), changed);
     }
     let fleet_file = dir.join(units::DAEMON_FLEET);
     match &daemon_fleet {
         Some(text) => {
             // The daemon's fleet changing is the daemon's unit changing.
-            if write_if_changed(&fleet_file, text)? {
+            let existed = fleet_file.exists();
+            if write_if_changed(&fleet_file, text)? && existed {
                 written.insert(units::DAEMON_UNIT.into(), true);
             }
         }

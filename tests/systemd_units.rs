@@ -111,12 +111,13 @@ fn systemd_ns(units: &Path, commands: &[String]) -> String {
     text
 }
 
-/// A bash loop waiting up to `secs` for `cond`, printing `what: ok` or `what: TIMEOUT`.
-fn wait(what: &str, cond: &str, secs: u32) -> String {
-    format!(
-        "for i in $(seq {n}); do if {cond}; then echo '{what}: ok'; break; fi; sleep 0.5; done; {cond} || echo '{what}: TIMEOUT'",
-        n = secs * 2
-    )
+/// Two bash loops (systemd-ns gives each command 60 s) waiting up to 50 s each for
+/// `cond`, printing `what: ok` once it holds or `what: TIMEOUT`.
+fn wait(what: &str, cond: &str) -> [String; 2] {
+    let one = format!(
+        "for i in $(seq 100); do if {cond}; then echo '{what}: ok'; exit 0; fi; sleep 0.5; done; echo '{what}: TIMEOUT'"
+    );
+    [one.clone(), one]
 }
 
 /// The lines of `text` between `### marker` and the next `(rc=`.
@@ -146,6 +147,11 @@ image = "web.img"
 vmm = "qemu"
 secrets = { token = "token" }
 
+[guests.keep]
+image = "web.img"
+vmm = "qemu"
+memory = "128M"
+
 [guests.crash]
 image = "crash.img"
 vmm = "qemu"
@@ -156,10 +162,11 @@ spec = "built.toml"
 vmm = "qemu"
 restart = "never"
 "#;
+    // Without web, and with keep changed.
     let fleet_without_web = fleet_all
-        .split("[guests.crash]")
+        .split("[guests.keep]")
         .nth(1)
-        .map(|rest| format!("[guests.crash]{rest}"))
+        .map(|rest| format!("[guests.keep]{rest}").replacen("128M", "160M", 1))
         .expect("split fleet");
     std::fs::write(d.join("fleet.toml"), fleet_all).expect("fleet");
     std::fs::write(d.join("fleet-2.toml"), fleet_without_web).expect("fleet 2");
@@ -177,40 +184,45 @@ restart = "never"
     };
     let journal = |u: &str| format!("journalctl -u hostd-guest-{u} -o cat --no-pager");
     let web_up = format!("{} | grep -q 'web got='", journal("web"));
-    let out = systemd_ns(
-        &units,
-        &[
-            apply("fleet.toml"),
-            wait("web up", &web_up, 60),
-            "echo web:; systemctl show -p ActiveState,SubState,StatusText hostd-guest-web".into(),
-            wait(
-                "crash restarted",
-                "[ $(systemctl show -p NRestarts --value hostd-guest-crash) -ge 2 ]",
-                60,
-            ),
-            wait(
-                "built ran",
-                &format!("{} | grep -q 'hello from a unit-built image'", journal("built")),
-                120,
-            ),
-            "systemctl start hostd-guest-built".into(),
-            wait(
-                "built ran twice",
-                &format!(
-                    "[ $({} | grep -c 'hello from a unit-built image') -ge 2 ]",
-                    journal("built")
-                ),
-                60,
-            ),
-            format!("echo JOURNAL-BUILT; {}", journal("built")),
-            "systemctl stop hostd-guest-web; echo stopped:; systemctl show -p ActiveState,Result hostd-guest-web".into(),
-            format!("echo JOURNAL-WEB; {}", journal("web")),
-            "systemctl start hostd-guest-web".into(),
-            apply("fleet-2.toml"),
-            "echo after-apply:; systemctl show -p ActiveState hostd-guest-web; ls UNITS".replace("UNITS", &units.display().to_string()),
-            format!("echo JOURNAL-WEB-2; {}", journal("web")),
-        ],
+    let built_ran = |n: u32| {
+        format!(
+            "[ $({} | grep -c 'hello from a unit-built image') -ge {n} ]",
+            journal("built")
+        )
+    };
+    let mut commands = vec![apply("fleet.toml")];
+    commands.extend(wait("web up", &web_up));
+    commands.push(
+        "echo web:; systemctl show -p ActiveState,SubState,StatusText hostd-guest-web".into(),
     );
+    commands.extend(wait(
+        "crash restarted",
+        "[ $(systemctl show -p NRestarts --value hostd-guest-crash) -ge 2 ]",
+    ));
+    commands.extend(wait("built ran", &built_ran(1)));
+    commands.push("systemctl start --no-block hostd-guest-built".into());
+    commands.extend(wait("built ran twice", &built_ran(2)));
+    commands.extend([
+        format!("echo JOURNAL-BUILT; {}", journal("built")),
+        "systemctl stop hostd-guest-web; echo stopped:; systemctl show -p ActiveState,Result hostd-guest-web".into(),
+        format!("echo JOURNAL-WEB; {}", journal("web")),
+        "systemctl start hostd-guest-web".into(),
+    ]);
+    // The service's SIGTERM trap is set once it printed its secret.
+    commands.extend(wait(
+        "web up again",
+        &format!("[ $({} | grep -c 'web got=') -ge 2 ]", journal("web")),
+    ));
+    commands.extend([
+        "echo keep-before: $(systemctl show -p MainPID --value hostd-guest-keep)".into(),
+        apply("fleet-2.toml"),
+        "echo keep-changed: $(systemctl show -p MainPID --value hostd-guest-keep) $(systemctl is-active hostd-guest-keep)".into(),
+        apply("fleet-2.toml"),
+        "echo keep-unchanged: $(systemctl show -p MainPID --value hostd-guest-keep) $(systemctl is-active hostd-guest-keep)".into(),
+        format!("echo after-apply:; systemctl show -p ActiveState hostd-guest-web; ls {}", units.display()),
+        format!("echo JOURNAL-WEB-2; {}", journal("web")),
+    ]);
+    let out = systemd_ns(&units, &commands);
     // Type=notify: active (running) once guest init reported the services started.
     assert!(out.contains("web up: ok"), "web never came up");
     let web = section(&out, "echo web:");
@@ -257,8 +269,38 @@ restart = "never"
     assert!(!after.contains("hostd-guest-web.service"), "{after}");
     assert!(after.contains("hostd-guest-crash.service"), "{after}");
     let j2 = section(&out, "echo JOURNAL-WEB-2;");
+    assert!(out.contains("web up again: ok"), "web did not start again");
     assert_eq!(j2.matches("[web] web got SIGTERM").count(), 2, "{j2}");
+    assert_eq!(
+        j2.matches("hostd-init: powering off (exit code 0)").count(),
+        2,
+        "{j2}"
+    );
     assert!(out.contains("stopping hostd-guest-web.service (its guest left the fleet)"));
+    // A changed guest is restarted by apply, an unchanged one is not.
+    let pid = |marker: &str| -> (String, String) {
+        let line = out
+            .lines()
+            .find_map(|l| l.strip_prefix(marker))
+            .unwrap_or_else(|| panic!("no {marker}"));
+        let mut w = line.split_whitespace();
+        (
+            w.next().unwrap_or_default().to_string(),
+            w.next().unwrap_or_default().to_string(),
+        )
+    };
+    let before = pid("keep-before: ").0;
+    let (changed, state) = pid("keep-changed: ");
+    let (unchanged, state2) = pid("keep-unchanged: ");
+    assert!(before != "0" && changed != before, "{before} -> {changed}");
+    assert_eq!((state.as_str(), state2.as_str()), ("active", "active"));
+    assert_eq!(unchanged, changed, "an unchanged guest was restarted");
+    assert_eq!(
+        out.matches("restarting changed unit(s) that run: hostd-guest-keep.service\n")
+            .count(),
+        1,
+        "only keep changed, once"
+    );
 }
 
 /// `systemd-analyze verify` on every unit a fleet with every kind of entry generates:
