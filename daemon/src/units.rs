@@ -31,6 +31,8 @@ pub const MANIFEST: &str = "hostd-units.list";
 /// Seconds added to an image's `stop_timeout` for `TimeoutStopSec=`: `hostd run`
 /// waits `stop_timeout` + 15 s for the guest to power off before it kills it.
 pub const STOP_MARGIN_SECS: u32 = 20;
+/// `TimeoutStartSec=` of a guest built from a spec when its unit starts.
+pub const BUILD_START_TIMEOUT_SECS: u32 = 900;
 /// Seconds between a guest's end and its restart.
 pub const RESTART_SEC: u32 = 2;
 
@@ -280,6 +282,11 @@ fn guest_text(
         ),
         _ => String::new(),
     };
+    // A first build fetches packages: more than systemd's default 90 s to get ready.
+    let start_timeout = match g.image {
+        ImageSource::Spec(_) => format!("TimeoutStartSec={BUILD_START_TIMEOUT_SECS}\n"),
+        _ => String::new(),
+    };
     let restart = match g.restart {
         Restart::Always => "always",
         Restart::OnFailure => "on-failure",
@@ -300,7 +307,7 @@ fn guest_text(
     }
     write!(
         t,
-        "{creds}{state_directory}Delegate=yes\nKillMode=mixed\nKillSignal=SIGTERM\nSuccessExitStatus=143\nTimeoutStopSec={stop_timeout}\nRestart={restart}\nRestartSec={RESTART_SEC}\nStandardOutput=journal\nStandardError=journal\n\n[Install]\nWantedBy={GUESTS_TARGET}\n"
+        "{creds}{state_directory}Delegate=yes\nKillMode=mixed\nKillSignal=SIGTERM\nSuccessExitStatus=143\n{start_timeout}TimeoutStopSec={stop_timeout}\nRestart={restart}\nRestartSec={RESTART_SEC}\nStandardOutput=journal\nStandardError=journal\n\n[Install]\nWantedBy={GUESTS_TARGET}\n"
     )
     .ok();
     Ok(t)
