@@ -25,8 +25,8 @@ pub fn init_from_env() {
     let Some(addr) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
-    // SAFETY (of the environment change): called by `hostd run` at start, before any
-    // thread is spawned.
+    // Changing the environment races only with threads reading it: `hostd run` calls
+    // this first, before it starts any.
     std::env::remove_var("NOTIFY_SOCKET");
     match connect(&addr.to_string_lossy()) {
         Ok(s) => {
