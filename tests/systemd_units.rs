@@ -138,10 +138,22 @@ fn guest_units_run_under_systemd() {
     let d = dir.path();
     build_image(d, "web", WEB);
     build_image(d, "crash", CRASH);
+    // The hello example itself, as shipped.
+    let hello = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/images/examples/hello.toml"
+    ))
+    .expect("hello example");
+    build_image(d, "hello", &hello);
     write_spec(d, "built", BUILT);
     std::fs::copy(kernel(), d.join("vmlinux")).expect("copy kernel");
     std::fs::write(d.join("token"), "s3cret-value\n").expect("token");
     let fleet_all = r#"
+[guests.hello]
+image = "hello.img"
+vmm = "qemu"
+restart = "never"
+
 [guests.web]
 image = "web.img"
 vmm = "qemu"
@@ -162,7 +174,7 @@ spec = "built.toml"
 vmm = "qemu"
 restart = "never"
 "#;
-    // Without web, and with keep changed.
+    // Without hello and web, and with keep changed.
     let fleet_without_web = fleet_all
         .split("[guests.keep]")
         .nth(1)
@@ -192,6 +204,17 @@ restart = "never"
     };
     let mut commands = vec![apply("fleet.toml")];
     commands.extend(wait("web up", &web_up));
+    commands.extend(wait(
+        "hello ran",
+        &format!(
+            "{} | grep -q 'hostd-init: powering off (exit code 0)'",
+            journal("hello")
+        ),
+    ));
+    commands.push(format!(
+        "echo JOURNAL-HELLO; {}; systemctl show -p ActiveState,Result hostd-guest-hello",
+        journal("hello")
+    ));
     commands.push(
         "echo web:; systemctl show -p ActiveState,SubState,StatusText hostd-guest-web".into(),
     );
@@ -231,6 +254,13 @@ restart = "never"
             && web.contains("SubState=running")
             && web.contains("StatusText=guest services started"),
         "{web}"
+    );
+    // The hello example's console in the journal; it ended well.
+    let h = section(&out, "echo JOURNAL-HELLO;");
+    assert!(h.contains("[hello] hello from hostd"), "{h}");
+    assert!(
+        h.contains("ActiveState=inactive") && h.contains("Result=success"),
+        "{h}"
     );
     // The console in the journal, and the secret only where it is declared.
     let j = section(&out, "echo JOURNAL-WEB;");
