@@ -354,3 +354,26 @@ fn build_image(spec: &Path, image: &Path) -> Result<i32> {
     }
     Ok(code)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_build_cache_key_follows_the_spec_and_its_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = dir.path().join("app.toml");
+        std::fs::write(&spec, "name = \"app\"\n").expect("spec");
+        let no_lock = inputs_digest(&spec).expect("digest");
+        assert_eq!(inputs_digest(&spec).expect("digest"), no_lock);
+        std::fs::write(dir.path().join("app.lock"), "lock").expect("lock");
+        let locked = inputs_digest(&spec).expect("digest");
+        assert_ne!(locked, no_lock);
+        std::fs::write(&spec, "name = \"app2\"\n").expect("spec");
+        assert_ne!(inputs_digest(&spec).expect("digest"), locked);
+        // Lengths are part of the key: moving bytes between spec and lock changes it.
+        std::fs::write(&spec, "name = \"app\"\nl").expect("spec");
+        std::fs::write(dir.path().join("app.lock"), "ock").expect("lock");
+        assert_ne!(inputs_digest(&spec).expect("digest"), locked);
+    }
+}
