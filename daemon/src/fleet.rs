@@ -226,7 +226,11 @@ impl Fleet {
                 path: path.to_owned(),
             });
         }
-        let dir = path.parent().unwrap_or(Path::new("."));
+        // `fleet.toml`'s parent is "", which is the current directory.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
         let base = std::path::absolute(dir).map_err(read)?;
         Self::parse(&text, &base, path)
     }
