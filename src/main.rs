@@ -1,6 +1,7 @@
 //! `hostd`: an immutable service host. CLI wiring only; the work is in the crates.
 
 mod backend_cmd;
+mod daemon_cmd;
 mod fn_cmd;
 mod image_cmd;
 mod interrupt;
@@ -82,6 +83,37 @@ enum Command {
         #[command(subcommand)]
         cmd: backend_cmd::BackendCommand,
     },
+    /// Run the host daemon: guests (and functions) behind a REST API on a Unix socket
+    /// (docs/daemon.md).
+    Daemon(daemon_cmd::DaemonArgs),
+    /// Apply a fleet file: the daemon creates, replaces and removes guests to match it.
+    Apply {
+        /// The fleet file (TOML).
+        file: PathBuf,
+        #[command(flatten)]
+        socket: daemon_cmd::SocketArg,
+    },
+    /// List the daemon's guests.
+    Ps {
+        #[command(flatten)]
+        socket: daemon_cmd::SocketArg,
+    },
+    /// Create a guest in the daemon from an image, and start it.
+    Up(daemon_cmd::UpArgs),
+    /// Start a stopped guest.
+    Start(daemon_cmd::NameArgs),
+    /// Stop a guest (clean shutdown, then SIGKILL after the image's stop timeout).
+    Stop(daemon_cmd::NameArgs),
+    /// Stop and delete a guest.
+    Rm(daemon_cmd::NameArgs),
+    /// Print a guest's console.
+    Logs {
+        /// Keep printing new lines as they come.
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        args: daemon_cmd::NameArgs,
+    },
     /// WebAssembly nanoservices.
     Fn {
         #[command(subcommand)]
@@ -128,6 +160,14 @@ fn main() {
         Command::Backend { cmd } => backend_cmd::run(cmd),
         Command::Fn { cmd } => fn_cmd::run(cmd),
         Command::Systemd { cmd } => systemd_cmd::run(cmd),
+        Command::Daemon(args) => daemon_cmd::daemon(args),
+        Command::Apply { file, socket } => daemon_cmd::apply(&file, &socket),
+        Command::Ps { socket } => daemon_cmd::ps(&socket),
+        Command::Up(args) => daemon_cmd::up(args),
+        Command::Start(args) => daemon_cmd::start_stop(&args, true),
+        Command::Stop(args) => daemon_cmd::start_stop(&args, false),
+        Command::Rm(args) => daemon_cmd::rm(&args),
+        Command::Logs { follow, args } => daemon_cmd::logs(&args, follow),
     };
     interrupt::wait_if_interrupted();
     match result {
