@@ -574,6 +574,34 @@ mod tests {
     }
 
     #[test]
+    fn a_fleet_survives_json_and_is_checked_again() {
+        let f = parse(
+            "[guests.web]\nimage = \"web.img\"\nmemory = \"256M\"\n[functions.hello]\ncomponent = \"h.wasm\"\nroutes = [\"/h\"]\n",
+        )
+        .expect("valid");
+        let json = serde_json::to_string(&f).expect("json");
+        let back: Fleet = serde_json::from_str(&json).expect("back");
+        assert_eq!(back, f);
+        assert!(back.check().is_ok());
+        let mut bad = back.clone();
+        bad.guests.get_mut("web").expect("web").memory = Some("lots".into());
+        assert_eq!(
+            bad.check().map_err(|i| i.what),
+            Err("guests.web.memory".into())
+        );
+        let mut bad = back.clone();
+        bad.guests.get_mut("web").expect("web").image = ImageSource::File("rel.img".into());
+        assert_eq!(
+            bad.check().map_err(|i| i.what),
+            Err("guests.web.image".into())
+        );
+        let mut bad = back;
+        let g = bad.guests.remove("web").expect("web");
+        bad.guests.insert("../x".into(), g);
+        assert_eq!(bad.check().map_err(|i| i.what), Err("guests.../x".into()));
+    }
+
+    #[test]
     fn names() {
         assert!(valid_name("web-1_a"));
         for bad in ["", "-a", "A", "a/b", "..", "a.b", &"a".repeat(64)] {

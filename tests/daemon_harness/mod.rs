@@ -192,12 +192,9 @@ impl Drop for Daemon {
     }
 }
 
-/// SIGKILL to a guest's process group (its `hostd run` is the leader of its session).
+/// SIGKILL to every process of a guest (its `hostd run` leads its own session).
 pub fn kill_group(pid: u32) {
-    // SAFETY: kill takes no memory.
-    unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
-    // SAFETY: as above.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    hostd_daemon::guests::process::kill_session(pid);
 }
 
 /// Whether process `pid` exists (and is not a zombie).

@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -87,12 +88,33 @@ impl Console {
         let mut partial: Vec<u8> = Vec::new();
         let mut first = true;
         let mut buf = vec![0u8; 64 << 10];
+        // The open file and its inode: reopened only when the path names another file.
+        let mut open: Option<(std::fs::File, u64)> = None;
         while !self.closed.load(Ordering::Relaxed) {
-            let Ok(mut f) = std::fs::File::open(&self.path) else {
+            let Ok(meta) = std::fs::metadata(&self.path) else {
                 tokio::time::sleep(POLL).await;
                 continue;
             };
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if open.as_ref().map(|(_, ino)| *ino) != Some(meta.ino()) {
+                match std::fs::File::open(&self.path) {
+                    Ok(f) => {
+                        if open.is_some() {
+                            // Replaced: start over with the new file.
+                            pos = 0;
+                            partial.clear();
+                        }
+                        open = Some((f, meta.ino()));
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(POLL).await;
+                        continue;
+                    }
+                }
+            }
+            let Some((f, _)) = open.as_mut() else {
+                continue;
+            };
+            let len = meta.len();
             if len < pos {
                 // Replaced or truncated: start over.
                 pos = 0;
@@ -133,5 +155,46 @@ impl Console {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    async fn wait_lines(c: &Console, n: usize) -> Vec<String> {
+        for _ in 0..100 {
+            let l = c.lines(RING_LINES);
+            if l.len() >= n {
+                return l;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        c.lines(RING_LINES)
+    }
+
+    #[tokio::test]
+    async fn the_ring_and_followers_get_each_line_once_across_a_replaced_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, "before 1\nbefore 2\n").expect("write");
+        let c = Console::start(path.clone());
+        assert_eq!(wait_lines(&c, 2).await, ["before 1", "before 2"]);
+        let (old, mut rx) = c.follow(1);
+        assert_eq!(old, ["before 2"]);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open");
+        f.write_all(b"new line\npart").expect("write");
+        assert_eq!(rx.recv().await.expect("line"), "new line");
+        f.write_all(b"ial\n").expect("write");
+        assert_eq!(rx.recv().await.expect("line"), "partial");
+        // A new file at the path (a guest deleted and made again) is read from its start.
+        std::fs::remove_file(&path).expect("rm");
+        std::fs::write(&path, "fresh\n").expect("write");
+        assert_eq!(rx.recv().await.expect("line"), "fresh");
+        c.close();
     }
 }

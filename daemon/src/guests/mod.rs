@@ -481,8 +481,7 @@ impl Guests {
         };
         if tokio::time::timeout(timeout, rx.changed()).await.is_err() {
             tracing::warn!("guest {name}: did not stop within {timeout:?}; SIGKILL");
-            process::signal(-(pid as i32), libc::SIGKILL);
-            process::signal(pid as i32, libc::SIGKILL);
+            process::kill_session(pid);
             let _ = tokio::time::timeout(Duration::from_secs(10), rx.changed()).await;
         }
         self.get(name)
@@ -590,5 +589,73 @@ pub fn check_absolute(what: &str, p: &Path) -> Result<(), ApiError> {
             "{what}: `{}` is relative; give an absolute path",
             p.display()
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_one_second_to_a_minute() {
+        let secs: Vec<u64> = (0..9).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+
+    fn decl() -> fleet::Guest {
+        fleet::validate_guest(
+            "web",
+            fleet::GuestDecl {
+                image: Some("/srv/web.img".into()),
+                autostart: true,
+                ..Default::default()
+            },
+            Path::new("/"),
+        )
+        .expect("valid")
+    }
+
+    #[test]
+    fn config_digest_changes_with_the_declaration_and_the_image_only() {
+        let a = decl();
+        let d = config_digest(&a, "aa");
+        assert_eq!(d, config_digest(&a.clone(), "aa"));
+        assert_ne!(d, config_digest(&a, "ab"));
+        let mut b = a.clone();
+        b.memory = Some("512M".into());
+        assert_ne!(d, config_digest(&b, "aa"));
+        let mut c = a;
+        c.restart = Restart::Always;
+        assert_ne!(d, config_digest(&c, "aa"));
+    }
+
+    #[test]
+    fn run_args_follow_the_declaration() {
+        let mut g = decl();
+        g.vmm = fleet::Vmm::Qemu;
+        g.memory = Some("256M".into());
+        g.secrets.insert("db".into(), "/run/keys/db".into());
+        let a = process::run_args(&g, Path::new("/s/images/sha256/x"), Path::new("/s/volumes"));
+        assert_eq!(
+            a,
+            [
+                "run",
+                "--vmm",
+                "qemu",
+                "--mem=256M",
+                "--secret=db=@/run/keys/db",
+                "--state-dir=/s/volumes",
+                "/s/images/sha256/x"
+            ]
+        );
+    }
+
+    #[test]
+    fn start_ticks_tell_this_process() {
+        let me = std::process::id();
+        let t = process::start_ticks(me).expect("own stat");
+        assert_eq!(process::start_ticks(me), Some(t));
+        assert!(!process::is_zombie(me));
     }
 }

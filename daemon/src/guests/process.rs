@@ -176,6 +176,30 @@ pub fn signal(pid: i32, sig: i32) {
     unsafe { libc::kill(pid, sig) };
 }
 
+/// SIGKILL to every process in session `sid` (a guest's `hostd run` leads its own
+/// session; its monitor and device backends may sit in process groups of their own).
+pub fn kill_session(sid: u32) {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command: state, ppid, pgrp, session.
+        let session = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(3))
+            .and_then(|s| s.parse::<u32>().ok());
+        if session == Some(sid) {
+            signal(pid as i32, libc::SIGKILL);
+        }
+    }
+}
+
 /// The console file of a guest.
 pub fn console_path(guest_dir: &Path) -> PathBuf {
     guest_dir.join("console.log")
