@@ -33,8 +33,8 @@ use crate::format::{self, sections};
 use crate::input;
 use crate::lock::{self, Lock, LockedPackage, LOCK_VERSION};
 use crate::manifest::{
-    BaseInfo, KernelInfo, Manifest, RootInfo, Service, Step, Volume, MANIFEST_PATH_IN_GUEST,
-    MANIFEST_SCHEMA,
+    BaseInfo, KernelInfo, Manifest, NetworkInfo, RootInfo, Service, Step, Tmpfs, Volume,
+    MANIFEST_PATH_IN_GUEST, MANIFEST_SCHEMA,
 };
 use crate::packages::{self, index::Index, PackageError};
 use crate::progress::Progress;
@@ -391,6 +391,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         };
         tree.insert(&f.path, node);
     }
+    let tmpfs = tmpfs_mounts(&spec, &mut tree);
 
     // A read-only root: the whole tree goes into the `rootfs` section.
     let root = spec.root.unwrap_or_else(|| {
@@ -485,6 +486,13 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             sha256: format::digest_hex(&Sha256::digest(bytes).into()),
         }),
         base: base_info,
+        tmpfs,
+        network: (!spec.network.dns.is_empty() || !spec.network.search.is_empty()).then(|| {
+            NetworkInfo {
+                dns: spec.network.dns.clone(),
+                search: spec.network.search.clone(),
+            }
+        }),
     };
     let manifest_json = manifest.to_canonical_json();
 
@@ -649,6 +657,43 @@ fn closure(spec: &Spec, opts: &BuildOptions, tree: &mut Tree) -> Result<Unpacked
         notes,
     };
     Ok((infos, Some(report), new_lock))
+}
+
+/// The spec's tmpfs mounts, each taking the mode and owner the spec gives, else those
+/// of the directory it covers in the tree (what the package made, e.g.
+/// `/var/log/lighttpd` 0750 www-data), else 0755 root. The mount point is made a
+/// directory in the tree (a read-only root cannot grow one at boot).
+fn tmpfs_mounts(spec: &Spec, tree: &mut Tree) -> Vec<Tmpfs> {
+    spec.tmpfs
+        .iter()
+        .map(|t| {
+            let under = tree
+                .get(&t.path)
+                .filter(|n| matches!(n.kind, Kind::Dir))
+                .map(|n| (n.mode, n.uid, n.gid));
+            let (dmode, duid, dgid) = under.unwrap_or((0o755, 0, 0));
+            let mode = t
+                .mode
+                .as_deref()
+                .and_then(|m| u32::from_str_radix(m, 8).ok())
+                .unwrap_or(dmode);
+            let (uid, gid) = t
+                .owner
+                .as_deref()
+                .and_then(parse_owner)
+                .unwrap_or((duid, dgid));
+            if under.is_none() {
+                tree.insert(&t.path, dir_node(0o755));
+            }
+            Tmpfs {
+                path: t.path.clone(),
+                size_mib: t.size.map(|s| s.0),
+                mode,
+                uid,
+                gid,
+            }
+        })
+        .collect()
 }
 
 fn dir_node(mode: u32) -> Node {
