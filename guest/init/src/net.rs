@@ -88,8 +88,8 @@ pub fn resolver(cmdline: &str, manifest: Option<&NetworkInfo>) -> Result<Option<
     let list = |key: &str| -> Option<Vec<String>> {
         cmdline
             .split_whitespace()
-            .filter_map(|a| a.strip_prefix(key))
-            .last()
+            .rev()
+            .find_map(|a| a.strip_prefix(key))
             .map(|v| {
                 v.split(',')
                     .filter(|s| !s.is_empty())
