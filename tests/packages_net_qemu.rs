@@ -157,9 +157,10 @@ size = "16M"
 [[files]]
 path = "/etc/lighttpd/lighttpd.conf"
 contents = """
-server.modules = ("mod_access", "mod_staticfile", "mod_indexfile")
+server.modules = ("mod_indexfile", "mod_access", "mod_staticfile")
 server.document-root = "/var/www/html"
 server.errorlog = "/var/log/lighttpd/error.log"
+server.upload-dirs = ("/tmp")
 server.pid-file = "/run/lighttpd.pid"
 server.username = "www-data"
 server.groupname = "www-data"
