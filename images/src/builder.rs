@@ -304,6 +304,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         )
     })?;
 
+    let kernel_sha: [u8; 32] = Sha256::digest(&kernel).into();
+
     // Root file system: packages first, then files (files win), then hostd's own.
     let mut tree = Tree::new();
     for dir in [
@@ -419,8 +421,17 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                 file: file.clone(),
                 source,
             })?;
-            let hashes = verity::block_hashes(&bytes);
-            Some((bytes, hashes))
+            // Two passes over tens of MiB, one per core: the section's sha256 (for the
+            // manifest and the header) and the per-block list.
+            let (sha, hashes) = std::thread::scope(|s| {
+                let blocks = s.spawn(|| verity::block_hashes(&bytes));
+                let sha: [u8; 32] = Sha256::digest(&bytes).into();
+                let hashes = blocks
+                    .join()
+                    .unwrap_or_else(|_| verity::block_hashes(&bytes));
+                (sha, hashes)
+            });
+            Some((bytes, sha, hashes))
         }
     };
 
@@ -433,7 +444,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         cmdline: spec.cmdline.trim().to_string(),
         kernel: KernelInfo {
             format: kformat.to_string(),
-            sha256: format::digest_hex(&Sha256::digest(&kernel).into()),
+            sha256: format::digest_hex(&kernel_sha),
         },
         packages,
         boot: spec
@@ -479,11 +490,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             })
             .collect(),
         stop_timeout_secs: spec.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT),
-        root: rootfs.as_ref().map(|(bytes, _)| RootInfo {
+        root: rootfs.as_ref().map(|(bytes, sha, _)| RootInfo {
             fs: "erofs".into(),
             size: bytes.len() as u64,
             block_size: verity::BLOCK_SIZE as u32,
-            sha256: format::digest_hex(&Sha256::digest(bytes).into()),
+            sha256: format::digest_hex(sha),
         }),
         base: base_info,
         tmpfs,
@@ -533,27 +544,35 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     );
     let initrd = tree.to_cpio();
 
-    let mut parts: Vec<(&str, &[u8])> = vec![
-        (sections::MANIFEST, &manifest_json),
-        (sections::KERNEL, &kernel),
-        (sections::INITRD, &initrd),
+    let mut parts: Vec<(&str, &[u8], Option<[u8; 32]>)> = vec![
+        (sections::MANIFEST, &manifest_json, None),
+        (sections::KERNEL, &kernel, Some(kernel_sha)),
+        (sections::INITRD, &initrd, None),
     ];
-    if let Some((bytes, hashes)) = &rootfs {
-        parts.push((sections::ROOTFS, bytes));
-        parts.push((sections::ROOTFS_HASHES, hashes));
+    if let Some((bytes, sha, hashes)) = &rootfs {
+        parts.push((sections::ROOTFS, bytes, Some(*sha)));
+        parts.push((sections::ROOTFS_HASHES, hashes, None));
     }
     let mut image =
-        format::write_image(&parts).map_err(|e| output_err(std::io::Error::other(e)))?;
+        format::write_image_hashed(&parts).map_err(|e| output_err(std::io::Error::other(e)))?;
     if let Some(key) = opts.sign {
         let header = format::parse_header(&image, image.len() as u64)
             .map_err(|(_, e)| output_err(std::io::Error::other(e)))?;
         let signature = key
             .sign(&header, &manifest.name)
             .map_err(|source| BuildError::Sign { source })?;
-        parts.push((sections::SIGNATURE, &signature));
-        image = format::write_image(&parts).map_err(|e| output_err(std::io::Error::other(e)))?;
+        parts.push((sections::SIGNATURE, &signature, None));
+        image =
+            format::write_image_hashed(&parts).map_err(|e| output_err(std::io::Error::other(e)))?;
     }
-    format::write_atomically(opts.output, &image).map_err(|source| BuildError::Output {
+    // The image id (a pass over the whole file) while the file is written.
+    let (id, written) = std::thread::scope(|s| {
+        let id = s.spawn(|| -> [u8; 32] { Sha256::digest(&image).into() });
+        let written = format::write_atomically(opts.output, &image);
+        let id = id.join().unwrap_or_else(|_| Sha256::digest(&image).into());
+        (id, written)
+    });
+    written.map_err(|source| BuildError::Output {
         path: opts.output.to_path_buf(),
         source,
     })?;
@@ -564,7 +583,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             .map_err(|source| BuildError::Lock { source })?;
     }
     Ok(BuildReport {
-        id: format::digest_hex(&Sha256::digest(&image).into()),
+        id: format::digest_hex(&id),
         size: image.len() as u64,
         manifest,
         packages: packages_report,
