@@ -544,7 +544,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     );
     let initrd = tree.to_cpio();
 
-    let mut parts: Vec<(&str, &[u8], Option<[u8; 32]>)> = vec![
+    let mut parts: Vec<format::SectionInput> = vec![
         (sections::MANIFEST, &manifest_json, None),
         (sections::KERNEL, &kernel, Some(kernel_sha)),
         (sections::INITRD, &initrd, None),

@@ -137,19 +137,21 @@ fn align_up(v: u64) -> u64 {
     v.div_ceil(BLOCK) * BLOCK
 }
 
+/// A section to write: its name, its bytes and, when already known, their sha256.
+pub type SectionInput<'a> = (&'a str, &'a [u8], Option<[u8; 32]>);
+
 /// Serialises an image from named sections, in the given order. Returns the whole file.
 ///
 /// Panics never; errors when a name is too long or there are too many sections.
 pub fn write_image(sections: &[(&str, &[u8])]) -> Result<Vec<u8>, String> {
-    let with: Vec<(&str, &[u8], Option<[u8; 32]>)> =
-        sections.iter().map(|(n, d)| (*n, *d, None)).collect();
+    let with: Vec<SectionInput> = sections.iter().map(|(n, d)| (*n, *d, None)).collect();
     write_image_hashed(&with)
 }
 
 /// As [`write_image`], with the sha256 of some sections already known (the builder
 /// hashes its large sections once, for the manifest, rather than again here). A given
 /// digest must be the section's: the builder computes it from the same bytes.
-pub fn write_image_hashed(sections: &[(&str, &[u8], Option<[u8; 32]>)]) -> Result<Vec<u8>, String> {
+pub fn write_image_hashed(sections: &[SectionInput]) -> Result<Vec<u8>, String> {
     if sections.len() > MAX_SECTIONS {
         return Err(format!(
             "{} sections; at most {MAX_SECTIONS} fit",
