@@ -265,8 +265,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
     /// Attach a network card backed by an existing TAP device, and give the guest's
-    /// eth0 an address: `tap=NAME[,ip=ADDR/PREFIX][,gw=GATEWAY][,mac=MAC]`. Create the
-    /// TAP first: `ip tuntap add NAME mode tap && ip link set NAME up`.
+    /// eth0 an address: `tap=NAME[,ip=ADDR/PREFIX][,gw=GATEWAY][,mac=MAC][,dns=ADDR]…`
+    /// (`dns=`, up to 3, replaces the image's DNS servers in the guest's
+    /// /etc/resolv.conf). Create the TAP first: `ip tuntap add NAME mode tap && ip link
+    /// set NAME up`.
     #[arg(long, value_name = "tap=NAME,...", value_parser = parse_net)]
     pub net: Option<NetArg>,
     /// Where volumes live [default: $HOSTD_STATE, else ~/.local/share/hostd].
@@ -350,6 +352,8 @@ pub struct NetArg {
     ip: Option<String>,
     gw: Option<String>,
     mac: String,
+    /// DNS servers for the guest's /etc/resolv.conf (`dns=`, repeatable).
+    dns: Vec<String>,
 }
 
 fn parse_net(s: &str) -> Result<NetArg, String> {
@@ -358,6 +362,7 @@ fn parse_net(s: &str) -> Result<NetArg, String> {
         ip: None,
         gw: None,
         mac: "52:54:00:12:34:56".into(),
+        dns: Vec::new(),
     };
     for part in s.split(',') {
         let (k, v) = part
@@ -410,7 +415,15 @@ fn parse_net(s: &str) -> Result<NetArg, String> {
                 }
                 net.mac = v.to_ascii_lowercase()
             }
-            _ => return Err(format!("unknown key `{k}` (tap, ip, gw, mac)")),
+            "dns" => {
+                v.parse::<std::net::IpAddr>()
+                    .map_err(|_| format!("dns: `{v}` is not an IP address"))?;
+                if net.dns.len() == names::MAX_DNS {
+                    return Err(format!("dns: at most {} servers", names::MAX_DNS));
+                }
+                net.dns.push(v.to_string());
+            }
+            _ => return Err(format!("unknown key `{k}` (tap, ip, gw, mac, dns)")),
         }
     }
     if net.tap.is_empty() {
@@ -516,7 +529,12 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
                 n.gw.as_ref()
                     .map(|gw| format!(" hostd.gw={gw}"))
                     .unwrap_or_default();
-            format!("{ip}{gw}")
+            let dns = if n.dns.is_empty() {
+                String::new()
+            } else {
+                format!(" {}{}", hostd_images::abi::CMDLINE_DNS, n.dns.join(","))
+            };
+            format!("{ip}{gw}{dns}")
         })
         .unwrap_or_default();
     let cmdline = [

@@ -56,3 +56,12 @@ pub const VSOCK_SELFTEST_FLAG: &str = "hostd.vsock_selftest=1";
 pub const LINE_SECRETS_RECEIVED: &str = "secrets received over vsock (";
 /// Printed (after [`CONSOLE_PREFIX`]) by the vsock self-test: `vsock echo: LINE`.
 pub const LINE_VSOCK_ECHO: &str = "vsock echo: ";
+
+/// The resolver configuration guest init writes at boot (on the /run tmpfs), from
+/// `hostd.dns=`/`hostd.search=` on the kernel command line or else the manifest's
+/// `network`; the image's `/etc/resolv.conf` links here.
+pub const RESOLV_CONF: &str = "/run/hostd/resolv.conf";
+/// Kernel command line key for DNS servers, comma-separated (`hostd run --net dns=`).
+pub const CMDLINE_DNS: &str = "hostd.dns=";
+/// Kernel command line key for search domains, comma-separated.
+pub const CMDLINE_SEARCH: &str = "hostd.search=";

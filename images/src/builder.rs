@@ -33,8 +33,8 @@ use crate::format::{self, sections};
 use crate::input;
 use crate::lock::{self, Lock, LockedPackage, LOCK_VERSION};
 use crate::manifest::{
-    BaseInfo, KernelInfo, Manifest, RootInfo, Service, Step, Volume, MANIFEST_PATH_IN_GUEST,
-    MANIFEST_SCHEMA,
+    BaseInfo, KernelInfo, Manifest, NetworkInfo, RootInfo, Service, Step, Tmpfs, Volume,
+    MANIFEST_PATH_IN_GUEST, MANIFEST_SCHEMA,
 };
 use crate::packages::{self, index::Index, PackageError};
 use crate::progress::Progress;
@@ -304,6 +304,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         )
     })?;
 
+    let kernel_sha: [u8; 32] = Sha256::digest(&kernel).into();
+
     // Root file system: packages first, then files (files win), then hostd's own.
     let mut tree = Tree::new();
     for dir in [
@@ -391,6 +393,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         };
         tree.insert(&f.path, node);
     }
+    let tmpfs = tmpfs_mounts(&spec, &mut tree);
 
     // A read-only root: the whole tree goes into the `rootfs` section.
     let root = spec.root.unwrap_or_else(|| {
@@ -418,8 +421,17 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                 file: file.clone(),
                 source,
             })?;
-            let hashes = verity::block_hashes(&bytes);
-            Some((bytes, hashes))
+            // Two passes over tens of MiB, one per core: the section's sha256 (for the
+            // manifest and the header) and the per-block list.
+            let (sha, hashes) = std::thread::scope(|s| {
+                let blocks = s.spawn(|| verity::block_hashes(&bytes));
+                let sha: [u8; 32] = Sha256::digest(&bytes).into();
+                let hashes = blocks
+                    .join()
+                    .unwrap_or_else(|_| verity::block_hashes(&bytes));
+                (sha, hashes)
+            });
+            Some((bytes, sha, hashes))
         }
     };
 
@@ -432,7 +444,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         cmdline: spec.cmdline.trim().to_string(),
         kernel: KernelInfo {
             format: kformat.to_string(),
-            sha256: format::digest_hex(&Sha256::digest(&kernel).into()),
+            sha256: format::digest_hex(&kernel_sha),
         },
         packages,
         boot: spec
@@ -478,13 +490,20 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             })
             .collect(),
         stop_timeout_secs: spec.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT),
-        root: rootfs.as_ref().map(|(bytes, _)| RootInfo {
+        root: rootfs.as_ref().map(|(bytes, sha, _)| RootInfo {
             fs: "erofs".into(),
             size: bytes.len() as u64,
             block_size: verity::BLOCK_SIZE as u32,
-            sha256: format::digest_hex(&Sha256::digest(bytes).into()),
+            sha256: format::digest_hex(sha),
         }),
         base: base_info,
+        tmpfs,
+        network: (!spec.network.dns.is_empty() || !spec.network.search.is_empty()).then(|| {
+            NetworkInfo {
+                dns: spec.network.dns.clone(),
+                search: spec.network.search.clone(),
+            }
+        }),
     };
     let manifest_json = manifest.to_canonical_json();
 
@@ -525,27 +544,35 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     );
     let initrd = tree.to_cpio();
 
-    let mut parts: Vec<(&str, &[u8])> = vec![
-        (sections::MANIFEST, &manifest_json),
-        (sections::KERNEL, &kernel),
-        (sections::INITRD, &initrd),
+    let mut parts: Vec<format::SectionInput> = vec![
+        (sections::MANIFEST, &manifest_json, None),
+        (sections::KERNEL, &kernel, Some(kernel_sha)),
+        (sections::INITRD, &initrd, None),
     ];
-    if let Some((bytes, hashes)) = &rootfs {
-        parts.push((sections::ROOTFS, bytes));
-        parts.push((sections::ROOTFS_HASHES, hashes));
+    if let Some((bytes, sha, hashes)) = &rootfs {
+        parts.push((sections::ROOTFS, bytes, Some(*sha)));
+        parts.push((sections::ROOTFS_HASHES, hashes, None));
     }
     let mut image =
-        format::write_image(&parts).map_err(|e| output_err(std::io::Error::other(e)))?;
+        format::write_image_hashed(&parts).map_err(|e| output_err(std::io::Error::other(e)))?;
     if let Some(key) = opts.sign {
         let header = format::parse_header(&image, image.len() as u64)
             .map_err(|(_, e)| output_err(std::io::Error::other(e)))?;
         let signature = key
             .sign(&header, &manifest.name)
             .map_err(|source| BuildError::Sign { source })?;
-        parts.push((sections::SIGNATURE, &signature));
-        image = format::write_image(&parts).map_err(|e| output_err(std::io::Error::other(e)))?;
+        parts.push((sections::SIGNATURE, &signature, None));
+        image =
+            format::write_image_hashed(&parts).map_err(|e| output_err(std::io::Error::other(e)))?;
     }
-    format::write_atomically(opts.output, &image).map_err(|source| BuildError::Output {
+    // The image id (a pass over the whole file) while the file is written.
+    let (id, written) = std::thread::scope(|s| {
+        let id = s.spawn(|| -> [u8; 32] { Sha256::digest(&image).into() });
+        let written = format::write_atomically(opts.output, &image);
+        let id = id.join().unwrap_or_else(|_| Sha256::digest(&image).into());
+        (id, written)
+    });
+    written.map_err(|source| BuildError::Output {
         path: opts.output.to_path_buf(),
         source,
     })?;
@@ -556,7 +583,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             .map_err(|source| BuildError::Lock { source })?;
     }
     Ok(BuildReport {
-        id: format::digest_hex(&Sha256::digest(&image).into()),
+        id: format::digest_hex(&id),
         size: image.len() as u64,
         manifest,
         packages: packages_report,
@@ -649,6 +676,43 @@ fn closure(spec: &Spec, opts: &BuildOptions, tree: &mut Tree) -> Result<Unpacked
         notes,
     };
     Ok((infos, Some(report), new_lock))
+}
+
+/// The spec's tmpfs mounts, each taking the mode and owner the spec gives, else those
+/// of the directory it covers in the tree (what the package made, e.g.
+/// `/var/log/lighttpd` 0750 www-data), else 0755 root. The mount point is made a
+/// directory in the tree (a read-only root cannot grow one at boot).
+fn tmpfs_mounts(spec: &Spec, tree: &mut Tree) -> Vec<Tmpfs> {
+    spec.tmpfs
+        .iter()
+        .map(|t| {
+            let under = tree
+                .get(&t.path)
+                .filter(|n| matches!(n.kind, Kind::Dir))
+                .map(|n| (n.mode, n.uid, n.gid));
+            let (dmode, duid, dgid) = under.unwrap_or((0o755, 0, 0));
+            let mode = t
+                .mode
+                .as_deref()
+                .and_then(|m| u32::from_str_radix(m, 8).ok())
+                .unwrap_or(dmode);
+            let (uid, gid) = t
+                .owner
+                .as_deref()
+                .and_then(parse_owner)
+                .unwrap_or((duid, dgid));
+            if under.is_none() {
+                tree.insert(&t.path, dir_node(0o755));
+            }
+            Tmpfs {
+                path: t.path.clone(),
+                size_mib: t.size.map(|s| s.0),
+                mode,
+                uid,
+                gid,
+            }
+        })
+        .collect()
 }
 
 fn dir_node(mode: u32) -> Node {

@@ -72,11 +72,49 @@ fn stage_err<'a>(
 const CHOWN_HINT: &str =
     " (entries with different owners need root to stage; run `hostd build` as root)";
 
+/// Staging on /dev/shm (tmpfs) when it can hold at most this much.
+const SHM_STAGING_MAX: u64 = 1 << 30;
+
+/// Where the root is staged for mkfs.erofs: `$TMPDIR` when set; else /dev/shm when it
+/// is there and has room for twice the tree (files and the packed image), up to
+/// [`SHM_STAGING_MAX`]; else the system's temporary directory. Measured on the python3
+/// image (about 5,000 entries, 70 MiB): staging on ext4 spends most of the build's
+/// system time allocating and freeing inodes and blocks; tmpfs does not. The bytes
+/// mkfs.erofs writes do not depend on where the tree was staged (entries sorted, no
+/// timestamps, no extended attributes).
+fn staging_dir(tree: &Tree) -> PathBuf {
+    if std::env::var_os("TMPDIR").is_some() {
+        return std::env::temp_dir();
+    }
+    let bytes: u64 = tree
+        .iter()
+        .map(|(_, n)| match &n.kind {
+            Kind::File(d) => d.len() as u64,
+            _ => 0,
+        })
+        .sum();
+    let shm = Path::new("/dev/shm");
+    if bytes <= SHM_STAGING_MAX && free_bytes(shm).is_some_and(|free| free / 2 > bytes) {
+        return shm.to_path_buf();
+    }
+    std::env::temp_dir()
+}
+
+/// Bytes an unprivileged writer can still put on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: an all-zero statvfs is a valid out-value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a valid out-pointer.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 /// Packs `tree` as an erofs image, padded to a multiple of 4 KiB.
 pub fn build(tree: &Tree) -> Result<Vec<u8>, ErofsError> {
     let tmp = tempfile::Builder::new()
         .prefix("hostd-rootfs-")
-        .tempdir()
+        .tempdir_in(staging_dir(tree))
         .map_err(stage_err("/", " (is TMPDIR writable?)"))?;
     let _scratch = crate::scratch::register(tmp.path());
     let root = tmp.path().join("root");

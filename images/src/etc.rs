@@ -10,6 +10,10 @@
 use crate::rootfs::{Kind, Node, Tree};
 use crate::spec::Spec;
 
+/// Where `/etc/resolv.conf` points: the file guest init writes at boot
+/// ([`crate::abi::RESOLV_CONF`]), relative so it holds in any root.
+pub const RESOLV_CONF_TARGET: &str = "../run/hostd/resolv.conf";
+
 fn file(data: String, mode: u32, gid: u32) -> Node {
     Node {
         kind: Kind::File(data.into_bytes()),
@@ -148,6 +152,17 @@ pub fn write(tree: &mut Tree, spec: &Spec, hostname: &str) {
             0,
         ),
     );
+    // Guest init writes the resolver configuration at boot (the spec's `network`, or
+    // `hostd run --net dns=`) on the writable /run; the root may be read-only.
+    tree.insert(
+        "/etc/resolv.conf",
+        Node {
+            kind: Kind::Symlink(RESOLV_CONF_TARGET.into()),
+            mode: 0o777,
+            uid: 0,
+            gid: 0,
+        },
+    );
     if tree.get("/etc/os-release").is_none() {
         let node = if tree.get("/usr/lib/os-release").is_some() {
             Node {
@@ -225,6 +240,10 @@ mod tests {
         assert_eq!(text(&tree, "/etc/hostname"), "box\n");
         assert!(text(&tree, "/etc/hosts").contains("127.0.1.1\tbox\n"));
         assert!(text(&tree, "/etc/os-release").contains("ID=hostd"));
+        assert_eq!(
+            tree.get("/etc/resolv.conf").map(|n| n.kind.clone()),
+            Some(Kind::Symlink("../run/hostd/resolv.conf".into()))
+        );
         // The same inputs, the same bytes.
         let mut again = Tree::new();
         for (p, n) in tree.iter().filter(|(p, _)| p.starts_with("/usr")) {

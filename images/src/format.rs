@@ -137,10 +137,21 @@ fn align_up(v: u64) -> u64 {
     v.div_ceil(BLOCK) * BLOCK
 }
 
+/// A section to write: its name, its bytes and, when already known, their sha256.
+pub type SectionInput<'a> = (&'a str, &'a [u8], Option<[u8; 32]>);
+
 /// Serialises an image from named sections, in the given order. Returns the whole file.
 ///
 /// Panics never; errors when a name is too long or there are too many sections.
 pub fn write_image(sections: &[(&str, &[u8])]) -> Result<Vec<u8>, String> {
+    let with: Vec<SectionInput> = sections.iter().map(|(n, d)| (*n, *d, None)).collect();
+    write_image_hashed(&with)
+}
+
+/// As [`write_image`], with the sha256 of some sections already known (the builder
+/// hashes its large sections once, for the manifest, rather than again here). A given
+/// digest must be the section's: the builder computes it from the same bytes.
+pub fn write_image_hashed(sections: &[SectionInput]) -> Result<Vec<u8>, String> {
     if sections.len() > MAX_SECTIONS {
         return Err(format!(
             "{} sections; at most {MAX_SECTIONS} fit",
@@ -149,7 +160,7 @@ pub fn write_image(sections: &[(&str, &[u8])]) -> Result<Vec<u8>, String> {
     }
     let mut table = Vec::with_capacity(sections.len());
     let mut offset = BLOCK;
-    for (name, data) in sections {
+    for (name, data, known) in sections {
         if name.is_empty() || name.len() > MAX_NAME || !name.is_ascii() {
             return Err(format!(
                 "section name `{name}` must be 1-{MAX_NAME} ASCII bytes"
@@ -159,7 +170,7 @@ pub fn write_image(sections: &[(&str, &[u8])]) -> Result<Vec<u8>, String> {
             name: name.to_string(),
             offset,
             length: data.len() as u64,
-            sha256: Sha256::digest(data).into(),
+            sha256: known.unwrap_or_else(|| Sha256::digest(data).into()),
         });
         offset = align_up(offset + data.len() as u64);
     }
@@ -178,7 +189,7 @@ pub fn write_image(sections: &[(&str, &[u8])]) -> Result<Vec<u8>, String> {
     }
     let digest: [u8; 32] = Sha256::digest(&out[..HEADER_DIGEST]).into();
     out[HEADER_DIGEST..BLOCK as usize].copy_from_slice(&digest);
-    for ((_, data), s) in sections.iter().zip(&table) {
+    for ((_, data, _), s) in sections.iter().zip(&table) {
         let start = s.offset as usize;
         out[start..start + data.len()].copy_from_slice(data);
     }

@@ -79,6 +79,40 @@ pub struct Manifest {
     /// written) for images without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<BaseInfo>,
+    /// tmpfs mounts made at boot (spec `tmpfs`). Not written when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tmpfs: Vec<Tmpfs>,
+    /// Default name resolution (spec `network`); `hostd run --net dns=` overrides it.
+    /// Not written when the spec gives none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkInfo>,
+}
+
+/// A tmpfs guest init mounts at boot, after the volumes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tmpfs {
+    /// Absolute mount point (the builder creates the directory in the root).
+    pub path: String,
+    /// Size limit in MiB; none: the kernel's default (half the guest's memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_mib: Option<u32>,
+    /// Mode of the mount's root directory.
+    pub mode: u32,
+    /// Owner of the mount's root directory.
+    pub uid: u32,
+    /// Group of the mount's root directory.
+    pub gid: u32,
+}
+
+/// Where the guest's resolver looks names up (`/etc/resolv.conf`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInfo {
+    /// DNS servers, IP addresses.
+    pub dns: Vec<String>,
+    /// Search domains.
+    pub search: Vec<String>,
 }
 
 /// An OCI image used as the base of the root file system.
@@ -327,6 +361,30 @@ impl Manifest {
                 );
             }
         }
+        for (i, t) in self.tmpfs.iter().enumerate() {
+            if !names::is_guest_path(&t.path) || t.path == "/" {
+                return bad(
+                    format!("tmpfs[{i}].path"),
+                    "not an absolute path other than `/`".into(),
+                );
+            }
+            if t.mode > 0o7777 || t.uid == u32::MAX || t.gid == u32::MAX {
+                return bad(
+                    format!("tmpfs[{i}]"),
+                    "mode above 07777 or an id of 4294967295".into(),
+                );
+            }
+            if t.size_mib
+                .is_some_and(|m| m == 0 || m > *names::MEMORY_MIB.end())
+            {
+                return bad(format!("tmpfs[{i}].size_mib"), "out of range".into());
+            }
+        }
+        if let Some(n) = &self.network {
+            if let Err((k, m)) = names::check_resolver(&n.dns, &n.search) {
+                return bad(format!("network.{k}"), m);
+            }
+        }
         if self.services.values().filter(|s| s.main).count() > 1 {
             return bad("services".into(), "more than one `main` service".into());
         }
@@ -423,6 +481,8 @@ mod tests {
             stop_timeout_secs: 5,
             root: None,
             base: None,
+            tmpfs: vec![],
+            network: None,
         }
     }
 

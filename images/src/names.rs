@@ -98,6 +98,45 @@ pub fn is_env_name(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// At most this many DNS servers (glibc reads three `nameserver` lines).
+pub const MAX_DNS: usize = 3;
+/// At most this many search domains (glibc's limit).
+pub const MAX_SEARCH: usize = 6;
+
+/// Checks DNS servers (IP addresses) and search domains (host names: letters, digits,
+/// `-`, `.`, at most 253 bytes). The error names the key (`dns` or `search`).
+pub fn check_resolver(dns: &[String], search: &[String]) -> Result<(), (&'static str, String)> {
+    if dns.len() > MAX_DNS {
+        return Err(("dns", format!("at most {MAX_DNS} servers")));
+    }
+    if let Some(d) = dns.iter().find(|d| d.parse::<std::net::IpAddr>().is_err()) {
+        return Err((
+            "dns",
+            format!("`{d}` is not an IP address (e.g. \"10.0.2.1\")"),
+        ));
+    }
+    if search.len() > MAX_SEARCH {
+        return Err(("search", format!("at most {MAX_SEARCH} domains")));
+    }
+    let is_domain = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && !l.starts_with('-')
+                    && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+            })
+    };
+    if let Some(s) = search.iter().find(|s| !is_domain(s)) {
+        return Err((
+            "search",
+            format!("`{s}` is not a domain name (letters, digits, `-`, `.`)"),
+        ));
+    }
+    Ok(())
+}
+
 /// A kernel command line from a spec or a manifest: printable ASCII, at most
 /// [`MAX_CMDLINE`] bytes.
 pub fn check_cmdline(s: &str) -> Result<(), String> {

@@ -71,8 +71,20 @@ impl Drop for Scratch {
 /// may still be writing into a scratch directory meanwhile, so each removal is tried
 /// until the path is gone (for at most about a second).
 pub fn remove_all() {
-    let paths = match LIVE.lock() {
-        Ok(mut live) => std::mem::take(&mut *live),
+    remove_matching(|_| true);
+}
+
+/// [`remove_all`] for the registered paths `which` selects (the unit test's own: other
+/// tests running alongside register theirs in the same registry).
+fn remove_matching(which: impl Fn(&Path) -> bool) {
+    let paths: Vec<PathBuf> = match LIVE.lock() {
+        Ok(mut live) => {
+            let (gone, stay) = std::mem::take(&mut *live)
+                .into_iter()
+                .partition(|p| which(p));
+            *live = stay;
+            gone
+        }
         Err(_) => return,
     };
     for p in paths {
@@ -100,13 +112,14 @@ mod tests {
         let b = dir.path().join("b");
         std::fs::create_dir_all(b.join("c")).unwrap_or_else(|e| panic!("{e}"));
         let guard = register(&b);
-        remove_all();
+        let ours = |p: &Path| p.starts_with(dir.path());
+        remove_matching(ours);
         assert!(!b.exists());
         drop(guard);
         let k = dir.path().join("k");
         std::fs::write(&k, b"x").unwrap_or_else(|e| panic!("{e}"));
         register(&k).keep();
-        remove_all();
+        remove_matching(ours);
         assert!(k.exists());
     }
 }

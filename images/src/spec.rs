@@ -135,6 +135,13 @@ pub struct Spec {
     /// Persistent volumes.
     #[serde(default)]
     pub volumes: Vec<VolumeSpec>,
+    /// Writable, empty-at-boot directories (tmpfs) for what a package writes at run
+    /// time (logs, caches, state) on a read-only root.
+    #[serde(default)]
+    pub tmpfs: Vec<TmpfsSpec>,
+    /// Name resolution defaults for the guest (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub network: NetworkSpec,
     /// Where the root file system (packages and files) goes; unset, by its size
     /// (see [`crate::builder::EROFS_THRESHOLD`]).
     pub root: Option<RootKind>,
@@ -261,6 +268,32 @@ pub struct VolumeSpec {
     pub size: SizeMib,
     /// Absolute mount point.
     pub mount: String,
+}
+
+/// A tmpfs mounted at boot.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TmpfsSpec {
+    /// Absolute mount point (not `/`).
+    pub path: String,
+    /// Largest size [default: the kernel's, half the guest's memory].
+    pub size: Option<SizeMib>,
+    /// Octal mode of the mount's root [default: the directory's in the image, else 0755].
+    pub mode: Option<String>,
+    /// `uid:gid` of the mount's root [default: the directory's in the image, else 0:0].
+    pub owner: Option<String>,
+}
+
+/// The guest's name resolution (written to `/etc/resolv.conf` at boot).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// DNS servers (IPv4 or IPv6 addresses), at most 3.
+    #[serde(default)]
+    pub dns: Vec<String>,
+    /// Search domains, at most 6.
+    #[serde(default)]
+    pub search: Vec<String>,
 }
 
 use crate::names::{self, is_dotted_name, is_plain_name};
@@ -592,6 +625,55 @@ impl Spec {
                 ));
             }
         }
+        let mut mounts: BTreeSet<&str> = self.volumes.iter().map(|v| v.mount.as_str()).collect();
+        for (i, t) in self.tmpfs.iter().enumerate() {
+            let field = |k: &str| format!("tmpfs[{i}].{k}");
+            if !is_guest_path(&t.path) || t.path == "/" {
+                return Err(bad(
+                    field("path"),
+                    format!("`{}` must be an absolute path other than `/`", t.path),
+                ));
+            }
+            if !mounts.insert(&t.path) {
+                return Err(bad(
+                    field("path"),
+                    format!(
+                        "`{}` is already a volume's or a tmpfs's mount point",
+                        t.path
+                    ),
+                ));
+            }
+            if let Some(SizeMib(m)) = t.size {
+                if m > *names::MEMORY_MIB.end() {
+                    return Err(bad(
+                        field("size"),
+                        format!("{m} MiB is out of range; expected at most 64G"),
+                    ));
+                }
+            }
+            if let Some(m) = &t.mode {
+                if u32::from_str_radix(m, 8)
+                    .ok()
+                    .filter(|m| *m <= 0o7777)
+                    .is_none()
+                {
+                    return Err(bad(
+                        field("mode"),
+                        format!("`{m}` is not an octal mode such as \"0755\""),
+                    ));
+                }
+            }
+            if let Some(o) = &t.owner {
+                if parse_owner(o).is_none() {
+                    return Err(bad(
+                        field("owner"),
+                        format!("`{o}` is not `uid:gid` (numbers from 0 to 4294967294)"),
+                    ));
+                }
+            }
+        }
+        names::check_resolver(&self.network.dns, &self.network.search)
+            .map_err(|(k, m)| bad(format!("network.{k}"), m))?;
         Ok(())
     }
 }
@@ -702,6 +784,34 @@ mod tests {
         assert!(e.contains("vcpus"), "{e}");
         let e = err("name = \"x\"\nname = \"y\"\n");
         assert!(e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn tmpfs_and_network_are_checked() {
+        let s = parse(
+            "name = \"x\"\n[[tmpfs]]\npath = \"/var/log/x\"\nsize = \"16M\"\n\
+             [network]\ndns = [\"10.0.2.1\", \"fd00::1\"]\nsearch = [\"hostd.test\"]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.tmpfs[0].size, Some(SizeMib(16)));
+        assert_eq!(s.network.dns.len(), 2);
+        for (spec, field) in [
+            ("[[tmpfs]]\npath = \"/\"", "tmpfs[0].path"),
+            ("[[tmpfs]]\npath = \"/a\"\nmode = \"999\"", "tmpfs[0].mode"),
+            (
+                "[[tmpfs]]\npath = \"/a\"\nowner = \"www\"",
+                "tmpfs[0].owner",
+            ),
+            (
+                "[[tmpfs]]\npath = \"/a\"\n[[tmpfs]]\npath = \"/a\"",
+                "tmpfs[1].path",
+            ),
+            ("[network]\ndns = [\"dns.example\"]", "network.dns"),
+            ("[network]\nsearch = [\"a b\"]", "network.search"),
+        ] {
+            let e = err(&format!("name = \"x\"\n{spec}\n"));
+            assert!(e.contains(field), "{field}: {e}");
+        }
     }
 
     #[test]

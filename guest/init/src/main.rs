@@ -14,6 +14,7 @@ mod root;
 mod secrets;
 mod spawn;
 mod sys;
+mod tmpfs;
 mod volumes;
 
 use std::time::{Duration, Instant};
@@ -74,6 +75,10 @@ fn main() {
         finish(abi::EXIT_INIT_FAILED);
     }
     let _ = MOUNTED_VOLUMES.set(manifest.volumes.clone());
+    if let Err(e) = tmpfs::mount_all(&manifest.tmpfs) {
+        log(&e);
+        finish(abi::EXIT_INIT_FAILED);
+    }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     match net::parse(&cmdline) {
         Ok(cfg) => {
@@ -83,6 +88,14 @@ fn main() {
                 log(&format!("network: eth0 {}/{}", c.addr, c.prefix));
             }
         }
+        Err(e) => log(&format!("network: {e}")),
+    }
+    match net::resolver(&cmdline, manifest.network.as_ref()) {
+        Ok(Some(conf)) => match net::write_resolv_conf(&conf) {
+            Ok(()) => log(&format!("network: resolver {}", conf.summary())),
+            Err(e) => log(&format!("network: {e}")),
+        },
+        Ok(None) => {}
         Err(e) => log(&format!("network: {e}")),
     }
     if let Err(e) = sys::sethostname(&manifest.hostname) {

@@ -4,6 +4,10 @@
 
 use std::net::Ipv4Addr;
 
+use hostd_images::abi;
+use hostd_images::manifest::NetworkInfo;
+use hostd_images::names;
+
 /// What the command line asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
@@ -43,6 +47,76 @@ pub fn parse(cmdline: &str) -> Result<Option<NetConfig>, String> {
         prefix,
         gateway: gw,
     }))
+}
+
+/// The resolver configuration (`/etc/resolv.conf`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolver {
+    /// DNS servers.
+    pub dns: Vec<String>,
+    /// Search domains.
+    pub search: Vec<String>,
+}
+
+impl Resolver {
+    /// resolv.conf's text.
+    pub fn text(&self) -> String {
+        let mut t = String::new();
+        for d in &self.dns {
+            t.push_str(&format!("nameserver {d}\n"));
+        }
+        if !self.search.is_empty() {
+            t.push_str(&format!("search {}\n", self.search.join(" ")));
+        }
+        t
+    }
+
+    /// One line for the console.
+    pub fn summary(&self) -> String {
+        let mut s = format!("dns {}", self.dns.join(","));
+        if !self.search.is_empty() {
+            s.push_str(&format!(" search {}", self.search.join(",")));
+        }
+        s
+    }
+}
+
+/// The resolver configuration: `hostd.dns=`/`hostd.search=` from the command line
+/// (`hostd run --net dns=`) where given, else the manifest's `network`. None when
+/// neither names anything.
+pub fn resolver(cmdline: &str, manifest: Option<&NetworkInfo>) -> Result<Option<Resolver>, String> {
+    let list = |key: &str| -> Option<Vec<String>> {
+        cmdline
+            .split_whitespace()
+            .rev()
+            .find_map(|a| a.strip_prefix(key))
+            .map(|v| {
+                v.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+    };
+    let dns = list(abi::CMDLINE_DNS)
+        .or_else(|| manifest.map(|n| n.dns.clone()))
+        .unwrap_or_default();
+    let search = list(abi::CMDLINE_SEARCH)
+        .or_else(|| manifest.map(|n| n.search.clone()))
+        .unwrap_or_default();
+    names::check_resolver(&dns, &search).map_err(|(k, m)| format!("hostd.{k}: {m}"))?;
+    if dns.is_empty() && search.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Resolver { dns, search }))
+}
+
+/// Writes [`abi::RESOLV_CONF`] (the image's /etc/resolv.conf links to it).
+pub fn write_resolv_conf(r: &Resolver) -> Result<(), String> {
+    let path = std::path::Path::new(abi::RESOLV_CONF);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    }
+    std::fs::write(path, r.text()).map_err(|e| format!("write {}: {e}", abi::RESOLV_CONF))
 }
 
 /// The netmask for a prefix length.
@@ -90,5 +164,28 @@ mod tests {
         assert_eq!(netmask(24), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(netmask(0), Ipv4Addr::new(0, 0, 0, 0));
         assert_eq!(netmask(32), Ipv4Addr::new(255, 255, 255, 255));
+    }
+
+    #[test]
+    fn the_command_line_overrides_the_manifest_resolver() {
+        let m = NetworkInfo {
+            dns: vec!["10.0.2.3".into()],
+            search: vec!["example.org".into()],
+        };
+        assert_eq!(resolver("quiet", None), Ok(None));
+        let r = resolver("quiet", Some(&m)).ok().flatten();
+        assert_eq!(
+            r.map(|r| r.text()),
+            Some("nameserver 10.0.2.3\nsearch example.org\n".into())
+        );
+        let r = resolver("hostd.dns=10.0.2.1,fd00::1 x", Some(&m))
+            .ok()
+            .flatten();
+        assert_eq!(
+            r.map(|r| r.text()),
+            Some("nameserver 10.0.2.1\nnameserver fd00::1\nsearch example.org\n".into())
+        );
+        assert!(resolver("hostd.dns=not-an-ip", None).is_err());
+        assert!(resolver("hostd.search=bad..name hostd.dns=1.1.1.1", None).is_err());
     }
 }

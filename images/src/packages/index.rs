@@ -29,6 +29,11 @@ pub struct Package {
     pub depends: Vec<Relation>,
     /// `Provides`: virtual names, each with an optional version.
     pub provides: Vec<(String, Option<String>)>,
+    /// `Conflicts`: packages that must not be in the same image.
+    pub conflicts: Vec<Relation>,
+    /// `Breaks`: packages (at the versions given) this one breaks; refused in the same
+    /// image too, since nothing is configured afterwards that could mend them.
+    pub breaks: Vec<Relation>,
     /// Size of the .deb in bytes.
     pub size: u64,
     /// sha256 of the .deb, lower-case hex.
@@ -207,6 +212,8 @@ fn parse_stanza(stanza: &str) -> Result<Option<Package>, String> {
                 | "Pre-Depends"
                 | "Depends"
                 | "Provides"
+                | "Conflicts"
+                | "Breaks"
                 | "Size"
                 | "SHA256"
         ) {
@@ -253,6 +260,8 @@ fn parse_stanza(stanza: &str) -> Result<Option<Package>, String> {
             .transpose()
             .map_err(|e| format!("Provides: {e}"))?
             .unwrap_or_default(),
+        conflicts: rel("Conflicts")?,
+        breaks: rel("Breaks")?,
         size,
         sha256,
     }))

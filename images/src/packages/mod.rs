@@ -66,6 +66,18 @@ pub enum PackageError {
         /// Who needed it.
         by: String,
     },
+    /// Two packages of the closure exclude each other (`Conflicts` or `Breaks`).
+    #[error("{a} and {b} cannot both be in the image: {a} has `{field}: {relation}` (drop one from `packages`, `exclude` the one a dependency pulled in, or pin versions that fit)")]
+    Clash {
+        /// The package with the relation (`name version`).
+        a: String,
+        /// `Conflicts` or `Breaks`.
+        field: &'static str,
+        /// The relation that matched.
+        relation: String,
+        /// The package it matched (`name version`).
+        b: String,
+    },
     /// No available package satisfies a relation.
     #[error("{by} depends on `{relation}`, which no package in the apt lists satisfies (add one to `packages`, or `exclude` it)")]
     Unsatisfiable {

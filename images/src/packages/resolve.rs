@@ -13,7 +13,11 @@
 //!     a provider of that virtual name, the first by name (reported as a choice);
 //!   - excluded packages are never selected; a relation whose every alternative is
 //!     excluded is dropped (and reported).
-//! - `Recommends`, `Suggests`, `Conflicts` and `Breaks` are not considered, and
+//! - `Conflicts` and `Breaks` of every selected package are checked against the whole
+//!   closure once it is complete (a real package at a version the relation names, or
+//!   another package providing that virtual name); a match is an error naming both
+//!   packages. There is no backtracking to find another choice, as apt would try.
+//! - `Recommends` and `Suggests` are not considered, and
 //!   Essential packages are not added unless something depends on them (apt assumes
 //!   they are installed; an image has only what it asks for).
 
@@ -102,6 +106,7 @@ pub fn resolve(
             r.satisfy(pkg, rel)?;
         }
     }
+    r.check_clashes()?;
     let mut notes = r.notes;
     for (relation, by) in r.dropped {
         let shown: Vec<&str> = by.iter().take(4).map(String::as_str).collect();
@@ -187,6 +192,42 @@ impl<'a> Resolver<'a> {
                     }
             })
             .find_map(|(name, version, _)| self.index.get(name, version))
+    }
+
+    /// Every `Conflicts` and `Breaks` of the closure, in name order: the first that
+    /// matches another selected package is the error.
+    fn check_clashes(&self) -> Result<(), PackageError> {
+        for p in self.selected.values() {
+            for (field, rels) in [("Conflicts", &p.conflicts), ("Breaks", &p.breaks)] {
+                for alt in rels.iter().flat_map(|r| &r.0) {
+                    let clash = |q: &str, qv: &str| PackageError::Clash {
+                        a: format!("{} {}", p.name, p.version),
+                        field,
+                        relation: alt.to_string(),
+                        b: format!("{q} {qv}"),
+                    };
+                    if let Some(q) = self.selected.get(&alt.name) {
+                        if q.name != p.name && alt.allows(&q.version) {
+                            return Err(clash(&q.name, &q.version));
+                        }
+                    }
+                    // A virtual name: every other provider, unless the relation has a
+                    // version the provided one does not meet (policy 7.5).
+                    for (q, provided) in self.provided.get(&alt.name).into_iter().flatten() {
+                        let meets = match (&alt.constraint, provided) {
+                            (None, _) => true,
+                            (Some(c), Some(v)) => c.allows(v),
+                            (Some(_), None) => false,
+                        };
+                        if *q != p.name && meets {
+                            let qv = self.selected.get(*q).map(|x| x.version.as_str());
+                            return Err(clash(q, qv.unwrap_or("")));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn satisfy(&mut self, by: &'a Package, rel: &Relation) -> Result<(), PackageError> {
@@ -321,6 +362,41 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains("libc") && e.contains("app"), "{e}");
+    }
+
+    #[test]
+    fn conflicts_and_breaks_name_both_packages() {
+        let idx = index(&[
+            "Package: app\nVersion: 1\nArchitecture: amd64\nDepends: mta, old-lib",
+            "Package: amail\nVersion: 1\nArchitecture: amd64\nProvides: mta\nConflicts: mta",
+            "Package: bmail\nVersion: 2\nArchitecture: amd64\nProvides: mta\nConflicts: mta",
+            "Package: old-lib\nVersion: 1.0\nArchitecture: amd64",
+            "Package: new-lib\nVersion: 2\nArchitecture: amd64\nBreaks: old-lib (<< 1.5)",
+            "Package: other\nVersion: 1\nArchitecture: amd64\nConflicts: old-lib (>= 2)",
+        ]);
+        // A package conflicting with the virtual name it provides is fine alone.
+        let c = resolve(&idx, &req(&["app", "other"]), &[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(names(&c), ["amail=1", "app=1", "old-lib=1.0", "other=1"]);
+        // Two providers of a name both conflict with it.
+        let e = resolve(&idx, &req(&["amail", "bmail"]), &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("amail 1") && e.contains("bmail 2") && e.contains("Conflicts: mta"),
+            "{e}"
+        );
+        // Breaks with a version.
+        let e = resolve(&idx, &req(&["app", "new-lib"]), &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("new-lib 2")
+                && e.contains("old-lib 1.0")
+                && e.contains("Breaks: old-lib (<< 1.5)"),
+            "{e}"
+        );
     }
 
     #[test]
