@@ -140,7 +140,10 @@ pub fn parse_elf(head: &[u8], file_len: u64) -> Result<ElfLayout, KernelError> {
             filesz: u64_at(head, p + 32),
             memsz: u64_at(head, p + 40),
         };
-        if s.offset.checked_add(s.filesz).is_none_or(|end| end > file_len) {
+        if s.offset
+            .checked_add(s.filesz)
+            .is_none_or(|end| end > file_len)
+        {
             return Err(e("a segment runs past the end of the file"));
         }
         if s.kind == PT_LOAD && (s.filesz > s.memsz || s.paddr.checked_add(s.memsz).is_none()) {
@@ -354,9 +357,13 @@ impl Unpacker {
 
     /// Checks that the whole section was consumed; returns the ELF length.
     pub fn finish(&self) -> Result<u64, KernelError> {
-        if self.extents.is_empty() || self.current != self.extents.len() || self.pos != self.section_len
+        if self.extents.is_empty()
+            || self.current != self.extents.len()
+            || self.pos != self.section_len
         {
-            return Err(KernelError::Packed("the section ends before its last extent"));
+            return Err(KernelError::Packed(
+                "the section ends before its last extent",
+            ));
         }
         Ok(self.elf_len)
     }
@@ -404,7 +411,15 @@ mod tests {
             f[at + 40..at + 48].copy_from_slice(&ms.to_le_bytes());
         };
         ph(&mut f, 64, PT_LOAD, 0x200000, 0x1000000, 3 * 4096, 5 * 4096);
-        ph(&mut f, 120, PT_NOTE, 0x200000 + 2 * 4096 + 16, 0x1002010, 24, 24);
+        ph(
+            &mut f,
+            120,
+            PT_NOTE,
+            0x200000 + 2 * 4096 + 16,
+            0x1002010,
+            24,
+            24,
+        );
         for (i, b) in f[0x200000..0x201000].iter_mut().enumerate() {
             *b = (i % 251) as u8 + 1;
         }
