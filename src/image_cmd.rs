@@ -695,6 +695,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 None => None,
             };
             let (devices, _volume_locks) = devices_for(&r, args)?;
+            // Staged: the image's fds are closed before the VM's process is forked.
+            drop(r.kernel);
+            drop(r.initrd);
             let boot = BootSpec {
                 kernel,
                 initrd,
