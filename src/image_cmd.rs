@@ -12,6 +12,7 @@ use hostd_images::names;
 use hostd_images::signature::{self, Signer, SigningKey, TrustedKey};
 use hostd_vmm::backends::DeviceBackend;
 use hostd_vmm::kvm::{CpuTemplate, KvmConfig};
+use hostd_vmm::payload::Payload;
 use hostd_vmm::qemu::{self, Accel, QemuOptions, StagedFiles};
 use hostd_vmm::volumes::VolumeLock;
 use hostd_vmm::{BootSpec, BASE_CMDLINE};
@@ -436,9 +437,9 @@ fn parse_net(s: &str) -> Result<NetArg, String> {
 struct Resolved {
     /// The image's name (or the kernel's path).
     name: String,
-    kernel: Vec<u8>,
-    kernel_name: String,
-    initrd: Option<Vec<u8>>,
+    /// Kernel and initrd: file ranges read (and checked) only while loading.
+    kernel: Payload,
+    initrd: Option<Payload>,
     cmdline: String,
     vcpus: u32,
     memory_mib: u32,
@@ -487,7 +488,7 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
     }
     if let Some(kernel) = &args.kernel {
         let read = |p: &Path, what: &str| {
-            hostd_images::input::read_regular(p, hostd_images::input::MAX_KERNEL)
+            Payload::whole_file(p, hostd_images::input::MAX_KERNEL)
                 .with_context(|| format!("{what} {}: cannot read it", p.display()))
         };
         let bytes = read(kernel, "--kernel")?;
@@ -498,7 +499,6 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
         return Ok(Resolved {
             name: kernel.display().to_string(),
             kernel: bytes,
-            kernel_name: kernel.display().to_string(),
             initrd,
             cmdline: args
                 .cmdline
@@ -578,9 +578,8 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
     };
     Ok(Resolved {
         name: manifest.name.clone(),
-        kernel: image.read_section(sections::KERNEL)?,
-        kernel_name: format!("{} (section `kernel`)", path.display()),
-        initrd: Some(image.read_section(sections::INITRD)?),
+        kernel: section_payload(&image, sections::KERNEL)?,
+        initrd: Some(section_payload(&image, sections::INITRD)?),
         cmdline,
         vcpus: args.vcpus.unwrap_or(manifest.vcpus),
         memory_mib: memory(manifest.memory_mib)?,
@@ -593,6 +592,19 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
             .flat_map(|s| s.secrets.iter().cloned())
             .collect(),
     })
+}
+
+/// A section of a verified image, to be read (and checked again) while it is loaded.
+fn section_payload(image: &Image, name: &str) -> Result<Payload> {
+    let s = image.section(name)?;
+    Payload::section(
+        image.path(),
+        s.offset,
+        s.length,
+        s.sha256,
+        format!("{} (section `{name}`)", image.path().display()),
+    )
+    .with_context(|| format!("{}: cannot open it again", image.path().display()))
 }
 
 /// The devices a run attaches, in the order the guest sees them: the root disk first
@@ -697,12 +709,15 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let outcome = match args.vmm {
         VmmKind::Qemu => {
             let staged = StagedFiles::new().context("cannot create a temporary directory")?;
-            let kernel = staged.put("kernel", &r.kernel)?;
+            let kernel = staged.put_kernel("kernel", &r.kernel)?;
             let initrd = match &r.initrd {
-                Some(i) => Some(staged.put("initrd", i)?),
+                Some(i) => Some(staged.put_payload("initrd", i)?),
                 None => None,
             };
             let (devices, _volume_locks) = devices_for(&r, args)?;
+            // Staged: the image's fds are closed before the VM's process is forked.
+            drop(r.kernel);
+            drop(r.initrd);
             let boot = BootSpec {
                 kernel,
                 initrd,
@@ -735,11 +750,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             // Decided now: once the VM runs, this thread's seccomp filter forbids opening
             // /dev/kvm again.
             let pvm_host = hostd_vmm::host::kvm_kind() == hostd_vmm::host::KvmKind::Pvm;
-            let kernel = hostd_vmm::kvm::memory::memfd_with(c"hostd-kernel", &r.kernel)
-                .context("cannot stage the kernel")?;
             hostd_vmm::kvm::run(KvmConfig {
-                kernel,
-                kernel_name: r.kernel_name,
+                kernel: r.kernel,
                 initrd: r.initrd,
                 cmdline: r.cmdline,
                 vcpus: r.vcpus as u8,

@@ -1,5 +1,6 @@
 //! Untrusted files: an image header + section table (what `hostd inspect`/`run` parse
-//! before anything else), and a kernel file handed to the built-in VMM's loader.
+//! before anything else), a packed kernel section, and a kernel file (an ELF, or a packed
+//! section: the loader tells them apart) handed to the built-in VMM's loader.
 
 use hostd_images::format::{parse_header, BLOCK};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -22,16 +23,19 @@ pub fn run(data: &[u8]) {
     let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]) else {
         return;
     };
-    let Ok(mut file) = hostd_vmm::kvm::memory::memfd_with(c"fuzz-kernel", data) else {
+    // The packed-kernel decoder on its own.
+    if let Ok(elf) = hostd_images::kernel::unpack(data) {
+        assert!(elf.len() as u64 <= hostd_images::input::MAX_KERNEL);
+    }
+    let payload = |name: &std::ffi::CStr, bytes: &[u8]| {
+        hostd_vmm::kvm::memory::memfd_with(name, bytes)
+            .and_then(|f| hostd_vmm::payload::Payload::from_file(f, "fuzz"))
+    };
+    let (Ok(kernel), Ok(initrd)) = (
+        payload(c"fuzz-kernel", data),
+        payload(c"fuzz-initrd", &data[..data.len().min(4096)]),
+    ) else {
         return;
     };
-    let _ = hostd_vmm::kvm::boot::load_file(
-        &mem,
-        4 << 20,
-        &mut file,
-        "fuzz",
-        Some(&data[..data.len().min(4096)]),
-        "console=ttyS0",
-        2,
-    );
+    let _ = hostd_vmm::kvm::boot::load(&mem, 4 << 20, &kernel, Some(&initrd), "console=ttyS0", 2);
 }

@@ -303,6 +303,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             "neither an ELF vmlinux nor a bzImage".into(),
         )
     })?;
+    // An ELF kernel is carried packed (no padding, no zero pages: crate::kernel); one
+    // whose headers do not parse is kept as it is, for the runner to refuse.
+    let kernel = match kformat {
+        "elf" => crate::kernel::pack(&kernel).unwrap_or(kernel),
+        _ => kernel,
+    };
 
     let kernel_sha: [u8; 32] = Sha256::digest(&kernel).into();
 

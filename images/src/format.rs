@@ -27,7 +27,10 @@ use crate::manifest::Manifest;
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"HOSTDIMG";
 /// Current format version.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version still read: version 1 differs only in carrying the kernel
+/// as it is, never packed (crate::kernel), which readers of version 2 tell apart anyway.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Header size and section alignment.
 pub const BLOCK: u64 = 4096;
 /// Size of one section-table entry.
@@ -232,9 +235,9 @@ pub fn parse_header(block: &[u8], actual_len: u64) -> Result<Header, (Option<Str
         ));
     }
     let version = u32_at(block, 8);
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(h(format!(
-            "format version {version}; this hostd reads version {FORMAT_VERSION}"
+            "format version {version}; this hostd reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
         )));
     }
     let count = u32_at(block, 12) as usize;

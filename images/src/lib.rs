@@ -23,6 +23,8 @@ pub mod etc;
 #[cfg(feature = "builder")]
 pub mod format;
 #[cfg(feature = "builder")]
+pub mod kernel;
+#[cfg(feature = "builder")]
 pub mod layer;
 #[cfg(feature = "builder")]
 pub mod lock;

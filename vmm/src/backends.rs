@@ -172,6 +172,22 @@ pub struct RunningBackends {
     devices: Vec<(String, PathBuf, Vec<String>)>,
 }
 
+/// The device backends' own small program, looked for next to `hostd`.
+pub const BACKEND_EXE: &str = "hostd-backend";
+
+/// The program backends run: [`BACKEND_EXE`] next to `exe` when it is there (it links only
+/// the device backends, so each backend process relocates and maps a fraction of what
+/// re-executing all of `hostd` costs; benches/density.rs measures both), else `exe`.
+/// Both take the same `backend …` arguments and jail themselves the same way.
+pub fn backend_exe(exe: &Path) -> PathBuf {
+    let small = exe.with_file_name(BACKEND_EXE);
+    if small.is_file() {
+        small
+    } else {
+        exe.to_path_buf()
+    }
+}
+
 impl RunningBackends {
     /// Starts every backend (re-executing `exe`) and waits until each listens. Each
     /// backend gets its own unprivileged uid (slot 1.. of this VM's jail ids), an address
@@ -198,10 +214,11 @@ impl RunningBackends {
             children: Vec::new(),
             devices: Vec::new(),
         };
+        let exe = backend_exe(exe);
         for (slot, b) in backends.iter().enumerate() {
             let name = b.name();
             let socket = dir_path(&running.dir).join(format!("{name}.sock"));
-            let mut cmd = Command::new(exe);
+            let mut cmd = Command::new(&exe);
             cmd.arg("backend")
                 .args(b.args())
                 .arg("--socket")

@@ -9,6 +9,7 @@ pub mod host;
 pub mod jail;
 pub mod kvm;
 pub mod layout;
+pub mod payload;
 pub mod qemu;
 pub mod ready;
 pub mod signals;

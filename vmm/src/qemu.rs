@@ -6,7 +6,9 @@
 //! init for a clean shutdown over the console input; a second one, or a guest that does
 //! not power off in time, ends QEMU.
 
+use std::fs::File;
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -18,6 +20,7 @@ use hostd_images::abi;
 use crate::backends::RunningBackends;
 use crate::boot::{BootSpec, Outcome, Timings};
 use crate::host::{kvm_kind, KvmKind};
+use crate::payload::{Payload, PayloadError};
 use crate::since_start_ms;
 
 /// Which QEMU accelerator to use.
@@ -538,6 +541,42 @@ impl StagedFiles {
             .open(&p)?;
         f.write_all(bytes)?;
         Ok(p)
+    }
+
+    /// Writes `payload` as `name` (mode 0600), chunk by chunk, and returns its path once
+    /// its digest is checked.
+    pub fn put_payload(&self, name: &str, payload: &Payload) -> Result<PathBuf, PayloadError> {
+        let (p, f) = self.create(name)?;
+        payload.stream(|at, bytes| f.write_all_at(bytes, at).map_err(|e| e.to_string()))?;
+        Ok(p)
+    }
+
+    /// Writes a kernel payload as `name`: the ELF (or bzImage) it stands for. A packed
+    /// kernel becomes a sparse file: only its kept extents take space.
+    pub fn put_kernel(&self, name: &str, payload: &Payload) -> Result<PathBuf, PayloadError> {
+        let (p, f) = self.create(name)?;
+        let len = payload
+            .stream_kernel(|at, bytes| f.write_all_at(bytes, at).map_err(|e| e.to_string()))?;
+        f.set_len(len).map_err(|source| PayloadError::Write {
+            path: p.clone(),
+            source,
+        })?;
+        Ok(p)
+    }
+
+    fn create(&self, name: &str) -> Result<(PathBuf, File), PayloadError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = self.dir.path().join(name);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .map_err(|source| PayloadError::Write {
+                path: p.clone(),
+                source,
+            })?;
+        Ok((p, f))
     }
 
     /// The directory.

@@ -184,6 +184,9 @@ where
     }
     drop(wr);
     drop(pidfd);
+    // What the VM's process needs (its kernel and initrd files among it) is its own
+    // now; this process keeps none of it while the VM runs.
+    drop(vm);
     let status = wait_forwarding(pid, seen);
     let mut text = String::new();
     let _ = std::fs::File::from(rd).read_to_string(&mut text);

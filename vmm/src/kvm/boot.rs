@@ -1,12 +1,9 @@
 //! Loading a kernel for PVH direct boot: the ELF's segments, the initrd, the command
 //! line, the memory map and `hvm_start_info` (xen/include/public/arch-x86/hvm/start_info.h).
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-
-use linux_loader::loader::elf::{Elf, PvhBootCapability};
-use linux_loader::loader::KernelLoader;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::payload::{Payload, PayloadError};
 
 use crate::layout::*;
 
@@ -53,6 +50,9 @@ pub enum BootError {
     /// Writing guest memory failed.
     #[error("writing guest memory: {0}")]
     Memory(String),
+    /// A payload (kernel, initrd) could not be read or is not what the image records.
+    #[error(transparent)]
+    Payload(PayloadError),
 }
 
 /// Where to start the boot CPU.
@@ -89,38 +89,156 @@ fn put(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), BootError> 
         .map_err(|e| BootError::Memory(format!("at {addr:#x}: {e}")))
 }
 
-/// Loads `kernel` (ELF with a PVH note), `initrd` and `cmdline` into `mem` of
-/// `mem_size` bytes, writes the MP table for `cpus`, and returns the entry state.
-pub fn load_file(
+/// Most bytes of PT_NOTE segments kept while loading (a vmlinux has a few hundred).
+const MAX_NOTES: u64 = 64 << 10;
+/// ELF note type of the PVH 32-bit entry point, owner "Xen".
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+
+/// Takes a kernel's ELF pieces in file order and writes each PT_LOAD byte straight to
+/// its guest-physical address; keeps only the (small) notes.
+struct ElfSink<'m> {
+    mem: &'m GuestMemoryMmap,
+    /// Kernel segments must lie in [HIGH_MEMORY_START, limit).
+    limit: u64,
+    layout: Option<hostd_images::kernel::ElfLayout>,
+    notes: Vec<(hostd_images::kernel::Segment, Vec<u8>)>,
+}
+
+impl ElfSink<'_> {
+    fn piece(&mut self, at: u64, bytes: &[u8]) -> Result<(), String> {
+        use hostd_images::kernel::{parse_elf, PT_LOAD, PT_NOTE};
+        if self.layout.is_none() {
+            if bytes.get(0x202..0x206) == Some(b"HdrS") {
+                return Err(
+                    "this is a bzImage; the built-in VMM boots the ELF vmlinux with a PVH note"
+                        .into(),
+                );
+            }
+            if at != 0 {
+                return Err("the ELF headers are missing".into());
+            }
+            let layout = parse_elf(bytes, u64::MAX).map_err(|e| e.to_string())?;
+            for s in &layout.segments {
+                if s.kind == PT_LOAD
+                    && (s.paddr < HIGH_MEMORY_START
+                        || s.paddr
+                            .checked_add(s.memsz)
+                            .is_none_or(|end| end > self.limit))
+                {
+                    return Err(format!(
+                        "a segment of {:#x} bytes at {:#x} does not fit guest memory between {HIGH_MEMORY_START:#x} and {:#x}; give the VM more memory",
+                        s.memsz, s.paddr, self.limit
+                    ));
+                }
+                if s.kind == PT_NOTE {
+                    if s.filesz > MAX_NOTES {
+                        return Err("a PT_NOTE segment is larger than 64 KiB".into());
+                    }
+                    self.notes.push((*s, vec![0; s.filesz as usize]));
+                }
+            }
+            self.layout = Some(layout);
+        }
+        let Some(layout) = &self.layout else {
+            return Ok(());
+        };
+        let end = at + bytes.len() as u64;
+        for s in &layout.segments {
+            let (from, to) = (at.max(s.offset), end.min(s.offset + s.filesz));
+            if from >= to || s.kind != PT_LOAD {
+                continue;
+            }
+            let part = &bytes[(from - at) as usize..(to - at) as usize];
+            self.mem
+                .write_slice(part, GuestAddress(s.paddr + (from - s.offset)))
+                .map_err(|e| format!("writing guest memory at {:#x}: {e}", s.paddr))?;
+        }
+        for (s, buf) in &mut self.notes {
+            let (from, to) = (at.max(s.offset), end.min(s.offset + s.filesz));
+            if from < to {
+                buf[(from - s.offset) as usize..(to - s.offset) as usize]
+                    .copy_from_slice(&bytes[(from - at) as usize..(to - at) as usize]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The PVH entry point from the notes, if one is there.
+    fn pvh_entry(&self) -> Option<u64> {
+        for (_, n) in &self.notes {
+            let mut at = 0usize;
+            while at + 12 <= n.len() {
+                let word = |o: usize| u32::from_le_bytes([n[o], n[o + 1], n[o + 2], n[o + 3]]);
+                let (namesz, descsz, kind) =
+                    (word(at) as usize, word(at + 4) as usize, word(at + 8));
+                let name_at = at + 12;
+                let desc_at = name_at.checked_add(namesz.checked_next_multiple_of(4)?)?;
+                let next = desc_at.checked_add(descsz.checked_next_multiple_of(4)?)?;
+                if next > n.len() {
+                    break;
+                }
+                if kind == XEN_ELFNOTE_PHYS32_ENTRY
+                    && n[name_at..name_at + namesz].starts_with(b"Xen")
+                    && descsz >= 4
+                {
+                    return Some(u64::from(word(desc_at)));
+                }
+                at = next;
+            }
+        }
+        None
+    }
+}
+
+/// Loads `kernel` (an ELF with a PVH note, as it is or packed by the image builder)
+/// straight into `mem` of `mem_size` bytes, then `initrd`, `cmdline`, the memory map
+/// and the MP table for `cpus`; returns the entry state. Each payload is hashed while
+/// it is read and checked before this returns; nothing of it is kept.
+pub fn load(
     mem: &GuestMemoryMmap,
     mem_size: u64,
-    file: &mut File,
-    name: &str,
-    initrd: Option<&[u8]>,
+    kernel: &Payload,
+    initrd: Option<&Payload>,
     cmdline: &str,
     cpus: u8,
 ) -> Result<Entry, BootError> {
-    let path = name.to_string();
-    let loaded =
-        Elf::load(mem, None, file, Some(GuestAddress(HIGH_MEMORY_START))).map_err(|e| {
-            let mut head = [0u8; 0x206];
-            let is_bzimage = file.seek(SeekFrom::Start(0)).is_ok()
-                && file.read_exact(&mut head).is_ok()
-                && &head[0x202..0x206] == b"HdrS";
-            let hint = if is_bzimage {
-                " (this is a bzImage; the built-in VMM boots the ELF vmlinux with a PVH note)"
-                    .to_string()
-            } else {
-                String::new()
-            };
-            BootError::Load {
-                path: path.clone(),
-                message: format!("{e}{hint}"),
-            }
+    let path = kernel.name().to_string();
+    let mut sink = ElfSink {
+        mem,
+        limit: mem_size.min(MMIO_GAP_START),
+        layout: None,
+        notes: Vec::new(),
+    };
+    let failed = |e: &dyn std::fmt::Display| BootError::Load {
+        path: path.clone(),
+        message: e.to_string(),
+    };
+    let elf_len = kernel
+        .stream_kernel(|at, bytes| sink.piece(at, bytes))
+        .map_err(|e| match e {
+            PayloadError::Sink { message, .. } => failed(&message),
+            e => BootError::Payload(e),
         })?;
-    let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
+    let Some(layout) = &sink.layout else {
+        return Err(failed(&"the file is empty"));
+    };
+    if layout
+        .segments
+        .iter()
+        .any(|s| s.offset + s.filesz > elf_len)
+    {
+        return Err(failed(&"a segment runs past the end of the file"));
+    }
+    let Some(entry) = sink.pvh_entry() else {
         return Err(BootError::NoPvh(path));
     };
+    let kernel_end = layout
+        .segments
+        .iter()
+        .filter(|s| s.kind == hostd_images::kernel::PT_LOAD)
+        .map(|s| s.paddr + s.memsz)
+        .max()
+        .unwrap_or(HIGH_MEMORY_START);
 
     // Command line.
     let mut cmd = cmdline.as_bytes().to_vec();
@@ -137,8 +255,7 @@ pub fn load_file(
     let mut nr_modules = 0u32;
     if let Some(initrd) = initrd {
         let limit = mem_size.min(MMIO_GAP_START);
-        let size = initrd.len() as u64;
-        let kernel_end = loaded.kernel_end;
+        let size = initrd.len();
         let addr = limit
             .checked_sub(size)
             .map(|a| a & !0xfff)
@@ -148,7 +265,12 @@ pub fn load_file(
                 kernel_end,
                 limit,
             })?;
-        put(mem, addr, initrd)?;
+        initrd
+            .stream(|at, bytes| {
+                mem.write_slice(bytes, GuestAddress(addr + at))
+                    .map_err(|e| format!("writing guest memory at {:#x}: {e}", addr + at))
+            })
+            .map_err(BootError::Payload)?;
         let mut m = Vec::with_capacity(32);
         m.extend_from_slice(&addr.to_le_bytes());
         m.extend_from_slice(&size.to_le_bytes());
@@ -189,7 +311,7 @@ pub fn load_file(
     si.extend_from_slice(&0u32.to_le_bytes());
     put(mem, PVH_INFO_START, &si)?;
     Ok(Entry {
-        rip: entry.0,
+        rip: entry,
         rbx: PVH_INFO_START,
     })
 }
@@ -197,6 +319,111 @@ pub fn load_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+
+    /// A small PVH kernel: one PT_LOAD of three pages at 16 MiB (the middle one zero,
+    /// 2 MiB-aligned in the file like a vmlinux) whose last page holds the Xen
+    /// PHYS32_ENTRY note, also described by a PT_NOTE.
+    fn pvh_elf() -> Vec<u8> {
+        let mut f = vec![0u8; 0x200000 + 3 * 4096];
+        f[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+        f[16] = 2;
+        f[18] = 62;
+        f[32] = 64; // e_phoff
+        f[54] = 56; // e_phentsize
+        f[56] = 2; // e_phnum
+        let ph = |f: &mut Vec<u8>, at: usize, v: [u64; 6]| {
+            f[at..at + 4].copy_from_slice(&(v[0] as u32).to_le_bytes());
+            for (i, x) in v[1..].iter().enumerate() {
+                let o = at + [8, 16, 24, 32, 40][i];
+                f[o..o + 8].copy_from_slice(&x.to_le_bytes());
+            }
+        };
+        // kind, offset, vaddr, paddr, filesz, memsz
+        ph(
+            &mut f,
+            64,
+            [1, 0x200000, 0x1000000, 0x1000000, 3 * 4096, 4 * 4096],
+        );
+        ph(&mut f, 120, [4, 0x202000, 0x1002000, 0x1002000, 20, 20]);
+        for (i, b) in f[0x200000..0x201000].iter_mut().enumerate() {
+            *b = (i % 13) as u8 + 1;
+        }
+        let note = 0x202000;
+        f[note..note + 4].copy_from_slice(&4u32.to_le_bytes());
+        f[note + 4..note + 8].copy_from_slice(&4u32.to_le_bytes());
+        f[note + 8..note + 12].copy_from_slice(&18u32.to_le_bytes());
+        f[note + 12..note + 16].copy_from_slice(b"Xen\0");
+        f[note + 16..note + 20].copy_from_slice(&0x1000040u32.to_le_bytes());
+        f
+    }
+
+    fn payload(bytes: &[u8]) -> Payload {
+        let mut f = tempfile::tempfile().expect("temp file");
+        f.write_all(bytes).expect("write");
+        Payload::from_file(f, "test kernel").expect("payload")
+    }
+
+    fn guest(mib: u64) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (mib << 20) as usize)]).expect("memory")
+    }
+
+    #[test]
+    fn a_packed_kernel_loads_the_same_memory_as_the_elf_it_packs() {
+        let elf = pvh_elf();
+        let packed = hostd_images::kernel::pack(&elf).expect("pack");
+        assert!(packed.len() < 2 * 4096 + 256, "{}", packed.len());
+        let initrd = payload(b"initrd bytes");
+        let (a, b) = (guest(32), guest(32));
+        let ea = load(&a, 32 << 20, &payload(&elf), Some(&initrd), "x", 1).expect("elf");
+        let eb = load(&b, 32 << 20, &payload(&packed), Some(&initrd), "x", 1).expect("packed");
+        assert_eq!(ea, eb);
+        assert_eq!(ea.rip, 0x1000040);
+        let mut ma = vec![0u8; 32 << 20];
+        let mut mb = vec![0u8; 32 << 20];
+        a.read_slice(&mut ma, GuestAddress(0)).expect("read");
+        b.read_slice(&mut mb, GuestAddress(0)).expect("read");
+        assert!(ma == mb, "guest memory differs");
+        assert_eq!(&ma[0x1000000..0x1001000], &elf[0x200000..0x201000]);
+        // The initrd at the top of memory, page-aligned.
+        let top = (32 << 20) - 4096;
+        assert_eq!(&ma[top..top + 12], b"initrd bytes");
+    }
+
+    #[test]
+    fn a_payload_that_changed_since_it_was_verified_is_refused() {
+        let elf = pvh_elf();
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(&elf).expect("write");
+        let wrong =
+            Payload::section(f.path(), 0, elf.len() as u64, [7; 32], "k".into()).expect("payload");
+        let r = load(&guest(32), 32 << 20, &wrong, None, "x", 1);
+        assert!(
+            matches!(r, Err(BootError::Payload(PayloadError::Digest { .. }))),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn kernels_outside_guest_memory_or_without_pvh_are_refused() {
+        let elf = pvh_elf();
+        // 16 MiB of memory: the kernel at 16 MiB does not fit.
+        let r = load(&guest(16), 16 << 20, &payload(&elf), None, "x", 1);
+        assert!(matches!(r, Err(BootError::Load { .. })), "{r:?}");
+        let mut no_note = elf.clone();
+        no_note[0x202008] = 17;
+        let r = load(&guest(32), 32 << 20, &payload(&no_note), None, "x", 1);
+        assert!(matches!(r, Err(BootError::NoPvh(_))), "{r:?}");
+        let r = load(
+            &guest(32),
+            32 << 20,
+            &payload(b"not a kernel"),
+            None,
+            "x",
+            1,
+        );
+        assert!(matches!(r, Err(BootError::Load { .. })), "{r:?}");
+    }
 
     #[test]
     fn memory_map_matches_the_size() {

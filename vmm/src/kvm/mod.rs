@@ -10,7 +10,6 @@ pub mod mptable;
 pub mod profile;
 pub mod vcpu;
 
-use std::fs::File;
 use std::io::Write;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::Ordering;
@@ -39,12 +38,11 @@ use vcpu::{Shared, StopReason};
 /// What to boot and how.
 #[derive(Debug)]
 pub struct KvmConfig {
-    /// The kernel (ELF with a PVH note).
-    pub kernel: File,
-    /// A name for the kernel in messages.
-    pub kernel_name: String,
-    /// Initrd bytes.
-    pub initrd: Option<Vec<u8>>,
+    /// The kernel (ELF with a PVH note, as it is or packed), read straight into guest
+    /// memory.
+    pub kernel: crate::payload::Payload,
+    /// The initrd, read straight into guest memory.
+    pub initrd: Option<crate::payload::Payload>,
     /// Kernel command line (the VMM appends its devices).
     pub cmdline: String,
     /// vCPUs.
@@ -289,17 +287,17 @@ fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     tracing::info!("kernel command line: {cmdline}");
 
     // Boot.
-    let mut kernel = cfg.kernel;
-    let entry = boot::load_file(
+    let entry = boot::load(
         &mem,
         mem_size,
-        &mut kernel,
-        &cfg.kernel_name,
-        cfg.initrd.as_deref(),
+        &cfg.kernel,
+        cfg.initrd.as_ref(),
         cmdline.trim(),
         cfg.vcpus,
     )?;
-    drop(kernel);
+    // The payloads' files are closed now; nothing of them stays in this process.
+    drop(cfg.kernel);
+    drop(cfg.initrd);
     let mut vcpus = Vec::new();
     for id in 0..cfg.vcpus {
         let fd = setup("KVM_CREATE_VCPU", vm.create_vcpu(u64::from(id)))?;

@@ -1,0 +1,402 @@
+//! Density benchmark (issue #18): how much host memory each idle VM costs outside the
+//! guest's own RAM, measured the way Kata and gVisor report it.
+//!
+//! Builds one small service image (erofs root, one volume, rng; its service prints
+//! `idle-ready` and sleeps), starts N copies of it at once under the built-in VMM and
+//! under the QEMU runner, waits until every guest's service runs, lets them settle, and
+//! reads for each VM every process of it (`hostd run`, the VM process or QEMU, each
+//! vhost-user backend) from /proc/PID/smaps_rollup: PSS (and its anon/file/shmem parts),
+//! and the guest memory actually touched (the allocated blocks of the guest-memory
+//! memfd). Per VM it prints and writes: PSS of `hostd run`, of the monitor, of its
+//! backends, their sum minus the guest memory touched (the overhead), and the host's
+//! MemAvailable drop per VM (before the start vs. all running), and spawn → `idle-ready`.
+//!
+//! `cargo bench --bench density` — prints a table per runner and writes
+//! target/bench/density.json. DENSITY_N copies (default 10), DENSITY_VMMS (default
+//! `kvm,qemu`), HOSTD_BIN (a `hostd` to measure instead of this build's, e.g. an older
+//! one for before/after; it also builds the image), HOSTD_KERNEL (default: the cached
+//! guest kernel).
+#![allow(clippy::print_stdout)] // a benchmark's figures are its output
+
+mod common;
+
+use common::{kvm_usable, median, write_json};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const SPEC: &str = r#"
+name = "idle"
+root = "erofs"
+memory = "128M"
+packages = ["busybox-static"]
+
+[[volumes]]
+name = "data"
+size = "16M"
+mount = "/data"
+
+[services.idle]
+command = "/bin/busybox"
+args = ["sh", "-c", "echo idle-ready; exec /bin/busybox sleep 100000"]
+main = true
+"#;
+
+const READY: &str = "idle-ready";
+
+fn hostd_bin() -> PathBuf {
+    std::env::var_os("HOSTD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_hostd")))
+}
+
+fn kernel() -> PathBuf {
+    std::env::var_os("HOSTD_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            PathBuf::from(home).join(".cache/hostd/kernel/default/vmlinux")
+        })
+}
+
+/// One process's memory, KiB.
+#[derive(Debug, Default, Clone)]
+struct ProcMem {
+    pid: i32,
+    role: &'static str,
+    pss: u64,
+    pss_anon: u64,
+    pss_file: u64,
+    pss_shmem: u64,
+}
+
+fn smaps(pid: i32, role: &'static str) -> Option<ProcMem> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Some(ProcMem {
+        pid,
+        role,
+        pss: field("Pss"),
+        pss_anon: field("Pss_Anon"),
+        pss_file: field("Pss_File"),
+        pss_shmem: field("Pss_Shmem"),
+    })
+}
+
+/// Every process on the host and its parent.
+fn parents() -> BTreeMap<i32, i32> {
+    let mut map = BTreeMap::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The field after the last ')' (comm may hold spaces): state, then ppid.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok());
+        if let Some(ppid) = ppid {
+            map.insert(pid, ppid);
+        }
+    }
+    map
+}
+
+/// `root` and all its descendants.
+fn tree(root: i32, parents: &BTreeMap<i32, i32>) -> Vec<i32> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parents.iter().filter(|(_, pp)| **pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    out
+}
+
+fn role(pid: i32, root: i32) -> &'static str {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let exe = args.first().copied().unwrap_or_default();
+    if args.get(1).copied() == Some(b"backend".as_slice()) {
+        "backend"
+    } else if pid == root {
+        "hostd run"
+    } else if exe.ends_with(b"hostd") || String::from_utf8_lossy(exe).contains("qemu-system") {
+        "monitor"
+    } else {
+        "other"
+    }
+}
+
+/// KiB of guest memory actually allocated: the largest memfd any process of the VM
+/// holds (the guest memory; its blocks are the pages the guest or a device touched).
+fn guest_touched_kib(pids: &[i32]) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = BTreeMap::new();
+    for pid in pids {
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let is_memfd = std::fs::read_link(e.path())
+                .map(|l| l.to_string_lossy().starts_with("/memfd:"))
+                .unwrap_or(false);
+            if let (true, Ok(m)) = (is_memfd, std::fs::metadata(e.path())) {
+                seen.insert((m.dev(), m.ino()), (m.size(), m.blocks() * 512 / 1024));
+            }
+        }
+    }
+    seen.values()
+        .max_by_key(|(size, _)| *size)
+        .map(|(_, kib)| *kib)
+        .unwrap_or(0)
+}
+
+fn mem_available_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+struct Vm {
+    child: Child,
+    _state: tempfile::TempDir,
+    ready_ms: Option<f64>,
+}
+
+/// Per-VM figures, KiB (boot in ms).
+#[derive(Debug, Default)]
+struct Row {
+    launcher_pss: u64,
+    monitor_pss: u64,
+    monitor_pss_anon: u64,
+    backends_pss: u64,
+    backends: usize,
+    guest_touched: u64,
+    overhead: u64,
+    ready_ms: f64,
+}
+
+fn run_vmm(image: &Path, vmm: &str, n: usize) -> Option<(Vec<Row>, i64)> {
+    let before = mem_available_kib();
+    let start = Instant::now();
+    let (tx, rx) = mpsc::channel::<(usize, f64)>();
+    let mut vms = Vec::new();
+    for i in 0..n {
+        let state = tempfile::tempdir().ok()?;
+        let mut cmd = Command::new(hostd_bin());
+        cmd.args(["run", "--vmm", vmm, "--state-dir"])
+            .arg(state.path())
+            .arg(image)
+            .env("HOSTD_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().ok()?;
+        let stdout = child.stdout.take()?;
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains(READY) {
+                    let _ = tx.send((i, start.elapsed().as_secs_f64() * 1e3));
+                }
+            }
+        });
+        vms.push(Vm {
+            child,
+            _state: state,
+            ready_ms: None,
+        });
+    }
+    drop(tx);
+    let limit = Duration::from_secs(if vmm == "kvm" {
+        120 + 60 * n as u64
+    } else {
+        300
+    });
+    let mut ready = 0;
+    while ready < n {
+        let left = limit.saturating_sub(start.elapsed());
+        match rx.recv_timeout(left) {
+            Ok((i, ms)) => {
+                if vms[i].ready_ms.is_none() {
+                    vms[i].ready_ms = Some(ms);
+                    ready += 1;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    if ready < n {
+        println!("  only {ready} of {n} guests printed `{READY}` within {limit:?}");
+    }
+    // Let start-up garbage settle (backends finish their set-up, the guests go idle).
+    std::thread::sleep(Duration::from_secs(5));
+    let after = mem_available_kib();
+    let parents = parents();
+    let mut rows = Vec::new();
+    for vm in &vms {
+        let root = vm.child.id() as i32;
+        let pids = tree(root, &parents);
+        let mut row = Row {
+            ready_ms: vm.ready_ms.unwrap_or(f64::NAN),
+            guest_touched: guest_touched_kib(&pids),
+            ..Row::default()
+        };
+        let mut total = 0;
+        for pid in &pids {
+            let Some(m) = smaps(*pid, role(*pid, root)) else {
+                continue;
+            };
+            total += m.pss;
+            match m.role {
+                "hostd run" => row.launcher_pss += m.pss,
+                "monitor" => {
+                    row.monitor_pss += m.pss;
+                    row.monitor_pss_anon += m.pss_anon;
+                }
+                "backend" => {
+                    row.backends_pss += m.pss;
+                    row.backends += 1;
+                }
+                _ => {}
+            }
+            if std::env::var_os("DENSITY_VERBOSE").is_some() {
+                println!(
+                    "    pid {} {:<9} pss {:>6} anon {:>6} file {:>6} shmem {:>6}",
+                    m.pid, m.role, m.pss, m.pss_anon, m.pss_file, m.pss_shmem
+                );
+            }
+        }
+        row.overhead = total.saturating_sub(row.guest_touched);
+        rows.push(row);
+    }
+    for vm in &mut vms {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+    }
+    for vm in &mut vms {
+        let _ = vm.child.wait();
+    }
+    let drop_per_vm = (before as i64 - after as i64) / n as i64;
+    Some((rows, drop_per_vm))
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn main() {
+    let n: usize = std::env::var("DENSITY_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let vmms = std::env::var("DENSITY_VMMS").unwrap_or_else(|_| "kvm,qemu".into());
+    let kernel = kernel();
+    if !kernel.exists() {
+        println!("density: no guest kernel at {} (build it with guest/kernel/build.sh or set HOSTD_KERNEL); skipped", kernel.display());
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec = dir.path().join("idle.toml");
+    std::fs::write(&spec, SPEC).expect("write spec");
+    let image = dir.path().join("idle.img");
+    let built = Command::new(hostd_bin())
+        .arg("build")
+        .arg(&spec)
+        .arg("-o")
+        .arg(&image)
+        .arg("--kernel")
+        .arg(&kernel)
+        .status()
+        .expect("run hostd build");
+    assert!(built.success(), "hostd build failed");
+    let image_bytes = std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "density: {n} idle copies of a {:.1} MiB image (erofs root, one volume, rng), hostd {}",
+        image_bytes as f64 / 1048576.0,
+        hostd_bin().display()
+    );
+    let mut results = Vec::new();
+    for vmm in vmms.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+        if vmm == "kvm" && !kvm_usable() {
+            println!("{vmm}: /dev/kvm is not usable here; skipped");
+            continue;
+        }
+        println!("\n{vmm}: starting {n} at once …");
+        let Some((rows, drop_kib)) = run_vmm(&image, vmm, n) else {
+            println!("{vmm}: could not start the VMs");
+            continue;
+        };
+        println!(
+            "  {:>3} {:>10} {:>10} {:>10} {:>9} {:>10} {:>12} {:>9}",
+            "vm", "hostd run", "monitor", "mon. anon", "backends", "guest RAM", "overhead", "ready"
+        );
+        for (i, r) in rows.iter().enumerate() {
+            println!(
+                "  {:>3} {:>6.1} MiB {:>6.1} MiB {:>6.1} MiB {:>2}×{:>4.1} MiB {:>6.1} MiB {:>8.1} MiB {:>7.1} s",
+                i,
+                mib(r.launcher_pss),
+                mib(r.monitor_pss),
+                mib(r.monitor_pss_anon),
+                r.backends,
+                mib(r.backends_pss) / r.backends.max(1) as f64,
+                mib(r.guest_touched),
+                mib(r.overhead),
+                r.ready_ms / 1e3
+            );
+        }
+        let med = |f: &dyn Fn(&Row) -> u64| median(rows.iter().map(|r| f(r) as f64).collect());
+        let overhead = med(&|r| r.overhead);
+        let touched = med(&|r| r.guest_touched);
+        let ready = median(rows.iter().map(|r| r.ready_ms).collect());
+        println!(
+            "  median overhead {:.1} MiB per VM outside guest RAM (goal ≤ 5 MiB); MemAvailable drop {:.1} MiB per VM ({:.1} MiB minus guest RAM touched); median spawn → ready {:.1} s",
+            overhead / 1024.0,
+            drop_kib as f64 / 1024.0,
+            (drop_kib as f64 - touched) / 1024.0,
+            ready / 1e3
+        );
+        let vms: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"hostd_run_pss_kib\":{},\"monitor_pss_kib\":{},\"monitor_pss_anon_kib\":{},\"backends\":{},\"backends_pss_kib\":{},\"guest_touched_kib\":{},\"overhead_kib\":{},\"ready_ms\":{:.0}}}",
+                    r.launcher_pss, r.monitor_pss, r.monitor_pss_anon, r.backends, r.backends_pss, r.guest_touched, r.overhead,
+                    if r.ready_ms.is_finite() { r.ready_ms } else { -1.0 }
+                )
+            })
+            .collect();
+        results.push(format!(
+            "{{\"vmm\":\"{vmm}\",\"n\":{n},\"median_overhead_kib\":{overhead:.0},\"mem_available_drop_per_vm_kib\":{drop_kib},\"median_ready_ms\":{:.0},\"vms\":[{}]}}",
+            if ready.is_finite() { ready } else { -1.0 },
+            vms.join(",")
+        ));
+    }
+    write_json(
+        "density",
+        &format!(
+            "\"hostd\":{:?},\"image_bytes\":{image_bytes},",
+            hostd_bin().display().to_string()
+        ),
+        &results,
+    );
+}

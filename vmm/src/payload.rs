@@ -1,0 +1,214 @@
+//! What a runner loads into a guest (kernel, initrd): a byte range of a file, read
+//! front to back in small chunks, hashed while it is read and checked before the guest
+//! runs. No copy of a payload is kept in the monitor's heap: the built-in VMM writes
+//! each chunk straight into guest memory, the QEMU runner into the file QEMU reads.
+//!
+//! A kernel payload is either an ELF vmlinux as it is or an image's packed kernel
+//! section (hostd_images::kernel); [`Payload::stream_kernel`] turns both into the same
+//! (ELF file offset, bytes) pieces.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use hostd_images::kernel::{self, KernelError, Unpacker};
+use sha2::{Digest, Sha256};
+
+/// Bytes read at a time (the only buffer a load needs).
+const CHUNK: usize = 64 << 10;
+
+/// Why a payload could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    /// Reading the file failed.
+    #[error("cannot read {name}")]
+    Read {
+        /// The payload's name.
+        name: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing a copy for another program (QEMU) failed.
+    #[error("cannot write {}", path.display())]
+    Write {
+        /// The file written.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bytes read are not the ones the image's header records.
+    #[error("{name}: its sha256 is not the one recorded when the image was opened (the file changed on disk); nothing was run")]
+    Digest {
+        /// The payload's name.
+        name: String,
+    },
+    /// The kernel's encoding is malformed.
+    #[error("{name}")]
+    Kernel {
+        /// The payload's name.
+        name: String,
+        /// What is wrong.
+        #[source]
+        source: KernelError,
+    },
+    /// Whoever took the bytes refused them.
+    #[error("{name}: {message}")]
+    Sink {
+        /// The payload's name.
+        name: String,
+        /// What the sink said.
+        message: String,
+    },
+}
+
+/// A byte range of a file to load, with the digest it must have.
+#[derive(Debug)]
+pub struct Payload {
+    file: File,
+    offset: u64,
+    length: u64,
+    sha256: Option<[u8; 32]>,
+    name: String,
+}
+
+impl Payload {
+    /// A whole file (a `--kernel` or `--initrd`), at most `max` bytes; no digest to check.
+    pub fn whole_file(path: &Path, max: u64) -> std::io::Result<Payload> {
+        let file = hostd_images::input::open_regular(path)?;
+        let length = file.metadata()?.len();
+        if length > max {
+            return Err(std::io::Error::other(format!(
+                "{length} bytes; at most {max} are accepted"
+            )));
+        }
+        Ok(Payload {
+            file,
+            offset: 0,
+            length,
+            sha256: None,
+            name: path.display().to_string(),
+        })
+    }
+
+    /// The whole of an open file (what a fuzzer or a test hands the loader); no digest.
+    pub fn from_file(file: File, name: &str) -> std::io::Result<Payload> {
+        Ok(Payload {
+            length: file.metadata()?.len(),
+            file,
+            offset: 0,
+            sha256: None,
+            name: name.to_string(),
+        })
+    }
+
+    /// `length` bytes at `offset` of the image at `path` that must hash to `sha256`.
+    pub fn section(
+        path: &Path,
+        offset: u64,
+        length: u64,
+        sha256: [u8; 32],
+        name: String,
+    ) -> std::io::Result<Payload> {
+        Ok(Payload {
+            file: hostd_images::input::open_regular(path)?,
+            offset,
+            length,
+            sha256: Some(sha256),
+            name,
+        })
+    }
+
+    /// Its name in messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        self.length
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.length == 0
+    }
+
+    /// Hands every chunk to `sink` (with its offset in the payload), front to back; then
+    /// checks the digest. A sink's error stops the read.
+    pub fn stream(
+        &self,
+        mut sink: impl FnMut(u64, &[u8]) -> Result<(), String>,
+    ) -> Result<(), PayloadError> {
+        let mut buf = vec![0u8; CHUNK.min(self.length as usize)];
+        let mut hash = Sha256::new();
+        let mut pos = 0u64;
+        while pos < self.length {
+            let n = ((self.length - pos) as usize).min(buf.len());
+            self.file
+                .read_exact_at(&mut buf[..n], self.offset + pos)
+                .map_err(|source| PayloadError::Read {
+                    name: self.name.clone(),
+                    source,
+                })?;
+            hash.update(&buf[..n]);
+            sink(pos, &buf[..n]).map_err(|message| PayloadError::Sink {
+                name: self.name.clone(),
+                message,
+            })?;
+            pos += n as u64;
+        }
+        if let Some(want) = self.sha256 {
+            let got: [u8; 32] = hash.finalize().into();
+            if got != want {
+                return Err(PayloadError::Digest {
+                    name: self.name.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams a kernel (an ELF as it is, or a packed kernel section) as (ELF file
+    /// offset, bytes) pieces in increasing offset order, then checks the digest.
+    /// Returns the ELF's length.
+    pub fn stream_kernel(
+        &self,
+        mut sink: impl FnMut(u64, &[u8]) -> Result<(), String>,
+    ) -> Result<u64, PayloadError> {
+        let mut head = [0u8; 8];
+        let n = (self.length as usize).min(head.len());
+        self.file
+            .read_exact_at(&mut head[..n], self.offset)
+            .map_err(|source| PayloadError::Read {
+                name: self.name.clone(),
+                source,
+            })?;
+        if !kernel::is_packed(&head[..n]) {
+            self.stream(sink)?;
+            return Ok(self.length);
+        }
+        let mut unpacker = Unpacker::new(self.length);
+        let mut failure: Option<PayloadError> = None;
+        let r = self.stream(|_, chunk| {
+            let mut pieces = Vec::new();
+            if let Err(source) = unpacker.push(chunk, &mut pieces) {
+                failure = Some(PayloadError::Kernel {
+                    name: self.name.clone(),
+                    source,
+                });
+                return Err(String::new());
+            }
+            pieces.into_iter().try_for_each(|(at, b)| sink(at, b))
+        });
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        r?;
+        unpacker.finish().map_err(|source| PayloadError::Kernel {
+            name: self.name.clone(),
+            source,
+        })
+    }
+}
