@@ -1,6 +1,7 @@
 //! `hostd`: an immutable service host. CLI wiring only; the work is in the crates.
 
 mod backend_cmd;
+mod bench_cmd;
 mod fn_cmd;
 mod image_cmd;
 mod interrupt;
@@ -86,6 +87,9 @@ enum Command {
         #[command(subcommand)]
         cmd: fn_cmd::FnCommand,
     },
+    /// Measure what each isolation level costs: the same workload as a native process,
+    /// a container, a WebAssembly function and a microVM, side by side (docs/bench.md).
+    Bench(bench_cmd::BenchArgs),
 }
 
 fn main() {
@@ -119,6 +123,7 @@ fn main() {
         Command::Run(args) => image_cmd::run(&args),
         Command::Backend { cmd } => backend_cmd::run(cmd),
         Command::Fn { cmd } => fn_cmd::run(cmd),
+        Command::Bench(args) => bench_cmd::run(&args),
     };
     interrupt::wait_if_interrupted();
     match result {
