@@ -164,6 +164,9 @@ pub struct Loops {
     pub syscall_ns: f64,
     pub pagefault_mib_s: f64,
     pub cpu_ms: f64,
+    /// For a guest: how fast its clock ran against the host's while the CPU loop ran
+    /// (1.0: same rate), when it was far enough from 1 that the figures were corrected.
+    pub guest_clock_rate: Option<f64>,
 }
 
 /// Parses `… workload: loops syscall_ns=A pagefault_mib_s=B cpu_ms=C`.
@@ -179,6 +182,7 @@ pub fn parse_loops(line: &str) -> Option<Loops> {
         syscall_ns: field("syscall_ns")?,
         pagefault_mib_s: field("pagefault_mib_s")?,
         cpu_ms: field("cpu_ms")?,
+        guest_clock_rate: None,
     })
 }
 
@@ -196,7 +200,8 @@ mod tests {
             Some(Loops {
                 syscall_ns: 61.5,
                 pagefault_mib_s: 2100.0,
-                cpu_ms: 80.25
+                cpu_ms: 80.25,
+                guest_clock_rate: None,
             })
         );
         assert_eq!(parse_loops("workload: loops syscall_ns=x"), None);

@@ -115,7 +115,12 @@ fn loops(budget_ms: u64) {
     let budget = budget_ms as f64 / 1e3;
     let syscall_ns = syscall_loop(budget);
     let pf = page_fault_loop(budget);
+    // The CPU loop is bracketed by lines so that the host can time it with its own
+    // clock (a guest's clock may run at another rate, e.g. under TCG).
+    println!("workload: cpu begin");
+    let _ = std::io::stdout().flush();
     let cpu_ms = cpu_loop();
+    println!("workload: cpu end");
     println!(
         "workload: loops syscall_ns={syscall_ns:.1} pagefault_mib_s={pf:.1} cpu_ms={cpu_ms:.2}"
     );
