@@ -147,7 +147,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
         host.cpu_model, host.cpus, host.mem_total_mib, host.kernel, host.host_kind
     );
     let dir = tempfile_dir()?;
-    let ctx = tiers::Ctx::new(dir.path(), WORKLOAD, HELLO_WASM, LOOP_BUDGET_MS)?;
+    let mut ctx = tiers::Ctx::new(dir.path(), WORKLOAD, HELLO_WASM, LOOP_BUDGET_MS)?;
+    ctx.quick = args.quick;
 
     let mut image = None;
     let mut ready = Vec::new();

@@ -120,6 +120,9 @@ impl Instance {
 
     fn tail(&self) -> String {
         let mut all: Vec<String> = self.seen.iter().rev().take(15).cloned().collect();
+        if all.is_empty() {
+            return "(nothing)".into();
+        }
         all.reverse();
         all.join("\n")
     }

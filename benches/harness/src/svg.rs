@@ -43,7 +43,31 @@ pub fn render(report: &Report) -> String {
                 ))
             })
             .collect();
+        // Figures a bar cannot show (zero or below: e.g. a density that other processes'
+        // memory swamped) are listed under the group, never dropped silently.
+        let undrawn: Vec<String> = report
+            .tiers
+            .iter()
+            .filter_map(|t| {
+                let s = t.metrics.get(m.key)?;
+                (!(s.median.is_finite() && s.median > 0.0))
+                    .then(|| format!("{} {}", t.name, fmt_value(s.median)))
+            })
+            .collect();
+        if bars.is_empty() && undrawn.is_empty() {
+            continue;
+        }
         if bars.is_empty() {
+            let _ = writeln!(
+                body,
+                r#"<text x="10" y="{:.0}" class="title">{} ({})</text><text x="{LABEL_W}" y="{:.0}" class="note">not drawn (zero or below): {}</text>"#,
+                y + 14.0,
+                esc(m.label),
+                esc(m.unit),
+                y + 32.0,
+                esc(&undrawn.join(", "))
+            );
+            y += TITLE_H + ROW_H + GROUP_GAP;
             continue;
         }
         let max = bars.iter().map(|b| b.2.max(b.3)).fold(0.0, f64::max);
@@ -116,18 +140,35 @@ pub fn render(report: &Report) -> String {
             }
             y += ROW_H;
         }
-        y += GROUP_GAP + if log { 10.0 } else { 0.0 };
+        if log {
+            y += 10.0;
+        }
+        if !undrawn.is_empty() {
+            let _ = writeln!(
+                body,
+                r#"<text x="{LABEL_W}" y="{:.0}" class="note">not drawn (zero or below): {}</text>"#,
+                y + 12.0,
+                esc(&undrawn.join(", "))
+            );
+            y += 16.0;
+        }
+        y += GROUP_GAP;
     }
     let skipped: Vec<String> = report
         .tiers
         .iter()
         .filter(|t| t.status != "ran")
-        .map(|t| format!("{}: {}", t.name, t.reason.as_deref().unwrap_or("skipped")))
+        .map(|t| {
+            let reason = t.reason.as_deref().unwrap_or("");
+            // The first line of the reason: a failure's may carry the tier's output.
+            let reason = reason.lines().next().unwrap_or("");
+            format!("{} — {}: {reason}", t.status, t.name)
+        })
         .collect();
     for s in &skipped {
         let _ = writeln!(
             body,
-            r#"<text x="10" y="{:.0}" class="note">skipped — {}</text>"#,
+            r#"<text x="10" y="{:.0}" class="note">{}</text>"#,
             y + 12.0,
             esc(s)
         );
@@ -149,4 +190,55 @@ pub fn render(report: &Report) -> String {
         y + 20.0,
         esc(&header)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::HostInfo;
+    use crate::report::{Method, Stat, TierResult, SCHEMA};
+
+    #[test]
+    fn draws_positive_figures_lists_the_rest_and_escapes_text() {
+        let mut a = TierResult::skipped("native", "");
+        a.status = "ran".into();
+        a.metrics
+            .insert("cold_start_ms".into(), Stat::of(vec![2.0, 3.0]));
+        a.metrics.insert("density_mib".into(), Stat::of(vec![-4.0]));
+        let mut b = a.clone();
+        b.name = "microvm-qemu".into();
+        b.metrics
+            .insert("cold_start_ms".into(), Stat::of(vec![4000.0]));
+        b.metrics
+            .insert("density_mib".into(), Stat::of(vec![120.0]));
+        let c = TierResult::skipped("wasmtime-serve", "wasmtime <x> is not on PATH");
+        let r = Report {
+            schema: SCHEMA.into(),
+            host: HostInfo {
+                cpu_model: "Test & CPU".into(),
+                cpus: 2,
+                kernel: "6.1".into(),
+                host_kind: "none".into(),
+                mem_total_mib: 1,
+            },
+            method: Method {
+                quick: true,
+                warmup_runs: 1,
+                runs: 2,
+                concurrency: 1,
+                load_secs: 1.0,
+                loop_budget_ms: 1,
+                density_instances: 1,
+                order: vec![],
+            },
+            tiers: vec![a, b, c],
+        };
+        let svg = render(&r);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        // 2 ms against 4000 ms: a log scale.
+        assert!(svg.contains("cold start to first 200 (ms) — lower is better, log scale"));
+        assert!(svg.contains("not drawn (zero or below): native -4.00"));
+        assert!(svg.contains("Test &amp; CPU") && svg.contains("wasmtime &lt;x&gt;"));
+        assert_eq!(svg.matches("<rect ").count(), 1 + 2 + 1);
+    }
 }
