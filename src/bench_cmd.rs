@@ -345,15 +345,20 @@ fn one_round(
     let (mut s, cold) = t.cold_start(ctx)?;
     figs.push(("cold_start_ms", cold));
     if let Some(addr) = s.addr {
-        let l = hostd_bench::http::load(addr, "/", plan.concurrency, plan.load)?;
+        let (c, d) = (plan.concurrency, plan.load);
+        let l = tiers::in_netns(s.netns.as_deref(), move || {
+            hostd_bench::http::load(addr, "/", c, d)
+        })??;
         figs.push(("requests_per_s", l.requests_per_s));
         figs.push(("p50_ms", l.p50_ms));
         figs.push(("p99_ms", l.p99_ms));
     }
     let loops = if t.is_microvm() {
-        let l = t.loops(ctx, Some(&mut s.inst))?;
-        s.inst
-            .wait_line("workload: done", Duration::from_secs(60))?;
+        let l = t.loops(ctx, Some(&mut s))?;
+        if s.addr.is_none() {
+            s.inst
+                .wait_line("workload: done", Duration::from_secs(60))?;
+        }
         l
     } else {
         None
@@ -400,7 +405,9 @@ fn density(t: &tiers::Tier, ctx: &tiers::Ctx, n: usize) -> anyhow::Result<f64> {
     for s in &mut running {
         match s.addr {
             Some(addr) => {
-                hostd_bench::http::wait_for_200(addr, "/", Duration::from_secs(180))?;
+                tiers::in_netns(s.netns.as_deref(), move || {
+                    hostd_bench::http::wait_for_200(addr, "/", Duration::from_secs(300))
+                })??;
             }
             None => {
                 s.inst

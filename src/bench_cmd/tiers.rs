@@ -88,6 +88,8 @@ pub enum Kind {
     MicroVm {
         vmm: &'static str,
         image: PathBuf,
+        /// Whether the guest gets a network (and serves HTTP).
+        net: bool,
     },
 }
 
@@ -106,6 +108,8 @@ pub struct Tier {
 pub struct Started {
     pub inst: Instance,
     pub addr: Option<SocketAddr>,
+    /// The network namespace `addr` is reached in (a microVM's), if not the host's.
+    pub netns: Option<String>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -150,6 +154,7 @@ fn own_cgroup() -> String {
         .unwrap_or_else(|| "/".into())
 }
 
+/// The microVM image's spec: the workload as the only service; `ARGS` is replaced.
 const GUEST_SPEC: &str = r#"# hostd bench: the workload as a microVM's only service.
 name = "bench"
 memory = "256M"
@@ -161,16 +166,79 @@ mode = "0755"
 
 [services.work]
 command = "/bin/workload"
-args = ["guest"]
+args = ARGS
 main = true
 "#;
+
+/// The guest's HTTP port and addresses: each microVM gets a network namespace of its
+/// own holding a TAP device, so every instance can use the same ones.
+const GUEST_PORT: u16 = 8080;
+const TAP: &str = "hbench0";
+const GUEST_NET: &str = "ip=10.0.2.2/24,gw=10.0.2.1";
+
+/// Whether microVMs can get a network here: root (network namespaces, TAP) and `ip`.
+fn guest_net_usable() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Makes network namespace `ns` with the TAP device at 10.0.2.1/24.
+fn netns_create(ns: &str) -> anyhow::Result<()> {
+    let steps: [&[&str]; 5] = [
+        &["netns", "add", ns],
+        &["-n", ns, "link", "set", "lo", "up"],
+        &["-n", ns, "tuntap", "add", TAP, "mode", "tap"],
+        &["-n", ns, "addr", "add", "10.0.2.1/24", "dev", TAP],
+        &["-n", ns, "link", "set", TAP, "up"],
+    ];
+    for args in steps {
+        let out = Command::new("ip").args(args).output()?;
+        if !out.status.success() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            bail!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread that joined network namespace `ns` (threads it starts inherit
+/// it), or here when `ns` is None.
+pub fn in_netns<T: Send + 'static>(
+    ns: Option<&str>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let Some(ns) = ns else { return Ok(f()) };
+    let file = std::fs::File::open(format!("/run/netns/{ns}"))
+        .with_context(|| format!("opening network namespace {ns}"))?;
+    let t = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid namespace fd; it changes only this thread's network
+        // namespace, a thread made for this and ended after `f`.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(f())
+    });
+    t.join()
+        .map_err(|_| anyhow::anyhow!("the thread in network namespace {ns} panicked"))?
+        .context("joining the network namespace")
+}
 
 /// Prepares the tier `name`, or says why it cannot run here.
 pub fn prepare(
     name: &'static str,
     ctx: &Ctx,
     firecracker: Option<&Path>,
-    image: &mut Option<Result<PathBuf, String>>,
+    image: &mut Option<Result<(PathBuf, bool), String>>,
 ) -> Result<Tier, String> {
     let tier = |kind, runtime: String| Tier {
         name,
@@ -236,8 +304,13 @@ pub fn prepare(
                     hostd_vmm::qemu::qemu_binary()
                 ));
             }
-            let image = image
-                .get_or_insert_with(|| build_image(ctx).map_err(|e| format!("{e:#}")))
+            let (image, net) = image
+                .get_or_insert_with(|| {
+                    let net = guest_net_usable();
+                    build_image(ctx, net)
+                        .map(|i| (i, net))
+                        .map_err(|e| format!("{e:#}"))
+                })
                 .clone()?;
             let runtime = if vmm == "kvm" {
                 format!("hostd's VMM on KVM ({})", hostd_bench::host::host_kind())
@@ -249,12 +322,20 @@ pub fn prepare(
                     accel.to_uppercase()
                 )
             };
-            let mut t = tier(Kind::MicroVm { vmm, image }, runtime);
-            let http = "needs a guest network (a TAP device in a network namespace); not wired into hostd bench yet";
-            for m in ["requests_per_s", "p50_ms", "p99_ms"] {
-                t.notes.insert(m.into(), http.into());
+            let mut t = tier(Kind::MicroVm { vmm, image, net }, runtime);
+            if net {
+                let how = "over hostd's net backend and a TAP device, from a network namespace made per instance";
+                for m in ["requests_per_s", "p50_ms", "p99_ms"] {
+                    t.notes.insert(m.into(), how.into());
+                }
+            } else {
+                let http =
+                    "needs a guest network: root and `ip` (a TAP device in a network namespace)";
+                for m in ["requests_per_s", "p50_ms", "p99_ms"] {
+                    t.notes.insert(m.into(), http.into());
+                }
+                t.notes.insert("cold_start_ms".into(), "spawn to the service's first console line (`workload: ready`), not to an HTTP 200 (no guest network)".into());
             }
-            t.notes.insert("cold_start_ms".into(), "spawn to the service's first console line (`workload: ready`), not to an HTTP 200 (no guest network)".into());
             if hostd_bench::host::host_kind() == "nested-pvm" || t.runtime.contains("TCG") {
                 let why = if vmm == "kvm" {
                     "every guest kernel entry is emulated on this nested PVM host (docs/pvm.md): dominated by emulation, not by the VMM"
@@ -301,11 +382,16 @@ pub fn prepare(
 }
 
 /// Builds the microVM image: the workload as the only service, the default guest kernel.
-fn build_image(ctx: &Ctx) -> anyhow::Result<PathBuf> {
+fn build_image(ctx: &Ctx, net: bool) -> anyhow::Result<PathBuf> {
     let dir = ctx.dir.join("image");
     std::fs::create_dir_all(&dir)?;
     std::fs::copy(&ctx.workload, dir.join("workload"))?;
-    std::fs::write(dir.join("bench.toml"), GUEST_SPEC)?;
+    let args = if net {
+        format!("[\"guest\", \"{GUEST_PORT}\"]")
+    } else {
+        "[\"guest\"]".to_string()
+    };
+    std::fs::write(dir.join("bench.toml"), GUEST_SPEC.replace("ARGS", &args))?;
     let image = dir.join("bench.img");
     let out = Command::new(&ctx.hostd)
         .arg("build")
@@ -404,6 +490,47 @@ impl Tier {
         Ok(inst)
     }
 
+    /// The loops in a running microVM: started by `GET /loops` when it has a network,
+    /// else run at boot; the result from the answer or the console. The CPU loop is also
+    /// timed by the host from the console lines around it: a guest clock that ran more
+    /// than 10% off the host's (e.g. under TCG) would skew every figure, so they are
+    /// corrected by that rate.
+    fn guest_loops(&self, ctx: &Ctx, s: &mut Started) -> anyhow::Result<Loops> {
+        let limit = self.start_limit(ctx);
+        let request = match s.addr {
+            Some(addr) => {
+                let ns = s.netns.clone();
+                Some(std::thread::spawn(move || {
+                    in_netns(ns.as_deref(), move || {
+                        hostd_bench::http::get(addr, "/loops", limit)
+                    })
+                }))
+            }
+            None => None,
+        };
+        let (begin, _) = s.inst.wait_line("workload: cpu begin", limit)?;
+        let (end, _) = s.inst.wait_line("workload: cpu end", limit)?;
+        let line = match request {
+            Some(r) => {
+                let body = r
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the /loops request panicked"))???;
+                String::from_utf8_lossy(&body).into_owned()
+            }
+            None => s.inst.wait_line("workload: loops", limit)?.1,
+        };
+        let mut l = parse_loops(&line).context("unreadable loops line")?;
+        let host_ms = end.duration_since(begin).as_secs_f64() * 1e3;
+        let rate = l.cpu_ms / host_ms;
+        if host_ms > 0.0 && rate.is_finite() && (rate - 1.0).abs() > 0.1 {
+            l.syscall_ns /= rate;
+            l.pagefault_mib_s *= rate;
+            l.cpu_ms = host_ms;
+            l.guest_clock_rate = Some(rate);
+        }
+        Ok(l)
+    }
+
     /// Starts one instance (not waiting for it to be ready).
     pub fn start(&self, ctx: &Ctx) -> anyhow::Result<Started> {
         let port = free_port()?;
@@ -438,26 +565,65 @@ impl Tier {
                     .arg(&ctx.component);
                 (Instance::spawn(c)?, Some(addr))
             }
-            Kind::MicroVm { vmm, image } => {
-                let mut c = Command::new(&ctx.hostd);
-                c.args(["run", "--vmm", vmm, "--timeout", "600"])
-                    .arg(image)
-                    .env("HOSTD_LOG", "warn,hostd_vmm=error");
-                let mut i = Instance::spawn(c)?;
+            Kind::MicroVm { vmm, image, net } => {
+                let ns = net.then(|| format!("hostd-bench-{}-{}", std::process::id(), ctx.next()));
+                let mut c = match &ns {
+                    Some(ns) => {
+                        netns_create(ns)?;
+                        // `ip netns exec` execs hostd: the same pid, so SIGTERM reaches it.
+                        let mut c = Command::new("ip");
+                        c.args(["netns", "exec", ns]).arg(&ctx.hostd);
+                        c
+                    }
+                    None => Command::new(&ctx.hostd),
+                };
+                c.args(["run", "--vmm", vmm, "--timeout", "600"]);
+                if ns.is_some() {
+                    c.arg("--net").arg(format!("tap={TAP},{GUEST_NET}"));
+                }
+                c.arg(image).env("HOSTD_LOG", "warn,hostd_vmm=error");
+                let mut i = match Instance::spawn(c) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        if let Some(ns) = &ns {
+                            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+                        }
+                        return Err(e);
+                    }
+                };
                 i.gentle = true;
-                (i, None)
+                let addr = ns
+                    .is_some()
+                    .then(|| SocketAddr::from(([10, 0, 2, 2], GUEST_PORT)));
+                if let Some(ns) = ns.clone() {
+                    i.on_drop(move || {
+                        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+                    });
+                }
+                return Ok(Started {
+                    inst: i,
+                    addr,
+                    netns: ns,
+                });
             }
         };
-        Ok(Started { inst, addr })
+        Ok(Started {
+            inst,
+            addr,
+            netns: None,
+        })
     }
 
     /// Starts an instance and waits until it is ready: the first HTTP 200, or for a
     /// microVM its service's first line. Returns it and the time that took in ms.
     pub fn cold_start(&self, ctx: &Ctx) -> anyhow::Result<(Started, f64)> {
         let mut s = self.start(ctx)?;
+        let limit = self.start_limit(ctx);
         let ready = match s.addr {
-            Some(addr) => hostd_bench::http::wait_for_200(addr, "/", START_LIMIT)
-                .map_err(|e| anyhow::anyhow!("{e}; it printed:\n{}", s.inst.stderr()))?,
+            Some(addr) => in_netns(s.netns.as_deref(), move || {
+                hostd_bench::http::wait_for_200(addr, "/", limit)
+            })?
+            .map_err(|e| anyhow::anyhow!("{e}; it printed:\n{}", s.inst.stderr()))?,
             None => {
                 s.inst
                     .wait_line("workload: ready", self.start_limit(ctx))?
@@ -469,19 +635,10 @@ impl Tier {
     }
 
     /// The loops: inside a running microVM from its console, else a run of their own.
-    pub fn loops(
-        &self,
-        ctx: &Ctx,
-        running: Option<&mut Instance>,
-    ) -> anyhow::Result<Option<Loops>> {
+    pub fn loops(&self, ctx: &Ctx, running: Option<&mut Started>) -> anyhow::Result<Option<Loops>> {
         let budget = ctx.loop_budget_ms.to_string();
         let mut inst = match (&self.kind, running) {
-            (Kind::MicroVm { .. }, Some(i)) => {
-                let (_, line) = i.wait_line("workload: loops", START_LIMIT)?;
-                return parse_loops(&line)
-                    .map(Some)
-                    .context("unreadable loops line");
-            }
+            (Kind::MicroVm { .. }, Some(s)) => return self.guest_loops(ctx, s).map(Some),
             (Kind::Native, _) => {
                 let mut c = Command::new(&ctx.workload);
                 c.args(["loops", &budget]);

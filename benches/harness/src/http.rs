@@ -48,8 +48,8 @@ impl Conn {
         })
     }
 
-    /// One GET; Ok when the answer was a 200 (its body read fully).
-    fn get(&mut self) -> Result<(), HttpError> {
+    /// One GET; Ok with the body when the answer was a 200.
+    fn get(&mut self) -> Result<Vec<u8>, HttpError> {
         let addr = self.addr;
         let io = |source| HttpError::Io { addr, source };
         let req = format!(
@@ -81,16 +81,17 @@ impl Conn {
                 }
             }
         }
+        let mut body = Vec::new();
         if chunked {
             self.skip_chunked().map_err(io)?;
         } else {
             let len = len.ok_or(HttpError::NoLength { addr })?;
-            std::io::copy(&mut (&mut self.r).take(len), &mut std::io::sink()).map_err(io)?;
+            (&mut self.r).take(len).read_to_end(&mut body).map_err(io)?;
         }
         if status != "200" {
             return Err(HttpError::Status { addr, status });
         }
-        Ok(())
+        Ok(body)
     }
 }
 
@@ -139,6 +140,15 @@ pub fn wait_for_200(addr: SocketAddr, path: &str, limit: Duration) -> Result<Ins
     }
 }
 
+/// One `GET path` on a new connection; the body of its 200.
+pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Vec<u8>, HttpError> {
+    let mut c = Conn::open(addr, path, Duration::from_secs(5))?;
+    c.w.set_read_timeout(Some(timeout))
+        .and_then(|_| c.r.get_ref().set_read_timeout(Some(timeout)))
+        .map_err(|source| HttpError::Io { addr, source })?;
+    c.get()
+}
+
 /// What a load run measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Load {
@@ -179,7 +189,7 @@ pub fn load(
                     let Some(c) = conn.as_mut() else { continue };
                     let t = Instant::now();
                     match c.get() {
-                        Ok(()) => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                        Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1e3),
                         Err(_) => {
                             errors += 1;
                             conn = None;

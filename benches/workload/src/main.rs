@@ -6,9 +6,9 @@
 //!   loop (fresh anonymous pages touched, MiB/s) and a fixed CPU loop (ms); prints one
 //!   `workload: loops …` line. Each loop runs for about BUDGET_MS (default 300) so the
 //!   same binary gives usable figures natively and where every kernel entry is emulated.
-//! - `guest [PORT]`: what a microVM's only service runs: `workload: ready`, then the loops,
-//!   `workload: done`, then the server (with a
-//!   PORT: the guest has a network) or nothing, until it is stopped.
+//! - `guest [PORT]`: what a microVM's only service runs. With a PORT (the guest has a
+//!   network): the server, whose `GET /loops` runs the loops and answers their line.
+//!   Without: `workload: ready`, the loops, `workload: done`, then idles until stopped.
 //!
 //! Standard library only, so it builds static for musl with nothing else.
 #![allow(clippy::print_stdout)] // its output is its result
@@ -37,12 +37,13 @@ fn main() {
             loops(budget);
             0
         }
-        Some("guest") => {
-            println!("workload: ready");
-            loops(300);
-            match arg(1).and_then(|p| p.parse::<u16>().ok()) {
-                Some(port) => serve(port),
-                None => {
+        Some("guest") => match arg(1).and_then(|p| p.parse::<u16>().ok()) {
+            // With a network: serve at once; the loops run on `GET /loops`.
+            Some(port) => serve(port),
+            None => {
+                println!("workload: ready");
+                loops(300);
+                {
                     // No network: stay up (memory figures are taken now) until stopped.
                     println!("workload: done");
                     let _ = std::io::stdout().flush();
@@ -51,7 +52,7 @@ fn main() {
                     }
                 }
             }
-        }
+        },
         _ => usage(),
     };
     std::process::exit(code);
@@ -98,6 +99,7 @@ fn handle(conn: TcpStream) -> std::io::Result<()> {
         if reader.read_line(&mut line)? == 0 {
             return Ok(());
         }
+        let run_loops = line.starts_with("GET /loops ");
         loop {
             line.clear();
             if reader.read_line(&mut line)? == 0 {
@@ -107,11 +109,22 @@ fn handle(conn: TcpStream) -> std::io::Result<()> {
                 break;
             }
         }
-        out.write_all(&response)?;
+        if run_loops {
+            let body = loops(300);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            out.write_all(head.as_bytes())?;
+            out.write_all(body.as_bytes())?;
+        } else {
+            out.write_all(&response)?;
+        }
     }
 }
 
-fn loops(budget_ms: u64) {
+/// Runs the loops, prints their line and returns it.
+fn loops(budget_ms: u64) -> String {
     let budget = budget_ms as f64 / 1e3;
     let syscall_ns = syscall_loop(budget);
     let pf = page_fault_loop(budget);
@@ -121,10 +134,12 @@ fn loops(budget_ms: u64) {
     let _ = std::io::stdout().flush();
     let cpu_ms = cpu_loop();
     println!("workload: cpu end");
-    println!(
+    let line = format!(
         "workload: loops syscall_ns={syscall_ns:.1} pagefault_mib_s={pf:.1} cpu_ms={cpu_ms:.2}"
     );
+    println!("{line}");
     let _ = std::io::stdout().flush();
+    line
 }
 
 /// One `getppid` system call, straight through the `syscall` instruction (no libc
