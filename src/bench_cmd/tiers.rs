@@ -623,7 +623,15 @@ impl Tier {
             Some(addr) => in_netns(s.netns.as_deref(), move || {
                 hostd_bench::http::wait_for_200(addr, "/", limit)
             })?
-            .map_err(|e| anyhow::anyhow!("{e}; it printed:\n{}", s.inst.stderr()))?,
+            .map_err(|e| {
+                let err = s.inst.stderr();
+                let err = if err.trim().is_empty() {
+                    "(nothing on stderr)".into()
+                } else {
+                    err
+                };
+                anyhow::anyhow!("{e}; it printed:\n{err}")
+            })?,
             None => {
                 s.inst
                     .wait_line("workload: ready", self.start_limit(ctx))?
