@@ -18,7 +18,7 @@ pub struct Row {
     pub regression: bool,
 }
 
-/// Every (tier, metric) with a finite, non-zero median in both reports, in table order;
+/// Every (tier, metric) with a finite, positive median in both reports, in table order;
 /// `regression` when the new figure is worse than the old by more than `threshold_pct`.
 pub fn compare(old: &Report, new: &Report, threshold_pct: f64) -> Vec<Row> {
     let mut rows = Vec::new();
@@ -28,7 +28,9 @@ pub fn compare(old: &Report, new: &Report, threshold_pct: f64) -> Vec<Row> {
             let (Some(n), Some(p)) = (t.metrics.get(m.key), o.metrics.get(m.key)) else {
                 continue;
             };
-            if !(n.median.is_finite() && p.median.is_finite()) || p.median == 0.0 {
+            // Every metric is a positive quantity; zero or below (a density swamped by
+            // other processes) has no meaningful ratio.
+            if !(n.median.is_finite() && p.median.is_finite() && n.median > 0.0 && p.median > 0.0) {
                 continue;
             }
             let ratio = n.median / p.median;
@@ -98,5 +100,7 @@ mod tests {
         let rows = compare(&old, &report(10.0, 500.0), 10.0);
         assert!(!rows[0].regression && rows[1].regression);
         assert!((rows[1].worse_pct - 100.0).abs() < 1e-9);
+        // A figure at zero or below on either side is not compared.
+        assert_eq!(compare(&old, &report(-1.0, 500.0), 10.0).len(), 1);
     }
 }
