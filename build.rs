@@ -12,6 +12,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     for p in [
         "guest/init",
+        "benches/workload",
         "images/src/manifest.rs",
         "images/src/abi.rs",
         "images/src/lib.rs",
@@ -40,6 +41,8 @@ fn main() {
         "--release",
         "-p",
         "hostd-init",
+        "-p",
+        "hostd-bench-workload",
         "--target",
         GUEST_TARGET,
     ])
@@ -79,4 +82,12 @@ fn main() {
     let dest = out.join("hostd-init");
     std::fs::copy(&built, &dest).expect("cannot copy guest init");
     println!("cargo:rustc-env=HOSTD_INIT_PATH={}", dest.display());
+    // `hostd bench` embeds its workload the same way (benches/workload).
+    let built = built.with_file_name("hostd-bench-workload");
+    let dest = out.join("hostd-bench-workload");
+    std::fs::copy(&built, &dest).expect("cannot copy the bench workload");
+    println!(
+        "cargo:rustc-env=HOSTD_BENCH_WORKLOAD_PATH={}",
+        dest.display()
+    );
 }

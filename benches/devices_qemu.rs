@@ -111,10 +111,7 @@ fn tcp_run(mut cmd: Command) -> Option<f64> {
     rate
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
+use hostd_bench::median;
 
 fn run_hostd(image: &Path, state: &Path) -> Option<(f64, f64)> {
     let out = Command::new(env!("CARGO_BIN_EXE_hostd"))

@@ -243,9 +243,8 @@ impl Figures {
     }
 }
 
-fn median(mut v: Vec<Duration>) -> f64 {
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().map(ms).unwrap_or(f64::NAN)
+fn median(v: Vec<Duration>) -> f64 {
+    hostd_bench::median(v.into_iter().map(ms).collect())
 }
 
 /// Deploys `DEPLOYS` times: medians of (spawn → first 200, first request latency).

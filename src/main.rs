@@ -1,6 +1,7 @@
 //! `hostd`: an immutable service host. CLI wiring only; the work is in the crates.
 
 mod backend_cmd;
+mod bench_cmd;
 mod daemon_cmd;
 mod fn_cmd;
 mod image_cmd;
@@ -124,6 +125,9 @@ enum Command {
         #[command(subcommand)]
         cmd: systemd_cmd::SystemdCommand,
     },
+    /// Measure what each isolation level costs: the same workload as a native process,
+    /// a container, a WebAssembly function and a microVM, side by side (docs/bench.md).
+    Bench(bench_cmd::BenchArgs),
 }
 
 fn main() {
@@ -168,6 +172,7 @@ fn main() {
         Command::Stop(args) => daemon_cmd::start_stop(&args, false),
         Command::Rm(args) => daemon_cmd::rm(&args),
         Command::Logs { follow, args } => daemon_cmd::logs(&args, follow),
+        Command::Bench(args) => bench_cmd::run(&args),
     };
     interrupt::wait_if_interrupted();
     match result {
