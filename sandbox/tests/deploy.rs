@@ -426,3 +426,124 @@ async fn bad_deploys_are_refused_and_change_nothing() {
         Err(DeployError::UnknownFunction { .. })
     ));
 }
+
+/// Set in the child process of [`a_killed_host_process_serves_its_functions_again`]:
+/// its state directory.
+const CHILD_ENV: &str = "HOSTD_DEPLOY_TEST_CHILD";
+
+/// The child: a process holding a `FunctionHost` with 3 functions (deployed
+/// on its first start), serving until it is killed.
+fn run_child(state: &Path) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let host = FunctionHost::open(HostOptions::new(state)).unwrap();
+        if host.list().unwrap().is_empty() {
+            let hello = put(&host, "hello");
+            let counter = put(&host, "counter");
+            let version = put(&host, "version");
+            host.deploy("hello", spec(&hello, &["/hello"], ""))
+                .await
+                .unwrap();
+            host.deploy(
+                "counter",
+                spec(&counter, &["/counter"], "buckets = [\"counters\"]"),
+            )
+            .await
+            .unwrap();
+            for v in ["v1", "v2"] {
+                host.deploy(
+                    "ver",
+                    spec(
+                        &version,
+                        &["/ver/..."],
+                        &format!("config = {{ version = \"{v}\" }}"),
+                    ),
+                )
+                .await
+                .unwrap();
+            }
+        }
+        let front = serve(&host).await;
+        println!("listening on http://{}", front.addr);
+        std::future::pending::<()>().await;
+    });
+}
+
+/// Starts this test binary as the child; returns it and its front's address.
+fn spawn_child(state: &Path) -> (std::process::Child, SocketAddr) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_killed_host_process_serves_its_functions_again",
+            "--nocapture",
+        ])
+        .env(CHILD_ENV, state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(a) = line.split("listening on http://").nth(1) {
+                let _ = tx.send(a.trim().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(300))
+        .expect("the child did not start serving");
+    (child, addr.parse().unwrap())
+}
+
+#[test]
+fn a_killed_host_process_serves_its_functions_again() {
+    if let Some(state) = std::env::var_os(CHILD_ENV) {
+        run_child(Path::new(&state));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut child, addr) = spawn_child(&state);
+    assert_eq!(rt.block_on(get_once(addr, "/counter")), (200, "1\n".into()));
+    child.kill().unwrap(); // SIGKILL: no chance to flush or close anything
+    child.wait().unwrap();
+
+    let t = Instant::now();
+    let (mut child, addr) = spawn_child(&state);
+    let up = t.elapsed();
+    let answers = rt.block_on(async {
+        vec![
+            get_once(addr, "/hello").await,
+            get_once(addr, "/ver/x").await,
+            get_once(addr, "/counter").await,
+        ]
+    });
+    let all = t.elapsed();
+    println!(
+        "after kill -9: the new process served from {up:?} after its spawn, all 3 functions answered after {all:?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        answers,
+        [
+            (200, "hello from a nanoservice".to_string()),
+            (200, "version v2\n".to_string()),
+            // The bucket's count survived too.
+            (200, "2\n".to_string()),
+        ]
+    );
+}
