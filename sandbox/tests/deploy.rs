@@ -547,3 +547,46 @@ fn a_killed_host_process_serves_its_functions_again() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_that_cannot_load_at_start_does_not_stop_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let hello_path;
+    {
+        let host = FunctionHost::open(HostOptions::new(&state)).unwrap();
+        let hello = put(&host, "hello");
+        let version = put(&host, "version");
+        host.deploy("hello", spec(&hello, &["/hello"], ""))
+            .await
+            .unwrap();
+        host.deploy(
+            "ver",
+            spec(&version, &["/ver"], "config = { version = \"v1\" }"),
+        )
+        .await
+        .unwrap();
+        hello_path = host.components().path(&hello);
+    }
+    // The stored component changes on disk: it no longer matches its digest.
+    std::fs::write(&hello_path, b"\0asm\x0d\0\x01\0changed").unwrap();
+    let host = FunctionHost::open(HostOptions::new(&state)).unwrap();
+    let front = serve(&host).await;
+    assert_eq!(
+        get_once(front.addr, "/ver").await,
+        (200, "version v1\n".into())
+    );
+    assert_eq!(get_once(front.addr, "/hello").await.0, 404);
+    let listed: Vec<_> = host
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|f| (f.name, f.live.warm))
+        .collect();
+    assert_eq!(listed, [("hello".into(), false), ("ver".into(), true)]);
+    // Uploading the component again repairs it; a rollback to the live
+    // version (or a new deploy) serves it again.
+    put(&host, "hello");
+    host.rollback("hello", Some(1)).await.unwrap();
+    assert_eq!(get_once(front.addr, "/hello").await.0, 200);
+}

@@ -132,6 +132,18 @@ struct FnEntry {
     metrics: BTreeMap<u64, Arc<RequestMetrics>>,
 }
 
+/// `e` and its causes, joined with `: ` (for a log line).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -182,12 +194,25 @@ impl FunctionHost {
                 }
             })?;
             let metrics = Arc::new(RequestMetrics::default());
-            let deployed = inner.prepare(&record, metrics.clone())?;
             let mut entry = FnEntry {
                 live: version,
                 ..FnEntry::default()
             };
-            entry.warm.insert(version, deployed);
+            // One function that cannot be loaded (its component changed on
+            // disk, a granted directory is gone) must not keep the others
+            // from serving: it is listed, not served, until a deploy or
+            // rollback fixes it.
+            match inner.prepare(&record, metrics.clone()) {
+                Ok(deployed) => {
+                    entry.warm.insert(version, deployed);
+                }
+                Err(e) => tracing::error!(
+                    function = %name,
+                    version,
+                    "cannot serve the live version: {}",
+                    error_chain(&e)
+                ),
+            }
             entry.metrics.insert(version, metrics);
             inner.lock().insert(name, entry);
         }
