@@ -663,6 +663,8 @@ fn check_cmdline_fits(cmdline: &str, devices: usize) -> Result<()> {
 
 /// `hostd run`.
 pub fn run(args: &RunArgs) -> Result<i32> {
+    // Under systemd (Type=notify): READY=1 once guest init has started the services.
+    hostd_vmm::ready::init_from_env();
     // Ctrl-C, SIGTERM and SIGHUP from here on are counted, never fatal: the runner stops
     // the VM (at once while it boots) and every staged file is removed.
     hostd_vmm::signals::install();

@@ -1,10 +1,12 @@
 //! `hostd`: an immutable service host. CLI wiring only; the work is in the crates.
 
 mod backend_cmd;
+mod daemon_cmd;
 mod fn_cmd;
 mod image_cmd;
 mod interrupt;
 mod progress;
+mod systemd_cmd;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -81,10 +83,46 @@ enum Command {
         #[command(subcommand)]
         cmd: backend_cmd::BackendCommand,
     },
+    /// Run the host daemon: guests (and functions) behind a REST API on a Unix socket
+    /// (docs/daemon.md).
+    Daemon(daemon_cmd::DaemonArgs),
+    /// Apply a fleet file: the daemon creates, replaces and removes guests to match it.
+    Apply {
+        /// The fleet file (TOML).
+        file: PathBuf,
+        #[command(flatten)]
+        socket: daemon_cmd::SocketArg,
+    },
+    /// List the daemon's guests.
+    Ps {
+        #[command(flatten)]
+        socket: daemon_cmd::SocketArg,
+    },
+    /// Create a guest in the daemon from an image, and start it.
+    Up(daemon_cmd::UpArgs),
+    /// Start a stopped guest.
+    Start(daemon_cmd::NameArgs),
+    /// Stop a guest (clean shutdown, then SIGKILL after the image's stop timeout).
+    Stop(daemon_cmd::NameArgs),
+    /// Stop and delete a guest.
+    Rm(daemon_cmd::NameArgs),
+    /// Print a guest's console.
+    Logs {
+        /// Keep printing new lines as they come.
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        args: daemon_cmd::NameArgs,
+    },
     /// WebAssembly nanoservices.
     Fn {
         #[command(subcommand)]
         cmd: fn_cmd::FnCommand,
+    },
+    /// The fleet's guests as systemd units, for hosts without NixOS (docs/nixos.md).
+    Systemd {
+        #[command(subcommand)]
+        cmd: systemd_cmd::SystemdCommand,
     },
 }
 
@@ -97,6 +135,8 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Plain text where stderr is no terminal (the journal, a log file).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .init();
@@ -119,6 +159,15 @@ fn main() {
         Command::Run(args) => image_cmd::run(&args),
         Command::Backend { cmd } => backend_cmd::run(cmd),
         Command::Fn { cmd } => fn_cmd::run(cmd),
+        Command::Systemd { cmd } => systemd_cmd::run(cmd),
+        Command::Daemon(args) => daemon_cmd::daemon(args),
+        Command::Apply { file, socket } => daemon_cmd::apply(&file, &socket),
+        Command::Ps { socket } => daemon_cmd::ps(&socket),
+        Command::Up(args) => daemon_cmd::up(args),
+        Command::Start(args) => daemon_cmd::start_stop(&args, true),
+        Command::Stop(args) => daemon_cmd::start_stop(&args, false),
+        Command::Rm(args) => daemon_cmd::rm(&args),
+        Command::Logs { follow, args } => daemon_cmd::logs(&args, follow),
     };
     interrupt::wait_if_interrupted();
     match result {

@@ -70,7 +70,7 @@ pub enum FleetError {
 }
 
 /// Which monitor boots a guest.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Vmm {
     /// hostd's own VMM on KVM (`hostd run --vmm kvm`).
@@ -81,7 +81,7 @@ pub enum Vmm {
 }
 
 /// When a stopped guest is started again.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Restart {
     /// Whenever it stops, with backoff.
@@ -105,10 +105,25 @@ pub enum ImageSource {
     Spec(PathBuf),
 }
 
+/// [`ImageSource`] as the OpenAPI document describes it (paths are strings).
+#[derive(utoipa::ToSchema)]
+#[schema(as = ImageSource)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum ImageSourceDoc {
+    /// An image file (absolute).
+    File(String),
+    /// An image in the daemon's store: 64 lowercase hex digits.
+    Digest(String),
+    /// A spec file (absolute).
+    Spec(String),
+}
+
 /// One declared guest, every path absolute.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Guest {
     /// The image.
+    #[schema(value_type = ImageSourceDoc)]
     pub image: ImageSource,
     /// The monitor.
     pub vmm: Vmm,
@@ -123,20 +138,25 @@ pub struct Guest {
     /// A network card, as `hostd run --net` takes it.
     pub net: Option<String>,
     /// Secrets: name -> host file (absolute).
+    #[schema(value_type = BTreeMap<String, String>)]
     pub secrets: BTreeMap<String, PathBuf>,
     /// Public keys the image must be signed by (absolute); empty: no check.
+    #[schema(value_type = Vec<String>)]
     pub trust: Vec<PathBuf>,
 }
 
-/// A parsed, validated fleet file.
-#[derive(Debug, Clone, PartialEq)]
+/// A parsed, validated fleet file (also the body of `PUT /fleet`, as JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Fleet {
     /// Guests by name.
     pub guests: BTreeMap<String, Guest>,
     /// Function tables by name, as in fns.toml (relative paths already made absolute
     /// for `component`, `dirs[].host` and `secrets.*.file`).
+    #[serde(default)]
+    #[schema(value_type = BTreeMap<String, Object>)]
     pub functions: BTreeMap<String, toml::Table>,
     /// The fleet file's directory (what relative paths were resolved against).
+    #[schema(value_type = String)]
     pub base: PathBuf,
 }
 
@@ -144,29 +164,173 @@ pub struct Fleet {
 #[serde(deny_unknown_fields)]
 struct RawFleet {
     #[serde(default)]
-    guests: BTreeMap<String, RawGuest>,
+    guests: BTreeMap<String, GuestDecl>,
     #[serde(default)]
     functions: BTreeMap<String, toml::Table>,
 }
 
-#[derive(Deserialize)]
+/// A guest as a fleet file's `[guests.NAME]` table (or `POST /guests`) declares it,
+/// before validation.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RawGuest {
-    image: Option<String>,
-    spec: Option<PathBuf>,
+pub struct GuestDecl {
+    /// An image file, or `sha256:<64 hex>` naming an image in the daemon's store.
+    pub image: Option<String>,
+    /// A spec file to build (instead of `image`).
+    #[schema(value_type = Option<String>)]
+    pub spec: Option<PathBuf>,
+    /// The monitor.
     #[serde(default)]
-    vmm: Vmm,
-    vcpus: Option<u32>,
-    memory: Option<String>,
+    pub vmm: Vmm,
+    /// vCPUs (default: the image's).
+    pub vcpus: Option<u32>,
+    /// Memory, e.g. `256M` (default: the image's).
+    pub memory: Option<String>,
+    /// Start it now (and when the host boots).
     #[serde(default = "yes")]
-    autostart: bool,
+    pub autostart: bool,
+    /// Restart policy.
     #[serde(default)]
-    restart: Restart,
-    net: Option<String>,
+    pub restart: Restart,
+    /// A network card, as `hostd run --net` takes it.
+    pub net: Option<String>,
+    /// Secrets: name -> host file.
     #[serde(default)]
-    secrets: BTreeMap<String, PathBuf>,
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub secrets: BTreeMap<String, PathBuf>,
+    /// Public keys the image must be signed by.
     #[serde(default)]
-    trust: Vec<PathBuf>,
+    #[schema(value_type = Vec<String>)]
+    pub trust: Vec<PathBuf>,
+}
+
+/// A bad value in a guest declaration: which field and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// Which entry and field, e.g. `guests.web.memory`.
+    pub what: String,
+    /// What is wrong and what would be right.
+    pub msg: String,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.msg)
+    }
+}
+
+/// Validates one guest declaration named `name`; relative paths resolve against `base`.
+pub fn validate_guest(name: &str, g: GuestDecl, base: &Path) -> Result<Guest, Invalid> {
+    let at = |field: &str| format!("guests.{name}{field}");
+    let invalid = |what: String, msg: &str| Invalid {
+        what,
+        msg: msg.to_owned(),
+    };
+    let abs = |p: &Path| base.join(p);
+    if !valid_name(name) {
+        return Err(invalid(
+            at(""),
+            "a guest name is 1-63 of a-z, 0-9, `-`, `_`, starting with a letter or digit",
+        ));
+    }
+    let image = match (g.image, g.spec) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(at(""), "give `image` or `spec`, not both"));
+        }
+        (None, None) => {
+            return Err(invalid(
+                at(""),
+                "no image: give `image` (a file or sha256:DIGEST) or `spec`",
+            ));
+        }
+        (None, Some(spec)) => ImageSource::Spec(abs(&spec)),
+        (Some(i), None) if i.starts_with("sha256:") => match parse_digest(&i) {
+            Some(hex) => ImageSource::Digest(hex.to_owned()),
+            None => {
+                return Err(invalid(
+                    at(".image"),
+                    "`sha256:` must be followed by 64 lowercase hex digits",
+                ));
+            }
+        },
+        (Some(i), None) if i.is_empty() => {
+            return Err(invalid(at(".image"), "empty path"));
+        }
+        (Some(i), None) => ImageSource::File(abs(Path::new(&i))),
+    };
+    let guest = Guest {
+        image,
+        vmm: g.vmm,
+        vcpus: g.vcpus,
+        memory: g.memory,
+        autostart: g.autostart,
+        restart: g.restart,
+        net: g.net,
+        secrets: g.secrets.into_iter().map(|(k, v)| (k, abs(&v))).collect(),
+        trust: g.trust.iter().map(|p| abs(p)).collect(),
+    };
+    check_guest(name, &guest)?;
+    Ok(guest)
+}
+
+/// Checks the values of a guest (what a fleet sent as JSON may get wrong).
+pub fn check_guest(name: &str, g: &Guest) -> Result<(), Invalid> {
+    let at = |field: &str| format!("guests.{name}{field}");
+    let invalid = |what: String, msg: &str| Invalid {
+        what,
+        msg: msg.to_owned(),
+    };
+    if !valid_name(name) {
+        return Err(invalid(
+            at(""),
+            "a guest name is 1-63 of a-z, 0-9, `-`, `_`, starting with a letter or digit",
+        ));
+    }
+    match &g.image {
+        ImageSource::Digest(d) if parse_digest(d) != Some(d.as_str()) => {
+            return Err(invalid(at(".image"), "a digest is 64 lowercase hex digits"));
+        }
+        ImageSource::File(p) | ImageSource::Spec(p) if !p.is_absolute() => {
+            return Err(invalid(at(".image"), "an image path must be absolute"));
+        }
+        _ => {}
+    }
+    if g.vcpus.is_some_and(|v| v == 0 || v > 64) {
+        return Err(invalid(at(".vcpus"), "between 1 and 64"));
+    }
+    if g.memory.as_deref().is_some_and(|m| !valid_memory(m)) {
+        return Err(invalid(
+            at(".memory"),
+            "a size like 256M or 2G, between 16M and 64G",
+        ));
+    }
+    for (s, file) in &g.secrets {
+        if !valid_name(s) {
+            return Err(invalid(
+                at(&format!(".secrets.{s}")),
+                "a secret name is 1-63 of a-z, 0-9, `-`, `_`",
+            ));
+        }
+        if !file.is_absolute() {
+            return Err(invalid(
+                at(&format!(".secrets.{s}")),
+                "a path must be absolute",
+            ));
+        }
+    }
+    if g.trust.iter().any(|p| !p.is_absolute()) {
+        return Err(invalid(at(".trust"), "a path must be absolute"));
+    }
+    if g.net
+        .as_deref()
+        .is_some_and(|n| n.is_empty() || n.contains(char::is_whitespace))
+    {
+        return Err(invalid(
+            at(".net"),
+            "tap=NAME[,ip=ADDR/PREFIX][,gw=GW][,mac=MAC]",
+        ));
+    }
+    Ok(())
 }
 
 fn yes() -> bool {
@@ -226,7 +390,11 @@ impl Fleet {
                 path: path.to_owned(),
             });
         }
-        let dir = path.parent().unwrap_or(Path::new("."));
+        // `fleet.toml`'s parent is "", which is the current directory.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
         let base = std::path::absolute(dir).map_err(read)?;
         Self::parse(&text, &base, path)
     }
@@ -243,72 +411,10 @@ impl Fleet {
             what,
             msg: msg.to_owned(),
         };
-        let abs = |p: &Path| base.join(p);
         let mut guests = BTreeMap::new();
         for (name, g) in raw.guests {
-            let at = |field: &str| format!("guests.{name}{field}");
-            if !valid_name(&name) {
-                return Err(invalid(
-                    at(""),
-                    "a guest name is 1-63 of a-z, 0-9, `-`, `_`, starting with a letter or digit",
-                ));
-            }
-            let image = match (g.image, g.spec) {
-                (Some(_), Some(_)) => {
-                    return Err(invalid(at(""), "give `image` or `spec`, not both"));
-                }
-                (None, None) => {
-                    return Err(invalid(
-                        at(""),
-                        "no image: give `image` (a file or sha256:DIGEST) or `spec`",
-                    ));
-                }
-                (None, Some(spec)) => ImageSource::Spec(abs(&spec)),
-                (Some(i), None) if i.starts_with("sha256:") => match parse_digest(&i) {
-                    Some(hex) => ImageSource::Digest(hex.to_owned()),
-                    None => {
-                        return Err(invalid(
-                            at(".image"),
-                            "`sha256:` must be followed by 64 lowercase hex digits",
-                        ));
-                    }
-                },
-                (Some(i), None) if i.is_empty() => {
-                    return Err(invalid(at(".image"), "empty path"));
-                }
-                (Some(i), None) => ImageSource::File(abs(Path::new(&i))),
-            };
-            if g.vcpus.is_some_and(|v| v == 0 || v > 64) {
-                return Err(invalid(at(".vcpus"), "between 1 and 64"));
-            }
-            if g.memory.as_deref().is_some_and(|m| !valid_memory(m)) {
-                return Err(invalid(
-                    at(".memory"),
-                    "a size like 256M or 2G, between 16M and 64G",
-                ));
-            }
-            for s in g.secrets.keys() {
-                if !valid_name(s) {
-                    return Err(invalid(
-                        at(&format!(".secrets.{s}")),
-                        "a secret name is 1-63 of a-z, 0-9, `-`, `_`",
-                    ));
-                }
-            }
-            guests.insert(
-                name,
-                Guest {
-                    image,
-                    vmm: g.vmm,
-                    vcpus: g.vcpus,
-                    memory: g.memory,
-                    autostart: g.autostart,
-                    restart: g.restart,
-                    net: g.net,
-                    secrets: g.secrets.into_iter().map(|(k, v)| (k, abs(&v))).collect(),
-                    trust: g.trust.iter().map(|p| abs(p)).collect(),
-                },
-            );
+            let guest = validate_guest(&name, g, base).map_err(|i| invalid(i.what, &i.msg))?;
+            guests.insert(name, guest);
         }
         let mut functions = BTreeMap::new();
         for (name, mut table) in raw.functions {
@@ -326,6 +432,23 @@ impl Fleet {
             functions,
             base: base.to_owned(),
         })
+    }
+
+    /// Checks a fleet that arrived as JSON (`PUT /fleet`): every name and value as
+    /// [`Fleet::parse`] checks them, every path absolute.
+    pub fn check(&self) -> Result<(), Invalid> {
+        for (name, g) in &self.guests {
+            check_guest(name, g)?;
+        }
+        for name in self.functions.keys() {
+            if !valid_name(name) {
+                return Err(Invalid {
+                    what: format!("functions.{name}"),
+                    msg: "a function name is 1-63 of a-z, 0-9, `-`, `_`, starting with a letter or digit".into(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The functions as an fns.toml document (for the sandbox's parser).

@@ -10,6 +10,7 @@ pub mod jail;
 pub mod kvm;
 pub mod layout;
 pub mod qemu;
+pub mod ready;
 pub mod signals;
 pub mod volumes;
 

@@ -171,6 +171,7 @@ fn scan_line(line: &str, st: &mut ConsoleState) {
         st.init_ms = Some(now);
     } else if rest.starts_with(abi::LINE_SERVICE_STARTED) && rest.contains(" started (pid ") {
         st.first_service_ms.get_or_insert(now);
+        crate::ready::services_started();
     } else if let Some(code) = rest.strip_prefix(abi::LINE_POWER_OFF) {
         st.exit_code = code.trim_end_matches(')').parse().ok();
     }

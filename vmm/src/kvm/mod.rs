@@ -388,6 +388,18 @@ fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         if let Some(dead) = backends.check() {
             shared.stop_with(StopReason::Error(format!("{dead}; the VM was stopped")));
         }
+        if crate::ready::awaited()
+            && reports
+                .lock()
+                .map(|r| {
+                    r.markers
+                        .iter()
+                        .any(|m| m.0 == abi::marker::SERVICES_STARTED)
+                })
+                .unwrap_or(false)
+        {
+            crate::ready::services_started();
+        }
         let signals = crate::signals::count();
         if signals > seen_signals {
             seen_signals = signals;

@@ -1,0 +1,84 @@
+//! Reconcile: make the guests match a fleet. Each guest's configuration digest (its
+//! canonical JSON declaration and its image's digest) decides: unchanged → untouched,
+//! changed → stopped and replaced, gone from the fleet → stopped and deleted, new →
+//! created (and started if `autostart`). Guests made by hand are left alone unless the
+//! fleet names them. Applying the same fleet twice changes nothing.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::fleet::Fleet;
+use crate::guests::record::Origin;
+use crate::guests::{new_record, Guests};
+
+/// What an apply did, guest names in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ApplyReport {
+    /// Guests created.
+    pub created: Vec<String>,
+    /// Guests whose configuration changed: stopped and replaced.
+    pub replaced: Vec<String>,
+    /// Guests no longer in the fleet: stopped and deleted.
+    pub removed: Vec<String>,
+    /// Guests left as they were.
+    pub unchanged: Vec<String>,
+}
+
+/// Applies `fleet` to the guests.
+pub async fn apply(guests: &Arc<Guests>, fleet: &Fleet) -> Result<ApplyReport, ApiError> {
+    fleet
+        .check()
+        .map_err(|i| ApiError::bad_request(format!("fleet: {i}")))?;
+    let _one_at_a_time = guests.apply_lock.lock().await;
+    // Every image first: a fleet naming a bad image changes nothing.
+    let mut wanted = Vec::new();
+    for (name, decl) in &fleet.guests {
+        let image = guests
+            .resolve_image(&decl.image)
+            .await
+            .map_err(|e| ApiError::new(e.status, e.code, format!("guest {name}: {}", e.message)))?;
+        wanted.push(new_record(
+            name,
+            decl.clone(),
+            &image,
+            Origin::Fleet,
+            decl.autostart,
+        ));
+    }
+    let current = guests.records();
+    let mut report = ApplyReport::default();
+    for old in &current {
+        if old.origin == Origin::Fleet && !fleet.guests.contains_key(&old.name) {
+            guests.remove(&old.name).await?;
+            report.removed.push(old.name.clone());
+        }
+    }
+    for new in wanted {
+        match current.iter().find(|r| r.name == new.name) {
+            Some(old) if old.config_digest == new.config_digest => {
+                guests.adopt_into_fleet(&new.name);
+                report.unchanged.push(new.name);
+            }
+            Some(_) => {
+                let name = new.name.clone();
+                guests.replace(new).await?;
+                report.replaced.push(name);
+            }
+            None => {
+                let name = new.name.clone();
+                guests.insert_record(new)?;
+                report.created.push(name);
+            }
+        }
+    }
+    tracing::info!(
+        "fleet applied: {} created, {} replaced, {} removed, {} unchanged",
+        report.created.len(),
+        report.replaced.len(),
+        report.removed.len(),
+        report.unchanged.len()
+    );
+    Ok(report)
+}

@@ -1,0 +1,215 @@
+//! Running the daemon: state directory, stores, guests, the API socket (bound here or
+//! passed by systemd socket activation), readiness and watchdog notifications, and a
+//! clean stop on SIGTERM/SIGINT (guests keep running; the next daemon re-adopts them).
+
+use std::net::SocketAddr;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::api::{self, Access, AppState, Peer};
+use crate::error::DaemonError;
+use crate::fleet::Fleet;
+use crate::guests::{Guests, GuestsConfig};
+use crate::images::ImageStore;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Default API socket.
+pub const DEFAULT_SOCKET: &str = "/run/hostd/hostd.sock";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/hostd";
+
+/// How the daemon runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The API socket.
+    pub socket: PathBuf,
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// A fleet to apply at start.
+    pub fleet: Option<Fleet>,
+    /// The program each guest runs as `PROGRAM run …` (the hostd binary).
+    pub runner: PathBuf,
+    /// Largest image accepted by `POST /images` or imported from a path, in bytes.
+    pub max_image_bytes: u64,
+    /// Where the function front listens (used by the functions tier).
+    pub listen: Option<SocketAddr>,
+}
+
+/// The pieces of a running daemon, built before it serves.
+#[derive(Debug)]
+pub struct Daemon {
+    /// Shared with every handler.
+    pub state: AppState,
+    opts: Options,
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
+    move |source| DaemonError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Daemon {
+    /// Opens the state (database, image store) and loads the guests, re-adopting those
+    /// still running. Must run inside the tokio runtime.
+    pub fn open(opts: Options) -> Result<Daemon, DaemonError> {
+        std::fs::create_dir_all(&opts.state_dir).map_err(io("cannot create", &opts.state_dir))?;
+        std::fs::set_permissions(&opts.state_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("cannot set the mode of", &opts.state_dir))?;
+        let store = Arc::new(Store::open(&opts.state_dir)?);
+        let images = Arc::new(
+            ImageStore::open(&opts.state_dir, opts.max_image_bytes).map_err(|e| match e {
+                crate::images::ImageStoreError::Store { path, source } => DaemonError::Io {
+                    what: "cannot create",
+                    path,
+                    source,
+                },
+                other => DaemonError::Io {
+                    what: "cannot open the image store in",
+                    path: opts.state_dir.clone(),
+                    source: std::io::Error::other(other),
+                },
+            })?,
+        );
+        let guests = Guests::load(
+            GuestsConfig {
+                runner: opts.runner.clone(),
+                state_dir: opts.state_dir.clone(),
+            },
+            store,
+            Arc::clone(&images),
+        )?;
+        Ok(Daemon {
+            state: AppState {
+                guests,
+                images,
+                metrics: Arc::new(Metrics::new()),
+            },
+            opts,
+        })
+    }
+
+    /// Serves until SIGTERM or SIGINT.
+    pub async fn serve(self) -> Result<(), DaemonError> {
+        let (listener, bound) = listener(&self.opts.socket)?;
+        let socket = self.opts.socket.clone();
+        let gid = if bound {
+            std::fs::metadata(&socket)
+                .map(|m| m.gid())
+                .unwrap_or_else(|_| current_gid())
+        } else {
+            current_gid()
+        };
+        let access = Access {
+            // SAFETY: geteuid has no preconditions.
+            uid: unsafe { libc::geteuid() },
+            gid,
+        };
+        if let Some(fleet) = &self.opts.fleet {
+            match crate::reconcile::apply(&self.state.guests, fleet).await {
+                Ok(r) => tracing::info!(
+                    "--fleet: {} created, {} replaced, {} removed, {} unchanged",
+                    r.created.len(),
+                    r.replaced.len(),
+                    r.removed.len(),
+                    r.unchanged.len()
+                ),
+                Err(e) => tracing::error!("--fleet: {}", e.message),
+            }
+        }
+        let app = api::app(self.state.clone(), access);
+        tracing::info!("listening on {}", socket.display());
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        if let Some(period) = sd_notify::watchdog_enabled() {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period / 2);
+                loop {
+                    tick.tick().await;
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+            });
+        }
+        let served = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+            .with_graceful_shutdown(shutdown_signal())
+            .await;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        if bound {
+            let _ = std::fs::remove_file(&socket);
+        }
+        served.map_err(|source| DaemonError::Socket {
+            path: socket,
+            source,
+        })
+    }
+}
+
+/// Runs the daemon on a new multi-threaded tokio runtime until SIGTERM or SIGINT.
+pub fn run(opts: Options) -> Result<(), DaemonError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    rt.block_on(async move { Daemon::open(opts)?.serve().await })
+}
+
+fn current_gid() -> u32 {
+    // SAFETY: getegid has no preconditions.
+    unsafe { libc::getegid() }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("stopping the API (guests keep running)");
+}
+
+/// The API listener: the socket systemd passed (LISTEN_FDS), else a new socket at
+/// `path` with mode 0660. Returns whether we bound it (and so remove it at exit).
+fn listener(path: &Path) -> Result<(tokio::net::UnixListener, bool), DaemonError> {
+    let sock = |source| DaemonError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(fd) = sd_notify::listen_fds().ok().and_then(|mut fds| fds.next()) {
+        // SAFETY: systemd passed this fd to us (LISTEN_PID matched) and nothing else in
+        // this process owns it.
+        let std = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+        std.set_nonblocking(true).map_err(sock)?;
+        tracing::info!("using the socket passed by systemd (fd {fd})");
+        return Ok((
+            tokio::net::UnixListener::from_std(std).map_err(sock)?,
+            false,
+        ));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(sock)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(sock(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another daemon is listening on it",
+            )));
+        }
+        std::fs::remove_file(path).map_err(sock)?;
+    }
+    let std = std::os::unix::net::UnixListener::bind(path).map_err(sock)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(sock)?;
+    std.set_nonblocking(true).map_err(sock)?;
+    Ok((tokio::net::UnixListener::from_std(std).map_err(sock)?, true))
+}
