@@ -107,7 +107,7 @@ pub fn run(cmd: FnCommand) -> anyhow::Result<i32> {
                     Method::POST,
                     &format!("/functions/{}/rollback", args.name),
                     Some(&RollbackRequest {
-                        version: args.version,
+                        version: args.target,
                     }),
                 )
             })?;
@@ -215,7 +215,8 @@ pub struct RollbackArgs {
     /// The function's name.
     pub name: String,
     /// The version to make live [default: the one before the live one].
-    pub version: Option<u64>,
+    #[arg(value_name = "VERSION")]
+    pub target: Option<u64>,
     #[command(flatten)]
     pub socket: SocketArg,
 }
