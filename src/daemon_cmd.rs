@@ -27,7 +27,7 @@ impl SocketArg {
             .or_else(|| std::env::var_os("HOSTD_SOCKET").map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
     }
-    fn client(&self) -> Result<Client> {
+    pub(crate) fn client(&self) -> Result<Client> {
         Ok(Client::new(&self.path())?)
     }
 }
@@ -97,7 +97,7 @@ fn out(s: &str) {
 }
 
 /// Runs a client call; a daemon that is not running is one clear line and exit 1.
-fn call<T>(f: impl FnOnce() -> Result<T, ClientError>) -> Result<T> {
+pub(crate) fn call<T>(f: impl FnOnce() -> Result<T, ClientError>) -> Result<T> {
     match f() {
         Ok(v) => Ok(v),
         Err(e @ ClientError::NotRunning { .. }) => {

@@ -1,11 +1,17 @@
 //! `hostd fn …`: the WebAssembly nanoservice tier (wiring only; the work is in `sandbox/`).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, Result};
 use clap::Subcommand;
+use hostd_daemon::functions::api::{
+    DeployRequest, Function, RollbackRequest, StoredComponent, Version,
+};
+use hostd_daemon::hyper::Method;
+
+use crate::daemon_cmd::{call, SocketArg};
 
 /// Subcommands of `hostd fn`.
 #[derive(Debug, Subcommand)]
@@ -45,11 +51,83 @@ pub enum FnCommand {
         #[arg(long, default_value = "30", value_parser = parse_seconds)]
         idle_timeout: Duration,
     },
+    /// Deploy a component as the next version of a function on the daemon
+    /// (uploaded, compiled, health-checked if asked, then switched atomically).
+    Deploy(DeployArgs),
+    /// List the daemon's functions and their live versions.
+    Ls(LsArgs),
+    /// List a function's versions.
+    Versions(FnNameArgs),
+    /// Make an earlier version live again (default: the one before the live one).
+    Rollback(RollbackArgs),
+    /// Stop serving a function and forget its versions.
+    Rm(FnNameArgs),
 }
 
 /// Runs a `hostd fn` subcommand and returns the process exit code.
 pub fn run(cmd: FnCommand) -> anyhow::Result<i32> {
     match cmd {
+        FnCommand::Deploy(args) => deploy(args),
+        FnCommand::Ls(args) => {
+            let client = args.socket.client()?;
+            let fns: Vec<Function> = call(|| client.json(Method::GET, "/functions", None::<&()>))?;
+            let mut s = format!(
+                "{:<24} {:>7} {:>8} {:<19} {}\n",
+                "NAME", "LIVE", "VERSIONS", "COMPONENT", "ROUTES"
+            );
+            for f in fns {
+                s.push_str(&format!(
+                    "{:<24} {:>7} {:>8} {:<19} {}\n",
+                    f.name,
+                    f.live.version,
+                    f.versions,
+                    f.live.component.get(..19).unwrap_or(&f.live.component),
+                    f.live.routes.join(" ")
+                ));
+            }
+            out(&s);
+            Ok(0)
+        }
+        FnCommand::Versions(args) => {
+            let client = args.socket.client()?;
+            let versions: Vec<Version> = call(|| {
+                client.json(
+                    Method::GET,
+                    &format!("/functions/{}/versions", args.name),
+                    None::<&()>,
+                )
+            })?;
+            print_versions(&versions);
+            Ok(0)
+        }
+        FnCommand::Rollback(args) => {
+            let client = args.socket.client()?;
+            let v: Version = call(|| {
+                client.json(
+                    Method::POST,
+                    &format!("/functions/{}/rollback", args.name),
+                    Some(&RollbackRequest {
+                        version: args.target,
+                    }),
+                )
+            })?;
+            out(&format!("{} version {} live\n", v.function, v.version));
+            Ok(0)
+        }
+        FnCommand::Rm(args) => {
+            let client = args.socket.client()?;
+            let a = call(|| {
+                client.raw(
+                    Method::DELETE,
+                    &format!("/functions/{}", args.name),
+                    "application/json",
+                    Vec::new(),
+                )
+            })?;
+            call(|| hostd_daemon::client::check(&a))?;
+            out(&format!("{} removed\n", args.name));
+            Ok(0)
+        }
         FnCommand::Serve {
             target,
             listen,
@@ -97,4 +175,196 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
         return Err(format!("{s} must be between 0.01 and 86400 seconds"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// Arguments of `hostd fn deploy`.
+#[derive(Debug, clap::Args)]
+pub struct DeployArgs {
+    /// The function's name.
+    pub name: String,
+    /// The component (.wasm, wasi:http/proxy).
+    pub component: PathBuf,
+    /// A route (`/exact` or `/prefix/...`); repeat for more [default: the grants file's `routes`].
+    #[arg(long = "route", value_name = "ROUTE")]
+    pub routes: Vec<String>,
+    /// Grants: a TOML file with the fields of an fns.toml function table
+    /// (config, outbound, buckets, secrets, dirs, env, memory_mb, time_ms …),
+    /// or an fns.toml whose [functions.NAME] table is used. Relative paths are
+    /// taken from the file's directory.
+    #[arg(long, value_name = "FILE")]
+    pub grants: Option<PathBuf>,
+    /// A path the new version must answer 2xx to a GET before it goes live.
+    #[arg(long, value_name = "PATH")]
+    pub health: Option<String>,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+/// Arguments of the `hostd fn` commands that name a function.
+#[derive(Debug, clap::Args)]
+pub struct FnNameArgs {
+    /// The function's name.
+    pub name: String,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+/// Arguments of `hostd fn rollback`.
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    /// The function's name.
+    pub name: String,
+    /// The version to make live [default: the one before the live one].
+    #[arg(value_name = "VERSION")]
+    pub target: Option<u64>,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+/// Arguments of `hostd fn ls`.
+#[derive(Debug, clap::Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+/// Reads a grants file: a table of fns.toml fields, or an fns.toml whose
+/// `[functions.NAME]` table is taken; relative paths made absolute.
+fn read_grants(path: &Path, name: &str) -> Result<(toml::Table, Vec<String>)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the grants file {}", path.display()))?;
+    let mut table: toml::Table = text
+        .parse()
+        .with_context(|| format!("grants file {}", path.display()))?;
+    if let Some(toml::Value::Table(fns)) = table.get("functions") {
+        table = match fns.get(name) {
+            Some(toml::Value::Table(t)) => t.clone(),
+            _ => anyhow::bail!(
+                "grants file {}: it has [functions.*] tables but none named {name}",
+                path.display()
+            ),
+        };
+    }
+    table.remove("component");
+    let routes = match table.remove("routes") {
+        Some(toml::Value::Array(a)) => a
+            .into_iter()
+            .map(|r| match r {
+                toml::Value::String(s) => Ok(s),
+                other => anyhow::bail!(
+                    "grants file {}: route {other} is not a string",
+                    path.display()
+                ),
+            })
+            .collect::<Result<Vec<_>>>()?,
+        Some(_) => anyhow::bail!("grants file {}: `routes` must be a list", path.display()),
+        None => Vec::new(),
+    };
+    let base = path
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_owned))
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let fix = |v: &mut toml::Value| {
+        if let toml::Value::String(s) = v {
+            if Path::new(s.as_str()).is_relative() {
+                *s = base.join(s.as_str()).to_string_lossy().into_owned();
+            }
+        }
+    };
+    if let Some(toml::Value::Array(dirs)) = table.get_mut("dirs") {
+        for d in dirs {
+            if let Some(h) = d.get_mut("host") {
+                fix(h);
+            }
+        }
+    }
+    if let Some(toml::Value::Table(secrets)) = table.get_mut("secrets") {
+        for (_, s) in secrets.iter_mut() {
+            if let Some(f) = s.get_mut("file") {
+                fix(f);
+            }
+        }
+    }
+    Ok((table, routes))
+}
+
+fn print_versions(versions: &[Version]) {
+    let mut s = format!(
+        "{:<8} {:<5} {:<5} {:<19} {:<24} {:>9} {:>7} {:>9}\n",
+        "VERSION", "LIVE", "WARM", "COMPONENT", "ROUTES", "REQUESTS", "NON2XX", "P99 MS"
+    );
+    for v in versions {
+        s.push_str(&format!(
+            "{:<8} {:<5} {:<5} {:<19} {:<24} {:>9} {:>7} {:>9}\n",
+            v.version,
+            if v.live { "yes" } else { "" },
+            if v.warm { "yes" } else { "" },
+            v.component.get(..19).unwrap_or(&v.component),
+            v.routes.join(","),
+            v.metrics.requests,
+            v.metrics.non_2xx,
+            v.metrics
+                .p99_ms
+                .map(|p| format!("{p:.3}"))
+                .unwrap_or_else(|| "-".into()),
+        ));
+    }
+    out(&s);
+}
+
+fn out(s: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(s.as_bytes());
+    let _ = o.flush();
+}
+
+/// `hostd fn deploy`: uploads the component, then deploys it as a new version.
+fn deploy(args: DeployArgs) -> Result<i32> {
+    let bytes = std::fs::read(&args.component)
+        .with_context(|| format!("cannot read the component {}", args.component.display()))?;
+    let (grants, file_routes) = match &args.grants {
+        Some(p) => read_grants(p, &args.name)?,
+        None => (toml::Table::new(), Vec::new()),
+    };
+    let routes = if args.routes.is_empty() {
+        file_routes
+    } else {
+        args.routes
+    };
+    anyhow::ensure!(
+        !routes.is_empty(),
+        "give at least one --route (e.g. --route /{}/...) or `routes` in the grants file",
+        args.name
+    );
+    let client = args.socket.client()?;
+    let answer = call(|| client.raw(Method::PUT, "/components", "application/wasm", bytes))?;
+    call(|| hostd_daemon::client::check(&answer))?;
+    let stored: StoredComponent = serde_json::from_slice(&answer.body)
+        .context("the daemon's answer to PUT /components is not the JSON expected")?;
+    let req = DeployRequest {
+        component: stored.digest,
+        routes,
+        grants: serde_json::to_value(&grants)?
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+        health_check: args.health,
+    };
+    let v: Version = call(|| {
+        client.json(
+            Method::POST,
+            &format!("/functions/{}/versions", args.name),
+            Some(&req),
+        )
+    })?;
+    out(&format!(
+        "{} version {} live: {} on {}\n",
+        v.function,
+        v.version,
+        v.component,
+        v.routes.join(" ")
+    ));
+    Ok(0)
 }

@@ -57,6 +57,24 @@ pub enum DaemonError {
         #[source]
         source: hostd_images::format::ImageError,
     },
+    /// The function host could not be opened.
+    #[error("functions in {}", path.display())]
+    Functions {
+        /// Its state directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: hostd_sandbox::deploy::DeployError,
+    },
+    /// The function front could not listen.
+    #[error("function front on {addr}")]
+    Front {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: hostd_sandbox::Error,
+    },
     /// The async runtime could not start.
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),

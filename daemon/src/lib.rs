@@ -12,6 +12,7 @@ pub mod api;
 pub mod client;
 pub mod error;
 pub mod fleet;
+pub mod functions;
 pub mod guests;
 pub mod images;
 pub mod metrics;

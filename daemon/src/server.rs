@@ -89,6 +89,7 @@ impl Daemon {
                 guests,
                 images,
                 metrics: Arc::new(Metrics::new()),
+                functions: crate::functions::open(&opts.state_dir)?,
             },
             opts,
         })
@@ -96,6 +97,11 @@ impl Daemon {
 
     /// Serves until SIGTERM or SIGINT.
     pub async fn serve(self) -> Result<(), DaemonError> {
+        // Functions first: their live versions are loaded already, so they
+        // serve as soon as the front listens, before the API does.
+        if let Some(addr) = self.opts.listen {
+            crate::functions::start_front(&self.state.functions, addr, shutdown_signal()).await?;
+        }
         let (listener, bound) = listener(&self.opts.socket)?;
         let socket = self.opts.socket.clone();
         let gid = if bound {
@@ -121,6 +127,13 @@ impl Daemon {
                 ),
                 Err(e) => tracing::error!("--fleet: {}", e.message),
             }
+            let r = crate::functions::fleet::apply(&self.state.functions, fleet).await;
+            tracing::info!(
+                "--fleet functions: {} deployed, {} unchanged, {} failed",
+                r.deployed.len(),
+                r.unchanged.len(),
+                r.failed.len()
+            );
         }
         let app = api::app(self.state.clone(), access);
         tracing::info!("listening on {}", socket.display());

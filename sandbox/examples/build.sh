@@ -8,7 +8,7 @@ target="${EXAMPLES_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hostd/examples-ta
 cd "$here"
 CARGO_TARGET_DIR="$target" cargo build --release --locked --target wasm32-wasip2
 mkdir -p wasm
-for crate in hello counter fetch secret files spin membomb escape sneaky-fetch bucket-thief secret-thief endless bucket-filler handle-hog; do
+for crate in hello counter fetch secret files version spin membomb escape sneaky-fetch bucket-thief secret-thief endless bucket-filler handle-hog; do
     cp "$target/wasm32-wasip2/release/${crate//-/_}.wasm" "wasm/$crate.wasm"
 done
 ls -l wasm

@@ -64,6 +64,17 @@ pub fn load_component(
     cache_dir: Option<&Path>,
 ) -> Result<Component, Error> {
     let bytes = input::read_regular("component", path, input::MAX_COMPONENT_BYTES)?;
+    load_component_bytes(engine, &bytes, path, cache_dir)
+}
+
+/// As [`load_component`], for component bytes already read (and checked) by
+/// the caller; `path` names them in errors and logs.
+pub fn load_component_bytes(
+    engine: &Engine,
+    bytes: &[u8],
+    path: &Path,
+    cache_dir: Option<&Path>,
+) -> Result<Component, Error> {
     let compile = |bytes: &[u8]| {
         Component::new(engine, bytes).map_err(|e| Error::Component {
             path: path.to_owned(),
@@ -71,18 +82,18 @@ pub fn load_component(
         })
     };
     let Some(cache_dir) = cache_dir else {
-        return compile(&bytes);
+        return compile(bytes);
     };
     if let Err(e) = prepare_cache_dir(cache_dir) {
         tracing::warn!(cache = %cache_dir.display(), "not using the compile cache: {e}");
-        return compile(&bytes);
+        return compile(bytes);
     }
-    let prefix = format!("{}-{}-", hex(&Sha256::digest(&bytes)), engine_hash(engine));
+    let prefix = format!("{}-{}-", hex(&Sha256::digest(bytes)), engine_hash(engine));
     if let Some(c) = load_cached(engine, cache_dir, &prefix) {
         tracing::debug!(component = %path.display(), "compiled component loaded from cache");
         return Ok(c);
     }
-    let component = compile(&bytes)?;
+    let component = compile(bytes)?;
     match component.serialize() {
         Ok(serialized) => {
             let name = format!("{prefix}{}.cwasm", hex(&Sha256::digest(&serialized)));

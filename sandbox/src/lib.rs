@@ -8,8 +8,11 @@
 //! - [`capabilities`]: outbound HTTP, key-value, config, secrets, filesystem.
 //! - [`server`]: the hyper front, connection limits, per-request deadlines.
 //! - [`store`]: per-request stores, memory limiter, resource-table cap.
+//! - [`deploy`]: a function host for long-running processes: versions,
+//!   atomic route switches, rollback, persistence, per-version metrics.
 
 pub mod capabilities;
+pub mod deploy;
 pub mod engine;
 pub mod input;
 pub mod manifest;
@@ -210,11 +213,12 @@ pub fn prepare(opts: &ServeOptions) -> Result<Prepared, Error> {
             grants: f.grants,
             kv,
         });
-        functions.push(Deployed {
+        functions.push(Arc::new(Deployed {
             caps,
             routes: f.routes,
             pre,
-        });
+            metrics: None,
+        }));
     }
     Ok(Prepared {
         router: Arc::new(Router { functions }),

@@ -36,6 +36,8 @@ pub struct AppState {
     pub images: Arc<ImageStore>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The functions (see [`crate::functions`]).
+    pub functions: hostd_sandbox::deploy::FunctionHost,
 }
 
 /// Who may use the socket besides root.
@@ -173,6 +175,7 @@ pub fn openapi_router() -> OpenApiRouter<AppState> {
         .merge(images::router())
         .merge(fleet::router())
         .merge(system::router())
+        .merge(crate::functions::api::router())
 }
 
 /// The OpenAPI document.

@@ -28,7 +28,8 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
 #[utoipa::path(get, path = "/metrics", tag = "system",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    let text = s.metrics.render(&s.guests.list());
+    let text =
+        crate::functions::prometheus::append(s.metrics.render(&s.guests.list()), &s.functions);
     (
         [(
             header::CONTENT_TYPE,

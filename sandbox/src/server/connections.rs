@@ -24,7 +24,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 
 use super::io::TrackedIo;
 use super::log_limit::LogLimiter;
-use super::Router;
+use super::RouteTable;
 
 /// Default connection cap.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
@@ -311,7 +311,7 @@ impl Registry {
         self: &Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
-        router: &Arc<Router>,
+        table: &Arc<RouteTable>,
         stop: &watch::Receiver<bool>,
     ) {
         match self.admit() {
@@ -322,7 +322,7 @@ impl Registry {
                     state,
                     stream,
                     peer,
-                    router.clone(),
+                    table.clone(),
                     stop.clone(),
                 ));
             }
@@ -441,7 +441,7 @@ async fn connection(
     state: Arc<ConnState>,
     stream: TcpStream,
     peer: SocketAddr,
-    router: Arc<Router>,
+    table: Arc<RouteTable>,
     mut stop: watch::Receiver<bool>,
 ) {
     let _registered = Registered {
@@ -456,7 +456,8 @@ async fn connection(
         let conn_state = state.clone();
         let service = hyper::service::service_fn(move |req| {
             let guard = conn_state.begin_request();
-            router.clone().handle(req, guard)
+            // One snapshot per request: it is served wholly by this table.
+            table.snapshot().handle(req, guard)
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
@@ -538,7 +539,7 @@ fn out_of_fds(e: &std::io::Error) -> bool {
 /// accepting, lets every connection finish its request in flight, and waits
 /// for them at most `grace`.
 pub(crate) async fn serve(
-    router: Arc<Router>,
+    table: Arc<RouteTable>,
     listener: TcpListener,
     limits: ConnectionLimits,
     shutdown: impl std::future::Future<Output = ()>,
@@ -558,7 +559,7 @@ pub(crate) async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     backoff = ACCEPT_BACKOFF.0;
-                    registry.start(stream, peer, &router, &stop_rx);
+                    registry.start(stream, peer, &table, &stop_rx);
                 }
                 Err(e) => {
                     let fds = out_of_fds(&e);

@@ -6,18 +6,25 @@
 //! - `body`: the response body under the request's deadline.
 //! - [`fd_limit`]: the open-file limit and the cap it allows.
 //! - [`log_limit`]: rate-limited log lines.
+//! - [`metrics`]: per-version request counts and latency histogram.
+//!
+//! Requests are routed through a [`RouteTable`]: each request takes one
+//! snapshot of the table when it starts and is served wholly by the
+//! functions in it, while a deploy swaps the whole table for the next request.
 
 mod body;
 pub mod connections;
 pub mod fd_limit;
 mod io;
 pub mod log_limit;
+pub mod metrics;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -32,6 +39,7 @@ use wasmtime_wasi_http::WasiHttpView;
 use self::body::{BodyDeadline, GuardedBody, Outcome, Phase};
 pub use self::connections::ConnectionLimits;
 use self::connections::RequestGuard;
+use self::metrics::RequestMetrics;
 use crate::capabilities::{self, Caps, FnCaps};
 use crate::engine::deadline_ticks;
 use crate::manifest::Route;
@@ -50,6 +58,8 @@ pub struct Deployed {
     pub(crate) caps: Arc<FnCaps>,
     pub(crate) routes: Vec<Route>,
     pub(crate) pre: ProxyPre<FnState>,
+    /// Where its requests are counted, when someone reads them (deploys do).
+    pub(crate) metrics: Option<Arc<RequestMetrics>>,
 }
 
 impl std::fmt::Debug for Deployed {
@@ -134,14 +144,39 @@ fn text_response(status: StatusCode, body: String) -> Response<HyperOutgoingBody
     r
 }
 
-/// All deployed functions of one server.
-#[derive(Debug)]
+/// All deployed functions of one server: one snapshot of the route table.
+#[derive(Debug, Default)]
 pub struct Router {
-    pub(crate) functions: Vec<Deployed>,
+    pub(crate) functions: Vec<Arc<Deployed>>,
+}
+
+/// The route table a server reads: swapped whole, read once per request.
+#[derive(Debug)]
+pub struct RouteTable {
+    current: ArcSwap<Router>,
+}
+
+impl RouteTable {
+    /// A table serving `router`.
+    pub fn new(router: Arc<Router>) -> RouteTable {
+        RouteTable {
+            current: ArcSwap::new(router),
+        }
+    }
+
+    /// The table as it is now; a request holds this snapshot to its end.
+    pub fn snapshot(&self) -> Arc<Router> {
+        self.current.load_full()
+    }
+
+    /// Makes `router` the table for every request that starts from now on.
+    pub fn replace(&self, router: Arc<Router>) {
+        self.current.store(router);
+    }
 }
 
 impl Router {
-    fn find(&self, path: &str) -> Option<&Deployed> {
+    fn find(&self, path: &str) -> Option<&Arc<Deployed>> {
         self.functions
             .iter()
             .flat_map(|d| {
@@ -166,7 +201,13 @@ impl Router {
         let Some(deployed) = self.find(req.uri().path()) else {
             return Ok(guarded(Failure::NoRoute.response(), None));
         };
-        match run(deployed, req).await {
+        let started = Instant::now();
+        let result = run(deployed, req).await;
+        if let Some(m) = &deployed.metrics {
+            let status = result.as_ref().ok().map(|(r, _)| r.status().as_u16());
+            m.record(status, started.elapsed());
+        }
+        match result {
             Ok((resp, deadline)) => Ok(guarded(resp, Some(deadline))),
             Err(f) => {
                 let name = &deployed.caps.name;
@@ -199,10 +240,14 @@ enum TaskEnd {
 /// has then already trapped it), blocked in the host, or writing a response
 /// body nobody reads. The returned deadline cuts the response body at the same
 /// instant.
-async fn run(
+async fn run<B>(
     deployed: &Deployed,
-    req: Request<Incoming>,
-) -> Result<(Response<HyperOutgoingBody>, BodyDeadline), Failure> {
+    req: Request<B>,
+) -> Result<(Response<HyperOutgoingBody>, BodyDeadline), Failure>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<wasmtime_wasi_http::Error>,
+{
     let caps = &deployed.caps;
     let limit = caps.grants.time_limit;
     let deadline = tokio::time::Instant::now() + limit + HOST_GRACE;
@@ -350,7 +395,60 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()>,
     grace: Duration,
 ) {
-    connections::serve(router, listener, limits, shutdown, grace).await;
+    let table = Arc::new(RouteTable::new(router));
+    connections::serve(table, listener, limits, shutdown, grace).await;
+}
+
+/// As [`serve_on`], routing through `table`, which may be swapped while serving.
+pub async fn serve_table(
+    table: Arc<RouteTable>,
+    listener: tokio::net::TcpListener,
+    limits: ConnectionLimits,
+    shutdown: impl std::future::Future<Output = ()>,
+    grace: Duration,
+) {
+    connections::serve(table, listener, limits, shutdown, grace).await;
+}
+
+/// What a health check saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// The function answered with this status.
+    Status(u16),
+    /// The function failed without answering (the reason, for the user).
+    Failed(String),
+}
+
+/// Sends one `GET path` to `deployed` directly, in a fresh store of its own
+/// (not through any route table), and reads the whole response body.
+pub(crate) async fn probe(deployed: &Deployed, path: &str) -> Probe {
+    let req = match Request::get(path)
+        .header(hyper::header::HOST, "localhost")
+        .body(http_body_util::Empty::<Bytes>::new())
+    {
+        Ok(r) => r,
+        Err(e) => return Probe::Failed(format!("bad health-check path {path:?}: {e}")),
+    };
+    match run(deployed, req).await {
+        Ok((resp, _deadline)) => {
+            let status = resp.status().as_u16();
+            match resp.into_body().collect().await {
+                Ok(_) => Probe::Status(status),
+                Err(e) => Probe::Failed(format!("response body failed: {e}")),
+            }
+        }
+        Err(f) => {
+            let reason = match f {
+                Failure::NoRoute => "no route".to_string(),
+                Failure::Busy(m) => format!("no instance capacity: {m}"),
+                Failure::TimeLimit => "time limit exceeded".to_string(),
+                Failure::MemoryLimit => "memory limit exceeded".to_string(),
+                Failure::Trapped(m) => format!("trapped: {m}"),
+                Failure::Host(m) => format!("host error: {m}"),
+            };
+            Probe::Failed(reason)
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

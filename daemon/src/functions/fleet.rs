@@ -1,0 +1,133 @@
+//! The fleet file's functions: each `[functions.NAME]` table (fns.toml's
+//! fields, paths made absolute by the fleet parser) becomes a version of
+//! NAME, unless the live version already is exactly that (same component
+//! digest, routes and grants): applying the same fleet twice deploys nothing.
+
+use hostd_sandbox::deploy::{DeployError, DeploySpec, FunctionHost};
+use serde::{Deserialize, Serialize};
+
+use crate::fleet::Fleet;
+
+/// What applying the fleet's functions did, function names in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FunctionsReport {
+    /// Functions given a new version.
+    pub deployed: Vec<String>,
+    /// Functions whose live version already matched.
+    pub unchanged: Vec<String>,
+    /// Functions that could not be deployed, with why.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Why one function of the fleet could not be deployed.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetFunctionError {
+    /// `component` is missing or not a string.
+    #[error("functions.{0}: `component` must be the path of a .wasm file")]
+    NoComponent(String),
+    /// `routes` is missing or not a list of strings.
+    #[error("functions.{0}: `routes` must be a list of paths")]
+    NoRoutes(String),
+    /// The component file could not be read.
+    #[error("functions.{name}: reading {path}")]
+    Read {
+        /// The function.
+        name: String,
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The deploy failed.
+    #[error("functions.{name}")]
+    Deploy {
+        /// The function.
+        name: String,
+        /// Why.
+        #[source]
+        source: DeployError,
+    },
+}
+
+/// Splits a fleet function table into component path, routes and grants.
+fn split(
+    name: &str,
+    table: &toml::Table,
+) -> Result<(String, Vec<String>, toml::Table), FleetFunctionError> {
+    let component = table
+        .get("component")
+        .and_then(|c| c.as_str())
+        .ok_or_else(|| FleetFunctionError::NoComponent(name.to_owned()))?
+        .to_owned();
+    let routes = table
+        .get("routes")
+        .and_then(|r| r.as_array())
+        .and_then(|a| {
+            a.iter()
+                .map(|r| r.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+        })
+        .ok_or_else(|| FleetFunctionError::NoRoutes(name.to_owned()))?;
+    let mut grants = table.clone();
+    grants.remove("component");
+    grants.remove("routes");
+    Ok((component, routes, grants))
+}
+
+async fn apply_one(
+    host: &FunctionHost,
+    name: &str,
+    table: &toml::Table,
+) -> Result<bool, FleetFunctionError> {
+    let (path, routes, grants) = split(name, table)?;
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|source| FleetFunctionError::Read {
+            name: name.to_owned(),
+            path: path.clone(),
+            source,
+        })?;
+    let deploy_err = |source| FleetFunctionError::Deploy {
+        name: name.to_owned(),
+        source,
+    };
+    let digest = host.put_component(&bytes).map_err(deploy_err)?;
+    let live = match host.versions(name) {
+        Ok(v) => v.into_iter().find(|v| v.live),
+        Err(DeployError::UnknownFunction { .. }) => None,
+        Err(e) => return Err(deploy_err(e)),
+    };
+    if let Some(live) = live {
+        let r = &live.record;
+        if r.component == digest && r.routes == routes && r.grants == grants {
+            return Ok(false);
+        }
+    }
+    let spec = DeploySpec {
+        component: digest,
+        routes,
+        grants,
+        health_check: None,
+    };
+    host.deploy(name, spec).await.map_err(deploy_err)?;
+    Ok(true)
+}
+
+/// Deploys the fleet's functions whose live version differs. Functions not
+/// in the fleet are left alone (they may have been deployed by hand).
+pub async fn apply(host: &FunctionHost, fleet: &Fleet) -> FunctionsReport {
+    let mut report = FunctionsReport::default();
+    for (name, table) in &fleet.functions {
+        match apply_one(host, name, table).await {
+            Ok(true) => report.deployed.push(name.clone()),
+            Ok(false) => report.unchanged.push(name.clone()),
+            Err(e) => {
+                let msg = crate::error::chain(&e);
+                tracing::error!("fleet: {msg}");
+                report.failed.push((name.clone(), msg));
+            }
+        }
+    }
+    report
+}

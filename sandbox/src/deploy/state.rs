@@ -1,0 +1,169 @@
+//! The deploy database (`DIR/functions.redb`): every version's record and
+//! each function's live version. Each change is one redb transaction, so a
+//! crash leaves either the old or the new state, never half of one.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableTable, TableDefinition};
+
+use super::spec::VersionRecord;
+use super::DeployError;
+
+/// (function, version) -> the version's record as JSON.
+const VERSIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("versions");
+/// function -> its live version.
+const LIVE: TableDefinition<&str, u64> = TableDefinition::new("live");
+
+/// The open database.
+#[derive(Debug)]
+pub struct DeployState {
+    db: Database,
+    path: PathBuf,
+}
+
+impl DeployState {
+    /// Opens (or creates) `state_dir/functions.redb`.
+    pub fn open(state_dir: &Path) -> Result<DeployState, DeployError> {
+        let path = state_dir.join("functions.redb");
+        let db = Database::create(&path).map_err(|e| DeployError::Database {
+            path: path.clone(),
+            source: Box::new(e.into()),
+        })?;
+        let state = DeployState { db, path };
+        // Create both tables now, so a bad file fails at start, not on first use.
+        state.write(|_, _| Ok(()))?;
+        Ok(state)
+    }
+
+    fn db_err(&self, e: impl Into<redb::Error>) -> DeployError {
+        DeployError::Database {
+            path: self.path.clone(),
+            source: Box::new(e.into()),
+        }
+    }
+
+    fn write(
+        &self,
+        f: impl FnOnce(
+            &mut redb::Table<(&str, u64), &[u8]>,
+            &mut redb::Table<&str, u64>,
+        ) -> Result<(), DeployError>,
+    ) -> Result<(), DeployError> {
+        let tx = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        {
+            let mut versions = tx.open_table(VERSIONS).map_err(|e| self.db_err(e))?;
+            let mut live = tx.open_table(LIVE).map_err(|e| self.db_err(e))?;
+            f(&mut versions, &mut live)?;
+        }
+        tx.commit().map_err(|e| self.db_err(e))
+    }
+
+    fn decode(&self, key: String, bytes: &[u8]) -> Result<VersionRecord, DeployError> {
+        serde_json::from_slice(bytes).map_err(|source| DeployError::Record {
+            path: self.path.clone(),
+            key,
+            source,
+        })
+    }
+
+    /// Stores `record` and makes it live, in one transaction.
+    pub fn insert_live(&self, record: &VersionRecord) -> Result<(), DeployError> {
+        let json = serde_json::to_vec(record).map_err(|source| DeployError::Record {
+            path: self.path.clone(),
+            key: format!("{}/{}", record.function, record.version),
+            source,
+        })?;
+        self.write(|versions, live| {
+            versions
+                .insert((record.function.as_str(), record.version), json.as_slice())
+                .map_err(|e| self.db_err(e))?;
+            live.insert(record.function.as_str(), record.version)
+                .map_err(|e| self.db_err(e))?;
+            Ok(())
+        })
+    }
+
+    /// Makes `version` of `function` live.
+    pub fn set_live(&self, function: &str, version: u64) -> Result<(), DeployError> {
+        self.write(|_, live| {
+            live.insert(function, version).map_err(|e| self.db_err(e))?;
+            Ok(())
+        })
+    }
+
+    /// Forgets `function`: its versions and its live pointer.
+    pub fn remove(&self, function: &str) -> Result<(), DeployError> {
+        self.write(|versions, live| {
+            live.remove(function).map_err(|e| self.db_err(e))?;
+            let keys: Vec<u64> = versions
+                .range((function, 0)..=(function, u64::MAX))
+                .map_err(|e| self.db_err(e))?
+                .map(|r| r.map(|(k, _)| k.value().1))
+                .collect::<Result<_, _>>()
+                .map_err(|e| self.db_err(e))?;
+            for v in keys {
+                versions.remove((function, v)).map_err(|e| self.db_err(e))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Every function's live version number.
+    pub fn live(&self) -> Result<Vec<(String, u64)>, DeployError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = tx.open_table(LIVE).map_err(|e| self.db_err(e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.db_err(e))? {
+            let (k, v) = entry.map_err(|e| self.db_err(e))?;
+            out.push((k.value().to_owned(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Every version of `function`, oldest first.
+    pub fn versions(&self, function: &str) -> Result<Vec<VersionRecord>, DeployError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = tx.open_table(VERSIONS).map_err(|e| self.db_err(e))?;
+        let mut out = Vec::new();
+        for entry in table
+            .range((function, 0)..=(function, u64::MAX))
+            .map_err(|e| self.db_err(e))?
+        {
+            let (k, v) = entry.map_err(|e| self.db_err(e))?;
+            let (name, version) = k.value();
+            out.push(self.decode(format!("{name}/{version}"), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// One version's record.
+    pub fn version(
+        &self,
+        function: &str,
+        version: u64,
+    ) -> Result<Option<VersionRecord>, DeployError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = tx.open_table(VERSIONS).map_err(|e| self.db_err(e))?;
+        match table.get((function, version)).map_err(|e| self.db_err(e))? {
+            Some(v) => Ok(Some(
+                self.decode(format!("{function}/{version}"), v.value())?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The highest version number `function` has had (0 if none).
+    pub fn last_version(&self, function: &str) -> Result<u64, DeployError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = tx.open_table(VERSIONS).map_err(|e| self.db_err(e))?;
+        let last = table
+            .range((function, 0)..=(function, u64::MAX))
+            .map_err(|e| self.db_err(e))?
+            .next_back()
+            .transpose()
+            .map_err(|e| self.db_err(e))?
+            .map(|(k, _)| k.value().1)
+            .unwrap_or(0);
+        Ok(last)
+    }
+}
