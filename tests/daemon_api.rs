@@ -223,6 +223,12 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/metrics"),
     ("get", "/version"),
     ("get", "/openapi.json"),
+    ("put", "/components"),
+    ("get", "/functions"),
+    ("post", "/functions/{name}/versions"),
+    ("get", "/functions/{name}/versions"),
+    ("post", "/functions/{name}/rollback"),
+    ("delete", "/functions/{name}"),
 ];
 
 #[test]
