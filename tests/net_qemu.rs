@@ -4,64 +4,11 @@
 
 mod common;
 
+use common::netns::{tool, Netns};
 use common::{
     hostd, is_root, kvm_usable, require, require_qemu_guest, run_with_deadline, spawn_running,
 };
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn tool(name: &str) -> bool {
-    Command::new(name).arg("-V").output().is_ok()
-        || Command::new(name).arg("--version").output().is_ok()
-}
-
-/// A network namespace with a TAP device at 10.0.2.1/24, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tap: &str, tag: &str) -> Netns {
-        let name = format!("hostdt{}{tag}", std::process::id());
-        let ns = Netns(name.clone());
-        let run = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().expect("ip");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(&["netns", "add", &name]);
-        run(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"]);
-        run(&[
-            "netns", "exec", &name, "ip", "tuntap", "add", tap, "mode", "tap",
-        ]);
-        run(&[
-            "netns",
-            "exec",
-            &name,
-            "ip",
-            "addr",
-            "add",
-            "10.0.2.1/24",
-            "dev",
-            tap,
-        ]);
-        run(&["netns", "exec", &name, "ip", "link", "set", tap, "up"]);
-        ns
-    }
-
-    fn exec(&self) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
 
 #[test]
 fn web_example_answers_curl_over_a_tap() {

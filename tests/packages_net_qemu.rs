@@ -4,75 +4,12 @@
 
 mod common;
 
+use common::netns::{tool, Netns};
 use common::{build, hostd, is_root, require, require_qemu_guest, spawn_running};
 use std::net::UdpSocket;
-use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn tool(name: &str) -> bool {
-    Command::new(name).arg("-V").output().is_ok()
-        || Command::new(name).arg("--version").output().is_ok()
-}
-
-/// A network namespace with a TAP device at 10.0.2.1/24, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tap: &str) -> Netns {
-        let name = format!("hostdpk{}", std::process::id());
-        let ns = Netns(name.clone());
-        let run = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().expect("ip");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(&["netns", "add", &name]);
-        let inside = |args: &[&str]| {
-            let mut all = vec!["netns", "exec", &name];
-            all.extend_from_slice(args);
-            run(&all);
-        };
-        inside(&["ip", "link", "set", "lo", "up"]);
-        inside(&["ip", "tuntap", "add", tap, "mode", "tap"]);
-        inside(&["ip", "addr", "add", "10.0.2.1/24", "dev", tap]);
-        inside(&["ip", "link", "set", tap, "up"]);
-        ns
-    }
-
-    fn exec(&self) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]);
-        c
-    }
-
-    /// A UDP socket bound to `addr` inside the namespace (made on a thread that joins
-    /// the namespace, so the test's own threads stay where they are).
-    fn udp(&self, addr: &str) -> UdpSocket {
-        let path = format!("/run/netns/{}", self.0);
-        let addr = addr.to_string();
-        std::thread::spawn(move || {
-            let f = std::fs::File::open(&path).expect("open the namespace");
-            // SAFETY: setns on a valid namespace fd; it changes only this thread's
-            // network namespace.
-            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            UdpSocket::bind(&addr).expect("bind the DNS socket")
-        })
-        .join()
-        .expect("namespace thread")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
 
 /// The name the DNS server knows, and its address.
 const KNOWN: (&str, [u8; 4]) = ("db.hostd.test", [10, 0, 2, 7]);
@@ -240,7 +177,7 @@ fn lighttpd_from_its_package_answers_curl_and_the_guest_resolves_names() {
     }
     let (dir, image) = build(LIGHTTPD);
     let tap = "hostdtap7";
-    let ns = Netns::new(tap);
+    let ns = Netns::new(tap, "pk");
     let asked = Arc::new(Mutex::new(Vec::new()));
     let dns = ns.udp("10.0.2.1:53");
     {

@@ -2,6 +2,8 @@
 //! loudly (or fail under CI=true), building images and running them with a deadline.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

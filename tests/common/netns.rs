@@ -1,0 +1,72 @@
+//! A network namespace with a TAP device at 10.0.2.1/24 for a guest's net backend,
+//! deleted on drop: the network tests' host side, kept off the host's own network.
+
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+
+/// Whether a command-line tool is installed (it answers `-V` or `--version`).
+pub fn tool(name: &str) -> bool {
+    Command::new(name).arg("-V").output().is_ok()
+        || Command::new(name).arg("--version").output().is_ok()
+}
+
+/// A network namespace holding TAP device `tap` at 10.0.2.1/24.
+pub struct Netns(String);
+
+impl Netns {
+    /// Creates it; `tag` keeps the names of namespaces made by one test process apart.
+    pub fn new(tap: &str, tag: &str) -> Netns {
+        let name = format!("hostdt{}{tag}", std::process::id());
+        let ns = Netns(name.clone());
+        let run = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&["netns", "add", &name]);
+        let inside = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &name];
+            all.extend_from_slice(args);
+            run(&all);
+        };
+        inside(&["ip", "link", "set", "lo", "up"]);
+        inside(&["ip", "tuntap", "add", tap, "mode", "tap"]);
+        inside(&["ip", "addr", "add", "10.0.2.1/24", "dev", tap]);
+        inside(&["ip", "link", "set", tap, "up"]);
+        ns
+    }
+
+    /// `ip netns exec NAME`, to which the caller adds the command to run inside.
+    pub fn exec(&self) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]);
+        c
+    }
+
+    /// A UDP socket bound to `addr` inside the namespace (made on a thread that joins
+    /// the namespace, so the test's own threads stay where they are).
+    pub fn udp(&self, addr: &str) -> UdpSocket {
+        let path = format!("/run/netns/{}", self.0);
+        let addr = addr.to_string();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).expect("open the namespace");
+            // SAFETY: setns on a valid namespace fd; it changes only this thread's
+            // network namespace.
+            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            UdpSocket::bind(&addr).expect("bind the socket")
+        })
+        .join()
+        .expect("namespace thread")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
