@@ -42,8 +42,11 @@ pub fn remove_scratch_on_signals() {
             // SAFETY: a valid set (moved into this thread) and out-pointer.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
                 INTERRUPTED.store(sig, Ordering::SeqCst);
-                hostd_images::scratch::remove_all();
-                eprintln!("hostd: interrupted (signal {sig}); nothing was written");
+                if hostd_images::scratch::remove_all() == 0 {
+                    eprintln!("hostd: interrupted (signal {sig}); nothing was written");
+                } else {
+                    eprintln!("hostd: interrupted (signal {sig}) after its output was written");
+                }
                 std::process::exit(128 + sig);
             }
         });

@@ -542,7 +542,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let _scratch = crate::scratch::register(tmp.path());
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
+    crate::scratch::commit(|| tmp.persist(path).map_err(|e| e.error))?;
     Ok(())
 }
 

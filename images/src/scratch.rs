@@ -8,6 +8,27 @@ use std::sync::Mutex;
 
 static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
+/// Held while an output is made visible ([`commit`]): how many outputs were made
+/// visible, and whether [`remove_all`] has started (then no more are).
+static COMMITS: Mutex<(u32, bool)> = Mutex::new((0, false));
+
+/// Makes an output visible (`commit` renames it into place) unless the process is being
+/// ended by a signal: once [`remove_all`] has started, no output appears any more, and
+/// a commit already under way finishes before [`remove_all`] goes on. So an interrupted
+/// command either wrote its output whole or wrote nothing, and says which.
+pub fn commit<T>(commit: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+    let mut state = COMMITS.lock().unwrap_or_else(|p| p.into_inner());
+    if state.1 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            "interrupted: the output was not written",
+        ));
+    }
+    let out = commit()?;
+    state.0 += 1;
+    Ok(out)
+}
+
 /// Removes its path (file or directory tree) when dropped, unless [`Scratch::keep`]
 /// was called (the path was renamed into place).
 #[derive(Debug)]
@@ -70,8 +91,16 @@ impl Drop for Scratch {
 /// thread waiting in `sigwait`), not from an asynchronous signal handler. Other threads
 /// may still be writing into a scratch directory meanwhile, so each removal is tried
 /// until the path is gone (for at most about a second).
-pub fn remove_all() {
+///
+/// Returns how many outputs [`commit`] made visible before it was called.
+pub fn remove_all() -> u32 {
+    let committed = {
+        let mut state = COMMITS.lock().unwrap_or_else(|p| p.into_inner());
+        state.1 = true;
+        state.0
+    };
     remove_matching(|_| true);
+    committed
 }
 
 /// [`remove_all`] for the registered paths `which` selects (the unit test's own: other
