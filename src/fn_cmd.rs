@@ -265,27 +265,7 @@ fn read_grants(path: &Path, name: &str) -> Result<(toml::Table, Vec<String>)> {
         .ok()
         .and_then(|p| p.parent().map(Path::to_owned))
         .unwrap_or_else(|| PathBuf::from("/"));
-    let fix = |v: &mut toml::Value| {
-        if let toml::Value::String(s) = v {
-            if Path::new(s.as_str()).is_relative() {
-                *s = base.join(s.as_str()).to_string_lossy().into_owned();
-            }
-        }
-    };
-    if let Some(toml::Value::Array(dirs)) = table.get_mut("dirs") {
-        for d in dirs {
-            if let Some(h) = d.get_mut("host") {
-                fix(h);
-            }
-        }
-    }
-    if let Some(toml::Value::Table(secrets)) = table.get_mut("secrets") {
-        for (_, s) in secrets.iter_mut() {
-            if let Some(f) = s.get_mut("file") {
-                fix(f);
-            }
-        }
-    }
+    hostd_daemon::fleet::absolutize_function(&mut table, &base);
     Ok((table, routes))
 }
 

@@ -464,8 +464,9 @@ impl Fleet {
     }
 }
 
-/// Makes the relative paths of an fns.toml function table absolute.
-fn absolutize_function(table: &mut toml::Table, base: &Path) {
+/// Makes the relative paths of an fns.toml function table (`component`, `dirs[].host`,
+/// `secrets.*.file`) absolute against `base`.
+pub fn absolutize_function(table: &mut toml::Table, base: &Path) {
     let fix = |v: &mut toml::Value| {
         if let toml::Value::String(s) = v {
             if Path::new(s.as_str()).is_relative() {
