@@ -14,7 +14,19 @@ use common::{hostd, is_root, kernel, require, require_qemu_guest};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SYSTEMD_NS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/tools/systemd-ns");
+/// The systemd-ns tool: `$HOSTD_SYSTEMD_NS`, else `shared/tools/systemd-ns` beside the
+/// checkout or beside one of its parent directories (`../shared/tools/systemd-ns` from a
+/// checkout next to the shared folder).
+fn systemd_ns_tool() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HOSTD_SYSTEMD_NS") {
+        return Some(PathBuf::from(p));
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .skip(1)
+        .map(|d| d.join("shared/tools/systemd-ns"))
+        .find(|p| p.is_file())
+}
 const HELLO_LOCK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/images/examples/hello.lock");
 
 /// A long-running guest: `web` reads its secret and answers SIGTERM; `other` does not
@@ -68,8 +80,9 @@ fn require_systemd_ns() -> bool {
         "run the tests as root",
     ) && require(
         "Debian's systemd and ../shared/tools/systemd-ns",
-        Path::new("/lib/systemd/systemd").exists() && Path::new(SYSTEMD_NS).exists(),
-        "apt-get install systemd",
+        Path::new("/lib/systemd/systemd").exists() && systemd_ns_tool().is_some(),
+        "apt-get install systemd; the tool is looked for as shared/tools/systemd-ns beside \
+         the checkout or its parents, or set HOSTD_SYSTEMD_NS",
     )
 }
 
@@ -101,7 +114,8 @@ fn build_image(dir: &Path, name: &str, spec: &str) {
 /// command makes the mount tree shared, as on a host booted by systemd (systemd-ns's
 /// namespace is private, and systemd hands credentials over through mount propagation).
 fn systemd_ns(units: &Path, commands: &[String]) -> String {
-    let mut c = Command::new(SYSTEMD_NS);
+    let mut c =
+        Command::new(systemd_ns_tool().expect("systemd-ns (checked by require_systemd_ns)"));
     c.arg(units).arg("sysinit.target");
     c.arg("mount --make-rshared /");
     c.args(commands);
