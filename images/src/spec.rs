@@ -499,26 +499,8 @@ impl Spec {
                         .into(),
                 ));
             }
-            if let Some(m) = &f.mode {
-                if u32::from_str_radix(m, 8)
-                    .ok()
-                    .filter(|m| *m <= 0o7777)
-                    .is_none()
-                {
-                    return Err(bad(
-                        field("mode"),
-                        format!("`{m}` is not an octal mode such as \"0644\""),
-                    ));
-                }
-            }
-            if let Some(o) = &f.owner {
-                if parse_owner(o).is_none() {
-                    return Err(bad(
-                        field("owner"),
-                        format!("`{o}` is not `uid:gid` (numbers from 0 to 4294967294)"),
-                    ));
-                }
-            }
+            check_mode_owner(f.mode.as_deref(), f.owner.as_deref(), "0644")
+                .map_err(|(k, m)| bad(field(k), m))?;
             if let Some(t) = &f.symlink {
                 if t.is_empty() || t.len() > names::MAX_GUEST_PATH || t.contains('\0') {
                     return Err(bad(
@@ -651,26 +633,8 @@ impl Spec {
                     ));
                 }
             }
-            if let Some(m) = &t.mode {
-                if u32::from_str_radix(m, 8)
-                    .ok()
-                    .filter(|m| *m <= 0o7777)
-                    .is_none()
-                {
-                    return Err(bad(
-                        field("mode"),
-                        format!("`{m}` is not an octal mode such as \"0755\""),
-                    ));
-                }
-            }
-            if let Some(o) = &t.owner {
-                if parse_owner(o).is_none() {
-                    return Err(bad(
-                        field("owner"),
-                        format!("`{o}` is not `uid:gid` (numbers from 0 to 4294967294)"),
-                    ));
-                }
-            }
+            check_mode_owner(t.mode.as_deref(), t.owner.as_deref(), "0755")
+                .map_err(|(k, m)| bad(field(k), m))?;
         }
         names::check_resolver(&self.network.dns, &self.network.search)
             .map_err(|(k, m)| bad(format!("network.{k}"), m))?;
@@ -688,6 +652,36 @@ pub fn base_source(base: &str) -> Option<(crate::oci::Source, &str)> {
         return None;
     };
     (!path.is_empty() && !path.contains('\0')).then_some((kind, path))
+}
+
+/// Checks an entry's `mode` (octal, at most 0o7777; `example` is shown in the error) and
+/// `owner` (`uid:gid`); the error names the field (`mode` or `owner`) and what is wrong.
+fn check_mode_owner(
+    mode: Option<&str>,
+    owner: Option<&str>,
+    example: &str,
+) -> Result<(), (&'static str, String)> {
+    if let Some(m) = mode {
+        if u32::from_str_radix(m, 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .is_none()
+        {
+            return Err((
+                "mode",
+                format!("`{m}` is not an octal mode such as \"{example}\""),
+            ));
+        }
+    }
+    if let Some(o) = owner {
+        if parse_owner(o).is_none() {
+            return Err((
+                "owner",
+                format!("`{o}` is not `uid:gid` (numbers from 0 to 4294967294)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The checks a manifest's program gets ([`names::check_program`]), on a spec's
