@@ -110,11 +110,15 @@ impl Cgroup {
         let Some((_, d)) = self.dirs.first() else {
             return Vec::new();
         };
-        let mut pids: Vec<u32> = std::fs::read_to_string(d.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
+        let mut pids = Vec::new();
+        for dir in tree(d) {
+            pids.extend(
+                std::fs::read_to_string(dir.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.trim().parse::<u32>().ok()),
+            );
+        }
         pids.sort_unstable();
         pids
     }
@@ -135,10 +139,15 @@ impl Cgroup {
             self.signal_all(libc::SIGKILL);
             std::thread::sleep(Duration::from_millis(20));
         }
-        for (_, d) in &self.dirs {
+        // Children first (`hostd run` puts its VMM in a cgroup of its own below).
+        for d in self
+            .dirs
+            .iter()
+            .flat_map(|(_, d)| tree(d).into_iter().rev())
+        {
             let mut tries = 0;
             loop {
-                match std::fs::remove_dir(d) {
+                match std::fs::remove_dir(&d) {
                     Ok(()) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                     // Busy while the last killed process is still being torn down.
@@ -148,7 +157,7 @@ impl Cgroup {
                     }
                     Err(source) => {
                         return Err(CgroupError {
-                            path: d.clone(),
+                            path: d,
                             what: "remove it",
                             source,
                         })
@@ -204,6 +213,25 @@ impl Cgroup {
         }
         u
     }
+}
+
+/// `dir` and every cgroup below it, parents before children.
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        if let Ok(entries) = std::fs::read_dir(&out[i]) {
+            let mut subs: Vec<PathBuf> = entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect();
+            subs.sort();
+            out.extend(subs);
+        }
+        i += 1;
+    }
+    out
 }
 
 /// In a forked child before exec: joins the cgroup by writing "0" (this process) into
