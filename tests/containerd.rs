@@ -128,7 +128,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
     }
 
     /// Asserts that nothing of task `id` is left: no process naming its bundle, no
-    /// mount below containerd's state, no cgroup.
+    /// shim, no mount below containerd's state, no cgroup.
     fn assert_clean(&self, id: &str) {
         let bundle = self
             .dir
@@ -138,7 +138,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         let needle = bundle.to_string_lossy().to_string();
         let end = Instant::now() + Duration::from_secs(20);
         loop {
-            let procs = processes_mentioning(&needle);
+            let mut procs = processes_mentioning(&needle);
+            // The task's shim exits once the task is deleted.
+            procs.extend(processes_mentioning(&format!(
+                "-id {id} -address {}",
+                self.sock().display()
+            )));
             let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mounts")
                 .unwrap()
                 .lines()
@@ -164,6 +169,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // A test that failed half-way leaves tasks: kill and delete them, so that no
+        // shim or guest outlives the test.
+        let ls = self.ctr(&["task", "ls", "-q"]);
+        for id in ls.stdout.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let _ = self.ctr(&["task", "kill", "-a", "-s", "SIGKILL", id]);
+            let _ = self.ctr(&["task", "delete", "-f", id]);
+        }
         // SAFETY: kill has no memory effects; the pid is our live child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = common::wait_deadline(&mut self.child, Duration::from_secs(30));
@@ -291,6 +303,9 @@ fn layer(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
     }
     tar.into_inner().unwrap()
 }
+
+/// An image's layers: (media type, tar bytes).
+type Layers<'a> = Vec<(&'a str, Vec<u8>)>;
 
 const TASK_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 
@@ -474,7 +489,7 @@ fn bad_bundles_fail_at_create_with_a_clear_error_in_containerds_log() {
     }
     let work = tempfile::tempdir().unwrap();
     let c = Containerd::start();
-    let cases: [(&str, Vec<(&str, Vec<u8>)>, &str); 3] = [
+    let cases: [(&str, Layers, &str); 3] = [
         // No layer at all: an empty root file system.
         ("nolayer", vec![], "nothing runnable"),
         // A layer whose `.img` is not a hostd image (a text file named like one).

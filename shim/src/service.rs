@@ -55,6 +55,8 @@ impl containerd_shim::Shim for Shim {
     fn start_shim(&mut self, opts: containerd_shim::StartOpts) -> containerd_shim::Result<String> {
         let grouping = opts.id.clone();
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        // In the bundle: the server removes its socket at exit by this file.
+        containerd_shim::synchronous::util::write_address(&address)?;
         Ok(address)
     }
 
