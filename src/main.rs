@@ -6,6 +6,7 @@ mod daemon_cmd;
 mod fn_cmd;
 mod image_cmd;
 mod interrupt;
+mod oci_cmd;
 mod progress;
 mod systemd_cmd;
 
@@ -73,6 +74,11 @@ enum Command {
     /// The console is printed on stdout. Ctrl-C asks the guest to shut down cleanly
     /// (SIGTERM to every service, then power off); a second Ctrl-C stops it at once.
     Run(image_cmd::RunArgs),
+    /// OCI archives of images, for containerd (docs/containerd.md).
+    Oci {
+        #[command(subcommand)]
+        cmd: oci_cmd::OciCommand,
+    },
     /// Signing keys for images.
     Key {
         #[command(subcommand)]
@@ -160,6 +166,7 @@ fn main() {
             trust,
         } => image_cmd::inspect(&image, manifest, &trust),
         Command::Key { cmd } => image_cmd::key(cmd),
+        Command::Oci { cmd } => oci_cmd::run(cmd),
         Command::Run(args) => image_cmd::run(&args),
         Command::Backend { cmd } => backend_cmd::run(cmd),
         Command::Fn { cmd } => fn_cmd::run(cmd),
