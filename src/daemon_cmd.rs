@@ -139,8 +139,21 @@ pub fn apply(file: &Path, socket: &SocketArg) -> Result<i32> {
             s.push_str(&format!("{what:<9} {n}\n"));
         }
     }
+    let f = &r.functions;
+    for (what, names) in [
+        ("deployed", &f.deployed),
+        ("removed", &f.removed),
+        ("unchanged", &f.unchanged),
+    ] {
+        for n in names {
+            s.push_str(&format!("{what:<9} function {n}\n"));
+        }
+    }
     out(&s);
-    Ok(0)
+    for (n, why) in &f.failed {
+        eprintln!("hostd: function {n} not deployed: {why}");
+    }
+    Ok(if f.failed.is_empty() { 0 } else { 1 })
 }
 
 /// `hostd ps`.

@@ -95,6 +95,11 @@ pub struct Guests {
 }
 
 impl Guests {
+    /// The state database.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Loads every guest from the store: re-adopts the VM processes still running (same
     /// pid and start time), and starts per policy those that should run but do not.
     /// Must run inside the tokio runtime.
