@@ -49,6 +49,19 @@ pub struct DaemonArgs {
     /// Where the function front listens (HTTP, ADDR:PORT).
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<std::net::SocketAddr>,
+    /// How logs are written to stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// `hostd daemon --log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `fields.message`, the other fields
+    /// and the current span.
+    Json,
 }
 
 /// Arguments of `hostd up`.

@@ -315,3 +315,21 @@ fn metrics_count_requests_by_route_and_status() {
         "{text}"
     );
 }
+
+#[test]
+fn log_format_json_writes_one_json_object_a_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &["--log-format", "json"]);
+    // A request to an unknown guest is answered and the daemon keeps logging.
+    let _ = d.req(Method::GET, "/guests/nobody", JSON, Vec::new());
+    let logs = d.logs();
+    let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "no log lines");
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object: {line:?}: {e}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{v}");
+        assert!(v["fields"]["message"].is_string(), "{v}");
+    }
+    assert!(lines.iter().any(|l| l.contains("listening on")), "{logs}");
+}
