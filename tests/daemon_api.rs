@@ -6,7 +6,7 @@
 mod common;
 mod daemon_harness;
 
-use daemon_harness::Daemon;
+use daemon_harness::{create, Daemon};
 use hostd_daemon::hyper::Method;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
@@ -218,6 +218,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/guests/{name}/stop"),
     ("get", "/guests/{name}/logs"),
     ("post", "/images"),
+    ("post", "/images/gc"),
     ("get", "/images/{digest}"),
     ("put", "/fleet"),
     ("get", "/metrics"),
@@ -332,4 +333,83 @@ fn log_format_json_writes_one_json_object_a_line() {
         assert!(v["fields"]["message"].is_string(), "{v}");
     }
     assert!(lines.iter().any(|l| l.contains("listening on")), "{logs}");
+}
+
+/// Builds an image (a stand-in kernel: never booted) named `name` in `dir`.
+fn unbooted_image(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    common::fake_kernel(dir);
+    let spec = dir.join(format!("{name}.toml"));
+    std::fs::write(&spec, format!("name = \"{name}\"\nkernel = \"vmlinux\"\n")).expect("spec");
+    let img = dir.join(format!("{name}.img"));
+    let out = common::hostd()
+        .arg("build")
+        .arg(&spec)
+        .arg("-o")
+        .arg(&img)
+        .output()
+        .expect("hostd build");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    img
+}
+
+#[test]
+fn images_no_guest_uses_are_collected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    let a = unbooted_image(dir.path(), "a");
+    let b = unbooted_image(dir.path(), "b");
+    let c = unbooted_image(dir.path(), "c");
+    let ga = create(
+        &d,
+        serde_json::json!({"name": "ga", "image": a, "vmm": "qemu", "start": false}),
+    );
+    let gb = create(
+        &d,
+        serde_json::json!({"name": "gb", "image": b, "vmm": "qemu", "start": false}),
+    );
+    let up = d.req(
+        Method::POST,
+        "/images",
+        "application/octet-stream",
+        std::fs::read(&c).expect("read c"),
+    );
+    assert_eq!(up.status, 201, "{}", String::from_utf8_lossy(&up.body));
+    let c_digest = serde_json::from_slice::<serde_json::Value>(&up.body).expect("json")["digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned();
+    let stored = |hex: &str| d.state.join("images/sha256").join(hex).is_file();
+    assert!(stored(&ga.image_digest) && stored(&gb.image_digest) && stored(&c_digest));
+
+    // c is used by no guest: collected; a and b stay.
+    let gc = d.req(Method::POST, "/images/gc", JSON, Vec::new());
+    assert_eq!(gc.status, 200, "{}", String::from_utf8_lossy(&gc.body));
+    let report: serde_json::Value = serde_json::from_slice(&gc.body).expect("json");
+    assert_eq!(report["removed"], serde_json::json!([c_digest]), "{report}");
+    assert!(report["bytes"].as_u64().unwrap_or(0) > 0, "{report}");
+    assert!(!stored(&c_digest) && stored(&ga.image_digest) && stored(&gb.image_digest));
+    assert_eq!(
+        d.req(
+            Method::GET,
+            &format!("/images/{c_digest}"),
+            JSON,
+            Vec::new()
+        )
+        .status,
+        404
+    );
+
+    // Deleting gb removes its image; ga's stays.
+    let del = d.req(Method::DELETE, "/guests/gb", JSON, Vec::new());
+    assert_eq!(del.status, 204, "{}", String::from_utf8_lossy(&del.body));
+    assert!(!stored(&gb.image_digest) && stored(&ga.image_digest));
+    // Nothing left to collect.
+    let gc = d.req(Method::POST, "/images/gc", JSON, Vec::new());
+    let report: serde_json::Value = serde_json::from_slice(&gc.body).expect("json");
+    assert_eq!(report["removed"], serde_json::json!([]), "{report}");
+    still_serving(&d);
 }

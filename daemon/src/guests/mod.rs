@@ -503,7 +503,25 @@ impl Guests {
             tracing::warn!("guest {name}: cannot remove {}: {err}", dir.display());
         }
         tracing::info!("guest {name}: removed");
+        // Its image goes too, unless another guest uses it.
+        if let Err(err) = self.collect_images(Some(&e.rec.image_digest)) {
+            tracing::warn!("guest {name}: {}", chain(&err));
+        }
         Ok(())
+    }
+
+    /// Removes the store's images no guest uses (`only`: just that digest, if unused).
+    pub fn collect_images(
+        &self,
+        only: Option<&str>,
+    ) -> Result<crate::images::GcReport, crate::images::ImageStoreError> {
+        // Under the guests' lock: no record can start using an image while it goes.
+        let map = self.lock();
+        let keep = map
+            .values()
+            .map(|e| e.rec.image_digest.clone())
+            .collect::<std::collections::BTreeSet<_>>();
+        self.images.collect_garbage(&keep, only)
     }
 
     /// Replaces a guest's configuration: stops it, swaps the record, starts the new one
