@@ -174,16 +174,29 @@ pub fn ps(socket: &SocketArg) -> Result<i32> {
     let c = socket.client()?;
     let guests: Vec<GuestStatus> = call(|| c.json(Method::GET, "/guests", None::<&()>))?;
     let mut s = format!(
-        "{:<24} {:<12} {:>8} {:>9} {:>8}  {:<8} {}\n",
-        "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "ORIGIN", "IMAGE"
+        "{:<24} {:<12} {:>8} {:>9} {:>8}  {:<8} {:<19} {}\n",
+        "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "ORIGIN", "IMAGE", "BOOT (VM/INIT/SERVICE)"
     );
+    let ms = |v: Option<u64>| v.map(|v| format!("{v}ms")).unwrap_or_else(|| "-".into());
     for g in guests {
         let state = serde_json::to_value(g.state)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
+        let boot = g
+            .boot
+            .as_ref()
+            .map(|b| {
+                format!(
+                    "{}/{}/{}",
+                    ms(b.vm_started_ms),
+                    ms(b.init_started_ms),
+                    ms(b.first_service_ms)
+                )
+            })
+            .unwrap_or_else(|| "-".into());
         s.push_str(&format!(
-            "{:<24} {:<12} {:>8} {:>9} {:>8}  {:<8} sha256:{}\n",
+            "{:<24} {:<12} {:>8} {:>9} {:>8}  {:<8} {:<19} {boot}\n",
             g.name,
             state,
             g.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
@@ -192,7 +205,7 @@ pub fn ps(socket: &SocketArg) -> Result<i32> {
                 .unwrap_or_else(|| "-".into()),
             g.restarts,
             format!("{:?}", g.origin).to_lowercase(),
-            &g.image_digest[..g.image_digest.len().min(12)],
+            format!("sha256:{}", &g.image_digest[..g.image_digest.len().min(12)]),
         ));
     }
     out(&s);

@@ -222,6 +222,7 @@ impl Guests {
             runner: self.cfg.runner.clone(),
             source,
         };
+        e.console.mark_launch();
         let child = process::spawn(&self.cfg.runner, &args, &process::console_path(&dir))
             .map_err(spawn_err)?;
         let pid = child.id();
@@ -341,6 +342,7 @@ impl Guests {
             exit_code: e.rec.exit_code,
             image_digest: e.rec.image_digest.clone(),
             config_digest: e.rec.config_digest.clone(),
+            boot: e.console.boot_timings(),
             spec: e.rec.decl.clone(),
         }
     }
