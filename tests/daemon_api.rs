@@ -413,3 +413,64 @@ fn images_no_guest_uses_are_collected() {
     assert_eq!(report["removed"], serde_json::json!([]), "{report}");
     still_serving(&d);
 }
+
+/// A fleet guest declared with `spec =` is built by the daemon (`hostd systemd
+/// build-image`, cached by spec and lock), not refused; unchanged spec: unchanged guest;
+/// changed spec: a new image, the guest replaced. Nothing boots (autostart = false).
+#[test]
+fn fleet_guests_declared_by_spec_are_built_and_cached() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    common::fake_kernel(dir.path());
+    let spec = dir.path().join("web.toml");
+    std::fs::write(&spec, "name = \"web\"\nkernel = \"vmlinux\"\n").expect("spec");
+    let fleet = dir.path().join("fleet.toml");
+    std::fs::write(
+        &fleet,
+        "[guests.web]\nspec = \"web.toml\"\nvmm = \"qemu\"\nautostart = false\n",
+    )
+    .expect("fleet");
+    let apply = || {
+        let out = d.cli().arg("apply").arg(&fleet).output().expect("apply");
+        assert!(
+            out.status.success(),
+            "{}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            d.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(apply().contains("created   web"));
+    let first = d.guest("web");
+    assert!(d
+        .state
+        .join("images/sha256")
+        .join(&first.image_digest)
+        .is_file());
+    let built = std::fs::read_dir(d.state.join("builds"))
+        .expect("builds")
+        .count();
+    assert_eq!(built, 1);
+    // Same spec: nothing rebuilt, nothing changed.
+    assert!(apply().contains("unchanged web"));
+    assert_eq!(d.guest("web").image_digest, first.image_digest);
+    // A changed spec: a new image, the guest replaced.
+    std::fs::write(
+        &spec,
+        "name = \"web\"\nkernel = \"vmlinux\"\ncmdline = \"quiet\"\n",
+    )
+    .expect("spec");
+    assert!(apply().contains("replaced  web"));
+    assert_ne!(d.guest("web").image_digest, first.image_digest);
+    // A spec that does not build: a 4xx naming it, nothing changed.
+    std::fs::write(&spec, "name = \"web\"\nkernel = \"missing\"\n").expect("spec");
+    let out = d.cli().arg("apply").arg(&fleet).output().expect("apply");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("web.toml: cannot build it"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    still_serving(&d);
+}

@@ -391,11 +391,57 @@ impl Guests {
                     .map_err(|e| ApiError::internal(&e))?
                     .map_err(image_error)
             }
-            ImageSource::Spec(path) => Err(ApiError::bad_request(format!(
-                "{}: the daemon boots built images only: `hostd build` it and name the image",
-                path.display()
-            ))),
+            ImageSource::Spec(path) => {
+                let built = self.build_spec(path).await?;
+                let images = Arc::clone(&self.images);
+                tokio::task::spawn_blocking(move || images.import_file(&built))
+                    .await
+                    .map_err(|e| ApiError::internal(&e))?
+                    .map_err(image_error)
+            }
         }
+    }
+
+    /// Builds the image of a spec with `hostd systemd build-image`, the build the
+    /// systemd units use: cached in `STATE/builds/KEY/image.img` (KEY: the sha256 of the
+    /// spec's path), rebuilt only when the spec or its lock file changed.
+    async fn build_spec(&self, spec: &Path) -> Result<PathBuf, ApiError> {
+        let key = hex::encode(Sha256::digest(spec.as_os_str().as_encoded_bytes()));
+        let out = self
+            .cfg
+            .state_dir
+            .join("builds")
+            .join(&key[..32])
+            .join("image.img");
+        let mut cmd = std::process::Command::new(&self.cfg.runner);
+        cmd.args(["systemd", "build-image"])
+            .arg(spec)
+            .arg(&out)
+            .stdin(std::process::Stdio::null());
+        tracing::info!("building {} -> {}", spec.display(), out.display());
+        let result = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .map_err(|e| ApiError::internal(&e))?;
+        let output = result.map_err(|e| {
+            ApiError::internal(&DaemonError::Spawn {
+                name: spec.display().to_string(),
+                runner: self.cfg.runner.clone(),
+                source: e,
+            })
+        })?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let last = stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("the build failed");
+            return Err(ApiError::bad_request(format!(
+                "{}: cannot build it: {last}",
+                spec.display()
+            )));
+        }
+        Ok(out)
     }
 
     /// Creates a guest (and starts it when `start`). 409 if the name is taken.
