@@ -5,12 +5,12 @@
 //!    with a cold compile cache and with the component already compiled; a
 //!    new version of a function that is serving; a rollback (a pointer move);
 //!    and how long a host with 3 functions takes to open again (a restart).
-//! 2. Requests/s and p50/p99 of the `hello` component served by the deploy
-//!    front (this benchmark re-run as a child process holding a
-//!    `FunctionHost`, so the load generator does not share its process) and by
-//!    `hostd fn serve`, the same load against each, one after the other.
-//!    `wasmtime serve` joins only when a `wasmtime` binary is on PATH (or
-//!    `WASMTIME` names one); otherwise the run says it was skipped and why.
+//! 2. Requests/s and p50/p99 of the `hello` component served by a real
+//!    `hostd daemon --listen` process (deployed through its API with
+//!    `hostd fn deploy`) and by `hostd fn serve`, the same load client and
+//!    load against each, one after the other. `wasmtime serve` joins when a
+//!    `wasmtime` binary is on PATH, named by `WASMTIME`, or in
+//!    `~/.cache/hostd/wasmtime-cli/bin`; otherwise the run says it was skipped.
 //!
 //! Prints a table and writes `target/bench/fn_deploy.json`.
 //! `cargo bench --bench fn_deploy` (env: `FN_BENCH_REQUESTS`,
@@ -26,8 +26,6 @@ use std::time::{Duration, Instant};
 use hostd_sandbox::deploy::{DeploySpec, FunctionHost, HostOptions};
 use hostd_sandbox::server::{self, ConnectionLimits};
 
-/// Set in the child process that serves the deploy front: its state directory.
-const FRONT_ENV: &str = "HOSTD_FN_DEPLOY_BENCH_FRONT";
 /// Deploys measured per case (medians reported).
 const ROUNDS: usize = 5;
 
@@ -233,33 +231,6 @@ fn deploy_figures(work: &Path) -> DeployFigures {
 /// The child process serving the deploy front: opens a host on the state
 /// directory in `FRONT_ENV`, deploys `hello` at `/hello` (cached compile after
 /// the first run), prints `listening on http://ADDR`, serves until killed.
-fn run_front(state: &Path) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let host = FunctionHost::open(HostOptions::new(state)).unwrap();
-    let digest = host
-        .put_component(&std::fs::read(wasm("hello")).unwrap())
-        .unwrap();
-    rt.block_on(async {
-        if host.list().unwrap().is_empty() {
-            host.deploy("hello", spec(&digest, "/hello", ""))
-                .await
-                .unwrap();
-        }
-        let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        println!("listening on http://{}", listener.local_addr().unwrap());
-        host.serve(
-            listener,
-            ConnectionLimits::default(),
-            server::shutdown_signal(),
-            Duration::from_secs(1),
-        )
-        .await;
-    });
-}
-
 struct Proc(Child);
 
 impl Drop for Proc {
@@ -365,18 +336,21 @@ fn find_wasmtime() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("WASMTIME") {
         return Some(PathBuf::from(p));
     }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("wasmtime"))
-            .find(|p| p.is_file())
-    })
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("wasmtime"))
+                .find(|p| p.is_file())
+        })
+        .or_else(|| {
+            // Where the project's setup installs it (cargo install --root).
+            let home = std::env::var_os("HOME").map(PathBuf::from)?;
+            let p = home.join(".cache/hostd/wasmtime-cli/bin/wasmtime");
+            p.is_file().then_some(p)
+        })
 }
 
 fn main() {
-    if let Some(state) = std::env::var_os(FRONT_ENV) {
-        run_front(Path::new(&state));
-        return;
-    }
     // `cargo bench` passes `--bench`; `cargo test --benches` does not: then only smoke-test.
     let benching = std::env::args().any(|a| a == "--bench");
     let total = env_usize("FN_BENCH_REQUESTS", if benching { 20_000 } else { 200 });
@@ -406,27 +380,46 @@ fn main() {
 
     println!("fn_deploy: {total} GET /hello at concurrency {concurrency} per server");
     let mut servers = Vec::new();
-    let front_state = work.join("front");
-    let mut front_cmd = Command::new(std::env::current_exe().unwrap());
-    front_cmd
-        .env(FRONT_ENV, &front_state)
-        .env("RUST_LOG", "warn");
-    // First start compiles and fills the cache; the measured one loads from it.
-    drop(spawn_server(front_cmd, false));
-    let mut front_cmd = Command::new(std::env::current_exe().unwrap());
-    front_cmd
-        .env(FRONT_ENV, &front_state)
-        .env("RUST_LOG", "warn");
-    let (p, base) = spawn_server(front_cmd, false);
+    let hostd = PathBuf::from(env!("CARGO_BIN_EXE_hostd"));
+    // The real daemon process: `hostd daemon --listen`, the function deployed through
+    // its API with `hostd fn deploy`, the load sent to its front.
+    let socket = work.join("daemon.sock");
+    let mut cmd = Command::new(&hostd);
+    cmd.arg("daemon")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(work.join("daemon-state"))
+        .args(["--listen", "127.0.0.1:0"])
+        .env("HOSTD_LOG", "warn,hostd_daemon::functions=info")
+        .env("NO_COLOR", "1");
+    let (p, base) = spawn_server(cmd, true);
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "no daemon API socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = Command::new(&hostd)
+        .args(["fn", "deploy", "hello"])
+        .arg(wasm("hello"))
+        .args(["--route", "/hello", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hostd fn deploy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let url = format!("{base}/hello");
+    until_200(&agent(), &url);
     let _ = load(&url, 500.min(total), concurrency);
-    servers.push((
-        "deploy front (FunctionHost)",
-        load(&url, total, concurrency),
-    ));
+    servers.push(("hostd daemon --listen", load(&url, total, concurrency)));
     drop(p);
 
-    let hostd = PathBuf::from(env!("CARGO_BIN_EXE_hostd"));
     let mut cmd = Command::new(&hostd);
     cmd.args(["fn", "serve"])
         .arg(wasm("hello"))
@@ -464,7 +457,7 @@ fn main() {
             drop(p);
         }
         None => println!(
-            "fn_deploy: SKIPPED wasmtime serve: no `wasmtime` binary on PATH and WASMTIME is not set \
+            "fn_deploy: SKIPPED wasmtime serve: no `wasmtime` binary on PATH, in WASMTIME or in ~/.cache/hostd/wasmtime-cli/bin \
              (benches/fn_serve.rs says how to install wasmtime-cli 48.0.8)"
         ),
     }

@@ -49,6 +49,19 @@ pub struct DaemonArgs {
     /// Where the function front listens (HTTP, ADDR:PORT).
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<std::net::SocketAddr>,
+    /// How logs are written to stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// `hostd daemon --log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `fields.message`, the other fields
+    /// and the current span.
+    Json,
 }
 
 /// Arguments of `hostd up`.
@@ -139,8 +152,21 @@ pub fn apply(file: &Path, socket: &SocketArg) -> Result<i32> {
             s.push_str(&format!("{what:<9} {n}\n"));
         }
     }
+    let f = &r.functions;
+    for (what, names) in [
+        ("deployed", &f.deployed),
+        ("removed", &f.removed),
+        ("unchanged", &f.unchanged),
+    ] {
+        for n in names {
+            s.push_str(&format!("{what:<9} function {n}\n"));
+        }
+    }
     out(&s);
-    Ok(0)
+    for (n, why) in &f.failed {
+        eprintln!("hostd: function {n} not deployed: {why}");
+    }
+    Ok(if f.failed.is_empty() { 0 } else { 1 })
 }
 
 /// `hostd ps`.
@@ -148,16 +174,29 @@ pub fn ps(socket: &SocketArg) -> Result<i32> {
     let c = socket.client()?;
     let guests: Vec<GuestStatus> = call(|| c.json(Method::GET, "/guests", None::<&()>))?;
     let mut s = format!(
-        "{:<24} {:<12} {:>8} {:>9} {:>8}  {:<8} {}\n",
-        "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "ORIGIN", "IMAGE"
+        "{:<24} {:<12} {:>8} {:>9} {:>8}  {:<8} {:<19} {}\n",
+        "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "ORIGIN", "IMAGE", "BOOT (VM/INIT/SERVICE)"
     );
+    let ms = |v: Option<u64>| v.map(|v| format!("{v}ms")).unwrap_or_else(|| "-".into());
     for g in guests {
         let state = serde_json::to_value(g.state)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
+        let boot = g
+            .boot
+            .as_ref()
+            .map(|b| {
+                format!(
+                    "{}/{}/{}",
+                    ms(b.vm_started_ms),
+                    ms(b.init_started_ms),
+                    ms(b.first_service_ms)
+                )
+            })
+            .unwrap_or_else(|| "-".into());
         s.push_str(&format!(
-            "{:<24} {:<12} {:>8} {:>9} {:>8}  {:<8} sha256:{}\n",
+            "{:<24} {:<12} {:>8} {:>9} {:>8}  {:<8} {:<19} {boot}\n",
             g.name,
             state,
             g.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
@@ -166,7 +205,7 @@ pub fn ps(socket: &SocketArg) -> Result<i32> {
                 .unwrap_or_else(|| "-".into()),
             g.restarts,
             format!("{:?}", g.origin).to_lowercase(),
-            &g.image_digest[..g.image_digest.len().min(12)],
+            format!("sha256:{}", &g.image_digest[..g.image_digest.len().min(12)]),
         ));
     }
     out(&s);

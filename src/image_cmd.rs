@@ -6,16 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hostd_images::builder::{self, BuildOptions};
-use hostd_images::format::{digest_hex, sections, Image};
-use hostd_images::manifest::Manifest;
-use hostd_images::names;
-use hostd_images::signature::{self, Signer, SigningKey, TrustedKey};
-use hostd_vmm::backends::DeviceBackend;
+use hostd_images::format::{digest_hex, sections};
+use hostd_images::signature::{self, SigningKey};
 use hostd_vmm::kvm::{CpuTemplate, KvmConfig};
-use hostd_vmm::payload::Payload;
+use hostd_vmm::plan::{self, NetConfig, RunOptions};
 use hostd_vmm::qemu::{self, Accel, QemuOptions, StagedFiles};
-use hostd_vmm::volumes::VolumeLock;
-use hostd_vmm::{BootSpec, BASE_CMDLINE};
+use hostd_vmm::BootSpec;
 
 /// Guest init, built from guest/init by build.rs.
 static GUEST_INIT: &[u8] = include_bytes!(env!("HOSTD_INIT_PATH"));
@@ -121,26 +117,9 @@ pub fn build(
     Ok(0)
 }
 
-/// Opens and verifies an image: every digest, the manifest and the sections it needs,
-/// and, when keys are given, its signature.
-fn open_image(path: &Path, trust: &[PathBuf]) -> Result<(Image, Manifest, Option<Signer>)> {
-    let image = Image::open(path)?;
-    let manifest = image.manifest()?;
-    let signer = if trust.is_empty() {
-        None
-    } else {
-        let keys = trust
-            .iter()
-            .map(|p| TrustedKey::load(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        Some(signature::verify(&image, &keys)?)
-    };
-    Ok((image, manifest, signer))
-}
-
 /// `hostd inspect`.
 pub fn inspect(path: &Path, manifest_only: bool, trust: &[PathBuf]) -> Result<i32> {
-    let (image, _, verified) = open_image(path, trust)?;
+    let (image, _, verified) = plan::open_image(path, trust)?;
     let manifest_bytes = image.read_section(sections::MANIFEST)?;
     let mut out = String::new();
     if manifest_only {
@@ -271,7 +250,7 @@ pub struct RunArgs {
     /// /etc/resolv.conf). Create the TAP first: `ip tuntap add NAME mode tap && ip link
     /// set NAME up`.
     #[arg(long, value_name = "tap=NAME,...", value_parser = parse_net)]
-    pub net: Option<NetArg>,
+    pub net: Option<NetConfig>,
     /// Where volumes live [default: $HOSTD_STATE, else ~/.local/share/hostd].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -295,164 +274,21 @@ pub struct RunArgs {
 }
 
 /// `--secret NAME=@FILE`.
-fn parse_secret(s: &str) -> Result<(String, PathBuf), String> {
-    let (name, file) = s
-        .split_once('=')
-        .ok_or(format!("`{s}`: expected NAME=@FILE"))?;
-    let file = file.strip_prefix('@').ok_or(format!(
-        "`{s}`: give the value as a file, NAME=@FILE (a value on the command line would show in ps)"
-    ))?;
-    hostd_devices::vhost_user::vsock::check_secret_name(name).map_err(|e| e.to_string())?;
-    if file.is_empty() {
-        return Err(format!("`{s}`: no file after `@`"));
-    }
-    Ok((name.to_string(), PathBuf::from(file)))
+fn parse_secret(s: &str) -> Result<(String, PathBuf), plan::SecretArgError> {
+    plan::parse_secret_arg(s)
 }
 
-/// The secrets the host offers: `--secret`s, then every file of `--secret-dir` (a
-/// `--secret` of the same name wins). Files must exist and be readable.
-fn host_secrets(args: &RunArgs) -> Result<Vec<(String, PathBuf)>> {
-    let mut out: std::collections::BTreeMap<String, PathBuf> = Default::default();
-    if let Some(dir) = &args.secret_dir {
-        let entries = std::fs::read_dir(dir)
-            .with_context(|| format!("--secret-dir {}: cannot list it", dir.display()))?;
-        for e in entries {
-            let e = e.with_context(|| format!("--secret-dir {}", dir.display()))?;
-            if !e.file_type().map(|t| t.is_file()).unwrap_or(false) {
-                continue;
-            }
-            let name = e.file_name().to_string_lossy().into_owned();
-            if hostd_devices::vhost_user::vsock::check_secret_name(&name).is_err() {
-                tracing::warn!(
-                    "--secret-dir {}: skipping `{name}`: not a valid secret name",
-                    dir.display()
-                );
-                continue;
-            }
-            out.insert(name, e.path());
-        }
-    }
-    for (name, file) in &args.secrets {
-        out.insert(name.clone(), file.clone());
-    }
-    out.into_iter()
-        .map(|(name, file)| {
-            let f = std::fs::canonicalize(&file)
-                .with_context(|| format!("secret {name}: cannot find {}", file.display()))?;
-            hostd_images::input::read_regular(&f, hostd_images::input::MAX_SECRET)
-                .with_context(|| format!("secret {name}: cannot read {}", f.display()))?;
-            Ok((name, f))
-        })
-        .collect()
+/// `--net tap=NAME[,ip=ADDR/PREFIX][,gw=GATEWAY][,mac=MAC][,dns=ADDR]…`.
+fn parse_net(s: &str) -> Result<NetConfig, plan::NetError> {
+    NetConfig::parse(s)
 }
 
-/// `--net tap=NAME[,ip=ADDR/PREFIX][,gw=GATEWAY][,mac=MAC]`.
-#[derive(Debug, Clone)]
-pub struct NetArg {
-    tap: String,
-    ip: Option<String>,
-    gw: Option<String>,
-    mac: String,
-    /// DNS servers for the guest's /etc/resolv.conf (`dns=`, repeatable).
-    dns: Vec<String>,
-}
+/// Longest `--timeout`: a year.
+const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
 
-fn parse_net(s: &str) -> Result<NetArg, String> {
-    let mut net = NetArg {
-        tap: String::new(),
-        ip: None,
-        gw: None,
-        mac: "52:54:00:12:34:56".into(),
-        dns: Vec::new(),
-    };
-    for part in s.split(',') {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or(format!("`{part}`: expected key=value"))?;
-        match k {
-            "tap" => {
-                // IFNAMSIZ: 15 bytes and a NUL; no `/`, whitespace or `:`.
-                if v.is_empty()
-                    || v.len() > 15
-                    || !v
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                {
-                    return Err(format!(
-                        "tap: `{v}` is not an interface name (1-15 letters, digits, `-`, `_`, `.`)"
-                    ));
-                }
-                net.tap = v.to_string()
-            }
-            "ip" => {
-                let (a, p) = v.split_once('/').unwrap_or((v, "24"));
-                a.parse::<std::net::Ipv4Addr>()
-                    .map_err(|_| format!("ip: `{a}` is not an IPv4 address"))?;
-                p.parse::<u8>()
-                    .ok()
-                    .filter(|p| *p <= 32)
-                    .ok_or(format!("ip: bad prefix `{p}`"))?;
-                net.ip = Some(format!("{a}/{p}"));
-            }
-            "gw" => {
-                v.parse::<std::net::Ipv4Addr>()
-                    .map_err(|_| format!("gw: `{v}` is not an IPv4 address"))?;
-                net.gw = Some(v.to_string());
-            }
-            "mac" => {
-                let octets: Vec<&str> = v.split(':').collect();
-                if octets.len() != 6
-                    || !octets
-                        .iter()
-                        .all(|o| o.len() == 2 && u8::from_str_radix(o, 16).is_ok())
-                {
-                    return Err(format!(
-                        "mac: `{v}` is not a MAC address (52:54:00:12:34:56)"
-                    ));
-                }
-                let first = u8::from_str_radix(octets[0], 16).unwrap_or(1);
-                if first & 1 == 1 {
-                    return Err(format!("mac: `{v}` is a multicast address"));
-                }
-                net.mac = v.to_ascii_lowercase()
-            }
-            "dns" => {
-                v.parse::<std::net::IpAddr>()
-                    .map_err(|_| format!("dns: `{v}` is not an IP address"))?;
-                if net.dns.len() == names::MAX_DNS {
-                    return Err(format!("dns: at most {} servers", names::MAX_DNS));
-                }
-                net.dns.push(v.to_string());
-            }
-            _ => return Err(format!("unknown key `{k}` (tap, ip, gw, mac, dns)")),
-        }
-    }
-    if net.tap.is_empty() {
-        return Err("tap=NAME is required".into());
-    }
-    Ok(net)
-}
-
-/// What `hostd run` boots, resolved from an image or from --kernel.
-struct Resolved {
-    /// The image's name (or the kernel's path).
-    name: String,
-    /// Kernel and initrd: file ranges read (and checked) only while loading.
-    kernel: Payload,
-    initrd: Option<Payload>,
-    cmdline: String,
-    vcpus: u32,
-    memory_mib: u32,
-    stop_timeout_secs: u32,
-    /// The image's read-only root file system (its `rootfs` section), if it has one.
-    root: Option<DeviceBackend>,
-    /// The image's volumes.
-    volumes: Vec<hostd_images::manifest::Volume>,
-    /// Every secret some service declares.
-    declared_secrets: std::collections::BTreeSet<String>,
-}
-
-fn resolve(args: &RunArgs) -> Result<Resolved> {
+/// Checks what only the CLI knows (which runner, the timeout) and turns the arguments
+/// into the shared [`RunOptions`].
+fn run_options(args: &RunArgs) -> Result<RunOptions> {
     // A flag for the other monitor would be ignored; say so instead.
     if args.vmm == VmmKind::Kvm && args.accel != AccelArg::Auto {
         bail!("--accel applies to --vmm qemu only (the built-in VMM always uses KVM)");
@@ -460,235 +296,24 @@ fn resolve(args: &RunArgs) -> Result<Resolved> {
     if args.vmm == VmmKind::Qemu && args.cpu_template != TemplateArg::Auto {
         bail!("--cpu-template applies to the built-in VMM only (--vmm kvm)");
     }
-    let memory = |default: u32| -> Result<u32> {
-        match &args.mem {
-            Some(m) => {
-                let mib = hostd_images::spec::parse_size_mib(m)
-                    .map_err(|e| anyhow::anyhow!("--mem: {e}"))?;
-                if !(MIN_MEM_MIB..=*names::MEMORY_MIB.end()).contains(&mib) {
-                    bail!("--mem {m}: expected {MIN_MEM_MIB}M to 64G");
-                }
-                Ok(mib)
-            }
-            None => Ok(default),
-        }
-    };
-    if let Some(c) = &args.cmdline {
-        names::check_cmdline(c).map_err(|e| anyhow::anyhow!("--cmdline: {e}"))?;
-    }
-    if let Some(v) = args.vcpus {
-        if !names::VCPUS.contains(&v) {
-            bail!("--vcpus {v}: expected 1 to 32");
-        }
-    }
     if let Some(t) = args.timeout {
         if !(1..=MAX_TIMEOUT_SECS).contains(&t) {
             bail!("--timeout {t}: expected 1 to {MAX_TIMEOUT_SECS} seconds");
         }
     }
-    if let Some(kernel) = &args.kernel {
-        let read = |p: &Path, what: &str| {
-            Payload::whole_file(p, hostd_images::input::MAX_KERNEL)
-                .with_context(|| format!("{what} {}: cannot read it", p.display()))
-        };
-        let bytes = read(kernel, "--kernel")?;
-        let initrd = match &args.initrd {
-            Some(p) => Some(read(p, "--initrd")?),
-            None => None,
-        };
-        return Ok(Resolved {
-            name: kernel.display().to_string(),
-            kernel: bytes,
-            initrd,
-            cmdline: args
-                .cmdline
-                .clone()
-                .unwrap_or_else(|| "console=ttyS0 reboot=t panic=-1".into()),
-            vcpus: args.vcpus.unwrap_or(1),
-            memory_mib: memory(256)?,
-            stop_timeout_secs: 5,
-            root: None,
-            volumes: vec![],
-            declared_secrets: Default::default(),
-        });
-    }
-    let path = args.image.as_deref().context("give an image or --kernel")?;
-    let (image, manifest, signer) = open_image(path, &args.trust)?;
-    if let Some(s) = signer {
-        tracing::info!("signature verified: key {} ({})", s.key_id, s.comment);
-    }
-    let net_args = args
-        .net
-        .as_ref()
-        .map(|n| {
-            let ip =
-                n.ip.as_ref()
-                    .map(|ip| format!("hostd.ip={ip}"))
-                    .unwrap_or_default();
-            let gw =
-                n.gw.as_ref()
-                    .map(|gw| format!(" hostd.gw={gw}"))
-                    .unwrap_or_default();
-            let dns = if n.dns.is_empty() {
-                String::new()
-            } else {
-                format!(" {}{}", hostd_images::abi::CMDLINE_DNS, n.dns.join(","))
-            };
-            format!("{ip}{gw}{dns}")
-        })
-        .unwrap_or_default();
-    let cmdline = [
-        BASE_CMDLINE,
-        manifest.cmdline.as_str(),
-        net_args.as_str(),
-        args.cmdline.as_deref().unwrap_or(""),
-    ]
-    .iter()
-    .filter(|s| !s.is_empty())
-    .copied()
-    .collect::<Vec<_>>()
-    .join(" ");
-    tracing::info!("image {} (sha256:{})", manifest.name, &image.id[..12]);
-    let rootfs = match &manifest.root {
-        None => None,
-        Some(root) => {
-            let s = image.section(sections::ROOTFS)?;
-            let hashes = image.section(sections::ROOTFS_HASHES)?;
-            if s.length != root.size {
-                bail!(
-                    "{}: section `rootfs` is {} bytes but the manifest records {}; the image is damaged, rebuild it",
-                    path.display(),
-                    s.length,
-                    root.size
-                );
-            }
-            hostd_images::verity::check_lengths(s.length, hashes.length)
-                .with_context(|| format!("{}", path.display()))?;
-            // Served by the block backend straight from the image file, every block
-            // checked against the hash table whose digest the verified header holds.
-            Some(DeviceBackend::Block {
-                id: "rootfs".into(),
-                file: std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
-                offset: s.offset,
-                length: s.length,
-                read_only: true,
-                verity: Some((hashes.offset, hashes.length, digest_hex(&hashes.sha256))),
-            })
-        }
-    };
-    Ok(Resolved {
-        name: manifest.name.clone(),
-        kernel: section_payload(&image, sections::KERNEL)?,
-        initrd: Some(section_payload(&image, sections::INITRD)?),
-        cmdline,
-        vcpus: args.vcpus.unwrap_or(manifest.vcpus),
-        memory_mib: memory(manifest.memory_mib)?,
-        stop_timeout_secs: manifest.stop_timeout_secs,
-        root: rootfs,
-        volumes: manifest.volumes.clone(),
-        declared_secrets: manifest
-            .services
-            .values()
-            .flat_map(|s| s.secrets.iter().cloned())
-            .collect(),
+    Ok(RunOptions {
+        image: args.image.clone(),
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        vcpus: args.vcpus,
+        mem: args.mem.clone(),
+        cmdline: args.cmdline.clone(),
+        net: args.net.clone(),
+        state_dir: args.state_dir.clone(),
+        secrets: args.secrets.clone(),
+        secret_dir: args.secret_dir.clone(),
+        trust: args.trust.clone(),
     })
-}
-
-/// A section of a verified image, to be read (and checked again) while it is loaded.
-fn section_payload(image: &Image, name: &str) -> Result<Payload> {
-    let s = image.section(name)?;
-    Payload::section(
-        image.path(),
-        s.offset,
-        s.length,
-        s.sha256,
-        format!("{} (section `{name}`)", image.path().display()),
-    )
-    .with_context(|| format!("{}: cannot open it again", image.path().display()))
-}
-
-/// The devices a run attaches, in the order the guest sees them: the root disk first
-/// (/dev/vda), then the volumes in manifest order (serials vol0, vol1, …), then rng.
-/// Each volume is locked for this VM for as long as the returned locks live.
-fn devices_for(r: &Resolved, args: &RunArgs) -> Result<(Vec<DeviceBackend>, Vec<VolumeLock>)> {
-    let mut devices: Vec<DeviceBackend> = r.root.iter().cloned().collect();
-    let mut locks = Vec::new();
-    let state = args
-        .state_dir
-        .clone()
-        .unwrap_or_else(hostd_vmm::volumes::state_dir);
-    let holder = format!("VM {} (hostd pid {})", r.name, std::process::id());
-    for (i, v) in r.volumes.iter().enumerate() {
-        locks.push(hostd_vmm::volumes::lock(&state, &v.name, &holder)?);
-        let file = hostd_vmm::volumes::ensure(&state, &v.name, v.size_mib)?;
-        let length = std::fs::metadata(&file)?.len();
-        devices.push(DeviceBackend::Block {
-            id: format!("vol{i}"),
-            file,
-            offset: 0,
-            length,
-            read_only: false,
-            verity: None,
-        });
-    }
-    if let Some(net) = &args.net {
-        devices.push(DeviceBackend::Net {
-            tap: net.tap.clone(),
-            mac: net.mac.clone(),
-        });
-    }
-    devices.push(DeviceBackend::Rng);
-    let offered = host_secrets(args)?;
-    if !r.declared_secrets.is_empty() || !offered.is_empty() {
-        for name in &r.declared_secrets {
-            if !offered.iter().any(|(n, _)| n == name) {
-                tracing::warn!(
-                    "secret {name} is declared by the image but not provided (--secret {name}=@FILE); services that declare it will not find /run/secrets/{name}"
-                );
-            }
-        }
-        let mut secrets = Vec::new();
-        for (name, file) in offered {
-            if r.declared_secrets.contains(&name) {
-                secrets.push((name, file));
-            } else {
-                tracing::warn!(
-                    "secret {name} is provided but no service of the image declares it; not delivered"
-                );
-            }
-        }
-        devices.push(DeviceBackend::Vsock {
-            cid: GUEST_CID,
-            secrets,
-        });
-    }
-    check_cmdline_fits(&r.cmdline, devices.len())?;
-    Ok((devices, locks))
-}
-
-/// The guest's vsock CID.
-const GUEST_CID: u64 = 3;
-
-/// Smallest `--mem` (a bare `--kernel` guest may be tiny; images need 32 MiB).
-const MIN_MEM_MIB: u32 = 1;
-/// Longest `--timeout`: a year.
-const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
-/// Room kept on the kernel command line for each device argument a runner adds
-/// (`virtio_mmio.device=4K@0xfeb00000:12` and a space).
-const CMDLINE_PER_DEVICE: usize = 48;
-
-/// Refuses a command line that, with the runner's own device arguments, would not fit
-/// the kernel's (which would cut it silently).
-fn check_cmdline_fits(cmdline: &str, devices: usize) -> Result<()> {
-    let total = cmdline.len() + CMDLINE_PER_DEVICE * (devices + 1);
-    if total >= hostd_vmm::layout::CMDLINE_MAX_SIZE {
-        bail!(
-            "the kernel command line would be about {total} bytes with the runner's device \
-             arguments; at most {} fit (shorten --cmdline or the image's `cmdline`)",
-            hostd_vmm::layout::CMDLINE_MAX_SIZE - 1
-        );
-    }
-    Ok(())
 }
 
 /// `hostd run`.
@@ -698,7 +323,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // Ctrl-C, SIGTERM and SIGHUP from here on are counted, never fatal: the runner stops
     // the VM (at once while it boots) and every staged file is removed.
     hostd_vmm::signals::install();
-    let r = resolve(args)?;
+    let opts = run_options(args)?;
+    let r = plan::resolve(&opts)?;
     tracing::info!(
         "booting with {} vCPU(s), {} MiB ({:?})",
         r.vcpus,
@@ -714,7 +340,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 Some(i) => Some(staged.put_payload("initrd", i)?),
                 None => None,
             };
-            let (devices, _volume_locks) = devices_for(&r, args)?;
+            let (devices, _volume_locks) = plan::devices(&r, &opts)?;
             // Staged: the image's fds are closed before the VM's process is forked.
             drop(r.kernel);
             drop(r.initrd);
@@ -746,7 +372,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                     "--no-sandbox: the VMM runs without seccomp filters and keeps its capabilities"
                 );
             }
-            let (devices, _volume_locks) = devices_for(&r, args)?;
+            let (devices, _volume_locks) = plan::devices(&r, &opts)?;
             // Decided now: once the VM runs, this thread's seccomp filter forbids opening
             // /dev/kvm again.
             let pvm_host = hostd_vmm::host::kvm_kind() == hostd_vmm::host::KvmKind::Pvm;
@@ -784,24 +410,4 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         eprintln!("hostd: {}", outcome.timings);
     }
     Ok(i32::from(outcome.exit_code))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secrets_come_from_files_only() {
-        assert_eq!(
-            parse_secret("db_password=@/run/pw").ok(),
-            Some(("db_password".to_string(), PathBuf::from("/run/pw")))
-        );
-        let literal = parse_secret("db_password=hunter2")
-            .err()
-            .unwrap_or_default();
-        assert!(literal.contains("NAME=@FILE"), "{literal}");
-        assert!(parse_secret("../x=@/run/pw").is_err());
-        assert!(parse_secret("x=@").is_err());
-        assert!(parse_secret("x").is_err());
-    }
 }

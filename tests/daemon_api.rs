@@ -6,7 +6,7 @@
 mod common;
 mod daemon_harness;
 
-use daemon_harness::Daemon;
+use daemon_harness::{create, Daemon};
 use hostd_daemon::hyper::Method;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
@@ -218,6 +218,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/guests/{name}/stop"),
     ("get", "/guests/{name}/logs"),
     ("post", "/images"),
+    ("post", "/images/gc"),
     ("get", "/images/{digest}"),
     ("put", "/fleet"),
     ("get", "/metrics"),
@@ -314,4 +315,162 @@ fn metrics_count_requests_by_route_and_status() {
         text.contains(r#"hostd_guests{state="running"} 0"#),
         "{text}"
     );
+}
+
+#[test]
+fn log_format_json_writes_one_json_object_a_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &["--log-format", "json"]);
+    // A request to an unknown guest is answered and the daemon keeps logging.
+    let _ = d.req(Method::GET, "/guests/nobody", JSON, Vec::new());
+    let logs = d.logs();
+    let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "no log lines");
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object: {line:?}: {e}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{v}");
+        assert!(v["fields"]["message"].is_string(), "{v}");
+    }
+    assert!(lines.iter().any(|l| l.contains("listening on")), "{logs}");
+}
+
+/// Builds an image (a stand-in kernel: never booted) named `name` in `dir`.
+fn unbooted_image(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    common::fake_kernel(dir);
+    let spec = dir.join(format!("{name}.toml"));
+    std::fs::write(&spec, format!("name = \"{name}\"\nkernel = \"vmlinux\"\n")).expect("spec");
+    let img = dir.join(format!("{name}.img"));
+    let out = common::hostd()
+        .arg("build")
+        .arg(&spec)
+        .arg("-o")
+        .arg(&img)
+        .output()
+        .expect("hostd build");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    img
+}
+
+#[test]
+fn images_no_guest_uses_are_collected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    let a = unbooted_image(dir.path(), "a");
+    let b = unbooted_image(dir.path(), "b");
+    let c = unbooted_image(dir.path(), "c");
+    let ga = create(
+        &d,
+        serde_json::json!({"name": "ga", "image": a, "vmm": "qemu", "start": false}),
+    );
+    let gb = create(
+        &d,
+        serde_json::json!({"name": "gb", "image": b, "vmm": "qemu", "start": false}),
+    );
+    let up = d.req(
+        Method::POST,
+        "/images",
+        "application/octet-stream",
+        std::fs::read(&c).expect("read c"),
+    );
+    assert_eq!(up.status, 201, "{}", String::from_utf8_lossy(&up.body));
+    let c_digest = serde_json::from_slice::<serde_json::Value>(&up.body).expect("json")["digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned();
+    let stored = |hex: &str| d.state.join("images/sha256").join(hex).is_file();
+    assert!(stored(&ga.image_digest) && stored(&gb.image_digest) && stored(&c_digest));
+
+    // c is used by no guest: collected; a and b stay.
+    let gc = d.req(Method::POST, "/images/gc", JSON, Vec::new());
+    assert_eq!(gc.status, 200, "{}", String::from_utf8_lossy(&gc.body));
+    let report: serde_json::Value = serde_json::from_slice(&gc.body).expect("json");
+    assert_eq!(report["removed"], serde_json::json!([c_digest]), "{report}");
+    assert!(report["bytes"].as_u64().unwrap_or(0) > 0, "{report}");
+    assert!(!stored(&c_digest) && stored(&ga.image_digest) && stored(&gb.image_digest));
+    assert_eq!(
+        d.req(
+            Method::GET,
+            &format!("/images/{c_digest}"),
+            JSON,
+            Vec::new()
+        )
+        .status,
+        404
+    );
+
+    // Deleting gb removes its image; ga's stays.
+    let del = d.req(Method::DELETE, "/guests/gb", JSON, Vec::new());
+    assert_eq!(del.status, 204, "{}", String::from_utf8_lossy(&del.body));
+    assert!(!stored(&gb.image_digest) && stored(&ga.image_digest));
+    // Nothing left to collect.
+    let gc = d.req(Method::POST, "/images/gc", JSON, Vec::new());
+    let report: serde_json::Value = serde_json::from_slice(&gc.body).expect("json");
+    assert_eq!(report["removed"], serde_json::json!([]), "{report}");
+    still_serving(&d);
+}
+
+/// A fleet guest declared with `spec =` is built by the daemon (`hostd systemd
+/// build-image`, cached by spec and lock), not refused; unchanged spec: unchanged guest;
+/// changed spec: a new image, the guest replaced. Nothing boots (autostart = false).
+#[test]
+fn fleet_guests_declared_by_spec_are_built_and_cached() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    common::fake_kernel(dir.path());
+    let spec = dir.path().join("web.toml");
+    std::fs::write(&spec, "name = \"web\"\nkernel = \"vmlinux\"\n").expect("spec");
+    let fleet = dir.path().join("fleet.toml");
+    std::fs::write(
+        &fleet,
+        "[guests.web]\nspec = \"web.toml\"\nvmm = \"qemu\"\nautostart = false\n",
+    )
+    .expect("fleet");
+    let apply = || {
+        let out = d.cli().arg("apply").arg(&fleet).output().expect("apply");
+        assert!(
+            out.status.success(),
+            "{}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            d.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(apply().contains("created   web"));
+    let first = d.guest("web");
+    assert!(d
+        .state
+        .join("images/sha256")
+        .join(&first.image_digest)
+        .is_file());
+    let built = std::fs::read_dir(d.state.join("builds"))
+        .expect("builds")
+        .count();
+    assert_eq!(built, 1);
+    // Same spec: nothing rebuilt, nothing changed.
+    assert!(apply().contains("unchanged web"));
+    assert_eq!(d.guest("web").image_digest, first.image_digest);
+    // A changed spec: a new image, the guest replaced.
+    std::fs::write(
+        &spec,
+        "name = \"web\"\nkernel = \"vmlinux\"\ncmdline = \"quiet\"\n",
+    )
+    .expect("spec");
+    assert!(apply().contains("replaced  web"));
+    assert_ne!(d.guest("web").image_digest, first.image_digest);
+    // A spec that does not build: a 4xx naming it, nothing changed.
+    std::fs::write(&spec, "name = \"web\"\nkernel = \"missing\"\n").expect("spec");
+    let out = d.cli().arg("apply").arg(&fleet).output().expect("apply");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("web.toml: cannot build it"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    still_serving(&d);
 }

@@ -33,6 +33,17 @@ fn qemu_guest_create_follow_stop_start_delete_through_the_cli() {
     let g = d.wait_guest("web", Duration::from_secs(30), running);
     let pid1 = g.pid.expect("pid");
     d.wait_console("web", "guest says hello", Duration::from_secs(120));
+    // Its boot timings: the service printed, so every point was passed.
+    let boot = d
+        .guest("web")
+        .boot
+        .expect("boot timings of a guest this daemon started");
+    let (vm, init, service) = (
+        boot.vm_started_ms.expect("vm started"),
+        boot.init_started_ms.expect("init started"),
+        boot.first_service_ms.expect("first service"),
+    );
+    assert!(vm <= init && init <= service, "{boot:?}");
 
     // `hostd logs -f` streams new lines as they come.
     let follow = common::spawn_running({
@@ -66,7 +77,8 @@ fn qemu_guest_create_follow_stop_start_delete_through_the_cli() {
     assert!(
         ps.stdout.lines().any(|l| l.starts_with("web ")
             && l.contains("running")
-            && l.contains(&pid1.to_string())),
+            && l.contains(&pid1.to_string())
+            && l.contains(&format!("{vm}ms/{init}ms/{service}ms"))),
         "{}",
         ps.all()
     );

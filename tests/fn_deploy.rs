@@ -261,6 +261,89 @@ fn deploys_under_load_through_the_daemon_answer_every_request() {
     assert_eq!(get(&agent(), &url), (200, "version v2\n".into()));
 }
 
+/// `hostd apply` of a fleet's `[functions.*]`: deploys, updates (a grant changed),
+/// changes nothing when applied again, removes what a later fleet no longer declares,
+/// and leaves a function deployed by hand alone.
+#[test]
+fn apply_deploys_updates_and_removes_the_fleets_functions() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let fleet = dir.path().join("fleet.toml");
+    let ver = |v: &str| {
+        format!(
+            "[functions.ver]\ncomponent = {:?}\nroutes = [\"/ver\"]\nconfig = {{ version = \"{v}\" }}\n",
+            wasm("version").to_str().unwrap()
+        )
+    };
+    let fleet_s = fleet.to_str().unwrap();
+    let a = agent();
+    d.ok(&[
+        "fn",
+        "deploy",
+        "manual",
+        wasm("hello").to_str().unwrap(),
+        "--route",
+        "/manual",
+    ]);
+    let versions = |name: &str| d.ok(&["fn", "versions", name]).lines().count() - 1;
+
+    std::fs::write(&fleet, ver("v1")).unwrap();
+    let out = d.ok(&["apply", fleet_s]);
+    assert!(out.contains("deployed  function ver"), "{out}");
+    let (status, body) = get(&a, &format!("{}/ver", d.front));
+    assert_eq!((status, version_of(&body)), (200, Some("v1")), "{body}");
+
+    // Again: nothing new.
+    let out = d.ok(&["apply", fleet_s]);
+    assert!(out.contains("unchanged function ver"), "{out}");
+    assert_eq!(versions("ver"), 1);
+
+    // A grant changed: a new version, live.
+    std::fs::write(&fleet, ver("v2")).unwrap();
+    let out = d.ok(&["apply", fleet_s]);
+    assert!(out.contains("deployed  function ver"), "{out}");
+    assert_eq!(versions("ver"), 2);
+    let (status, body) = get(&a, &format!("{}/ver", d.front));
+    assert_eq!((status, version_of(&body)), (200, Some("v2")), "{body}");
+
+    // Gone from the fleet: removed; the hand-deployed one stays.
+    std::fs::write(
+        &fleet,
+        format!(
+            "[functions.hello]\ncomponent = {:?}\nroutes = [\"/hello\"]\n",
+            wasm("hello").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = d.ok(&["apply", fleet_s]);
+    assert!(out.contains("removed   function ver"), "{out}");
+    assert!(out.contains("deployed  function hello"), "{out}");
+    assert_eq!(get(&a, &format!("{}/ver", d.front)).0, 404);
+    assert_eq!(get(&a, &format!("{}/hello", d.front)).0, 200);
+    assert_eq!(get(&a, &format!("{}/manual", d.front)).0, 200);
+    let ls = d.ok(&["fn", "ls"]);
+    assert!(
+        ls.contains("manual") && ls.contains("hello") && !ls.contains("ver "),
+        "{ls}"
+    );
+
+    // A function that does not compile is reported and the exit status says so.
+    let bad = dir.path().join("bad.wasm");
+    std::fs::write(&bad, b"not wasm").unwrap();
+    std::fs::write(
+        &fleet,
+        format!("[functions.bad]\ncomponent = {bad:?}\nroutes = [\"/bad\"]\n"),
+    )
+    .unwrap();
+    let out = d.hostd(&["apply", fleet_s]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("function bad not deployed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn kill_9_of_the_daemon_keeps_its_functions_serving_after_restart() {
     let dir = tempfile::tempdir().unwrap();

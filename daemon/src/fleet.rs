@@ -321,13 +321,11 @@ pub fn check_guest(name: &str, g: &Guest) -> Result<(), Invalid> {
     if g.trust.iter().any(|p| !p.is_absolute()) {
         return Err(invalid(at(".trust"), "a path must be absolute"));
     }
-    if g.net
-        .as_deref()
-        .is_some_and(|n| n.is_empty() || n.contains(char::is_whitespace))
-    {
+    // The parser `hostd run --net` uses, so a bad card is refused here, not at boot.
+    if let Some(Err(e)) = g.net.as_deref().map(hostd_vmm::plan::NetConfig::parse) {
         return Err(invalid(
             at(".net"),
-            "tap=NAME[,ip=ADDR/PREFIX][,gw=GW][,mac=MAC]",
+            &format!("{e} (tap=NAME[,ip=ADDR/PREFIX][,gw=GW][,mac=MAC][,dns=ADDR])"),
         ));
     }
     Ok(())
@@ -554,6 +552,10 @@ mod tests {
                 "guests.a.memory",
             ),
             ("[guests.a]\nimage = \"a\"\nvcpus = 0", "guests.a.vcpus"),
+            (
+                "[guests.a]\nimage = \"a\"\nnet = \"tap=t0,ip=10.0.0.300\"",
+                "guests.a.net",
+            ),
             (
                 "[guests.a]\nimage = \"a\"\nsecrets = { \"A/B\" = \"x\" }",
                 "guests.a.secrets.A/B",

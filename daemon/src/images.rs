@@ -71,6 +71,17 @@ pub struct StoredImage {
     pub stop_timeout_secs: u32,
 }
 
+/// What a garbage collection of the store removed.
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+pub struct GcReport {
+    /// Digests (64 hex) of the images removed.
+    pub removed: Vec<String>,
+    /// Bytes freed.
+    pub bytes: u64,
+}
+
 /// The image store.
 #[derive(Debug)]
 pub struct ImageStore {
@@ -101,6 +112,60 @@ impl ImageStore {
     pub fn describe(&self, hex: &str) -> Option<Result<StoredImage, ImageStoreError>> {
         let p = self.get(hex)?;
         Some(describe(&p))
+    }
+
+    /// Removes every stored image whose digest `keep` does not hold (and leftovers of
+    /// broken-off uploads in `tmp/` older than an hour). `only`, when given, limits the
+    /// candidates to those digests.
+    pub fn collect_garbage(
+        &self,
+        keep: &std::collections::BTreeSet<String>,
+        only: Option<&str>,
+    ) -> Result<GcReport, ImageStoreError> {
+        let dir = self.root.join("sha256");
+        let store_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| ImageStoreError::Store { path, source }
+        };
+        let mut report = GcReport::default();
+        for entry in std::fs::read_dir(&dir).map_err(store_err(&dir))? {
+            let entry = entry.map_err(store_err(&dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if crate::fleet::parse_digest(&name) != Some(name.as_str())
+                || keep.contains(&name)
+                || only.is_some_and(|o| o != name)
+            {
+                continue;
+            }
+            let path = entry.path();
+            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!("image sha256:{name}: no guest uses it; removed");
+                    report.removed.push(name);
+                    report.bytes += size;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(ImageStoreError::Store { path, source }),
+            }
+        }
+        report.removed.sort();
+        if only.is_none() {
+            let tmp = self.root.join("tmp");
+            let hour = std::time::Duration::from_secs(3600);
+            for entry in std::fs::read_dir(&tmp).map_err(store_err(&tmp))?.flatten() {
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > hour);
+                if old {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        Ok(report)
     }
 
     fn temp(&self) -> Result<tempfile::NamedTempFile, ImageStoreError> {

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 use crate::fleet::Fleet;
+use crate::functions::fleet::FunctionsReport;
 use crate::guests::record::Origin;
 use crate::guests::{new_record, Guests};
 
@@ -24,10 +25,18 @@ pub struct ApplyReport {
     pub removed: Vec<String>,
     /// Guests left as they were.
     pub unchanged: Vec<String>,
+    /// What was done to the fleet's functions.
+    #[serde(default)]
+    pub functions: FunctionsReport,
 }
 
-/// Applies `fleet` to the guests.
-pub async fn apply(guests: &Arc<Guests>, fleet: &Fleet) -> Result<ApplyReport, ApiError> {
+/// Applies `fleet` to the guests, then to the functions (see
+/// [`crate::functions::fleet::apply`]).
+pub async fn apply(
+    guests: &Arc<Guests>,
+    functions: &hostd_sandbox::deploy::FunctionHost,
+    fleet: &Fleet,
+) -> Result<ApplyReport, ApiError> {
     fleet
         .check()
         .map_err(|i| ApiError::bad_request(format!("fleet: {i}")))?;
@@ -73,12 +82,17 @@ pub async fn apply(guests: &Arc<Guests>, fleet: &Fleet) -> Result<ApplyReport, A
             }
         }
     }
+    report.functions = crate::functions::fleet::apply(functions, guests.store(), fleet).await;
     tracing::info!(
-        "fleet applied: {} created, {} replaced, {} removed, {} unchanged",
+        "fleet applied: {} created, {} replaced, {} removed, {} unchanged; functions: {} deployed, {} removed, {} unchanged, {} failed",
         report.created.len(),
         report.replaced.len(),
         report.removed.len(),
-        report.unchanged.len()
+        report.unchanged.len(),
+        report.functions.deployed.len(),
+        report.functions.removed.len(),
+        report.functions.unchanged.len(),
+        report.functions.failed.len()
     );
     Ok(report)
 }

@@ -117,23 +117,21 @@ impl Daemon {
             gid,
         };
         if let Some(fleet) = &self.opts.fleet {
-            match crate::reconcile::apply(&self.state.guests, fleet).await {
+            match crate::reconcile::apply(&self.state.guests, &self.state.functions, fleet).await
+            {
                 Ok(r) => tracing::info!(
-                    "--fleet: {} created, {} replaced, {} removed, {} unchanged",
+                    "--fleet: {} created, {} replaced, {} removed, {} unchanged; functions: {} deployed, {} removed, {} unchanged, {} failed",
                     r.created.len(),
                     r.replaced.len(),
                     r.removed.len(),
-                    r.unchanged.len()
+                    r.unchanged.len(),
+                    r.functions.deployed.len(),
+                    r.functions.removed.len(),
+                    r.functions.unchanged.len(),
+                    r.functions.failed.len()
                 ),
                 Err(e) => tracing::error!("--fleet: {}", e.message),
             }
-            let r = crate::functions::fleet::apply(&self.state.functions, fleet).await;
-            tracing::info!(
-                "--fleet functions: {} deployed, {} unchanged, {} failed",
-                r.deployed.len(),
-                r.unchanged.len(),
-                r.failed.len()
-            );
         }
         let app = api::app(self.state.clone(), access);
         tracing::info!("listening on {}", socket.display());

@@ -10,6 +10,9 @@ use crate::error::DaemonError;
 use crate::guests::record::GuestRecord;
 
 const GUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("guests");
+/// Names of the functions the last applied fleet declared (so a later fleet without
+/// one removes it, while a function deployed by hand is left alone).
+const FLEET_FUNCTIONS: TableDefinition<&str, ()> = TableDefinition::new("fleet_functions");
 
 /// The state database.
 #[derive(Debug)]
@@ -27,6 +30,7 @@ impl Store {
         // Make sure the table exists, so reads of an empty database succeed.
         let tx = store.db.begin_write().map_err(|e| store.err(e))?;
         tx.open_table(GUESTS).map_err(|e| store.err(e))?;
+        tx.open_table(FLEET_FUNCTIONS).map_err(|e| store.err(e))?;
         tx.commit().map_err(|e| store.err(e))?;
         Ok(store)
     }
@@ -73,6 +77,32 @@ impl Store {
         {
             let mut table = tx.open_table(GUESTS).map_err(|e| self.err(e))?;
             table.remove(name).map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// The functions the last applied fleet declared.
+    pub fn fleet_functions(&self) -> Result<Vec<String>, DaemonError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = tx.open_table(FLEET_FUNCTIONS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| self.err(e))? {
+            let (k, _) = row.map_err(|e| self.err(e))?;
+            out.push(k.value().to_owned());
+        }
+        Ok(out)
+    }
+
+    /// Records `name` as declared by the fleet (`true`) or not (`false`).
+    pub fn set_fleet_function(&self, name: &str, declared: bool) -> Result<(), DaemonError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = tx.open_table(FLEET_FUNCTIONS).map_err(|e| self.err(e))?;
+            if declared {
+                table.insert(name, ()).map_err(|e| self.err(e))?;
+            } else {
+                table.remove(name).map_err(|e| self.err(e))?;
+            }
         }
         tx.commit().map_err(|e| self.err(e))
     }

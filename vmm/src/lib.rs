@@ -10,6 +10,7 @@ pub mod jail;
 pub mod kvm;
 pub mod layout;
 pub mod payload;
+pub mod plan;
 pub mod qemu;
 pub mod ready;
 pub mod signals;

@@ -14,7 +14,9 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
 }
 
 /// Apply a fleet (a parsed fleet file, as `hostd apply` sends it): create what is new,
-/// replace what changed, remove fleet guests no longer named, leave the rest alone.
+/// replace what changed, remove fleet guests no longer named, leave the rest alone;
+/// likewise deploy the fleet's functions whose live version differs and remove those an
+/// earlier fleet declared and this one does not.
 #[utoipa::path(put, path = "/fleet", tag = "fleet", request_body = Fleet,
     responses(
         (status = 200, description = "What was done", body = ApplyReport),
@@ -25,5 +27,7 @@ async fn apply_fleet(
     State(s): State<AppState>,
     Json(fleet): Json<Fleet>,
 ) -> ApiResult<Json<ApplyReport>> {
-    Ok(Json(reconcile::apply(&s.guests, &fleet).await?))
+    Ok(Json(
+        reconcile::apply(&s.guests, &s.functions, &fleet).await?,
+    ))
 }

@@ -10,12 +10,30 @@ use super::{ApiResult, AppState, Json, Path};
 use crate::error::{ApiError, ErrorBody};
 use crate::fleet::parse_digest;
 use crate::guests::image_error;
-use crate::images::StoredImage;
+use crate::images::{GcReport, StoredImage};
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(upload_image))
         .routes(routes!(get_image))
+        .routes(routes!(collect_images))
+}
+
+/// Remove every stored image no guest uses (an image uploaded for a guest not yet
+/// created is unused too). Also done for a deleted guest's image on `DELETE /guests`.
+#[utoipa::path(post, path = "/images/gc", tag = "images",
+    responses(
+        (status = 200, description = "What was removed", body = GcReport),
+        (status = 500, description = "The store could not be read", body = ErrorBody),
+    ))]
+async fn collect_images(State(s): State<AppState>) -> ApiResult<Json<GcReport>> {
+    let _one_at_a_time = s.guests.apply_lock.lock().await;
+    let r = s
+        .guests
+        .collect_images(None)
+        .map_err(|e| ApiError::internal(&e))?;
+    tracing::info!("images gc: {} removed, {} bytes", r.removed.len(), r.bytes);
+    Ok(Json(r))
 }
 
 /// Upload an image (the raw file as the body). It is streamed to disk, verified (header,

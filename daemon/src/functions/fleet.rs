@@ -2,11 +2,14 @@
 //! fields, paths made absolute by the fleet parser) becomes a version of
 //! NAME, unless the live version already is exactly that (same component
 //! digest, routes and grants): applying the same fleet twice deploys nothing.
+//! A function an earlier fleet declared and this one does not is removed;
+//! one deployed by hand (`hostd fn deploy`) and never in a fleet is left alone.
 
 use hostd_sandbox::deploy::{DeployError, DeploySpec, FunctionHost};
 use serde::{Deserialize, Serialize};
 
 use crate::fleet::Fleet;
+use crate::store::Store;
 
 /// What applying the fleet's functions did, function names in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -15,6 +18,9 @@ pub struct FunctionsReport {
     pub deployed: Vec<String>,
     /// Functions whose live version already matched.
     pub unchanged: Vec<String>,
+    /// Functions an earlier fleet declared and this one does not: removed.
+    #[serde(default)]
+    pub removed: Vec<String>,
     /// Functions that could not be deployed, with why.
     pub failed: Vec<(String, String)>,
 }
@@ -114,19 +120,45 @@ async fn apply_one(
     Ok(true)
 }
 
-/// Deploys the fleet's functions whose live version differs. Functions not
-/// in the fleet are left alone (they may have been deployed by hand).
-pub async fn apply(host: &FunctionHost, fleet: &Fleet) -> FunctionsReport {
+/// Deploys the fleet's functions whose live version differs, and removes those
+/// an earlier fleet declared and this one does not. Functions never in a fleet
+/// are left alone (they were deployed by hand).
+pub async fn apply(host: &FunctionHost, store: &Store, fleet: &Fleet) -> FunctionsReport {
     let mut report = FunctionsReport::default();
+    let fail = |report: &mut FunctionsReport, name: &str, msg: String| {
+        tracing::error!("fleet: {msg}");
+        report.failed.push((name.to_owned(), msg));
+    };
+    match store.fleet_functions() {
+        Ok(before) => {
+            for name in before.iter().filter(|n| !fleet.functions.contains_key(*n)) {
+                match host.remove(name).await {
+                    Ok(()) | Err(DeployError::UnknownFunction { .. }) => {}
+                    Err(e) => {
+                        fail(&mut report, name, crate::error::chain(&e));
+                        continue;
+                    }
+                }
+                match store.set_fleet_function(name, false) {
+                    Ok(()) => report.removed.push(name.clone()),
+                    Err(e) => fail(&mut report, name, crate::error::chain(&e)),
+                }
+            }
+        }
+        Err(e) => fail(&mut report, "", crate::error::chain(&e)),
+    }
     for (name, table) in &fleet.functions {
         match apply_one(host, name, table).await {
-            Ok(true) => report.deployed.push(name.clone()),
-            Ok(false) => report.unchanged.push(name.clone()),
-            Err(e) => {
-                let msg = crate::error::chain(&e);
-                tracing::error!("fleet: {msg}");
-                report.failed.push((name.clone(), msg));
+            Ok(deployed) => {
+                if let Err(e) = store.set_fleet_function(name, true) {
+                    fail(&mut report, name, crate::error::chain(&e));
+                } else if deployed {
+                    report.deployed.push(name.clone());
+                } else {
+                    report.unchanged.push(name.clone());
+                }
             }
+            Err(e) => fail(&mut report, name, crate::error::chain(&e)),
         }
     }
     report

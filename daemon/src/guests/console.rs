@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hostd_images::abi;
 use tokio::sync::broadcast;
 
 /// Lines kept in the ring.
@@ -22,10 +23,57 @@ const MAX_LINE: usize = 4096;
 /// How often the file is checked for new output.
 const POLL: Duration = Duration::from_millis(100);
 
+/// When a guest's boot reached each point, in ms since the daemon started its VM
+/// process, as seen in its console: `hostd run` logging that it boots the VM (`booting
+/// with …`), guest init's first line, and its first `service … started`. Lines reach
+/// the daemon by polling the console file, so each figure is late by up to the poll
+/// period (100 ms); `hostd run --timings` measures from inside the runner.
+#[derive(
+    Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+pub struct BootTimings {
+    /// `hostd run` starts the VM.
+    pub vm_started_ms: Option<u64>,
+    /// Guest init runs.
+    pub init_started_ms: Option<u64>,
+    /// The first service was started.
+    pub first_service_ms: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct BootMarks {
+    launched: Option<std::time::Instant>,
+    timings: BootTimings,
+}
+
+impl BootMarks {
+    fn scan(&mut self, line: &str) {
+        let Some(t0) = self.launched else { return };
+        let now = || Some(t0.elapsed().as_millis() as u64);
+        let t = &mut self.timings;
+        if let Some(rest) = line.strip_prefix(abi::CONSOLE_PREFIX) {
+            if rest == abi::LINE_STARTED && t.init_started_ms.is_none() {
+                t.init_started_ms = now();
+            } else if rest.starts_with(abi::LINE_SERVICE_STARTED)
+                && rest.contains(" started (pid ")
+                && t.first_service_ms.is_none()
+            {
+                t.first_service_ms = now();
+            }
+        } else if t.vm_started_ms.is_none()
+            && line.contains("booting with ")
+            && line.contains(" vCPU(s)")
+        {
+            t.vm_started_ms = now();
+        }
+    }
+}
+
 /// One guest's console.
 #[derive(Debug)]
 pub struct Console {
     path: PathBuf,
+    boot: Mutex<BootMarks>,
     ring: Mutex<VecDeque<String>>,
     tx: broadcast::Sender<String>,
     closed: AtomicBool,
@@ -37,6 +85,7 @@ impl Console {
         let (tx, _) = broadcast::channel(1024);
         let c = Arc::new(Console {
             path,
+            boot: Mutex::new(BootMarks::default()),
             ring: Mutex::new(VecDeque::new()),
             tx,
             closed: AtomicBool::new(false),
@@ -49,6 +98,22 @@ impl Console {
     /// Stops the tail task and ends every follower.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
+    }
+
+    /// A new VM process was started now: boot timings count from here.
+    pub fn mark_launch(&self) {
+        let mut b = self.boot.lock().unwrap_or_else(|e| e.into_inner());
+        *b = BootMarks {
+            launched: Some(std::time::Instant::now()),
+            timings: BootTimings::default(),
+        };
+    }
+
+    /// The boot timings of the process last started by this daemon (none for a
+    /// re-adopted one: its start was not seen).
+    pub fn boot_timings(&self) -> Option<BootTimings> {
+        let b = self.boot.lock().unwrap_or_else(|e| e.into_inner());
+        b.launched.map(|_| b.timings.clone())
     }
 
     /// The ring's lines, oldest first, at most the last `n`.
@@ -73,6 +138,10 @@ impl Console {
     }
 
     fn push(&self, line: String) {
+        self.boot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .scan(&line);
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         if ring.len() == RING_LINES {
             ring.pop_front();
@@ -162,6 +231,24 @@ impl Console {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn boot_marks_come_from_runner_and_init_lines_once() {
+        let mut b = BootMarks::default();
+        b.scan("hostd-init: started");
+        assert_eq!(b.timings, BootTimings::default(), "nothing before a launch");
+        b.launched = Some(std::time::Instant::now());
+        b.scan(" INFO booting with 1 vCPU(s), 256 MiB (Qemu)");
+        b.scan("[    0.000000] Linux version 6.1");
+        b.scan("hostd-init: started");
+        b.scan("hostd-init: service main started (pid 7)");
+        b.scan("hostd-init: service other started (pid 8)");
+        let t = b.timings.clone();
+        assert!(t.vm_started_ms.is_some() && t.init_started_ms.is_some());
+        assert!(t.first_service_ms >= t.init_started_ms && t.init_started_ms >= t.vm_started_ms);
+        b.scan("hostd-init: started");
+        assert_eq!(b.timings, t, "each point is recorded once");
+    }
 
     async fn wait_lines(c: &Console, n: usize) -> Vec<String> {
         for _ in 0..100 {

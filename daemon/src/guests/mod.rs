@@ -95,6 +95,11 @@ pub struct Guests {
 }
 
 impl Guests {
+    /// The state database.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Loads every guest from the store: re-adopts the VM processes still running (same
     /// pid and start time), and starts per policy those that should run but do not.
     /// Must run inside the tokio runtime.
@@ -217,6 +222,7 @@ impl Guests {
             runner: self.cfg.runner.clone(),
             source,
         };
+        e.console.mark_launch();
         let child = process::spawn(&self.cfg.runner, &args, &process::console_path(&dir))
             .map_err(spawn_err)?;
         let pid = child.id();
@@ -336,6 +342,7 @@ impl Guests {
             exit_code: e.rec.exit_code,
             image_digest: e.rec.image_digest.clone(),
             config_digest: e.rec.config_digest.clone(),
+            boot: e.console.boot_timings(),
             spec: e.rec.decl.clone(),
         }
     }
@@ -384,11 +391,57 @@ impl Guests {
                     .map_err(|e| ApiError::internal(&e))?
                     .map_err(image_error)
             }
-            ImageSource::Spec(path) => Err(ApiError::bad_request(format!(
-                "{}: the daemon boots built images only: `hostd build` it and name the image",
-                path.display()
-            ))),
+            ImageSource::Spec(path) => {
+                let built = self.build_spec(path).await?;
+                let images = Arc::clone(&self.images);
+                tokio::task::spawn_blocking(move || images.import_file(&built))
+                    .await
+                    .map_err(|e| ApiError::internal(&e))?
+                    .map_err(image_error)
+            }
         }
+    }
+
+    /// Builds the image of a spec with `hostd systemd build-image`, the build the
+    /// systemd units use: cached in `STATE/builds/KEY/image.img` (KEY: the sha256 of the
+    /// spec's path), rebuilt only when the spec or its lock file changed.
+    async fn build_spec(&self, spec: &Path) -> Result<PathBuf, ApiError> {
+        let key = hex::encode(Sha256::digest(spec.as_os_str().as_encoded_bytes()));
+        let out = self
+            .cfg
+            .state_dir
+            .join("builds")
+            .join(&key[..32])
+            .join("image.img");
+        let mut cmd = std::process::Command::new(&self.cfg.runner);
+        cmd.args(["systemd", "build-image"])
+            .arg(spec)
+            .arg(&out)
+            .stdin(std::process::Stdio::null());
+        tracing::info!("building {} -> {}", spec.display(), out.display());
+        let result = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .map_err(|e| ApiError::internal(&e))?;
+        let output = result.map_err(|e| {
+            ApiError::internal(&DaemonError::Spawn {
+                name: spec.display().to_string(),
+                runner: self.cfg.runner.clone(),
+                source: e,
+            })
+        })?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let last = stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("the build failed");
+            return Err(ApiError::bad_request(format!(
+                "{}: cannot build it: {last}",
+                spec.display()
+            )));
+        }
+        Ok(out)
     }
 
     /// Creates a guest (and starts it when `start`). 409 if the name is taken.
@@ -498,7 +551,25 @@ impl Guests {
             tracing::warn!("guest {name}: cannot remove {}: {err}", dir.display());
         }
         tracing::info!("guest {name}: removed");
+        // Its image goes too, unless another guest uses it.
+        if let Err(err) = self.collect_images(Some(&e.rec.image_digest)) {
+            tracing::warn!("guest {name}: {}", chain(&err));
+        }
         Ok(())
+    }
+
+    /// Removes the store's images no guest uses (`only`: just that digest, if unused).
+    pub fn collect_images(
+        &self,
+        only: Option<&str>,
+    ) -> Result<crate::images::GcReport, crate::images::ImageStoreError> {
+        // Under the guests' lock: no record can start using an image while it goes.
+        let map = self.lock();
+        let keep = map
+            .values()
+            .map(|e| e.rec.image_digest.clone())
+            .collect::<std::collections::BTreeSet<_>>();
+        self.images.collect_garbage(&keep, only)
     }
 
     /// Replaces a guest's configuration: stops it, swaps the record, starts the new one

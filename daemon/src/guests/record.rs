@@ -104,6 +104,9 @@ pub struct GuestStatus {
     pub image_digest: String,
     /// sha256 of its configuration (declaration + image digest).
     pub config_digest: String,
+    /// Boot timings of the process this daemon last started (none when re-adopted).
+    #[serde(default)]
+    pub boot: Option<super::console::BootTimings>,
     /// The declaration.
     pub spec: fleet::Guest,
 }
