@@ -1,6 +1,7 @@
 # The pure core of the hostd NixOS module: guests -> systemd units, using only
 # `builtins` (no nixpkgs), so that it evaluates anywhere, Nix 2.8 included. The module
-# (module.nix) feeds `services` to `systemd.services`; `texts` renders the same units as
+# (module.nix) feeds `services` (and `daemonService`) to `systemd.services`; `texts` (and
+# `daemonText`) render the same units as
 # unit files, line for line what `hostd systemd generate` writes for the same guests
 # (tests/nixos_module.rs checks both).
 #
@@ -70,8 +71,9 @@ let
       ++ concatMap (k: [ "--trust" (arg k) ]) g.trust
       ++ optionals (g.secrets != { }) [ "--secret-dir" "%d" ]);
 
-  stateDirectory = name:
-    let m = match "/var/lib/(.+)" (guestState name); in if m == null then null else builtins.head m;
+  stateDirectoryOf = dir:
+    let m = match "/var/lib/(.+)" dir; in if m == null then null else builtins.head m;
+  stateDirectory = name: stateDirectoryOf (guestState name);
 
   restartValue = r: if r == "never" then "no" else r;
 
@@ -145,6 +147,43 @@ let
       ""
     ]);
 
+  # hostd-daemon.service: serves the functions of `fleet` (a functions-only fleet file).
+  daemonService = { fleet, listen }: {
+    description = "hostd daemon (functions)";
+    after = [ "network.target" ];
+    wantedBy = [ "multi-user.target" ];
+    serviceConfig = {
+      Type = "notify";
+      NotifyAccess = "main";
+      ExecStart = "${arg hostd} daemon --fleet ${arg fleet} --listen ${arg listen} --state-dir ${arg stateDir}";
+      Restart = "on-failure";
+      RestartSec = restartSec;
+    } // (if stateDirectoryOf stateDir == null then { } else { StateDirectory = stateDirectoryOf stateDir; });
+  };
+
+  daemonText = args:
+    let s = (daemonService args).serviceConfig; in
+    concatStringsSep "\n" ([
+      header
+      "[Unit]"
+      "Description=hostd daemon (functions)"
+      "After=network.target"
+      ""
+      "[Service]"
+      "Type=notify"
+      "NotifyAccess=main"
+      "ExecStart=${s.ExecStart}"
+    ]
+    ++ optional (s ? StateDirectory) "StateDirectory=${s.StateDirectory}"
+    ++ [
+      "Restart=on-failure"
+      "RestartSec=${toString restartSec}"
+      ""
+      "[Install]"
+      "WantedBy=multi-user.target"
+      ""
+    ]);
+
   targetText = concatStringsSep "\n" [
     header
     "[Unit]"
@@ -161,7 +200,8 @@ let
     else 5;
 in
 {
-  inherit target unitName arg specStopTimeout;
+  inherit target unitName arg specStopTimeout daemonService daemonText;
+  daemonUnit = "hostd-daemon.service";
   # A guest as configuration.nix declares it, with module.nix's defaults filled in
   # (for evaluations without the module system).
   withDefaults = g:

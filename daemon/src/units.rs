@@ -150,6 +150,18 @@ fn value(what: &str, s: &str) -> Result<String, UnitsError> {
     Ok(s.replace('%', "%%"))
 }
 
+/// `StateDirectory=REL` for a directory under /var/lib (systemd creates it before the
+/// unit starts), else nothing.
+fn state_directory(dir: &Path) -> Result<String, UnitsError> {
+    Ok(match dir.strip_prefix("/var/lib") {
+        Ok(rel) if !rel.as_os_str().is_empty() => format!(
+            "StateDirectory={}\n",
+            value("state", &rel.to_string_lossy())?
+        ),
+        _ => String::new(),
+    })
+}
+
 /// The TAP device named in a `net` string (`tap=NAME,...`).
 pub fn tap_name(net: &str) -> Option<&str> {
     net.split(',').find_map(|p| p.strip_prefix("tap="))
@@ -190,10 +202,12 @@ pub fn render(
         let mut t = HEADER.to_string();
         writeln!(
             t,
-            "[Unit]\nDescription=hostd daemon (functions)\nAfter=network.target\n\n[Service]\nType=notify\nNotifyAccess=main\nExecStart={} daemon --fleet {} --listen {}\nRestart=on-failure\nRestartSec={RESTART_SEC}\n\n[Install]\nWantedBy=multi-user.target",
+            "[Unit]\nDescription=hostd daemon (functions)\nAfter=network.target\n\n[Service]\nType=notify\nNotifyAccess=main\nExecStart={} daemon --fleet {} --listen {} --state-dir {}\n{}Restart=on-failure\nRestartSec={RESTART_SEC}\n\n[Install]\nWantedBy=multi-user.target",
             path_arg("hostd", &opts.hostd)?,
             path_arg("fleet", &fleet_path)?,
             arg("listen", listen)?,
+            path_arg("state", &opts.state_dir)?,
+            state_directory(&opts.state_dir)?,
         )
         .ok();
         files.push(UnitFile {
@@ -275,13 +289,7 @@ fn guest_text(
             .ok();
         }
     }
-    let state_directory = match state.strip_prefix("/var/lib") {
-        Ok(rel) if !rel.as_os_str().is_empty() => format!(
-            "StateDirectory={}\n",
-            value(&at("state"), &rel.to_string_lossy())?
-        ),
-        _ => String::new(),
-    };
+    let state_directory = state_directory(&state)?;
     // A first build fetches packages: more than systemd's default 90 s to get ready.
     let start_timeout = match g.image {
         ImageSource::Spec(_) => format!("TimeoutStartSec={BUILD_START_TIMEOUT_SECS}\n"),
@@ -405,7 +413,8 @@ mod tests {
             .text;
         assert!(
             d.contains(
-                "--fleet /etc/systemd/system/hostd-daemon.fleet.toml --listen 127.0.0.1:8080"
+                "--fleet /etc/systemd/system/hostd-daemon.fleet.toml --listen 127.0.0.1:8080 \
+                 --state-dir /var/lib/hostd\nStateDirectory=hostd\n"
             ),
             "{d}"
         );
