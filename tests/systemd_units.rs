@@ -114,12 +114,17 @@ fn build_image(dir: &Path, name: &str, spec: &str) {
 /// command makes the mount tree shared, as on a host booted by systemd (systemd-ns's
 /// namespace is private, and systemd hands credentials over through mount propagation).
 fn systemd_ns(units: &Path, commands: &[String]) -> String {
+    systemd_ns_within(units, commands, std::time::Duration::from_secs(600))
+}
+
+/// [`systemd_ns`] with a deadline for the whole run.
+fn systemd_ns_within(units: &Path, commands: &[String], limit: std::time::Duration) -> String {
     let mut c =
         Command::new(systemd_ns_tool().expect("systemd-ns (checked by require_systemd_ns)"));
     c.arg(units).arg("sysinit.target");
     c.arg("mount --make-rshared /");
     c.args(commands);
-    let out = common::run_with_deadline(c, std::time::Duration::from_secs(600));
+    let out = common::run_with_deadline(c, limit);
     let text = out.all();
     eprintln!("{text}");
     text
@@ -132,6 +137,15 @@ fn wait(what: &str, cond: &str) -> [String; 2] {
         "for i in $(seq 100); do if {cond}; then echo '{what}: ok'; exit 0; fi; sleep 0.5; done; echo '{what}: TIMEOUT'"
     );
     [one.clone(), one]
+}
+
+/// Like [`wait`], for up to `secs` seconds (in loops of 50 s), and each loop that
+/// still waits runs `sample` once a second (its output is kept).
+fn wait_long(what: &str, cond: &str, sample: &str, secs: u32) -> Vec<String> {
+    let one = format!(
+        "for i in $(seq 50); do if {cond}; then echo '{what}: ok'; exit 0; fi; {sample}; sleep 1; done; echo '{what}: TIMEOUT'"
+    );
+    vec![one; secs.div_ceil(50) as usize]
 }
 
 /// The lines of `text` between `### marker` and the next `(rc=`.
@@ -482,4 +496,99 @@ routes = ["/hello"]
     assert!(units
         .join("hostd-guests.target.wants/hostd-guest-batch.service")
         .exists());
+}
+
+/// The functions' `hostd-daemon.service` (a fleet with functions and `--listen`) under
+/// systemd: `hostd systemd apply` starts it, it is `Type=notify` (active once the daemon
+/// reported READY=1), the fleet's function answers on the `--listen` address, and
+/// `systemctl stop` ends it cleanly.
+#[test]
+fn daemon_unit_serves_the_fleet_functions() {
+    if !require_systemd_ns() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let wasm = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sandbox/examples/wasm/hello.wasm"
+    );
+    std::fs::write(
+        d.join("fleet.toml"),
+        format!("[functions.hello]\ncomponent = \"{wasm}\"\nroutes = [\"/hello\"]\n"),
+    )
+    .expect("fleet");
+    let units = d.join("units");
+    std::fs::create_dir(&units).expect("units");
+    let state = d.join("state");
+    // Generated outside, started with --no-block inside: a debug build compiling the
+    // component under load may take longer than one systemd-ns command may.
+    let out = hostd()
+        .args(["systemd", "generate"])
+        .arg(&units)
+        .arg("--fleet")
+        .arg(d.join("fleet.toml"))
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--listen", "127.0.0.1:8080"])
+        .output()
+        .expect("generate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let daemon = std::fs::read_to_string(units.join("hostd-daemon.service")).expect("daemon unit");
+    assert!(
+        daemon.contains(&format!(
+            " --listen 127.0.0.1:8080 --state-dir {}\n",
+            state.display()
+        )),
+        "{daemon}"
+    );
+    let mut commands = vec!["systemctl start --no-block multi-user.target".to_string()];
+    commands.extend(wait_long(
+        "daemon active",
+        "systemctl is-active -q hostd-daemon",
+        "systemctl show -p ActiveState,SubState --value hostd-daemon | tr '\\n' ' '; echo",
+        600,
+    ));
+    commands.extend([
+        "echo DAEMON: $(systemctl show -p Type,ActiveState,SubState,NRestarts hostd-daemon)".into(),
+        "echo ANSWER: $(curl -sS -m 20 http://127.0.0.1:8080/hello)".into(),
+        "systemctl stop hostd-daemon; echo STOPPED: $(systemctl show -p ActiveState,Result hostd-daemon)".into(),
+        "echo JOURNAL; journalctl -u hostd-daemon -o cat --no-pager".into(),
+    ]);
+    let out = systemd_ns_within(&units, &commands, std::time::Duration::from_secs(900));
+    assert!(
+        out.contains("daemon active: ok"),
+        "the daemon never became active"
+    );
+    let line = |p: &str| -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(p))
+            .unwrap_or_else(|| panic!("no {p} line"))
+            .to_string()
+    };
+    let status = line("DAEMON: ");
+    assert!(
+        status.contains("Type=notify")
+            && status.contains("ActiveState=active")
+            && status.contains("SubState=running")
+            && status.contains("NRestarts=0"),
+        "{status}"
+    );
+    assert_eq!(line("ANSWER: "), "hello from a nanoservice");
+    let stopped = line("STOPPED: ");
+    assert!(
+        stopped.contains("ActiveState=inactive") && stopped.contains("Result=success"),
+        "{stopped}"
+    );
+    let j = section(&out, "echo JOURNAL;");
+    assert!(
+        j.contains("function front listening on http://127.0.0.1:8080"),
+        "{j}"
+    );
+    // Its state went where the unit said, not to /var/lib/hostd.
+    assert!(state.join("functions").is_dir(), "{j}");
 }
