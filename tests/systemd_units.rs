@@ -504,7 +504,16 @@ routes = ["/hello"]
 /// `systemctl stop` ends it cleanly.
 #[test]
 fn daemon_unit_serves_the_fleet_functions() {
-    if !require_systemd_ns() {
+    if !require_systemd_ns()
+        || !require(
+            "curl",
+            Command::new("curl")
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success()),
+            "apt-get install curl",
+        )
+    {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
