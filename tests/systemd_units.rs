@@ -498,6 +498,127 @@ routes = ["/hello"]
         .exists());
 }
 
+/// A guest whose one service runs until SIGTERM, for the built-in VMM.
+const PROBE: &str = r#"
+name = "probe"
+memory = "128M"
+stop_timeout = 3
+packages = ["busybox-static"]
+
+[services.probe]
+command = "/bin/busybox"
+args = ["sh", "-c", "echo probe service running; trap 'echo probe got SIGTERM; exit 0' TERM; while true; do /bin/busybox sleep 1 & wait $!; done"]
+main = true
+"#;
+
+/// `Type=notify` under hostd's own VMM (`vmm = "builtin"`, KVM): the unit stays
+/// `activating` while the guest boots and becomes `active` only once guest init reported
+/// the services started (READY=1 from the VMM's control thread, with its status text),
+/// and stops cleanly. The built-in VMM boots slowly on this nested host (30 s and more),
+/// so the wait is long (up to 1800 s); one guest.
+///
+/// Ignored: on the loaded nested-PVM host it was written on, the guest had not reached
+/// init after 30 minutes (the unit stayed `activating`, as it should, until
+/// TimeoutStartSec), so it has not passed yet. Run it with `--ignored` on an idle host.
+#[test]
+#[ignore = "takes up to 30 min; not yet seen passing (the built-in VMM did not boot on a loaded nested-PVM host)"]
+fn builtin_vmm_unit_is_active_once_guest_services_started() {
+    if !require_qemu_guest()
+        || !require("/dev/kvm", common::kvm_usable(), "a host with KVM")
+        || !require_systemd_ns()
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    build_image(d, "probe", PROBE);
+    std::fs::write(
+        d.join("fleet.toml"),
+        "[guests.probe]\nimage = \"probe.img\"\nvmm = \"builtin\"\nrestart = \"never\"\n",
+    )
+    .expect("fleet");
+    let units = d.join("units");
+    let out = hostd()
+        .args(["systemd", "generate"])
+        .arg(&units)
+        .arg("--fleet")
+        .arg(d.join("fleet.toml"))
+        .arg("--state-dir")
+        .arg(d.join("state"))
+        .output()
+        .expect("generate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unit = "hostd-guest-probe";
+    let journal = format!("journalctl -u {unit} -o cat --no-pager");
+    // One sample a second while it is not yet active: the unit's state, and whether
+    // guest init had reported its services (the hostd-init "service ... started" line).
+    let sample = format!(
+        "echo \"SAMPLE $(systemctl show -p ActiveState --value {unit}) $(systemctl show -p SubState --value {unit}) services=$({journal} | grep -c 'hostd-init: service probe started')\""
+    );
+    let mut commands = vec![format!("systemctl start --no-block {unit}")];
+    commands.extend(wait_long(
+        "probe active",
+        &format!("systemctl is-active -q {unit}"),
+        &sample,
+        1800,
+    ));
+    commands.extend([
+        format!(
+            "echo ACTIVE: $(systemctl show -p ActiveState,SubState,StatusText,NRestarts {unit}); echo STARTED-LINES: $({journal} | grep -c 'hostd-init: service probe started')"
+        ),
+        format!("systemctl stop {unit}; echo STOPPED: $(systemctl show -p ActiveState,Result {unit})"),
+        format!("echo JOURNAL; {journal}"),
+    ]);
+    let out = systemd_ns_within(&units, &commands, std::time::Duration::from_secs(2400));
+    assert!(out.contains("probe active: ok"), "never became active");
+    // It waited: sampled as activating (start) before it was active.
+    let samples: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("SAMPLE "))
+        .collect();
+    assert!(
+        samples.iter().any(|s| s.starts_with("activating start ")),
+        "never seen activating: {samples:?}"
+    );
+    assert!(
+        samples.iter().all(|s| !s.starts_with("active ")),
+        "{samples:?}"
+    );
+    let active = out
+        .lines()
+        .find(|l| l.starts_with("ACTIVE: "))
+        .expect("ACTIVE line");
+    assert!(
+        active.contains("ActiveState=active")
+            && active.contains("SubState=running")
+            && active.contains("StatusText=guest services started")
+            && active.contains("NRestarts=0"),
+        "{active}"
+    );
+    // Once active, guest init has reported the service started.
+    let started = out
+        .lines()
+        .find_map(|l| l.strip_prefix("STARTED-LINES: "))
+        .expect("STARTED-LINES");
+    assert_ne!(started.trim(), "0", "active before the service started");
+    let j = section(&out, "echo JOURNAL;");
+    assert!(j.contains("[probe] probe service running"), "{j}");
+    assert!(j.contains("[probe] probe got SIGTERM"), "{j}");
+    assert!(j.contains("hostd-init: powering off (exit code 0)"), "{j}");
+    let stopped = out
+        .lines()
+        .find(|l| l.starts_with("STOPPED: "))
+        .expect("STOPPED line");
+    assert!(
+        stopped.contains("ActiveState=inactive") && stopped.contains("Result=success"),
+        "{stopped}"
+    );
+}
+
 /// The functions' `hostd-daemon.service` (a fleet with functions and `--listen`) under
 /// systemd: `hostd systemd apply` starts it, it is `Type=notify` (active once the daemon
 /// reported READY=1), the fleet's function answers on the `--listen` address, and
