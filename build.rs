@@ -20,6 +20,22 @@ fn main() {
     ] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
+    println!("cargo:rerun-if-env-changed=HOSTD_GUEST_PREBUILT");
+    // Packagers (nix/package.nix) build guest init and the bench workload as their own
+    // static derivation and point here at its bin directory.
+    if let Some(dir) = std::env::var_os("HOSTD_GUEST_PREBUILT") {
+        let dir = PathBuf::from(dir);
+        for (bin, var) in [
+            ("hostd-init", "HOSTD_INIT_PATH"),
+            ("hostd-bench-workload", "HOSTD_BENCH_WORKLOAD_PATH"),
+        ] {
+            let dest = out.join(bin);
+            std::fs::copy(dir.join(bin), &dest)
+                .unwrap_or_else(|e| panic!("HOSTD_GUEST_PREBUILT: cannot copy {bin}: {e}"));
+            println!("cargo:rustc-env={var}={}", dest.display());
+        }
+        return;
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let target_dir = root.join("target").join("guest-init");
     let cargo_home = std::env::var("CARGO_HOME")

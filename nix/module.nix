@@ -191,9 +191,19 @@ in
 
     package = mkOption {
       type = types.package;
-      default = pkgs.hostd;
-      defaultText = literalExpression "pkgs.hostd";
-      description = "The hostd package (its bin/hostd runs the guests and the daemon).";
+      default = pkgs.hostd or (pkgs.callPackage ./package.nix { });
+      defaultText = literalExpression "pkgs.hostd or (pkgs.callPackage ./package.nix { })";
+      description = ''
+        The hostd package (its bin/hostd runs the guests and the daemon): `pkgs.hostd`
+        when an overlay provides it, else built from this checkout (nix/package.nix).
+      '';
+    };
+
+    qemuPackage = mkOption {
+      type = types.package;
+      default = pkgs.qemu_kvm;
+      defaultText = literalExpression "pkgs.qemu_kvm";
+      description = "The QEMU that units of guests with `vmm = \"qemu\"` run (`HOSTD_QEMU`).";
     };
 
     stateDir = mkOption {
@@ -258,22 +268,19 @@ in
 
     systemd.services =
       mapAttrs
-        (unit: s: s // { restartIfChanged = cfg.guests.${lib.removePrefix "hostd-guest-" unit}.restartIfChanged; })
+        (unit: s:
+          let g = cfg.guests.${lib.removePrefix "hostd-guest-" unit}; in
+          s // {
+            inherit (g) restartIfChanged;
+            # hostd starts QEMU with a cleared environment, so a PATH entry would not
+            # reach it (it would look in /bin:/usr/bin): name the binary.
+            environment = lib.optionalAttrs (g.vmm == "qemu") {
+              HOSTD_QEMU = "${cfg.qemuPackage}/bin/qemu-system-x86_64";
+            };
+          })
         units.services
       // optionalAttrs (cfg.functions != { }) {
-        hostd-daemon = {
-          description = "hostd daemon (functions)";
-          after = [ "network.target" ];
-          wantedBy = [ "multi-user.target" ];
-          serviceConfig = {
-            Type = "notify";
-            NotifyAccess = "main";
-            ExecStart = "${hostdBin} daemon --fleet ${fleetFile} --listen ${cfg.listen}";
-            Restart = "on-failure";
-            RestartSec = 2;
-            StateDirectory = "hostd";
-          };
-        };
+        hostd-daemon = unitsLib.daemonService { fleet = fleetFile; listen = cfg.listen; };
       };
   };
 }

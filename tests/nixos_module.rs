@@ -61,7 +61,8 @@ fn nix_files_and_the_doc_example_parse() {
         .filter(|p| p.extension().is_some_and(|e| e == "nix"))
         .collect();
     files.sort();
-    assert!(files.len() >= 3, "{files:?}");
+    assert!(files.len() >= 4, "{files:?}");
+    files.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("flake.nix"));
     let dir = tempfile::tempdir().expect("tempdir");
     let example = dir.path().join("configuration.nix");
     std::fs::write(&example, doc_example()).expect("example");
@@ -173,7 +174,14 @@ fn doc_example_renders_the_units_hostd_generates() {
   units = import {nix}/units.nix {{ hostd = "{hostd_bin}"; ip = "{ip}"; stateDir = "/var/lib/hostd"; }};
   guests = builtins.mapAttrs (n: g: (units {{ }}).withDefaults g) example.services.hostd.guests;
   rendered = units guests;
-in {{ inherit guests; inherit (rendered) texts autostart services; }}"#,
+  daemon = {{ fleet = "{d}/units/hostd-daemon.fleet.toml"; inherit (example.services.hostd) listen; }};
+in {{
+  inherit guests;
+  inherit (example.services.hostd) functions listen;
+  inherit (rendered) autostart services;
+  texts = rendered.texts // {{ "${{rendered.daemonUnit}}" = rendered.daemonText daemon; }};
+  daemonService = rendered.daemonService daemon;
+}}"#,
         d = d.display(),
         nix = NIX_DIR,
         ip = ip(),
@@ -186,6 +194,16 @@ in {{ inherit guests; inherit (rendered) texts autostart services; }}"#,
         ["batch", "web"],
         "{json}"
     );
+    // The daemon serves the example's functions, keeps its state in the state directory.
+    let daemon = &v["daemonService"]["serviceConfig"];
+    assert_eq!(daemon["Type"], "notify", "{daemon}");
+    assert_eq!(daemon["StateDirectory"], "hostd", "{daemon}");
+    assert!(
+        daemon["ExecStart"]
+            .as_str()
+            .is_some_and(|e| e.ends_with("--listen 127.0.0.1:8080 --state-dir /var/lib/hostd")),
+        "{daemon}"
+    );
     // What NixOS gets through systemd.services: the same values.
     let web = &v["services"]["hostd-guest-web"]["serviceConfig"];
     assert_eq!(web["TimeoutStopSec"], 23, "{web}");
@@ -196,7 +214,15 @@ in {{ inherit guests; inherit (rendered) texts autostart services; }}"#,
     );
 
     let fleet = d.join("fleet.toml");
-    std::fs::write(&fleet, fleet_of(guests)).expect("fleet");
+    // The example's functions, as the module hands them to hostd-daemon.service.
+    let mut fleet_text = fleet_of(guests);
+    for (name, f) in v["functions"].as_object().expect("functions") {
+        fleet_text.push_str(&format!(
+            "[functions.{name}]\ncomponent = {}\nroutes = {}\n",
+            f["component"], f["routes"]
+        ));
+    }
+    std::fs::write(&fleet, fleet_text).expect("fleet");
     let units = d.join("units");
     let out = hostd()
         .args(["systemd", "generate"])
@@ -205,6 +231,8 @@ in {{ inherit guests; inherit (rendered) texts autostart services; }}"#,
         .arg(&fleet)
         .arg("--hostd")
         .arg(hostd_bin)
+        .arg("--listen")
+        .arg(v["listen"].as_str().expect("listen"))
         .output()
         .expect("generate");
     assert!(
@@ -259,4 +287,92 @@ in {{ inherit guests; inherit (rendered) texts autostart services; }}"#,
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(wants, ["hostd-guest-web.service"]);
+}
+
+/// nix/package.nix and flake.nix cannot be built here (no nixpkgs, no binary cache), so
+/// they are evaluated against stand-ins for the few nixpkgs functions they call, which
+/// return their arguments: what the package asks rustPlatform for, and what the flake
+/// exposes.
+#[test]
+fn package_and_flake_evaluate_with_stand_ins() {
+    if !require_nix() {
+        return;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let expr = format!(
+        r#"let
+  # Stand-ins: only what package.nix and flake.nix call.
+  lib = {{
+    cleanSource = src: src;
+    cleanSourceWith = a: a;
+    removePrefix = p: s: let n = builtins.stringLength p; in
+      if builtins.substring 0 n s == p then builtins.substring n (-1) s else s;
+    splitString = sep: s: builtins.filter builtins.isString (builtins.split sep s);
+    licenses.asl20 = "asl20";
+    genAttrs = names: f: builtins.listToAttrs (map (n: {{ name = n; value = f n; }}) names);
+  }};
+  rustPlatform.buildRustPackage = a: a // {{ outPath = "/nix/store/hostd"; }};
+  pkgsStatic.rustPlatform.buildRustPackage = a: a // {{ outPath = "/nix/store/hostd-guest"; }};
+  callPackage = f: _: import f {{ inherit lib rustPlatform pkgsStatic; }};
+  pkg = callPackage {root}/nix/package.nix {{ }};
+  flake = (import {root}/flake.nix).outputs {{
+    self = {{ }};
+    nixpkgs = {{ inherit lib; legacyPackages.x86_64-linux = {{ inherit callPackage; }}; }};
+  }};
+  entry = import {root}/nix;
+  keep = p: pkg.src.filter "{root}/${{p}}" "directory";
+in {{
+  inherit (pkg) pname version cargoBuildFlags HOSTD_GUEST_PREBUILT doCheck;
+  lock = toString pkg.cargoLock.lockFile;
+  mainProgram = pkg.meta.mainProgram;
+  guestFlags = pkg.passthru.guest.cargoBuildFlags;
+  guestLto = pkg.passthru.guest.CARGO_PROFILE_RELEASE_LTO;
+  keeps = {{ src = keep "src"; guest = keep "guest"; target = keep "target"; nix = keep "nix"; }};
+  flakePackage = flake.packages.x86_64-linux.default.pname;
+  flakeModule = toString flake.nixosModules.default;
+  overlay = (flake.overlays.default {{ inherit callPackage; }} {{ }}).hostd.pname;
+  entryModule = toString entry.nixosModules.default;
+  entryPackage = toString entry.package;
+}}"#
+    );
+    let json = nix(&["--eval", "--strict", "--json", "-E"], &expr);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("nix's JSON");
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(v["pname"], "hostd", "{json}");
+    assert_eq!(v["version"], version, "{json}");
+    assert_eq!(
+        v["cargoBuildFlags"],
+        serde_json::json!(["-p", "hostd"]),
+        "{json}"
+    );
+    assert_eq!(v["lock"], format!("{root}/Cargo.lock"), "{json}");
+    assert_eq!(v["mainProgram"], "hostd", "{json}");
+    assert_eq!(v["doCheck"], false, "{json}");
+    // Guest init and the bench workload come from the static derivation (build.rs
+    // copies them from HOSTD_GUEST_PREBUILT instead of building them).
+    assert_eq!(
+        v["HOSTD_GUEST_PREBUILT"], "/nix/store/hostd-guest/bin",
+        "{json}"
+    );
+    assert_eq!(
+        v["guestFlags"],
+        serde_json::json!(["-p", "hostd-init", "-p", "hostd-bench-workload"]),
+        "{json}"
+    );
+    assert_eq!(v["guestLto"], "true", "{json}");
+    assert_eq!(
+        v["keeps"],
+        serde_json::json!({"src": true, "guest": true, "target": false, "nix": false}),
+        "{json}"
+    );
+    assert_eq!(v["flakePackage"], "hostd", "{json}");
+    assert_eq!(v["overlay"], "hostd", "{json}");
+    for k in ["flakeModule", "entryModule"] {
+        assert_eq!(v[k], format!("{root}/nix/module.nix"), "{json}");
+    }
+    assert_eq!(
+        v["entryPackage"],
+        format!("{root}/nix/package.nix"),
+        "{json}"
+    );
 }

@@ -114,12 +114,17 @@ fn build_image(dir: &Path, name: &str, spec: &str) {
 /// command makes the mount tree shared, as on a host booted by systemd (systemd-ns's
 /// namespace is private, and systemd hands credentials over through mount propagation).
 fn systemd_ns(units: &Path, commands: &[String]) -> String {
+    systemd_ns_within(units, commands, std::time::Duration::from_secs(600))
+}
+
+/// [`systemd_ns`] with a deadline for the whole run.
+fn systemd_ns_within(units: &Path, commands: &[String], limit: std::time::Duration) -> String {
     let mut c =
         Command::new(systemd_ns_tool().expect("systemd-ns (checked by require_systemd_ns)"));
     c.arg(units).arg("sysinit.target");
     c.arg("mount --make-rshared /");
     c.args(commands);
-    let out = common::run_with_deadline(c, std::time::Duration::from_secs(600));
+    let out = common::run_with_deadline(c, limit);
     let text = out.all();
     eprintln!("{text}");
     text
@@ -132,6 +137,15 @@ fn wait(what: &str, cond: &str) -> [String; 2] {
         "for i in $(seq 100); do if {cond}; then echo '{what}: ok'; exit 0; fi; sleep 0.5; done; echo '{what}: TIMEOUT'"
     );
     [one.clone(), one]
+}
+
+/// Like [`wait`], for up to `secs` seconds (in loops of 50 s), and each loop that
+/// still waits runs `sample` once a second (its output is kept).
+fn wait_long(what: &str, cond: &str, sample: &str, secs: u32) -> Vec<String> {
+    let one = format!(
+        "for i in $(seq 50); do if {cond}; then echo '{what}: ok'; exit 0; fi; {sample}; sleep 1; done; echo '{what}: TIMEOUT'"
+    );
+    vec![one; secs.div_ceil(50) as usize]
 }
 
 /// The lines of `text` between `### marker` and the next `(rc=`.
@@ -482,4 +496,229 @@ routes = ["/hello"]
     assert!(units
         .join("hostd-guests.target.wants/hostd-guest-batch.service")
         .exists());
+}
+
+/// A guest whose one service runs until SIGTERM, for the built-in VMM.
+const PROBE: &str = r#"
+name = "probe"
+memory = "128M"
+stop_timeout = 3
+packages = ["busybox-static"]
+
+[services.probe]
+command = "/bin/busybox"
+args = ["sh", "-c", "echo probe service running; trap 'echo probe got SIGTERM; exit 0' TERM; while true; do /bin/busybox sleep 1 & wait $!; done"]
+main = true
+"#;
+
+/// `Type=notify` under hostd's own VMM (`vmm = "builtin"`, KVM): the unit stays
+/// `activating` while the guest boots and becomes `active` only once guest init reported
+/// the services started (READY=1 from the VMM's control thread, with its status text),
+/// and stops cleanly. The built-in VMM boots slowly on this nested host (30 s and more),
+/// so the wait is long (up to 1800 s); one guest.
+///
+/// Ignored: on the loaded nested-PVM host it was written on, the guest had not reached
+/// init after 30 minutes (the unit stayed `activating`, as it should, until
+/// TimeoutStartSec), so it has not passed yet. Run it with `--ignored` on an idle host.
+#[test]
+#[ignore = "takes up to 30 min; not yet seen passing (the built-in VMM did not boot on a loaded nested-PVM host)"]
+fn builtin_vmm_unit_is_active_once_guest_services_started() {
+    if !require_qemu_guest()
+        || !require("/dev/kvm", common::kvm_usable(), "a host with KVM")
+        || !require_systemd_ns()
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    build_image(d, "probe", PROBE);
+    std::fs::write(
+        d.join("fleet.toml"),
+        "[guests.probe]\nimage = \"probe.img\"\nvmm = \"builtin\"\nrestart = \"never\"\n",
+    )
+    .expect("fleet");
+    let units = d.join("units");
+    let out = hostd()
+        .args(["systemd", "generate"])
+        .arg(&units)
+        .arg("--fleet")
+        .arg(d.join("fleet.toml"))
+        .arg("--state-dir")
+        .arg(d.join("state"))
+        .output()
+        .expect("generate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unit = "hostd-guest-probe";
+    let journal = format!("journalctl -u {unit} -o cat --no-pager");
+    // One sample a second while it is not yet active: the unit's state, and whether
+    // guest init had reported its services (the hostd-init "service ... started" line).
+    let sample = format!(
+        "echo \"SAMPLE $(systemctl show -p ActiveState --value {unit}) $(systemctl show -p SubState --value {unit}) services=$({journal} | grep -c 'hostd-init: service probe started')\""
+    );
+    let mut commands = vec![format!("systemctl start --no-block {unit}")];
+    commands.extend(wait_long(
+        "probe active",
+        &format!("systemctl is-active -q {unit}"),
+        &sample,
+        1800,
+    ));
+    commands.extend([
+        format!(
+            "echo ACTIVE: $(systemctl show -p ActiveState,SubState,StatusText,NRestarts {unit}); echo STARTED-LINES: $({journal} | grep -c 'hostd-init: service probe started')"
+        ),
+        format!("systemctl stop {unit}; echo STOPPED: $(systemctl show -p ActiveState,Result {unit})"),
+        format!("echo JOURNAL; {journal}"),
+    ]);
+    let out = systemd_ns_within(&units, &commands, std::time::Duration::from_secs(2400));
+    assert!(out.contains("probe active: ok"), "never became active");
+    // It waited: sampled as activating (start) before it was active.
+    let samples: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("SAMPLE "))
+        .collect();
+    assert!(
+        samples.iter().any(|s| s.starts_with("activating start ")),
+        "never seen activating: {samples:?}"
+    );
+    assert!(
+        samples.iter().all(|s| !s.starts_with("active ")),
+        "{samples:?}"
+    );
+    let active = out
+        .lines()
+        .find(|l| l.starts_with("ACTIVE: "))
+        .expect("ACTIVE line");
+    assert!(
+        active.contains("ActiveState=active")
+            && active.contains("SubState=running")
+            && active.contains("StatusText=guest services started")
+            && active.contains("NRestarts=0"),
+        "{active}"
+    );
+    // Once active, guest init has reported the service started.
+    let started = out
+        .lines()
+        .find_map(|l| l.strip_prefix("STARTED-LINES: "))
+        .expect("STARTED-LINES");
+    assert_ne!(started.trim(), "0", "active before the service started");
+    let j = section(&out, "echo JOURNAL;");
+    assert!(j.contains("[probe] probe service running"), "{j}");
+    assert!(j.contains("[probe] probe got SIGTERM"), "{j}");
+    assert!(j.contains("hostd-init: powering off (exit code 0)"), "{j}");
+    let stopped = out
+        .lines()
+        .find(|l| l.starts_with("STOPPED: "))
+        .expect("STOPPED line");
+    assert!(
+        stopped.contains("ActiveState=inactive") && stopped.contains("Result=success"),
+        "{stopped}"
+    );
+}
+
+/// The functions' `hostd-daemon.service` (a fleet with functions and `--listen`) under
+/// systemd: `hostd systemd apply` starts it, it is `Type=notify` (active once the daemon
+/// reported READY=1), the fleet's function answers on the `--listen` address, and
+/// `systemctl stop` ends it cleanly.
+#[test]
+fn daemon_unit_serves_the_fleet_functions() {
+    if !require_systemd_ns()
+        || !require(
+            "curl",
+            Command::new("curl")
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success()),
+            "apt-get install curl",
+        )
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let wasm = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sandbox/examples/wasm/hello.wasm"
+    );
+    std::fs::write(
+        d.join("fleet.toml"),
+        format!("[functions.hello]\ncomponent = \"{wasm}\"\nroutes = [\"/hello\"]\n"),
+    )
+    .expect("fleet");
+    let units = d.join("units");
+    std::fs::create_dir(&units).expect("units");
+    let state = d.join("state");
+    // Generated outside, started with --no-block inside: a debug build compiling the
+    // component under load may take longer than one systemd-ns command may.
+    let out = hostd()
+        .args(["systemd", "generate"])
+        .arg(&units)
+        .arg("--fleet")
+        .arg(d.join("fleet.toml"))
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--listen", "127.0.0.1:8080"])
+        .output()
+        .expect("generate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let daemon = std::fs::read_to_string(units.join("hostd-daemon.service")).expect("daemon unit");
+    assert!(
+        daemon.contains(&format!(
+            " --listen 127.0.0.1:8080 --state-dir {}\n",
+            state.display()
+        )),
+        "{daemon}"
+    );
+    let mut commands = vec!["systemctl start --no-block multi-user.target".to_string()];
+    commands.extend(wait_long(
+        "daemon active",
+        "systemctl is-active -q hostd-daemon",
+        "systemctl show -p ActiveState,SubState --value hostd-daemon | tr '\\n' ' '; echo",
+        600,
+    ));
+    commands.extend([
+        "echo DAEMON: $(systemctl show -p Type,ActiveState,SubState,NRestarts hostd-daemon)".into(),
+        "echo ANSWER: $(curl -sS -m 20 http://127.0.0.1:8080/hello)".into(),
+        "systemctl stop hostd-daemon; echo STOPPED: $(systemctl show -p ActiveState,Result hostd-daemon)".into(),
+        "echo JOURNAL; journalctl -u hostd-daemon -o cat --no-pager".into(),
+    ]);
+    let out = systemd_ns_within(&units, &commands, std::time::Duration::from_secs(900));
+    assert!(
+        out.contains("daemon active: ok"),
+        "the daemon never became active"
+    );
+    let line = |p: &str| -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(p))
+            .unwrap_or_else(|| panic!("no {p} line"))
+            .to_string()
+    };
+    let status = line("DAEMON: ");
+    assert!(
+        status.contains("Type=notify")
+            && status.contains("ActiveState=active")
+            && status.contains("SubState=running")
+            && status.contains("NRestarts=0"),
+        "{status}"
+    );
+    assert_eq!(line("ANSWER: "), "hello from a nanoservice");
+    let stopped = line("STOPPED: ");
+    assert!(
+        stopped.contains("ActiveState=inactive") && stopped.contains("Result=success"),
+        "{stopped}"
+    );
+    let j = section(&out, "echo JOURNAL;");
+    assert!(
+        j.contains("function front listening on http://127.0.0.1:8080"),
+        "{j}"
+    );
+    // Its state went where the unit said, not to /var/lib/hostd.
+    assert!(state.join("functions").is_dir(), "{j}");
 }

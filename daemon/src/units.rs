@@ -31,8 +31,11 @@ pub const MANIFEST: &str = "hostd-units.list";
 /// Seconds added to an image's `stop_timeout` for `TimeoutStopSec=`: `hostd run`
 /// waits `stop_timeout` + 15 s for the guest to power off before it kills it.
 pub const STOP_MARGIN_SECS: u32 = 20;
-/// `TimeoutStartSec=` of a guest built from a spec when its unit starts.
-pub const BUILD_START_TIMEOUT_SECS: u32 = 900;
+/// `TimeoutStartSec=` of a guest unit: until READY=1 a unit may build its image (a first
+/// build fetches packages) and boots the guest, which the built-in VMM on a nested (PVM)
+/// host does slowly (30 s unloaded, several minutes on a loaded host), far past
+/// systemd's default 90 s.
+pub const START_TIMEOUT_SECS: u32 = 1800;
 /// Seconds between a guest's end and its restart.
 pub const RESTART_SEC: u32 = 2;
 
@@ -150,6 +153,18 @@ fn value(what: &str, s: &str) -> Result<String, UnitsError> {
     Ok(s.replace('%', "%%"))
 }
 
+/// `StateDirectory=REL` for a directory under /var/lib (systemd creates it before the
+/// unit starts), else nothing.
+fn state_directory(dir: &Path) -> Result<String, UnitsError> {
+    Ok(match dir.strip_prefix("/var/lib") {
+        Ok(rel) if !rel.as_os_str().is_empty() => format!(
+            "StateDirectory={}\n",
+            value("state", &rel.to_string_lossy())?
+        ),
+        _ => String::new(),
+    })
+}
+
 /// The TAP device named in a `net` string (`tap=NAME,...`).
 pub fn tap_name(net: &str) -> Option<&str> {
     net.split(',').find_map(|p| p.strip_prefix("tap="))
@@ -190,10 +205,12 @@ pub fn render(
         let mut t = HEADER.to_string();
         writeln!(
             t,
-            "[Unit]\nDescription=hostd daemon (functions)\nAfter=network.target\n\n[Service]\nType=notify\nNotifyAccess=main\nExecStart={} daemon --fleet {} --listen {}\nRestart=on-failure\nRestartSec={RESTART_SEC}\n\n[Install]\nWantedBy=multi-user.target",
+            "[Unit]\nDescription=hostd daemon (functions)\nAfter=network.target\n\n[Service]\nType=notify\nNotifyAccess=main\nExecStart={} daemon --fleet {} --listen {} --state-dir {}\n{}Restart=on-failure\nRestartSec={RESTART_SEC}\n\n[Install]\nWantedBy=multi-user.target",
             path_arg("hostd", &opts.hostd)?,
             path_arg("fleet", &fleet_path)?,
             arg("listen", listen)?,
+            path_arg("state", &opts.state_dir)?,
+            state_directory(&opts.state_dir)?,
         )
         .ok();
         files.push(UnitFile {
@@ -275,18 +292,7 @@ fn guest_text(
             .ok();
         }
     }
-    let state_directory = match state.strip_prefix("/var/lib") {
-        Ok(rel) if !rel.as_os_str().is_empty() => format!(
-            "StateDirectory={}\n",
-            value(&at("state"), &rel.to_string_lossy())?
-        ),
-        _ => String::new(),
-    };
-    // A first build fetches packages: more than systemd's default 90 s to get ready.
-    let start_timeout = match g.image {
-        ImageSource::Spec(_) => format!("TimeoutStartSec={BUILD_START_TIMEOUT_SECS}\n"),
-        _ => String::new(),
-    };
+    let state_directory = state_directory(&state)?;
     let restart = match g.restart {
         Restart::Always => "always",
         Restart::OnFailure => "on-failure",
@@ -307,7 +313,7 @@ fn guest_text(
     }
     write!(
         t,
-        "{creds}{state_directory}Delegate=yes\nKillMode=mixed\nKillSignal=SIGTERM\nSuccessExitStatus=143\n{start_timeout}TimeoutStopSec={stop_timeout}\nRestart={restart}\nRestartSec={RESTART_SEC}\nStandardOutput=journal\nStandardError=journal\n\n[Install]\nWantedBy={GUESTS_TARGET}\n"
+        "{creds}{state_directory}Delegate=yes\nKillMode=mixed\nKillSignal=SIGTERM\nSuccessExitStatus=143\nTimeoutStartSec={START_TIMEOUT_SECS}\nTimeoutStopSec={stop_timeout}\nRestart={restart}\nRestartSec={RESTART_SEC}\nStandardOutput=journal\nStandardError=journal\n\n[Install]\nWantedBy={GUESTS_TARGET}\n"
     )
     .ok();
     Ok(t)
@@ -368,6 +374,7 @@ mod tests {
         );
         assert!(web.contains("StateDirectory=hostd/guests/web\n"), "{web}");
         assert!(web.contains("TimeoutStopSec=27\n"), "{web}");
+        assert!(web.contains("TimeoutStartSec=1800\n"), "{web}");
         assert!(web.contains("Restart=always\n"), "{web}");
         assert!(
             web.contains("ExecStartPre=-/usr/sbin/ip tuntap add tap-web mode tap\n"),
@@ -405,7 +412,8 @@ mod tests {
             .text;
         assert!(
             d.contains(
-                "--fleet /etc/systemd/system/hostd-daemon.fleet.toml --listen 127.0.0.1:8080"
+                "--fleet /etc/systemd/system/hostd-daemon.fleet.toml --listen 127.0.0.1:8080 \
+                 --state-dir /var/lib/hostd\nStateDirectory=hostd\n"
             ),
             "{d}"
         );

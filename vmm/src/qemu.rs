@@ -255,12 +255,28 @@ fn share_with_qemu(
 /// sockets) and the few device nodes it opens. Nothing else: not the host's /etc,
 /// /home, /root or /proc of other processes.
 fn qemu_landlock() -> Result<hostd_devices::jail::landlock::Prepared, crate::jail::JailError> {
-    use std::path::Path;
-    let read: Vec<&Path> = ["/usr", "/lib", "/lib64", "/etc/ld.so.cache", "/dev/urandom"]
-        .iter()
-        .map(Path::new)
-        .chain(std::iter::once(crate::jail::runtime_dir()))
-        .collect();
+    use std::path::{Path, PathBuf};
+    // QEMU from /nix/store (NixOS: the store holds it and its libraries), or from the
+    // directory HOSTD_QEMU names; paths that do not exist are left out.
+    let binary = PathBuf::from(qemu_binary());
+    let own_dir: Option<PathBuf> = binary
+        .is_absolute()
+        .then(|| binary.canonicalize().ok())
+        .flatten()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+    let read: Vec<&Path> = [
+        "/usr",
+        "/lib",
+        "/lib64",
+        "/nix/store",
+        "/etc/ld.so.cache",
+        "/dev/urandom",
+    ]
+    .iter()
+    .map(Path::new)
+    .chain(std::iter::once(crate::jail::runtime_dir()))
+    .chain(own_dir.as_deref())
+    .collect();
     let read_write: Vec<&Path> = ["/dev/kvm", "/dev/null"].iter().map(Path::new).collect();
     hostd_devices::jail::landlock::prepare(&read, &read_write)
 }
