@@ -65,6 +65,18 @@ pub fn generate_keypair() -> Result<([u8; KEY_LEN], [u8; KEY_LEN]), Error> {
     Ok((private, public))
 }
 
+/// The public key of an X25519 private key.
+pub fn public_of(private: &[u8; KEY_LEN]) -> Result<[u8; KEY_LEN], Error> {
+    use snow::resolvers::{CryptoResolver, DefaultResolver};
+    let mut dh = DefaultResolver
+        .resolve_dh(&snow::params::DHChoice::Curve25519)
+        .ok_or(Error::Protocol("no X25519 implementation"))?;
+    dh.set(private);
+    dh.pubkey()
+        .try_into()
+        .map_err(|_| Error::Protocol("public key of an unexpected size"))
+}
+
 /// What the responder consults: its services' private keys and the psks of
 /// their live capabilities.
 pub trait Keys {
@@ -300,6 +312,12 @@ mod tests {
         let mut second = respond(&hello, &keys).expect("the responder cannot tell yet");
         assert_ne!(second.reply, first.reply, "a fresh ephemeral per answer");
         assert!(open(&mut second.transport, &recorded).is_err());
+    }
+
+    #[test]
+    fn public_of_matches_the_generated_pair() {
+        let (private, public) = generate_keypair().expect("keypair");
+        assert_eq!(public_of(&private).expect("public"), public);
     }
 
     #[test]
