@@ -50,6 +50,13 @@ pub enum FnCommand {
         /// Seconds a connection may stay open without a request (then it is closed).
         #[arg(long, default_value = "30", value_parser = parse_seconds)]
         idle_timeout: Duration,
+        /// Address (TCP) where functions with `service = "…"` answer capability
+        /// calls over Noise (port 0 picks a free one; logged as `capability listener ready`).
+        #[arg(long)]
+        cap_listen: Option<SocketAddr>,
+        /// Unix socket where functions with `service = "…"` answer capability calls.
+        #[arg(long)]
+        cap_unix: Option<PathBuf>,
     },
     /// Deploy a component as the next version of a function on the daemon
     /// (uploaded, compiled, health-checked if asked, then switched atomically).
@@ -138,6 +145,8 @@ pub fn run(cmd: FnCommand) -> anyhow::Result<i32> {
             max_connections,
             header_timeout,
             idle_timeout,
+            cap_listen,
+            cap_unix,
         } => {
             let cache_dir = if no_cache {
                 None
@@ -156,6 +165,8 @@ pub fn run(cmd: FnCommand) -> anyhow::Result<i32> {
                     header_timeout,
                     idle_timeout,
                 },
+                cap_listen,
+                cap_unix,
             };
             hostd_sandbox::serve(&opts, |addr| {
                 eprintln!("hostd fn serve: listening on http://{addr}");

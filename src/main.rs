@@ -2,6 +2,7 @@
 
 mod backend_cmd;
 mod bench_cmd;
+mod cap_cmd;
 mod daemon_cmd;
 mod fn_cmd;
 mod image_cmd;
@@ -121,6 +122,11 @@ enum Command {
         #[command(flatten)]
         args: daemon_cmd::NameArgs,
     },
+    /// Capabilities on the wire: mint, list, revoke and hold them (docs/capabilities.md).
+    Cap {
+        #[command(subcommand)]
+        cmd: cap_cmd::CapCommand,
+    },
     /// WebAssembly nanoservices.
     Fn {
         #[command(subcommand)]
@@ -182,6 +188,7 @@ fn main() {
         Command::Oci { cmd } => oci_cmd::run(cmd),
         Command::Run(args) => image_cmd::run(&args),
         Command::Backend { cmd } => backend_cmd::run(cmd),
+        Command::Cap { cmd } => cap_cmd::run(cmd),
         Command::Fn { cmd } => fn_cmd::run(cmd),
         Command::Systemd { cmd } => systemd_cmd::run(cmd),
         Command::Daemon(args) => daemon_cmd::daemon(args),

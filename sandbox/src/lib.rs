@@ -74,6 +74,9 @@ pub enum Error {
         /// What failed.
         msg: String,
     },
+    /// The cap store could not be used.
+    #[error("capabilities on the wire")]
+    Caps(#[source] hostd_caps::Error),
     /// The wasmtime engine could not be configured.
     #[error("wasmtime engine: {0}")]
     Engine(String),
@@ -116,6 +119,10 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
     /// Connection limits: cap, header-read and idle timeouts.
     pub connections: server::ConnectionLimits,
+    /// Where the capability responder listens (TCP), if anywhere.
+    pub cap_listen: Option<SocketAddr>,
+    /// Where the capability responder listens (Unix socket), if anywhere.
+    pub cap_unix: Option<PathBuf>,
 }
 
 /// Reads the serve target: a component (a `.wasm` name, or a file starting
@@ -143,6 +150,7 @@ fn load_target(target: &Path) -> Result<Manifest, Error> {
 #[derive(Debug)]
 pub struct Prepared {
     router: Arc<Router>,
+    cap_services: Arc<server::capability::CapServices>,
     _ticker: engine::EpochTicker,
 }
 
@@ -178,6 +186,16 @@ pub fn prepare(opts: &ServeOptions) -> Result<Prepared, Error> {
         None
     };
 
+    // The cap store lives in the state directory; it is only written when a
+    // function answers as a service (its key is made) or by `hostd cap`.
+    let cap_store = opts
+        .state_dir
+        .clone()
+        .or_else(|| manifest.state_dir.clone())
+        .or_else(engine::default_state_dir)
+        .map(|d| Arc::new(hostd_caps::CapStore::new(d.join("caps"))));
+    let mut services = std::collections::BTreeMap::new();
+
     let mut functions = Vec::new();
     for f in manifest.functions {
         let t = Instant::now();
@@ -208,22 +226,51 @@ pub fn prepare(opts: &ServeOptions) -> Result<Prepared, Error> {
         } else {
             kv.clone()
         };
+        if (f.service.is_some() || !f.grants.capabilities.is_empty()) && cap_store.is_none() {
+            return Err(Error::Grant {
+                function: f.name.clone(),
+                msg: "capabilities need a state directory for the cap store: pass --state-dir"
+                    .into(),
+            });
+        }
         let caps = Arc::new(FnCaps {
             name: f.name,
             grants: f.grants,
             kv,
+            cap_store: cap_store.clone(),
         });
-        functions.push(Arc::new(Deployed {
+        let deployed = Arc::new(Deployed {
             caps,
             routes: f.routes,
             pre,
             metrics: None,
-        }));
+        });
+        if let (Some(service), Some(store)) = (f.service, &cap_store) {
+            let (_, public) = store.service_keypair(&service).map_err(Error::Caps)?;
+            tracing::info!(
+                function = %deployed.caps.name,
+                service = %service,
+                public_key = %hex_prefix(&public),
+                "function answers as a capability service"
+            );
+            services.insert(service, deployed.clone());
+        }
+        functions.push(deployed);
     }
+    let cap_services = Arc::new(server::capability::CapServices::new(
+        cap_store.unwrap_or_else(|| Arc::new(hostd_caps::CapStore::new(PathBuf::new()))),
+        services,
+    ));
     Ok(Prepared {
         router: Arc::new(Router { functions }),
+        cap_services,
         _ticker: ticker,
     })
+}
+
+/// The first bytes of a public key, for log lines.
+fn hex_prefix(key: &[u8]) -> String {
+    key.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// Runs `hostd fn serve` until SIGTERM/SIGINT; `on_ready` is called with the
@@ -263,6 +310,34 @@ pub fn serve(opts: &ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<(
             idle_timeout_ms = limits.idle_timeout.as_millis() as u64,
             "listening"
         );
+        if let Some(cap_addr) = opts.cap_listen {
+            let cap_listener = server::bind(cap_addr).await?;
+            let bound = cap_listener.local_addr().map_err(|source| Error::Io {
+                what: "reading the capability listener's address".into(),
+                source,
+            })?;
+            tracing::info!(addr = %bound, "capability listener ready");
+            tokio::spawn(server::capability::serve_tcp(
+                prepared.cap_services.clone(),
+                cap_listener,
+            ));
+        }
+        if let Some(path) = &opts.cap_unix {
+            let _ = std::fs::remove_file(path);
+            let cap_listener =
+                tokio::net::UnixListener::bind(path).map_err(|source| Error::Io {
+                    what: format!("listening on {}", path.display()),
+                    source,
+                })?;
+            tracing::info!(path = %path.display(), "capability listener ready");
+            tokio::spawn(server::capability::serve_unix(
+                prepared.cap_services.clone(),
+                cap_listener,
+            ));
+        }
+        if opts.cap_listen.is_none() && opts.cap_unix.is_none() && !prepared.cap_services.is_empty() {
+            tracing::warn!("functions answer as capability services, but there is no --cap-listen or --cap-unix: nobody can call them");
+        }
         on_ready(addr);
         server::serve_on(
             prepared.router.clone(),
@@ -305,6 +380,7 @@ pub fn measure_instantiation(
         name: "bench".into(),
         grants: manifest::Grants::none(),
         kv: None,
+        cap_store: None,
     });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -48,6 +48,9 @@ pub struct Function {
     pub routes: Vec<Route>,
     /// Grants.
     pub grants: Grants,
+    /// The capability service this function answers as, if any: calls made
+    /// with a capability of this service reach it over Noise.
+    pub service: Option<String>,
 }
 
 /// A route pattern.
@@ -96,6 +99,9 @@ impl std::fmt::Display for Route {
 pub struct Grants {
     /// Outbound HTTP destinations: `host` (any port) or `host:port`.
     pub outbound: Vec<String>,
+    /// Capabilities by the name the host holds them under: `http://NAME/…`
+    /// reaches that capability's service over Noise.
+    pub capabilities: Vec<String>,
     /// Key-value bucket names.
     pub buckets: Vec<String>,
     /// Config values (`wasi:config/store`).
@@ -195,6 +201,9 @@ struct RawFunction {
     #[serde(default)]
     buckets: Vec<String>,
     #[serde(default)]
+    capabilities: Vec<String>,
+    service: Option<String>,
+    #[serde(default)]
     config: BTreeMap<String, String>,
     #[serde(default)]
     secrets: BTreeMap<String, RawSecret>,
@@ -260,6 +269,17 @@ impl Manifest {
                 Self::function(&name, f, base).map_err(|e| format!("functions.{name}: {e}"))?,
             );
         }
+        let mut services = BTreeMap::new();
+        for f in &functions {
+            if let Some(s) = &f.service {
+                if let Some(other) = services.insert(s.clone(), f.name.clone()) {
+                    return Err(format!(
+                        "service {s:?} is claimed by both functions.{other} and functions.{}",
+                        f.name
+                    ));
+                }
+            }
+        }
         let mut seen = BTreeMap::new();
         for f in &functions {
             for r in &f.routes {
@@ -292,6 +312,11 @@ impl Manifest {
                     "outbound entry {host:?} must be a host or host:port (no scheme, path or wildcard)"
                 ));
             }
+        }
+        for name in f.capabilities.iter().chain(f.service.iter()) {
+            hostd_caps::capability::check_name(name).map_err(|e| {
+                format!("capability {e} (a capability or service name, as in `hostd cap new NAME`)")
+            })?;
         }
         let mut secrets = BTreeMap::new();
         for (sname, s) in f.secrets {
@@ -353,8 +378,10 @@ impl Manifest {
             name: name.to_owned(),
             component: base.join(f.component),
             routes,
+            service: f.service,
             grants: Grants {
                 outbound: f.outbound,
+                capabilities: f.capabilities,
                 buckets: f.buckets,
                 config: f.config,
                 secrets,
@@ -380,6 +407,7 @@ impl Manifest {
                 component: component.to_owned(),
                 routes: vec![Route::Prefix(String::new())],
                 grants: Grants::none(),
+                service: None,
             }],
         }
     }
@@ -402,6 +430,8 @@ mod tests {
             dirs = [{ host = "data", guest = "/data" }, { host = "out", guest = "/out", mode = "rw" }]
             memory_mb = 16
             time_ms = 250
+            capabilities = ["billing"]
+            service = "front"
             "#,
             Path::new("/m"),
         )
@@ -419,6 +449,8 @@ mod tests {
         );
         assert!(!f.grants.dirs[0].writable && f.grants.dirs[1].writable);
         assert_eq!(f.grants.memory_bytes, 16 << 20);
+        assert_eq!(f.grants.capabilities, ["billing"]);
+        assert_eq!(f.service.as_deref(), Some("front"));
     }
 
     #[test]
@@ -429,6 +461,8 @@ mod tests {
             "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\nsecrets = { s = { value = \"inline\" } }",
             "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\noutbound = [\"http://x\"]",
             "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\nkv_bucket_mb = 0",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\ncapabilities = [\"a.b\"]",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\nservice = \"s\"\n[functions.b]\ncomponent = \"b.wasm\"\nroutes = [\"/y\"]\nservice = \"s\"",
             "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\nkv_value_kb = 1000000",
             "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\ntime_ms = 99999999999",
             "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\n[functions.b]\ncomponent = \"b.wasm\"\nroutes = [\"/x\"]",

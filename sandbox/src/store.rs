@@ -228,6 +228,7 @@ mod tests {
             name: "t".into(),
             grants,
             kv: None,
+            cap_store: None,
         });
         let mut l = MemoryLimiter::new(caps);
         // Two memories, each well under the limit on its own.

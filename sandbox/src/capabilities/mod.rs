@@ -8,6 +8,7 @@ pub mod filesystem;
 pub mod keyvalue;
 pub mod outbound;
 pub mod secrets;
+pub mod wire;
 
 /// Host bindings for the interfaces in `sandbox/wit/`.
 #[allow(missing_docs, missing_debug_implementations, clippy::all)]
@@ -45,6 +46,9 @@ pub struct FnCaps {
     pub grants: Grants,
     /// The key-value database, if any function was granted buckets.
     pub kv: Option<Arc<KvStore>>,
+    /// The host's cap store (the keys of the capabilities it holds), when
+    /// this host has one; the function only ever names a capability.
+    pub cap_store: Option<Arc<hostd_caps::CapStore>>,
 }
 
 /// The view host implementations of `sandbox/wit` work on.

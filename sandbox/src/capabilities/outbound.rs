@@ -1,6 +1,9 @@
 //! Outbound HTTP: the `wasi:http` outgoing-request hook checks every request's
 //! destination against the function's `outbound` grants before a connection
 //! is attempted. A denied request fails with `HTTP-request-denied`.
+//!
+//! A request to `http://NAME/…` where `NAME` is one of the function's granted
+//! `capabilities` goes over Noise instead (see [`super::wire`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,7 +26,7 @@ impl OutboundPolicy {
     }
 }
 
-type SendResult = wasmtime_wasi_http::Result<(
+pub(crate) type SendResult = wasmtime_wasi_http::Result<(
     http::Response<WasiBody>,
     Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
 )>;
@@ -40,6 +43,20 @@ impl WasiHttpHooks for OutboundPolicy {
         let host = uri.host().unwrap_or("");
         let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        if !https && uri.port().is_none() && self.caps.grants.capabilities.iter().any(|c| c == host)
+        {
+            let name = host.to_owned();
+            return Box::new(super::wire::call(self.caps.clone(), name, request, options));
+        }
+        if super::wire::is_held_capability(&self.caps, host) {
+            tracing::warn!(
+                function = %self.caps.name,
+                capability = %"cap",
+                name = %host,
+                "denied: capability not granted"
+            );
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
         if !self.caps.grants.allows_outbound(host, port) {
             tracing::warn!(
                 function = %self.caps.name,

@@ -596,6 +596,9 @@ impl Inner {
                 name: record.function.clone(),
                 grants: function.grants,
                 kv,
+                // Deployed versions hold no capabilities on the wire (yet):
+                // a granted one is refused with a log line.
+                cap_store: None,
             }),
             routes: function.routes,
             pre,

@@ -89,13 +89,14 @@ pub(crate) struct BodyDeadline {
 pub(crate) struct GuardedBody {
     inner: HyperOutgoingBody,
     deadline: Option<(Pin<Box<tokio::time::Sleep>>, Arc<Outcome>)>,
-    request: RequestGuard,
+    /// `None` for a capability call (its Noise session has no connection limits).
+    request: Option<RequestGuard>,
 }
 
 impl GuardedBody {
     pub(crate) fn new(
         inner: HyperOutgoingBody,
-        request: RequestGuard,
+        request: Option<RequestGuard>,
         deadline: Option<BodyDeadline>,
     ) -> GuardedBody {
         GuardedBody {
@@ -118,7 +119,9 @@ impl Body for GuardedBody {
             if sleep.as_mut().poll(cx).is_ready() {
                 outcome.mark_failed();
                 outcome.log_time_limit(Phase::Body);
-                self.request.abort_connection();
+                if let Some(r) = &self.request {
+                    r.abort_connection();
+                }
                 return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseTimeout)));
             }
         }
@@ -127,7 +130,9 @@ impl Body for GuardedBody {
             // trapped or was stopped): end with an error so that hyper closes
             // the connection instead of presenting a truncated body as whole.
             Poll::Ready(None) if self.deadline.as_ref().is_some_and(|(_, o)| o.failed()) => {
-                self.request.abort_connection();
+                if let Some(r) = &self.request {
+                    r.abort_connection();
+                }
                 Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
             }
             other => other,

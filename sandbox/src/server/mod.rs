@@ -1,6 +1,7 @@
 //! The HTTP front: hyper on tokio, routing paths to pre-instantiated
 //! components, one fresh store per request, graceful shutdown on SIGTERM.
 //!
+//! - [`capability`]: the capability responder (Noise in front of a function).
 //! - [`connections`]: the connection cap, header-read and idle timeouts,
 //!   accept back-off.
 //! - `body`: the response body under the request's deadline.
@@ -13,6 +14,7 @@
 //! functions in it, while a deploy swaps the whole table for the next request.
 
 mod body;
+pub mod capability;
 pub mod connections;
 pub mod fd_limit;
 mod io;
@@ -196,7 +198,7 @@ impl Router {
         guard: RequestGuard,
     ) -> Result<Response<HyperOutgoingBody>, Infallible> {
         let guarded = |resp: Response<HyperOutgoingBody>, deadline| {
-            resp.map(|b| GuardedBody::new(b, guard, deadline).boxed_unsync())
+            resp.map(|b| GuardedBody::new(b, Some(guard), deadline).boxed_unsync())
         };
         let Some(deployed) = self.find(req.uri().path()) else {
             return Ok(guarded(Failure::NoRoute.response(), None));
