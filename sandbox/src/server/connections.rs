@@ -255,19 +255,22 @@ impl Registry {
 
     /// Marks the longest-idle connection for closing; false if none is idle.
     ///
-    /// Order of preference: connections last seen empty that never carried a
-    /// request (opened and left silent), then keep-alive connections seen
-    /// empty between requests, then connections not looked at since they
-    /// became idle (a request may be waiting unread), then connections in the
-    /// middle of sending their headers; the longest idle first within each.
-    /// Closing a connection with an unread request resets it, which its
-    /// client sees as an error.
+    /// Order of preference: connections that never carried a request (opened
+    /// and left silent; those last seen empty first), then keep-alive
+    /// connections between requests (those seen empty first), then
+    /// connections in the middle of sending their headers; the longest idle
+    /// first within each. Closing a connection with an unread request resets
+    /// it, which its client sees as an error; a client that already got
+    /// answers on its connection is kept over new silent ones: in a flood of
+    /// new connections, most are not yet looked at when the cap is reached,
+    /// and preferring them over a served client's connection that was seen
+    /// empty reset that client's next request (seen under load in CI).
     fn evict_longest_idle(conns: &HashMap<u64, Arc<ConnState>>) -> bool {
         let victim = conns.values().filter(|c| c.is_idle()).min_by_key(|c| {
             (
                 c.head_started.load(Ordering::SeqCst) != 0,
-                !c.seen_empty.load(Ordering::SeqCst),
                 c.served.load(Ordering::SeqCst),
+                !c.seen_empty.load(Ordering::SeqCst),
                 c.idle_since.load(Ordering::SeqCst),
             )
         });
