@@ -247,29 +247,7 @@ impl CapStore {
 
     /// Every service with a key here, and its capabilities.
     pub fn list(&self) -> Result<Vec<ServiceEntry>, Error> {
-        let dir = self.services();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(Error::Store {
-                    path: dir,
-                    what: "listing",
-                    source,
-                })
-            }
-        };
-        let mut names: Vec<String> = entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".key"))
-                    .map(str::to_owned)
-            })
-            .filter(|n| check_name(n).is_ok())
-            .collect();
-        names.sort();
+        let names = names_in(&self.services(), ".key")?;
         let mut out = Vec::new();
         for service in names {
             let (_, public) = self.service_keypair(&service)?;
@@ -344,29 +322,7 @@ impl CapStore {
 
     /// Names of the capabilities held, sorted.
     pub fn list_held(&self) -> Result<Vec<(String, Capability)>, Error> {
-        let dir = self.held_dir();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(Error::Store {
-                    path: dir,
-                    what: "listing",
-                    source,
-                })
-            }
-        };
-        let mut names: Vec<String> = entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".cap"))
-                    .map(str::to_owned)
-            })
-            .filter(|n| check_name(n).is_ok())
-            .collect();
-        names.sort();
+        let names = names_in(&self.held_dir(), ".cap")?;
         let mut out = Vec::new();
         for n in names {
             if let Some(c) = self.held(&n)? {
@@ -375,6 +331,34 @@ impl CapStore {
         }
         Ok(out)
     }
+}
+
+/// The valid names of the files in `dir` ending in `suffix` (without it), sorted;
+/// none when `dir` does not exist yet.
+fn names_in(dir: &Path, suffix: &str) -> Result<Vec<String>, Error> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(Error::Store {
+                path: dir.to_path_buf(),
+                what: "listing",
+                source,
+            })
+        }
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(suffix))
+                .map(str::to_owned)
+        })
+        .filter(|n| check_name(n).is_ok())
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 impl Keys for CapStore {
