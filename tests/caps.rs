@@ -20,23 +20,6 @@ fn wasm(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("sandbox/examples/wasm/{name}.wasm"))
 }
 
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// A running `hostd fn serve` (optionally inside a network namespace), killed on drop.
 struct Server {
     child: Child,
@@ -83,7 +66,7 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                let line = strip_ansi(&line);
+                let line = common::strip_ansi(&line);
                 if let Some(rest) = line.split("capability listener ready addr=").nth(1) {
                     let _ = tx.send(("cap", rest.trim().to_string()));
                 }

@@ -28,23 +28,6 @@ struct Server {
     log: Arc<Mutex<String>>,
 }
 
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 impl Server {
     fn start(target: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         Server::start_limited(target, extra, env, None)
@@ -103,7 +86,7 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                let line = strip_ansi(&line);
+                let line = common::strip_ansi(&line);
                 if let Some(rest) = line.split("listening on http://").nth(1) {
                     let _ = tx.send(rest.trim().to_string());
                 }

@@ -357,3 +357,21 @@ pub fn sections(img: &[u8]) -> Vec<(String, usize, usize)> {
         })
         .collect()
 }
+
+/// `s` without ANSI escape sequences (the colours of tracing's log lines).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
