@@ -9,7 +9,10 @@
 //! and the guest memory actually touched (the allocated blocks of the guest-memory
 //! memfd). Per VM it prints and writes: PSS of `hostd run`, of the monitor, of its
 //! backends, their sum minus the guest memory touched (the overhead), and the host's
-//! MemAvailable drop per VM (before the start vs. all running), and spawn → `idle-ready`.
+//! MemAvailable drop per VM (before the start vs. all running: noisy, since the start
+//! takes minutes on a host doing other work), the MemAvailable the host gets back per VM
+//! when all N are stopped (measured seconds apart, so far less noisy), and spawn →
+//! `idle-ready`.
 //!
 //! `cargo bench --bench density` — prints a table per runner and writes
 //! target/bench/density.json. DENSITY_N copies (default 10), DENSITY_START (`serial`:
@@ -30,22 +33,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const SPEC: &str = r#"
-name = "idle"
-root = "erofs"
-memory = "128M"
-packages = ["busybox-static"]
-
-[[volumes]]
-name = "data"
-size = "16M"
-mount = "/data"
-
-[services.idle]
-command = "/bin/busybox"
-args = ["sh", "-c", "echo idle-ready; exec /bin/busybox sleep 100000"]
-main = true
-"#;
+/// The idle service image (shared with tests/lean_memory.rs).
+const SPEC: &str = include_str!("../tests/fixtures/idle.toml");
 
 const READY: &str = "idle-ready";
 
@@ -209,7 +198,30 @@ fn serial_start(vmm: &str) -> bool {
     }
 }
 
-fn run_vmm(image: &Path, vmm: &str, n: usize) -> Option<(Vec<Row>, i64)> {
+/// What one runner's N VMs measured: a row per VM, and the host's MemAvailable drop
+/// per VM at start and its rise per VM when they were stopped (KiB).
+struct Measured {
+    rows: Vec<Row>,
+    drop_per_vm: i64,
+    freed_per_vm: i64,
+}
+
+/// MemAvailable once it has stopped rising after the VMs were killed (the kernel frees
+/// guest memory as each process exits), within a few seconds.
+fn mem_available_settled() -> u64 {
+    let mut last = mem_available_kib();
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = mem_available_kib();
+        if now <= last + 256 {
+            return now.max(last);
+        }
+        last = now;
+    }
+    last
+}
+
+fn run_vmm(image: &Path, vmm: &str, n: usize) -> Option<Measured> {
     let before = mem_available_kib();
     let serial = serial_start(vmm);
     let (tx, rx) = mpsc::channel::<(usize, f64)>();
@@ -319,6 +331,7 @@ fn run_vmm(image: &Path, vmm: &str, n: usize) -> Option<(Vec<Row>, i64)> {
         row.overhead = total.saturating_sub(row.guest_touched);
         rows.push(row);
     }
+    let running = mem_available_kib();
     for vm in &mut vms {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
@@ -326,8 +339,13 @@ fn run_vmm(image: &Path, vmm: &str, n: usize) -> Option<(Vec<Row>, i64)> {
     for vm in &mut vms {
         let _ = vm.child.wait();
     }
-    let drop_per_vm = (before as i64 - after as i64) / vms.len().max(1) as i64;
-    Some((rows, drop_per_vm))
+    let freed = mem_available_settled();
+    let count = vms.len().max(1) as i64;
+    Some(Measured {
+        rows,
+        drop_per_vm: (before as i64 - after as i64) / count,
+        freed_per_vm: (freed as i64 - running as i64) / count,
+    })
 }
 
 fn mib(kib: u64) -> f64 {
@@ -379,7 +397,12 @@ fn main() {
                 "at once"
             }
         );
-        let Some((rows, drop_kib)) = run_vmm(&image, vmm, n) else {
+        let Some(Measured {
+            rows,
+            drop_per_vm: drop_kib,
+            freed_per_vm: freed_kib,
+        }) = run_vmm(&image, vmm, n)
+        else {
             println!("{vmm}: could not start the VMs");
             continue;
         };
@@ -406,8 +429,10 @@ fn main() {
         let touched = med(&|r| r.guest_touched);
         let ready = median(rows.iter().map(|r| r.ready_ms).collect());
         println!(
-            "  median overhead {:.1} MiB per VM outside guest RAM (goal ≤ 5 MiB); MemAvailable drop {:.1} MiB per VM ({:.1} MiB minus guest RAM touched); median spawn → ready {:.1} s",
+            "  median overhead {:.1} MiB per VM outside guest RAM (goal ≤ 5 MiB); MemAvailable freed when stopped {:.1} MiB per VM ({:.1} MiB minus guest RAM touched); MemAvailable drop at start {:.1} MiB per VM ({:.1} minus guest RAM; noisy); median spawn → ready {:.1} s",
             overhead / 1024.0,
+            freed_kib as f64 / 1024.0,
+            (freed_kib as f64 - touched) / 1024.0,
             drop_kib as f64 / 1024.0,
             (drop_kib as f64 - touched) / 1024.0,
             ready / 1e3
@@ -423,7 +448,7 @@ fn main() {
             })
             .collect();
         results.push(format!(
-            "{{\"vmm\":\"{vmm}\",\"n\":{n},\"median_overhead_kib\":{overhead:.0},\"mem_available_drop_per_vm_kib\":{drop_kib},\"median_ready_ms\":{:.0},\"vms\":[{}]}}",
+            "{{\"vmm\":\"{vmm}\",\"n\":{n},\"median_overhead_kib\":{overhead:.0},\"mem_available_drop_per_vm_kib\":{drop_kib},\"mem_available_freed_per_vm_kib\":{freed_kib},\"median_ready_ms\":{:.0},\"vms\":[{}]}}",
             if ready.is_finite() { ready } else { -1.0 },
             vms.join(",")
         ));

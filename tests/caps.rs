@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const HELLO: &str = "hello from a nanoservice";
 
@@ -108,21 +108,7 @@ impl Server {
     }
 
     fn wait_log(&self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            {
-                let log = self.log.lock().unwrap();
-                if let Some(line) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
-                    return line.to_string();
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no log line with {needles:?}; log:\n{}",
-                self.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_log_line(&self.log, needles)
     }
 
     fn log(&self) -> String {

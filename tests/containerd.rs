@@ -117,6 +117,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         run_with_deadline(c, Duration::from_secs(300))
     }
 
+    /// `ctr run FLAGS… --runtime io.containerd.hostd.v1 REFERENCE ID`.
+    fn run(&self, flags: &[&str], reference: &str, id: &str) -> Output {
+        let mut args = vec!["run"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--runtime", "io.containerd.hostd.v1", reference, id]);
+        self.ctr(&args)
+    }
+
     fn import(&self, archive: &Path) {
         let out = self.ctr(&["image", "import", archive.to_str().unwrap()]);
         assert!(
@@ -217,6 +225,19 @@ fn build(dir: &Path, name: &str, spec: &str) -> PathBuf {
     let out = run_with_deadline(c, Duration::from_secs(300));
     assert!(out.status.success(), "build {name}: {}", out.all());
     image
+}
+
+/// A one-service busybox image running `sh -c SCRIPT` as its main service, built and
+/// packed as `hostd.local/NAME:latest`.
+fn busybox_image(dir: &Path, name: &str, script: &str) -> PathBuf {
+    let spec = format!(
+        "name = {name:?}\nmemory = \"128M\"\npackages = [\"busybox-static\"]\n\
+         [services.main]\ncommand = \"/bin/busybox\"\nargs = [\"sh\", \"-c\", {script:?}]\nmain = true\n"
+    );
+    pack(
+        &build(dir, name, &spec),
+        &format!("hostd.local/{name}:latest"),
+    )
 }
 
 /// `hostd oci pack IMAGE -o IMAGE.oci.tar --ref REF`.
@@ -327,32 +348,11 @@ fn packed_hello_image_runs_prints_and_passes_the_exit_code() {
         ),
         "hostd.local/hello:latest",
     );
-    let exit7 = pack(
-        &build(
-            work.path(),
-            "exit7",
-            r#"name = "exit7"
-memory = "128M"
-packages = ["busybox-static"]
-[services.main]
-command = "/bin/busybox"
-args = ["sh", "-c", "echo leaving with 7; exit 7"]
-main = true
-"#,
-        ),
-        "hostd.local/exit7:latest",
-    );
+    let exit7 = busybox_image(work.path(), "exit7", "echo leaving with 7; exit 7");
     let c = Containerd::start();
     c.import(&hello);
     c.import(&exit7);
-    let out = c.ctr(&[
-        "run",
-        "--runtime",
-        "io.containerd.hostd.v1",
-        "--rm",
-        "hostd.local/hello:latest",
-        "hello1",
-    ]);
+    let out = c.run(&["--rm"], "hostd.local/hello:latest", "hello1");
     assert_eq!(out.code(), Some(0), "{}\n{}", out.all(), c.log());
     assert!(
         out.stdout.contains("[hello] hello from hostd"),
@@ -360,14 +360,7 @@ main = true
         out.all()
     );
     c.assert_clean("hello1");
-    let out = c.ctr(&[
-        "run",
-        "--runtime",
-        "io.containerd.hostd.v1",
-        "--rm",
-        "hostd.local/exit7:latest",
-        "exit7",
-    ]);
+    let out = c.run(&["--rm"], "hostd.local/exit7:latest", "exit7");
     assert!(out.stdout.contains("leaving with 7"), "{}", out.all());
     assert_eq!(out.code(), Some(7), "{}\n{}", out.all(), c.log());
     c.assert_clean("exit7");
@@ -379,35 +372,20 @@ fn a_running_guest_is_listed_measured_killed_cleanly_and_deleted() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let archive = pack(
-        &build(
-            work.path(),
-            "sleeper",
-            r#"name = "sleeper"
-memory = "128M"
-packages = ["busybox-static"]
-[services.main]
-command = "/bin/busybox"
-args = ["sh", "-c", "echo sleeper up; exec /bin/busybox sleep 600"]
-main = true
-"#,
-        ),
-        "hostd.local/sleeper:latest",
+    let archive = busybox_image(
+        work.path(),
+        "sleeper",
+        "echo sleeper up; exec /bin/busybox sleep 600",
     );
     let c = Containerd::start();
     c.import(&archive);
     let console = work.path().join("console.log");
     let uri = format!("file://{}", console.display());
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--log-uri",
-        &uri,
-        "--runtime",
-        "io.containerd.hostd.v1",
+    let out = c.run(
+        &["-d", "--log-uri", &uri],
         "hostd.local/sleeper:latest",
         "sleeper",
-    ]);
+    );
     assert!(out.status.success(), "{}\n{}", out.all(), c.log());
     let end = Instant::now() + Duration::from_secs(300);
     while !std::fs::read_to_string(&console)
@@ -513,14 +491,7 @@ fn bad_bundles_fail_at_create_with_a_clear_error_in_containerds_log() {
         let reference = format!("hostd.local/{name}:latest");
         oci_archive(&archive, &reference, &layers, &["/bin/app"]);
         c.import(&archive);
-        let out = c.ctr(&[
-            "run",
-            "--runtime",
-            "io.containerd.hostd.v1",
-            "--rm",
-            &reference,
-            name,
-        ]);
+        let out = c.run(&["--rm"], &reference, name);
         assert!(!out.status.success(), "{name} ran:\n{}", out.all());
         assert!(out.stderr.contains(expect), "{name}: {}", out.all());
         let log = c.log();
@@ -560,16 +531,7 @@ fn a_wasm_image_answers_a_request() {
         .unwrap()
         .port();
     let listen = format!("HOSTD_FN_LISTEN=127.0.0.1:{port}");
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--env",
-        &listen,
-        "--runtime",
-        "io.containerd.hostd.v1",
-        "hostd.local/fn:latest",
-        "fn1",
-    ]);
+    let out = c.run(&["-d", "--env", &listen], "hostd.local/fn:latest", "fn1");
     assert!(out.status.success(), "{}\n{}", out.all(), c.log());
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(10))
@@ -650,14 +612,7 @@ fn a_busybox_root_file_system_runs_its_entrypoint_in_a_microvm() {
     );
     let c = Containerd::start();
     c.import(&archive);
-    let out = c.ctr(&[
-        "run",
-        "--runtime",
-        "io.containerd.hostd.v1",
-        "--rm",
-        "hostd.local/busybox:latest",
-        "bb1",
-    ]);
+    let out = c.run(&["--rm"], "hostd.local/busybox:latest", "bb1");
     assert!(
         out.stdout.contains("entrypoint of a busybox root in Linux"),
         "{}\n{}",

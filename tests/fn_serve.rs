@@ -138,21 +138,7 @@ impl Server {
 
     /// Waits (bounded) for a log line containing every needle.
     fn wait_log(&self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            {
-                let log = self.log.lock().unwrap();
-                if let Some(line) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
-                    return line.to_string();
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no log line with {needles:?}; log:\n{}",
-                self.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_log_line(&self.log, needles)
     }
 
     fn terminate(&mut self) -> std::process::ExitStatus {

@@ -18,22 +18,8 @@ use std::time::Duration;
 /// Most private anonymous memory (RssAnon) the VM process and `hostd run` may each hold.
 const BOUND_KIB: u64 = 8 * 1024;
 
-const SPEC: &str = r#"
-name = "idle"
-root = "erofs"
-memory = "128M"
-packages = ["busybox-static"]
-
-[[volumes]]
-name = "data"
-size = "16M"
-mount = "/data"
-
-[services.idle]
-command = "/bin/busybox"
-args = ["sh", "-c", "echo idle-ready; exec /bin/busybox sleep 100000"]
-main = true
-"#;
+/// The idle service image (shared with benches/density.rs).
+const SPEC: &str = include_str!("fixtures/idle.toml");
 
 fn status_kib(pid: u32, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -358,6 +358,28 @@ pub fn sections(img: &[u8]) -> Vec<(String, usize, usize)> {
         .collect()
 }
 
+/// Waits (at most 30 s) until `log` (a child's log, collected by a reader thread) has a
+/// line containing every needle, and returns that line; fails the test with the whole
+/// log otherwise.
+#[allow(dead_code)]
+pub fn wait_log_line(log: &std::sync::Mutex<String>, needles: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        {
+            let log = log.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(line) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_string();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {needles:?}; log:\n{}",
+            log.lock().unwrap_or_else(|p| p.into_inner())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `s` without ANSI escape sequences (the colours of tracing's log lines).
 pub fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
