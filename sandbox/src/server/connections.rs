@@ -146,6 +146,14 @@ impl ConnState {
         RequestGuard(self.clone())
     }
 
+    /// Undoes an eviction of a connection found to have a request waiting: it
+    /// counts as receiving its headers from now on (never chosen again before
+    /// they are in, and held to the header timeout).
+    fn rescue(&self) {
+        self.evicted.store(false, Ordering::SeqCst);
+        self.on_bytes_read();
+    }
+
     fn is_idle(&self) -> bool {
         self.in_request.load(Ordering::SeqCst) == 0 && !self.evicted.load(Ordering::SeqCst)
     }
@@ -474,6 +482,16 @@ async fn connection(
             }
             let until = match state.verdict(&limits) {
                 Verdict::WaitUntil(t) => t,
+                Verdict::Evicted if has_unread_bytes(&stream) => {
+                    // Chosen while its request sat unread in the kernel (this
+                    // task had not run yet, as under a flood on a loaded
+                    // host): closing would reset a client that did nothing
+                    // wrong. It stays, and its request is read now; the
+                    // registry is over its cap by one until a later
+                    // admission evicts an idle connection.
+                    state.rescue();
+                    continue;
+                }
                 other => break other,
             };
             tokio::select! {
@@ -529,6 +547,19 @@ async fn connection(
         }
         Verdict::Evicted | Verdict::WaitUntil(_) => {}
     }
+}
+
+/// Whether the kernel holds bytes of this connection that were not read yet.
+fn has_unread_bytes(stream: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(
+        rustix::net::recv(
+            stream,
+            &mut byte[..],
+            rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
+        ),
+        Ok((_, n)) if n > 0
+    )
 }
 
 /// Whether `e` means the process or system ran out of file descriptors.
