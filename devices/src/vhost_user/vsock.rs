@@ -750,8 +750,8 @@ impl VsockBackend {
     pub const LINK_EVENT: u16 = 4;
 
     /// Serves `count` capabilities over `link` (connected to `hostd run`'s relay; made
-    /// non-blocking here). Register [`Self::link_fd`] with the worker's epoll
-    /// (edge-triggered, in and out) as [`Self::LINK_EVENT`].
+    /// non-blocking here). Serve it with [`super::serve_watching`] and
+    /// [`Self::listeners`].
     pub fn with_capabilities(
         mut self,
         link: std::os::unix::net::UnixStream,
@@ -763,10 +763,21 @@ impl VsockBackend {
         Ok(self)
     }
 
-    /// The capability link's fd, if there is one.
-    pub fn link_fd(&self) -> Option<std::os::fd::RawFd> {
+    /// What the worker's epoll must watch besides the queues (for
+    /// [`super::serve_watching`]): the capability link, if there is one, edge-triggered
+    /// for input and for room to write.
+    pub fn listeners(&self) -> Vec<(std::os::fd::RawFd, u16, EventSet)> {
         use std::os::fd::AsRawFd;
-        self.link.as_ref().map(|l| l.as_raw_fd())
+        self.link
+            .iter()
+            .map(|l| {
+                (
+                    l.as_raw_fd(),
+                    Self::LINK_EVENT,
+                    EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                )
+            })
+            .collect()
     }
 
     /// Reads every frame the relay sent, and hands it to the host side.
