@@ -725,8 +725,9 @@ pub struct VsockBackend {
     guest_cid: u64,
     host: Host,
     mem: Memory,
-    /// The capability link (non-blocking), its decoder, and whether it still works.
-    link: Option<std::os::unix::net::UnixStream>,
+    /// The capability link (non-blocking; as a File, so that reads are read(2), not
+    /// recvfrom(2), which the filter does not allow) and its decoder.
+    link: Option<std::fs::File>,
     decoder: cap_link::Decoder,
 }
 
@@ -758,7 +759,7 @@ impl VsockBackend {
         count: u32,
     ) -> io::Result<Self> {
         link.set_nonblocking(true)?;
-        self.link = Some(link);
+        self.link = Some(std::fs::File::from(std::os::fd::OwnedFd::from(link)));
         self.host.serve_capabilities(count);
         Ok(self)
     }
