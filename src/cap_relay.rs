@@ -98,6 +98,9 @@ pub fn start(names: &[String], store_dir: Option<&Path>) -> Result<Option<Runnin
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     let exe = std::env::current_exe().context("cannot find hostd's own executable")?;
     let mut cmd = Command::new(exe);
+    // A clean environment (but the log settings), killed with `hostd run`, no fd but
+    // the three standard ones.
+    hostd_vmm::jail::clean_child(&mut cmd, hostd_vmm::jail::LOG_ENV);
     cmd.arg("cap")
         .arg("relay")
         .arg("--state-dir")
@@ -107,20 +110,6 @@ pub fn start(names: &[String], store_dir: Option<&Path>) -> Result<Option<Runnin
         .stdin(Stdio::from(OwnedFd::from(listener)))
         // Its own process group: Ctrl-C reaches `hostd run`, which stops the VM first.
         .process_group(0);
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: runs between fork and exec; prctl, getppid and _exit are async-signal-safe
-    // and nothing is allocated.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        })
-    };
     let child = cmd.spawn().context("cannot start the capability relay")?;
     Ok(Some(Running {
         child,
