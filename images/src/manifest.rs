@@ -512,6 +512,26 @@ mod tests {
     }
 
     #[test]
+    fn capabilities_get_ports_in_name_order_and_bad_names_are_refused() {
+        let mut m = manifest(&[("a", &[]), ("b", &[])]);
+        if let Some(s) = m.services.get_mut("a") {
+            s.capabilities = vec!["zeta".into(), "billing".into()];
+        }
+        if let Some(s) = m.services.get_mut("b") {
+            s.capabilities = vec!["billing".into()];
+        }
+        assert!(m.validate().is_ok());
+        assert_eq!(crate::abi::capability_names(&m), ["billing", "zeta"]);
+        // Empty lists stay out of the canonical JSON (older images keep their bytes).
+        let json = String::from_utf8(m.to_canonical_json()).unwrap_or_default();
+        assert_eq!(json.matches("\"capabilities\"").count(), 2);
+        if let Some(s) = m.services.get_mut("b") {
+            s.capabilities = vec!["../x".into()];
+        }
+        assert!(m.validate().is_err());
+    }
+
+    #[test]
     fn start_order_respects_dependencies() {
         let m = manifest(&[("web", &["db", "cache"]), ("db", &[]), ("cache", &["db"])]);
         assert_eq!(

@@ -715,6 +715,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn guest_and_backend_agree_on_capability_ports() {
+        use hostd_devices::vhost_user::vsock;
+        assert_eq!(
+            hostd_images::abi::VSOCK_CAPS_PORT_BASE,
+            vsock::CAPS_PORT_BASE
+        );
+        assert_eq!(hostd_images::abi::MAX_CAPABILITIES as u32, vsock::MAX_CAPS);
+        // The capability ports stay clear of the secrets and echo ports.
+        assert!(vsock::CAPS_PORT_BASE > vsock::ECHO_PORT);
+    }
+
+    #[test]
     fn secrets_come_from_files_only() {
         assert_eq!(
             parse_secret_arg("db_password=@/run/pw").ok(),
