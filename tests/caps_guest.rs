@@ -6,12 +6,15 @@
 //! service's socket store, and is refused when it opens a vsock connection to the
 //! capability port itself (guest init's own binary in its `vsock-probe` mode, as its
 //! own non-root user). The bytes between the host and `fn serve` pass a recording relay
-//! and carry no plaintext. Under QEMU.
+//! and carry no plaintext. Under QEMU, and under hostd's own VMM.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use common::{build_with_files, hostd, require, require_qemu_guest, run_image};
+use common::{
+    build_with_files, hostd, kvm_usable, require, require_qemu_guest, run_image_with,
+    run_with_deadline,
+};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -159,20 +162,40 @@ args = ["sh", "-c", "echo other-sees=$(/bin/busybox ls /run/hostd/caps | /bin/bu
 user = "1001:1001"
 "#;
 
+#[must_use]
+fn require_curl() -> bool {
+    require(
+        "package curl in the apt lists",
+        Command::new("apt-cache")
+            .args(["show", "curl"])
+            .output()
+            .is_ok_and(|o| o.status.success() && !o.stdout.is_empty()),
+        "apt-get update",
+    )
+}
+
 #[test]
 fn a_granted_guest_service_calls_a_function_through_its_capability_over_vsock() {
-    if !require_qemu_guest()
-        || !require(
-            "package curl in the apt lists",
-            Command::new("apt-cache")
-                .args(["show", "curl"])
-                .output()
-                .is_ok_and(|o| o.status.success() && !o.stdout.is_empty()),
-            "apt-get update",
-        )
+    if !require_qemu_guest() || !require_curl() {
+        return;
+    }
+    guest_calls_a_function("qemu");
+}
+
+/// The same under hostd's own VMM. On a nested PVM host every guest system call goes
+/// through KVM's instruction emulator (docs/pvm.md): minutes, not seconds.
+#[test]
+fn a_granted_guest_service_calls_a_function_through_its_capability_with_the_built_in_vmm() {
+    if !require("/dev/kvm", kvm_usable(), "a host with KVM")
+        || !require_qemu_guest()
+        || !require_curl()
     {
         return;
     }
+    guest_calls_a_function("kvm");
+}
+
+fn guest_calls_a_function(vmm: &str) {
     let dir = tempfile::tempdir().unwrap();
     let fn_state = dir.path().join("fn-state");
     let run_state = dir.path().join("run-state");
@@ -193,10 +216,16 @@ fn a_granted_guest_service_calls_a_function_through_its_capability_over_vsock() 
     cap_cli(&run_state, &["add", "billing", &cap]);
 
     let (_img_dir, image) = build_with_files(SPEC, &[("vsock-probe", Path::new(PROBE))]);
-    let out = run_image(
-        &image,
-        &["--state-dir", run_state.to_str().unwrap(), "--mem", "512M"],
-    );
+    let args = ["--state-dir", run_state.to_str().unwrap(), "--mem", "512M"];
+    let out = if vmm == "kvm" {
+        let mut cmd = hostd();
+        cmd.args(["run", "--vmm", "kvm", "--timeout", "1500"])
+            .args(args)
+            .arg(&image);
+        run_with_deadline(cmd, Duration::from_secs(1600))
+    } else {
+        run_image_with(vmm, &image, &args)
+    };
     // The granted service gets `b`'s answer.
     assert!(
         out.stdout.contains("[client] client-curl-exit=0"),
