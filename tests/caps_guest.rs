@@ -291,3 +291,91 @@ fn a_capability_the_host_does_not_hold_is_refused_before_boot() {
         "{stderr}"
     );
 }
+
+/// The relay `hostd run` starts, without a VM: this test plays the vsock backend on the
+/// capability link. A connection to capability 0 reaches the function over Noise and
+/// brings its answer back (credited, then EOF); one to a capability the VM does not
+/// hold is closed and logged as denied.
+#[test]
+fn the_relay_carries_a_link_connection_to_a_function_over_noise() {
+    use hostd_devices::vhost_user::cap_link::{Decoder, Frame};
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    let dir = tempfile::tempdir().unwrap();
+    let fn_state = dir.path().join("fn-state");
+    let run_state = dir.path().join("run-state");
+    let manifest = dir.path().join("fns.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[functions.b]\ncomponent = \"{}\"\nroutes = [\"/b\"]\nservice = \"bsvc\"\n",
+            wasm("hello").display()
+        ),
+    )
+    .unwrap();
+    let server = FnServe::start(&manifest, &fn_state);
+    let cap = cap_cli(&fn_state, &["new", "bsvc", "--location", &server.cap_addr]);
+    cap_cli(&run_state, &["add", "billing", cap.trim()]);
+
+    let socket = dir.path().join("caps.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_hostd"))
+        .args(["cap", "relay", "billing", "--state-dir"])
+        .arg(&run_state)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::from(OwnedFd::from(listener)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut link = UnixStream::connect(&socket).unwrap();
+    link.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut out = Vec::new();
+    Frame::Open { id: 1, cap: 0 }.encode(&mut out);
+    Frame::Data {
+        id: 1,
+        bytes: b"GET /b HTTP/1.0\r\nHost: billing\r\n\r\n".to_vec(),
+    }
+    .encode(&mut out);
+    // No Eof from this side: hyper (fn serve's capability responder) drops a connection
+    // whose client half-closes before the response, and curl does not half-close.
+    Frame::Open { id: 2, cap: 5 }.encode(&mut out);
+    link.write_all(&out).unwrap();
+
+    let mut d = Decoder::default();
+    let (mut answer, mut credited, mut eof, mut closed2) = (Vec::new(), 0, false, false);
+    let mut buf = [0u8; 4096];
+    while !(eof && closed2) {
+        let n = link.read(&mut buf).expect("frames from the relay");
+        assert!(n > 0, "the relay hung up");
+        d.push(&buf[..n]);
+        while let Some(f) = d.next_frame().expect("well-formed frames") {
+            match f {
+                Frame::Data { id: 1, bytes } => answer.extend_from_slice(&bytes),
+                Frame::Credit { id: 1, n } => credited += n,
+                Frame::Eof { id: 1 } => eof = true,
+                Frame::Close { id: 2 } => closed2 = true,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.") && answer.contains(" 200 "),
+        "{answer}"
+    );
+    assert!(answer.ends_with(HELLO), "{answer}");
+    assert_eq!(credited, 34, "the request's bytes are credited back");
+    let _ = relay.kill();
+    let _ = relay.wait();
+    let mut log = String::new();
+    relay
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(log.contains("denied: capability not granted"), "{log}");
+}
