@@ -45,16 +45,23 @@ pub fn offer(m: &Manifest) -> Option<BTreeMap<String, String>> {
     if names.is_empty() {
         return None;
     }
-    match make(m, &names) {
+    let mut mounted = false;
+    match make(m, &names, &mut mounted) {
         Ok(dirs) => Some(dirs),
         Err(e) => {
             log(&format!("capabilities: {e}; services get none"));
-            Some(BTreeMap::new())
+            // With the store mounted (maybe holding some sockets), services must still
+            // start with it detached; without it, there is nothing to hide.
+            mounted.then(BTreeMap::new)
         }
     }
 }
 
-fn make(m: &Manifest, names: &[String]) -> Result<BTreeMap<String, String>, String> {
+fn make(
+    m: &Manifest,
+    names: &[String],
+    mounted: &mut bool,
+) -> Result<BTreeMap<String, String>, String> {
     std::fs::create_dir_all(STORE).map_err(|e| format!("mkdir {STORE}: {e}"))?;
     std::fs::create_dir_all(abi::CAPS_DIR).map_err(|e| format!("mkdir {}: {e}", abi::CAPS_DIR))?;
     sys::mount(
@@ -65,6 +72,7 @@ fn make(m: &Manifest, names: &[String]) -> Result<BTreeMap<String, String>, Stri
         "mode=0700",
     )
     .map_err(|e| format!("mount tmpfs on {STORE}: {e}"))?;
+    *mounted = true;
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let mut dirs = BTreeMap::new();
     for (svc, spec) in &m.services {
