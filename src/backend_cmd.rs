@@ -15,7 +15,7 @@ use hostd_devices::vhost_user::block::{BlockBackend, Verity, BLOCK_SYSCALLS};
 use hostd_devices::vhost_user::net::{open_tap, parse_mac, NetBackend, NET_SYSCALLS};
 use hostd_devices::vhost_user::rng::{RngBackend, RNG_SYSCALLS};
 use hostd_devices::vhost_user::vsock::{VsockBackend, VSOCK_SYSCALLS};
-use hostd_devices::vhost_user::{backend_filter, serve, serve_with_listeners};
+use hostd_devices::vhost_user::{backend_filter, serve, serve_watching, serve_with_listeners};
 
 /// Guest memory assumed when `--guest-mib` is not given (a backend started by hand).
 const DEFAULT_GUEST_MIB: u64 = 1024;
@@ -130,6 +130,13 @@ pub enum BackendCommand {
         /// never appear on a command line).
         #[arg(long = "secret", value_name = "NAME=PATH")]
         secrets: Vec<String>,
+        /// Serve this many capability ports (1100..), carried over --caps-link.
+        #[arg(long, default_value_t = 0, requires = "caps_link")]
+        caps: u32,
+        /// The Unix socket of `hostd run`'s capability relay (connected before the
+        /// jail; the backend opens no socket afterwards).
+        #[arg(long, value_name = "PATH")]
+        caps_link: Option<PathBuf>,
     },
 }
 
@@ -222,6 +229,8 @@ pub fn run(cmd: BackendCommand) -> Result<i32> {
             common,
             cid,
             secrets,
+            caps,
+            caps_link,
         } => {
             if cid < 3 || cid > u64::from(u32::MAX) {
                 bail!("--cid {cid}: guest CIDs start at 3");
@@ -241,15 +250,25 @@ pub fn run(cmd: BackendCommand) -> Result<i32> {
                 }
                 values.push((name.to_string(), value));
             }
-            let backend = VsockBackend::new(cid, &values)?;
+            let mut backend = VsockBackend::new(cid, &values)?;
             drop(values);
-            serve(
+            if let Some(path) = &caps_link {
+                let link = std::os::unix::net::UnixStream::connect(path).with_context(|| {
+                    format!("cannot reach the capability relay at {}", path.display())
+                })?;
+                backend = backend
+                    .with_capabilities(link, caps)
+                    .context("capability link")?;
+            }
+            let listeners = backend.listeners();
+            serve_watching(
                 "vsock",
                 &common.socket,
                 backend,
                 common.jail(parent).as_ref(),
                 || backend_filter(VSOCK_SYSCALLS),
                 common.selftest.as_deref(),
+                &listeners,
             )?;
         }
     }

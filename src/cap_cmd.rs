@@ -63,6 +63,15 @@ pub enum CapCommand {
         #[command(flatten)]
         store: StoreArg,
     },
+    /// (Internal: started by `hostd run`.) Relays the vsock backend's capability
+    /// connections to the capabilities held as NAMES; the listening socket is stdin.
+    #[command(hide = true)]
+    Relay {
+        /// The capabilities, in port order.
+        names: Vec<String>,
+        #[command(flatten)]
+        store: StoreArg,
+    },
 }
 
 fn out(s: &str) {
@@ -130,6 +139,7 @@ pub fn run(cmd: CapCommand) -> Result<i32> {
             out(&s);
             Ok(0)
         }
+        CapCommand::Relay { names, store } => crate::cap_relay::serve(&store.store()?, &names),
         CapCommand::Revoke { id, store } => {
             let (service, full) = store.store()?.revoke(&id)?;
             out(&format!("{service}: capability {full} revoked\n"));

@@ -251,7 +251,9 @@ pub struct RunArgs {
     /// set NAME up`.
     #[arg(long, value_name = "tap=NAME,...", value_parser = parse_net)]
     pub net: Option<NetConfig>,
-    /// Where volumes live [default: $HOSTD_STATE, else ~/.local/share/hostd].
+    /// Where volumes live [default: $HOSTD_STATE, else ~/.local/share/hostd]; its
+    /// `caps/` is the cap store holding the capabilities the image's services declare
+    /// (`hostd cap add NAME CAP --state-dir DIR`) [default for those: `hostd cap`'s].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Debugging only: run the VMM and the device backends without seccomp filters,
@@ -313,6 +315,7 @@ fn run_options(args: &RunArgs) -> Result<RunOptions> {
         secrets: args.secrets.clone(),
         secret_dir: args.secret_dir.clone(),
         trust: args.trust.clone(),
+        caps_link: None,
     })
 }
 
@@ -323,8 +326,14 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // Ctrl-C, SIGTERM and SIGHUP from here on are counted, never fatal: the runner stops
     // the VM (at once while it boots) and every staged file is removed.
     hostd_vmm::signals::install();
-    let opts = run_options(args)?;
+    let mut opts = run_options(args)?;
     let r = plan::resolve(&opts)?;
+    // Capabilities the services declare: each held by this host (checked now, before
+    // anything boots), carried by a relay of their own (src/cap_relay.rs).
+    let _relay = crate::cap_relay::start(&r.capabilities, args.state_dir.as_deref())?;
+    if let Some(relay) = &_relay {
+        opts.caps_link = Some(relay.socket().to_path_buf());
+    }
     tracing::info!(
         "booting with {} vCPU(s), {} MiB ({:?})",
         r.vcpus,

@@ -3,6 +3,7 @@
 mod backend_cmd;
 mod bench_cmd;
 mod cap_cmd;
+mod cap_relay;
 mod daemon_cmd;
 mod fn_cmd;
 mod image_cmd;

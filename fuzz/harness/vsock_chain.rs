@@ -2,8 +2,12 @@
 //! tables, rings, packet headers and payloads) and queue geometry for tx and rx, and
 //! raw packets fed straight to the host-side state machine. Nothing may panic, nothing
 //! may touch memory outside the guest's, and every packet the host sends must be a
-//! well-formed stream packet from CID 2 within the credit rules.
+//! well-formed stream packet from CID 2 within the credit rules. The host serves two
+//! capability ports; each raw packet is also fed to it as bytes from the capability
+//! relay (frames decoded as the backend does), and what it writes to the relay must
+//! decode as well-formed frames.
 
+use hostd_devices::vhost_user::cap_link::Decoder;
 use hostd_devices::vhost_user::vsock::{rx_queue, tx_queue, Header, Host, HEADER_LEN, MAX_PAYLOAD};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -28,6 +32,12 @@ fn check(p: &[u8]) {
     assert!(p.len() - HEADER_LEN <= MAX_PAYLOAD);
 }
 
+/// Passes what `host` wrote for the relay through `d`: every frame must decode.
+fn check_link(host: &mut Host, d: &mut Decoder) {
+    d.push(&std::mem::take(host.link_output()));
+    while let Some(_frame) = d.next_frame().expect("the host writes well-formed frames") {}
+}
+
 /// One input: see the module's documentation for its layout.
 pub fn run(data: &[u8]) {
     // Layout: [rx size][tx size][n raw packets][per packet: 2-byte length, bytes]...[guest memory].
@@ -36,6 +46,10 @@ pub fn run(data: &[u8]) {
         return;
     };
     let mut host = Host::new(3, &[("db_password".into(), b"hunter2".to_vec())]);
+    host.serve_capabilities(2);
+    // What the host sends the relay, reassembled across the whole input.
+    let mut to_relay = Decoder::default();
+
     let mut rest = &data[3..];
     for _ in 0..(n % 8) {
         if rest.len() < 2 {
@@ -43,6 +57,14 @@ pub fn run(data: &[u8]) {
         }
         let len = usize::from(u16::from_le_bytes([rest[0], rest[1]])).min(rest.len() - 2);
         let _ = host.receive(&rest[2..2 + len]);
+        check_link(&mut host, &mut to_relay);
+        // The same bytes as frames from the relay.
+        let mut from_relay = Decoder::default();
+        from_relay.push(&rest[2..2 + len]);
+        while let Ok(Some(f)) = from_relay.next_frame() {
+            host.link_receive(f);
+        }
+        check_link(&mut host, &mut to_relay);
         rest = &rest[2 + len..];
         // Drain what the host wants to send, into buffers of varying room.
         let mut room = HEADER_LEN + len % 64;
@@ -67,5 +89,6 @@ pub fn run(data: &[u8]) {
     for _ in 0..2 {
         let _ = tx_queue(&mut host, &mut tx, &mem);
         let _ = rx_queue(&mut host, &mut rx, &mem);
+        check_link(&mut host, &mut to_relay);
     }
 }

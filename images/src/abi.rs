@@ -47,6 +47,38 @@ pub const VSOCK_HOST_CID: u32 = 2;
 pub const VSOCK_SECRETS_PORT: u32 = 1025;
 /// vsock port on the host that echoes what it receives (round-trip self-test).
 pub const VSOCK_ECHO_PORT: u32 = 1026;
+/// First host vsock port of the capabilities: the guest reaches the `i`-th of
+/// [`capability_names`] (0-based) on port `VSOCK_CAPS_PORT_BASE + i`, from a privileged
+/// port (guest init's relay); the host side carries it to the capability over Noise.
+pub const VSOCK_CAPS_PORT_BASE: u32 = 1100;
+/// Most distinct capabilities one image's services may declare.
+pub const MAX_CAPABILITIES: usize = 64;
+/// Where a service finds the capabilities it was granted: `/run/hostd/caps/NAME`, a
+/// Unix socket whose every connection is a byte stream to the capability's service.
+pub const CAPS_DIR: &str = "/run/hostd/caps";
+
+/// Whether `name` can name a capability: 1 to 64 letters, digits, `-` or `_` (the
+/// names `hostd cap add` accepts).
+pub fn is_capability_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Every capability the services of `m` declare, sorted and without repeats: the
+/// order fixing each one's port ([`VSOCK_CAPS_PORT_BASE`] + index), computed alike by
+/// the host and guest init from the same manifest.
+pub fn capability_names(m: &crate::manifest::Manifest) -> Vec<String> {
+    let set: std::collections::BTreeSet<&String> = m
+        .services
+        .values()
+        .flat_map(|s| s.capabilities.iter())
+        .collect();
+    set.into_iter().cloned().collect()
+}
+
 /// Where a service finds the secrets it was granted: `/run/secrets/NAME`.
 pub const SECRETS_DIR: &str = "/run/secrets";
 /// Kernel command line flag making guest init send a line to [`VSOCK_ECHO_PORT`] and

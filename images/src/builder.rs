@@ -482,6 +482,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                         depends_on: s.depends_on.clone(),
                         main: s.main,
                         secrets: s.secrets.clone(),
+                        capabilities: s.capabilities.clone(),
                     },
                 )
             })

@@ -210,6 +210,11 @@ pub struct Service {
     pub main: bool,
     /// Names of the secrets this service may receive under /run/secrets.
     pub secrets: Vec<String>,
+    /// Names of the host-held capabilities this service may use, as the Unix sockets
+    /// `/run/hostd/caps/NAME`. Left out of the JSON when empty, so images built before
+    /// the field existed keep their bytes (and digest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
 }
 
 /// A persistent volume.
@@ -360,6 +365,16 @@ impl Manifest {
                     format!("`{x}` is not a secret name"),
                 );
             }
+            if let Some(x) = s
+                .capabilities
+                .iter()
+                .find(|x| !crate::abi::is_capability_name(x))
+            {
+                return bad(
+                    format!("services.{n}.capabilities"),
+                    format!("`{x}` is not a capability name"),
+                );
+            }
         }
         for (i, t) in self.tmpfs.iter().enumerate() {
             if !names::is_guest_path(&t.path) || t.path == "/" {
@@ -387,6 +402,15 @@ impl Manifest {
         }
         if self.services.values().filter(|s| s.main).count() > 1 {
             return bad("services".into(), "more than one `main` service".into());
+        }
+        if crate::abi::capability_names(self).len() > crate::abi::MAX_CAPABILITIES {
+            return bad(
+                "services".into(),
+                format!(
+                    "more than {} distinct capabilities declared",
+                    crate::abi::MAX_CAPABILITIES
+                ),
+            );
         }
         if self.start_order().is_none() {
             return bad("services".into(), "dependency cycle".into());
@@ -456,6 +480,7 @@ mod tests {
             depends_on: deps.iter().map(|s| s.to_string()).collect(),
             main: false,
             secrets: vec![],
+            capabilities: vec![],
         }
     }
 
@@ -484,6 +509,26 @@ mod tests {
             tmpfs: vec![],
             network: None,
         }
+    }
+
+    #[test]
+    fn capabilities_get_ports_in_name_order_and_bad_names_are_refused() {
+        let mut m = manifest(&[("a", &[]), ("b", &[])]);
+        if let Some(s) = m.services.get_mut("a") {
+            s.capabilities = vec!["zeta".into(), "billing".into()];
+        }
+        if let Some(s) = m.services.get_mut("b") {
+            s.capabilities = vec!["billing".into()];
+        }
+        assert!(m.validate().is_ok());
+        assert_eq!(crate::abi::capability_names(&m), ["billing", "zeta"]);
+        // Empty lists stay out of the canonical JSON (older images keep their bytes).
+        let json = String::from_utf8(m.to_canonical_json()).unwrap_or_default();
+        assert_eq!(json.matches("\"capabilities\"").count(), 2);
+        if let Some(s) = m.services.get_mut("b") {
+            s.capabilities = vec!["../x".into()];
+        }
+        assert!(m.validate().is_err());
     }
 
     #[test]

@@ -256,6 +256,11 @@ pub struct ServiceSpec {
     /// Secrets this service may receive.
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// Capabilities this service may use, by the name the host holds them under
+    /// (`hostd cap add NAME …`): each appears in the guest as the Unix socket
+    /// `/run/hostd/caps/NAME` (docs/capabilities.md, "From a guest service").
+    #[serde(default)]
+    pub capabilities: Vec<String>,
 }
 
 /// A persistent volume.
@@ -561,6 +566,16 @@ impl Spec {
                     return Err(bad(
                         field("secrets"),
                         format!("`{sec}` is not a secret name (letters, digits, `-`, `_`, `.`)"),
+                    ));
+                }
+            }
+            for cap in &s.capabilities {
+                if !crate::abi::is_capability_name(cap) {
+                    return Err(bad(
+                        field("capabilities"),
+                        format!(
+                            "`{cap}` is not a capability name (1 to 64 letters, digits, `-` or `_`, as `hostd cap add` takes)"
+                        ),
                     ));
                 }
             }

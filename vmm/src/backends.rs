@@ -41,7 +41,19 @@ pub enum DeviceBackend {
         /// Secrets to deliver: name and the host file holding the value (the backend
         /// reads it; values never go on a command line).
         secrets: Vec<(String, PathBuf)>,
+        /// The capability relay to carry capability ports to, if any.
+        caps: Option<CapsLink>,
     },
+}
+
+/// Where the vsock backend sends capability connections: the Unix socket of `hostd
+/// run`'s capability relay, and how many capability ports to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapsLink {
+    /// The relay's socket (the backend connects before it jails itself).
+    pub socket: PathBuf,
+    /// Capability ports (1100..1100+count).
+    pub count: u32,
 }
 
 impl DeviceBackend {
@@ -92,11 +104,17 @@ impl DeviceBackend {
                 "--mac".into(),
                 mac.clone(),
             ],
-            DeviceBackend::Vsock { cid, secrets } => {
+            DeviceBackend::Vsock { cid, secrets, caps } => {
                 let mut a = vec!["vsock".into(), "--cid".into(), cid.to_string()];
                 for (name, path) in secrets {
                     a.push("--secret".into());
                     a.push(format!("{name}={}", path.to_string_lossy()));
+                }
+                if let Some(link) = caps {
+                    a.push("--caps".into());
+                    a.push(link.count.to_string());
+                    a.push("--caps-link".into());
+                    a.push(link.socket.to_string_lossy().into_owned());
                 }
                 a
             }
@@ -362,6 +380,7 @@ mod tests {
         let vsock = DeviceBackend::Vsock {
             cid: 3,
             secrets: vec![("db_password".into(), PathBuf::from("/etc/hostd/db"))],
+            caps: None,
         };
         assert_eq!(
             vsock.args(),

@@ -380,6 +380,10 @@ pub struct RunOptions {
     pub secret_dir: Option<PathBuf>,
     /// Boot only an image signed by one of these public keys.
     pub trust: Vec<PathBuf>,
+    /// The capability relay the vsock backend connects to (set by a runner that carries
+    /// the capabilities the image's services declare; None: their connections are
+    /// refused).
+    pub caps_link: Option<PathBuf>,
 }
 
 /// What a run boots, resolved from an image or a bare kernel.
@@ -405,6 +409,9 @@ pub struct Plan {
     pub volumes: Vec<Volume>,
     /// Every secret some service declares.
     pub declared_secrets: BTreeSet<String>,
+    /// Every capability some service declares, in port order
+    /// (`hostd_images::abi::capability_names`).
+    pub capabilities: Vec<String>,
 }
 
 /// Opens and verifies an image: every digest, the manifest and the sections it needs,
@@ -470,6 +477,7 @@ pub fn resolve(opts: &RunOptions) -> Result<Plan, PlanError> {
             root: None,
             volumes: vec![],
             declared_secrets: Default::default(),
+            capabilities: vec![],
         });
     }
     let path = opts.image.as_deref().ok_or(PlanError::NothingToBoot)?;
@@ -539,6 +547,7 @@ pub fn resolve(opts: &RunOptions) -> Result<Plan, PlanError> {
             .values()
             .flat_map(|s| s.secrets.iter().cloned())
             .collect(),
+        capabilities: hostd_images::abi::capability_names(&manifest),
     })
 }
 
@@ -610,7 +619,7 @@ pub fn host_secrets(opts: &RunOptions) -> Result<Vec<(String, PathBuf)>, PlanErr
 
 /// The devices a run attaches, in the order the guest sees them: the root disk first
 /// (/dev/vda), then the volumes in manifest order (serials vol0, vol1, …), the network
-/// card, rng, then vsock when secrets are declared or offered. Each volume is locked
+/// card, rng, then vsock when secrets are declared or offered or capabilities carried. Each volume is locked
 /// for this VM for as long as the returned locks live.
 pub fn devices(
     plan: &Plan,
@@ -646,7 +655,21 @@ pub fn devices(
     }
     devices.push(DeviceBackend::Rng);
     let offered = host_secrets(opts)?;
-    if !plan.declared_secrets.is_empty() || !offered.is_empty() {
+    let caps = match (&opts.caps_link, plan.capabilities.len()) {
+        (_, 0) => None,
+        (Some(socket), n) => Some(crate::backends::CapsLink {
+            socket: socket.clone(),
+            count: n as u32,
+        }),
+        (None, _) => {
+            tracing::warn!(
+                "the image's services declare capabilities ({}) but this runner carries none; their connections will be refused",
+                plan.capabilities.join(", ")
+            );
+            None
+        }
+    };
+    if !plan.declared_secrets.is_empty() || !offered.is_empty() || caps.is_some() {
         for name in &plan.declared_secrets {
             if !offered.iter().any(|(n, _)| n == name) {
                 tracing::warn!(
@@ -667,6 +690,7 @@ pub fn devices(
         devices.push(DeviceBackend::Vsock {
             cid: GUEST_CID,
             secrets,
+            caps,
         });
     }
     check_cmdline_fits(&plan.cmdline, devices.len())?;
@@ -689,6 +713,18 @@ fn check_cmdline_fits(cmdline: &str, devices: usize) -> Result<(), PlanError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_and_backend_agree_on_capability_ports() {
+        use hostd_devices::vhost_user::vsock;
+        assert_eq!(
+            hostd_images::abi::VSOCK_CAPS_PORT_BASE,
+            vsock::CAPS_PORT_BASE
+        );
+        assert_eq!(hostd_images::abi::MAX_CAPABILITIES as u32, vsock::MAX_CAPS);
+        // The capability ports stay clear of the secrets and echo ports.
+        const { assert!(vsock::CAPS_PORT_BASE > vsock::ECHO_PORT) };
+    }
 
     #[test]
     fn secrets_come_from_files_only() {

@@ -6,9 +6,11 @@
 //! - [`block`]: virtio-blk over one file region: the image's read-only root file system
 //!   (every 4 KiB block checked against its recorded sha256) or a read-write volume.
 //! - [`net`]: virtio-net over a TAP device.
-//! - [`vsock`]: virtio-vsock whose host side (secrets, echo) lives in the backend.
+//! - [`vsock`]: virtio-vsock whose host side (secrets, echo) lives in the backend;
+//!   capability connections go over [`cap_link`] to `hostd run`'s relay.
 
 pub mod block;
+pub mod cap_link;
 pub mod net;
 pub mod rng;
 pub mod vsock;
@@ -117,8 +119,31 @@ pub fn serve_with_listeners<B>(
 where
     B: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> + Send + Sync + 'static,
 {
+    let listeners: Vec<(RawFd, u16, EventSet)> = listeners
+        .iter()
+        .map(|(fd, id)| (*fd, *id, EventSet::IN | EventSet::EDGE_TRIGGERED))
+        .collect();
     serve_inner(
-        name, socket, backend, sandbox, filter, selftest, listeners, true,
+        name, socket, backend, sandbox, filter, selftest, &listeners, true,
+    )
+}
+
+/// [`serve`], with extra fds the backend's worker watches (see
+/// [`serve_with_listeners`]), without the frontend relay.
+pub fn serve_watching<B>(
+    name: &str,
+    socket: &Path,
+    backend: B,
+    sandbox: Option<&jail::JailOptions>,
+    filter: impl FnOnce() -> Result<seccompiler::BpfProgram, jail::JailError>,
+    selftest: Option<&str>,
+    listeners: &[(RawFd, u16, EventSet)],
+) -> Result<(), BackendError>
+where
+    B: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> + Send + Sync + 'static,
+{
+    serve_inner(
+        name, socket, backend, sandbox, filter, selftest, listeners, false,
     )
 }
 
@@ -128,7 +153,7 @@ type Daemon<B> = VhostUserDaemon<Arc<RwLock<B>>>;
 fn new_daemon<B>(
     name: &str,
     backend: &Arc<RwLock<B>>,
-    listeners: &[(RawFd, u16)],
+    listeners: &[(RawFd, u16, EventSet)],
 ) -> Result<Daemon<B>, BackendError>
 where
     B: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> + Send + Sync + 'static,
@@ -143,9 +168,9 @@ where
         let worker = handlers
             .first()
             .ok_or_else(|| setup("epoll", &"the daemon has no worker"))?;
-        for (fd, id) in listeners {
+        for (fd, id, events) in listeners {
             worker
-                .register_listener(*fd, EventSet::IN | EventSet::EDGE_TRIGGERED, u64::from(*id))
+                .register_listener(*fd, *events, u64::from(*id))
                 .map_err(|e| setup(&format!("watching fd {fd} as event {id}"), &e))?;
         }
     }
@@ -160,7 +185,7 @@ fn serve_inner<B>(
     sandbox: Option<&jail::JailOptions>,
     filter: impl FnOnce() -> Result<seccompiler::BpfProgram, jail::JailError>,
     selftest: Option<&str>,
-    listeners: &[(RawFd, u16)],
+    listeners: &[(RawFd, u16, EventSet)],
     relay: bool,
 ) -> Result<(), BackendError>
 where

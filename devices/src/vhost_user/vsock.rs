@@ -9,6 +9,13 @@
 //!   service trying its luck, or init after a reboot) is reset and logged on the host.
 //!   See docs/security.md.
 //! - [`ECHO_PORT`]: every byte the guest sends comes back (for round-trip tests).
+//! - [`CAPS_PORT_BASE`]` + i`: the `i`-th capability the image's services declare
+//!   (when the runner gave the backend a capability link: see [`super::cap_link`]).
+//!   Like the secrets port, only a connection from a privileged guest port (guest
+//!   init's relay, which offers each service only the capabilities it was granted) is
+//!   accepted; its bytes go both ways over the link to `hostd run`'s relay, which
+//!   carries them to the capability's service over Noise. The backend itself opens no
+//!   socket and never sees a key.
 //!
 //! Any other port, or a packet for a connection that does not exist, gets RST. Every
 //! header and length the guest writes is checked ([`Header::parse`], [`Host::receive`]);
@@ -25,6 +32,7 @@ use vm_memory::GuestAddressSpace;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
+use super::cap_link::{self, Frame};
 use super::rng::VHOST_USER_F_PROTOCOL_FEATURES;
 use super::{drain, Memory};
 use crate::virtio::VIRTIO_F_VERSION_1;
@@ -35,6 +43,10 @@ pub const HOST_CID: u64 = 2;
 pub const SECRETS_PORT: u32 = 1025;
 /// The port echoing what it receives.
 pub const ECHO_PORT: u32 = 1026;
+/// The first capability port (the same number as `hostd_images::abi::VSOCK_CAPS_PORT_BASE`).
+pub const CAPS_PORT_BASE: u32 = 1100;
+/// Most capability ports (`hostd_images::abi::MAX_CAPABILITIES`).
+pub const MAX_CAPS: u32 = 64;
 /// Guest ports up to this one can be bound only with `CAP_NET_BIND_SERVICE` (Linux's
 /// vsock rule), i.e. by root in the guest; guest init fetches the secrets from one.
 pub const LAST_PRIVILEGED_PORT: u32 = 1023;
@@ -58,13 +70,17 @@ const OP_SHUTDOWN: u16 = 4;
 const OP_RW: u16 = 5;
 const OP_CREDIT_UPDATE: u16 = 6;
 const OP_CREDIT_REQUEST: u16 = 7;
+/// SHUTDOWN flag: the sender will receive no more.
+const SHUTDOWN_RCV: u32 = 1;
 /// SHUTDOWN flag: the sender will send no more.
 const SHUTDOWN_SEND: u32 = 2;
 
 const RX: usize = 0;
 const TX: usize = 1;
 
-/// The syscalls virtio-vsock needs beyond every backend's: none (no host sockets).
+/// The syscalls virtio-vsock needs beyond every backend's: none. It opens no host
+/// socket: the capability link is connected before the jail, and afterwards only read
+/// and written (both in every backend's list).
 pub const VSOCK_SYSCALLS: &[i64] = &[];
 
 /// What was wrong with a packet from the guest.
@@ -193,6 +209,11 @@ pub fn encode_secrets(secrets: &[(String, Vec<u8>)]) -> Vec<u8> {
 enum Service {
     Secrets,
     Echo,
+    /// A capability, by index; `link` numbers the connection on the capability link.
+    Cap {
+        index: u32,
+        link: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -210,6 +231,9 @@ struct Conn {
     /// Send SHUTDOWN once `out` is empty.
     close_after: bool,
     shutdown_sent: bool,
+    /// Capability connections: bytes from the guest passed to the link and not yet
+    /// credited back by the relay (at most [`BUF_ALLOC`], the credit the guest has).
+    unacked_in: u32,
 }
 
 impl Conn {
@@ -246,6 +270,14 @@ pub struct Host {
     /// Keyed by (guest port, host port).
     conns: BTreeMap<(u32, u32), Conn>,
     control: VecDeque<Header>,
+    /// How many capability ports are served (0: no capability link).
+    caps: u32,
+    /// Frames for the capability link, not yet written.
+    link_out: Vec<u8>,
+    /// The next link connection number.
+    next_link: u32,
+    /// Link connection number -> connection key.
+    links: BTreeMap<u32, (u32, u32)>,
 }
 
 impl Host {
@@ -256,7 +288,129 @@ impl Host {
             secrets: Secrets::Waiting(encode_secrets(secrets)),
             conns: BTreeMap::new(),
             control: VecDeque::new(),
+            caps: 0,
+            link_out: Vec::new(),
+            next_link: 0,
+            links: BTreeMap::new(),
         }
+    }
+
+    /// Serves `count` capability ports ([`CAPS_PORT_BASE`]..), whose connections go to
+    /// the capability link ([`Host::link_output`], [`Host::link_receive`]).
+    pub fn serve_capabilities(&mut self, count: u32) {
+        self.caps = count.min(MAX_CAPS);
+    }
+
+    /// Bytes to write to the capability link (take what was written).
+    pub fn link_output(&mut self) -> &mut Vec<u8> {
+        &mut self.link_out
+    }
+
+    /// Forgets connection `key`, resetting it towards the guest (`rst`) and telling the
+    /// link (when it is a capability connection).
+    fn drop_conn(&mut self, key: (u32, u32), rst: bool) {
+        let Some(conn) = self.conns.remove(&key) else {
+            return;
+        };
+        if let Service::Cap { link, .. } = conn.service {
+            self.links.remove(&link);
+            Frame::Close { id: link }.encode(&mut self.link_out);
+        }
+        if rst {
+            let h = Header {
+                src_cid: HOST_CID,
+                dst_cid: self.guest_cid,
+                src_port: key.1,
+                dst_port: key.0,
+                len: 0,
+                kind: TYPE_STREAM,
+                op: OP_RST,
+                flags: 0,
+                buf_alloc: BUF_ALLOC,
+                fwd_cnt: 0,
+            };
+            self.push_control(h);
+        }
+    }
+
+    /// Handles one frame from the capability link (the relay). A frame for a
+    /// connection that is gone is ignored; one that breaks the rules resets its
+    /// connection.
+    pub fn link_receive(&mut self, frame: Frame) {
+        let id = match &frame {
+            Frame::Open { id, .. }
+            | Frame::Data { id, .. }
+            | Frame::Eof { id }
+            | Frame::Close { id }
+            | Frame::Credit { id, .. } => *id,
+        };
+        let Some(&key) = self.links.get(&id) else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(&key) else {
+            self.links.remove(&id);
+            return;
+        };
+        match frame {
+            Frame::Data { bytes, .. } => {
+                if conn.close_after || conn.out.len() + bytes.len() > cap_link::WINDOW as usize {
+                    tracing::warn!(
+                        "vsock: the capability relay overran connection {id}'s window; reset"
+                    );
+                    self.drop_conn(key, true);
+                } else {
+                    conn.out.extend(bytes.iter().copied());
+                }
+            }
+            Frame::Eof { .. } => conn.close_after = true,
+            Frame::Close { .. } => {
+                // The relay has forgotten it already: no Close back.
+                self.links.remove(&id);
+                self.conns.remove(&key);
+                self.rst(&Header {
+                    src_cid: self.guest_cid,
+                    dst_cid: HOST_CID,
+                    src_port: key.0,
+                    dst_port: key.1,
+                    ..Header::default()
+                });
+            }
+            Frame::Credit { n, .. } => {
+                let n = n.min(conn.unacked_in);
+                conn.unacked_in -= n;
+                conn.fwd_cnt = conn.fwd_cnt.wrapping_add(n);
+                let h = Header {
+                    src_cid: HOST_CID,
+                    dst_cid: self.guest_cid,
+                    src_port: key.1,
+                    dst_port: key.0,
+                    len: 0,
+                    kind: TYPE_STREAM,
+                    op: OP_CREDIT_UPDATE,
+                    flags: 0,
+                    buf_alloc: BUF_ALLOC,
+                    fwd_cnt: conn.fwd_cnt,
+                };
+                self.push_control(h);
+            }
+            Frame::Open { .. } => {
+                tracing::warn!("vsock: the capability relay sent an Open frame; ignored");
+            }
+        }
+    }
+
+    /// The capability link is gone: every capability connection is reset, and no new
+    /// one is accepted.
+    pub fn link_lost(&mut self) {
+        if self.caps > 0 {
+            tracing::warn!("vsock: the capability link to hostd run is gone; capability connections are reset from now on");
+        }
+        self.caps = 0;
+        let keys: Vec<_> = self.links.values().copied().collect();
+        for key in keys {
+            self.drop_conn(key, true);
+        }
+        self.link_out.clear();
     }
 
     fn reply(&self, to: &Header, op: u16) -> Header {
@@ -321,6 +475,26 @@ impl Host {
             let service = match h.dst_port {
                 SECRETS_PORT => Service::Secrets,
                 ECHO_PORT => Service::Echo,
+                p if (CAPS_PORT_BASE..CAPS_PORT_BASE + MAX_CAPS).contains(&p) => {
+                    let index = p - CAPS_PORT_BASE;
+                    if index >= self.caps {
+                        tracing::warn!(
+                            "vsock: denied: capability not granted: guest port {} asked for capability port {p}, and this VM holds no capability {index} (the image declares fewer, or the runner gave none)",
+                            h.src_port
+                        );
+                        self.rst(&h);
+                        return Ok(());
+                    }
+                    if h.src_port > LAST_PRIVILEGED_PORT {
+                        tracing::warn!(
+                            "vsock: denied: capability not granted: a connection from guest port {} to capability port {p}: not a privileged port (guest init's relay connects from one, for the services granted the capability); something in the guest that is not root tried",
+                            h.src_port
+                        );
+                        self.rst(&h);
+                        return Ok(());
+                    }
+                    Service::Cap { index, link: 0 }
+                }
                 _ => {
                     self.rst(&h);
                     return Ok(());
@@ -355,7 +529,19 @@ impl Host {
                 out: VecDeque::new(),
                 close_after: false,
                 shutdown_sent: false,
+                unacked_in: 0,
             };
+            if let Service::Cap { index, .. } = service {
+                let link = self.next_link;
+                self.next_link = self.next_link.wrapping_add(1);
+                conn.service = Service::Cap { index, link };
+                self.links.insert(link, key);
+                Frame::Open {
+                    id: link,
+                    cap: index,
+                }
+                .encode(&mut self.link_out);
+            }
             if service == Service::Secrets {
                 let served = Secrets::Served(h.src_port);
                 if let Secrets::Waiting(mut payload) = std::mem::replace(&mut self.secrets, served)
@@ -381,6 +567,40 @@ impl Host {
         };
         conn.peer_buf_alloc = h.buf_alloc;
         conn.peer_fwd_cnt = h.fwd_cnt;
+        if let Service::Cap { link, .. } = conn.service {
+            match h.op {
+                OP_RW => {
+                    let len = payload.len() as u32;
+                    if conn.unacked_in.saturating_add(len) > BUF_ALLOC {
+                        // More than the credit we gave it.
+                        self.drop_conn(key, true);
+                        return Ok(());
+                    }
+                    conn.unacked_in += len;
+                    if !payload.is_empty() {
+                        Frame::Data {
+                            id: link,
+                            bytes: payload.to_vec(),
+                        }
+                        .encode(&mut self.link_out);
+                    }
+                }
+                OP_CREDIT_REQUEST => {
+                    let fwd_cnt = conn.fwd_cnt;
+                    let mut r = self.reply(&h, OP_CREDIT_UPDATE);
+                    r.fwd_cnt = fwd_cnt;
+                    self.push_control(r);
+                }
+                OP_CREDIT_UPDATE | OP_RESPONSE => {}
+                OP_SHUTDOWN if h.flags & SHUTDOWN_RCV == 0 => {
+                    // The guest sends no more but still reads: a half close, passed on.
+                    Frame::Eof { id: link }.encode(&mut self.link_out);
+                }
+                OP_RST => self.drop_conn(key, false),
+                _ => self.drop_conn(key, true),
+            }
+            return Ok(());
+        }
         match h.op {
             OP_RW => {
                 if conn.out.len() + payload.len() > BUF_ALLOC as usize {
@@ -391,7 +611,8 @@ impl Host {
                 }
                 match conn.service {
                     Service::Echo => conn.out.extend(payload.iter().copied()),
-                    Service::Secrets => {
+                    // (Capability connections were handled above.)
+                    Service::Secrets | Service::Cap { .. } => {
                         conn.fwd_cnt = conn.fwd_cnt.wrapping_add(payload.len() as u32);
                     }
                 }
@@ -467,6 +688,14 @@ impl Host {
                     // Echoed bytes leave our buffer: consumed.
                     c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
                 }
+                if let Service::Cap { link, .. } = c.service {
+                    // Passed on to the guest: the relay may send as many more.
+                    Frame::Credit {
+                        id: link,
+                        n: n as u32,
+                    }
+                    .encode(&mut self.link_out);
+                }
                 let h = Header {
                     len: n as u32,
                     fwd_cnt: c.fwd_cnt,
@@ -496,6 +725,10 @@ pub struct VsockBackend {
     guest_cid: u64,
     host: Host,
     mem: Memory,
+    /// The capability link (non-blocking; as a File, so that reads are read(2), not
+    /// recvfrom(2), which the filter does not allow) and its decoder.
+    link: Option<std::fs::File>,
+    decoder: cap_link::Decoder,
 }
 
 impl VsockBackend {
@@ -508,7 +741,115 @@ impl VsockBackend {
             guest_cid,
             host: Host::new(guest_cid, secrets),
             mem: Memory::new(vm_memory::GuestMemoryMmap::new()),
+            link: None,
+            decoder: cap_link::Decoder::default(),
         })
+    }
+
+    /// The epoll id of the capability link: ids up to and including the number of
+    /// queues (3) are the library's.
+    pub const LINK_EVENT: u16 = 4;
+
+    /// Serves `count` capabilities over `link` (connected to `hostd run`'s relay; made
+    /// non-blocking here). Serve it with [`super::serve_watching`] and
+    /// [`Self::listeners`].
+    pub fn with_capabilities(
+        mut self,
+        link: std::os::unix::net::UnixStream,
+        count: u32,
+    ) -> io::Result<Self> {
+        link.set_nonblocking(true)?;
+        self.link = Some(std::fs::File::from(std::os::fd::OwnedFd::from(link)));
+        self.host.serve_capabilities(count);
+        Ok(self)
+    }
+
+    /// What the worker's epoll must watch besides the queues (for
+    /// [`super::serve_watching`]): the capability link, if there is one, edge-triggered
+    /// for input and for room to write.
+    pub fn listeners(&self) -> Vec<(std::os::fd::RawFd, u16, EventSet)> {
+        use std::os::fd::AsRawFd;
+        self.link
+            .iter()
+            .map(|l| {
+                (
+                    l.as_raw_fd(),
+                    Self::LINK_EVENT,
+                    EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                )
+            })
+            .collect()
+    }
+
+    /// Reads every frame the relay sent, and hands it to the host side.
+    fn link_in(&mut self) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 16 * 1024];
+        let lost = loop {
+            match link.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(n) => self.decoder.push(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("vsock: reading the capability link: {e}");
+                    break true;
+                }
+            }
+        };
+        loop {
+            match self.decoder.next_frame() {
+                Ok(Some(f)) => self.host.link_receive(f),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("vsock: {e}");
+                    self.drop_link();
+                    return;
+                }
+            }
+        }
+        if lost {
+            self.drop_link();
+        }
+    }
+
+    /// Writes what the host side has for the relay, as much as the link takes now (the
+    /// rest when epoll says it is writable again).
+    fn link_flush(&mut self) {
+        let Some(link) = self.link.as_mut() else {
+            self.host.link_output().clear();
+            return;
+        };
+        let out = self.host.link_output();
+        let mut written = 0;
+        let mut lost = false;
+        while written < out.len() {
+            match link.write(&out[written..]) {
+                Ok(0) => {
+                    lost = true;
+                    break;
+                }
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("vsock: writing the capability link: {e}");
+                    lost = true;
+                    break;
+                }
+            }
+        }
+        out.drain(..written);
+        if lost {
+            self.drop_link();
+        }
+    }
+
+    fn drop_link(&mut self) {
+        self.link = None;
+        self.host.link_lost();
     }
 
     /// Reads every packet the guest queued on tx.
@@ -634,7 +975,7 @@ impl VhostUserBackendMut for VsockBackend {
         vrings: &[VringRwLock],
         _thread: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
+        if device_event != Self::LINK_EVENT && evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
         let (Some(rx), Some(tx)) = (vrings.get(RX), vrings.get(TX)) else {
@@ -645,9 +986,12 @@ impl VhostUserBackendMut for VsockBackend {
             1 => self.process_tx(tx)?,
             // The event queue: we send no events (no transport reset).
             2 => return Ok(()),
+            Self::LINK_EVENT => self.link_in(),
             n => return Err(io::Error::other(format!("event for unknown queue {n}"))),
         }
-        self.process_rx(rx)
+        self.process_rx(rx)?;
+        self.link_flush();
+        Ok(())
     }
 }
 
@@ -770,6 +1114,97 @@ mod tests {
         let out = all_out(&mut host);
         assert!(out.iter().all(|(h, _)| h.op == OP_RST), "{out:?}");
         assert_eq!(out.len(), 2);
+    }
+
+    fn link_frames(host: &mut Host) -> Vec<Frame> {
+        let mut d = cap_link::Decoder::default();
+        d.push(&std::mem::take(host.link_output()));
+        std::iter::from_fn(|| d.next_frame().ok().flatten()).collect()
+    }
+
+    #[test]
+    fn capability_ports_go_to_the_link_from_privileged_ports_only() {
+        let mut host = Host::new(GUEST, &[]);
+        host.serve_capabilities(2);
+        let cap1 = CAPS_PORT_BASE + 1;
+        // Unprivileged guest port, or a capability the VM does not hold: RST, no frame.
+        host.receive(&pkt(OP_REQUEST, 40000, cap1, &[])).ok();
+        host.receive(&pkt(OP_REQUEST, 900, CAPS_PORT_BASE + 2, &[]))
+            .ok();
+        let out = all_out(&mut host);
+        assert!(
+            out.len() == 2 && out.iter().all(|(h, _)| h.op == OP_RST),
+            "{out:?}"
+        );
+        assert!(link_frames(&mut host).is_empty());
+        // From init's relay: accepted, and announced on the link.
+        host.receive(&pkt(OP_REQUEST, 900, cap1, &[])).ok();
+        assert_eq!(all_out(&mut host)[0].0.op, OP_RESPONSE);
+        assert_eq!(link_frames(&mut host), vec![Frame::Open { id: 0, cap: 1 }]);
+        host.receive(&pkt(OP_RW, 900, cap1, b"hello")).ok();
+        assert_eq!(
+            link_frames(&mut host),
+            vec![Frame::Data {
+                id: 0,
+                bytes: b"hello".to_vec()
+            }]
+        );
+        // The relay's answer reaches the guest, and is credited back to the relay.
+        host.link_receive(Frame::Data {
+            id: 0,
+            bytes: b"world".to_vec(),
+        });
+        let out = all_out(&mut host);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].0.op, out[0].1.as_slice()), (OP_RW, &b"world"[..]));
+        assert_eq!(link_frames(&mut host), vec![Frame::Credit { id: 0, n: 5 }]);
+        // The relay passed the guest's 5 bytes on: the guest gets its credit back.
+        host.link_receive(Frame::Credit { id: 0, n: 5 });
+        let out = all_out(&mut host);
+        assert_eq!((out[0].0.op, out[0].0.fwd_cnt), (OP_CREDIT_UPDATE, 5));
+        // The service is done: the guest sees SHUTDOWN after the data.
+        host.link_receive(Frame::Eof { id: 0 });
+        let out = all_out(&mut host);
+        assert_eq!(
+            (out[0].0.op, out[0].0.flags),
+            (OP_SHUTDOWN, SHUTDOWN_SEND),
+            "{out:?}"
+        );
+        // The guest closes: the relay is told.
+        host.receive(&pkt(OP_RST, 900, cap1, &[])).ok();
+        assert_eq!(link_frames(&mut host), vec![Frame::Close { id: 0 }]);
+    }
+
+    #[test]
+    fn capability_connections_keep_to_their_credit() {
+        let mut host = Host::new(GUEST, &[]);
+        host.serve_capabilities(1);
+        host.receive(&pkt(OP_REQUEST, 901, CAPS_PORT_BASE, &[]))
+            .ok();
+        all_out(&mut host);
+        link_frames(&mut host);
+        // The guest may have BUF_ALLOC bytes not yet credited, no more.
+        let big = vec![7u8; MAX_PAYLOAD];
+        host.receive(&pkt(OP_RW, 901, CAPS_PORT_BASE, &big)).ok();
+        assert_eq!(link_frames(&mut host).len(), 1);
+        host.receive(&pkt(OP_RW, 901, CAPS_PORT_BASE, b"x")).ok();
+        assert_eq!(link_frames(&mut host), vec![Frame::Close { id: 0 }]);
+        assert_eq!(all_out(&mut host)[0].0.op, OP_RST);
+        // A relay overrunning its window resets the connection too.
+        host.receive(&pkt(OP_REQUEST, 902, CAPS_PORT_BASE, &[]))
+            .ok();
+        all_out(&mut host);
+        link_frames(&mut host);
+        host.link_receive(Frame::Data {
+            id: 1,
+            bytes: vec![1; cap_link::WINDOW as usize + 1],
+        });
+        assert_eq!(link_frames(&mut host), vec![Frame::Close { id: 1 }]);
+        // When the link goes, new connections are refused.
+        host.link_lost();
+        host.receive(&pkt(OP_REQUEST, 903, CAPS_PORT_BASE, &[]))
+            .ok();
+        assert!(all_out(&mut host).iter().all(|(h, _)| h.op == OP_RST));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //!
 //! - a mount namespace of its own, where `/run/secrets` is a read-only bind of its own
 //!   secrets tmpfs (or an empty tmpfs), the store holding every service's secrets is
-//!   detached, and `/proc` is a fresh proc mount of
+//!   detached, `/run/hostd/caps` is a read-only bind of its own capability sockets
+//!   (`caps.rs`; nothing when it was granted none) with the socket store detached too,
+//!   and `/proc` is a fresh proc mount of
 //! - a PID namespace of its own: no other service's process (nor init) is visible in
 //!   it, so `/proc/PID/root` cannot lead into another service's mount namespace, and
 //!   `/proc/1` is the service's own reaper.
@@ -42,6 +44,9 @@ use crate::sys::{check, cstr};
 pub struct SecretsView {
     /// The directory bind-mounted on /run/secrets, or None for an empty one.
     pub granted: Option<String>,
+    /// When capability sockets were offered: the directory bind-mounted on
+    /// /run/hostd/caps (None: the service was granted none). None: no capability store.
+    pub caps: Option<Option<String>>,
     /// The child's uid and gid (set here, after the mounts, instead of by std, which
     /// changes them before `pre_exec` closures run).
     pub uid: u32,
@@ -54,6 +59,10 @@ pub struct SecretsView {
 #[derive(Debug)]
 struct Isolation {
     granted: Option<CString>,
+    /// The service's capability socket directory, the mount point, and the store.
+    caps_granted: Option<CString>,
+    caps_target: CString,
+    caps_store: Option<CString>,
     target: CString,
     store: CString,
     root: CString,
@@ -76,6 +85,19 @@ pub fn child_isolated(
 ) -> io::Result<()> {
     let iso = Isolation {
         granted: view.granted.as_deref().map(cstr).transpose()?,
+        caps_granted: view
+            .caps
+            .clone()
+            .flatten()
+            .as_deref()
+            .map(cstr)
+            .transpose()?,
+        caps_target: cstr(hostd_images::abi::CAPS_DIR)?,
+        caps_store: view
+            .caps
+            .is_some()
+            .then(|| cstr(crate::caps::STORE))
+            .transpose()?,
         target: cstr(mount_point)?,
         store: cstr(store)?,
         root: cstr("/")?,
@@ -229,6 +251,38 @@ impl Isolation {
                     self.empty_opts.as_ptr().cast(),
                 )
             })?,
+        }
+        if let Some(dir) = &self.caps_granted {
+            // SAFETY: as above.
+            check(unsafe {
+                libc::mount(
+                    dir.as_ptr(),
+                    self.caps_target.as_ptr(),
+                    null,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                )
+            })?;
+            // SAFETY: as above.
+            check(unsafe {
+                libc::mount(
+                    null,
+                    self.caps_target.as_ptr(),
+                    null,
+                    libc::MS_REMOUNT
+                        | libc::MS_BIND
+                        | libc::MS_RDONLY
+                        | libc::MS_NOSUID
+                        | libc::MS_NODEV
+                        | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                )
+            })?;
+        }
+        if let Some(store) = &self.caps_store {
+            // Every service's capability sockets: only its own stay, under caps_target.
+            // SAFETY: as above.
+            check(unsafe { libc::umount2(store.as_ptr(), libc::MNT_DETACH) })?;
         }
         // The store and every service's tmpfs below it.
         // SAFETY: as above.

@@ -7,6 +7,7 @@
 //! service's exit code. SIGTERM (or the host's shutdown request on the console) stops
 //! every service with SIGTERM, then SIGKILL after the manifest's stop timeout.
 
+mod caps;
 mod console;
 mod isolate;
 mod net;
@@ -101,10 +102,20 @@ fn main() {
     if let Err(e) = sys::sethostname(&manifest.hostname) {
         log(&format!("cannot set hostname: {e}"));
     }
-    let secret_dirs = secrets::deliver(&manifest, &cmdline);
+    let mut secret_dirs = secrets::deliver(&manifest, &cmdline);
+    let cap_dirs = caps::offer(&manifest);
+    if cap_dirs.is_some() && secret_dirs.is_none() {
+        // Capability sockets are per service: isolate services (with empty
+        // /run/secrets) even when no secrets were delivered.
+        if let Err(e) = secrets::empty_store() {
+            log(&format!("secrets: {e}"));
+        }
+        secret_dirs = Some(Default::default());
+    }
     console::watch_for_shutdown_request();
     let mut sup = Supervisor::new(&manifest);
     sup.secrets = secret_dirs;
+    sup.caps = cap_dirs;
     if let Err(code) = sup.run_boot_steps(&manifest) {
         finish(code);
     }
@@ -195,6 +206,8 @@ struct Supervisor {
     stopping: Option<(u8, Instant)>,
     /// Once secrets were delivered: each granted service's store directory.
     secrets: Option<std::collections::BTreeMap<String, String>>,
+    /// Once capability sockets were offered: each granted service's socket directory.
+    caps: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl Supervisor {
@@ -224,6 +237,7 @@ impl Supervisor {
             stop_timeout: Duration::from_secs(u64::from(m.stop_timeout_secs)),
             stopping: None,
             secrets: None,
+            caps: None,
         }
     }
 
@@ -232,8 +246,9 @@ impl Supervisor {
         for step in &m.boot {
             log(&format!("boot step {} running", step.name));
             let view = self.secrets.as_ref().map(|_| None);
+            let caps = self.caps.as_ref().map(|_| None);
             let (pid, relay) = spawn::spawn(
-                &step.name, &step.argv, &step.env, &step.user, "/", view,
+                &step.name, &step.argv, &step.env, &step.user, "/", view, caps,
             )
             .map_err(|e| {
                 log(&format!("boot step {} failed: {e}", step.name));
@@ -342,6 +357,10 @@ impl Supervisor {
             .secrets
             .as_ref()
             .map(|dirs| dirs.get(&s.name).map(String::as_str));
+        let caps = self
+            .caps
+            .as_ref()
+            .map(|dirs| dirs.get(&s.name).map(String::as_str));
         match spawn::spawn(
             &s.name,
             &s.spec.argv,
@@ -349,6 +368,7 @@ impl Supervisor {
             &s.spec.user,
             &s.spec.workdir,
             view,
+            caps,
         ) {
             Ok((pid, relay)) => {
                 s.relay = relay;

@@ -221,6 +221,22 @@ pub fn deliver(m: &Manifest, cmdline: &str) -> Option<BTreeMap<String, String>> 
     }
 }
 
+/// Mounts an empty secrets store (for services isolated for another reason, with an
+/// empty /run/secrets each).
+pub fn empty_store() -> Result<(), String> {
+    std::fs::create_dir_all(STORE).map_err(|e| format!("mkdir {STORE}: {e}"))?;
+    std::fs::create_dir_all(abi::SECRETS_DIR)
+        .map_err(|e| format!("mkdir {}: {e}", abi::SECRETS_DIR))?;
+    sys::mount(
+        "tmpfs",
+        STORE,
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "mode=0700",
+    )
+    .map_err(|e| format!("mount tmpfs on {STORE}: {e}"))
+}
+
 fn store(
     m: &Manifest,
     received: &BTreeMap<String, Vec<u8>>,

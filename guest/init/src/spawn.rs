@@ -85,8 +85,9 @@ fn pipe() -> std::io::Result<(std::fs::File, OwnedFd)> {
 /// Starts `argv` as `user` in its own process group with stdout and stderr relayed to
 /// the console as `[name] …`. Returns the pid and the output relay. With `secrets`
 /// (set once secrets were delivered), the program runs in a mount and a PID namespace
-/// of its own whose /run/secrets is the given store directory (None: an empty one);
-/// see `isolate.rs`.
+/// of its own whose /run/secrets is the given store directory (None: an empty one)
+/// and, with `caps` (set once capability sockets were offered), whose /run/hostd/caps
+/// is the given socket directory (None: nothing); see `isolate.rs`.
 pub fn spawn(
     name: &str,
     argv: &[String],
@@ -94,6 +95,7 @@ pub fn spawn(
     user: &str,
     workdir: &str,
     secrets: Option<Option<&str>>,
+    caps: Option<Option<&str>>,
 ) -> Result<(i32, crate::console::Relay), String> {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let user = resolve_user(user, &passwd)?;
@@ -117,6 +119,7 @@ pub fn spawn(
             // afterwards, and clears its signal mask.
             let view = crate::isolate::SecretsView {
                 granted: granted.map(str::to_string),
+                caps: caps.map(|c| c.map(str::to_string)),
                 uid: user.uid,
                 gid: user.gid,
             };

@@ -320,6 +320,31 @@ impl NetSocket {
     }
 }
 
+/// Ends the sending side of socket `fd` (the peer reads EOF); errors are ignored (the
+/// peer may be gone already).
+pub fn shutdown_write(fd: std::os::fd::RawFd) {
+    // SAFETY: shutdown(2) on a descriptor the caller holds open; no memory is passed.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+}
+
+/// Lets reads on socket `fd` wait for as long as it takes (no SO_RCVTIMEO).
+pub fn clear_read_timeout(fd: std::os::fd::RawFd) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 0,
+    };
+    // SAFETY: a valid timeval of the size given, on a socket the caller holds open.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    })
+}
+
 /// A connected AF_VSOCK stream socket to `cid`:`port`, with `timeout` on reads, from
 /// `local_port` when given (ports up to 1023 need `CAP_NET_BIND_SERVICE`).
 pub fn vsock_connect(

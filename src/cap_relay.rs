@@ -1,0 +1,377 @@
+//! The capability relay of `hostd run`: how a guest service reaches a capability.
+//!
+//! `hostd run` checks that this host holds every capability the image's services
+//! declare, binds a Unix socket in a private directory and starts this relay as its own
+//! process (`hostd cap relay`, not jailed: it reads the cap store and opens network
+//! connections; started before the VM's process, so that `hostd run` stays
+//! single-threaded for its jail). The vsock backend connects to the socket before it
+//! jails itself and multiplexes every guest connection to a capability port over it
+//! ([`hostd_devices::vhost_user::cap_link`]). For each, the relay connects to the
+//! capability's location, runs the Noise handshake as its caller (hostd-caps, the
+//! same initiator functions use) and carries the bytes both ways. The guest never sees
+//! a key; the backend never opens a socket.
+//!
+//! The backend is jailed but faces the guest: the relay treats what it sends as
+//! untrusted (bounded frames, a window per connection, a capability index checked
+//! against the list).
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use hostd_caps::{CapStore, Capability};
+use hostd_devices::vhost_user::cap_link::{Decoder, Frame, WINDOW};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
+
+/// How long the relay waits to reach a capability's location.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest piece read from a service at once.
+const CHUNK: usize = 16 * 1024;
+
+/// The cap store `hostd run` reads: `STATE/caps`, with `--state-dir STATE`, else the
+/// one `hostd fn serve` and `hostd cap` use by default.
+pub fn store_for(state_dir: Option<&Path>) -> Result<CapStore> {
+    let dir = state_dir
+        .map(Path::to_path_buf)
+        .or_else(hostd_sandbox::engine::default_state_dir)
+        .context("no state directory for the cap store: pass --state-dir")?;
+    Ok(CapStore::new(dir.join("caps")))
+}
+
+/// A running relay: its process and socket. Dropping it ends the relay.
+#[derive(Debug)]
+pub struct Running {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    /// The socket the vsock backend connects to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the relay for `names` (in port order), all of which `store` must hold:
+/// None when there are none. A capability the host does not hold is an error before
+/// anything boots.
+pub fn start(names: &[String], store_dir: Option<&Path>) -> Result<Option<Running>> {
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let store = store_for(store_dir)?;
+    for name in names {
+        match store.held(name) {
+            Ok(Some(_)) => {}
+            Ok(None) => bail!(
+                "the image's services use the capability `{name}`, which this host does not hold in {}; add it with `hostd cap add {name} CAP --state-dir DIR` and run with the same --state-dir",
+                store.dir().display()
+            ),
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("reading the capability `{name}` the image uses")))
+            }
+        }
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("hostd-caps-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .context("cannot create a directory for the capability relay's socket")?;
+    let socket = dir.path().join("caps.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    let exe = std::env::current_exe().context("cannot find hostd's own executable")?;
+    let mut cmd = Command::new(exe);
+    // A clean environment (but the log settings), killed with `hostd run`, no fd but
+    // the three standard ones.
+    hostd_vmm::jail::clean_child(&mut cmd, hostd_vmm::jail::LOG_ENV);
+    cmd.arg("cap")
+        .arg("relay")
+        .arg("--state-dir")
+        .arg(store.dir().parent().unwrap_or(Path::new("/")))
+        .args(names)
+        // The listening socket is the relay's stdin.
+        .stdin(Stdio::from(OwnedFd::from(listener)))
+        // Its own process group: Ctrl-C reaches `hostd run`, which stops the VM first.
+        .process_group(0);
+    let child = cmd.spawn().context("cannot start the capability relay")?;
+    Ok(Some(Running {
+        child,
+        socket,
+        _dir: dir,
+    }))
+}
+
+/// `hostd cap relay` (hidden): serves the one capability link the vsock backend makes
+/// to the listening socket on stdin, for the capabilities held as `names`.
+pub fn serve(store: &CapStore, names: &[String]) -> Result<i32> {
+    let mut caps = Vec::new();
+    for name in names {
+        let cap = store
+            .held(name)?
+            .with_context(|| format!("this host holds no capability `{name}`"))?;
+        caps.push((name.clone(), cap));
+    }
+    // SAFETY: fd 0 is the listening socket `hostd run` passed; nothing else owns it.
+    let listener = unsafe {
+        use std::os::fd::FromRawFd;
+        std::os::unix::net::UnixListener::from_raw_fd(0)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the relay's runtime")?;
+    rt.block_on(async move {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        let (link, _) = listener.accept().await?;
+        drop(listener);
+        tracing::debug!("capability relay: the vsock backend connected");
+        run_link(link, Arc::new(caps)).await;
+        Ok::<_, std::io::Error>(())
+    })
+    .context("capability relay")?;
+    Ok(0)
+}
+
+/// What the relay passes to a connection's service side.
+enum ToService {
+    Data(Vec<u8>),
+    Eof,
+}
+
+struct Conn {
+    to_service: mpsc::UnboundedSender<ToService>,
+    /// Bytes from the guest queued for the service, not yet credited back.
+    queued: Arc<AtomicU32>,
+    /// Credit for bytes to the guest.
+    credit: Arc<Semaphore>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Serves the link until the backend hangs up or breaks the protocol.
+async fn run_link(link: tokio::net::UnixStream, caps: Arc<Vec<(String, Capability)>>) {
+    let (mut rd, mut wr) = link.into_split();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Frame>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u32>();
+    let writer = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        while let Some(f) = out_rx.recv().await {
+            buf.clear();
+            f.encode(&mut buf);
+            while let Ok(f) = out_rx.try_recv() {
+                f.encode(&mut buf);
+            }
+            if wr.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut conns: HashMap<u32, Conn> = HashMap::new();
+    let mut decoder = Decoder::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    'link: loop {
+        tokio::select! {
+            Some(id) = done_rx.recv() => {
+                conns.remove(&id);
+            }
+            n = rd.read(&mut buf) => {
+                let n = match n {
+                    Ok(0) | Err(_) => break 'link,
+                    Ok(n) => n,
+                };
+                decoder.push(&buf[..n]);
+                loop {
+                    let frame = match decoder.next_frame() {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!("capability relay: {e}; dropping the link");
+                            break 'link;
+                        }
+                    };
+                    handle(frame, &mut conns, &caps, &out_tx, &done_tx);
+                }
+            }
+        }
+    }
+    for (_, c) in conns.drain() {
+        c.task.abort();
+    }
+    writer.abort();
+}
+
+fn handle(
+    frame: Frame,
+    conns: &mut HashMap<u32, Conn>,
+    caps: &Arc<Vec<(String, Capability)>>,
+    out: &mpsc::UnboundedSender<Frame>,
+    done: &mpsc::UnboundedSender<u32>,
+) {
+    match frame {
+        Frame::Open { id, cap } => {
+            if let Some(old) = conns.remove(&id) {
+                old.task.abort();
+            }
+            let Some((name, capability)) = caps.get(cap as usize).cloned() else {
+                tracing::warn!(
+                    "denied: capability not granted: the guest asked for capability {cap}; the VM holds {}",
+                    caps.len()
+                );
+                let _ = out.send(Frame::Close { id });
+                return;
+            };
+            let (to_service, from_guest) = mpsc::unbounded_channel();
+            let queued = Arc::new(AtomicU32::new(0));
+            let credit = Arc::new(Semaphore::new(WINDOW as usize));
+            let task = tokio::spawn(connection(
+                id,
+                name,
+                capability,
+                from_guest,
+                queued.clone(),
+                credit.clone(),
+                out.clone(),
+                done.clone(),
+            ));
+            conns.insert(
+                id,
+                Conn {
+                    to_service,
+                    queued,
+                    credit,
+                    task,
+                },
+            );
+        }
+        Frame::Data { id, bytes } => {
+            let Some(c) = conns.get(&id) else { return };
+            let len = bytes.len() as u32;
+            if c.queued.load(Ordering::SeqCst).saturating_add(len) > WINDOW {
+                tracing::warn!("capability relay: the vsock backend overran connection {id}'s window; closing it");
+                if let Some(c) = conns.remove(&id) {
+                    c.task.abort();
+                }
+                let _ = out.send(Frame::Close { id });
+                return;
+            }
+            c.queued.fetch_add(len, Ordering::SeqCst);
+            let _ = c.to_service.send(ToService::Data(bytes));
+        }
+        Frame::Eof { id } => {
+            if let Some(c) = conns.get(&id) {
+                let _ = c.to_service.send(ToService::Eof);
+            }
+        }
+        Frame::Close { id } => {
+            if let Some(c) = conns.remove(&id) {
+                c.task.abort();
+            }
+        }
+        Frame::Credit { id, n } => {
+            if let Some(c) = conns.get(&id) {
+                let room = (WINDOW as usize).saturating_sub(c.credit.available_permits());
+                c.credit.add_permits((n as usize).min(room));
+            }
+        }
+    }
+}
+
+/// One guest connection: to the capability's service over Noise, both ways.
+#[allow(clippy::too_many_arguments)]
+async fn connection(
+    id: u32,
+    name: String,
+    cap: Capability,
+    mut from_guest: mpsc::UnboundedReceiver<ToService>,
+    queued: Arc<AtomicU32>,
+    credit: Arc<Semaphore>,
+    out: mpsc::UnboundedSender<Frame>,
+    done: mpsc::UnboundedSender<u32>,
+) {
+    let fail = |why: String| {
+        tracing::warn!(capability = %name, "guest capability call failed: {why}");
+        let _ = out.send(Frame::Close { id });
+        let _ = done.send(id);
+    };
+    let tcp = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(cap.location.as_str()),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return fail(format!("connecting to {}: {e}", cap.location)),
+        Err(_) => return fail(format!("connecting to {}: timed out", cap.location)),
+    };
+    let _ = tcp.set_nodelay(true);
+    let plain = match hostd_caps::stream::connect(tcp, &cap, cap.location.clone()).await {
+        Ok(p) => p,
+        Err(e) => return fail(format!("handshake with {} failed: {e}", cap.location)),
+    };
+    tracing::debug!(capability = %name, id = %cap.id(), "guest capability call");
+    let (mut service_rd, mut service_wr) = tokio::io::split(plain);
+    let up_out = out.clone();
+    // Guest -> service.
+    let upstream = tokio::spawn(async move {
+        while let Some(m) = from_guest.recv().await {
+            match m {
+                ToService::Data(bytes) => {
+                    if service_wr.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                    queued.fetch_sub(bytes.len() as u32, Ordering::SeqCst);
+                    let _ = up_out.send(Frame::Credit {
+                        id,
+                        n: bytes.len() as u32,
+                    });
+                }
+                ToService::Eof => {
+                    let _ = service_wr.shutdown().await;
+                    break;
+                }
+            }
+        }
+    });
+    // Service -> guest, within the guest's window.
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match service_rd.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        match credit.acquire_many(n as u32).await {
+            Ok(p) => p.forget(),
+            Err(_) => break,
+        }
+        if out
+            .send(Frame::Data {
+                id,
+                bytes: buf[..n].to_vec(),
+            })
+            .is_err()
+        {
+            break;
+        }
+    }
+    // The service has answered all it will: the guest sees EOF after the data.
+    let _ = out.send(Frame::Eof { id });
+    let _ = upstream.await;
+    let _ = done.send(id);
+}
