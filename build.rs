@@ -30,7 +30,7 @@ fn main() {
             ("hostd-bench-workload", "HOSTD_BENCH_WORKLOAD_PATH"),
         ] {
             let dest = out.join(bin);
-            std::fs::copy(dir.join(bin), &dest)
+            place(&dir.join(bin), &dest)
                 .unwrap_or_else(|e| panic!("HOSTD_GUEST_PREBUILT: cannot copy {bin}: {e}"));
             println!("cargo:rustc-env={var}={}", dest.display());
         }
@@ -96,14 +96,27 @@ fn main() {
         .join("release")
         .join("hostd-init");
     let dest = out.join("hostd-init");
-    std::fs::copy(&built, &dest).expect("cannot copy guest init");
+    place(&built, &dest).expect("cannot copy guest init");
     println!("cargo:rustc-env=HOSTD_INIT_PATH={}", dest.display());
     // `hostd bench` embeds its workload the same way (benches/workload).
     let built = built.with_file_name("hostd-bench-workload");
     let dest = out.join("hostd-bench-workload");
-    std::fs::copy(&built, &dest).expect("cannot copy the bench workload");
+    place(&built, &dest).expect("cannot copy the bench workload");
     println!(
         "cargo:rustc-env=HOSTD_BENCH_WORKLOAD_PATH={}",
         dest.display()
     );
+}
+
+/// Copies `from` to a new file at `to`. The old file is removed first rather than
+/// overwritten: a target directory copied with hard links (`cp -al`, to share compiled
+/// dependencies between checkouts) would otherwise have this write change the other
+/// checkout's embedded guest binary too.
+fn place(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<u64> {
+    match std::fs::remove_file(to) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::copy(from, to)
 }
