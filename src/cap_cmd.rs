@@ -69,6 +69,10 @@ pub enum CapCommand {
     Relay {
         /// The capabilities, in port order.
         names: Vec<String>,
+        /// The file holding this run's capability token (guest init sends it first on
+        /// every capability connection).
+        #[arg(long)]
+        token_file: PathBuf,
         #[command(flatten)]
         store: StoreArg,
     },
@@ -139,7 +143,11 @@ pub fn run(cmd: CapCommand) -> Result<i32> {
             out(&s);
             Ok(0)
         }
-        CapCommand::Relay { names, store } => crate::cap_relay::serve(&store.store()?, &names),
+        CapCommand::Relay {
+            names,
+            token_file,
+            store,
+        } => crate::cap_relay::serve(&store.store()?, &names, &token_file),
         CapCommand::Revoke { id, store } => {
             let (service, full) = store.store()?.revoke(&id)?;
             out(&format!("{service}: capability {full} revoked\n"));

@@ -14,9 +14,17 @@
 //! The backend is jailed but faces the guest: the relay treats what it sends as
 //! untrusted (bounded frames, a window per connection, a capability index checked
 //! against the list).
+//!
+//! Only guest init's relay may use a capability port: `hostd run` makes a random token
+//! for each run, gives it to guest init with the secrets (init keeps it; no service can
+//! declare it) and to this relay, and the relay refuses every connection whose first
+//! bytes are not that token. A program in the guest that goes around init's sockets —
+//! even one running as root, which can bind the privileged ports the backend asks for —
+//! reaches no capability.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,6 +35,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use hostd_caps::{CapStore, Capability};
 use hostd_devices::vhost_user::cap_link::{Decoder, Frame, WINDOW};
+use hostd_images::abi::CAPS_TOKEN_LEN;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -34,6 +43,8 @@ use tokio::sync::{mpsc, Semaphore};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest piece read from a service at once.
 const CHUNK: usize = 16 * 1024;
+/// How long a guest connection may take to send the token.
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The cap store `hostd run` reads: `STATE/caps`, with `--state-dir STATE`, else the
 /// one `hostd fn serve` and `hostd cap` use by default.
@@ -50,6 +61,7 @@ pub fn store_for(state_dir: Option<&Path>) -> Result<CapStore> {
 pub struct Running {
     child: Child,
     socket: PathBuf,
+    token: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -57,6 +69,12 @@ impl Running {
     /// The socket the vsock backend connects to.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The file holding this run's capability token (0600, in the relay's private
+    /// directory; the vsock backend reads it as a secret before it jails itself).
+    pub fn token_file(&self) -> &Path {
+        &self.token
     }
 }
 
@@ -94,6 +112,18 @@ pub fn start(names: &[String], store_dir: Option<&Path>) -> Result<Option<Runnin
         .tempdir()
         .context("cannot create a directory for the capability relay's socket")?;
     let socket = dir.path().join("caps.sock");
+    let token = dir.path().join("token");
+    let mut bytes = [0u8; CAPS_TOKEN_LEN];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .context("cannot read /dev/urandom for the capability token")?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&token)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes))
+        .with_context(|| format!("cannot write {}", token.display()))?;
     let listener = std::os::unix::net::UnixListener::bind(&socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     let exe = std::env::current_exe().context("cannot find hostd's own executable")?;
@@ -105,6 +135,8 @@ pub fn start(names: &[String], store_dir: Option<&Path>) -> Result<Option<Runnin
         .arg("relay")
         .arg("--state-dir")
         .arg(store.dir().parent().unwrap_or(Path::new("/")))
+        .arg("--token-file")
+        .arg(&token)
         .args(names)
         // The listening socket is the relay's stdin.
         .stdin(Stdio::from(OwnedFd::from(listener)))
@@ -114,13 +146,19 @@ pub fn start(names: &[String], store_dir: Option<&Path>) -> Result<Option<Runnin
     Ok(Some(Running {
         child,
         socket,
+        token,
         _dir: dir,
     }))
 }
 
 /// `hostd cap relay` (hidden): serves the one capability link the vsock backend makes
 /// to the listening socket on stdin, for the capabilities held as `names`.
-pub fn serve(store: &CapStore, names: &[String]) -> Result<i32> {
+pub fn serve(store: &CapStore, names: &[String], token_file: &Path) -> Result<i32> {
+    let token: [u8; CAPS_TOKEN_LEN] = std::fs::read(token_file)
+        .with_context(|| format!("cannot read the capability token {}", token_file.display()))?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("{}: not a capability token", token_file.display()))?;
+    let token = Arc::new(token);
     let mut caps = Vec::new();
     for name in names {
         let cap = store
@@ -143,7 +181,7 @@ pub fn serve(store: &CapStore, names: &[String]) -> Result<i32> {
         let (link, _) = listener.accept().await?;
         drop(listener);
         tracing::debug!("capability relay: the vsock backend connected");
-        run_link(link, Arc::new(caps)).await;
+        run_link(link, Arc::new(caps), token).await;
         Ok::<_, std::io::Error>(())
     })
     .context("capability relay")?;
@@ -162,11 +200,19 @@ struct Conn {
     queued: Arc<AtomicU32>,
     /// Credit for bytes to the guest.
     credit: Arc<Semaphore>,
+    /// Whether its token was checked (until then it may be anything in the guest).
+    token_checked: Arc<std::sync::atomic::AtomicBool>,
+    /// The capability it asked for.
+    name: String,
     task: tokio::task::JoinHandle<()>,
 }
 
 /// Serves the link until the backend hangs up or breaks the protocol.
-async fn run_link(link: tokio::net::UnixStream, caps: Arc<Vec<(String, Capability)>>) {
+async fn run_link(
+    link: tokio::net::UnixStream,
+    caps: Arc<Vec<(String, Capability)>>,
+    token: Arc<[u8; CAPS_TOKEN_LEN]>,
+) {
     let (mut rd, mut wr) = link.into_split();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Frame>();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u32>();
@@ -206,7 +252,7 @@ async fn run_link(link: tokio::net::UnixStream, caps: Arc<Vec<(String, Capabilit
                             break 'link;
                         }
                     };
-                    handle(frame, &mut conns, &caps, &out_tx, &done_tx);
+                    handle(frame, &mut conns, &caps, &token, &out_tx, &done_tx);
                 }
             }
         }
@@ -221,6 +267,7 @@ fn handle(
     frame: Frame,
     conns: &mut HashMap<u32, Conn>,
     caps: &Arc<Vec<(String, Capability)>>,
+    token: &Arc<[u8; CAPS_TOKEN_LEN]>,
     out: &mpsc::UnboundedSender<Frame>,
     done: &mpsc::UnboundedSender<u32>,
 ) {
@@ -240,10 +287,13 @@ fn handle(
             let (to_service, from_guest) = mpsc::unbounded_channel();
             let queued = Arc::new(AtomicU32::new(0));
             let credit = Arc::new(Semaphore::new(WINDOW as usize));
+            let token_checked = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let task = tokio::spawn(connection(
                 id,
-                name,
+                name.clone(),
                 capability,
+                token.clone(),
+                token_checked.clone(),
                 from_guest,
                 queued.clone(),
                 credit.clone(),
@@ -256,6 +306,8 @@ fn handle(
                     to_service,
                     queued,
                     credit,
+                    token_checked,
+                    name,
                     task,
                 },
             );
@@ -282,6 +334,9 @@ fn handle(
         Frame::Close { id } => {
             if let Some(c) = conns.remove(&id) {
                 c.task.abort();
+                if !c.token_checked.load(Ordering::SeqCst) {
+                    deny(&c.name, "it was closed before sending this run's token");
+                }
             }
         }
         Frame::Credit { id, n } => {
@@ -299,6 +354,8 @@ async fn connection(
     id: u32,
     name: String,
     cap: Capability,
+    token: Arc<[u8; CAPS_TOKEN_LEN]>,
+    token_checked: Arc<std::sync::atomic::AtomicBool>,
     mut from_guest: mpsc::UnboundedReceiver<ToService>,
     queued: Arc<AtomicU32>,
     credit: Arc<Semaphore>,
@@ -309,6 +366,30 @@ async fn connection(
         tracing::warn!(capability = %name, "guest capability call failed: {why}");
         let _ = out.send(Frame::Close { id });
         let _ = done.send(id);
+    };
+    // Guest init's relay sends the run's token first; anything else is not init.
+    let rest = match tokio::time::timeout(TOKEN_TIMEOUT, read_token(&mut from_guest)).await {
+        Ok(Some((got, rest))) if same(&got, &token[..]) => {
+            token_checked.store(true, Ordering::SeqCst);
+            // The token's bytes are consumed here: credit them back to the guest.
+            let n = got.len() as u32;
+            queued.fetch_sub(n, Ordering::SeqCst);
+            let _ = out.send(Frame::Credit { id, n });
+            rest
+        }
+        outcome => {
+            let why = match outcome {
+                Ok(Some(_)) => "its first bytes are not this run's token",
+                Ok(None) => "it ended before sending this run's token",
+                Err(_) => "it sent no token in time",
+            };
+            // Checked (and refused): the Close below is not reported again.
+            token_checked.store(true, Ordering::SeqCst);
+            deny(&name, why);
+            let _ = out.send(Frame::Close { id });
+            let _ = done.send(id);
+            return;
+        }
     };
     let tcp = match tokio::time::timeout(
         CONNECT_TIMEOUT,
@@ -330,6 +411,17 @@ async fn connection(
     let up_out = out.clone();
     // Guest -> service.
     let upstream = tokio::spawn(async move {
+        // What came with the token (credited once written, like every other byte).
+        if !rest.is_empty() {
+            if service_wr.write_all(&rest).await.is_err() {
+                return;
+            }
+            queued.fetch_sub(rest.len() as u32, Ordering::SeqCst);
+            let _ = up_out.send(Frame::Credit {
+                id,
+                n: rest.len() as u32,
+            });
+        }
         while let Some(m) = from_guest.recv().await {
             match m {
                 ToService::Data(bytes) => {
@@ -374,4 +466,33 @@ async fn connection(
     let _ = out.send(Frame::Eof { id });
     let _ = upstream.await;
     let _ = done.send(id);
+}
+
+/// Reads the token from the start of a guest connection: the token's bytes and
+/// whatever came after them in the same pieces; None if the connection ended first.
+async fn read_token(
+    from_guest: &mut mpsc::UnboundedReceiver<ToService>,
+) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut got = Vec::with_capacity(CAPS_TOKEN_LEN);
+    while got.len() < CAPS_TOKEN_LEN {
+        match from_guest.recv().await? {
+            ToService::Data(bytes) => got.extend_from_slice(&bytes),
+            ToService::Eof => return None,
+        }
+    }
+    let rest = got.split_off(CAPS_TOKEN_LEN);
+    Some((got, rest))
+}
+
+/// Compares two byte strings in time independent of where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Logs a guest connection refused for want of the run's token.
+fn deny(name: &str, why: &str) {
+    tracing::warn!(
+        capability = %name,
+        "denied: capability not granted: a guest connection that did not come through guest init's relay ({why}): something in the guest went around the services' grants"
+    );
 }

@@ -332,7 +332,10 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // anything boots), carried by a relay of their own (src/cap_relay.rs).
     let _relay = crate::cap_relay::start(&r.capabilities, args.state_dir.as_deref())?;
     if let Some(relay) = &_relay {
-        opts.caps_link = Some(relay.socket().to_path_buf());
+        opts.caps_link = Some(plan::CapsRelay {
+            socket: relay.socket().to_path_buf(),
+            token: relay.token_file().to_path_buf(),
+        });
     }
     tracing::info!(
         "booting with {} vCPU(s), {} MiB ({:?})",

@@ -5,7 +5,10 @@
 //! answer. Service `other`, not granted, finds no socket, cannot reach another
 //! service's socket store, and is refused when it opens a vsock connection to the
 //! capability port itself (guest init's own binary in its `vsock-probe` mode, as its
-//! own non-root user). The bytes between the host and `fn serve` pass a recording relay
+//! own non-root user). Service `rootsvc`, not granted and running as root, opens
+//! the capability port from a privileged port as guest init's relay does, but without
+//! the run's token init holds: the host's relay refuses it. The bytes between the host
+//! and `fn serve` pass a recording relay
 //! and carry no plaintext. Under QEMU, and under hostd's own VMM.
 #![allow(clippy::unwrap_used)]
 
@@ -151,7 +154,7 @@ mode = "0755"
 
 [services.client]
 command = "/bin/busybox"
-args = ["sh", "-c", "i=0; while [ ! -e /tmp/other-done ] && [ $i -lt 120 ]; do /bin/busybox sleep 1; i=$((i+1)); done; /usr/bin/curl -sS --max-time 120 --unix-socket /run/hostd/caps/billing -o /tmp/answer http://billing/b; echo client-curl-exit=$?; echo answer=$(/bin/busybox cat /tmp/answer)"]
+args = ["sh", "-c", "i=0; while ( [ ! -e /tmp/other-done ] || [ ! -e /tmp/root-done ] ) && [ $i -lt 120 ]; do /bin/busybox sleep 1; i=$((i+1)); done; /usr/bin/curl -sS --max-time 120 --unix-socket /run/hostd/caps/billing -o /tmp/answer http://billing/b; echo client-curl-exit=$?; echo answer=$(/bin/busybox cat /tmp/answer)"]
 user = "1000:1000"
 capabilities = ["billing"]
 main = true
@@ -160,6 +163,10 @@ main = true
 command = "/bin/busybox"
 args = ["sh", "-c", "echo other-sees=$(/bin/busybox ls /run/hostd/caps | /bin/busybox wc -l); /usr/bin/curl -sS --max-time 30 --unix-socket /run/hostd/caps/billing http://billing/b && echo LEAK; echo other-curl-exit=$?; /bin/busybox ls /run/hostd/capsock/client && echo LEAK; /usr/bin/vsock-probe vsock-probe 1100; echo other-done; /bin/busybox touch /tmp/other-done"]
 user = "1001:1001"
+
+[services.rootsvc]
+command = "/bin/busybox"
+args = ["sh", "-c", "/usr/bin/vsock-probe vsock-probe 1100 1010; echo root-done; /bin/busybox touch /tmp/root-done"]
 "#;
 
 #[must_use]
@@ -257,6 +264,24 @@ fn guest_calls_a_function(vmm: &str) {
         "the backend logs the refusal\n{}",
         out.all()
     );
+    // A root service that goes around init (a privileged port, but no token): refused
+    // by the host's relay, nothing comes back.
+    let root_probe = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("[rootsvc] vsock-probe: port 1100:"))
+        .unwrap_or_else(|| panic!("no probe line of rootsvc\n{}", out.all()));
+    assert!(
+        root_probe.contains("received 0 bytes") || root_probe.contains("failed"),
+        "{root_probe}\n{}",
+        out.all()
+    );
+    assert!(
+        out.stderr
+            .contains("did not come through guest init's relay"),
+        "the relay logs the refusal\n{}",
+        out.all()
+    );
     // Between the two hosts: Noise, no plaintext.
     let wire = wire.lock().unwrap().clone();
     assert!(wire.len() > 96, "{} bytes on the wire", wire.len());
@@ -320,9 +345,15 @@ fn the_relay_carries_a_link_connection_to_a_function_over_noise() {
 
     let socket = dir.path().join("caps.sock");
     let listener = UnixListener::bind(&socket).unwrap();
+    // The run's token, as `hostd run` makes it (guest init sends it first).
+    let token: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &token).unwrap();
     let mut relay = Command::new(env!("CARGO_BIN_EXE_hostd"))
         .args(["cap", "relay", "billing", "--state-dir"])
         .arg(&run_state)
+        .arg("--token-file")
+        .arg(&token_file)
         .env("NO_COLOR", "1")
         .stdin(Stdio::from(OwnedFd::from(listener)))
         .stdout(Stdio::null())
@@ -334,9 +365,24 @@ fn the_relay_carries_a_link_connection_to_a_function_over_noise() {
         .unwrap();
     let mut out = Vec::new();
     Frame::Open { id: 1, cap: 0 }.encode(&mut out);
+    // The token and the request's first bytes in one piece, the rest in another.
+    let mut first = token.clone();
+    first.extend_from_slice(b"GET /b HTTP/1.0\r\n");
     Frame::Data {
         id: 1,
-        bytes: b"GET /b HTTP/1.0\r\nHost: billing\r\n\r\n".to_vec(),
+        bytes: first,
+    }
+    .encode(&mut out);
+    Frame::Data {
+        id: 1,
+        bytes: b"Host: billing\r\n\r\n".to_vec(),
+    }
+    .encode(&mut out);
+    // Something in the guest that is not init: a request without the token.
+    Frame::Open { id: 3, cap: 0 }.encode(&mut out);
+    Frame::Data {
+        id: 3,
+        bytes: b"GET /b HTTP/1.0\r\nHost: billing\r\n\r\nPADDING-TO-32-BYTES".to_vec(),
     }
     .encode(&mut out);
     // No Eof from this side: hyper (fn serve's capability responder) drops a connection
@@ -345,9 +391,10 @@ fn the_relay_carries_a_link_connection_to_a_function_over_noise() {
     link.write_all(&out).unwrap();
 
     let mut d = Decoder::default();
-    let (mut answer, mut credited, mut eof, mut closed2) = (Vec::new(), 0, false, false);
+    let (mut answer, mut credited, mut eof, mut closed2, mut closed3) =
+        (Vec::new(), 0, false, false, false);
     let mut buf = [0u8; 4096];
-    while !(eof && closed2) {
+    while !(eof && closed2 && closed3) {
         let n = link.read(&mut buf).expect("frames from the relay");
         assert!(n > 0, "the relay hung up");
         d.push(&buf[..n]);
@@ -357,6 +404,8 @@ fn the_relay_carries_a_link_connection_to_a_function_over_noise() {
                 Frame::Credit { id: 1, n } => credited += n,
                 Frame::Eof { id: 1 } => eof = true,
                 Frame::Close { id: 2 } => closed2 = true,
+                Frame::Close { id: 3 } => closed3 = true,
+                Frame::Data { id: 3, .. } => panic!("a connection without the token got data"),
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -367,7 +416,11 @@ fn the_relay_carries_a_link_connection_to_a_function_over_noise() {
         "{answer}"
     );
     assert!(answer.ends_with(HELLO), "{answer}");
-    assert_eq!(credited, 34, "the request's bytes are credited back");
+    assert_eq!(
+        credited,
+        32 + 34,
+        "the token's and the request's bytes are credited back"
+    );
     let _ = relay.kill();
     let _ = relay.wait();
     let mut log = String::new();
@@ -378,4 +431,10 @@ fn the_relay_carries_a_link_connection_to_a_function_over_noise() {
         .read_to_string(&mut log)
         .unwrap();
     assert!(log.contains("denied: capability not granted"), "{log}");
+    assert!(
+        log.contains(
+            "did not come through guest init's relay (its first bytes are not this run's token)"
+        ),
+        "{log}"
+    );
 }

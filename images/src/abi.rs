@@ -51,6 +51,15 @@ pub const VSOCK_ECHO_PORT: u32 = 1026;
 /// [`capability_names`] (0-based) on port `VSOCK_CAPS_PORT_BASE + i`, from a privileged
 /// port (guest init's relay); the host side carries it to the capability over Noise.
 pub const VSOCK_CAPS_PORT_BASE: u32 = 1100;
+/// The entry of the secrets payload that carries this boot's capability token: random
+/// bytes the host makes for each run, which guest init's relay sends first on every
+/// capability connection. The host's relay refuses a connection without them, so a
+/// program in the guest that goes around init (even as root, from a privileged port)
+/// reaches no capability. No service can declare this secret name (a secret name
+/// cannot start with a dot).
+pub const CAPS_TOKEN_SECRET: &str = ".hostd-caps-token";
+/// Bytes of the capability token.
+pub const CAPS_TOKEN_LEN: usize = 32;
 /// Most distinct capabilities one image's services may declare.
 pub const MAX_CAPABILITIES: usize = 64;
 /// Where a service finds the capabilities it was granted: `/run/hostd/caps/NAME`, a

@@ -756,6 +756,16 @@ mod tests {
     }
 
     #[test]
+    fn the_capability_token_is_no_secret_a_service_can_declare() {
+        let e = err(&format!(
+            "name = \"x\"\n[services.a]\ncommand = \"/bin/a\"\nsecrets = [\"{}\"]\n",
+            crate::abi::CAPS_TOKEN_SECRET
+        ));
+        // Its leading dot makes it no secret name (the manifest's check is the same).
+        assert!(e.contains("is not a secret name"), "{e}");
+    }
+
+    #[test]
     fn minimal_spec_parses() {
         let s = parse("name = \"x\"\n[services.a]\ncommand = \"/bin/a\"\nmain = true\n")
             .unwrap_or_else(|e| panic!("{e}"));

@@ -52,6 +52,9 @@ pub enum DeviceBackend {
 pub struct CapsLink {
     /// The relay's socket (the backend connects before it jails itself).
     pub socket: PathBuf,
+    /// The file holding the run's capability token, delivered to guest init as the
+    /// secret [`hostd_images::abi::CAPS_TOKEN_SECRET`].
+    pub token: PathBuf,
     /// Capability ports (1100..1100+count).
     pub count: u32,
 }
@@ -111,6 +114,12 @@ impl DeviceBackend {
                     a.push(format!("{name}={}", path.to_string_lossy()));
                 }
                 if let Some(link) = caps {
+                    a.push("--secret".into());
+                    a.push(format!(
+                        "{}={}",
+                        hostd_images::abi::CAPS_TOKEN_SECRET,
+                        link.token.to_string_lossy()
+                    ));
                     a.push("--caps".into());
                     a.push(link.count.to_string());
                     a.push("--caps-link".into());

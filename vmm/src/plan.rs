@@ -383,7 +383,17 @@ pub struct RunOptions {
     /// The capability relay the vsock backend connects to (set by a runner that carries
     /// the capabilities the image's services declare; None: their connections are
     /// refused).
-    pub caps_link: Option<PathBuf>,
+    pub caps_link: Option<CapsRelay>,
+}
+
+/// The capability relay of a run, as the vsock backend is given it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapsRelay {
+    /// The relay's Unix socket.
+    pub socket: PathBuf,
+    /// The file holding this run's capability token (delivered to guest init with the
+    /// secrets, [`hostd_images::abi::CAPS_TOKEN_SECRET`]).
+    pub token: PathBuf,
 }
 
 /// What a run boots, resolved from an image or a bare kernel.
@@ -657,8 +667,9 @@ pub fn devices(
     let offered = host_secrets(opts)?;
     let caps = match (&opts.caps_link, plan.capabilities.len()) {
         (_, 0) => None,
-        (Some(socket), n) => Some(crate::backends::CapsLink {
-            socket: socket.clone(),
+        (Some(relay), n) => Some(crate::backends::CapsLink {
+            socket: relay.socket.clone(),
+            token: relay.token.clone(),
             count: n as u32,
         }),
         (None, _) => {

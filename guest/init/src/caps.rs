@@ -9,7 +9,11 @@
 //! each connection to the host's vsock port `VSOCK_CAPS_PORT_BASE + i` (`i`: the
 //! capability's place in `abi::capability_names`), from a privileged port: the host's
 //! backend refuses a capability connection from any other port, so a service running
-//! as a user other than root cannot go around its grants over raw vsock.
+//! as a user other than root cannot go around its grants over raw vsock. Each connection
+//! starts with this run's capability token, which init received with the secrets
+//! ([`abi::CAPS_TOKEN_SECRET`]) and keeps to itself: the host's relay refuses any
+//! connection without it, so not even a root service (which can bind privileged ports)
+//! reaches a capability it was not granted.
 //! docs/capabilities.md ("From a guest service") says what holds against whom.
 
 use std::collections::BTreeMap;
@@ -36,6 +40,19 @@ const LAST_LOCAL_PORT: u32 = 1000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 static NEXT_PORT: AtomicU32 = AtomicU32::new(FIRST_LOCAL_PORT);
+/// This run's capability token, from the secrets payload.
+static TOKEN: std::sync::OnceLock<[u8; abi::CAPS_TOKEN_LEN]> = std::sync::OnceLock::new();
+
+/// Keeps the capability token the host sent with the secrets (a payload entry of the
+/// wrong length is dropped: capability connections are then refused by the host).
+pub fn set_token(bytes: &[u8]) {
+    match <[u8; abi::CAPS_TOKEN_LEN]>::try_from(bytes) {
+        Ok(t) => {
+            let _ = TOKEN.set(t);
+        }
+        Err(_) => log("capabilities: the host's capability token has the wrong length; ignored"),
+    }
+}
 
 /// Creates the sockets of every service that declares capabilities and starts
 /// relaying them. Returns each such service's socket directory (what its
@@ -210,6 +227,16 @@ fn relay(unix: UnixStream, port: u32, label: &str) {
     // long as the service takes.
     if let Err(e) = sys::clear_read_timeout(vsock.as_raw_fd()) {
         log(&format!("capabilities: {label}: {e}"));
+        return;
+    }
+    let Some(token) = TOKEN.get() else {
+        log(&format!(
+            "capabilities: {label}: the host sent no capability token; connection dropped"
+        ));
+        return;
+    };
+    if let Err(e) = (&vsock).write_all(token) {
+        log(&format!("capabilities: {label}: sending the token: {e}"));
         return;
     }
     let (Ok(vsock_in), Ok(unix_out)) = (vsock.try_clone(), unix.try_clone()) else {

@@ -166,6 +166,15 @@ pub fn probe(port: &str, local: Option<&str>) -> i32 {
     i32::from(got.is_empty())
 }
 
+/// Takes the capability token out of the received secrets (no service can declare it)
+/// and hands it to the capability relay.
+fn take_caps_token(received: &mut BTreeMap<String, Vec<u8>>) {
+    if let Some(mut token) = received.remove(abi::CAPS_TOKEN_SECRET) {
+        crate::caps::set_token(&token);
+        token.fill(0);
+    }
+}
+
 /// Fetches and stores the secrets the manifest's services declare. Returns, when any
 /// service declares secrets, each such service's directory in the store (what
 /// [`crate::isolate::child_isolated`] mounts for it); None leaves services as they were.
@@ -181,6 +190,7 @@ pub fn deliver(m: &Manifest, cmdline: &str) -> Option<BTreeMap<String, String>> 
         // connection only: take it, so no service ever can. (Without a vsock device
         // the connect fails at once.)
         if let Ok(mut r) = receive() {
+            take_caps_token(&mut r);
             for v in r.values_mut() {
                 v.fill(0);
             }
@@ -192,7 +202,8 @@ pub fn deliver(m: &Manifest, cmdline: &str) -> Option<BTreeMap<String, String>> 
         return None;
     }
     let mut received = match receive() {
-        Ok(r) => {
+        Ok(mut r) => {
+            take_caps_token(&mut r);
             log(&format!("{}{})", abi::LINE_SECRETS_RECEIVED, r.len()));
             r
         }
