@@ -77,6 +77,7 @@ pub struct Console {
     ring: Mutex<VecDeque<String>>,
     tx: broadcast::Sender<String>,
     closed: AtomicBool,
+    tail: Mutex<TailState>,
 }
 
 impl Console {
@@ -89,6 +90,7 @@ impl Console {
             ring: Mutex::new(VecDeque::new()),
             tx,
             closed: AtomicBool::new(false),
+            tail: Mutex::new(TailState::default()),
         });
         let me = Arc::clone(&c);
         tokio::spawn(async move { me.tail().await });
@@ -118,6 +120,7 @@ impl Console {
 
     /// The ring's lines, oldest first, at most the last `n`.
     pub fn lines(&self, n: usize) -> Vec<String> {
+        self.catch_up();
         let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         ring.iter()
             .skip(ring.len().saturating_sub(n))
@@ -127,6 +130,7 @@ impl Console {
 
     /// The last `n` lines and a receiver of every line after them (no gap, no repeat).
     pub fn follow(&self, n: usize) -> (Vec<String>, broadcast::Receiver<String>) {
+        self.catch_up();
         let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         let rx = self.tx.subscribe();
         let lines = ring
@@ -151,78 +155,102 @@ impl Console {
         let _ = self.tx.send(line);
     }
 
-    /// The tail loop: short reads of a local file, then a sleep.
+    /// The tail loop: a catch-up with the file, then a sleep.
     async fn tail(&self) {
-        let mut pos = 0u64;
-        let mut partial: Vec<u8> = Vec::new();
-        let mut first = true;
-        let mut buf = vec![0u8; 64 << 10];
-        // The open file and its inode: reopened only when the path names another file.
-        let mut open: Option<(std::fs::File, u64)> = None;
         while !self.closed.load(Ordering::Relaxed) {
-            let Ok(meta) = std::fs::metadata(&self.path) else {
-                tokio::time::sleep(POLL).await;
-                continue;
-            };
-            if open.as_ref().map(|(_, ino)| *ino) != Some(meta.ino()) {
-                match std::fs::File::open(&self.path) {
-                    Ok(f) => {
-                        if open.is_some() {
-                            // Replaced: start over with the new file.
-                            pos = 0;
-                            partial.clear();
-                        }
-                        open = Some((f, meta.ino()));
-                    }
-                    Err(_) => {
-                        tokio::time::sleep(POLL).await;
-                        continue;
-                    }
-                }
-            }
-            let Some((f, _)) = open.as_mut() else {
-                continue;
-            };
-            let len = meta.len();
-            if len < pos {
-                // Replaced or truncated: start over.
-                pos = 0;
-                partial.clear();
-            }
-            if first {
-                pos = len.saturating_sub(PREFILL_BYTES);
-                first = false;
-                if pos > 0 {
-                    // Skip to the first whole line.
-                    partial.clear();
-                    let _ = f.seek(SeekFrom::Start(pos));
-                    let n = f.read(&mut buf).unwrap_or(0);
-                    match buf[..n].iter().position(|b| *b == b'\n') {
-                        Some(i) => pos += i as u64 + 1,
-                        None => pos += n as u64,
-                    }
-                }
-            }
-            if len > pos && f.seek(SeekFrom::Start(pos)).is_ok() {
-                while let Ok(n) = f.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    pos += n as u64;
-                    for &b in &buf[..n] {
-                        if b == b'\n' {
-                            let line = String::from_utf8_lossy(&partial)
-                                .trim_end_matches('\r')
-                                .to_owned();
-                            partial.clear();
-                            self.push(line);
-                        } else if partial.len() < MAX_LINE {
-                            partial.push(b);
-                        }
-                    }
-                }
-            }
+            self.catch_up();
             tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Reads what the file gained since the last look into the ring (short reads of a
+    /// local file). Called by the tail loop and before every read of the ring, so a
+    /// reader sees every line written before it asked (a stopped guest's last lines
+    /// included), not only those of the last poll.
+    fn catch_up(&self) {
+        let mut guard = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        let t = &mut *guard;
+        let Ok(meta) = std::fs::metadata(&self.path) else {
+            return;
+        };
+        if t.open.as_ref().map(|(_, ino)| *ino) != Some(meta.ino()) {
+            match std::fs::File::open(&self.path) {
+                Ok(f) => {
+                    if t.open.is_some() {
+                        // Replaced: start over with the new file.
+                        t.pos = 0;
+                        t.partial.clear();
+                    }
+                    t.open = Some((f, meta.ino()));
+                }
+                Err(_) => return,
+            }
+        }
+        let Some((f, _)) = t.open.as_mut() else {
+            return;
+        };
+        let len = meta.len();
+        if len < t.pos {
+            // Replaced or truncated: start over.
+            t.pos = 0;
+            t.partial.clear();
+        }
+        let mut buf = vec![0u8; 64 << 10];
+        if t.first {
+            t.pos = len.saturating_sub(PREFILL_BYTES);
+            t.first = false;
+            if t.pos > 0 {
+                // Skip to the first whole line.
+                t.partial.clear();
+                let _ = f.seek(SeekFrom::Start(t.pos));
+                let n = f.read(&mut buf).unwrap_or(0);
+                match buf[..n].iter().position(|b| *b == b'\n') {
+                    Some(i) => t.pos += i as u64 + 1,
+                    None => t.pos += n as u64,
+                }
+            }
+        }
+        if len > t.pos && f.seek(SeekFrom::Start(t.pos)).is_ok() {
+            while let Ok(n) = f.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                t.pos += n as u64;
+                for &b in &buf[..n] {
+                    if b == b'\n' {
+                        let line = String::from_utf8_lossy(&t.partial)
+                            .trim_end_matches('\r')
+                            .to_owned();
+                        t.partial.clear();
+                        self.push(line);
+                    } else if t.partial.len() < MAX_LINE {
+                        t.partial.push(b);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where the tail is in the console file.
+#[derive(Debug)]
+struct TailState {
+    pos: u64,
+    /// The current line so far.
+    partial: Vec<u8>,
+    /// Not looked at yet: start near the end (PREFILL_BYTES).
+    first: bool,
+    /// The open file and its inode: reopened only when the path names another file.
+    open: Option<(std::fs::File, u64)>,
+}
+
+impl Default for TailState {
+    fn default() -> Self {
+        TailState {
+            pos: 0,
+            partial: Vec::new(),
+            first: true,
+            open: None,
         }
     }
 }
