@@ -197,12 +197,32 @@ pub fn boot(base: &Path, payload: &Payload, cpus: u32, mem_mib: u32, limit: Dura
         .arg("-initrd")
         .arg(&initrd)
         .args(["-append", "console=ttyS0 quiet loglevel=3 panic=-1"]);
-    let out = super::run_with_deadline(cmd, limit);
-    let text = out.stdout.replace('\r', "");
+    // The console goes to a file, so that a test host that hangs still shows how far it
+    // got when the deadline kills it.
+    let console = payload.dir.path().join("console.log");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&console).expect("console file"))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn qemu-system-x86_64");
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("wait for qemu").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the test host did not finish within {limit:?}; its console:\n{}",
+                String::from_utf8_lossy(&std::fs::read(&console).unwrap_or_default())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let text =
+        String::from_utf8_lossy(&std::fs::read(&console).expect("read console")).replace('\r', "");
     assert!(
         text.contains("KVMHOST /dev/kvm ready"),
-        "the test host has no /dev/kvm:\n{}",
-        out.all()
+        "the test host has no /dev/kvm:\n{text}"
     );
     let runs = parse(&text);
     Console { text, runs }
