@@ -10,6 +10,7 @@ mod common;
 
 use common::kvmhost::{self, Payload, FRAMED};
 use common::{build, build_with_files};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -118,12 +119,17 @@ net() {
 }
 framed net net
 jail() {
+    own=$(readlink /proc/self/ns/mnt)
     n=0
     for p in /proc/[0-9]*; do
         set -- $(tr '\0' ' ' < $p/cmdline 2>/dev/null)
         [ "$2" = backend ] || continue
         n=$((n+1))
-        echo "backend pid ${p#/proc/} $3: $(grep -E '^(Uid|Seccomp|CapEff|NoNewPrivs):' $p/status | tr '\t\n' '  ')"
+        # Every thread: a vring worker must be as jailed as the main thread.
+        for t in $p/task/*; do
+            if [ "$(readlink $t/ns/mnt)" = "$own" ]; then ns=host; else ns=own; fi
+            echo "backend $3 pid ${p#/proc/} task ${t##*/}: $(grep -E '^(Uid|Gid|Groups|CapEff|CapBnd|NoNewPrivs|Seccomp):' $t/status | tr '\t\n' '  ') MntNs: $ns NprocMax: $(awk '/^Max processes/ {print $3}' $p/limits) AsMax: $(awk '/^Max address space/ {print $4}' $p/limits)"
+        done
     done
     echo "backends=$n"
 }
@@ -223,29 +229,85 @@ fn built_in_vmm_on_real_nested_kvm() {
     assert!(out.contains("hostd web ok"), "{out}");
     eprintln!("KVMTEST net PASS");
 
-    // The backends, jailed as on the host.
+    // The backends, jailed as on the host (tests/jail.rs, tests/backends.rs): every
+    // thread of each, an unprivileged uid of its own, no groups, no capabilities,
+    // no_new_privs, a seccomp filter, a mount namespace of its own, small rlimits.
     let out = assert_ran(&c, "jail", 0);
-    let backends: Vec<&str> = out
+    let tasks: Vec<(String, BTreeMap<String, String>)> = out
         .lines()
-        .filter(|l| l.starts_with("backend pid"))
+        .filter_map(|l| l.strip_prefix("backend "))
+        .map(|l| {
+            let (head, fields) = l.split_once(": ").unwrap_or((l, ""));
+            (head.to_string(), status_fields(fields))
+        })
         .collect();
-    assert!(
-        !backends.is_empty(),
-        "no backend seen:\n{out}\nweb:\n{}",
+    let names: BTreeSet<&str> = tasks
+        .iter()
+        .filter_map(|(h, _)| h.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["net", "rng"]),
+        "web's backends (net, rng) not both seen:\n{out}\nweb:\n{}",
         c.run("web").1
     );
-    for b in &backends {
-        let uid = b.split("Uid:").nth(1).unwrap_or_default();
+    let mut uids = BTreeMap::new();
+    for (head, f) in &tasks {
+        let field = |k: &str| f.get(k).map(String::as_str).unwrap_or("?");
+        let uid: Vec<&str> = field("Uid").split_whitespace().collect();
         assert!(
-            uid.split_whitespace().take(4).all(|u| u != "0"),
-            "backend runs as root: {b}"
+            uid.len() == 4 && uid.iter().all(|u| *u != "0"),
+            "{head}: runs as root: {f:?}"
         );
-        assert!(b.contains("Seccomp: 2"), "{b}");
-        assert!(b.contains("CapEff: 0000000000000000"), "{b}");
-        assert!(b.contains("NoNewPrivs: 1"), "{b}");
-        eprintln!("KVMTEST jail {b}");
+        assert!(
+            field("Gid").split_whitespace().all(|g| g != "0"),
+            "{head}: {f:?}"
+        );
+        assert_eq!(field("Groups"), "", "{head}: {f:?}");
+        assert_eq!(field("Seccomp"), "2", "{head}: {f:?}");
+        assert_eq!(field("CapEff"), "0000000000000000", "{head}: {f:?}");
+        assert_eq!(field("CapBnd"), "0000000000000000", "{head}: {f:?}");
+        assert_eq!(field("NoNewPrivs"), "1", "{head}: {f:?}");
+        assert_eq!(field("MntNs"), "own", "{head}: {f:?}");
+        assert_eq!(field("NprocMax"), "16", "{head}: {f:?}");
+        // web's 128 MiB of guest memory plus the backend's own 512 MiB.
+        assert_eq!(
+            field("AsMax"),
+            ((128u64 + 512) << 20).to_string(),
+            "{head}: {f:?}"
+        );
+        let name = head.split_whitespace().next().unwrap_or_default();
+        let prev = uids.insert(uid[0].to_string(), name);
+        assert!(
+            prev.is_none_or(|p| p == name),
+            "{head}: shares uid {} with {prev:?}",
+            uid[0]
+        );
+        eprintln!("KVMTEST jail backend {head}: {f:?}");
     }
-    eprintln!("KVMTEST jail PASS ({} backends)", backends.len());
+    eprintln!(
+        "KVMTEST jail PASS ({} backends, {} threads)",
+        names.len(),
+        tasks.len()
+    );
+}
+
+/// `Uid: 1 1 1 1 Seccomp: 2 …` (a /proc status line the script flattened) as a map.
+fn status_fields(s: &str) -> BTreeMap<String, String> {
+    let mut map = BTreeMap::new();
+    let mut key: Option<String> = None;
+    for w in s.split_whitespace() {
+        if let Some(k) = w.strip_suffix(':') {
+            map.insert(k.to_string(), String::new());
+            key = Some(k.to_string());
+        } else if let Some(v) = key.as_ref().and_then(|k| map.get_mut(k)) {
+            if !v.is_empty() {
+                v.push(' ');
+            }
+            v.push_str(w);
+        }
+    }
+    map
 }
 
 /// hostd's `--timings` line, if any.
