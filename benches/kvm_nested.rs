@@ -5,12 +5,17 @@
 //!
 //! Measured inside the test host (from /proc/uptime, 10 ms resolution), alternating
 //! runs: the hello image (hostd) or its kernel and initrd sections (Firecracker), start →
-//! `[hello] hello from hostd` and → exit; the probe guest, start → exit. Medians,
+//! `[hello] hello from hostd`, → guest init powering off and → exit; the probe guest,
+//! start → `probe: started` and → `probe: exiting with code` (Firecracker ignores the
+//! probe's exit port, so it is killed there). Medians,
 //! hostd/Firecracker ratios, JSON in target/bench/kvm_nested.json. hostd's own
 //! `--timings` lines (when its VM started, i.e. the first KVM_RUN) are printed too.
 //!
 //! `FIRECRACKER=/path/to/firecracker cargo bench --bench kvm_nested` (a static binary);
 //! without FIRECRACKER only hostd's figures. KVM_NESTED_RUNS sets the rounds (default 3).
+//! KVM_NESTED_STRACE=1 adds one untimed `strace -f` run of hostd (this machine's strace,
+//! with its libraries) and prints its trace up to the first KVM_RUN, stamped with
+//! seconds since the epoch: where hostd's time before the guest runs goes.
 #![allow(clippy::print_stdout)] // a benchmark's figures are its output
 
 mod common;
@@ -27,29 +32,53 @@ use tcommon::kvmhost::{self, Payload};
 const BENCH_SH: &str = r#"
 cd /kvmtest
 ms() { read up _ < /proc/uptime; c=${up%.*}${up#*.}; echo $((c * 10)); }
+# measure NAME WANT DONE KILL CMD…: times from start to the first line containing WANT
+# ("first"), to the first containing DONE ("done"; with KILL=1 the monitor is killed
+# there: Firecracker does not end a probe that halts after its exit port write), and
+# to the command's end ("exit"). A run that never printed WANT counts for nothing and
+# shows its last lines.
 measure() {
-    name=$1; want=$2; shift 2
+    name=$1; want=$2; done=$3; kill=$4; shift 4
+    rm -f /tmp/m.fifo /tmp/m.out
+    mkfifo /tmp/m.fifo
     t0=$(ms)
-    "$@" 2>&1 | while IFS= read -r line; do
+    timeout 300 "$@" > /tmp/m.fifo 2>&1 &
+    pid=$!
+    seen=0
+    while IFS= read -r line; do
+        echo "$line" >> /tmp/m.out
         case "$line" in
-            *"$want"*) echo "KVMBENCH $name first $(( $(ms) - t0 ))" ;;
+            *"$want"*) [ $seen = 1 ] || echo "KVMBENCH $name first $(( $(ms) - t0 ))"; seen=1 ;;
+        esac
+        case "$line" in
+            *"$done"*)
+                echo "KVMBENCH $name done $(( $(ms) - t0 ))"
+                [ "$kill" = 1 ] && kill $pid ;;
             *timings*) echo "KVMBENCH-INFO $name $line" ;;
         esac
-    done
-    echo "KVMBENCH $name exit $(( $(ms) - t0 ))"
-}
-fc() {
-    rm -f /tmp/fc.sock
-    ./firecracker --no-api --config-file "$1"
+    done < /tmp/m.fifo
+    wait $pid
+    t=$(( $(ms) - t0 ))
+    if [ $seen = 1 ]; then echo "KVMBENCH $name exit $t"
+    else tail -n 12 /tmp/m.out | sed "s/^/KVMBENCH-FAIL $name /"; fi
 }
 r=0
 while [ $r -lt RUNS ]; do
     r=$((r+1))
-    measure hostd-hello "hello from hostd" ./hostd run --timings hello.img
-    [ -x ./firecracker ] && measure fc-hello "hello from hostd" fc fc-hello.json
-    measure hostd-probe "probe: started" ./hostd run --timings --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
-    [ -x ./firecracker ] && measure fc-probe "probe: started" fc fc-probe.json
+    measure hostd-hello "hello from hostd" "powering off" 0 ./hostd run --timings hello.img
+    [ -x ./firecracker ] && measure fc-hello "hello from hostd" "powering off" 0 ./firecracker --no-api --config-file fc-hello.json
+    measure hostd-probe "probe: started" "probe: exiting with code" 0 ./hostd run --timings --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
+    [ -x ./firecracker ] && measure fc-probe "probe: started" "probe: exiting with code" 1 ./firecracker --no-api --config-file fc-probe.json
 done
+# Where hostd's time before the first KVM_RUN goes (KVM_NESTED_STRACE=1; untimed run):
+# its processes, execs, namespaces, files and KVM ioctls up to the first KVM_RUN.
+if [ -x ./strace ]; then
+    ./strace -f -ttt -o /tmp/hostd.strace \
+        -e trace=execve,clone,clone3,wait4,unshare,pivot_root,mount,openat,ioctl,exit_group \
+        ./hostd run --timings hello.img > /tmp/strace-run.out 2>&1
+    grep timings /tmp/strace-run.out | sed 's/^/KVMTRACE-INFO /'
+    awk '{ print "KVMTRACE " $0 } /KVM_RUN/ { exit }' /tmp/hostd.strace
+fi
 "#;
 
 fn fc_config(kernel: &str, initrd: Option<&str>, args: &str) -> String {
@@ -68,6 +97,43 @@ fn section(image: &[u8], name: &str) -> Vec<u8> {
         .find(|(n, _, _)| n == name)
         .unwrap_or_else(|| panic!("no {name} section"));
     image[off..off + len].to_vec()
+}
+
+/// The ELF vmlinux the image's `kernel` section was packed from (images/src/kernel.rs:
+/// only the non-zero extents of the ELF are kept, which Firecracker cannot load): the
+/// guest kernel hostd builds images with, checked extent by extent against the section
+/// (all but the ELF header, whose section-header fields packing clears).
+fn vmlinux(section: &[u8]) -> Vec<u8> {
+    if section.starts_with(b"\x7fELF") {
+        return section.to_vec();
+    }
+    let elf = std::fs::read(tcommon::kernel()).expect("read the guest kernel's vmlinux");
+    let u64_at = |b: &[u8], at: usize| {
+        u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes")) as usize
+    };
+    assert!(
+        section.starts_with(b"HOSTDKRN"),
+        "an unknown kernel section"
+    );
+    assert_eq!(
+        u64_at(section, 16),
+        elf.len(),
+        "not the guest kernel's vmlinux"
+    );
+    let count = u32::from_le_bytes(section[12..16].try_into().expect("4 bytes")) as usize;
+    let mut data = 24 + 16 * count;
+    for i in 0..count {
+        let (off, len) = (u64_at(section, 24 + 16 * i), u64_at(section, 32 + 16 * i));
+        // The ELF header (64 bytes) differs: the packed one has no section headers.
+        let skip = if off == 0 { 64.min(len) } else { 0 };
+        assert_eq!(
+            section[data + skip..data + len],
+            elf[off + skip..off + len],
+            "the image's kernel is not the guest kernel's vmlinux (extent {i})"
+        );
+        data += len;
+    }
+    elf
 }
 
 fn probe() -> PathBuf {
@@ -116,10 +182,13 @@ fn main() {
             format!("#!/bin/sh\n{}", BENCH_SH.replace("RUNS", &runs.to_string())).as_bytes(),
             0o755,
         );
+    if std::env::var_os("KVM_NESTED_STRACE").is_some() {
+        p.program("strace", Path::new("/usr/bin/strace"));
+    }
     if let Some(fc) = &firecracker {
         let image = std::fs::read(&hello).expect("read hello.img");
         p.file("firecracker", fc)
-            .bytes("vmlinux", &section(&image, "kernel"), 0o644)
+            .bytes("vmlinux", &vmlinux(&section(&image, "kernel")), 0o644)
             .bytes("initrd", &section(&image, "initrd"), 0o644)
             .bytes(
                 "fc-hello.json",
@@ -152,7 +221,7 @@ fn main() {
                         .push(ms);
                 }
             }
-        } else if line.starts_with("KVMBENCH-INFO") {
+        } else if line.starts_with("KVMBENCH-") || line.starts_with("KVMTRACE") {
             println!("{line}");
         }
     }
@@ -162,26 +231,40 @@ fn main() {
             .map(|v| median(v.clone()))
     };
     println!("inside the nested test host, ms from start, medians of {runs} alternating runs:");
-    println!("{:<14} {:>14} {:>10}", "run", "first output", "exit");
+    println!(
+        "{:<14} {:>13} {:>13} {:>10}",
+        "run", "first output", "guest done", "exit"
+    );
     let mut json = Vec::new();
+    let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+    let js = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.0}"));
     for name in ["hostd-hello", "fc-hello", "hostd-probe", "fc-probe"] {
-        let (first, exit) = (med(name, "first"), med(name, "exit"));
-        if first.is_none() && exit.is_none() {
+        let (first, done, exit) = (med(name, "first"), med(name, "done"), med(name, "exit"));
+        if first.is_none() && done.is_none() {
             continue;
         }
-        let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
-        println!("{name:<14} {:>14} {:>10}", show(first), show(exit));
+        // Firecracker is killed once the probe asked to exit: its "exit" is ours.
+        let exit = if name == "fc-probe" { None } else { exit };
+        println!(
+            "{name:<14} {:>13} {:>13} {:>10}",
+            show(first),
+            show(done),
+            show(exit)
+        );
         json.push(format!(
-            "{{\"run\":\"{name}\",\"first_output_ms\":{},\"exit_ms\":{}}}",
-            first.map_or("null".into(), |v| format!("{v:.0}")),
-            exit.map_or("null".into(), |v| format!("{v:.0}"))
+            "{{\"run\":\"{name}\",\"first_output_ms\":{},\"guest_done_ms\":{},\"exit_ms\":{}}}",
+            js(first),
+            js(done),
+            js(exit)
         ));
     }
     let mut extra = format!("\"runs\":{runs},");
     for (label, h, f, what) in [
         ("hello_first_output", "hostd-hello", "fc-hello", "first"),
+        ("hello_guest_done", "hostd-hello", "fc-hello", "done"),
         ("hello_exit", "hostd-hello", "fc-hello", "exit"),
-        ("probe_exit", "hostd-probe", "fc-probe", "exit"),
+        ("probe_first_output", "hostd-probe", "fc-probe", "first"),
+        ("probe_guest_done", "hostd-probe", "fc-probe", "done"),
     ] {
         if let (Some(h), Some(f)) = (med(h, what), med(f, what)) {
             let ratio = h / f;
