@@ -74,7 +74,7 @@ done
 # its processes, execs, namespaces, files and KVM ioctls up to the first KVM_RUN.
 if [ -x ./strace ]; then
     ./strace -f -ttt -o /tmp/hostd.strace \
-        -e trace=execve,clone,clone3,wait4,unshare,pivot_root,mount,openat,ioctl,exit_group \
+        -e trace=execve,clone,clone3,unshare,pivot_root,mount,openat,ioctl,pread64,connect,accept4,sendmsg,recvmsg,seccomp,setresuid,memfd_create,landlock_restrict_self \
         ./hostd run --timings hello.img > /tmp/strace-run.out 2>&1
     grep timings /tmp/strace-run.out | sed 's/^/KVMTRACE-INFO /'
     awk '{ print "KVMTRACE " $0 } /KVM_RUN/ { exit }' /tmp/hostd.strace
