@@ -2,6 +2,7 @@
 //! loudly (or fail under CI=true), building images and running them with a deadline.
 #![allow(dead_code)]
 
+pub mod kvmhost;
 pub mod netns;
 
 use std::io::Read;

@@ -1,0 +1,276 @@
+//! hostd's built-in VMM against Firecracker on real KVM (issue 21), inside the nested
+//! test host (tests/kvmhost, tests/common/kvmhost.rs: Debian's kernel and kvm_amd under
+//! QEMU TCG with emulated SVM). Both monitors pay the same emulation, so the ratio is the
+//! measure, not the absolute times.
+//!
+//! Measured inside the test host (from /proc/uptime, 10 ms resolution), alternating
+//! runs: the hello image (hostd) or its kernel and initrd sections (Firecracker), start →
+//! `[hello] hello from hostd`, → guest init powering off and → exit; the probe guest,
+//! start → `probe: started` and → `probe: exiting with code` (Firecracker ignores the
+//! probe's exit port, so it is killed there). Medians,
+//! hostd/Firecracker ratios, JSON in target/bench/kvm_nested.json. hostd's own
+//! `--timings` lines (when its VM started, i.e. the first KVM_RUN) are printed too.
+//!
+//! `FIRECRACKER=/path/to/firecracker cargo bench --bench kvm_nested` (a static binary);
+//! without FIRECRACKER only hostd's figures. KVM_NESTED_RUNS sets the rounds (default 3).
+//! KVM_NESTED_STRACE=1 adds one untimed `strace -f` run of hostd (this machine's strace,
+//! with its libraries) and prints its trace up to the first KVM_RUN, stamped with
+//! seconds since the epoch: where hostd's time before the guest runs goes.
+#![allow(clippy::print_stdout)] // a benchmark's figures are its output
+
+mod common;
+#[path = "../tests/common/mod.rs"]
+mod tcommon;
+
+use common::{median, write_json};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tcommon::kvmhost::{self, Payload};
+
+/// The test host's script: RUNS rounds, each monitor and guest in turn.
+const BENCH_SH: &str = r#"
+cd /kvmtest
+ms() { read up _ < /proc/uptime; c=${up%.*}${up#*.}; echo $((c * 10)); }
+# measure NAME WANT DONE KILL CMD…: times from start to the first line containing WANT
+# ("first"), to the first containing DONE ("done"; with KILL=1 the monitor is killed
+# there: Firecracker does not end a probe that halts after its exit port write), and
+# to the command's end ("exit"). A run that never printed WANT counts for nothing and
+# shows its last lines.
+measure() {
+    name=$1; want=$2; done=$3; kill=$4; shift 4
+    rm -f /tmp/m.fifo /tmp/m.out
+    mkfifo /tmp/m.fifo
+    t0=$(ms)
+    timeout 300 "$@" > /tmp/m.fifo 2>&1 &
+    pid=$!
+    seen=0
+    while IFS= read -r line; do
+        echo "$line" >> /tmp/m.out
+        case "$line" in
+            *"$want"*) [ $seen = 1 ] || echo "KVMBENCH $name first $(( $(ms) - t0 ))"; seen=1 ;;
+        esac
+        case "$line" in
+            *"$done"*)
+                echo "KVMBENCH $name done $(( $(ms) - t0 ))"
+                [ "$kill" = 1 ] && kill $pid ;;
+            *timings*) echo "KVMBENCH-INFO $name $line" ;;
+        esac
+    done < /tmp/m.fifo
+    wait $pid
+    t=$(( $(ms) - t0 ))
+    if [ $seen = 1 ]; then echo "KVMBENCH $name exit $t"
+    else tail -n 12 /tmp/m.out | sed "s/^/KVMBENCH-FAIL $name /"; fi
+}
+r=0
+while [ $r -lt RUNS ]; do
+    r=$((r+1))
+    measure hostd-hello "hello from hostd" "powering off" 0 ./hostd run --timings hello.img
+    [ -x ./firecracker ] && measure fc-hello "hello from hostd" "powering off" 0 ./firecracker --no-api --config-file fc-hello.json
+    measure hostd-probe "probe: started" "probe: exiting with code" 0 ./hostd run --timings --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
+    [ -x ./firecracker ] && measure fc-probe "probe: started" "probe: exiting with code" 1 ./firecracker --no-api --config-file fc-probe.json
+done
+# Where hostd's time before the first KVM_RUN goes (KVM_NESTED_STRACE=1; untimed run):
+# its processes, execs, namespaces, files and KVM ioctls up to the first KVM_RUN.
+if [ -x ./strace ]; then
+    ./strace -f -ttt -o /tmp/hostd.strace \
+        -e trace=execve,clone,clone3,unshare,pivot_root,mount,openat,ioctl,pread64,connect,accept4,sendmsg,recvmsg,seccomp,setresuid,memfd_create,landlock_restrict_self \
+        ./hostd run --timings hello.img > /tmp/strace-run.out 2>&1
+    grep timings /tmp/strace-run.out | sed 's/^/KVMTRACE-INFO /'
+    awk '{ print "KVMTRACE " $0 } /KVM_RUN/ { exit }' /tmp/hostd.strace
+fi
+"#;
+
+fn fc_config(kernel: &str, initrd: Option<&str>, args: &str) -> String {
+    let initrd = initrd
+        .map(|i| format!(",\"initrd_path\":\"{i}\""))
+        .unwrap_or_default();
+    format!(
+        "{{\"boot-source\":{{\"kernel_image_path\":\"{kernel}\",\"boot_args\":\"{args}\"{initrd}}},\
+         \"drives\":[],\"machine-config\":{{\"vcpu_count\":1,\"mem_size_mib\":128}}}}"
+    )
+}
+
+fn section(image: &[u8], name: &str) -> Vec<u8> {
+    let (_, off, len) = tcommon::sections(image)
+        .into_iter()
+        .find(|(n, _, _)| n == name)
+        .unwrap_or_else(|| panic!("no {name} section"));
+    image[off..off + len].to_vec()
+}
+
+/// The ELF vmlinux the image's `kernel` section was packed from (images/src/kernel.rs:
+/// only the non-zero extents of the ELF are kept, which Firecracker cannot load): the
+/// guest kernel hostd builds images with, checked extent by extent against the section
+/// (all but the ELF header, whose section-header fields packing clears).
+fn vmlinux(section: &[u8]) -> Vec<u8> {
+    if section.starts_with(b"\x7fELF") {
+        return section.to_vec();
+    }
+    let elf = std::fs::read(tcommon::kernel()).expect("read the guest kernel's vmlinux");
+    let u64_at = |b: &[u8], at: usize| {
+        u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes")) as usize
+    };
+    assert!(
+        section.starts_with(b"HOSTDKRN"),
+        "an unknown kernel section"
+    );
+    assert_eq!(
+        u64_at(section, 16),
+        elf.len(),
+        "not the guest kernel's vmlinux"
+    );
+    let count = u32::from_le_bytes(section[12..16].try_into().expect("4 bytes")) as usize;
+    let mut data = 24 + 16 * count;
+    for i in 0..count {
+        let (off, len) = (u64_at(section, 24 + 16 * i), u64_at(section, 32 + 16 * i));
+        // The ELF header (64 bytes) differs: the packed one has no section headers.
+        let skip = if off == 0 { 64.min(len) } else { 0 };
+        assert_eq!(
+            section[data + skip..data + len],
+            elf[off + skip..off + len],
+            "the image's kernel is not the guest kernel's vmlinux (extent {i})"
+        );
+        data += len;
+    }
+    elf
+}
+
+fn probe() -> PathBuf {
+    let out = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/guest/probe/build.sh"))
+        .output()
+        .expect("guest/probe/build.sh");
+    assert!(out.status.success(), "guest/probe/build.sh failed");
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim(),
+    )
+}
+
+fn main() {
+    let Some(base) = kvmhost::base() else {
+        return;
+    };
+    if !tcommon::require_qemu_guest() {
+        return;
+    }
+    let runs: u32 = std::env::var("KVM_NESTED_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let firecracker = std::env::var_os("FIRECRACKER").map(PathBuf::from);
+    let hello_spec = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/images/examples/hello.toml"
+    ))
+    .expect("hello.toml");
+    let (_h, hello) = tcommon::build(&hello_spec);
+    let p = Payload::new();
+    p.program("hostd", Path::new(env!("CARGO_BIN_EXE_hostd")))
+        .program(
+            "hostd-backend",
+            Path::new(env!("CARGO_BIN_EXE_hostd-backend")),
+        )
+        .file("probe", &probe())
+        .file("hello.img", &hello)
+        .bytes(
+            "run.sh",
+            format!("#!/bin/sh\n{}", BENCH_SH.replace("RUNS", &runs.to_string())).as_bytes(),
+            0o755,
+        );
+    if std::env::var_os("KVM_NESTED_STRACE").is_some() {
+        p.program("strace", Path::new("/usr/bin/strace"));
+    }
+    if let Some(fc) = &firecracker {
+        let image = std::fs::read(&hello).expect("read hello.img");
+        p.file("firecracker", fc)
+            .bytes("vmlinux", &vmlinux(&section(&image, "kernel")), 0o644)
+            .bytes("initrd", &section(&image, "initrd"), 0o644)
+            .bytes(
+                "fc-hello.json",
+                fc_config(
+                    "/kvmtest/vmlinux",
+                    Some("/kvmtest/initrd"),
+                    "console=ttyS0 reboot=t panic=-1 no_timer_check quiet",
+                )
+                .as_bytes(),
+                0o644,
+            )
+            .bytes(
+                "fc-probe.json",
+                fc_config("/kvmtest/probe", None, "console=ttyS0 probe.exit=0").as_bytes(),
+                0o644,
+            );
+    } else {
+        println!("FIRECRACKER not set: hostd's figures only");
+    }
+    let c = kvmhost::boot(&base, &p, 2, 2048, Duration::from_secs(3600));
+    let mut samples: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    for line in c.text.lines() {
+        if let Some(rest) = line.strip_prefix("KVMBENCH ") {
+            let w: Vec<&str> = rest.split_whitespace().collect();
+            if let [name, what, ms] = w[..] {
+                if let Ok(ms) = ms.parse::<f64>() {
+                    samples
+                        .entry((name.to_string(), what.to_string()))
+                        .or_default()
+                        .push(ms);
+                }
+            }
+        } else if line.starts_with("KVMBENCH-") || line.starts_with("KVMTRACE") {
+            println!("{line}");
+        }
+    }
+    let med = |name: &str, what: &str| {
+        samples
+            .get(&(name.to_string(), what.to_string()))
+            .map(|v| median(v.clone()))
+    };
+    println!("inside the nested test host, ms from start, medians of {runs} alternating runs:");
+    println!(
+        "{:<14} {:>13} {:>13} {:>10}",
+        "run", "first output", "guest done", "exit"
+    );
+    let mut json = Vec::new();
+    let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+    let js = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.0}"));
+    for name in ["hostd-hello", "fc-hello", "hostd-probe", "fc-probe"] {
+        let (first, done, exit) = (med(name, "first"), med(name, "done"), med(name, "exit"));
+        if first.is_none() && done.is_none() {
+            continue;
+        }
+        // Firecracker is killed once the probe asked to exit: its "exit" is ours.
+        let exit = if name == "fc-probe" { None } else { exit };
+        println!(
+            "{name:<14} {:>13} {:>13} {:>10}",
+            show(first),
+            show(done),
+            show(exit)
+        );
+        json.push(format!(
+            "{{\"run\":\"{name}\",\"first_output_ms\":{},\"guest_done_ms\":{},\"exit_ms\":{}}}",
+            js(first),
+            js(done),
+            js(exit)
+        ));
+    }
+    let mut extra = format!("\"runs\":{runs},");
+    for (label, h, f, what) in [
+        ("hello_first_output", "hostd-hello", "fc-hello", "first"),
+        ("hello_guest_done", "hostd-hello", "fc-hello", "done"),
+        ("hello_exit", "hostd-hello", "fc-hello", "exit"),
+        ("probe_first_output", "hostd-probe", "fc-probe", "first"),
+        ("probe_guest_done", "hostd-probe", "fc-probe", "done"),
+    ] {
+        if let (Some(h), Some(f)) = (med(h, what), med(f, what)) {
+            let ratio = h / f;
+            println!("hostd/Firecracker {label}: {ratio:.2}");
+            extra.push_str(&format!("\"ratio_{label}\":{ratio:.3},"));
+        }
+    }
+    write_json("kvm_nested", &extra, &json);
+}
