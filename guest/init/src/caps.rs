@@ -106,25 +106,13 @@ fn make(
             ));
             continue;
         }
-        let user = match crate::spawn::resolve_user(&spec.user, &passwd) {
-            Ok(u) => u,
-            Err(e) => {
-                log(&format!("capabilities: service {svc}: {e}"));
-                continue;
-            }
-        };
-        let dir = format!("{STORE}/{svc}");
-        std::fs::create_dir(&dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
         // A tmpfs per service, as for secrets: nothing of another service's below the
         // directory its namespace shows.
-        sys::mount(
-            "tmpfs",
-            &dir,
-            "tmpfs",
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            "mode=0700",
-        )
-        .map_err(|e| format!("mount tmpfs on {dir}: {e}"))?;
+        let Some((dir, user)) =
+            crate::secrets::service_dir(STORE, svc, &spec.user, &passwd, "capabilities")?
+        else {
+            continue;
+        };
         for name in &spec.capabilities {
             let Some(index) = names.iter().position(|n| n == name) else {
                 continue;

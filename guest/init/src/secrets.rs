@@ -166,6 +166,39 @@ pub fn probe(port: &str, local: Option<&str>) -> i32 {
     i32::from(got.is_empty())
 }
 
+/// Makes `STORE/SERVICE`, a tmpfs of its own (mode 0700, owned by root until the
+/// caller hands it over), for a service whose user `spec_user` resolves in `passwd`:
+/// what that service's namespace shows of the store then holds nothing of any other
+/// service's, not even by inode (open_by_handle_at needs only a mount of the same file
+/// system). None, with a log line prefixed `what`, when the user does not resolve. Used
+/// for the secrets and the capability sockets alike.
+pub(crate) fn service_dir(
+    store: &str,
+    svc: &str,
+    spec_user: &str,
+    passwd: &str,
+    what: &str,
+) -> Result<Option<(String, crate::spawn::User)>, String> {
+    let user = match crate::spawn::resolve_user(spec_user, passwd) {
+        Ok(u) => u,
+        Err(e) => {
+            log(&format!("{what}: service {svc}: {e}"));
+            return Ok(None);
+        }
+    };
+    let dir = format!("{store}/{svc}");
+    std::fs::create_dir(&dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
+    sys::mount(
+        "tmpfs",
+        &dir,
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "mode=0700",
+    )
+    .map_err(|e| format!("mount tmpfs on {dir}: {e}"))?;
+    Ok(Some((dir, user)))
+}
+
 /// Takes the capability token out of the received secrets (no service can declare it)
 /// and hands it to the capability relay.
 fn take_caps_token(received: &mut BTreeMap<String, Vec<u8>>) {
@@ -275,26 +308,9 @@ fn store(
             ));
             continue;
         }
-        let user = match crate::spawn::resolve_user(&spec.user, &passwd) {
-            Ok(u) => u,
-            Err(e) => {
-                log(&format!("secrets: service {svc}: {e}"));
-                continue;
-            }
+        let Some((dir, user)) = service_dir(STORE, svc, &spec.user, &passwd, "secrets")? else {
+            continue;
         };
-        let dir = format!("{STORE}/{svc}");
-        std::fs::create_dir(&dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
-        // A tmpfs per service: what a service's /run/secrets binds holds nothing of any
-        // other service's, not even by inode (open_by_handle_at needs only a mount of the
-        // same file system).
-        sys::mount(
-            "tmpfs",
-            &dir,
-            "tmpfs",
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            "mode=0700",
-        )
-        .map_err(|e| format!("mount tmpfs on {dir}: {e}"))?;
         for name in &spec.secrets {
             let Some(value) = received.get(name) else {
                 log(&format!(
