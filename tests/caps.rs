@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::cap_cli;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -137,22 +139,6 @@ fn get(addr: &str, path: &str) -> (u16, String) {
         .unwrap_or(0);
     let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (status, body)
-}
-
-fn cap_cli(state: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_hostd"))
-        .arg("cap")
-        .args(args)
-        .arg("--state-dir")
-        .arg(state)
-        .output()
-        .expect("hostd cap");
-    assert!(
-        out.status.success(),
-        "hostd cap {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// One relayed connection's bytes, each direction.

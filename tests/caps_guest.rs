@@ -15,7 +15,7 @@
 mod common;
 
 use common::{
-    build_with_files, hostd, kvm_usable, require, require_qemu_guest, run_image_with,
+    build_with_files, cap_cli, hostd, kvm_usable, require, require_qemu_guest, run_image_with,
     run_with_deadline,
 };
 use std::io::{BufRead, BufReader, Read, Write};
@@ -124,22 +124,6 @@ fn recording_relay(target: String) -> (String, Arc<Mutex<Vec<u8>>>) {
         }
     });
     (addr, seen)
-}
-
-fn cap_cli(state: &Path, args: &[&str]) -> String {
-    let out = hostd()
-        .arg("cap")
-        .args(args)
-        .arg("--state-dir")
-        .arg(state)
-        .output()
-        .expect("hostd cap");
-    assert!(
-        out.status.success(),
-        "hostd cap {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 const SPEC: &str = r#"

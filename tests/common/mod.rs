@@ -359,6 +359,24 @@ pub fn sections(img: &[u8]) -> Vec<(String, usize, usize)> {
         .collect()
 }
 
+/// `hostd cap ARGS… --state-dir STATE`, which must succeed; its standard output.
+#[allow(dead_code)]
+pub fn cap_cli(state: &std::path::Path, args: &[&str]) -> String {
+    let out = hostd()
+        .arg("cap")
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .expect("hostd cap");
+    assert!(
+        out.status.success(),
+        "hostd cap {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("hostd cap prints UTF-8")
+}
+
 /// Waits (at most 30 s) until `log` (a child's log, collected by a reader thread) has a
 /// line containing every needle, and returns that line; fails the test with the whole
 /// log otherwise.

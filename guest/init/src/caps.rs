@@ -79,16 +79,7 @@ fn make(
     names: &[String],
     mounted: &mut bool,
 ) -> Result<BTreeMap<String, String>, String> {
-    std::fs::create_dir_all(STORE).map_err(|e| format!("mkdir {STORE}: {e}"))?;
-    std::fs::create_dir_all(abi::CAPS_DIR).map_err(|e| format!("mkdir {}: {e}", abi::CAPS_DIR))?;
-    sys::mount(
-        "tmpfs",
-        STORE,
-        "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        "mode=0700",
-    )
-    .map_err(|e| format!("mount tmpfs on {STORE}: {e}"))?;
+    crate::secrets::mount_store(STORE, abi::CAPS_DIR)?;
     *mounted = true;
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let mut dirs = BTreeMap::new();

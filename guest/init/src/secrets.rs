@@ -166,6 +166,22 @@ pub fn probe(port: &str, local: Option<&str>) -> i32 {
     i32::from(got.is_empty())
 }
 
+/// Mounts `store`, the tmpfs (0700, root's) holding every service's directory, and
+/// makes `view`, where each service's namespace shows its own directory. Used for the
+/// secrets and the capability sockets alike.
+pub(crate) fn mount_store(store: &str, view: &str) -> Result<(), String> {
+    std::fs::create_dir_all(store).map_err(|e| format!("mkdir {store}: {e}"))?;
+    std::fs::create_dir_all(view).map_err(|e| format!("mkdir {view}: {e}"))?;
+    sys::mount(
+        "tmpfs",
+        store,
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "mode=0700",
+    )
+    .map_err(|e| format!("mount tmpfs on {store}: {e}"))
+}
+
 /// Makes `STORE/SERVICE`, a tmpfs of its own (mode 0700, owned by root until the
 /// caller hands it over), for a service whose user `spec_user` resolves in `passwd`:
 /// what that service's namespace shows of the store then holds nothing of any other
@@ -285,17 +301,7 @@ fn store(
     m: &Manifest,
     received: &BTreeMap<String, Vec<u8>>,
 ) -> Result<BTreeMap<String, String>, String> {
-    std::fs::create_dir_all(STORE).map_err(|e| format!("mkdir {STORE}: {e}"))?;
-    std::fs::create_dir_all(abi::SECRETS_DIR)
-        .map_err(|e| format!("mkdir {}: {e}", abi::SECRETS_DIR))?;
-    sys::mount(
-        "tmpfs",
-        STORE,
-        "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        "mode=0700",
-    )
-    .map_err(|e| format!("mount tmpfs on {STORE}: {e}"))?;
+    mount_store(STORE, abi::SECRETS_DIR)?;
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let mut dirs = BTreeMap::new();
     for (svc, spec) in &m.services {
