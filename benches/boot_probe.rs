@@ -10,6 +10,17 @@
 //! hostd runs twice: jailed (the default) and with `--no-sandbox`, so that the start-up
 //! cost of the jail is measured side by side under the same load.
 //!
+//! With `FIRECRACKER=/path/to/firecracker` (a binary built by hand, never part of this
+//! repository), Firecracker boots the same probe (`--no-api --config-file`, its default
+//! seccomp filters), and the bench prints hostd/Firecracker ratios of wall time (spawn →
+//! exit; the probe ends by triple fault under a monitor without its exit port) and of
+//! CPU time (user + system of the monitor and every process it waited for). The runs
+//! alternate between monitors, round by round, so load changes hit all alike.
+//!
+//! `HOSTD_BIN` measures another hostd build than the bench's own (a release build, with
+//! its `hostd-backend` next to it); `HOSTD_BASELINE=/path/to/hostd` adds an older build,
+//! jailed, as one more monitor (before/after in one run).
+//!
 //! `cargo bench --bench boot_probe` — prints a table and writes target/bench/boot_probe.json.
 #![allow(clippy::print_stdout)] // a benchmark's figures are its output
 
@@ -20,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const RUNS: usize = 10;
+const FIRECRACKER: &str = "firecracker";
 
 /// Builds one monitor's command line for a run.
 type MakeCommand = Box<dyn Fn() -> Command>;
@@ -74,8 +86,20 @@ fn qemu(probe: &Path, accel: &str) -> Command {
     c
 }
 
+/// The hostd under test: `HOSTD_BIN` (e.g. a release build, with its `hostd-backend`
+/// next to it) or the one cargo built for this bench.
+fn hostd_bin() -> PathBuf {
+    std::env::var_os("HOSTD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_hostd")))
+}
+
 fn hostd(probe: &Path, sandbox: bool) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_hostd"));
+    hostd_at(&hostd_bin(), probe, sandbox)
+}
+
+fn hostd_at(bin: &Path, probe: &Path, sandbox: bool) -> Command {
+    let mut c = Command::new(bin);
     c.arg("run");
     if !sandbox {
         c.arg("--no-sandbox");
@@ -91,6 +115,27 @@ fn hostd(probe: &Path, sandbox: bool) -> Command {
     .arg(probe);
     c.env("HOSTD_LOG", "warn,hostd_vmm=error");
     c
+}
+
+/// Firecracker with the probe: a config file (no API socket), 64 MiB, 1 vCPU.
+fn firecracker(fc: &Path, config: &Path) -> Command {
+    let mut c = Command::new(fc);
+    c.args(["--no-api", "--level", "Error", "--config-file"])
+        .arg(config);
+    c
+}
+
+fn firecracker_config(probe: &Path) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).expect("create target/bench");
+    let path = dir.join("boot_probe-firecracker.json");
+    let config = format!(
+        "{{\"boot-source\":{{\"kernel_image_path\":\"{}\",\"boot_args\":\"console=ttyS0 probe.exit=0\"}},\
+         \"drives\":[],\"machine-config\":{{\"vcpu_count\":1,\"mem_size_mib\":64}}}}",
+        probe.display()
+    );
+    std::fs::write(&path, config).expect("write the Firecracker config");
+    path
 }
 
 fn main() {
@@ -114,6 +159,24 @@ fn main() {
         // Landlock or seccomp for the VMM and its backend): what the jailing costs.
         let p = probe.clone();
         peers.push(("hostd --no-sandbox", Box::new(move || hostd(&p, false))));
+        // Another build (HOSTD_BASELINE, e.g. the last release before a change): before
+        // and after side by side in one run.
+        if let Some(base) = std::env::var_os("HOSTD_BASELINE").map(PathBuf::from) {
+            let p = probe.clone();
+            peers.push((
+                "baseline hostd (HOSTD_BASELINE)",
+                Box::new(move || hostd_at(&base, &p, true)),
+            ));
+        }
+    }
+    let firecracker_bin = std::env::var_os("FIRECRACKER").map(PathBuf::from);
+    match &firecracker_bin {
+        Some(fc) if kvm => {
+            let (fc, config) = (fc.clone(), firecracker_config(&probe));
+            peers.push((FIRECRACKER, Box::new(move || firecracker(&fc, &config))));
+        }
+        Some(_) => println!("FIRECRACKER set but /dev/kvm is not usable: Firecracker skipped"),
+        None => println!("FIRECRACKER not set: no Firecracker figures (see the bench's header)"),
     }
     if qemu_ok {
         if kvm {
@@ -123,16 +186,20 @@ fn main() {
         let p = probe.clone();
         peers.push(("qemu microvm (TCG)", Box::new(move || qemu(&p, "tcg"))));
     }
-    let mut json = Vec::new();
-    println!("boot_probe: {RUNS} runs each, medians; guest: guest/probe, 64 MiB, 1 vCPU");
+    println!("boot_probe: {RUNS} alternating rounds, medians; guest: guest/probe, 64 MiB, 1 vCPU");
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); peers.len()];
+    for _ in 0..RUNS {
+        for ((_, make), got) in peers.iter().zip(samples.iter_mut()) {
+            got.extend(spawn_and_measure(make(), &["probe: started"]));
+        }
+    }
     println!(
-        "{:<28} {:>14} {:>12} {:>14}",
-        "monitor", "first line ms", "exit ms", "peak RSS KiB"
+        "{:<28} {:>14} {:>10} {:>10} {:>14}",
+        "monitor", "first line ms", "exit ms", "CPU ms", "peak RSS KiB"
     );
-    for (name, make) in &peers {
-        let samples: Vec<Sample> = (0..RUNS)
-            .filter_map(|_| spawn_and_measure(make(), &["probe: started"]))
-            .collect();
+    let mut json = Vec::new();
+    let mut medians: Vec<(&str, f64, f64)> = Vec::new();
+    for ((name, _), samples) in peers.iter().zip(&samples) {
         let ok = samples
             .iter()
             .filter(|s| s.exit_status == 0 || s.exit_status == 1)
@@ -149,15 +216,26 @@ fn main() {
                 .collect(),
         );
         let exit = median(samples.iter().map(|s| s.to_exit_ms).collect());
+        let cpu = median(samples.iter().map(|s| s.cpu_ms).collect());
         let rss = median(samples.iter().map(|s| s.max_rss_kib as f64).collect());
-        println!("{name:<28} {first:>14.1} {exit:>12.1} {rss:>14.0}");
+        println!("{name:<28} {first:>14.1} {exit:>10.1} {cpu:>10.1} {rss:>14.0}");
         if let Some(t) = samples.last().and_then(|s| s.internal.clone()) {
             println!("    last run, hostd's own: {t}");
         }
+        medians.push((name, exit, cpu));
         json.push(format!(
-            "{{\"monitor\":\"{name}\",\"runs\":{},\"ok_runs\":{ok},\"median_first_line_ms\":{first:.2},\"median_exit_ms\":{exit:.2},\"median_peak_rss_kib\":{rss:.0}}}",
+            "{{\"monitor\":\"{name}\",\"runs\":{},\"ok_runs\":{ok},\"median_first_line_ms\":{first:.2},\"median_exit_ms\":{exit:.2},\"median_cpu_ms\":{cpu:.2},\"median_peak_rss_kib\":{rss:.0}}}",
             samples.len()
         ));
+    }
+    if let Some(&(_, fc_exit, fc_cpu)) = medians.iter().find(|m| m.0 == FIRECRACKER) {
+        for &(name, exit, cpu) in medians.iter().filter(|m| m.0.starts_with("hostd")) {
+            let (wall, cpu) = (exit / fc_exit, cpu / fc_cpu);
+            println!("{name} / Firecracker: wall {wall:.2}, CPU {cpu:.2} (goal: at most 1.0 each)");
+            json.push(format!(
+                "{{\"ratio\":\"{name} / Firecracker\",\"wall\":{wall:.3},\"cpu\":{cpu:.3}}}"
+            ));
+        }
     }
     write_json("boot_probe", "\"guest_memory_mib\":64,", &json);
 }

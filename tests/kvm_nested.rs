@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::kvmhost::{self, Payload, FRAMED};
+use common::kvmhost::{self, Payload};
 use common::{build, build_with_files};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -178,7 +178,7 @@ fn built_in_vmm_on_real_nested_kvm() {
         .bytes("secret.txt", secret.as_bytes(), 0o600)
         .bytes(
             "run.sh",
-            format!("#!/bin/sh\n{FRAMED}{RUN_SH}").as_bytes(),
+            format!("#!/bin/sh\n{}{RUN_SH}", kvmhost::framed_sh()).as_bytes(),
             0o755,
         );
     let c = kvmhost::boot(&base, &p, 2, 2048, Duration::from_secs(1800));

@@ -299,13 +299,45 @@ pub fn parse(text: &str) -> BTreeMap<String, (i32, String)> {
 }
 
 /// The shell function run.sh scripts use to frame a command: `framed NAME CMD ARGS…`.
-pub const FRAMED: &str = r#"
+/// The output streams to the console as it comes (through a pipe, so the command sees
+/// no terminal), so a command that hangs still shows how far it got; one that runs past
+/// [`CASE_LIMIT_SECS`] is killed after the kernel stacks of hostd's threads are printed
+/// (`KVMSTACK` lines) and ends with rc 124.
+pub fn framed_sh() -> String {
+    FRAMED.replace("CASE_LIMIT_SECS", &CASE_LIMIT_SECS.to_string())
+}
+
+const FRAMED: &str = r#"
 framed() {
     name=$1; shift
     echo "KVMOUT $name BEGIN"
-    "$@" > /tmp/$name.out 2>&1
-    rc=$?
-    cat /tmp/$name.out
+    rm -f /tmp/$name.rc /tmp/$name.timeout
+    exec 3>&1
+    { "$@" < /dev/null 2>&1 & pid=$!
+      ( sleep CASE_LIMIT_SECS
+        kill -0 $pid 2>/dev/null || exit 0
+        touch /tmp/$name.timeout
+        echo "KVMOUT $name TIMEOUT after CASE_LIMIT_SECS s: the stacks of hostd's tasks"
+        for t in /proc/[0-9]*/task/[0-9]*; do
+            case "$(cat $t/comm 2>/dev/null)" in
+            hostd*|vcpu*|rng|irq-forward|vring*|vsock*|blk*|net*|cap*)
+                echo "KVMSTACK $t $(cat $t/comm) $(grep '^State' $t/status) wchan=$(cat $t/wchan)"
+                sed "s|^|KVMSTACK $t |" $t/stack 2>/dev/null ;;
+            esac
+        done
+        pkill -KILL -f "hostd run"; pkill -KILL -f "hostd-backend" ) >&3 2>&3 &
+      watchdog=$!
+      wait $pid; echo $? > /tmp/$name.rc
+      kill $watchdog 2>/dev/null; } | cat
+    exec 3>&-
+    rc=$(cat /tmp/$name.rc 2>/dev/null || echo 125)
+    [ -e /tmp/$name.timeout ] && rc=124
     printf '\nKVMOUT %s END rc=%d\n' "$name" "$rc"
 }
 "#;
+
+/// How long one framed command may run in the test host before it is killed with its
+/// stacks printed: past the `--timeout 600` the cases give `hostd run` (a hostd that
+/// stops itself says why); the slowest case, a Linux guest booting under emulated SVM on
+/// a busy host, takes about a minute.
+pub const CASE_LIMIT_SECS: u32 = 720;

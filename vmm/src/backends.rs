@@ -190,6 +190,54 @@ fn dir_path(dir: &Option<tempfile::TempDir>) -> PathBuf {
         .unwrap_or_default()
 }
 
+/// Wakes when something is created in a directory (inotify), or after a timeout; with
+/// no inotify, just the timeout, shorter.
+struct DirWatch(Option<std::os::fd::OwnedFd>);
+
+impl DirWatch {
+    fn new(dir: &Path) -> Self {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: inotify_init1 with flags only; the result is checked.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return DirWatch(None);
+        }
+        // SAFETY: a fresh fd that nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+            return DirWatch(None);
+        };
+        // SAFETY: a valid inotify fd and NUL-terminated path.
+        let wd = unsafe {
+            libc::inotify_add_watch(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                path.as_ptr(),
+                libc::IN_CREATE | libc::IN_MOVED_TO,
+            )
+        };
+        DirWatch((wd >= 0).then_some(fd))
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let Some(fd) = &self.0 else {
+            std::thread::sleep(Duration::from_millis(1));
+            return;
+        };
+        let raw = std::os::fd::AsRawFd::as_raw_fd(fd);
+        let mut pfd = libc::pollfd {
+            fd: raw,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+        let mut buf = [0u8; 4096];
+        // SAFETY: reads (and discards) pending events into a local buffer of that size.
+        while unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    }
+}
+
 /// Running backend processes and their sockets.
 #[derive(Debug)]
 pub struct RunningBackends {
@@ -216,13 +264,27 @@ pub fn backend_exe(exe: &Path) -> PathBuf {
 }
 
 impl RunningBackends {
-    /// Starts every backend (re-executing `exe`) and waits until each listens. Each
-    /// backend gets its own unprivileged uid (slot 1.. of this VM's jail ids), an address
-    /// space bounded by `memory_mib` of guest memory plus its own needs, no stdin, a clean
+    /// Starts every backend (re-executing `exe`) and waits until each listens: see
+    /// [`RunningBackends::spawn`] and [`RunningBackends::wait_listening`].
+    pub fn start(
+        exe: &Path,
+        backends: &[DeviceBackend],
+        sandbox: bool,
+        memory_mib: u32,
+    ) -> Result<Self, BackendsError> {
+        let mut running = Self::spawn(exe, backends, sandbox, memory_mib)?;
+        running.wait_listening()?;
+        Ok(running)
+    }
+
+    /// Starts every backend (re-executing `exe`) without waiting for them, so that the
+    /// caller can set the VM up while they exec and jail themselves. Each backend gets
+    /// its own unprivileged uid (slot 1.. of this VM's jail ids), an address space
+    /// bounded by `memory_mib` of guest memory plus its own needs, no stdin, a clean
     /// environment, no inherited fd but stdout and stderr, and dies with the calling
     /// thread (keep calling [`RunningBackends::check`] from that same thread: the kernel
     /// sends the parent-death signal when the creating *thread* exits).
-    pub fn start(
+    pub fn spawn(
         exe: &Path,
         backends: &[DeviceBackend],
         sandbox: bool,
@@ -266,23 +328,35 @@ impl RunningBackends {
                 message: e.to_string(),
             })?;
             running.children.push((name.clone(), child));
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !socket.exists() {
-                if let Some(msg) = running.check() {
-                    return Err(BackendsError::Start { name, message: msg });
-                }
-                if Instant::now() > deadline {
-                    return Err(BackendsError::Start {
-                        name,
-                        message: "did not listen within 10 s".into(),
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
             let args = b.qemu_device_args(running.devices.len(), &socket);
             running.devices.push((name, socket, args));
         }
         Ok(running)
+    }
+
+    /// Waits until every backend [`RunningBackends::spawn`] started listens on its
+    /// socket (woken by inotify on the socket directory; at most 10 s), or one of them
+    /// died.
+    pub fn wait_listening(&mut self) -> Result<(), BackendsError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let watch = DirWatch::new(&dir_path(&self.dir));
+        loop {
+            let waiting = self.devices.iter().find(|(_, socket, _)| !socket.exists());
+            let Some((name, _, _)) = waiting else {
+                return Ok(());
+            };
+            let name = name.clone();
+            if let Some(msg) = self.check() {
+                return Err(BackendsError::Start { name, message: msg });
+            }
+            if Instant::now() > deadline {
+                return Err(BackendsError::Start {
+                    name,
+                    message: "did not listen within 10 s".into(),
+                });
+            }
+            watch.wait(Duration::from_millis(10));
+        }
     }
 
     /// QEMU arguments: shared guest memory (memfd, so backends can map it) is set up by

@@ -15,6 +15,9 @@ pub struct Sample {
     pub to_exit_ms: f64,
     /// wait4's ru_maxrss: the largest of the process and the children it waited for.
     pub max_rss_kib: i64,
+    /// User + system CPU time of the process and every descendant it waited for
+    /// (wait4's rusage), ms.
+    pub cpu_ms: f64,
     pub exit_status: i32,
     /// hostd's own `timings` line (stderr), if it printed one.
     pub internal: Option<String>,
@@ -58,6 +61,10 @@ pub fn spawn_and_measure(mut cmd: Command, markers: &[&str]) -> Option<Sample> {
         markers_ms: seen,
         to_exit_ms: exit.as_secs_f64() * 1e3,
         max_rss_kib: usage.ru_maxrss,
+        cpu_ms: [usage.ru_utime, usage.ru_stime]
+            .iter()
+            .map(|t| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3)
+            .sum(),
         exit_status: if libc::WIFEXITED(status) {
             libc::WEXITSTATUS(status)
         } else {

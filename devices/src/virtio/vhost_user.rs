@@ -72,6 +72,9 @@ pub struct VhostUserDevice {
     calls: Vec<Arc<EventFd>>,
     acked: u64,
     pending: PendingActivation,
+    /// Signalled when the driver leaves work for the control thread (an activation or a
+    /// reset), so that it acts at once instead of at its next periodic look.
+    wake: Option<Arc<EventFd>>,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -193,8 +196,21 @@ impl VhostUserDevice {
             calls,
             acked: 0,
             pending,
+            wake: None,
         };
         Ok((dev, activation))
+    }
+
+    /// Has `wake` signalled whenever the driver leaves work for
+    /// [`Activation::complete`] (the control thread polls it).
+    pub fn wake_on_pending(&mut self, wake: Arc<EventFd>) {
+        self.wake = Some(wake);
+    }
+
+    fn wake_control(&self) {
+        if let Some(w) = &self.wake {
+            let _ = w.write(1);
+        }
     }
 
     /// The call eventfds: the backend signals them when it used buffers.
@@ -324,6 +340,7 @@ impl VirtioDevice for VhostUserDevice {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .activation = Some((self.acked, setup));
+        self.wake_control();
     }
     fn reset(&mut self) {
         // An activation the control thread has not sent yet is void, and whatever rings
@@ -331,7 +348,9 @@ impl VirtioDevice for VhostUserDevice {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         pending.activation = None;
         pending.reset = true;
+        drop(pending);
         self.acked = 0;
+        self.wake_control();
     }
     fn process_queue(&mut self, index: usize, _queue: &mut Queue, _mem: &GuestMemoryMmap) -> bool {
         if let Some(kick) = self.kicks.get(index) {

@@ -21,7 +21,25 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
-/// Interrupts off, then halt forever. A monitor without an exit device ends here.
+/// Ends the machine by triple fault: an empty IDT, then a breakpoint (#BP → #GP → #DF →
+/// shutdown). Every monitor ends a VM that triple-faults (KVM reports it as
+/// KVM_EXIT_SHUTDOWN), so a monitor without an exit device (Firecracker) ends here too.
+pub fn triple_fault() -> ! {
+    #[repr(C, packed)]
+    struct Idtr {
+        limit: u16,
+        base: u64,
+    }
+    let empty = Idtr { limit: 0, base: 0 };
+    // SAFETY: loads an IDT with no entries and raises #BP on this (single) vCPU: the
+    // machine shuts down; nothing else in memory is touched.
+    unsafe {
+        asm!("cli", "lidt [{}]", "int3", in(reg) &empty, options(nostack));
+    }
+    halt_forever()
+}
+
+/// Interrupts off, then halt forever.
 pub fn halt_forever() -> ! {
     loop {
         // SAFETY: `cli; hlt` only stops this (single) vCPU; no memory is touched.

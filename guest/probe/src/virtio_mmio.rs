@@ -294,18 +294,22 @@ fn rng_request(dev: &Transport) -> Result<([u8; RNG_BUF_LEN], usize), &'static s
     compiler_fence(Ordering::SeqCst);
     dev.write(QUEUE_NOTIFY, 0);
 
-    let mut done = false;
-    for _ in 0..POLL_LIMIT {
+    let mut polls = None;
+    for n in 0..POLL_LIMIT {
         // SAFETY: a volatile read of the used index the device writes.
         if unsafe { addr_of!((*q).used.idx).read_volatile() } != 0 {
-            done = true;
+            polls = Some(n);
             break;
         }
         let _ = dev.read(INTERRUPT_STATUS);
     }
-    if !done {
+    let Some(polls) = polls else {
         return Err("no used buffer after polling (gave up)");
-    }
+    };
+    // How long the device took, in trapping register reads (a monitor's device latency).
+    put_str("probe: virtio-rng answered after ");
+    put_dec(u64::from(polls));
+    put_line(" polls");
     compiler_fence(Ordering::SeqCst);
     // SAFETY: the used index moved, so used.ring[0] is written; volatile reads.
     let (id, len) = unsafe {

@@ -207,8 +207,14 @@ where
 }
 
 /// Waits for the VM's process, passing on each SIGINT/SIGTERM/SIGHUP this process gets
-/// after `seen` as one SIGINT (the child counts them the same way).
+/// after `seen` as one SIGINT (the child counts them the same way). Sleeps on a pidfd of
+/// the child, so its end is seen at once; a signal interrupts the sleep, and a periodic
+/// look covers one that arrives just before it.
 fn wait_forwarding(pid: libc::pid_t, mut seen: u32) -> libc::c_int {
+    // SAFETY: pidfd_open of our own child, no flags; the result is checked.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+    // SAFETY: a fresh fd that nothing else owns.
+    let pidfd = (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) });
     loop {
         let mut status = 0;
         // SAFETY: waiting for our own child with a valid out-pointer.
@@ -222,7 +228,17 @@ fn wait_forwarding(pid: libc::pid_t, mut seen: u32) -> libc::c_int {
             // SAFETY: kill has no memory effects; `pid` is our live child.
             unsafe { libc::kill(pid, libc::SIGINT) };
         }
-        std::thread::sleep(Duration::from_millis(5));
+        if let Some(pidfd) = &pidfd {
+            let mut pfd = libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, 50) };
+        } else {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 

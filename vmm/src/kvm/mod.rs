@@ -11,6 +11,7 @@ pub mod profile;
 pub mod vcpu;
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier, Mutex};
@@ -84,7 +85,7 @@ fn setup<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Result<T, KvmE
 /// console input and kicks vCPU threads.
 const CONTROL_IOCTLS: &[u64] = &[];
 
-/// The control thread's seccomp filter: waiting (futex, sleeps), kicking vCPU threads
+/// The control thread's seccomp filter: waiting (futex, sleeps, poll on its wake eventfd), kicking vCPU threads
 /// (tgkill), writing the console and logs, finishing vhost-user device activation
 /// (sendmsg/recvmsg on the backend sockets it already holds), watching and finally
 /// killing the backend processes (wait4/waitid, kill), tearing down (close, munmap).
@@ -93,6 +94,8 @@ pub fn control_filter() -> Result<BpfProgram, jail::JailError> {
     syscalls.extend_from_slice(&[
         libc::SYS_clock_nanosleep,
         libc::SYS_nanosleep,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
         libc::SYS_tgkill,
         libc::SYS_sendmsg,
         libc::SYS_recvmsg,
@@ -101,6 +104,22 @@ pub fn control_filter() -> Result<BpfProgram, jail::JailError> {
         libc::SYS_kill,
     ]);
     jail::filter(&syscalls, CONTROL_IOCTLS)
+}
+
+/// How often the control thread looks at signals, backends and deadlines when nothing
+/// wakes it (a stop and a device activation wake it at once).
+const CONTROL_PERIOD: Duration = Duration::from_millis(5);
+
+/// Sleeps until `wake` is signalled or `period` passed, then clears it.
+fn wait_for_wake(wake: &EventFd, period: Duration) {
+    let mut pfd = libc::pollfd {
+        fd: wake.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, period.as_millis() as libc::c_int) };
+    let _ = wake.read();
 }
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
@@ -174,7 +193,15 @@ fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         // No core dumps (guest memory is also MADV_DONTDUMP) and no ptrace by the same uid.
         jail::not_dumpable()?;
     }
+    // Opened before the backends' socket directory gives this process a mount namespace
+    // of its own, so that /dev/kvm is named as on the host.
     let kvm = setup("open /dev/kvm", Kvm::new())?;
+    // Device backends next: each execs and jails itself (milliseconds) while this
+    // process sets the VM up; their sockets are awaited before the devices connect.
+    let exe =
+        std::env::current_exe().map_err(|e| KvmError::Setup(format!("own executable: {e}")))?;
+    let mut backends = RunningBackends::spawn(&exe, &cfg.devices, cfg.sandbox, cfg.memory_mib)
+        .map_err(|e| KvmError::Setup(e.to_string()))?;
     let vm: VmFd = setup("KVM_CREATE_VM", kvm.create_vm())?;
     let mem_size = u64::from(cfg.memory_mib) << 20;
     let mem = setup("guest memory", memory::create(mem_size))?;
@@ -241,15 +268,22 @@ fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     let mut next_irq = layout::VIRTIO_IRQ_BASE;
     // Devices: each served by its own jailed backend process over vhost-user; the VMM
     // keeps the virtio-mmio register file and forwards interrupts.
-    let exe =
-        std::env::current_exe().map_err(|e| KvmError::Setup(format!("own executable: {e}")))?;
-    let mut backends = RunningBackends::start(&exe, &cfg.devices, cfg.sandbox, cfg.memory_mib)
+    // The control thread sleeps on this between its periodic looks; a stop or a device's
+    // pending activation wakes it at once.
+    let wake = Arc::new(setup(
+        "eventfd",
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC),
+    )?);
+    // Spawned at the start (below), they exec and jail themselves while the VM is set up.
+    backends
+        .wait_listening()
         .map_err(|e| KvmError::Setup(e.to_string()))?;
     let mut activations = Vec::new();
     let mut forwarders = Vec::new();
     for (socket, device_type, queues) in backends.sockets(&cfg.devices) {
-        let (dev, activation) = VhostUserDevice::connect(&socket, device_type, queues, &mem)
+        let (mut dev, activation) = VhostUserDevice::connect(&socket, device_type, queues, &mem)
             .map_err(|e| KvmError::Setup(e.to_string()))?;
+        dev.wake_on_pending(wake.clone());
         let irq = Arc::new(setup(
             "eventfd",
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC),
@@ -313,6 +347,7 @@ fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         mem,
         start: Barrier::new(usize::from(cfg.vcpus) + 1),
         profile: profile::Profile::from_env(),
+        wake,
     });
     *exit_hook.lock().unwrap_or_else(|p| p.into_inner()) = Some(shared.clone());
 
@@ -434,7 +469,7 @@ fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         if shared.profile.is_some() {
             kick(&threads);
         }
-        std::thread::sleep(Duration::from_millis(5));
+        wait_for_wake(&shared.wake, CONTROL_PERIOD);
     }
     let exited = Instant::now();
     // Kick every vCPU out of KVM_RUN until it notices `stop`; give up after 1 s.

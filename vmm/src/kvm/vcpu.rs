@@ -11,6 +11,7 @@ use kvm_bindings::{kvm_segment, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use seccompiler::BpfProgram;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::boot::Entry;
 use super::cpuid::{self, CpuTemplate};
@@ -49,6 +50,8 @@ pub struct Shared {
     pub start: Barrier,
     /// The guest profile, when asked for (`HOSTD_GUEST_PROFILE`, profile.rs).
     pub profile: Option<super::profile::Profile>,
+    /// Wakes the control thread: the VM must stop, or a device left it work.
+    pub wake: Arc<EventFd>,
 }
 
 impl Shared {
@@ -59,6 +62,7 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert(reason);
         self.stop.store(true, Ordering::SeqCst);
+        let _ = self.wake.write(1);
     }
 }
 
