@@ -23,6 +23,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::manifest::Manifest;
+use crate::stamp::{FileStamp, VerifiedCache};
 
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"HOSTDIMG";
@@ -332,19 +333,70 @@ pub struct Image {
     pub header: Header,
     /// sha256 of the whole file, hex: the image id.
     pub id: String,
+    /// The version of the file that was verified in full (see [`crate::stamp`]): while
+    /// it holds, its sections need not be hashed again when they are read.
+    pub stamp: Option<FileStamp>,
 }
 
 impl Image {
     /// Opens an image and verifies the header and every section digest.
     pub fn open(path: &Path) -> Result<Image, ImageError> {
+        let f = crate::input::open_regular(path).map_err(|source| ImageError::Io {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::open_file(f, path)
+    }
+
+    /// As [`Image::open`], but when `cache` records this very version of the file (its
+    /// [`FileStamp`]) as verified in full before, only the header is read and checked
+    /// against the recorded header digest; otherwise the image is verified in full and
+    /// recorded. Either way the image carries its stamp, so that loading its sections
+    /// hashes nothing again while the stamp holds.
+    pub fn open_cached(path: &Path, cache: &VerifiedCache) -> Result<Image, ImageError> {
         let io = |source| ImageError::Io {
             file: path.to_path_buf(),
             source,
         };
         let mut f = crate::input::open_regular(path).map_err(io)?;
-        let len = f.metadata().map_err(io)?.len();
+        let Some(stamp) = FileStamp::settled(&f).map_err(io)? else {
+            // Changed a moment ago: verified in full, not recorded.
+            return Self::open_file(f, path);
+        };
+        if let Some((id, header_digest)) = cache.lookup(&stamp) {
+            let len = f.metadata().map_err(io)?.len();
+            let (header, block) = Self::read_header(&mut f, path, len)?;
+            let digest: [u8; 32] = Sha256::digest(&block).into();
+            if digest == header_digest && stamp.holds_for(&f) {
+                return Ok(Image {
+                    path: path.to_path_buf(),
+                    header,
+                    id,
+                    stamp: Some(stamp),
+                });
+            }
+            f.seek(SeekFrom::Start(0)).map_err(io)?;
+        }
+        let image = Self::open_file(f.try_clone().map_err(io)?, path)?;
+        // Recorded only when nothing changed the file while it was read.
+        if image.stamp == Some(stamp) {
+            let len = f.metadata().map_err(io)?.len();
+            let (_, block) = Self::read_header(&mut f, path, len)?;
+            let digest: [u8; 32] = Sha256::digest(&block).into();
+            cache.record(&stamp, &image.id, &digest);
+        }
+        Ok(image)
+    }
+
+    /// Reads and checks the header block from the start of `f`.
+    fn read_header(f: &mut File, path: &Path, len: u64) -> Result<(Header, Vec<u8>), ImageError> {
+        let io = |source| ImageError::Io {
+            file: path.to_path_buf(),
+            source,
+        };
+        f.seek(SeekFrom::Start(0)).map_err(io)?;
         let mut block = Vec::with_capacity(BLOCK as usize);
-        (&mut f).take(BLOCK).read_to_end(&mut block).map_err(io)?;
+        (&mut *f).take(BLOCK).read_to_end(&mut block).map_err(io)?;
         let header = parse_header(&block, len).map_err(|(section, reason)| match section {
             Some(section) => ImageError::Section {
                 file: path.to_path_buf(),
@@ -356,6 +408,17 @@ impl Image {
                 reason,
             },
         })?;
+        Ok((header, block))
+    }
+
+    fn open_file(mut f: File, path: &Path) -> Result<Image, ImageError> {
+        let io = |source| ImageError::Io {
+            file: path.to_path_buf(),
+            source,
+        };
+        let stamp = FileStamp::settled(&f).map_err(io)?;
+        let len = f.metadata().map_err(io)?.len();
+        let (header, block) = Self::read_header(&mut f, path, len)?;
         // One pass over the file: the whole-file digest (image id) and each section's.
         let mut whole = Sha256::new();
         whole.update(&block);
@@ -402,6 +465,9 @@ impl Image {
             path: path.to_path_buf(),
             header,
             id: hex(&whole.finalize()),
+            // Nothing changed the (settled) file while it was verified: this version is
+            // good.
+            stamp: stamp.filter(|s| s.holds_for(&f)),
         })
     }
 
@@ -569,6 +635,51 @@ mod tests {
         assert_eq!(names, ["manifest", "kernel", "initrd"]);
         assert_eq!(h.sections[1].offset, 2 * BLOCK);
         assert_eq!(h.sections[1].length, 5000);
+    }
+
+    #[test]
+    fn verified_versions_are_remembered_and_a_change_in_place_is_verified_again() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.img");
+        let img = sample();
+        std::fs::write(&path, &img).expect("write");
+        let cache = VerifiedCache::new(&dir.path().join("verified"));
+        // Just written: verified in full, nothing remembered, no stamp to load by.
+        let fresh = Image::open_cached(&path, &cache).expect("opens");
+        assert!(fresh.stamp.is_none());
+        std::thread::sleep(crate::stamp::SETTLE + std::time::Duration::from_millis(100));
+        let first = Image::open_cached(&path, &cache).expect("opens");
+        let stamp = first.stamp.expect("a settled, verified version");
+        assert!(cache.lookup(&stamp).is_some(), "remembered");
+        let again = Image::open_cached(&path, &cache).expect("opens from the record");
+        assert_eq!(
+            (again.id.as_str(), again.stamp),
+            (first.id.as_str(), Some(stamp))
+        );
+        assert_eq!(again.id, fresh.id);
+        // One byte of the kernel section changed in place: a new version, hashed, refused.
+        let kernel = first.section("kernel").expect("kernel").offset;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open for writing");
+        f.write_all_at(&[8], kernel).expect("flip");
+        let err = Image::open_cached(&path, &cache).expect_err("a changed section");
+        assert!(err.to_string().contains("kernel"), "{err}");
+        // A record whose header digest does not match the file is not believed.
+        std::fs::write(&path, &img).expect("write back");
+        std::thread::sleep(crate::stamp::SETTLE + std::time::Duration::from_millis(100));
+        let stamp = Image::open_cached(&path, &cache)
+            .expect("opens")
+            .stamp
+            .expect("settled");
+        cache.record(&stamp, &"0".repeat(64), &[0; 32]);
+        let checked = Image::open_cached(&path, &cache).expect("opens");
+        assert_eq!(
+            checked.id, fresh.id,
+            "verified in full again, not the bogus record"
+        );
     }
 
     #[test]

@@ -39,4 +39,6 @@ pub mod rootfs;
 #[cfg(feature = "builder")]
 pub mod spec;
 #[cfg(feature = "builder")]
+pub mod stamp;
+#[cfg(feature = "builder")]
 pub mod verity;

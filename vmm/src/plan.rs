@@ -430,7 +430,12 @@ pub fn open_image(
     path: &Path,
     trust: &[PathBuf],
 ) -> Result<(Image, Manifest, Option<Signer>), PlanError> {
-    let image = Image::open(path)?;
+    // Verified in full once per version of the file (root keeps a record of verified
+    // versions, hostd_images::stamp); what the guest reads is checked as it is read.
+    let image = match hostd_images::stamp::VerifiedCache::for_this_user() {
+        Some(cache) => Image::open_cached(path, &cache)?,
+        None => Image::open(path)?,
+    };
     let manifest = image.manifest()?;
     let signer = if trust.is_empty() {
         None
@@ -569,6 +574,7 @@ fn section_payload(image: &Image, name: &str) -> Result<Payload, PlanError> {
         s.offset,
         s.length,
         s.sha256,
+        image.stamp,
         format!("{} (section `{name}`)", image.path().display()),
     )
     .map_err(|source| PlanError::Reopen {

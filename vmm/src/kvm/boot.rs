@@ -395,9 +395,48 @@ mod tests {
         let elf = pvh_elf();
         let mut f = tempfile::NamedTempFile::new().expect("temp file");
         f.write_all(&elf).expect("write");
-        let wrong =
-            Payload::section(f.path(), 0, elf.len() as u64, [7; 32], "k".into()).expect("payload");
+        let wrong = Payload::section(f.path(), 0, elf.len() as u64, [7; 32], None, "k".into())
+            .expect("payload");
         let r = load(&guest(32), 32 << 20, &wrong, None, "x", 1);
+        assert!(
+            matches!(r, Err(BootError::Payload(PayloadError::Digest { .. }))),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn a_verified_payload_is_not_hashed_again_unless_its_file_changed() {
+        use std::os::unix::fs::FileExt;
+        let elf = pvh_elf();
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(&elf).expect("write");
+        std::thread::sleep(hostd_images::stamp::SETTLE + std::time::Duration::from_millis(100));
+        let stamp = hostd_images::stamp::FileStamp::settled(f.as_file())
+            .expect("stat")
+            .expect("settled");
+        // The digest given is wrong on purpose: while the stamp holds it is not needed.
+        let p = Payload::section(
+            f.path(),
+            0,
+            elf.len() as u64,
+            [7; 32],
+            Some(stamp),
+            "k".into(),
+        )
+        .expect("payload");
+        load(&guest(32), 32 << 20, &p, None, "x", 1).expect("loads without hashing");
+        // Rewritten (the same bytes): a new version, hashed, and the digest is wrong.
+        f.as_file().write_all_at(&elf, 0).expect("rewrite");
+        let p = Payload::section(
+            f.path(),
+            0,
+            elf.len() as u64,
+            [7; 32],
+            Some(stamp),
+            "k".into(),
+        )
+        .expect("payload");
+        let r = load(&guest(32), 32 << 20, &p, None, "x", 1);
         assert!(
             matches!(r, Err(BootError::Payload(PayloadError::Digest { .. }))),
             "{r:?}"
