@@ -28,7 +28,7 @@ pub const SNAPSHOT_PORT: u16 = 0x506;
 /// [`snapshot::RESUME_INFO_LEN`] bytes, the host's wall clock (seconds and
 /// nanoseconds since the epoch, u64 and u32 little-endian, 4 bytes of zero) and then
 /// fresh entropy.
-pub const RESUME_INFO_PORT: u16 = 0x507;
+pub const RESUME_INFO_PORT: u16 = 0x508;
 
 /// Values on [`SNAPSHOT_PORT`] and the layout of [`RESUME_INFO_PORT`].
 pub mod snapshot {

@@ -340,7 +340,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         "snapshot port",
         pio.insert(
             u64::from(abi::SNAPSHOT_PORT),
-            2,
+            snapshot::PORTS_LEN,
             Arc::new(Mutex::new(snapshot::SnapshotPort::new(pause.clone()))),
         ),
     )?;

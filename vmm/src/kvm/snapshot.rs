@@ -574,8 +574,14 @@ pub fn parse(bytes: &[u8]) -> Result<(Header, State), SnapshotError> {
     Ok((h, s))
 }
 
+/// A page of zeros: comparing with it is a `memcmp`, fast even in debug builds.
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
+
 fn is_zero(page: &[u8]) -> bool {
-    page.iter().all(|&b| b == 0)
+    match ZERO_PAGE.get(..page.len()) {
+        Some(zeros) => page == zeros,
+        None => page.iter().all(|&b| b == 0),
+    }
 }
 
 fn hash_page(h: &mut Sha256, n: u64, page: &[u8]) {
@@ -811,7 +817,7 @@ pub fn load_memory(saved: &Saved, mem: &GuestMemoryMmap) -> Result<(), SnapshotE
             let n = (hole - data) as usize;
             // SAFETY: `host + off .. + n` lies inside this region's live mapping
             // (off + n <= len), which nothing else accesses before the vCPUs run.
-            let dst = unsafe { std::slice::from_raw_parts_mut(host.add(off), n) };
+            let dst = unsafe { std::slice::from_raw_parts_mut(host.wrapping_add(off), n) };
             saved
                 .file
                 .read_exact_at(dst, data)
@@ -983,8 +989,15 @@ impl Pause {
     }
 }
 
-/// The snapshot and resume-information ports (two bytes at
-/// [`hostd_images::abi::SNAPSHOT_PORT`]).
+/// Ports the snapshot device decodes.
+pub const PORTS_LEN: u64 =
+    (hostd_images::abi::RESUME_INFO_PORT - hostd_images::abi::SNAPSHOT_PORT) as u64 + 4;
+const INFO_OFFSET: u64 =
+    (hostd_images::abi::RESUME_INFO_PORT - hostd_images::abi::SNAPSHOT_PORT) as u64;
+
+/// The snapshot and resume-information ports: [`PORTS_LEN`] ports from
+/// [`hostd_images::abi::SNAPSHOT_PORT`], so that a 4-byte read of
+/// [`hostd_images::abi::RESUME_INFO_PORT`] falls inside them.
 #[derive(Debug)]
 pub struct SnapshotPort {
     pause: Arc<Pause>,
@@ -1057,7 +1070,7 @@ impl BusDevice for SnapshotPort {
                     self.cursor = 0;
                 }
             }
-            1 => {
+            INFO_OFFSET => {
                 for b in data.iter_mut() {
                     if let Some(&v) = self.info.get(self.cursor) {
                         *b = v;
