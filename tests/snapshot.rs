@@ -5,9 +5,13 @@
 
 mod common;
 
-use common::{build, hostd, kvm_usable, require, require_qemu_guest, run_with_deadline, Output};
+use common::netns::{tool, Netns};
+use common::{
+    build, hostd, is_root, kvm_usable, require, require_qemu_guest, run_with_deadline,
+    spawn_running, Output,
+};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// KVM and the guest kernel, or one SKIP line (a failure under CI=true).
 fn prerequisites() -> bool {
@@ -195,4 +199,78 @@ fn a_corrupted_snapshot_falls_back_to_a_cold_boot_and_is_replaced() {
     let replaced =
         std::fs::read(snapshot_file(cache.path()).expect("new snapshot")).expect("bytes");
     assert_ne!(replaced, bytes);
+}
+
+/// One run of the web example in `ns` with the cache: waits for httpd (after a restore,
+/// when `restored`), asks it with curl until it answers, stops the VM as Ctrl-C does.
+/// Returns curl's answer and the run's output.
+fn web_run(ns: &Netns, tap: &str, image: &Path, cache: &Path, restored: bool) -> (String, Output) {
+    let mut cmd = ns.exec();
+    cmd.arg(env!("CARGO_BIN_EXE_hostd"))
+        .args(["run", "--timeout", "600", "--snapshot-cache"])
+        .arg(cache)
+        .args(["--net", &format!("tap={tap},ip=10.0.2.2/24,gw=10.0.2.1")])
+        .arg(image);
+    let run = spawn_running(cmd);
+    let mut needles = vec!["service httpd started"];
+    if restored {
+        needles.push(RESTORED);
+    }
+    let started = run.wait_for_all(&needles, Duration::from_secs(600));
+    let mut answer = String::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while started && Instant::now() < deadline {
+        let out = ns
+            .exec()
+            .args(["curl", "-s", "--max-time", "5", "http://10.0.2.2/"])
+            .output()
+            .expect("curl");
+        answer = String::from_utf8_lossy(&out.stdout).into_owned();
+        if answer.contains("hostd web ok") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    run.signal(libc::SIGINT);
+    (answer, run.finish(Duration::from_secs(90)))
+}
+
+#[test]
+fn a_restored_web_image_answers_curl_over_a_tap() {
+    if !prerequisites()
+        || !require(
+            "root (network namespaces, TAP)",
+            is_root(),
+            "run the tests as root",
+        )
+        || !require(
+            "ip and curl",
+            tool("ip") && tool("curl"),
+            "apt-get install iproute2 curl",
+        )
+    {
+        return;
+    }
+    let (_dir, image) = build(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/images/examples/web.toml"
+        ))
+        .expect("web.toml"),
+    );
+    let cache = tempfile::tempdir().expect("tempdir");
+    let tap = "hostdsnap0";
+    let ns = Netns::new(tap, "snap");
+    let (answer, cold) = web_run(&ns, tap, &image, cache.path(), false);
+    assert_eq!(answer.trim(), "hostd web ok", "{}", cold.all());
+    assert!(snapshot_file(cache.path()).is_some(), "{}", cold.all());
+    let (answer, warm) = web_run(&ns, tap, &image, cache.path(), true);
+    assert!(warm.stdout.contains(RESTORED), "{}", warm.all());
+    assert_eq!(answer.trim(), "hostd web ok", "{}", warm.all());
+    assert!(
+        warm.stdout.contains("network: eth0 10.0.2.2/24"),
+        "{}",
+        warm.all()
+    );
+    assert_eq!(warm.code(), Some(0), "{}", warm.all());
 }
