@@ -813,6 +813,14 @@ pub fn load_memory(saved: &Saved, mem: &GuestMemoryMmap) -> Result<(), SnapshotE
             } else {
                 (hole as u64).min(end)
             };
+            // Whole pages (a file system may report extents at a finer grain), never
+            // one already read: `pos` stays page-aligned.
+            let page = PAGE as u64;
+            let data = (start + (data - start) / page * page).max(pos);
+            let hole = (start + (hole - start).div_ceil(page) * page).min(end);
+            if hole <= data {
+                break;
+            }
             let off = (data - start) as usize;
             let n = (hole - data) as usize;
             // SAFETY: `host + off .. + n` lies inside this region's live mapping
@@ -822,12 +830,14 @@ pub fn load_memory(saved: &Saved, mem: &GuestMemoryMmap) -> Result<(), SnapshotE
                 .file
                 .read_exact_at(dst, data)
                 .map_err(io(&saved.path))?;
+            // Extents come in order: hash each page as the writer did. Pages outside the
+            // extents are zero in the file and in fresh memory, and were not hashed;
+            // they are not touched here either (no memory is allocated for them).
+            let first_page = page_base + off as u64 / PAGE as u64;
+            for (k, page) in dst.chunks(PAGE).enumerate() {
+                hash_page(&mut hasher, first_page + k as u64, page);
+            }
             pos = hole;
-        }
-        // SAFETY: the whole region's mapping, read only, nothing writes it meanwhile.
-        let all = unsafe { std::slice::from_raw_parts(host as *const u8, len as usize) };
-        for (n, page) in all.chunks(PAGE).enumerate() {
-            hash_page(&mut hasher, page_base + n as u64, page);
         }
         region_file_offset += len;
         page_base += len / PAGE as u64;
