@@ -268,6 +268,11 @@ pub struct RunArgs {
     /// Deliver every file in DIR as a secret named after the file.
     #[arg(long, value_name = "DIR")]
     pub secret_dir: Option<PathBuf>,
+    /// Built-in VMM: keep snapshots in DIR. The first run of an image and configuration
+    /// snapshots the VM when guest init is ready (before volumes, secrets and services);
+    /// later runs restore that snapshot instead of booting (docs/snapshots.md).
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_cache: Option<PathBuf>,
     /// Boot only an image signed by one of these public keys (repeatable; minisign
     /// format, as `hostd key new` writes): an unsigned image, or one signed by any
     /// other key, is refused.
@@ -294,6 +299,9 @@ fn run_options(args: &RunArgs) -> Result<RunOptions> {
     // A flag for the other monitor would be ignored; say so instead.
     if args.vmm == VmmKind::Kvm && args.accel != AccelArg::Auto {
         bail!("--accel applies to --vmm qemu only (the built-in VMM always uses KVM)");
+    }
+    if args.vmm == VmmKind::Qemu && args.snapshot_cache.is_some() {
+        bail!("--snapshot-cache applies to the built-in VMM only (--vmm kvm)");
     }
     if args.vmm == VmmKind::Qemu && args.cpu_template != TemplateArg::Auto {
         bail!("--cpu-template applies to the built-in VMM only (--vmm kvm)");
@@ -388,7 +396,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             // Decided now: once the VM runs, this thread's seccomp filter forbids opening
             // /dev/kvm again.
             let pvm_host = hostd_vmm::host::kvm_kind() == hostd_vmm::host::KvmKind::Pvm;
-            hostd_vmm::kvm::run(KvmConfig {
+            let mut cfg = KvmConfig {
                 kernel: r.kernel,
                 initrd: r.initrd,
                 cmdline: r.cmdline,
@@ -402,7 +410,18 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 devices,
                 timeout,
                 sandbox: !args.no_sandbox,
-            })
+                snapshot: None,
+            };
+            if let Some(dir) = &args.snapshot_cache {
+                cfg.snapshot =
+                    hostd_vmm::kvm::snapshot::SnapshotCache::for_config(dir.clone(), &cfg);
+                if cfg.snapshot.is_none() {
+                    tracing::warn!(
+                        "--snapshot-cache: a kernel without a digest (--kernel) is not snapshotted; booting"
+                    );
+                }
+            }
+            hostd_vmm::kvm::run(cfg)
             .map_err(|e| {
                 // The hint is for a guest that failed to run, not for an image or flag
                 // that was refused before it started.

@@ -53,6 +53,46 @@ impl<W: Write + Send> Console<W> {
         }
     }
 
+    /// A UART continuing from `saved` (bytes from [`Console::save`], e.g. read back from
+    /// a snapshot): registers and pending input as they were. `None` when `saved` is
+    /// not a UART state.
+    pub fn restored(irq: Arc<dyn Interrupt>, out: W, saved: &[u8]) -> Option<Self> {
+        let (regs, input) = saved.split_at_checked(9)?;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: regs[0],
+            baud_divisor_high: regs[1],
+            interrupt_enable: regs[2],
+            interrupt_identification: regs[3],
+            line_control: regs[4],
+            line_status: regs[5],
+            modem_control: regs[6],
+            modem_status: regs[7],
+            scratch: regs[8],
+            in_buffer: input.to_vec(),
+        };
+        let uart =
+            Serial::from_state(&state, IrqTrigger(irq), vm_superio::serial::NoEvents, out).ok()?;
+        Some(Console { uart })
+    }
+
+    /// The UART's registers and pending input, for a snapshot.
+    pub fn save(&self) -> Vec<u8> {
+        let s = self.uart.state();
+        let mut v = vec![
+            s.baud_divisor_low,
+            s.baud_divisor_high,
+            s.interrupt_enable,
+            s.interrupt_identification,
+            s.line_control,
+            s.line_status,
+            s.modem_control,
+            s.modem_status,
+            s.scratch,
+        ];
+        v.extend_from_slice(&s.in_buffer);
+        v
+    }
+
     /// Queues host input for the guest to read. Returns how many bytes fit.
     pub fn input(&mut self, bytes: &[u8]) -> usize {
         self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)

@@ -18,6 +18,32 @@ pub mod marker {
 /// `code * 2 + 1`); the built-in VMM stops the VM with the code.
 pub const EXIT_PORT: u16 = 0x501;
 
+/// I/O port of the snapshot point (docs/snapshots.md). Guest init writes
+/// [`snapshot::TAKE`] to it once it is ready and before volumes, secrets and services
+/// (the built-in VMM may then snapshot the paused VM), then reads one byte from it:
+/// [`snapshot::RESTORED`] when this VM was restored from that snapshot, anything else
+/// (QEMU answers 0xff, the VMM [`snapshot::COLD`]) when it booted.
+pub const SNAPSHOT_PORT: u16 = 0x506;
+/// I/O port a restored guest reads its resume information from, 4 bytes per `in`:
+/// [`snapshot::RESUME_INFO_LEN`] bytes, the host's wall clock (seconds and
+/// nanoseconds since the epoch, u64 and u32 little-endian, 4 bytes of zero) and then
+/// fresh entropy.
+pub const RESUME_INFO_PORT: u16 = 0x508;
+
+/// Values on [`SNAPSHOT_PORT`] and the layout of [`RESUME_INFO_PORT`].
+pub mod snapshot {
+    /// Written by guest init: a snapshot may be taken now.
+    pub const TAKE: u8 = 1;
+    /// Read back: this VM booted.
+    pub const COLD: u8 = 1;
+    /// Read back: this VM was restored from a snapshot.
+    pub const RESTORED: u8 = 2;
+    /// Bytes of entropy in the resume information.
+    pub const RESUME_ENTROPY_LEN: usize = 64;
+    /// Bytes of the resume information: clock (16) and entropy.
+    pub const RESUME_INFO_LEN: usize = 16 + RESUME_ENTROPY_LEN;
+}
+
 /// Exit code guest init uses when it cannot do its own job (unreadable manifest,
 /// failed boot step, a `main` service that cannot be started).
 pub const EXIT_INIT_FAILED: u8 = 125;

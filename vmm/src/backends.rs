@@ -60,7 +60,7 @@ pub struct CapsLink {
 }
 
 impl DeviceBackend {
-    fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         match self {
             DeviceBackend::Rng => "rng".into(),
             DeviceBackend::Block { id, .. } => format!("blk-{id}"),

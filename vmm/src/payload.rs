@@ -131,6 +131,11 @@ impl Payload {
         })
     }
 
+    /// The digest it is checked against (an image section's), if any.
+    pub fn sha256(&self) -> Option<[u8; 32]> {
+        self.sha256
+    }
+
     /// Its name in messages.
     pub fn name(&self) -> &str {
         &self.name

@@ -6,6 +6,9 @@
 #[path = "../../fuzz/harness/image_and_kernel.rs"]
 mod image_and_kernel;
 
+#[path = "../../fuzz/harness/snapshot_file.rs"]
+mod snapshot_file;
+
 #[path = "../../fuzz/harness/replay.rs"]
 mod replay;
 use replay::replay;
@@ -13,4 +16,9 @@ use replay::replay;
 #[test]
 fn image_and_kernel_regressions_replay_clean() {
     replay("image_and_kernel", image_and_kernel::run);
+}
+
+#[test]
+fn snapshot_file_regressions_replay_clean() {
+    replay("snapshot_file", snapshot_file::run);
 }

@@ -67,6 +67,148 @@ pub mod status {
 /// Interrupt status bit: a used buffer was added.
 const INT_VRING: u32 = 1;
 
+/// One queue of a [`TransportState`]: what the driver set up, and where the device
+/// stands in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueState {
+    /// QueueReady.
+    pub ready: bool,
+    /// QueueNum.
+    pub size: u16,
+    /// Descriptor table, driver (avail) and device (used) ring addresses.
+    pub desc: u64,
+    /// Driver area.
+    pub avail: u64,
+    /// Device area.
+    pub used: u64,
+    /// The next available entry the device will take. For a device served by a backend
+    /// this is the used ring's index at the snapshot (every request taken was answered:
+    /// guest init is quiescent when it asks for one), which a fresh backend resumes at.
+    pub next_avail: u16,
+}
+
+/// The register file of a transport, for a snapshot ([`MmioTransport::save`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TransportState {
+    /// Device status.
+    pub status: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// Selector registers.
+    pub queue_sel: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// Every queue, in order.
+    pub queues: Vec<QueueState>,
+}
+
+/// Bytes of one encoded [`QueueState`].
+const QUEUE_STATE_LEN: usize = 1 + 2 + 8 * 3 + 2;
+/// Bytes of an encoded [`TransportState`] before its queues.
+const TRANSPORT_STATE_LEN: usize = 4 + 8 + 4 * 5 + 2;
+
+impl TransportState {
+    /// Little-endian encoding, read back by [`TransportState::from_bytes`].
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(TRANSPORT_STATE_LEN + self.queues.len() * QUEUE_STATE_LEN);
+        v.extend_from_slice(&self.status.to_le_bytes());
+        v.extend_from_slice(&self.driver_features.to_le_bytes());
+        for x in [
+            self.queue_sel,
+            self.device_features_sel,
+            self.driver_features_sel,
+            self.interrupt_status,
+            self.config_generation,
+        ] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v.extend_from_slice(&(self.queues.len() as u16).to_le_bytes());
+        for q in &self.queues {
+            v.push(u8::from(q.ready));
+            v.extend_from_slice(&q.size.to_le_bytes());
+            for a in [q.desc, q.avail, q.used] {
+                v.extend_from_slice(&a.to_le_bytes());
+            }
+            v.extend_from_slice(&q.next_avail.to_le_bytes());
+        }
+        v
+    }
+
+    /// Parses [`TransportState::to_bytes`]' encoding; `None` unless `b` is exactly one.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        let mut r = Reader(b);
+        let mut s = TransportState {
+            status: r.u32()?,
+            driver_features: r.u64()?,
+            queue_sel: r.u32()?,
+            device_features_sel: r.u32()?,
+            driver_features_sel: r.u32()?,
+            interrupt_status: r.u32()?,
+            config_generation: r.u32()?,
+            queues: Vec::new(),
+        };
+        let n = r.u16()?;
+        for _ in 0..n {
+            let ready = match r.take(1)?[0] {
+                0 => false,
+                1 => true,
+                _ => return None,
+            };
+            s.queues.push(QueueState {
+                ready,
+                size: r.u16()?,
+                desc: r.u64()?,
+                avail: r.u64()?,
+                used: r.u64()?,
+                next_avail: r.u16()?,
+            });
+        }
+        r.0.is_empty().then_some(s)
+    }
+}
+
+/// A cursor over bytes read back from a snapshot.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+/// Why a saved register file cannot be put back.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The saved queues do not match this device's.
+    #[error("the snapshot has {saved} queues for a device with {device}")]
+    QueueCount {
+        /// Queues in the snapshot.
+        saved: usize,
+        /// Queues of the device.
+        device: usize,
+    },
+    /// A saved queue is not one this device and memory can run.
+    #[error("queue {0} of the snapshot is not valid in this VM")]
+    InvalidQueue(usize),
+}
+
 /// One virtio device on the MMIO bus.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -129,6 +271,80 @@ impl MmioTransport {
     /// The device's current status register.
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// The register file and queue positions, for a snapshot. The guest must be paused.
+    pub fn save(&self) -> TransportState {
+        TransportState {
+            status: self.status,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            interrupt_status: self.interrupt_status.load(Ordering::SeqCst),
+            config_generation: self.config_generation,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueState {
+                    ready: q.ready(),
+                    size: q.size(),
+                    desc: q.desc_table(),
+                    avail: q.avail_ring(),
+                    used: q.used_ring(),
+                    next_avail: if q.ready() {
+                        q.used_idx(&self.mem, Ordering::Acquire)
+                            .map(|w| w.0)
+                            .unwrap_or(0)
+                    } else {
+                        0
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    /// Puts a saved register file back (in a VM restored from a snapshot, before its
+    /// vCPUs run) and, if the driver had set DRIVER_OK, activates the device on the
+    /// saved queues from their saved positions.
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), RestoreError> {
+        if s.queues.len() != self.queues.len() {
+            return Err(RestoreError::QueueCount {
+                saved: s.queues.len(),
+                device: self.queues.len(),
+            });
+        }
+        for (i, (q, saved)) in self.queues.iter_mut().zip(&s.queues).enumerate() {
+            q.reset();
+            if saved.size > q.max_size() {
+                return Err(RestoreError::InvalidQueue(i));
+            }
+            q.set_size(saved.size);
+            q.set_desc_table_address(Some(saved.desc as u32), Some((saved.desc >> 32) as u32));
+            q.set_avail_ring_address(Some(saved.avail as u32), Some((saved.avail >> 32) as u32));
+            q.set_used_ring_address(Some(saved.used as u32), Some((saved.used >> 32) as u32));
+            q.set_next_avail(saved.next_avail);
+            q.set_next_used(saved.next_avail);
+            q.set_ready(saved.ready);
+            if saved.ready && !q.is_valid(&self.mem) {
+                return Err(RestoreError::InvalidQueue(i));
+            }
+        }
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.config_generation = s.config_generation;
+        self.interrupt_status
+            .store(s.interrupt_status, Ordering::SeqCst);
+        self.status = s.status;
+        if s.status & status::FEATURES_OK != 0 {
+            self.device.acked_features(s.driver_features);
+        }
+        if s.status & status::DRIVER_OK != 0 {
+            self.device.activate(&self.queues);
+        }
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {

@@ -59,6 +59,9 @@ struct QueueSetup {
     desc: u64,
     avail: u64,
     used: u64,
+    /// Where the backend starts taking requests: 0 on a fresh queue, the saved position
+    /// in a VM restored from a snapshot.
+    next_avail: u16,
 }
 
 /// A virtio device served by a vhost-user backend.
@@ -288,7 +291,7 @@ impl Activation {
                 .map_err(|e| err("SET_VRING_NUM", &e))?;
             fe.set_vring_addr(i, &config)
                 .map_err(|e| err("SET_VRING_ADDR", &e))?;
-            fe.set_vring_base(i, 0)
+            fe.set_vring_base(i, q.next_avail)
                 .map_err(|e| err("SET_VRING_BASE", &e))?;
             fe.set_vring_call(i, &self.calls[i])
                 .map_err(|e| err("SET_VRING_CALL", &e))?;
@@ -334,6 +337,7 @@ impl VirtioDevice for VhostUserDevice {
                 desc: q.desc_table(),
                 avail: q.avail_ring(),
                 used: q.used_ring(),
+                next_avail: q.next_avail(),
             })
             .collect();
         self.pending

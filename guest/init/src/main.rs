@@ -11,6 +11,7 @@ mod caps;
 mod console;
 mod isolate;
 mod net;
+mod resume;
 mod root;
 mod secrets;
 mod spawn;
@@ -71,6 +72,9 @@ fn main() {
             root.fs
         ));
     }
+    // The snapshot point: nothing of this run's volumes, secrets or services is in the
+    // VM yet (docs/snapshots.md).
+    resume::snapshot_point();
     if let Err(e) = volumes::mount_all(&manifest.volumes) {
         log(&e);
         finish(abi::EXIT_INIT_FAILED);

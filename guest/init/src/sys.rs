@@ -48,6 +48,30 @@ pub fn outb(port: u16, value: u8) -> io::Result<()> {
     Ok(())
 }
 
+/// Reads one byte from an x86 I/O port (CAP_SYS_RAWIO, as [`outb`]).
+pub fn inb(port: u16) -> io::Result<u8> {
+    // SAFETY: ioperm only changes this thread's I/O permission bitmap.
+    check(unsafe { libc::ioperm(libc::c_ulong::from(port), 1, 1) })?;
+    let value: u8;
+    // SAFETY: ioperm granted access to exactly this port; `in` has no memory effects.
+    unsafe {
+        std::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    };
+    Ok(value)
+}
+
+/// Reads four bytes from an x86 I/O port (CAP_SYS_RAWIO, as [`outb`]).
+pub fn inl(port: u16) -> io::Result<u32> {
+    // SAFETY: ioperm only changes this thread's I/O permission bitmap.
+    check(unsafe { libc::ioperm(libc::c_ulong::from(port), 4, 1) })?;
+    let value: u32;
+    // SAFETY: ioperm granted access to exactly these ports; `in` has no memory effects.
+    unsafe {
+        std::arch::asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    };
+    Ok(value)
+}
+
 /// The signals PID 1 handles synchronously with [`wait_signal`].
 pub const HANDLED: [libc::c_int; 5] = [
     libc::SIGCHLD,

@@ -8,6 +8,7 @@ pub mod cpuid;
 pub mod memory;
 pub mod mptable;
 pub mod profile;
+pub mod snapshot;
 pub mod vcpu;
 
 use std::io::Write;
@@ -58,6 +59,9 @@ pub struct KvmConfig {
     pub timeout: Option<Duration>,
     /// Install seccomp filters and drop capabilities (off only with --no-sandbox).
     pub sandbox: bool,
+    /// Restore from, or take, a snapshot at guest init's snapshot point
+    /// (`--snapshot-cache`, docs/snapshots.md).
+    pub snapshot: Option<snapshot::SnapshotCache>,
 }
 
 /// Why the VM could not run.
@@ -81,9 +85,10 @@ fn setup<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Result<T, KvmE
     r.map_err(|e| KvmError::Setup(format!("{what}: {e}")))
 }
 
-/// ioctls the control thread issues after setup: none. It waits, relays signals as
-/// console input and kicks vCPU threads.
-const CONTROL_IOCTLS: &[u64] = &[];
+/// ioctls the control thread issues after setup: only the VM state reads of a
+/// snapshot. Otherwise it waits, relays signals as console input and kicks vCPU
+/// threads.
+const CONTROL_IOCTLS: &[u64] = snapshot::ioctls::VM;
 
 /// The control thread's seccomp filter: waiting (futex, sleeps, poll on its wake eventfd), kicking vCPU threads
 /// (tgkill), writing the console and logs, finishing vhost-user device activation
@@ -102,6 +107,9 @@ pub fn control_filter() -> Result<BpfProgram, jail::JailError> {
         libc::SYS_wait4,
         libc::SYS_waitid,
         libc::SYS_kill,
+        // Writing a snapshot into the file opened before the jail.
+        libc::SYS_pwrite64,
+        libc::SYS_fdatasync,
     ]);
     jail::filter(&syscalls, CONTROL_IOCTLS)
 }
@@ -128,6 +136,38 @@ fn kick(threads: &[std::thread::JoinHandle<()>]) {
     for t in threads.iter().filter(|t| !t.is_finished()) {
         // SAFETY: the pthread is alive (not finished) and the signal has a handler.
         unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+    }
+}
+
+/// Writes the snapshot of the paused VM (every vCPU parked with its state). A failure
+/// is a warning: the VM runs on, and no snapshot is stored.
+fn take_snapshot(
+    vcpus: Vec<Result<snapshot::VcpuState, String>>,
+    vm: &VmFd,
+    console: &Mutex<Console<StdoutWriter>>,
+    transports: &[Arc<Mutex<MmioTransport>>],
+    mem: &vm_memory::GuestMemoryMmap,
+    file: &std::fs::File,
+    key: &[u8; 32],
+) {
+    let t = Instant::now();
+    let state = (|| -> Result<snapshot::State, String> {
+        Ok(snapshot::State {
+            vcpus: vcpus.into_iter().collect::<Result<_, _>>()?,
+            vm: snapshot::save_vm(vm).map_err(|e| e.to_string())?,
+            serial: console.lock().unwrap_or_else(|p| p.into_inner()).save(),
+            transports: transports
+                .iter()
+                .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save())
+                .collect(),
+        })
+    })();
+    match state.and_then(|s| snapshot::write(file, key, mem, &s).map_err(|e| e.to_string())) {
+        Ok(()) => tracing::info!(
+            "snapshot taken at guest init's snapshot point in {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        ),
+        Err(e) => tracing::warn!("no snapshot taken: {e}"),
     }
 }
 
@@ -158,15 +198,39 @@ impl Write for StdoutWriter {
 pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     // Counted from now on: a Ctrl-C while the VM is set up stops it as soon as it runs.
     crate::signals::install();
-    if !cfg.sandbox {
-        return run_vmm(cfg);
+    // A snapshot to restore and a file for a new one are opened here, before the VM's
+    // process is jailed; a new one is moved into place once the VM ended.
+    let mut prepared = cfg.snapshot.as_ref().and_then(|c| {
+        snapshot::Prepared::new(c, u64::from(cfg.memory_mib) << 20)
+            .map_err(|e| tracing::warn!("snapshot cache: {e}; running without it"))
+            .ok()
+    });
+    let snap = prepared.as_mut().map(|p| VmSnapshot {
+        saved: p.saved.take(),
+        out: p.tmp.as_ref().and_then(|(f, _)| f.try_clone().ok()),
+        key: p.key,
+    });
+    let r = if !cfg.sandbox {
+        run_vmm(cfg, snap)
+    } else {
+        let limits = jail::cgroup::Limits::for_vm(cfg.memory_mib, u32::from(cfg.vcpus));
+        jail::supervisor::run(limits, || run_vmm(cfg, snap).map_err(|e| e.to_string()))
+            .map_err(KvmError::Guest)
+    };
+    if let Some(p) = prepared {
+        p.finish();
     }
-    let limits = jail::cgroup::Limits::for_vm(cfg.memory_mib, u32::from(cfg.vcpus));
-    jail::supervisor::run(limits, || run_vmm(cfg).map_err(|e| e.to_string()))
-        .map_err(KvmError::Guest)
+    r
 }
 
-fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
+/// The snapshot side of one run: what to restore, where to write a new one.
+struct VmSnapshot {
+    saved: Option<snapshot::Saved>,
+    out: Option<std::fs::File>,
+    key: [u8; 32],
+}
+
+fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError> {
     let kind = kvm_kind();
     if kind == KvmKind::Absent {
         return Err(KvmError::Setup(
@@ -204,7 +268,39 @@ fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         .map_err(|e| KvmError::Setup(e.to_string()))?;
     let vm: VmFd = setup("KVM_CREATE_VM", kvm.create_vm())?;
     let mem_size = u64::from(cfg.memory_mib) << 20;
-    let mem = setup("guest memory", memory::create(mem_size))?;
+    let mut mem = setup("guest memory", memory::create(mem_size))?;
+    let (restore, snap_out) = match snap {
+        Some(s) => {
+            let t = Instant::now();
+            let restore = match s.saved.map(|saved| {
+                snapshot::load_memory(&saved, &mem)
+                    .map_err(|e| (saved.path.clone(), e))
+                    .map(|()| saved.state)
+            }) {
+                Some(Ok(state)) => {
+                    tracing::info!(
+                        "snapshot memory read in {:.1} ms",
+                        t.elapsed().as_secs_f64() * 1e3
+                    );
+                    Some(state)
+                }
+                Some(Err((path, e))) => {
+                    snapshot::warn_unusable(&path, &e);
+                    mem = setup("guest memory", memory::create(mem_size))?;
+                    None
+                }
+                None => None,
+            };
+            // A restored VM takes no new snapshot.
+            let out = if restore.is_none() {
+                s.out.map(|f| (f, s.key))
+            } else {
+                None
+            };
+            (restore, out)
+        }
+        None => (None, None),
+    };
     setup("guest memory", memory::register(&vm, &mem))?;
     if let Err(e) = vm.set_tss_address(layout::KVM_TSS_ADDR as usize) {
         tracing::debug!("KVM_SET_TSS_ADDR: {e}");
@@ -230,7 +326,11 @@ fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC),
     )?);
     setup("irqfd", vm.register_irqfd(&com1_irq, COM1_IRQ))?;
-    let console = Arc::new(Mutex::new(Console::new(com1_irq, StdoutWriter)));
+    let console = Arc::new(Mutex::new(match &restore {
+        Some(state) => Console::restored(com1_irq, StdoutWriter, &state.serial)
+            .ok_or_else(|| KvmError::Setup("snapshot: unusable UART state".into()))?,
+        None => Console::new(com1_irq, StdoutWriter),
+    }));
     setup(
         "serial",
         pio.insert(COM1_PORT, COM1_LEN, console.clone() as SharedDevice),
@@ -258,6 +358,19 @@ fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         }),
     )));
     setup("exit port", pio.insert(u64::from(abi::EXIT_PORT), 1, exit))?;
+    let pause = snapshot::Pause::new(
+        usize::from(cfg.vcpus),
+        snap_out.is_some(),
+        restore.is_some(),
+    );
+    setup(
+        "snapshot port",
+        pio.insert(
+            u64::from(abi::SNAPSHOT_PORT),
+            snapshot::PORTS_LEN,
+            Arc::new(Mutex::new(snapshot::SnapshotPort::new(pause.clone()))),
+        ),
+    )?;
     let mut cmdline = cfg.cmdline.clone();
     if template == CpuTemplate::Pvm {
         // Keep the guest kernel off instructions a nested PVM host cannot run (docs/pvm.md).
@@ -280,6 +393,7 @@ fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         .map_err(|e| KvmError::Setup(e.to_string()))?;
     let mut activations = Vec::new();
     let mut forwarders = Vec::new();
+    let mut transports = Vec::new();
     for (socket, device_type, queues) in backends.sockets(&cfg.devices) {
         let (mut dev, activation) = VhostUserDevice::connect(&socket, device_type, queues, &mem)
             .map_err(|e| KvmError::Setup(e.to_string()))?;
@@ -290,9 +404,19 @@ fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         )?);
         setup("irqfd", vm.register_irqfd(&irq, next_irq))?;
         let calls = dev.call_fds();
-        let transport = MmioTransport::new(Box::new(dev), mem.clone(), irq.clone());
+        let mut transport = MmioTransport::new(Box::new(dev), mem.clone(), irq.clone());
+        if let Some(state) = &restore {
+            let saved = state.transports.get(transports.len()).ok_or_else(|| {
+                KvmError::Setup("snapshot: fewer devices than this VM has".into())
+            })?;
+            transport.restore(saved).map_err(|e| {
+                KvmError::Setup(format!("snapshot: device {}: {e}", transports.len()))
+            })?;
+        }
         let status = transport.interrupt_status();
-        let shared_dev: SharedDevice = Arc::new(Mutex::new(transport));
+        let transport = Arc::new(Mutex::new(transport));
+        transports.push(transport.clone());
+        let shared_dev: SharedDevice = transport;
         setup(
             "virtio-mmio",
             mmio.insert(next_mmio, layout::VIRTIO_MMIO_SIZE, shared_dev),
@@ -320,15 +444,26 @@ fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     let cmdline = cmdline.trim().to_string();
     tracing::info!("kernel command line: {cmdline}");
 
-    // Boot.
-    let entry = boot::load(
-        &mem,
-        mem_size,
-        &cfg.kernel,
-        cfg.initrd.as_ref(),
-        cmdline.trim(),
-        cfg.vcpus,
-    )?;
+    if let Some(state) = &restore {
+        if state.transports.len() != transports.len() || state.vcpus.len() != usize::from(cfg.vcpus)
+        {
+            return Err(KvmError::Setup(
+                "snapshot: its devices or vCPUs differ from this VM's".into(),
+            ));
+        }
+    }
+    // Boot (a restored VM's memory holds its kernel already).
+    let entry = match &restore {
+        Some(_) => boot::Entry { rip: 0, rbx: 0 },
+        None => boot::load(
+            &mem,
+            mem_size,
+            &cfg.kernel,
+            cfg.initrd.as_ref(),
+            cmdline.trim(),
+            cfg.vcpus,
+        )?,
+    };
     // The payloads' files are closed now; nothing of them stays in this process.
     drop(cfg.kernel);
     drop(cfg.initrd);
@@ -336,7 +471,31 @@ fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     for id in 0..cfg.vcpus {
         let fd = setup("KVM_CREATE_VCPU", vm.create_vcpu(u64::from(id)))?;
         vcpu::configure(&kvm, &fd, id, cfg.vcpus, template, entry).map_err(KvmError::Setup)?;
+        if let Some(state) = &restore {
+            let refused = snapshot::restore_vcpu(&fd, &state.vcpus[usize::from(id)])
+                .map_err(|e| KvmError::Setup(format!("snapshot: vCPU {id}: {e}")))?;
+            if !refused.is_empty() {
+                let list: Vec<String> = refused.iter().map(|m| format!("{m:#x}")).collect();
+                tracing::debug!("snapshot: vCPU {id}: KVM refused MSRs {}", list.join(" "));
+            }
+        }
         vcpus.push(fd);
+    }
+    if let Some(state) = &restore {
+        snapshot::restore_vm(&vm, &state.vm)
+            .map_err(|e| KvmError::Setup(format!("snapshot: {e}")))?;
+        // Guest init started long ago, in the VM the snapshot was taken of.
+        reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .markers
+            .push((abi::marker::INIT_STARTED, Instant::now()));
+        tracing::info!("restored from a snapshot");
+    }
+    if snap_out.is_some() {
+        if let Some(fd) = vcpus.first() {
+            pause.set_msrs(snapshot::saveable_msrs(&kvm, fd));
+        }
     }
     let shared = Arc::new(Shared {
         pio,
@@ -348,6 +507,7 @@ fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         start: Barrier::new(usize::from(cfg.vcpus) + 1),
         profile: profile::Profile::from_env(),
         wake,
+        snapshot: (snap_out.is_some()).then(|| pause.clone()),
     });
     *exit_hook.lock().unwrap_or_else(|p| p.into_inner()) = Some(shared.clone());
 
@@ -465,6 +625,15 @@ fn run_vmm(cfg: KvmConfig) -> Result<Outcome, KvmError> {
                 "the guest did not finish within {:?} (--timeout)",
                 cfg.timeout.unwrap_or_default()
             )));
+        }
+        if let Some((file, key)) = snap_out.as_ref().filter(|_| pause.requested()) {
+            match pause.parked() {
+                None => kick(&threads),
+                Some(states) => {
+                    take_snapshot(states, &vm, &console, &transports, &shared.mem, file, key);
+                    pause.release();
+                }
+            }
         }
         if shared.profile.is_some() {
             kick(&threads);

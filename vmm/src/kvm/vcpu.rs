@@ -52,6 +52,8 @@ pub struct Shared {
     pub profile: Option<super::profile::Profile>,
     /// Wakes the control thread: the VM must stop, or a device left it work.
     pub wake: Arc<EventFd>,
+    /// Pausing for a snapshot, when this run may take one (snapshot.rs).
+    pub snapshot: Option<Arc<super::snapshot::Pause>>,
 }
 
 impl Shared {
@@ -80,12 +82,15 @@ const VCPU_IOCTLS: &[u64] = &[
     0x81a0_ae8c, // KVM_GET_FPU (fwait: is an x87 exception pending?)
 ];
 
-/// The vCPU threads' seccomp filter: KVM_RUN and the register reads for error reports,
-/// the allocator, writing the console, raising irqfds, getrandom for virtio-rng.
+/// The vCPU threads' seccomp filter: KVM_RUN and the register reads for error reports
+/// and snapshots, the allocator, writing the console, raising irqfds, getrandom for
+/// virtio-rng and a restored guest's entropy.
 pub fn vcpu_filter() -> Result<BpfProgram, jail::JailError> {
     let mut syscalls = jail::COMMON_SYSCALLS.to_vec();
     syscalls.push(libc::SYS_getrandom);
-    jail::filter(&syscalls, VCPU_IOCTLS)
+    let mut ioctls = VCPU_IOCTLS.to_vec();
+    ioctls.extend_from_slice(super::snapshot::ioctls::VCPU);
+    jail::filter(&syscalls, &ioctls)
 }
 
 fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
@@ -232,6 +237,10 @@ pub fn run(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>, filter: Option<Arc<Bpf
             .get_or_insert_with(Instant::now);
     }
     while !shared.stop.load(Ordering::SeqCst) {
+        if let Some(p) = shared.snapshot.as_ref().filter(|p| p.requested()) {
+            p.park(&mut vcpu, usize::from(id));
+            continue;
+        }
         let reason = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if !shared.pio.write(u64::from(port), data) {
