@@ -6,11 +6,14 @@
 //! and reads the file back, timing each with busybox `time`. Medians of RUNS boots.
 //!
 //! TCP: the guest listens (busybox nc) on a TAP device in a network namespace the bench
-//! creates; the host side sends 64 MiB (bash /dev/tcp) and times it; hostd's jailed
-//! vhost-user net backend vs QEMU's built-in virtio-net on the same TAP. Needs root.
+//! creates; the host side sends 64 MiB (bash /dev/tcp) and times it (host -> guest);
+//! then the guest sends 64 MiB (busybox nc) to a listener of the bench's in the
+//! namespace, which times it from accept to the last byte (guest -> host). hostd's
+//! jailed vhost-user net backend vs QEMU's built-in virtio-net (with its own vnet-header
+//! TAP offloads) on the same TAP. Needs root.
 //!
 //! `cargo bench --bench devices_qemu` — prints a table and writes
-//! target/bench/devices_qemu.json.
+//! target/bench/devices_qemu.json. `DEVICES_QEMU_ONLY=block` or `=tcp` runs one half.
 #![allow(clippy::print_stdout)] // a benchmark's figures are its output
 
 use std::path::Path;
@@ -60,7 +63,7 @@ memory = "256M"
 
 [services.sink]
 command = "/bin/busybox"
-args = ["sh", "-c", "echo listening; /bin/busybox nc -l -p 5001 > /dev/null; echo received"]
+args = ["sh", "-c", "echo listening; /bin/busybox nc -l -p 5001 > /dev/null; echo received; /bin/busybox head -c 67108864 /dev/zero | /bin/busybox nc 10.0.2.1 5002; echo sent"]
 main = true
 "#;
 
@@ -75,9 +78,68 @@ fn ip(args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Starts `cmd` (a guest that listens on 10.0.2.2:5001), sends 64 MiB from the
-/// namespace once it listens, and returns MB/s as seen by the sender.
-fn tcp_run(mut cmd: Command) -> Option<f64> {
+/// A TCP listener on `addr` inside network namespace `ns` (made on a thread that joins
+/// it; the socket stays there).
+fn listen_in(ns: &str, addr: &str) -> Option<std::net::TcpListener> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{ns}");
+    let addr = addr.to_string();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).ok()?;
+        // SAFETY: setns on a valid namespace fd; it changes only this thread's network
+        // namespace.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return None;
+        }
+        std::net::TcpListener::bind(&addr).ok()
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
+const TCP_BYTES: u64 = 64 << 20;
+
+/// Accepts the guest's connection on `listener` (waiting while `child` runs) and reads
+/// [`TCP_BYTES`] from it; MB/s from accept to the last byte.
+fn receive(listener: &std::net::TcpListener, child: &mut std::process::Child) -> Option<f64> {
+    use std::io::Read;
+    listener.set_nonblocking(true).ok()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() > deadline || child.try_wait().ok()?.is_some() {
+                    return None;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(_) => return None,
+        }
+    };
+    let start = std::time::Instant::now();
+    stream.set_nonblocking(false).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .ok()?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    let mut s = stream.take(TCP_BYTES);
+    while got < TCP_BYTES {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got += n as u64,
+        }
+    }
+    Some(64.0 / start.elapsed().as_secs_f64())
+}
+
+/// Starts `cmd` (a guest that listens on 10.0.2.2:5001, then sends to 10.0.2.1:5002),
+/// sends 64 MiB from the namespace once it listens, receives its 64 MiB on `listener`,
+/// and returns MB/s (host -> guest as seen by the sender, guest -> host as seen by the
+/// receiver).
+fn tcp_run(mut cmd: Command, listener: &std::net::TcpListener) -> Option<(f64, f64)> {
     use std::io::{BufRead, BufReader};
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -88,7 +150,7 @@ fn tcp_run(mut cmd: Command) -> Option<f64> {
     let out = child.stdout.take()?;
     let mut lines = BufReader::new(out).lines().map_while(Result::ok);
     let ready = lines.any(|l| l.contains("[sink] listening"));
-    let rate = ready
+    let h2g = ready
         .then(|| {
             std::thread::sleep(std::time::Duration::from_millis(500));
             let start = std::time::Instant::now();
@@ -106,9 +168,10 @@ fn tcp_run(mut cmd: Command) -> Option<f64> {
             ok.then(|| 64.0 / start.elapsed().as_secs_f64())
         })
         .flatten();
+    let g2h = h2g.and_then(|_| receive(listener, &mut child));
     for _ in lines {}
     let _ = child.wait();
-    rate
+    Some((h2g?, g2h?))
 }
 
 use hostd_bench::median;
@@ -196,51 +259,57 @@ fn main() {
     let state_builtin = dir.path().join("state-builtin");
     let volume = hostd_vmm::volumes::ensure(&state_builtin, "bench", 256).expect("volume");
 
+    let only = std::env::var("DEVICES_QEMU_ONLY").unwrap_or_default();
     let mut rows = Vec::new();
-    println!(
+    if only != "tcp" {
+        println!(
         "devices_qemu: guest dd of 64 MiB to/from a volume, {RUNS} boots each, medians (QEMU TCG)"
     );
-    println!(
-        "{:<36} {:>12} {:>12}",
-        "block device", "write MB/s", "read MB/s"
-    );
-    for (name, samples) in [
-        (
-            "hostd vhost-user backend (jailed)",
-            (0..RUNS)
-                .filter_map(|_| run_hostd(&image, &state_hostd))
-                .collect::<Vec<_>>(),
-        ),
-        (
-            "QEMU built-in virtio-blk",
-            (0..RUNS)
-                .filter_map(|_| run_builtin(&kernel, &initrd, &volume))
-                .collect::<Vec<_>>(),
-        ),
-    ] {
-        if samples.is_empty() {
-            println!("{name:<36} failed");
-            continue;
-        }
-        let w = median(samples.iter().map(|s| s.0).collect());
-        let r = median(samples.iter().map(|s| s.1).collect());
-        println!("{name:<36} {w:>12.1} {r:>12.1}");
-        rows.push((name, w, r, samples.len()));
-    }
-    if rows.len() == 2 {
         println!(
-            "ratio hostd/QEMU: write {:.2}, read {:.2}",
-            rows[0].1 / rows[1].1,
-            rows[0].2 / rows[1].2
+            "{:<36} {:>12} {:>12}",
+            "block device", "write MB/s", "read MB/s"
         );
+        for (name, samples) in [
+            (
+                "hostd vhost-user backend (jailed)",
+                (0..RUNS)
+                    .filter_map(|_| run_hostd(&image, &state_hostd))
+                    .collect::<Vec<_>>(),
+            ),
+            (
+                "QEMU built-in virtio-blk",
+                (0..RUNS)
+                    .filter_map(|_| run_builtin(&kernel, &initrd, &volume))
+                    .collect::<Vec<_>>(),
+            ),
+        ] {
+            if samples.is_empty() {
+                println!("{name:<36} failed");
+                continue;
+            }
+            let w = median(samples.iter().map(|s| s.0).collect());
+            let r = median(samples.iter().map(|s| s.1).collect());
+            println!("{name:<36} {w:>12.1} {r:>12.1}");
+            rows.push((name, w, r, samples.len()));
+        }
+        if rows.len() == 2 {
+            println!(
+                "ratio hostd/QEMU: write {:.2}, read {:.2}",
+                rows[0].1 / rows[1].1,
+                rows[0].2 / rows[1].2
+            );
+        }
     }
 
     // TCP through a TAP in a namespace of our own.
     let mut tcp_rows = Vec::new();
+    let mut tcp_ratio: Option<(f64, f64)> = None;
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let _ = ip(&["netns", "del", NS]);
-    if root
+    if only == "block" {
+        println!("TCP: skipped (DEVICES_QEMU_ONLY=block)");
+    } else if root
         && ip(&["netns", "add", NS])
         && ip(&["netns", "exec", NS, "ip", "link", "set", "lo", "up"])
         && ip(&[
@@ -268,7 +337,10 @@ fn main() {
             .arg(&tcp_image)
             .status()
             .is_ok_and(|s| s.success());
-        if let Some(img) = Image::open(&tcp_image).ok().filter(|_| built) {
+        let listener = listen_in(NS, "10.0.2.1:5002");
+        if let (Some(img), Some(listener)) =
+            (Image::open(&tcp_image).ok().filter(|_| built), listener)
+        {
             let initrd2 = dir.path().join("initrd-tcp");
             std::fs::write(
                 &initrd2,
@@ -326,20 +398,20 @@ fn main() {
                 c
             };
             println!(
-                "{:<36} {:>12}",
-                "network device (TCP, host -> guest)", "MB/s"
+                "{:<36} {:>12} {:>12}",
+                "network device (TCP MB/s)", "host->guest", "guest->host"
             );
             for (name, samples) in [
                 (
                     "hostd vhost-user backend (jailed)",
                     (0..RUNS)
-                        .filter_map(|_| tcp_run(hostd_cmd()))
+                        .filter_map(|_| tcp_run(hostd_cmd(), &listener))
                         .collect::<Vec<_>>(),
                 ),
                 (
                     "QEMU built-in virtio-net (tap)",
                     (0..RUNS)
-                        .filter_map(|_| tcp_run(builtin_cmd()))
+                        .filter_map(|_| tcp_run(builtin_cmd(), &listener))
                         .collect::<Vec<_>>(),
                 ),
             ] {
@@ -347,12 +419,15 @@ fn main() {
                     println!("{name:<36} failed");
                     continue;
                 }
-                let m = median(samples.clone());
-                println!("{name:<36} {m:>12.1}");
-                tcp_rows.push((name, m, samples.len()));
+                let h2g = median(samples.iter().map(|s| s.0).collect());
+                let g2h = median(samples.iter().map(|s| s.1).collect());
+                println!("{name:<36} {h2g:>12.1} {g2h:>12.1}");
+                tcp_rows.push((name, h2g, g2h, samples.len()));
             }
             if tcp_rows.len() == 2 {
-                println!("ratio hostd/QEMU: tcp {:.2}", tcp_rows[0].1 / tcp_rows[1].1);
+                let (h, g) = (tcp_rows[0].1 / tcp_rows[1].1, tcp_rows[0].2 / tcp_rows[1].2);
+                println!("ratio hostd/QEMU: tcp host->guest {h:.2}, guest->host {g:.2}");
+                tcp_ratio = Some((h, g));
             }
         }
         let _ = ip(&["netns", "del", NS]);
@@ -361,7 +436,7 @@ fn main() {
     }
     let tcp_json: Vec<String> = tcp_rows
         .iter()
-        .map(|(n, m, k)| format!("{{\"device\":\"{n}\",\"runs\":{k},\"median_tcp_mb_s\":{m:.2}}}"))
+        .map(|(n, h, g, k)| format!("{{\"device\":\"{n}\",\"runs\":{k},\"median_tcp_mb_s\":{h:.2},\"median_tcp_guest_to_host_mb_s\":{g:.2}}}"))
         .collect();
     let json: Vec<String> = rows
         .iter()
@@ -371,9 +446,12 @@ fn main() {
     let _ = std::fs::create_dir_all(&out);
     let path = out.join("devices_qemu.json");
     let body = format!(
-        "{{\"bench\":\"devices_qemu\",\"accel\":\"tcg\",\"bytes\":67108864,\"block\":[{}],\"tcp\":[{}]}}\n",
+        "{{\"bench\":\"devices_qemu\",\"accel\":\"tcg\",\"bytes\":67108864,\"block\":[{}],\"tcp\":[{}],\"tcp_ratio\":{}}}\n",
         json.join(","),
-        tcp_json.join(",")
+        tcp_json.join(","),
+        tcp_ratio.map_or("null".to_string(), |(h, g)| format!(
+            "{{\"host_to_guest\":{h:.3},\"guest_to_host\":{g:.3}}}"
+        ))
     );
     match std::fs::write(&path, body) {
         Ok(()) => println!("wrote {}", path.display()),
