@@ -7,13 +7,16 @@
 //!
 //! TCP: the guest listens (busybox nc) on a TAP device in a network namespace the bench
 //! creates; the host side sends 64 MiB (bash /dev/tcp) and times it (host -> guest);
-//! then the guest sends 64 MiB (busybox nc) to a listener of the bench's in the
-//! namespace, which times it from accept to the last byte (guest -> host). hostd's
+//! then the host fetches a 64 MiB file from the guest's busybox httpd (sendfile(2)) and
+//! times it from connect to the last byte (guest -> host). hostd's
 //! jailed vhost-user net backend vs QEMU's built-in virtio-net (with its own vnet-header
 //! TAP offloads) on the same TAP. Needs root.
 //!
 //! `cargo bench --bench devices_qemu` — prints a table and writes
-//! target/bench/devices_qemu.json. `DEVICES_QEMU_ONLY=block` or `=tcp` runs one half.
+//! target/bench/devices_qemu.json. `DEVICES_QEMU_ONLY=block` or `=tcp` runs one half;
+//! `HOSTD_BIN=/path/to/hostd` runs another build's `hostd run` (and its backends, next to
+//! it) for the hostd rows, e.g. to compare before and after a change in one run;
+//! `DEVICES_QEMU_DEBUG=1` prints each TCP run's command, stderr and early console.
 #![allow(clippy::print_stdout)] // a benchmark's figures are its output
 
 use std::path::Path;
@@ -63,7 +66,7 @@ memory = "256M"
 
 [services.sink]
 command = "/bin/busybox"
-args = ["sh", "-c", "echo listening; /bin/busybox nc -l -p 5001 > /dev/null; echo received; /bin/busybox head -c 67108864 /dev/zero | /bin/busybox nc 10.0.2.1 5002; echo sent"]
+args = ["sh", "-c", "/bin/busybox mkdir -p /tmp/www; /bin/busybox head -c 67108864 /dev/zero > /tmp/www/f; /bin/busybox httpd -p 8080 -h /tmp/www; echo listening; /bin/busybox nc -l -p 5001 > /dev/null; echo received; /bin/busybox nc -l -p 5002 > /dev/null; echo fetched"]
 main = true
 "#;
 
@@ -78,78 +81,88 @@ fn ip(args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// A TCP listener on `addr` inside network namespace `ns` (made on a thread that joins
-/// it; the socket stays there).
-fn listen_in(ns: &str, addr: &str) -> Option<std::net::TcpListener> {
+/// Runs `f` on a thread that joined network namespace `ns` (sockets it makes stay
+/// there; the bench's own threads stay where they are).
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Option<T> + Send + 'static,
+) -> Option<T> {
     use std::os::fd::AsRawFd;
     let path = format!("/run/netns/{ns}");
-    let addr = addr.to_string();
     std::thread::spawn(move || {
-        let f = std::fs::File::open(&path).ok()?;
+        let file = std::fs::File::open(&path).ok()?;
         // SAFETY: setns on a valid namespace fd; it changes only this thread's network
         // namespace.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return None;
         }
-        std::net::TcpListener::bind(&addr).ok()
+        f()
     })
     .join()
     .ok()
     .flatten()
 }
 
-const TCP_BYTES: u64 = 64 << 20;
+const TCP_BYTES: usize = 64 << 20;
 
-/// Accepts the guest's connection on `listener` (waiting while `child` runs) and reads
-/// [`TCP_BYTES`] from it; MB/s from accept to the last byte.
-fn receive(listener: &std::net::TcpListener, child: &mut std::process::Child) -> Option<f64> {
-    use std::io::Read;
-    listener.set_nonblocking(true).ok()?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    let stream = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if std::time::Instant::now() > deadline || child.try_wait().ok()?.is_some() {
-                    return None;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(5));
+/// Guest -> host: fetches the guest's 64 MiB file from its busybox httpd (which sends
+/// it with sendfile(2), so the guest's user space costs little), MB/s from connect to
+/// the last byte; then tells the guest it may end (port 5002).
+fn fetch() -> Option<f64> {
+    use std::io::{Read, Write};
+    in_netns(NS, || {
+        let start = std::time::Instant::now();
+        let mut s = std::net::TcpStream::connect("10.0.2.2:8080").ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(120)))
+            .ok()?;
+        s.write_all(b"GET /f HTTP/1.0\r\n\r\n").ok()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0usize;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(_) => return None,
             }
-            Err(_) => return None,
         }
-    };
-    let start = std::time::Instant::now();
-    stream.set_nonblocking(false).ok()?;
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
-        .ok()?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut got = 0u64;
-    let mut s = stream.take(TCP_BYTES);
-    while got < TCP_BYTES {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => got += n as u64,
-        }
-    }
-    Some(64.0 / start.elapsed().as_secs_f64())
+        let rate = 64.0 / start.elapsed().as_secs_f64();
+        let _ = std::net::TcpStream::connect("10.0.2.2:5002");
+        (got >= TCP_BYTES).then_some(rate)
+    })
 }
 
-/// Starts `cmd` (a guest that listens on 10.0.2.2:5001, then sends to 10.0.2.1:5002),
-/// sends 64 MiB from the namespace once it listens, receives its 64 MiB on `listener`,
+/// Starts `cmd` (a guest that listens on 10.0.2.2:5001 and serves a 64 MiB file on
+/// 10.0.2.2:8080), sends 64 MiB from the namespace once it listens, fetches the file,
 /// and returns MB/s (host -> guest as seen by the sender, guest -> host as seen by the
 /// receiver).
-fn tcp_run(mut cmd: Command, listener: &std::net::TcpListener) -> Option<(f64, f64)> {
+fn tcp_run(mut cmd: Command) -> Option<(f64, f64)> {
     use std::io::{BufRead, BufReader};
+    let debug = std::env::var_os("DEVICES_QEMU_DEBUG").is_some();
+    if debug {
+        println!("  running {cmd:?}");
+    }
     let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(if debug {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .stdin(Stdio::piped())
         .spawn()
         .ok()?;
     let out = child.stdout.take()?;
     let mut lines = BufReader::new(out).lines().map_while(Result::ok);
-    let ready = lines.any(|l| l.contains("[sink] listening"));
+    let mut early = Vec::new();
+    let ready = lines.any(|l| {
+        if early.len() < 400 {
+            early.push(l.clone());
+        }
+        l.contains("[sink] listening")
+    });
+    if !ready && debug {
+        println!("  guest never listened:\n{}", early.join("\n"));
+    }
     let h2g = ready
         .then(|| {
             std::thread::sleep(std::time::Duration::from_millis(500));
@@ -168,16 +181,27 @@ fn tcp_run(mut cmd: Command, listener: &std::net::TcpListener) -> Option<(f64, f
             ok.then(|| 64.0 / start.elapsed().as_secs_f64())
         })
         .flatten();
-    let g2h = h2g.and_then(|_| receive(listener, &mut child));
+    let g2h = h2g.and_then(|_| fetch());
+    if g2h.is_none() {
+        let _ = child.kill();
+    }
     for _ in lines {}
     let _ = child.wait();
+    if h2g.is_none() || g2h.is_none() {
+        println!("  (a run failed: host->guest {h2g:?}, guest->host {g2h:?})");
+    }
     Some((h2g?, g2h?))
 }
 
 use hostd_bench::median;
 
+/// The `hostd` that runs guests for the hostd rows: `HOSTD_BIN`, else this build's.
+fn hostd_exe() -> String {
+    std::env::var("HOSTD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_hostd").to_string())
+}
+
 fn run_hostd(image: &Path, state: &Path) -> Option<(f64, f64)> {
-    let out = Command::new(env!("CARGO_BIN_EXE_hostd"))
+    let out = Command::new(hostd_exe())
         .args([
             "run",
             "--vmm",
@@ -253,7 +277,21 @@ fn main() {
     let img = Image::open(&image).expect("image");
     let kernel = dir.path().join("kernel");
     let initrd = dir.path().join("initrd");
-    std::fs::write(&kernel, img.read_section(sections::KERNEL).expect("kernel")).expect("write");
+    // The kernel section may be packed: unpack it into the ELF QEMU loads.
+    let packed = dir.path().join("kernel.section");
+    std::fs::write(&packed, img.read_section(sections::KERNEL).expect("kernel")).expect("write");
+    let payload = hostd_vmm::payload::Payload::from_file(
+        std::fs::File::open(&packed).expect("kernel section"),
+        "kernel",
+    )
+    .expect("kernel payload");
+    let elf = std::fs::File::create(&kernel).expect("kernel file");
+    payload
+        .stream_kernel(|at, bytes| {
+            use std::os::unix::fs::FileExt;
+            elf.write_all_at(bytes, at).map_err(|e| e.to_string())
+        })
+        .expect("unpack the kernel");
     std::fs::write(&initrd, img.read_section(sections::INITRD).expect("initrd")).expect("write");
     let state_hostd = dir.path().join("state-hostd");
     let state_builtin = dir.path().join("state-builtin");
@@ -337,10 +375,7 @@ fn main() {
             .arg(&tcp_image)
             .status()
             .is_ok_and(|s| s.success());
-        let listener = listen_in(NS, "10.0.2.1:5002");
-        if let (Some(img), Some(listener)) =
-            (Image::open(&tcp_image).ok().filter(|_| built), listener)
-        {
+        if let Some(img) = Image::open(&tcp_image).ok().filter(|_| built) {
             let initrd2 = dir.path().join("initrd-tcp");
             std::fs::write(
                 &initrd2,
@@ -353,7 +388,7 @@ fn main() {
                     "netns",
                     "exec",
                     NS,
-                    env!("CARGO_BIN_EXE_hostd"),
+                    &hostd_exe(),
                     "run",
                     "--vmm",
                     "qemu",
@@ -405,13 +440,13 @@ fn main() {
                 (
                     "hostd vhost-user backend (jailed)",
                     (0..RUNS)
-                        .filter_map(|_| tcp_run(hostd_cmd(), &listener))
+                        .filter_map(|_| tcp_run(hostd_cmd()))
                         .collect::<Vec<_>>(),
                 ),
                 (
                     "QEMU built-in virtio-net (tap)",
                     (0..RUNS)
-                        .filter_map(|_| tcp_run(builtin_cmd(), &listener))
+                        .filter_map(|_| tcp_run(builtin_cmd()))
                         .collect::<Vec<_>>(),
                 ),
             ] {
