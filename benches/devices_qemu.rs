@@ -12,6 +12,9 @@
 //! jailed vhost-user net backend vs QEMU's built-in virtio-net (with its own vnet-header
 //! TAP offloads) on the same TAP. Needs root.
 //!
+//! TCP runs alternate between the two (hostd first in even rounds, QEMU first in odd
+//! ones), so that load from elsewhere on the host falls on both alike.
+//!
 //! `cargo bench --bench devices_qemu` — prints a table and writes
 //! target/bench/devices_qemu.json. `DEVICES_QEMU_ONLY=block` or `=tcp` runs one half;
 //! `HOSTD_BIN=/path/to/hostd` runs another build's `hostd run` (and its backends, next to
@@ -436,19 +439,21 @@ fn main() {
                 "{:<36} {:>12} {:>12}",
                 "network device (TCP MB/s)", "host->guest", "guest->host"
             );
+            // Alternating runs (the order flipped every round), so that load from
+            // elsewhere on the host falls on both alike.
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for round in 0..RUNS {
+                if round % 2 == 0 {
+                    ours.extend(tcp_run(hostd_cmd()));
+                    theirs.extend(tcp_run(builtin_cmd()));
+                } else {
+                    theirs.extend(tcp_run(builtin_cmd()));
+                    ours.extend(tcp_run(hostd_cmd()));
+                }
+            }
             for (name, samples) in [
-                (
-                    "hostd vhost-user backend (jailed)",
-                    (0..RUNS)
-                        .filter_map(|_| tcp_run(hostd_cmd()))
-                        .collect::<Vec<_>>(),
-                ),
-                (
-                    "QEMU built-in virtio-net (tap)",
-                    (0..RUNS)
-                        .filter_map(|_| tcp_run(builtin_cmd()))
-                        .collect::<Vec<_>>(),
-                ),
+                ("hostd vhost-user backend (jailed)", ours),
+                ("QEMU built-in virtio-net (tap)", theirs),
             ] {
                 if samples.is_empty() {
                     println!("{name:<36} failed");
