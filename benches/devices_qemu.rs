@@ -6,11 +6,20 @@
 //! and reads the file back, timing each with busybox `time`. Medians of RUNS boots.
 //!
 //! TCP: the guest listens (busybox nc) on a TAP device in a network namespace the bench
-//! creates; the host side sends 64 MiB (bash /dev/tcp) and times it; hostd's jailed
-//! vhost-user net backend vs QEMU's built-in virtio-net on the same TAP. Needs root.
+//! creates; the host side sends 64 MiB (bash /dev/tcp) and times it (host -> guest);
+//! then the host fetches a 64 MiB file from the guest's busybox httpd (sendfile(2)) and
+//! times it from connect to the last byte (guest -> host). hostd's
+//! jailed vhost-user net backend vs QEMU's built-in virtio-net (with its own vnet-header
+//! TAP offloads) on the same TAP. Needs root.
+//!
+//! TCP runs alternate between the two (hostd first in even rounds, QEMU first in odd
+//! ones), so that load from elsewhere on the host falls on both alike.
 //!
 //! `cargo bench --bench devices_qemu` — prints a table and writes
-//! target/bench/devices_qemu.json.
+//! target/bench/devices_qemu.json. `DEVICES_QEMU_ONLY=block` or `=tcp` runs one half;
+//! `HOSTD_BIN=/path/to/hostd` runs another build's `hostd run` (and its backends, next to
+//! it) for the hostd rows, e.g. to compare before and after a change in one run;
+//! `DEVICES_QEMU_DEBUG=1` prints each TCP run's command, stderr and early console.
 #![allow(clippy::print_stdout)] // a benchmark's figures are its output
 
 use std::path::Path;
@@ -60,7 +69,7 @@ memory = "256M"
 
 [services.sink]
 command = "/bin/busybox"
-args = ["sh", "-c", "echo listening; /bin/busybox nc -l -p 5001 > /dev/null; echo received"]
+args = ["sh", "-c", "/bin/busybox mkdir -p /tmp/www; /bin/busybox head -c 67108864 /dev/zero > /tmp/www/f; /bin/busybox httpd -p 8080 -h /tmp/www; echo listening; /bin/busybox nc -l -p 5001 > /dev/null; echo received; /bin/busybox nc -l -p 5002 > /dev/null; echo fetched"]
 main = true
 "#;
 
@@ -75,20 +84,89 @@ fn ip(args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Starts `cmd` (a guest that listens on 10.0.2.2:5001), sends 64 MiB from the
-/// namespace once it listens, and returns MB/s as seen by the sender.
-fn tcp_run(mut cmd: Command) -> Option<f64> {
+/// Runs `f` on a thread that joined network namespace `ns` (sockets it makes stay
+/// there; the bench's own threads stay where they are).
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Option<T> + Send + 'static,
+) -> Option<T> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).ok()?;
+        // SAFETY: setns on a valid namespace fd; it changes only this thread's network
+        // namespace.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return None;
+        }
+        f()
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
+const TCP_BYTES: usize = 64 << 20;
+
+/// Guest -> host: fetches the guest's 64 MiB file from its busybox httpd (which sends
+/// it with sendfile(2), so the guest's user space costs little), MB/s from connect to
+/// the last byte; then tells the guest it may end (port 5002).
+fn fetch() -> Option<f64> {
+    use std::io::{Read, Write};
+    in_netns(NS, || {
+        let start = std::time::Instant::now();
+        let mut s = std::net::TcpStream::connect("10.0.2.2:8080").ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(120)))
+            .ok()?;
+        s.write_all(b"GET /f HTTP/1.0\r\n\r\n").ok()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0usize;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(_) => return None,
+            }
+        }
+        let rate = 64.0 / start.elapsed().as_secs_f64();
+        let _ = std::net::TcpStream::connect("10.0.2.2:5002");
+        (got >= TCP_BYTES).then_some(rate)
+    })
+}
+
+/// Starts `cmd` (a guest that listens on 10.0.2.2:5001 and serves a 64 MiB file on
+/// 10.0.2.2:8080), sends 64 MiB from the namespace once it listens, fetches the file,
+/// and returns MB/s (host -> guest as seen by the sender, guest -> host as seen by the
+/// receiver).
+fn tcp_run(mut cmd: Command) -> Option<(f64, f64)> {
     use std::io::{BufRead, BufReader};
+    let debug = std::env::var_os("DEVICES_QEMU_DEBUG").is_some();
+    if debug {
+        println!("  running {cmd:?}");
+    }
     let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(if debug {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .stdin(Stdio::piped())
         .spawn()
         .ok()?;
     let out = child.stdout.take()?;
     let mut lines = BufReader::new(out).lines().map_while(Result::ok);
-    let ready = lines.any(|l| l.contains("[sink] listening"));
-    let rate = ready
+    let mut early = Vec::new();
+    let ready = lines.any(|l| {
+        if early.len() < 400 {
+            early.push(l.clone());
+        }
+        l.contains("[sink] listening")
+    });
+    if !ready && debug {
+        println!("  guest never listened:\n{}", early.join("\n"));
+    }
+    let h2g = ready
         .then(|| {
             std::thread::sleep(std::time::Duration::from_millis(500));
             let start = std::time::Instant::now();
@@ -106,15 +184,27 @@ fn tcp_run(mut cmd: Command) -> Option<f64> {
             ok.then(|| 64.0 / start.elapsed().as_secs_f64())
         })
         .flatten();
+    let g2h = h2g.and_then(|_| fetch());
+    if g2h.is_none() {
+        let _ = child.kill();
+    }
     for _ in lines {}
     let _ = child.wait();
-    rate
+    if h2g.is_none() || g2h.is_none() {
+        println!("  (a run failed: host->guest {h2g:?}, guest->host {g2h:?})");
+    }
+    Some((h2g?, g2h?))
 }
 
 use hostd_bench::median;
 
+/// The `hostd` that runs guests for the hostd rows: `HOSTD_BIN`, else this build's.
+fn hostd_exe() -> String {
+    std::env::var("HOSTD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_hostd").to_string())
+}
+
 fn run_hostd(image: &Path, state: &Path) -> Option<(f64, f64)> {
-    let out = Command::new(env!("CARGO_BIN_EXE_hostd"))
+    let out = Command::new(hostd_exe())
         .args([
             "run",
             "--vmm",
@@ -190,57 +280,77 @@ fn main() {
     let img = Image::open(&image).expect("image");
     let kernel = dir.path().join("kernel");
     let initrd = dir.path().join("initrd");
-    std::fs::write(&kernel, img.read_section(sections::KERNEL).expect("kernel")).expect("write");
+    // The kernel section may be packed: unpack it into the ELF QEMU loads.
+    let packed = dir.path().join("kernel.section");
+    std::fs::write(&packed, img.read_section(sections::KERNEL).expect("kernel")).expect("write");
+    let payload = hostd_vmm::payload::Payload::from_file(
+        std::fs::File::open(&packed).expect("kernel section"),
+        "kernel",
+    )
+    .expect("kernel payload");
+    let elf = std::fs::File::create(&kernel).expect("kernel file");
+    payload
+        .stream_kernel(|at, bytes| {
+            use std::os::unix::fs::FileExt;
+            elf.write_all_at(bytes, at).map_err(|e| e.to_string())
+        })
+        .expect("unpack the kernel");
     std::fs::write(&initrd, img.read_section(sections::INITRD).expect("initrd")).expect("write");
     let state_hostd = dir.path().join("state-hostd");
     let state_builtin = dir.path().join("state-builtin");
     let volume = hostd_vmm::volumes::ensure(&state_builtin, "bench", 256).expect("volume");
 
+    let only = std::env::var("DEVICES_QEMU_ONLY").unwrap_or_default();
     let mut rows = Vec::new();
-    println!(
+    if only != "tcp" {
+        println!(
         "devices_qemu: guest dd of 64 MiB to/from a volume, {RUNS} boots each, medians (QEMU TCG)"
     );
-    println!(
-        "{:<36} {:>12} {:>12}",
-        "block device", "write MB/s", "read MB/s"
-    );
-    for (name, samples) in [
-        (
-            "hostd vhost-user backend (jailed)",
-            (0..RUNS)
-                .filter_map(|_| run_hostd(&image, &state_hostd))
-                .collect::<Vec<_>>(),
-        ),
-        (
-            "QEMU built-in virtio-blk",
-            (0..RUNS)
-                .filter_map(|_| run_builtin(&kernel, &initrd, &volume))
-                .collect::<Vec<_>>(),
-        ),
-    ] {
-        if samples.is_empty() {
-            println!("{name:<36} failed");
-            continue;
-        }
-        let w = median(samples.iter().map(|s| s.0).collect());
-        let r = median(samples.iter().map(|s| s.1).collect());
-        println!("{name:<36} {w:>12.1} {r:>12.1}");
-        rows.push((name, w, r, samples.len()));
-    }
-    if rows.len() == 2 {
         println!(
-            "ratio hostd/QEMU: write {:.2}, read {:.2}",
-            rows[0].1 / rows[1].1,
-            rows[0].2 / rows[1].2
+            "{:<36} {:>12} {:>12}",
+            "block device", "write MB/s", "read MB/s"
         );
+        for (name, samples) in [
+            (
+                "hostd vhost-user backend (jailed)",
+                (0..RUNS)
+                    .filter_map(|_| run_hostd(&image, &state_hostd))
+                    .collect::<Vec<_>>(),
+            ),
+            (
+                "QEMU built-in virtio-blk",
+                (0..RUNS)
+                    .filter_map(|_| run_builtin(&kernel, &initrd, &volume))
+                    .collect::<Vec<_>>(),
+            ),
+        ] {
+            if samples.is_empty() {
+                println!("{name:<36} failed");
+                continue;
+            }
+            let w = median(samples.iter().map(|s| s.0).collect());
+            let r = median(samples.iter().map(|s| s.1).collect());
+            println!("{name:<36} {w:>12.1} {r:>12.1}");
+            rows.push((name, w, r, samples.len()));
+        }
+        if rows.len() == 2 {
+            println!(
+                "ratio hostd/QEMU: write {:.2}, read {:.2}",
+                rows[0].1 / rows[1].1,
+                rows[0].2 / rows[1].2
+            );
+        }
     }
 
     // TCP through a TAP in a namespace of our own.
     let mut tcp_rows = Vec::new();
+    let mut tcp_ratio: Option<(f64, f64)> = None;
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let _ = ip(&["netns", "del", NS]);
-    if root
+    if only == "block" {
+        println!("TCP: skipped (DEVICES_QEMU_ONLY=block)");
+    } else if root
         && ip(&["netns", "add", NS])
         && ip(&["netns", "exec", NS, "ip", "link", "set", "lo", "up"])
         && ip(&[
@@ -281,7 +391,7 @@ fn main() {
                     "netns",
                     "exec",
                     NS,
-                    env!("CARGO_BIN_EXE_hostd"),
+                    &hostd_exe(),
                     "run",
                     "--vmm",
                     "qemu",
@@ -326,33 +436,38 @@ fn main() {
                 c
             };
             println!(
-                "{:<36} {:>12}",
-                "network device (TCP, host -> guest)", "MB/s"
+                "{:<36} {:>12} {:>12}",
+                "network device (TCP MB/s)", "host->guest", "guest->host"
             );
+            // Alternating runs (the order flipped every round), so that load from
+            // elsewhere on the host falls on both alike.
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for round in 0..RUNS {
+                if round % 2 == 0 {
+                    ours.extend(tcp_run(hostd_cmd()));
+                    theirs.extend(tcp_run(builtin_cmd()));
+                } else {
+                    theirs.extend(tcp_run(builtin_cmd()));
+                    ours.extend(tcp_run(hostd_cmd()));
+                }
+            }
             for (name, samples) in [
-                (
-                    "hostd vhost-user backend (jailed)",
-                    (0..RUNS)
-                        .filter_map(|_| tcp_run(hostd_cmd()))
-                        .collect::<Vec<_>>(),
-                ),
-                (
-                    "QEMU built-in virtio-net (tap)",
-                    (0..RUNS)
-                        .filter_map(|_| tcp_run(builtin_cmd()))
-                        .collect::<Vec<_>>(),
-                ),
+                ("hostd vhost-user backend (jailed)", ours),
+                ("QEMU built-in virtio-net (tap)", theirs),
             ] {
                 if samples.is_empty() {
                     println!("{name:<36} failed");
                     continue;
                 }
-                let m = median(samples.clone());
-                println!("{name:<36} {m:>12.1}");
-                tcp_rows.push((name, m, samples.len()));
+                let h2g = median(samples.iter().map(|s| s.0).collect());
+                let g2h = median(samples.iter().map(|s| s.1).collect());
+                println!("{name:<36} {h2g:>12.1} {g2h:>12.1}");
+                tcp_rows.push((name, h2g, g2h, samples.len()));
             }
             if tcp_rows.len() == 2 {
-                println!("ratio hostd/QEMU: tcp {:.2}", tcp_rows[0].1 / tcp_rows[1].1);
+                let (h, g) = (tcp_rows[0].1 / tcp_rows[1].1, tcp_rows[0].2 / tcp_rows[1].2);
+                println!("ratio hostd/QEMU: tcp host->guest {h:.2}, guest->host {g:.2}");
+                tcp_ratio = Some((h, g));
             }
         }
         let _ = ip(&["netns", "del", NS]);
@@ -361,7 +476,7 @@ fn main() {
     }
     let tcp_json: Vec<String> = tcp_rows
         .iter()
-        .map(|(n, m, k)| format!("{{\"device\":\"{n}\",\"runs\":{k},\"median_tcp_mb_s\":{m:.2}}}"))
+        .map(|(n, h, g, k)| format!("{{\"device\":\"{n}\",\"runs\":{k},\"median_tcp_mb_s\":{h:.2},\"median_tcp_guest_to_host_mb_s\":{g:.2}}}"))
         .collect();
     let json: Vec<String> = rows
         .iter()
@@ -371,9 +486,12 @@ fn main() {
     let _ = std::fs::create_dir_all(&out);
     let path = out.join("devices_qemu.json");
     let body = format!(
-        "{{\"bench\":\"devices_qemu\",\"accel\":\"tcg\",\"bytes\":67108864,\"block\":[{}],\"tcp\":[{}]}}\n",
+        "{{\"bench\":\"devices_qemu\",\"accel\":\"tcg\",\"bytes\":67108864,\"block\":[{}],\"tcp\":[{}],\"tcp_ratio\":{}}}\n",
         json.join(","),
-        tcp_json.join(",")
+        tcp_json.join(","),
+        tcp_ratio.map_or("null".to_string(), |(h, g)| format!(
+            "{{\"host_to_guest\":{h:.3},\"guest_to_host\":{g:.3}}}"
+        ))
     );
     match std::fs::write(&path, body) {
         Ok(()) => println!("wrote {}", path.display()),

@@ -52,14 +52,19 @@ for kind, name in [(0, "read"), (1, "write")]:
     m.put(0x3000, b"\xff")
     save("block_chain", name, bytes([0x12 | (1 if kind == 0 else 0)]) + bytes(m.b))
 
-# net_chain: [rx size][tx size][n frames][lens][guest memory]; rx rings at 0, tx at 0x800.
+# net_chain: [features][rx size][tx size][n frames][lens][guest memory]; rx rings at 0,
+# tx at 0x800. Features 3: version 1 with every offload and mergeable buffers.
 m = Mem()
 m.desc(0, 0, 0x2000, 1526, WRITE)
 m.avail(0x200, [0])
 m.desc(0x800, 0, 0x1000, 12 + 60, 0)
 m.avail(0xa00, [0])
 m.put(0x1000, bytes(12) + b"\xff" * 6 + b"\x02" * 6 + b"\x08\x00" + bytes(46))
-save("net_chain", "tx-and-rx", bytes([15, 15, 1]) + struct.pack("<H", 64) + bytes(m.b))
+save("net_chain", "tx-and-rx", bytes([0, 15, 15, 1]) + struct.pack("<H", 64) + bytes(m.b))
+# A TCP/IPv4 segment with a partial checksum, as a Linux guest sends it with TSO.
+m.put(0x1000, bytes([1, 1]) + struct.pack("<HHHHH", 54, 1448, 34, 16, 0) + b"\xff" * 6
+      + b"\x02" * 6 + b"\x08\x00" + bytes(46))
+save("net_chain", "tso", bytes([3, 15, 15, 1]) + struct.pack("<H", 64) + bytes(m.b))
 
 
 def vsock_hdr(op, src_port, dst_port, payload=b"", src=3, dst=2, buf_alloc=65536, fwd=0):

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use hostd_devices::jail::identity::{die_with_parent, jail_id, IDS_PER_VM};
 use hostd_devices::jail::JailOptions;
 use hostd_devices::vhost_user::block::{BlockBackend, Verity, BLOCK_SYSCALLS};
-use hostd_devices::vhost_user::net::{open_tap, parse_mac, NetBackend, NET_SYSCALLS};
+use hostd_devices::vhost_user::net::{net_filter, open_tap, parse_mac, NetBackend};
 use hostd_devices::vhost_user::rng::{RngBackend, RNG_SYSCALLS};
 use hostd_devices::vhost_user::vsock::{VsockBackend, VSOCK_SYSCALLS};
 use hostd_devices::vhost_user::{backend_filter, serve, serve_watching, serve_with_listeners};
@@ -220,7 +220,7 @@ pub fn run(cmd: BackendCommand) -> Result<i32> {
                 &common.socket,
                 backend,
                 common.jail(parent).as_ref(),
-                || backend_filter(NET_SYSCALLS),
+                net_filter,
                 common.selftest.as_deref(),
                 &[(fd, NetBackend::TAP_EVENT)],
             )?;

@@ -40,6 +40,11 @@ impl Netns {
         ns
     }
 
+    /// The namespace's name (under /run/netns).
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
     /// `ip netns exec NAME`, to which the caller adds the command to run inside.
     pub fn exec(&self) -> Command {
         let mut c = Command::new("ip");

@@ -4,7 +4,7 @@
 use hostd_devices::jail::seccomp::probes::{mmap_exec, mprotect_exec, new_process};
 use hostd_devices::vhost_user::backend_filter;
 use hostd_devices::vhost_user::block::BLOCK_SYSCALLS;
-use hostd_devices::vhost_user::net::NET_SYSCALLS;
+use hostd_devices::vhost_user::net::{net_filter, tap::TUNSETOFFLOAD};
 use hostd_devices::vhost_user::rng::RNG_SYSCALLS;
 use hostd_devices::vhost_user::vsock::VSOCK_SYSCALLS;
 use hostd_vmm::jail::{self, child_killed_by, child_status};
@@ -169,7 +169,6 @@ fn backend_filters() -> Vec<(&'static str, seccompiler::BpfProgram)> {
     [
         ("rng backend", RNG_SYSCALLS),
         ("block backend", BLOCK_SYSCALLS),
-        ("net backend", NET_SYSCALLS),
         ("vsock backend", VSOCK_SYSCALLS),
     ]
     .into_iter()
@@ -179,7 +178,25 @@ fn backend_filters() -> Vec<(&'static str, seccompiler::BpfProgram)> {
             backend_filter(extra).unwrap_or_else(|e| panic!("{e}")),
         )
     })
+    .chain([(
+        "net backend",
+        net_filter().unwrap_or_else(|e| panic!("{e}")),
+    )])
     .collect()
+}
+
+/// TUNSETOFFLOAD: the net backend's (with TUNSETVNETHDRSZ) only ioctl.
+fn tun_set_offload() {
+    // SAFETY: a raw syscall with integer arguments on a bad fd.
+    unsafe { libc::syscall(libc::SYS_ioctl, -1, TUNSETOFFLOAD, 0) };
+}
+
+#[test]
+fn the_net_backend_filter_allows_its_two_tap_ioctls_and_no_other() {
+    let prog = net_filter().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(child_status(&prog, tun_set_offload), Ok(0));
+    assert_eq!(child_killed_by(&prog, any_ioctl), Some(libc::SIGSYS));
+    assert_eq!(child_killed_by(&prog, create_vm_ioctl), Some(libc::SIGSYS));
 }
 
 #[test]
