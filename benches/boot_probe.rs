@@ -117,7 +117,8 @@ fn hostd_at(bin: &Path, probe: &Path, sandbox: bool) -> Command {
     c
 }
 
-/// Firecracker with the probe: a config file (no API socket), 64 MiB, 1 vCPU.
+/// Firecracker with the probe: a config file (no API socket), 64 MiB, 1 vCPU, and an entropy
+/// device, as hostd always attaches one (the probe does its virtio-rng round trip on both).
 fn firecracker(fc: &Path, config: &Path) -> Command {
     let mut c = Command::new(fc);
     c.args(["--no-api", "--level", "Error", "--config-file"])
@@ -131,7 +132,7 @@ fn firecracker_config(probe: &Path) -> PathBuf {
     let path = dir.join("boot_probe-firecracker.json");
     let config = format!(
         "{{\"boot-source\":{{\"kernel_image_path\":\"{}\",\"boot_args\":\"console=ttyS0 probe.exit=0\"}},\
-         \"drives\":[],\"machine-config\":{{\"vcpu_count\":1,\"mem_size_mib\":64}}}}",
+         \"drives\":[],\"entropy\":{{}},\"machine-config\":{{\"vcpu_count\":1,\"mem_size_mib\":64}}}}",
         probe.display()
     );
     std::fs::write(&path, config).expect("write the Firecracker config");

@@ -87,7 +87,7 @@ fn fc_config(kernel: &str, initrd: Option<&str>, args: &str) -> String {
         .unwrap_or_default();
     format!(
         "{{\"boot-source\":{{\"kernel_image_path\":\"{kernel}\",\"boot_args\":\"{args}\"{initrd}}},\
-         \"drives\":[],\"machine-config\":{{\"vcpu_count\":1,\"mem_size_mib\":128}}}}"
+         \"drives\":[],\"entropy\":{{}},\"machine-config\":{{\"vcpu_count\":1,\"mem_size_mib\":128}}}}"
     )
 }
 

@@ -146,7 +146,6 @@ fn assert_ran(c: &kvmhost::Console, name: &str, code: i32) -> String {
 }
 
 #[test]
-#[ignore = "not reliable yet: the 2-vCPU case hung once (no output for 14 min, the test host's kernel silent) and the test host's kernel locked up once in six boots; run it by hand: cargo test --test kvm_nested -- --ignored (docs/testing.md)"]
 fn built_in_vmm_on_real_nested_kvm() {
     let Some(base) = kvmhost::base() else {
         return;

@@ -218,11 +218,13 @@ fn web_run(ns: &Netns, tap: &str, image: &Path, cache: &Path, restored: bool) ->
     }
     let started = run.wait_for_all(&needles, Duration::from_secs(600));
     let mut answer = String::new();
-    let deadline = Instant::now() + Duration::from_secs(90);
+    // Generous, as in tests/net_qemu.rs: on a slow day of a nested PVM host busybox httpd
+    // takes a minute to listen and a request tens of seconds. The loop ends at the answer.
+    let deadline = Instant::now() + Duration::from_secs(300);
     while started && Instant::now() < deadline {
         let out = ns
             .exec()
-            .args(["curl", "-s", "--max-time", "5", "http://10.0.2.2/"])
+            .args(["curl", "-s", "--max-time", "30", "http://10.0.2.2/"])
             .output()
             .expect("curl");
         answer = String::from_utf8_lossy(&out.stdout).into_owned();

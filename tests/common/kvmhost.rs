@@ -193,24 +193,39 @@ const STALL: Duration = Duration::from_secs(300);
 /// Boots the test host with `payload` (its /kvmtest/run.sh runs) on `cpus` vCPUs and
 /// `mem_mib` of memory, waits at most `limit`, and returns its console.
 ///
-/// One known fault is retried once, loudly: the test host's own kernel (Debian's, under
-/// QEMU TCG with emulated SVM) was seen once in six boots to lock up in a `hostd` task
-/// ("soft lockup - CPU#0 stuck", docs/testing.md). A boot that logged such a line and
-/// made no progress for [`STALL`] is killed and the test host booted again; any other hang,
-/// or a second lock-up, fails.
+/// Two known faults are retried once, loudly (docs/testing.md): the test host's own
+/// kernel (Debian's, under QEMU TCG with emulated SVM) was seen once in six boots to lock
+/// up in a `hostd` task ("soft lockup - CPU#0 stuck"), and one case once hung with no
+/// output. A boot that logged a lock-up and made no progress for [`STALL`] is killed, and
+/// a case that ran past [`CASE_LIMIT_SECS`] is killed by the test host's own watchdog
+/// (its tasks' kernel stacks printed, rc 124); either way the test host is booted again
+/// with everything printed. A second fault fails; any other hang fails at once.
 pub fn boot(base: &Path, payload: &Payload, cpus: u32, mem_mib: u32, limit: Duration) -> Console {
+    let why = match boot_once(base, payload, cpus, mem_mib, limit) {
+        Ok(c) => match timed_out(&c) {
+            None => return c,
+            Some(case) => format!(
+                "case {case} ran past {CASE_LIMIT_SECS} s and was killed; its output:\n{}",
+                c.runs[case].1
+            ),
+        },
+        Err(console) => format!("the test host's kernel locked up; its console:\n{console}"),
+    };
+    eprintln!("KVMHOST: booting the test host again once (known: docs/testing.md): {why}");
     match boot_once(base, payload, cpus, mem_mib, limit) {
         Ok(c) => c,
         Err(console) => {
-            eprintln!(
-                "KVMHOST: the test host's kernel locked up (soft lockup, known: docs/testing.md); \
-                 booting it again once. Its console:\n{console}"
-            );
-            boot_once(base, payload, cpus, mem_mib, limit).unwrap_or_else(|console| {
-                panic!("the test host's kernel locked up twice; its console:\n{console}")
-            })
+            panic!("the test host's kernel locked up after a retry; its console:\n{console}")
         }
     }
+}
+
+/// The first case the test host's watchdog killed, if any.
+fn timed_out(c: &Console) -> Option<&str> {
+    c.runs
+        .iter()
+        .find(|(_, (rc, out))| *rc == 124 && out.contains("KVMSTACK"))
+        .map(|(name, _)| name.as_str())
 }
 
 /// One boot: its console, or Err(console) when it hung after a soft lockup.

@@ -219,6 +219,11 @@ pub fn console_no_echo(fd: libc::c_int) {
 pub fn power_off(code: u8) -> ! {
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
+    // The last lines are in the console tty's buffer until the serial driver has sent
+    // them; the exit port ends the VM at once (seen on real KVM: the power-off line
+    // lost). Wait until they are out (fd 2 is /dev/console; not a tty: no wait).
+    // SAFETY: tcdrain only waits on the descriptor.
+    unsafe { libc::tcdrain(2) };
     let _ = outb(hostd_images::abi::EXIT_PORT, code);
     // SAFETY: reboot only needs CAP_SYS_BOOT; if it fails we fall through to exit.
     unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_RESTART) };
