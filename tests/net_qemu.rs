@@ -70,23 +70,11 @@ fn web_example_answers_curl(vmm: &str) {
         .arg(&image);
     let run = spawn_running(cmd);
     let started = run.wait_for("service httpd started", Duration::from_secs(400));
-    let mut answer = String::new();
-    // Generous: on a nested PVM host busybox httpd can take a minute to listen after it
-    // started, and a request tens of seconds (every guest system call is emulated, and
-    // that host's speed varies several-fold from day to day). The loop ends at the answer.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while started && Instant::now() < deadline {
-        let out = ns
-            .exec()
-            .args(["curl", "-s", "--max-time", "30", "http://10.0.2.2/"])
-            .output()
-            .expect("curl");
-        answer = String::from_utf8_lossy(&out.stdout).into_owned();
-        if answer.contains("hostd web ok") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let answer = if started {
+        ns.curl_until("http://10.0.2.2/", "hostd web ok")
+    } else {
+        String::new()
+    };
     // A clean shutdown, as Ctrl-C would do it (ip netns exec execs hostd: same pid).
     run.signal(libc::SIGINT);
     let out = run.finish(Duration::from_secs(60));

@@ -11,7 +11,7 @@ use common::{
     spawn_running, Output,
 };
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// KVM and the guest kernel, or one SKIP line (a failure under CI=true).
 fn prerequisites() -> bool {
@@ -217,22 +217,11 @@ fn web_run(ns: &Netns, tap: &str, image: &Path, cache: &Path, restored: bool) ->
         needles.push(RESTORED);
     }
     let started = run.wait_for_all(&needles, Duration::from_secs(600));
-    let mut answer = String::new();
-    // Generous, as in tests/net_qemu.rs: on a slow day of a nested PVM host busybox httpd
-    // takes a minute to listen and a request tens of seconds. The loop ends at the answer.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while started && Instant::now() < deadline {
-        let out = ns
-            .exec()
-            .args(["curl", "-s", "--max-time", "30", "http://10.0.2.2/"])
-            .output()
-            .expect("curl");
-        answer = String::from_utf8_lossy(&out.stdout).into_owned();
-        if answer.contains("hostd web ok") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let answer = if started {
+        ns.curl_until("http://10.0.2.2/", "hostd web ok")
+    } else {
+        String::new()
+    };
     run.signal(libc::SIGINT);
     (answer, run.finish(Duration::from_secs(90)))
 }

@@ -4,6 +4,7 @@
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// Whether a command-line tool is installed (it answers `-V` or `--version`).
 pub fn tool(name: &str) -> bool {
@@ -50,6 +51,26 @@ impl Netns {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.0]);
         c
+    }
+
+    /// Asks `url` with curl from inside the namespace until the answer contains
+    /// `expect`, for at most 300 s (30 s per request); returns the last answer. Generous:
+    /// on a slow day of a nested PVM host busybox httpd takes a minute to listen after it
+    /// started and a request tens of seconds (docs/pvm.md). The loop ends at the answer.
+    pub fn curl_until(&self, url: &str, expect: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let out = self
+                .exec()
+                .args(["curl", "-s", "--max-time", "30", url])
+                .output()
+                .expect("curl");
+            let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+            if answer.contains(expect) || Instant::now() > deadline {
+                return answer;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// A UDP socket bound to `addr` inside the namespace (made on a thread that joins
