@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::netns::{tool, Netns};
+use common::netns::{require_ip_and_curl, tool, Netns};
 use common::{
     hostd, is_root, kvm_usable, require, require_qemu_guest, run_with_deadline, spawn_running,
 };
@@ -32,11 +32,7 @@ fn web_example_answers_curl(vmm: &str) {
             is_root(),
             "run the tests as root",
         )
-        || !require(
-            "ip and curl",
-            tool("ip") && tool("curl"),
-            "apt-get install iproute2 curl",
-        )
+        || !require_ip_and_curl()
     {
         return;
     }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::netns::{tool, Netns};
+use common::netns::{require_ip_and_curl, Netns};
 use common::{build, hostd, is_root, require, require_qemu_guest, spawn_running};
 use std::net::UdpSocket;
 use std::process::Command;
@@ -154,11 +154,7 @@ fn lighttpd_from_its_package_answers_curl_and_the_guest_resolves_names() {
             is_root(),
             "run the tests as root",
         )
-        || !require(
-            "ip and curl",
-            tool("ip") && tool("curl"),
-            "apt-get install iproute2 curl",
-        )
+        || !require_ip_and_curl()
         || !require(
             "mkfs.erofs",
             Command::new("mkfs.erofs").arg("--help").output().is_ok(),

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::netns::{tool, Netns};
+use common::netns::{require_ip_and_curl, Netns};
 use common::{
     build, hostd, is_root, kvm_usable, require, require_qemu_guest, run_with_deadline,
     spawn_running, Output,
@@ -234,11 +234,7 @@ fn a_restored_web_image_answers_curl_over_a_tap() {
             is_root(),
             "run the tests as root",
         )
-        || !require(
-            "ip and curl",
-            tool("ip") && tool("curl"),
-            "apt-get install iproute2 curl",
-        )
+        || !require_ip_and_curl()
     {
         return;
     }

@@ -12,6 +12,17 @@ pub fn tool(name: &str) -> bool {
         || Command::new(name).arg("--version").output().is_ok()
 }
 
+/// Whether `ip` and `curl` are installed (skips loudly or fails under CI=true as
+/// [`super::require`] does).
+#[must_use]
+pub fn require_ip_and_curl() -> bool {
+    super::require(
+        "ip and curl",
+        tool("ip") && tool("curl"),
+        "apt-get install iproute2 curl",
+    )
+}
+
 /// A network namespace holding TAP device `tap` at 10.0.2.1/24.
 pub struct Netns(String);
 
