@@ -1,4 +1,5 @@
-//! Command-line parsing: `virtio_mmio.device=<size>@<base>:<irq>[:<id>]` and `probe.exit=N`.
+//! Command-line parsing: `virtio_mmio.device=<size>@<base>:<irq>[:<id>]`, `probe.exit=N`
+//! `probe.cpuid=LEAF[.SUBLEAF]` and `probe.rdmsr=MSR`.
 //!
 //! The syntax follows Linux (drivers/virtio/virtio_mmio.c): size and base are
 //! `memparse` numbers (decimal, `0x` hex or leading-`0` octal, optional K/M/G/T/P/E
@@ -17,6 +18,8 @@ pub struct VirtioMmioArg {
 
 const VIRTIO_MMIO_PREFIX: &[u8] = b"virtio_mmio.device=";
 const EXIT_PREFIX: &[u8] = b"probe.exit=";
+const CPUID_PREFIX: &[u8] = b"probe.cpuid=";
+const RDMSR_PREFIX: &[u8] = b"probe.rdmsr=";
 
 /// Splits a command line into arguments at ASCII whitespace.
 pub fn args(cmdline: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -67,6 +70,40 @@ pub fn exit_code(arg: &[u8]) -> Option<Result<u8, ()>> {
         _ => Err(()),
     };
     Some(parsed)
+}
+
+/// The leaf and subleaf from `probe.cpuid=LEAF[.SUBLEAF]` (each a `0x` hex or decimal
+/// u32; subleaf 0 when absent): `None` for other arguments, `Some(Err(()))` when malformed.
+pub fn cpuid_leaf(arg: &[u8]) -> Option<Result<(u32, u32), ()>> {
+    let value = value_of(arg, CPUID_PREFIX)?;
+    let parsed = (|| {
+        let (leaf, rest) = u32_at(value)?;
+        let (sub, rest) = match rest.strip_prefix(b".") {
+            Some(s) => u32_at(s)?,
+            None => (0, rest),
+        };
+        rest.is_empty().then_some((leaf, sub))
+    })();
+    Some(parsed.ok_or(()))
+}
+
+/// The MSR index from `probe.rdmsr=MSR` (`0x` hex or decimal u32): `None` for other
+/// arguments, `Some(Err(()))` when malformed.
+pub fn rdmsr_index(arg: &[u8]) -> Option<Result<u32, ()>> {
+    let value = value_of(arg, RDMSR_PREFIX)?;
+    Some(match u32_at(value) {
+        Some((msr, [])) => Ok(msr),
+        _ => Err(()),
+    })
+}
+
+/// A u32 at the start of `s`, `0x` hex or decimal; returns it and the rest.
+fn u32_at(s: &[u8]) -> Option<(u32, &[u8])> {
+    let (n, rest) = match s.strip_prefix(b"0x").or_else(|| s.strip_prefix(b"0X")) {
+        Some(hex) => number(hex, 16)?,
+        None => number(s, 10)?,
+    };
+    Some((u32::try_from(n).ok()?, rest))
 }
 
 /// Parses a number in `radix` (10, 16 or 8) at the start of `s`; returns it and the rest.
@@ -157,6 +194,23 @@ mod tests {
         assert_eq!(exit_code(b"probe.exit="), Some(Err(())));
         assert_eq!(exit_code(b"probe.exit=1x"), Some(Err(())));
         assert_eq!(exit_code(b"probe.exitx=1"), None);
+    }
+
+    #[test]
+    fn cpuid_leaves() {
+        assert_eq!(cpuid_leaf(b"probe.cpuid=0x40000000"), Some(Ok((0x4000_0000, 0))));
+        assert_eq!(cpuid_leaf(b"probe.cpuid=7.0"), Some(Ok((7, 0))));
+        assert_eq!(cpuid_leaf(b"probe.cpuid=0xd.0x1"), Some(Ok((0xd, 1))));
+        assert_eq!(cpuid_leaf(b"probe.cpuid=1"), Some(Ok((1, 0))));
+        assert_eq!(cpuid_leaf(b"probe.cpuid="), Some(Err(())));
+        assert_eq!(cpuid_leaf(b"probe.cpuid=0x100000000"), Some(Err(())));
+        assert_eq!(cpuid_leaf(b"probe.cpuid=1.2.3"), Some(Err(())));
+        assert_eq!(cpuid_leaf(b"probe.cpuid=1x"), Some(Err(())));
+        assert_eq!(cpuid_leaf(b"probe.exit=1"), None);
+        assert_eq!(rdmsr_index(b"probe.rdmsr=0x4b564d00"), Some(Ok(0x4b56_4d00)));
+        assert_eq!(rdmsr_index(b"probe.rdmsr=16"), Some(Ok(16)));
+        assert_eq!(rdmsr_index(b"probe.rdmsr=0x"), Some(Err(())));
+        assert_eq!(rdmsr_index(b"probe.rdmsr=1.0"), Some(Err(())));
     }
 
     #[test]

@@ -70,6 +70,30 @@ mod probe {
             }
         }
 
+        for arg in cmdline::args(cmdline) {
+            match cmdline::cpuid_leaf(arg) {
+                Some(Ok((leaf, sub))) => print_cpuid(leaf, sub),
+                Some(Err(())) => {
+                    put_str("probe: error: probe.cpuid wants LEAF[.SUBLEAF], skipped: ");
+                    put_bytes(arg);
+                    newline();
+                }
+                None => {}
+            }
+        }
+
+        for arg in cmdline::args(cmdline) {
+            match cmdline::rdmsr_index(arg) {
+                Some(Ok(msr)) => print_msr(msr),
+                Some(Err(())) => {
+                    put_str("probe: error: probe.rdmsr wants an MSR index, skipped: ");
+                    put_bytes(arg);
+                    newline();
+                }
+                None => {}
+            }
+        }
+
         // The last `probe.exit=` wins, as with repeated kernel parameters.
         let mut code = 0u8;
         for arg in cmdline::args(cmdline) {
@@ -84,6 +108,39 @@ mod probe {
             }
         }
         exit(code)
+    }
+
+    /// Prints what the CPUID instruction returns for `leaf`/`sub` at CPL0, as the guest
+    /// sees it (not what the monitor asked KVM for): `probe: cpuid LEAF.SUB: eax=.. ebx=..
+    /// ecx=.. edx=..`, hex.
+    fn print_cpuid(leaf: u32, sub: u32) {
+        let r = core::arch::x86_64::__cpuid_count(leaf, sub);
+        put_str("probe: cpuid ");
+        put_hex(u64::from(leaf));
+        put_str(".");
+        put_hex(u64::from(sub));
+        for (name, v) in [(": eax=", r.eax), (" ebx=", r.ebx), (" ecx=", r.ecx), (" edx=", r.edx)] {
+            put_str(name);
+            put_hex(u64::from(v));
+        }
+        newline();
+    }
+
+    /// Prints `probe: rdmsr MSR: ` and then the MSR's value. An MSR the machine refuses
+    /// raises #GP, which with the probe's empty IDT ends the machine by triple fault: the
+    /// line then stops after the colon (what the monitor reports is the shutdown).
+    fn print_msr(msr: u32) {
+        put_str("probe: rdmsr ");
+        put_hex(u64::from(msr));
+        put_str(": ");
+        let (lo, hi): (u32, u32);
+        // SAFETY: RDMSR reads a register into eax:edx and touches no memory; a refused
+        // index faults, which ends the machine (documented above), not the Rust program.
+        unsafe {
+            core::arch::asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags));
+        }
+        put_hex(u64::from(hi) << 32 | u64::from(lo));
+        newline();
     }
 
     /// Prints the exit line, writes the code to the exit port and, if still running (a

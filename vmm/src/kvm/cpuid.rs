@@ -9,9 +9,10 @@ pub enum CpuTemplate {
     Host,
     /// Hides features whose instructions a nested PVM hypervisor's instruction
     /// emulator cannot execute at guest CPL0 (XSAVE family, POPCNT, SMAP/SMEP, AVX,
-    /// …). Measured on a kvm_pvm host: the guest's CPUID instruction ignores this
-    /// (it returns the host's values), so the VMM also passes [`pvm_kernel_args`].
-    /// See docs/pvm.md.
+    /// …). Measured on a kvm_pvm host: the guest's CPUID instruction ignores this for
+    /// the feature leaves (1 ECX, 7 EBX: it returns the host's bits), while the
+    /// hypervisor leaves and leaf 1 EBX are the VMM's; so the VMM also passes
+    /// [`pvm_kernel_args`]. See docs/pvm.md.
     Pvm,
 }
 
@@ -117,9 +118,9 @@ pub fn apply(entries: &mut [kvm_cpuid_entry2], template: CpuTemplate, vcpu: u8, 
 
 /// Kernel arguments the VMM adds on a nested PVM host (docs/pvm.md). They, not the CPU
 /// template, keep the guest kernel off instructions the host cannot run: there the
-/// guest's CPUID instruction returns the host CPU's own values (KVM_SET_CPUID2 is not
-/// consulted; measured with a probe guest at CPL0 and CPL3), so a kernel only avoids a
-/// feature it is told to clear. `noxsave`: XRSTOR/XSAVE are not emulated. Only one
+/// guest's CPUID instruction returns the host CPU's own feature bits (KVM_SET_CPUID2 is
+/// not consulted for leaves 1 and 7; measured with a probe guest at CPL0 and CPL3), so a
+/// kernel only avoids a feature it is told to clear. `noxsave`: XRSTOR/XSAVE are not emulated. Only one
 /// `clearcpuid=` list counts. `fsrm` goes with `erms`: memmove's "FSRM implies ERMS"
 /// alternative otherwise drops its small-copy length check and the first short memmove
 /// runs away over memory (seen as an endless page fault on the per-CPU area).
@@ -129,8 +130,9 @@ pub fn apply(entries: &mut [kvm_cpuid_entry2], template: CpuTemplate, vcpu: u8, 
 /// both.
 const PVM_KERNEL_ARGS: &str = "syscall_via_fault no_init_poison noxsave clearcpuid=pcid,popcnt,xsave,avx,avx2,smep,smap,invpcid,fsgsbase,rdrand,rdseed,bmi1,bmi2,erms,fsrm,pku,umip";
 
-/// [`PVM_KERNEL_ARGS`], plus `nopv` for more than one vCPU: the guest sees the host's
-/// KVM feature leaf too, so it sends IPIs by hypercall (KVM_HC_SEND_IPI), and a
+/// [`PVM_KERNEL_ARGS`], plus `nopv` for more than one vCPU: the guest sees KVM's PV
+/// feature leaf (0x40000001, as KVM_GET_SUPPORTED_CPUID offers it), so it sends IPIs by
+/// hypercall (KVM_HC_SEND_IPI), and a
 /// non-PVM guest's VMCALL never completes on these hosts: secondary CPUs never came
 /// up (vCPU 0 stuck in `kvm_hypercall4`, vCPU 1 in `queued_spin_lock_slowpath`).
 /// `nopv` makes the guest ignore the hypervisor's PV features. With one vCPU nothing
