@@ -15,7 +15,9 @@ use hostd_devices::vhost_user::block::{BlockBackend, Verity, BLOCK_SYSCALLS};
 use hostd_devices::vhost_user::net::{net_filter, open_tap, parse_mac, NetBackend};
 use hostd_devices::vhost_user::rng::{RngBackend, RNG_SYSCALLS};
 use hostd_devices::vhost_user::vsock::{VsockBackend, VSOCK_SYSCALLS};
-use hostd_devices::vhost_user::{backend_filter, serve, serve_watching, serve_with_listeners};
+use hostd_devices::vhost_user::{
+    backend_filter, serve, serve_watching, serve_with_listeners, Socket,
+};
 
 /// Guest memory assumed when `--guest-mib` is not given (a backend started by hand).
 const DEFAULT_GUEST_MIB: u64 = 1024;
@@ -30,6 +32,15 @@ const BACKEND_OVERHEAD_MIB: u64 = 512;
 const BACKEND_MAX_THREADS: u64 = 16;
 
 impl Common {
+    /// The vhost-user socket: the one `hostd run` bound and passed (`--listen-fd`), else
+    /// `--socket` to bind here. Call once.
+    fn endpoint(&self) -> Result<Socket> {
+        match self.listen_fd {
+            Some(fd) => Ok(Socket::inherited(fd, self.socket.clone())?),
+            None => Ok(Socket::Bind(self.socket.clone())),
+        }
+    }
+
     /// The jail for this backend, or None with --no-sandbox.
     fn jail(&self, parent: libc::pid_t) -> Option<JailOptions> {
         if self.no_sandbox {
@@ -57,6 +68,10 @@ pub struct Common {
     /// The vhost-user socket to listen on.
     #[arg(long)]
     socket: PathBuf,
+    /// Internal (`hostd run`): fd N is a socket already listening at `--socket`,
+    /// inherited from the VMM, which binds it itself so that it can connect at once.
+    #[arg(long, hide = true, value_name = "N")]
+    listen_fd: Option<i32>,
     /// Debugging only: no jail, no seccomp filter.
     #[arg(long)]
     no_sandbox: bool,
@@ -153,7 +168,7 @@ pub fn run(cmd: BackendCommand) -> Result<i32> {
         BackendCommand::Rng { common } => {
             serve(
                 "rng",
-                &common.socket,
+                common.endpoint()?,
                 RngBackend::default(),
                 common.jail(parent).as_ref(),
                 || backend_filter(RNG_SYSCALLS),
@@ -203,7 +218,7 @@ pub fn run(cmd: BackendCommand) -> Result<i32> {
             let backend = BlockBackend::new(f, offset, length, read_only, verity, &id);
             serve(
                 &format!("block-{id}"),
-                &common.socket,
+                common.endpoint()?,
                 backend,
                 common.jail(parent).as_ref(),
                 || backend_filter(BLOCK_SYSCALLS),
@@ -217,7 +232,7 @@ pub fn run(cmd: BackendCommand) -> Result<i32> {
             let fd = backend.tap_fd();
             serve_with_listeners(
                 &format!("net-{tap}"),
-                &common.socket,
+                common.endpoint()?,
                 backend,
                 common.jail(parent).as_ref(),
                 net_filter,
@@ -263,7 +278,7 @@ pub fn run(cmd: BackendCommand) -> Result<i32> {
             let listeners = backend.listeners();
             serve_watching(
                 "vsock",
-                &common.socket,
+                common.endpoint()?,
                 backend,
                 common.jail(parent).as_ref(),
                 || backend_filter(VSOCK_SYSCALLS),

@@ -182,60 +182,15 @@ pub enum BackendsError {
         /// What happened.
         message: String,
     },
+    /// A backend died (the message names it and how).
+    #[error("{0}")]
+    Died(String),
 }
 
 fn dir_path(dir: &Option<tempfile::TempDir>) -> PathBuf {
     dir.as_ref()
         .map(|d| d.path().to_path_buf())
         .unwrap_or_default()
-}
-
-/// Wakes when something is created in a directory (inotify), or after a timeout; with
-/// no inotify, just the timeout, shorter.
-struct DirWatch(Option<std::os::fd::OwnedFd>);
-
-impl DirWatch {
-    fn new(dir: &Path) -> Self {
-        use std::os::fd::FromRawFd;
-        use std::os::unix::ffi::OsStrExt;
-        // SAFETY: inotify_init1 with flags only; the result is checked.
-        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if fd < 0 {
-            return DirWatch(None);
-        }
-        // SAFETY: a fresh fd that nothing else owns.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-            return DirWatch(None);
-        };
-        // SAFETY: a valid inotify fd and NUL-terminated path.
-        let wd = unsafe {
-            libc::inotify_add_watch(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                path.as_ptr(),
-                libc::IN_CREATE | libc::IN_MOVED_TO,
-            )
-        };
-        DirWatch((wd >= 0).then_some(fd))
-    }
-
-    fn wait(&self, timeout: Duration) {
-        let Some(fd) = &self.0 else {
-            std::thread::sleep(Duration::from_millis(1));
-            return;
-        };
-        let raw = std::os::fd::AsRawFd::as_raw_fd(fd);
-        let mut pfd = libc::pollfd {
-            fd: raw,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
-        let mut buf = [0u8; 4096];
-        // SAFETY: reads (and discards) pending events into a local buffer of that size.
-        while unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
-    }
 }
 
 /// Running backend processes and their sockets.
@@ -307,11 +262,23 @@ impl RunningBackends {
         for (slot, b) in backends.iter().enumerate() {
             let name = b.name();
             let socket = dir_path(&running.dir).join(format!("{name}.sock"));
+            // Bound and listening here, before the backend exists: the VMM (or QEMU) can
+            // connect at once and its first message waits in the backlog until the
+            // backend, jailed, accepts. No waiting for a socket file to appear.
+            let listener = std::os::unix::net::UnixListener::bind(&socket).map_err(|e| {
+                BackendsError::Start {
+                    name: name.clone(),
+                    message: format!("cannot listen on {}: {e}", socket.display()),
+                }
+            })?;
+            let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
             let mut cmd = Command::new(&exe);
             cmd.arg("backend")
                 .args(b.args())
                 .arg("--socket")
                 .arg(&socket)
+                .arg("--listen-fd")
+                .arg(listen_fd.to_string())
                 .arg("--guest-mib")
                 .arg(memory_mib.to_string())
                 .arg("--jail-id")
@@ -323,10 +290,25 @@ impl RunningBackends {
             // into a clean guest shutdown; the backends end when their VMM hangs up.
             cmd.process_group(0);
             crate::jail::clean_child(&mut cmd, crate::jail::LOG_ENV);
+            // After clean_child's closure (closures run in the order they were added),
+            // which marked every fd past stderr close-on-exec: the listener alone is kept.
+            let keep_listener = move || {
+                // SAFETY: fcntl on an fd number only changes that fd's flags.
+                if unsafe { libc::fcntl(listen_fd, libc::F_SETFD, 0) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            };
+            // SAFETY: the closure runs between fork and exec and calls only fcntl, which
+            // is async-signal-safe; it allocates nothing.
+            unsafe { cmd.pre_exec(keep_listener) };
             let child = cmd.spawn().map_err(|e| BackendsError::Start {
                 name: name.clone(),
                 message: e.to_string(),
             })?;
+            // The backend holds the socket now: when it dies, a connection waiting in the
+            // backlog is reset rather than left hanging.
+            drop(listener);
             running.children.push((name.clone(), child));
             let args = b.qemu_device_args(running.devices.len(), &socket);
             running.devices.push((name, socket, args));
@@ -334,28 +316,29 @@ impl RunningBackends {
         Ok(running)
     }
 
-    /// Waits until every backend [`RunningBackends::spawn`] started listens on its
-    /// socket (woken by inotify on the socket directory; at most 10 s), or one of them
-    /// died.
+    /// Checks that no backend [`RunningBackends::spawn`] started has died yet. There is
+    /// nothing to wait for: each socket listens from the start (bound by `spawn`), and a
+    /// connection to it waits until its backend accepts.
     pub fn wait_listening(&mut self) -> Result<(), BackendsError> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let watch = DirWatch::new(&dir_path(&self.dir));
+        match self.check() {
+            None => Ok(()),
+            Some(message) => Err(BackendsError::Died(message)),
+        }
+    }
+
+    /// What to report when talking to a backend failed with `error`: a backend that
+    /// died says more than the broken connection does (waits up to 2 s for its end to
+    /// be seen), else `error`.
+    pub fn explain(&mut self, error: String) -> String {
+        let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            let waiting = self.devices.iter().find(|(_, socket, _)| !socket.exists());
-            let Some((name, _, _)) = waiting else {
-                return Ok(());
-            };
-            let name = name.clone();
-            if let Some(msg) = self.check() {
-                return Err(BackendsError::Start { name, message: msg });
+            if let Some(died) = self.check() {
+                return format!("{died} ({error})");
             }
             if Instant::now() > deadline {
-                return Err(BackendsError::Start {
-                    name,
-                    message: "did not listen within 10 s".into(),
-                });
+                return error;
             }
-            watch.wait(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 

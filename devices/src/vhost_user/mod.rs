@@ -16,8 +16,9 @@ pub mod rng;
 pub mod vsock;
 
 use std::io;
-use std::os::fd::RawFd;
-use std::path::Path;
+use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::Listener;
@@ -84,12 +85,83 @@ where
     }
 }
 
+/// Where a backend takes its one vhost-user connection from.
+#[derive(Debug)]
+pub enum Socket {
+    /// Bind and listen on this path (a backend started by hand).
+    Bind(PathBuf),
+    /// A socket already listening, inherited from the VMM that started the backend and
+    /// bound there at `path` (`hostd run` binds each backend's socket itself, so that it
+    /// can connect at once, with no wait for the backend to come up: the connection
+    /// waits in the socket's backlog until the backend accepts it).
+    Inherited {
+        /// The listening socket.
+        fd: OwnedFd,
+        /// Where the VMM bound it (for messages).
+        path: PathBuf,
+    },
+}
+
+impl Socket {
+    /// An inherited fd, checked to be a listening Unix stream socket: anything else is
+    /// refused with a clear error rather than failing later in accept.
+    pub fn inherited(fd: RawFd, path: PathBuf) -> io::Result<Socket> {
+        // SAFETY: fstat on any fd number only fills the buffer; a bad fd gives EBADF.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid out-pointer.
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            return Err(io::Error::other(format!(
+                "--listen-fd {fd}: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        let mut listening: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt with a valid int out-pointer and its length.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ACCEPTCONN,
+                (&mut listening as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if st.st_mode & libc::S_IFMT != libc::S_IFSOCK || r != 0 || listening == 0 {
+            return Err(io::Error::other(format!(
+                "--listen-fd {fd} is not a listening socket"
+            )));
+        }
+        // SAFETY: checked above to be an open socket; this process owns it from now on
+        // (it was inherited for exactly this use).
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Ok(Socket::Inherited { fd, path })
+    }
+
+    /// The path, for messages.
+    pub fn path(&self) -> &Path {
+        match self {
+            Socket::Bind(p) => p,
+            Socket::Inherited { path, .. } => path,
+        }
+    }
+
+    fn listen(self) -> io::Result<Listener> {
+        match self {
+            Socket::Bind(path) => {
+                Listener::new(&path, true).map_err(|e| io::Error::other(e.to_string()))
+            }
+            Socket::Inherited { fd, .. } => Ok(Listener::from(UnixListener::from(fd))),
+        }
+    }
+}
+
 /// Serves one vhost-user connection on `socket` with `backend`: binds the socket, enters
 /// the jail `sandbox` describes (none with `None`: --no-sandbox), installs `filter`,
 /// accepts the VMM's connection, and returns when the VMM hangs up.
 pub fn serve<B>(
     name: &str,
-    socket: &Path,
+    socket: Socket,
     backend: B,
     sandbox: Option<&jail::JailOptions>,
     filter: impl FnOnce() -> Result<seccompiler::BpfProgram, jail::JailError>,
@@ -109,7 +181,7 @@ where
 /// are the library's own).
 pub fn serve_with_listeners<B>(
     name: &str,
-    socket: &Path,
+    socket: Socket,
     backend: B,
     sandbox: Option<&jail::JailOptions>,
     filter: impl FnOnce() -> Result<seccompiler::BpfProgram, jail::JailError>,
@@ -132,7 +204,7 @@ where
 /// [`serve_with_listeners`]), without the frontend relay.
 pub fn serve_watching<B>(
     name: &str,
-    socket: &Path,
+    socket: Socket,
     backend: B,
     sandbox: Option<&jail::JailOptions>,
     filter: impl FnOnce() -> Result<seccompiler::BpfProgram, jail::JailError>,
@@ -180,7 +252,7 @@ where
 #[allow(clippy::too_many_arguments)]
 fn serve_inner<B>(
     name: &str,
-    socket: &Path,
+    socket: Socket,
     backend: B,
     sandbox: Option<&jail::JailOptions>,
     filter: impl FnOnce() -> Result<seccompiler::BpfProgram, jail::JailError>,
@@ -193,8 +265,10 @@ where
 {
     let setup =
         |what: &str, e: &dyn std::fmt::Display| BackendError::Setup(format!("{name}: {what}: {e}"));
-    let mut listener = Listener::new(socket, true)
-        .map_err(|e| setup(&format!("listen on {}", socket.display()), &e))?;
+    let path = socket.path().to_path_buf();
+    let mut listener = socket
+        .listen()
+        .map_err(|e| setup(&format!("listen on {}", path.display()), &e))?;
     let backend = Arc::new(RwLock::new(backend));
     // glibc gives each new thread its own malloc arena, and the first time such an
     // arena shrinks it opens /proc/sys/vm/overcommit_memory, which the jail forbids
@@ -237,7 +311,7 @@ where
             return Ok(());
         }
     }
-    tracing::debug!("{name}: waiting for the VMM on {}", socket.display());
+    tracing::debug!("{name}: waiting for the VMM on {}", path.display());
     let result = match inner {
         None => {
             daemon

@@ -396,7 +396,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     let mut transports = Vec::new();
     for (socket, device_type, queues) in backends.sockets(&cfg.devices) {
         let (mut dev, activation) = VhostUserDevice::connect(&socket, device_type, queues, &mem)
-            .map_err(|e| KvmError::Setup(e.to_string()))?;
+            .map_err(|e| KvmError::Setup(backends.explain(e.to_string())))?;
         dev.wake_on_pending(wake.clone());
         let irq = Arc::new(setup(
             "eventfd",
