@@ -8,7 +8,11 @@
 //! monitor's own overhead. hostd's own boot-marker timings are reported too.
 //!
 //! hostd runs twice: jailed (the default) and with `--no-sandbox`, so that the start-up
-//! cost of the jail is measured side by side under the same load.
+//! cost of the jail is measured side by side under the same load. On a nested PVM host
+//! a third row runs it jailed with `--cpu-template host`: the default template there
+//! (`pvm`) appends the Linux workarounds of docs/pvm.md (about 170 characters) to the
+//! kernel command line, which the probe echoes byte by byte, two exits a byte; with
+//! `host` the guest prints the same bytes under hostd as under Firecracker.
 //!
 //! With `FIRECRACKER=/path/to/firecracker` (a binary built by hand, never part of this
 //! repository), Firecracker boots the same probe (`--no-api --config-file`, its default
@@ -98,6 +102,13 @@ fn hostd(probe: &Path, sandbox: bool) -> Command {
     hostd_at(&hostd_bin(), probe, sandbox)
 }
 
+/// hostd, jailed, with `--cpu-template host` (no PVM kernel arguments on the command line).
+fn hostd_host_template(probe: &Path) -> Command {
+    let mut c = hostd(probe, true);
+    c.args(["--cpu-template", "host"]);
+    c
+}
+
 fn hostd_at(bin: &Path, probe: &Path, sandbox: bool) -> Command {
     let mut c = Command::new(bin);
     c.arg("run");
@@ -160,6 +171,13 @@ fn main() {
         // Landlock or seccomp for the VMM and its backend): what the jailing costs.
         let p = probe.clone();
         peers.push(("hostd --no-sandbox", Box::new(move || hostd(&p, false))));
+        if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+            let p = probe.clone();
+            peers.push((
+                "hostd --cpu-template host",
+                Box::new(move || hostd_host_template(&p)),
+            ));
+        }
         // Another build (HOSTD_BASELINE, e.g. the last release before a change): before
         // and after side by side in one run.
         if let Some(base) = std::env::var_os("HOSTD_BASELINE").map(PathBuf::from) {

@@ -202,6 +202,29 @@ pub fn load(
     cmdline: &str,
     cpus: u8,
 ) -> Result<Entry, BootError> {
+    let loaded = load_payloads(mem, mem_size, kernel, initrd)?;
+    write_tables(mem, mem_size, &loaded, cmdline, cpus)
+}
+
+/// What [`load_payloads`] put into guest memory, for [`write_tables`].
+#[derive(Debug, Clone, Copy)]
+pub struct Loaded {
+    /// The kernel's PVH entry point.
+    entry: u64,
+    /// The initrd's guest-physical address and size, if there is one.
+    initrd: Option<(u64, u64)>,
+}
+
+/// The part of [`load`] that reads files: the kernel and the initrd into `mem`, each
+/// hashed while it is read and checked before this returns. What the VM's devices
+/// decide (the command line) comes later, in [`write_tables`], so that a VMM can load
+/// while its device backends start.
+pub fn load_payloads(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    kernel: &Payload,
+    initrd: Option<&Payload>,
+) -> Result<Loaded, BootError> {
     let path = kernel.name().to_string();
     let mut sink = ElfSink {
         mem,
@@ -240,19 +263,8 @@ pub fn load(
         .max()
         .unwrap_or(HIGH_MEMORY_START);
 
-    // Command line.
-    let mut cmd = cmdline.as_bytes().to_vec();
-    cmd.push(0);
-    if cmd.len() > CMDLINE_MAX_SIZE {
-        return Err(BootError::CmdlineTooLong {
-            len: cmd.len() - 1,
-            max: CMDLINE_MAX_SIZE - 1,
-        });
-    }
-    put(mem, CMDLINE_START, &cmd)?;
-
     // Initrd: at the top of low memory, page-aligned.
-    let mut nr_modules = 0u32;
+    let mut placed = None;
     if let Some(initrd) = initrd {
         let limit = mem_size.min(MMIO_GAP_START);
         let size = initrd.len();
@@ -271,6 +283,37 @@ pub fn load(
                     .map_err(|e| format!("writing guest memory at {:#x}: {e}", addr + at))
             })
             .map_err(BootError::Payload)?;
+        placed = Some((addr, size));
+    }
+    Ok(Loaded {
+        entry,
+        initrd: placed,
+    })
+}
+
+/// The rest of [`load`], once the payloads are in: `cmdline`, the initrd's module
+/// entry, the memory map, the MP table for `cpus` and the PVH start info; returns the
+/// entry state.
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    loaded: &Loaded,
+    cmdline: &str,
+    cpus: u8,
+) -> Result<Entry, BootError> {
+    // Command line.
+    let mut cmd = cmdline.as_bytes().to_vec();
+    cmd.push(0);
+    if cmd.len() > CMDLINE_MAX_SIZE {
+        return Err(BootError::CmdlineTooLong {
+            len: cmd.len() - 1,
+            max: CMDLINE_MAX_SIZE - 1,
+        });
+    }
+    put(mem, CMDLINE_START, &cmd)?;
+
+    let mut nr_modules = 0u32;
+    if let Some((addr, size)) = loaded.initrd {
         let mut m = Vec::with_capacity(32);
         m.extend_from_slice(&addr.to_le_bytes());
         m.extend_from_slice(&size.to_le_bytes());
@@ -311,7 +354,7 @@ pub fn load(
     si.extend_from_slice(&0u32.to_le_bytes());
     put(mem, PVH_INFO_START, &si)?;
     Ok(Entry {
-        rip: entry,
+        rip: loaded.entry,
         rbx: PVH_INFO_START,
     })
 }

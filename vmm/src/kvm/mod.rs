@@ -316,6 +316,22 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
             ..Default::default()
         }),
     )?;
+    // The kernel and initrd go into guest memory now, while the device backends exec and
+    // jail themselves (the connections below wait for them); the command line and the
+    // boot tables follow once the devices are known. A restored VM's memory holds its
+    // kernel already.
+    let loaded = match &restore {
+        Some(_) => None,
+        None => Some(boot::load_payloads(
+            &mem,
+            mem_size,
+            &cfg.kernel,
+            cfg.initrd.as_ref(),
+        )?),
+    };
+    // The payloads' files are closed now; nothing of them stays in this process.
+    drop(cfg.kernel);
+    drop(cfg.initrd);
 
     // Devices.
     let reports = Reports::default();
@@ -452,21 +468,11 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
             ));
         }
     }
-    // Boot (a restored VM's memory holds its kernel already).
-    let entry = match &restore {
-        Some(_) => boot::Entry { rip: 0, rbx: 0 },
-        None => boot::load(
-            &mem,
-            mem_size,
-            &cfg.kernel,
-            cfg.initrd.as_ref(),
-            cmdline.trim(),
-            cfg.vcpus,
-        )?,
+    // Boot: the command line and tables beside the kernel loaded above.
+    let entry = match &loaded {
+        None => boot::Entry { rip: 0, rbx: 0 },
+        Some(l) => boot::write_tables(&mem, mem_size, l, cmdline.trim(), cfg.vcpus)?,
     };
-    // The payloads' files are closed now; nothing of them stays in this process.
-    drop(cfg.kernel);
-    drop(cfg.initrd);
     let mut vcpus = Vec::new();
     for id in 0..cfg.vcpus {
         let fd = setup("KVM_CREATE_VCPU", vm.create_vcpu(u64::from(id)))?;
