@@ -226,24 +226,23 @@ fn probe() -> Option<PathBuf> {
     path.exists().then_some(path)
 }
 
+/// `hostd run FLAGS --cmdline CMDLINE --kernel probe`, within 120 s (200 s to the test).
+fn run_probe(flags: &[&str], cmdline: &str) -> common::Output {
+    let probe = probe().expect("probe built");
+    let mut cmd = hostd();
+    cmd.arg("run")
+        .args(flags)
+        .args(["--timeout", "120", "--cmdline", cmdline, "--kernel"])
+        .arg(&probe);
+    run_with_deadline(cmd, Duration::from_secs(200))
+}
+
 #[test]
 fn probe_guest_round_trips_virtio_rng_and_exits_with_its_code() {
     if !require("/dev/kvm", kvm_usable(), "a host with KVM") {
         return;
     }
-    let probe = probe().expect("probe built");
-    let mut cmd = hostd();
-    cmd.args([
-        "run",
-        "--timings",
-        "--timeout",
-        "120",
-        "--cmdline",
-        "console=ttyS0 probe.exit=42",
-        "--kernel",
-    ])
-    .arg(&probe);
-    let out = run_with_deadline(cmd, Duration::from_secs(200));
+    let out = run_probe(&["--timings"], "console=ttyS0 probe.exit=42");
     let c = &out.stdout;
     assert_eq!(out.code(), Some(42), "{}", out.all());
     assert!(c.contains("probe: started"), "{}", out.all());
@@ -312,20 +311,10 @@ fn probe_sees_the_monitors_cpuid_leaves() {
     if !require("/dev/kvm", kvm_usable(), "a host with KVM") {
         return;
     }
-    let probe = probe().expect("probe built");
-    let mut cmd = hostd();
-    cmd.args([
-        "run",
-        "--vcpus",
-        "2",
-        "--timeout",
-        "120",
-        "--cmdline",
+    let out = run_probe(
+        &["--vcpus", "2"],
         "console=ttyS0 probe.cpuid=1 probe.cpuid=0x40000000",
-        "--kernel",
-    ])
-    .arg(&probe);
-    let out = run_with_deadline(cmd, Duration::from_secs(200));
+    );
     assert_eq!(out.code(), Some(0), "{}", out.all());
     let leaf1 = probe_cpuid(&out.stdout, "0x1").unwrap_or_else(|| panic!("{}", out.all()));
     assert_eq!(leaf1[1] >> 24, 0, "APIC id of vCPU 0: {}", out.all());

@@ -198,7 +198,10 @@ mod tests {
 
     #[test]
     fn cpuid_leaves() {
-        assert_eq!(cpuid_leaf(b"probe.cpuid=0x40000000"), Some(Ok((0x4000_0000, 0))));
+        assert_eq!(
+            cpuid_leaf(b"probe.cpuid=0x40000000"),
+            Some(Ok((0x4000_0000, 0)))
+        );
         assert_eq!(cpuid_leaf(b"probe.cpuid=7.0"), Some(Ok((7, 0))));
         assert_eq!(cpuid_leaf(b"probe.cpuid=0xd.0x1"), Some(Ok((0xd, 1))));
         assert_eq!(cpuid_leaf(b"probe.cpuid=1"), Some(Ok((1, 0))));
@@ -207,7 +210,10 @@ mod tests {
         assert_eq!(cpuid_leaf(b"probe.cpuid=1.2.3"), Some(Err(())));
         assert_eq!(cpuid_leaf(b"probe.cpuid=1x"), Some(Err(())));
         assert_eq!(cpuid_leaf(b"probe.exit=1"), None);
-        assert_eq!(rdmsr_index(b"probe.rdmsr=0x4b564d00"), Some(Ok(0x4b56_4d00)));
+        assert_eq!(
+            rdmsr_index(b"probe.rdmsr=0x4b564d00"),
+            Some(Ok(0x4b56_4d00))
+        );
         assert_eq!(rdmsr_index(b"probe.rdmsr=16"), Some(Ok(16)));
         assert_eq!(rdmsr_index(b"probe.rdmsr=0x"), Some(Err(())));
         assert_eq!(rdmsr_index(b"probe.rdmsr=1.0"), Some(Err(())));

@@ -58,41 +58,21 @@ mod probe {
         put_bytes(cmdline);
         newline();
 
-        for arg in cmdline::args(cmdline) {
-            match cmdline::virtio_mmio(arg) {
-                Some(Ok(dev)) => virtio_mmio::probe(dev.base, dev.size),
-                Some(Err(())) => {
-                    put_str("probe: error: malformed argument, skipped: ");
-                    put_bytes(arg);
-                    newline();
-                }
-                None => {}
-            }
-        }
-
-        for arg in cmdline::args(cmdline) {
-            match cmdline::cpuid_leaf(arg) {
-                Some(Ok((leaf, sub))) => print_cpuid(leaf, sub),
-                Some(Err(())) => {
-                    put_str("probe: error: probe.cpuid wants LEAF[.SUBLEAF], skipped: ");
-                    put_bytes(arg);
-                    newline();
-                }
-                None => {}
-            }
-        }
-
-        for arg in cmdline::args(cmdline) {
-            match cmdline::rdmsr_index(arg) {
-                Some(Ok(msr)) => print_msr(msr),
-                Some(Err(())) => {
-                    put_str("probe: error: probe.rdmsr wants an MSR index, skipped: ");
-                    put_bytes(arg);
-                    newline();
-                }
-                None => {}
-            }
-        }
+        each_arg(cmdline, cmdline::virtio_mmio, "malformed argument", |dev| {
+            virtio_mmio::probe(dev.base, dev.size)
+        });
+        each_arg(
+            cmdline,
+            cmdline::cpuid_leaf,
+            "probe.cpuid wants LEAF[.SUBLEAF]",
+            |(leaf, sub)| print_cpuid(leaf, sub),
+        );
+        each_arg(
+            cmdline,
+            cmdline::rdmsr_index,
+            "probe.rdmsr wants an MSR index",
+            print_msr,
+        );
 
         // The last `probe.exit=` wins, as with repeated kernel parameters.
         let mut code = 0u8;
@@ -110,6 +90,29 @@ mod probe {
         exit(code)
     }
 
+    /// Runs `run` on the value of every argument `parse` recognises, in command-line
+    /// order; a malformed one gets `probe: error: <what>, skipped: <arg>`.
+    fn each_arg<T>(
+        cmdline: &[u8],
+        parse: fn(&[u8]) -> Option<Result<T, ()>>,
+        what: &str,
+        mut run: impl FnMut(T),
+    ) {
+        for arg in cmdline::args(cmdline) {
+            match parse(arg) {
+                Some(Ok(v)) => run(v),
+                Some(Err(())) => {
+                    put_str("probe: error: ");
+                    put_str(what);
+                    put_str(", skipped: ");
+                    put_bytes(arg);
+                    newline();
+                }
+                None => {}
+            }
+        }
+    }
+
     /// Prints what the CPUID instruction returns for `leaf`/`sub` at CPL0, as the guest
     /// sees it (not what the monitor asked KVM for): `probe: cpuid LEAF.SUB: eax=.. ebx=..
     /// ecx=.. edx=..`, hex.
@@ -119,7 +122,12 @@ mod probe {
         put_hex(u64::from(leaf));
         put_str(".");
         put_hex(u64::from(sub));
-        for (name, v) in [(": eax=", r.eax), (" ebx=", r.ebx), (" ecx=", r.ecx), (" edx=", r.edx)] {
+        for (name, v) in [
+            (": eax=", r.eax),
+            (" ebx=", r.ebx),
+            (" ecx=", r.ecx),
+            (" edx=", r.edx),
+        ] {
             put_str(name);
             put_hex(u64::from(v));
         }
