@@ -219,8 +219,8 @@ pub fn backend_exe(exe: &Path) -> PathBuf {
 }
 
 impl RunningBackends {
-    /// Starts every backend (re-executing `exe`) and waits until each listens: see
-    /// [`RunningBackends::spawn`] and [`RunningBackends::wait_listening`].
+    /// Starts every backend (re-executing `exe`), each on a socket that listens from the
+    /// start: see [`RunningBackends::spawn`] and [`RunningBackends::ensure_alive`].
     pub fn start(
         exe: &Path,
         backends: &[DeviceBackend],
@@ -228,7 +228,7 @@ impl RunningBackends {
         memory_mib: u32,
     ) -> Result<Self, BackendsError> {
         let mut running = Self::spawn(exe, backends, sandbox, memory_mib)?;
-        running.wait_listening()?;
+        running.ensure_alive()?;
         Ok(running)
     }
 
@@ -319,7 +319,7 @@ impl RunningBackends {
     /// Checks that no backend [`RunningBackends::spawn`] started has died yet. There is
     /// nothing to wait for: each socket listens from the start (bound by `spawn`), and a
     /// connection to it waits until its backend accepts.
-    pub fn wait_listening(&mut self) -> Result<(), BackendsError> {
+    pub fn ensure_alive(&mut self) -> Result<(), BackendsError> {
         match self.check() {
             None => Ok(()),
             Some(message) => Err(BackendsError::Died(message)),

@@ -261,7 +261,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     // of its own, so that /dev/kvm is named as on the host.
     let kvm = setup("open /dev/kvm", Kvm::new())?;
     // Device backends next: each execs and jails itself (milliseconds) while this
-    // process sets the VM up; their sockets are awaited before the devices connect.
+    // process sets the VM up and loads the kernel; the devices connect after that.
     let exe =
         std::env::current_exe().map_err(|e| KvmError::Setup(format!("own executable: {e}")))?;
     let mut backends = RunningBackends::spawn(&exe, &cfg.devices, cfg.sandbox, cfg.memory_mib)
@@ -403,9 +403,10 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         "eventfd",
         EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC),
     )?);
-    // Spawned at the start (below), they exec and jail themselves while the VM is set up.
+    // Spawned at the start (above), they exec and jail themselves while the VM is set up;
+    // their sockets listen already, so a connection below waits for its backend to accept.
     backends
-        .wait_listening()
+        .ensure_alive()
         .map_err(|e| KvmError::Setup(e.to_string()))?;
     let mut activations = Vec::new();
     let mut forwarders = Vec::new();
