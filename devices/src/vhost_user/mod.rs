@@ -106,31 +106,41 @@ impl Socket {
     /// An inherited fd, checked to be a listening Unix stream socket: anything else is
     /// refused with a clear error rather than failing later in accept.
     pub fn inherited(fd: RawFd, path: PathBuf) -> io::Result<Socket> {
-        // SAFETY: fstat on any fd number only fills the buffer; a bad fd gives EBADF.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid out-pointer.
-        if unsafe { libc::fstat(fd, &mut st) } != 0 {
-            return Err(io::Error::other(format!(
-                "--listen-fd {fd}: {}",
-                io::Error::last_os_error()
-            )));
-        }
-        let mut listening: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt with a valid int out-pointer and its length.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_ACCEPTCONN,
-                (&mut listening as *mut libc::c_int).cast(),
-                &mut len,
-            )
+        let option = |name: libc::c_int| -> io::Result<libc::c_int> {
+            let mut value: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt with a valid int out-pointer and its length; a bad fd or
+            // one that is no socket gives EBADF or ENOTSOCK.
+            let r = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    name,
+                    (&mut value as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            if r == 0 {
+                Ok(value)
+            } else {
+                Err(io::Error::last_os_error())
+            }
         };
-        if st.st_mode & libc::S_IFMT != libc::S_IFSOCK || r != 0 || listening == 0 {
-            return Err(io::Error::other(format!(
-                "--listen-fd {fd} is not a listening socket"
-            )));
+        let checked = (|| {
+            Ok::<_, io::Error>(
+                option(libc::SO_DOMAIN)? == libc::AF_UNIX
+                    && option(libc::SO_TYPE)? == libc::SOCK_STREAM
+                    && option(libc::SO_ACCEPTCONN)? != 0,
+            )
+        })();
+        match checked {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(io::Error::other(format!(
+                    "fd {fd} is not a listening Unix stream socket"
+                )))
+            }
+            Err(e) => return Err(io::Error::other(format!("fd {fd}: {e}"))),
         }
         // SAFETY: checked above to be an open socket; this process owns it from now on
         // (it was inherited for exactly this use).
