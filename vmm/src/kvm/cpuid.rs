@@ -84,13 +84,29 @@ enum Reg {
 }
 
 /// Applies `template` and the per-vCPU fields (APIC id, CPU count, hypervisor bit).
-pub fn apply(entries: &mut [kvm_cpuid_entry2], template: CpuTemplate, vcpu: u8, cpus: u8) {
+///
+/// `tsc_deadline`: KVM emulates the local APIC's TSC-deadline timer mode
+/// (KVM_CAP_TSC_DEADLINE_TIMER), which KVM_GET_SUPPORTED_CPUID never reports (leaf 1
+/// ECX bit 24 is the VMM's to set). A guest that sees it arms its timer with one MSR
+/// write instead of APIC MMIO, and Linux then needs no PIT: it skips setting one up
+/// and checking that its interrupt arrives through the IO-APIC (`check_timer`), which
+/// on a nested test host cost most of a second of boot (docs/startup.md).
+pub fn apply(
+    entries: &mut [kvm_cpuid_entry2],
+    template: CpuTemplate,
+    vcpu: u8,
+    cpus: u8,
+    tsc_deadline: bool,
+) {
     for e in entries.iter_mut() {
         match e.function {
             1 => {
                 // Initial APIC id, logical processor count; hypervisor present.
                 e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(vcpu) << 24) | (u32::from(cpus) << 16);
                 e.ecx |= 1 << 31;
+                if tsc_deadline {
+                    e.ecx |= 1 << 24;
+                }
             }
             0xb => e.edx = u32::from(vcpu),
             _ => {}
@@ -173,7 +189,7 @@ mod tests {
     #[test]
     fn pvm_template_hides_xsave_popcnt_smap() {
         let mut e = vec![entry(1, 0), entry(7, 0), entry(7, 1), entry(0xd, 0)];
-        apply(&mut e, CpuTemplate::Pvm, 3, 4);
+        apply(&mut e, CpuTemplate::Pvm, 3, 4, true);
         assert_eq!(e[0].ecx & (1 << 26 | 1 << 23), 0, "xsave/popcnt");
         assert_ne!(e[0].ecx & (1 << 31), 0, "hypervisor bit");
         assert_eq!(e[0].ebx >> 24, 3);
@@ -182,7 +198,17 @@ mod tests {
         assert_eq!(e[2].ebx, !0, "subleaf 1 untouched");
         assert_eq!((e[3].eax, e[3].ebx), (0, 0));
         let mut h = vec![entry(7, 0)];
-        apply(&mut h, CpuTemplate::Host, 0, 1);
+        apply(&mut h, CpuTemplate::Host, 0, 1, false);
         assert_eq!(h[0].ebx, !0);
+    }
+
+    #[test]
+    fn tsc_deadline_is_offered_only_when_kvm_emulates_it() {
+        let mut e = vec![entry(1, 0)];
+        e[0].ecx = 0;
+        apply(&mut e, CpuTemplate::Host, 0, 1, false);
+        assert_eq!(e[0].ecx & (1 << 24), 0);
+        apply(&mut e, CpuTemplate::Host, 0, 1, true);
+        assert_ne!(e[0].ecx & (1 << 24), 0);
     }
 }

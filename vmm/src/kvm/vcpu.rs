@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use hostd_devices::bus::Bus;
 use kvm_bindings::{kvm_segment, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
 use seccompiler::BpfProgram;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -124,7 +124,8 @@ pub fn configure(
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
-    cpuid::apply(cpuid.as_mut_slice(), template, id, cpus);
+    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+    cpuid::apply(cpuid.as_mut_slice(), template, id, cpus, tsc_deadline);
     vcpu.set_cpuid2(&cpuid)
         .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
     // LINT0 as ExtINT, LINT1 as NMI, as the MP table says.

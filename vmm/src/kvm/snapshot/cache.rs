@@ -25,7 +25,10 @@ impl SnapshotCache {
     /// when the kernel has no digest to key on (a bare `--kernel`).
     pub fn for_config(dir: PathBuf, cfg: &crate::kvm::KvmConfig) -> Option<SnapshotCache> {
         let mut h = Sha256::new();
-        h.update(b"hostd snapshot key v1\0");
+        // The version changes whenever the VMM changes what a guest sees of its CPU or
+        // devices for the same settings: v2 offers the TSC-deadline timer, which a
+        // guest booted with it keeps using after a restore.
+        h.update(b"hostd snapshot key v2\0");
         h.update(cfg.kernel.sha256()?);
         match &cfg.initrd {
             Some(i) => h.update(i.sha256()?),
