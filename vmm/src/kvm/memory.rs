@@ -38,7 +38,28 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, String> {
     let mem = GuestMemoryMmap::from_ranges_with_files(ranges)
         .map_err(|e| format!("mapping guest memory: {e}"))?;
     exclude_from_core_dumps(&mem)?;
+    ask_for_huge_pages(&mem);
     Ok(mem)
+}
+
+/// MADV_HUGEPAGE on every region (best effort), as Cloud Hypervisor does by default:
+/// guest memory in 2 MiB pages where the host allows transparent huge pages for shared
+/// memory (`/sys/kernel/mm/transparent_hugepage/shmem_enabled` `advise`, `within_size`
+/// or `always`; with `never`, Debian's default, this changes nothing). A memfd is
+/// shmem, so it never gets the huge pages that `enabled = always` gives Firecracker's
+/// anonymous guest memory. With them, copying the kernel in takes a fault per 2 MiB
+/// instead of per 4 KiB, and KVM maps 2 MiB pages into the guest's nested page tables:
+/// on the nested test host hello's first service output came at a median 1.39 s
+/// instead of 2.14 s (docs/startup.md).
+fn ask_for_huge_pages(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
+            continue;
+        };
+        // SAFETY: `host` and `len` describe exactly one live mapping owned by `mem`;
+        // MADV_HUGEPAGE changes only how its pages are backed, never their contents.
+        unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+    }
 }
 
 /// MADV_DONTDUMP on every region: a core dump of the VMM never carries guest memory.
