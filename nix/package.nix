@@ -3,7 +3,7 @@
 #   hostd = pkgs.callPackage /path/to/hostd/nix/package.nix { };
 #
 # Two derivations: guest init and the bench workload, static (musl), which `hostd`
-# embeds; then `hostd` and `hostd-backend`, with build.rs pointed at the first
+# embeds; then `hostd`, `hostd-full` and `hostd-backend`, with build.rs pointed at the first
 # (HOSTD_GUEST_PREBUILT) instead of building them itself. The tests need KVM, QEMU and
 # root, so the package does not run them (doCheck = false).
 {

@@ -124,7 +124,7 @@ pub(crate) fn call<T>(f: impl FnOnce() -> Result<T, ClientError>) -> Result<T> {
 /// `hostd daemon`.
 pub fn daemon(args: DaemonArgs) -> Result<i32> {
     let fleet = args.fleet.as_deref().map(Fleet::load).transpose()?;
-    let runner = std::env::current_exe().context("cannot find the hostd binary")?;
+    let runner = crate::hostd_exe().context("cannot find the hostd binary")?;
     server::run(Options {
         socket: args.socket.path(),
         state_dir: args.state_dir,

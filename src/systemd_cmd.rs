@@ -167,7 +167,7 @@ fn plan(a: &GenerateArgs) -> Result<Plan> {
     let fleet = Fleet::load(&std::path::absolute(&a.fleet)?)?;
     let hostd = match &a.hostd {
         Some(h) => std::path::absolute(h)?,
-        None => std::env::current_exe().context("cannot find this hostd binary")?,
+        None => crate::hostd_exe().context("cannot find this hostd binary")?,
     };
     std::fs::create_dir_all(&a.dir)
         .with_context(|| format!("cannot create {}", a.dir.display()))?;

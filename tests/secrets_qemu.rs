@@ -152,20 +152,38 @@ fn granted_secrets_and_vsock(vmm: &str, attacks: bool) {
     let unused = dir.path().join("unused.txt");
     std::fs::write(&unused, "nobody-asked").expect("write secret");
     let state = tempfile::tempdir().expect("state dir");
-    let out = run_image_with(
-        vmm,
-        &image,
-        &[
-            "--state-dir",
-            state.path().to_str().expect("utf-8 path"),
-            "--secret",
-            &format!("db_password=@{}", secret.display()),
-            "--secret",
-            &format!("unused=@{}", unused.display()),
-            "--cmdline",
-            "hostd.vsock_selftest=1",
-        ],
-    );
+    let run = || {
+        run_image_with(
+            vmm,
+            &image,
+            &[
+                "--state-dir",
+                state.path().to_str().expect("utf-8 path"),
+                "--secret",
+                &format!("db_password=@{}", secret.display()),
+                "--secret",
+                &format!("unused=@{}", unused.display()),
+                "--cmdline",
+                "hostd.vsock_selftest=1",
+            ],
+        )
+    };
+    let mut out = run();
+    // A known fault of nested PVM hosts, not of hostd (docs/pvm.md, "Guest programs that
+    // crash"): now and then a freshly exec'd guest program dies of SIGSEGV or a
+    // general protection fault on a stale translation. Such a run is repeated once,
+    // loudly, and the repeat must pass every check below.
+    if vmm == "kvm"
+        && hostd_vmm::host::kvm_kind() == hostd_vmm::host::KvmKind::Pvm
+        && out.stdout.contains("was killed by signal 11 (SIGSEGV)")
+    {
+        eprintln!(
+            "SECRETS: a guest program crashed with SIGSEGV on this PVM host (docs/pvm.md); \
+             running once more. The crashed run's console:\n{}",
+            out.stdout
+        );
+        out = run();
+    }
     let all = out.all();
     assert_eq!(out.code(), Some(0), "{all}");
     // The vsock round trip through the backend's echo port.

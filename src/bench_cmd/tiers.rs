@@ -57,7 +57,7 @@ impl Ctx {
         std::fs::write(&component_path, component).context("writing the hello component")?;
         Ok(Ctx {
             dir: dir.to_path_buf(),
-            hostd: std::env::current_exe().context("finding hostd's own path")?,
+            hostd: crate::hostd_exe().context("finding hostd's own path")?,
             workload: wl,
             component: component_path,
             fn_cache: dir.join("fn-cache"),
