@@ -5,9 +5,10 @@
 //! (src/bin/hostd-full.rs), which has them all. `hostd run` is on the path of every VM's
 //! start, and a position-independent executable relocates its read-only-after-relocation
 //! data at each exec: with the WebAssembly tier linked in (wasmtime, cranelift, tokio,
-//! rustls) that was 52,400 relocations over 800 KB, 410 page faults and 2.7 ms per start
-//! on this host and about 55 ms in the nested test host; without it, about 6,000 and
-//! 97 KB (docs/startup.md). The linker drops what `hostd`'s `main::<false>` cannot reach.
+//! rustls) that is 52,400 relocations over 817 KB; `hostd` alone has 7,547 over 120 KB
+//! (`hostd --version`: 194 page faults and 1.2 ms instead of 416 and 2.7 ms; `hostd run`
+//! of the probe peaks at 4.9 MB instead of 8.0 MB; docs/startup.md). The linker drops
+//! what `hostd`'s `main::<false>` cannot reach.
 
 mod backend_cmd;
 mod bench_cmd;
