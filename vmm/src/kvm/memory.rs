@@ -37,45 +37,34 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, String> {
     }
     let mem = GuestMemoryMmap::from_ranges_with_files(ranges)
         .map_err(|e| format!("mapping guest memory: {e}"))?;
-    exclude_from_core_dumps(&mem)?;
-    ask_for_huge_pages(&mem);
+    // A core dump of the VMM never carries guest memory.
+    advise(&mem, libc::MADV_DONTDUMP)
+        .map_err(|e| format!("madvise(MADV_DONTDUMP) on guest memory: {e}"))?;
+    // Best effort, as Cloud Hypervisor does by default: guest memory in 2 MiB pages
+    // where the host allows transparent huge pages for shared memory
+    // (`/sys/kernel/mm/transparent_hugepage/shmem_enabled` `advise`, `within_size` or
+    // `always`; with `never`, Debian's default, this changes nothing). A memfd is
+    // shmem, so it never gets the huge pages that `enabled = always` gives
+    // Firecracker's anonymous guest memory. With them, copying the kernel in takes a
+    // fault per 2 MiB instead of per 4 KiB, and KVM maps 2 MiB pages into the guest's
+    // nested page tables: on the nested test host hello's first service output came at
+    // a median 1.39 s instead of 2.14 s (docs/startup.md).
+    let _ = advise(&mem, libc::MADV_HUGEPAGE);
     Ok(mem)
 }
 
-/// MADV_HUGEPAGE on every region (best effort), as Cloud Hypervisor does by default:
-/// guest memory in 2 MiB pages where the host allows transparent huge pages for shared
-/// memory (`/sys/kernel/mm/transparent_hugepage/shmem_enabled` `advise`, `within_size`
-/// or `always`; with `never`, Debian's default, this changes nothing). A memfd is
-/// shmem, so it never gets the huge pages that `enabled = always` gives Firecracker's
-/// anonymous guest memory. With them, copying the kernel in takes a fault per 2 MiB
-/// instead of per 4 KiB, and KVM maps 2 MiB pages into the guest's nested page tables:
-/// on the nested test host hello's first service output came at a median 1.39 s
-/// instead of 2.14 s (docs/startup.md).
-fn ask_for_huge_pages(mem: &GuestMemoryMmap) {
-    for region in mem.iter() {
-        let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
-            continue;
-        };
-        // SAFETY: `host` and `len` describe exactly one live mapping owned by `mem`;
-        // MADV_HUGEPAGE changes only how its pages are backed, never their contents.
-        unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
-    }
-}
-
-/// MADV_DONTDUMP on every region: a core dump of the VMM never carries guest memory.
-fn exclude_from_core_dumps(mem: &GuestMemoryMmap) -> Result<(), String> {
+/// `madvise(advice)` on every region of `mem`. For advice that changes only how pages
+/// are backed or dumped, never their contents.
+fn advise(mem: &GuestMemoryMmap, advice: libc::c_int) -> Result<(), String> {
     for region in mem.iter() {
         let host = region
             .get_host_address(MemoryRegionAddress(0))
             .map_err(|e| format!("region host address: {e}"))?;
         // SAFETY: `host` and `len` describe exactly one live mapping owned by `mem`;
-        // MADV_DONTDUMP changes only what a core dump includes.
-        let r = unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTDUMP) };
-        if r != 0 {
-            return Err(format!(
-                "madvise(MADV_DONTDUMP) on guest memory: {}",
-                std::io::Error::last_os_error()
-            ));
+        // the callers' advice (MADV_DONTDUMP, MADV_HUGEPAGE) leaves its contents as
+        // they are.
+        if unsafe { libc::madvise(host.cast(), region.len() as usize, advice) } != 0 {
+            return Err(std::io::Error::last_os_error().to_string());
         }
     }
     Ok(())
