@@ -1,16 +1,20 @@
 //! The built-in VMM's side of vhost-user: a [`VirtioDevice`] whose queues are served by
 //! a backend in another process. The VMM keeps only the virtio-mmio register file.
 //!
-//! Everything that talks to the backend socket happens on the VMM's control thread: at
-//! setup (features, config space, memory table) and when the driver sets DRIVER_OK
-//! ([`VhostUserDevice::complete_activation`], polled by the control loop). vCPU threads
-//! only write the kick eventfd; a small thread per device turns the backend's call
-//! eventfd into the transport's interrupt status plus the guest interrupt.
+//! The handshake (features, config space, memory table) runs on a thread of its own per
+//! device ([`VhostUserDevice::start`]), so that the VM boots while the backend still
+//! execs and jails itself; the transport waits for it only when the driver first asks
+//! for something the backend must answer (features, config space). After that, what
+//! talks to the backend socket happens on the VMM's control thread, when the driver sets
+//! DRIVER_OK or resets ([`Activation::complete`], polled by the control loop). vCPU
+//! threads only write the kick eventfd; a small thread per device turns the backend's
+//! call eventfd into the transport's interrupt status plus the guest interrupt.
 
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -30,13 +34,73 @@ const PROTOCOL_FEATURES: u64 = 1 << 30;
 const CONFIG_SIZE: u32 = 64;
 
 /// Why a vhost-user device could not be set up.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("vhost-user {socket}: {message}")]
 pub struct FrontendError {
     /// The backend's socket.
     pub socket: String,
     /// What failed.
     pub message: String,
+}
+
+/// What the backend answered in the handshake.
+#[derive(Debug)]
+struct Hello {
+    /// Its features, without VHOST_USER_F_PROTOCOL_FEATURES.
+    features: u64,
+    config: Vec<u8>,
+    /// It speaks the protocol features (and so VRING_ENABLE).
+    protocol: bool,
+}
+
+/// The handshake's outcome, set once by the thread that runs it and waited for by the
+/// transport (vCPU threads) and the control thread.
+#[derive(Debug)]
+struct Link {
+    state: Mutex<Option<Result<Arc<Hello>, FrontendError>>>,
+    done: Condvar,
+}
+
+impl Link {
+    fn new() -> Self {
+        Link {
+            state: Mutex::new(None),
+            done: Condvar::new(),
+        }
+    }
+
+    /// Records the outcome unless one is there already; wakes every waiter.
+    fn set(&self, outcome: Result<Arc<Hello>, FrontendError>) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.is_none() {
+            *state = Some(outcome);
+        }
+        self.done.notify_all();
+    }
+
+    /// Blocks until the handshake ended.
+    fn wait(&self) -> Result<Arc<Hello>, FrontendError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(outcome) = state.as_ref() {
+                return outcome.clone();
+            }
+            state = self.done.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The handshake's error, if it ended with one (never blocks).
+    fn failed(&self) -> Option<FrontendError> {
+        match self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            Some(Err(e)) => Some(e.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// What the driver did that the control thread has yet to tell the backend.
@@ -68,9 +132,8 @@ struct QueueSetup {
 pub struct VhostUserDevice {
     socket: String,
     device_type: u32,
-    features: u64,
+    link: Arc<Link>,
     max_sizes: Vec<u16>,
-    config: Vec<u8>,
     kicks: Vec<EventFd>,
     calls: Vec<Arc<EventFd>>,
     acked: u64,
@@ -93,12 +156,13 @@ impl std::fmt::Debug for VhostUserDevice {
 #[derive(Clone)]
 pub struct Activation {
     socket: String,
-    frontend: Arc<Mutex<Frontend>>,
+    link: Arc<Link>,
+    /// Set by the handshake before it reports success.
+    frontend: Arc<Mutex<Option<Frontend>>>,
     pending: PendingActivation,
     kicks: Vec<Arc<EventFd>>,
     calls: Vec<Arc<EventFd>>,
     mem: GuestMemoryMmap,
-    protocol: bool,
     /// The rings the backend was started on (sent a kick fd) and not stopped since.
     started: Arc<Mutex<Vec<bool>>>,
 }
@@ -113,7 +177,7 @@ impl std::fmt::Debug for Activation {
 
 impl VhostUserDevice {
     /// Connects to the backend at `socket`, negotiates, reads its config space and
-    /// hands it the guest memory table.
+    /// hands it the guest memory table, all before it returns.
     pub fn connect(
         socket: &Path,
         device_type: u32,
@@ -121,49 +185,33 @@ impl VhostUserDevice {
         mem: &GuestMemoryMmap,
     ) -> Result<(Self, Activation), FrontendError> {
         let name = socket.display().to_string();
-        let err = |what: &str, e: &dyn std::fmt::Display| FrontendError {
+        let stream = UnixStream::connect(socket).map_err(|e| FrontendError {
             socket: name.clone(),
+            message: format!("connect: {e}"),
+        })?;
+        let (dev, activation, handshake) = Self::prepare(stream, &name, device_type, queues, mem)?;
+        handshake.run();
+        dev.link.wait()?;
+        Ok((dev, activation))
+    }
+
+    /// The device for the backend on `stream` (connected to the socket named `name`),
+    /// before any word with it: the returned [`Handshake`] talks to the backend, on
+    /// whatever thread the VMM runs it, while the VM already boots. The device answers
+    /// the driver's first question that needs the backend (features, config space) when
+    /// the handshake is done, and [`Activation::failed`] tells the control loop if it
+    /// failed.
+    pub fn prepare(
+        stream: UnixStream,
+        name: &str,
+        device_type: u32,
+        queues: usize,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(Self, Activation, Handshake), FrontendError> {
+        let err = |what: &str, e: &dyn std::fmt::Display| FrontendError {
+            socket: name.to_string(),
             message: format!("{what}: {e}"),
         };
-        let mut fe = Frontend::connect(socket, queues as u64).map_err(|e| err("connect", &e))?;
-        fe.set_owner().map_err(|e| err("SET_OWNER", &e))?;
-        let features = fe.get_features().map_err(|e| err("GET_FEATURES", &e))?;
-        let mut protocol = false;
-        let mut config = vec![0u8; CONFIG_SIZE as usize];
-        if features & PROTOCOL_FEATURES != 0 {
-            protocol = true;
-            let offered = fe
-                .get_protocol_features()
-                .map_err(|e| err("GET_PROTOCOL_FEATURES", &e))?;
-            let want = offered & VhostUserProtocolFeatures::CONFIG;
-            fe.set_protocol_features(want)
-                .map_err(|e| err("SET_PROTOCOL_FEATURES", &e))?;
-            if want.contains(VhostUserProtocolFeatures::CONFIG) {
-                let (_, payload) = fe
-                    .get_config(0, CONFIG_SIZE, VhostUserConfigFlags::WRITABLE, &config)
-                    .map_err(|e| err("GET_CONFIG", &e))?;
-                let n = payload.len().min(config.len());
-                config[..n].copy_from_slice(&payload[..n]);
-            }
-        }
-        let mut regions = Vec::new();
-        for region in mem.iter() {
-            let fo = region
-                .file_offset()
-                .ok_or_else(|| err("memory table", &"guest memory is not file-backed (memfd)"))?;
-            let host = region
-                .get_host_address(MemoryRegionAddress(0))
-                .map_err(|e| err("memory table", &e))?;
-            regions.push(VhostUserMemoryRegionInfo {
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                mmap_offset: fo.start(),
-                mmap_handle: fo.file().as_raw_fd(),
-            });
-        }
-        fe.set_mem_table(&regions)
-            .map_err(|e| err("SET_MEM_TABLE", &e))?;
         let mut kicks = Vec::new();
         let mut calls = Vec::new();
         for _ in 0..queues {
@@ -172,25 +220,24 @@ impl VhostUserDevice {
             ));
             calls.push(Arc::new(EventFd::new(0).map_err(|e| err("eventfd", &e))?));
         }
-        let frontend = Arc::new(Mutex::new(fe));
+        let link = Arc::new(Link::new());
+        let frontend = Arc::new(Mutex::new(None));
         let pending = Arc::new(Mutex::new(Pending::default()));
         let activation = Activation {
-            socket: name.clone(),
+            socket: name.to_string(),
+            link: link.clone(),
             frontend: frontend.clone(),
             pending: pending.clone(),
             kicks: kicks.clone(),
             calls: calls.clone(),
             mem: mem.clone(),
-            protocol,
             started: Arc::new(Mutex::new(vec![false; queues])),
         };
-        let _ = &frontend;
         let dev = VhostUserDevice {
-            socket: name.clone(),
+            socket: name.to_string(),
             device_type,
-            features: features & !PROTOCOL_FEATURES,
+            link: link.clone(),
             max_sizes: vec![256; queues],
-            config,
             kicks: kicks
                 .iter()
                 .map(|k| k.try_clone())
@@ -201,7 +248,15 @@ impl VhostUserDevice {
             pending,
             wake: None,
         };
-        Ok((dev, activation))
+        let handshake = Handshake {
+            stream,
+            socket: name.to_string(),
+            queues,
+            mem: mem.clone(),
+            link,
+            frontend,
+        };
+        Ok((dev, activation, handshake))
     }
 
     /// Has `wake` signalled whenever the driver leaves work for
@@ -222,6 +277,104 @@ impl VhostUserDevice {
     }
 }
 
+/// A device's handshake with its backend, not yet run (see [`VhostUserDevice::prepare`]).
+pub struct Handshake {
+    stream: UnixStream,
+    socket: String,
+    queues: usize,
+    mem: GuestMemoryMmap,
+    link: Arc<Link>,
+    frontend: Arc<Mutex<Option<Frontend>>>,
+}
+
+impl std::fmt::Debug for Handshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("Handshake")
+            .field("socket", &self.socket)
+            .finish()
+    }
+}
+
+impl Handshake {
+    /// Talks to the backend until it answered everything (or failed), and lets the
+    /// device and its activation go on.
+    pub fn run(self) {
+        let outcome =
+            handshake(self.stream, &self.socket, self.queues, &self.mem).map(|(fe, hello)| {
+                *self.frontend.lock().unwrap_or_else(|p| p.into_inner()) = Some(fe);
+                Arc::new(hello)
+            });
+        self.link.set(outcome);
+    }
+
+    /// Ends it without running it: the device fails with `why`.
+    pub fn fail(self, why: String) {
+        self.link.set(Err(FrontendError {
+            socket: self.socket,
+            message: why,
+        }));
+    }
+}
+
+/// The vhost-user handshake on `stream`: owner, features, protocol features, config
+/// space, the guest memory table.
+fn handshake(
+    stream: UnixStream,
+    socket: &str,
+    queues: usize,
+    mem: &GuestMemoryMmap,
+) -> Result<(Frontend, Hello), FrontendError> {
+    let err = |what: &str, e: &dyn std::fmt::Display| FrontendError {
+        socket: socket.to_string(),
+        message: format!("{what}: {e}"),
+    };
+    let mut fe = Frontend::from_stream(stream, queues as u64);
+    fe.set_owner().map_err(|e| err("SET_OWNER", &e))?;
+    let features = fe.get_features().map_err(|e| err("GET_FEATURES", &e))?;
+    let mut protocol = false;
+    let mut config = vec![0u8; CONFIG_SIZE as usize];
+    if features & PROTOCOL_FEATURES != 0 {
+        protocol = true;
+        let offered = fe
+            .get_protocol_features()
+            .map_err(|e| err("GET_PROTOCOL_FEATURES", &e))?;
+        let want = offered & VhostUserProtocolFeatures::CONFIG;
+        fe.set_protocol_features(want)
+            .map_err(|e| err("SET_PROTOCOL_FEATURES", &e))?;
+        if want.contains(VhostUserProtocolFeatures::CONFIG) {
+            let (_, payload) = fe
+                .get_config(0, CONFIG_SIZE, VhostUserConfigFlags::WRITABLE, &config)
+                .map_err(|e| err("GET_CONFIG", &e))?;
+            let n = payload.len().min(config.len());
+            config[..n].copy_from_slice(&payload[..n]);
+        }
+    }
+    let mut regions = Vec::new();
+    for region in mem.iter() {
+        let fo = region
+            .file_offset()
+            .ok_or_else(|| err("memory table", &"guest memory is not file-backed (memfd)"))?;
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| err("memory table", &e))?;
+        regions.push(VhostUserMemoryRegionInfo {
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            mmap_offset: fo.start(),
+            mmap_handle: fo.file().as_raw_fd(),
+        });
+    }
+    fe.set_mem_table(&regions)
+        .map_err(|e| err("SET_MEM_TABLE", &e))?;
+    let hello = Hello {
+        features: features & !PROTOCOL_FEATURES,
+        config,
+        protocol,
+    };
+    Ok((fe, hello))
+}
+
 /// Turns backend "used buffers" signals into the transport's interrupt status and a
 /// guest interrupt. Runs on its own thread per queue; returns when the eventfd fails.
 pub fn forward_interrupts(call: Arc<EventFd>, status: Arc<AtomicU32>, irq: Arc<dyn Interrupt>) {
@@ -232,6 +385,21 @@ pub fn forward_interrupts(call: Arc<EventFd>, status: Arc<AtomicU32>, irq: Arc<d
 }
 
 impl Activation {
+    /// Why the handshake failed, once it has (never blocks): the VM cannot go on with
+    /// this device.
+    pub fn failed(&self) -> Option<FrontendError> {
+        self.link.failed()
+    }
+
+    /// Ends a handshake still under way as failed (the VM is stopping), so that nothing
+    /// waits for it any longer.
+    pub fn abandon(&self) {
+        self.link.set(Err(FrontendError {
+            socket: self.socket.clone(),
+            message: "the VM stopped before the backend answered".into(),
+        }));
+    }
+
     /// Tells the backend what the driver did since the last call: a reset stops every
     /// ring the backend runs (GET_VRING_BASE, as the vhost-user spec has rings stopped),
     /// an activation sends the setup of the queues the driver made ready. Returns whether
@@ -252,7 +420,11 @@ impl Activation {
             socket: self.socket.clone(),
             message: format!("{what}: {e}"),
         };
-        let mut fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
+        let hello = self.link.wait()?;
+        let mut frontend = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
+        let fe = frontend
+            .as_mut()
+            .ok_or_else(|| err("handshake", &"no connection"))?;
         let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
         if reset {
             for (i, running) in started.iter_mut().enumerate() {
@@ -266,7 +438,7 @@ impl Activation {
         let Some((acked, queues)) = activation else {
             return Ok(true);
         };
-        let features = acked | if self.protocol { PROTOCOL_FEATURES } else { 0 };
+        let features = acked | if hello.protocol { PROTOCOL_FEATURES } else { 0 };
         fe.set_features(features)
             .map_err(|e| err("SET_FEATURES", &e))?;
         // Queues the driver did not make ready are not the device's to use (virtio 1.2,
@@ -300,7 +472,7 @@ impl Activation {
             if let Some(running) = started.get_mut(i) {
                 *running = true;
             }
-            if self.protocol {
+            if hello.protocol {
                 fe.set_vring_enable(i, true)
                     .map_err(|e| err("SET_VRING_ENABLE", &e))?;
             }
@@ -314,16 +486,21 @@ impl VirtioDevice for VhostUserDevice {
         self.device_type
     }
     fn features(&self) -> u64 {
-        self.features
+        // A failed handshake offers nothing; the control loop stops the VM with its error.
+        self.link.wait().map(|h| h.features).unwrap_or(0)
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &self.max_sizes
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let start = (offset as usize).min(self.config.len());
-        let end = start.saturating_add(data.len()).min(self.config.len());
-        data[..end - start].copy_from_slice(&self.config[start..end]);
+        let Ok(hello) = self.link.wait() else {
+            return;
+        };
+        let config = &hello.config;
+        let start = (offset as usize).min(config.len());
+        let end = start.saturating_add(data.len()).min(config.len());
+        data[..end - start].copy_from_slice(&config[start..end]);
     }
     fn acked_features(&mut self, features: u64) {
         self.acked = features;

@@ -403,17 +403,31 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         "eventfd",
         EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC),
     )?);
-    // Spawned at the start (above), they exec and jail themselves while the VM is set up;
-    // their sockets listen already, so a connection below waits for its backend to accept.
+    // Spawned at the start (above), they exec and jail themselves while the VM is set up
+    // and boots: their sockets listen already, so connecting here does not wait, and each
+    // device's handshake runs later on a thread of its own (jailed with this process, under
+    // the control thread's filter) while the guest boots, until its driver first needs
+    // the backend's answers.
     backends
         .ensure_alive()
         .map_err(|e| KvmError::Setup(e.to_string()))?;
+    let control_prog = if cfg.sandbox {
+        Some(Arc::new(control_filter()?))
+    } else {
+        None
+    };
     let mut activations = Vec::new();
     let mut forwarders = Vec::new();
     let mut transports = Vec::new();
+    let mut handshakes = Vec::new();
     for (socket, device_type, queues) in backends.sockets(&cfg.devices) {
-        let (mut dev, activation) = VhostUserDevice::connect(&socket, device_type, queues, &mem)
-            .map_err(|e| KvmError::Setup(backends.explain(e.to_string())))?;
+        let name = socket.display().to_string();
+        let stream = std::os::unix::net::UnixStream::connect(&socket)
+            .map_err(|e| KvmError::Setup(backends.explain(format!("{name}: connect: {e}"))))?;
+        let (mut dev, activation, handshake) =
+            VhostUserDevice::prepare(stream, &name, device_type, queues, &mem)
+                .map_err(|e| KvmError::Setup(backends.explain(e.to_string())))?;
+        handshakes.push(handshake);
         dev.wake_on_pending(wake.clone());
         let irq = Arc::new(setup(
             "eventfd",
@@ -528,16 +542,22 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     } else {
         None
     };
-    let control_prog = if cfg.sandbox {
-        Some(control_filter()?)
-    } else {
-        None
-    };
     if cfg.sandbox {
         // Every thread this process will have: this one, the vCPUs, one interrupt
-        // forwarder per device queue, and a few for the C library and headroom.
-        let threads = 8 + u64::from(cfg.vcpus) + forwarders.len() as u64;
+        // forwarder per device queue, a few for the C library and headroom,
+        // and one per device for its handshake.
+        let threads = 8 + u64::from(cfg.vcpus) + forwarders.len() as u64 + handshakes.len() as u64;
         jail::enter_vmm(threads, mem_size)?;
+    }
+    for handshake in handshakes {
+        let prog = control_prog.clone();
+        std::thread::Builder::new()
+            .name("vhost-user-hello".into())
+            .spawn(move || match prog.map(|p| jail::install(&p)) {
+                Some(Err(e)) => handshake.fail(format!("handshake thread: {e}")),
+                _ => handshake.run(),
+            })
+            .map_err(|e| KvmError::Setup(format!("handshake thread: {e}")))?;
     }
     // One thread per device queue turns the backend's "used buffers" signal into the
     // transport's interrupt status and the guest interrupt. Its filter: read and write
@@ -570,7 +590,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
             .map_err(|e| KvmError::Setup(format!("vCPU thread: {e}")))?;
         threads.push(handle);
     }
-    if let Some(Err(e)) = control_prog.as_ref().map(jail::install) {
+    if let Some(Err(e)) = control_prog.as_deref().map(jail::install) {
         shared.stop_with(StopReason::Error(format!("control thread: {e}")));
     }
     shared.start.wait();
@@ -581,7 +601,9 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     let mut seen_signals = 0;
     while !shared.stop.load(Ordering::SeqCst) {
         for a in &activations {
-            if let Err(e) = a.complete() {
+            if let Some(e) = a.failed() {
+                shared.stop_with(StopReason::Error(backends.explain(e.to_string())));
+            } else if let Err(e) = a.complete() {
                 shared.stop_with(StopReason::Error(e.to_string()));
             }
         }
@@ -648,6 +670,13 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         wait_for_wake(&shared.wake, CONTROL_PERIOD);
     }
     let exited = Instant::now();
+    // A device whose backend failed its handshake makes the run an error, even when the
+    // guest got to its end first (its driver was offered no features).
+    let device_failure = activations.iter().find_map(|a| a.failed());
+    // A vCPU may be waiting for a device's handshake (a backend that never answered).
+    for a in &activations {
+        a.abandon();
+    }
     // Kick every vCPU out of KVM_RUN until it notices `stop`; give up after 1 s.
     let deadline = Instant::now() + Duration::from_secs(1);
     // A kicked vCPU thread is gone within about 0.2 ms here: look again soon (a 2 ms
@@ -697,6 +726,9 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
             .map(|m| ms(m.1)),
         exited_ms: Some(ms(exited)),
     };
+    if let Some(e) = device_failure {
+        return Err(KvmError::Guest(backends.explain(e.to_string())));
+    }
     let reason = shared
         .reason
         .lock()
