@@ -62,11 +62,8 @@ enum Command {
         #[arg(long, value_name = "PUBKEY")]
         trust: Vec<PathBuf>,
     },
-    /// Boot an image in a microVM; exits with the image's `main` service's exit code.
-    ///
-    /// The console is printed on stdout. Ctrl-C asks the guest to shut down cleanly
-    /// (SIGTERM to every service, then power off); a second Ctrl-C stops it at once.
-    Run(image_cmd::RunArgs),
+    #[command(flatten)]
+    Vm(VmCommand),
     /// OCI archives of images, for containerd (docs/containerd.md).
     Oci {
         #[command(subcommand)]
@@ -76,12 +73,6 @@ enum Command {
     Key {
         #[command(subcommand)]
         cmd: image_cmd::KeyCommand,
-    },
-    /// A device backend process (started by `hostd run`; not for direct use).
-    #[command(hide = true)]
-    Backend {
-        #[command(subcommand)]
-        cmd: backend_cmd::BackendCommand,
     },
     /// Run the host daemon: guests (and functions) behind a REST API on a Unix socket
     /// (docs/daemon.md).
@@ -134,12 +125,43 @@ enum Command {
     Bench(bench_cmd::BenchArgs),
 }
 
+/// What `hostd` runs itself, without `hostd-full`: starting a VM and its devices.
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    /// Boot an image in a microVM; exits with the image's `main` service's exit code.
+    ///
+    /// The console is printed on stdout. Ctrl-C asks the guest to shut down cleanly
+    /// (SIGTERM to every service, then power off); a second Ctrl-C stops it at once.
+    Run(image_cmd::RunArgs),
+    /// A device backend process (started by `hostd run`; not for direct use).
+    #[command(hide = true)]
+    Backend {
+        #[command(subcommand)]
+        cmd: backend_cmd::BackendCommand,
+    },
+}
+
+/// The command line of `hostd run` and `hostd backend` alone: parsing it does not build
+/// every other subcommand's parser first (a sixth of the page faults of starting a VM).
+#[derive(Debug, Parser)]
+#[command(name = "hostd", version, propagate_version = true)]
+struct VmCli {
+    #[command(subcommand)]
+    command: VmCommand,
+}
+
 /// Runs the command line. `FULL`: this executable has every subcommand (`hostd-full`);
 /// without it (`hostd`) only `run` and `backend` run here and everything else is
 /// handed to `hostd-full` (lib.rs says why).
 pub fn main<const FULL: bool>() {
     hostd_vmm::mark_start();
-    let cli = Cli::parse();
+    let first = std::env::args_os().nth(1);
+    let cli = match first.as_ref().and_then(|a| a.to_str()) {
+        Some("run" | "backend") => Cli {
+            command: Command::Vm(VmCli::parse().command),
+        },
+        _ => Cli::parse(),
+    };
     let filter = || {
         tracing_subscriber::EnvFilter::try_from_env("HOSTD_LOG")
             .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
@@ -166,8 +188,8 @@ pub fn main<const FULL: bool>() {
             .init(),
     }
     let result = match cli.command {
-        Command::Run(args) => image_cmd::run(&args),
-        Command::Backend { cmd } => backend_cmd::run(cmd),
+        Command::Vm(VmCommand::Run(args)) => image_cmd::run(&args),
+        Command::Vm(VmCommand::Backend { cmd }) => backend_cmd::run(cmd),
         _ if !FULL => exec_full(),
         Command::Build {
             spec,
