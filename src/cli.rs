@@ -127,6 +127,7 @@ enum Command {
 
 /// What `hostd` runs itself, without `hostd-full`: starting a VM and its devices.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // one value per process, parsed once
 enum VmCommand {
     /// Boot an image in a microVM; exits with the image's `main` service's exit code.
     ///
