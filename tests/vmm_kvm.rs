@@ -341,8 +341,10 @@ fn a_backend_that_dies_at_start_is_named_in_the_error() {
     if !require("/dev/kvm", kvm_usable(), "a host with KVM") {
         return;
     }
-    let (_dir, mut cmd) =
-        probe_with_backend("#!/bin/sh\necho 'backend: cannot start' >&2\nexit 3\n");
+    let (_dir, mut cmd) = probe_with_backend(
+        "#!/bin/sh\necho 'backend: cannot start' >&2\nexit 3\n",
+        "60",
+    );
     cmd.arg("console=ttyS0");
     let out = run_with_deadline(cmd, Duration::from_secs(120));
     assert_eq!(out.code(), Some(1), "{}", out.all());
@@ -361,9 +363,9 @@ fn a_backend_that_dies_at_start_is_named_in_the_error() {
     );
 }
 
-/// `hostd run --timeout 60 --kernel probe --cmdline …` (the command line to be added)
-/// with a hard link of hostd next to `script` as its `hostd-backend`.
-fn probe_with_backend(script: &str) -> (tempfile::TempDir, std::process::Command) {
+/// `hostd run --timeout SECONDS --kernel probe --cmdline …` (the command line to be
+/// added) with a hard link of hostd next to `script` as its `hostd-backend`.
+fn probe_with_backend(script: &str, timeout: &str) -> (tempfile::TempDir, std::process::Command) {
     let probe = probe().expect("probe built");
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = dir.path().join("hostd");
@@ -379,7 +381,7 @@ fn probe_with_backend(script: &str) -> (tempfile::TempDir, std::process::Command
     .expect("chmod");
     let mut cmd = std::process::Command::new(&exe);
     cmd.env("HOSTD_KERNEL", common::kernel())
-        .args(["run", "--timeout", "60", "--kernel"])
+        .args(["run", "--timeout", timeout, "--kernel"])
         .arg(&probe)
         .arg("--cmdline");
     (dir, cmd)
@@ -397,13 +399,38 @@ fn a_backend_that_starts_late_still_serves_its_device() {
         "#!/bin/sh\nsleep 1\nexec {} \"$@\"\n",
         env!("CARGO_BIN_EXE_hostd-backend")
     );
-    let (_dir, mut cmd) = probe_with_backend(&script);
+    let (_dir, mut cmd) = probe_with_backend(&script, "60");
     cmd.arg("console=ttyS0 probe.exit=42");
     let out = run_with_deadline(cmd, Duration::from_secs(120));
     assert_eq!(out.code(), Some(42), "{}", out.all());
     assert!(
         out.stdout
             .contains("probe: virtio-rng round trip ok: 16 bytes: "),
+        "{}",
+        out.all()
+    );
+}
+
+/// A backend that never answers (here: one that sleeps instead of serving) holds up only
+/// its device's driver: the VMM's control loop still runs, so `--timeout` ends the run
+/// with its error and nothing is left waiting.
+#[test]
+fn a_backend_that_never_answers_still_lets_the_timeout_end_the_run() {
+    if !require("/dev/kvm", kvm_usable(), "a host with KVM") {
+        return;
+    }
+    let (_dir, mut cmd) = probe_with_backend("#!/bin/sh\nexec sleep 1000\n", "5");
+    cmd.arg("console=ttyS0");
+    let out = run_with_deadline(cmd, Duration::from_secs(120));
+    assert_eq!(out.code(), Some(1), "{}", out.all());
+    assert!(
+        out.stderr
+            .contains("the guest did not finish within 5s (--timeout)"),
+        "{}",
+        out.all()
+    );
+    assert!(
+        !out.stdout.contains("virtio-rng round trip ok"),
         "{}",
         out.all()
     );

@@ -89,17 +89,17 @@ impl Link {
         }
     }
 
-    /// The handshake's error, if it ended with one (never blocks).
-    fn failed(&self) -> Option<FrontendError> {
-        match self
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            Some(Err(e)) => Some(e.clone()),
-            _ => None,
-        }
+    /// How the handshake ended, or `None` while it runs (never blocks).
+    fn outcome(&self) -> Option<Result<Arc<Hello>, FrontendError>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Ends it as failed, unless it ended already.
+    fn fail(&self, socket: &str, why: String) {
+        self.set(Err(FrontendError {
+            socket: socket.to_string(),
+            message: why,
+        }));
     }
 }
 
@@ -309,10 +309,7 @@ impl Handshake {
 
     /// Ends it without running it: the device fails with `why`.
     pub fn fail(self, why: String) {
-        self.link.set(Err(FrontendError {
-            socket: self.socket,
-            message: why,
-        }));
+        self.link.fail(&self.socket, why);
     }
 }
 
@@ -388,24 +385,30 @@ impl Activation {
     /// Why the handshake failed, once it has (never blocks): the VM cannot go on with
     /// this device.
     pub fn failed(&self) -> Option<FrontendError> {
-        self.link.failed()
+        self.link.outcome()?.err()
     }
 
     /// Ends a handshake still under way as failed (the VM is stopping), so that nothing
     /// waits for it any longer.
     pub fn abandon(&self) {
-        self.link.set(Err(FrontendError {
-            socket: self.socket.clone(),
-            message: "the VM stopped before the backend answered".into(),
-        }));
+        self.link.fail(
+            &self.socket,
+            "the VM stopped before the backend answered".into(),
+        );
     }
 
     /// Tells the backend what the driver did since the last call: a reset stops every
     /// ring the backend runs (GET_VRING_BASE, as the vhost-user spec has rings stopped),
-    /// an activation sends the setup of the queues the driver made ready. Returns whether
+    /// an activation sends the setup of the queues the driver made ready. While the
+    /// handshake still runs nothing is taken (the driver's reset at probe comes before
+    /// it); this never waits for the backend to answer it. Returns whether
     /// anything was sent, or an error the VMM reports (the device is then dead to the
     /// guest).
     pub fn complete(&self) -> Result<bool, FrontendError> {
+        let hello = match self.link.outcome() {
+            None => return Ok(false),
+            Some(outcome) => outcome?,
+        };
         let (reset, activation) = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             (
@@ -420,7 +423,6 @@ impl Activation {
             socket: self.socket.clone(),
             message: format!("{what}: {e}"),
         };
-        let hello = self.link.wait()?;
         let mut frontend = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
         let fe = frontend
             .as_mut()
