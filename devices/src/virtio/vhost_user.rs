@@ -184,34 +184,31 @@ impl VhostUserDevice {
         queues: usize,
         mem: &GuestMemoryMmap,
     ) -> Result<(Self, Activation), FrontendError> {
-        let name = socket.display().to_string();
-        let stream = UnixStream::connect(socket).map_err(|e| FrontendError {
-            socket: name.clone(),
-            message: format!("connect: {e}"),
-        })?;
-        let (dev, activation, handshake) = Self::prepare(stream, &name, device_type, queues, mem)?;
+        let (dev, activation, handshake) = Self::prepare(socket, device_type, queues, mem)?;
         handshake.run();
         dev.link.wait()?;
         Ok((dev, activation))
     }
 
-    /// The device for the backend on `stream` (connected to the socket named `name`),
-    /// before any word with it: the returned [`Handshake`] talks to the backend, on
+    /// The device for the backend at `socket`, connected (which does not wait for a
+    /// backend whose socket listens already) but before any word with it: the returned
+    /// [`Handshake`] talks to the backend, on
     /// whatever thread the VMM runs it, while the VM already boots. The device answers
     /// the driver's first question that needs the backend (features, config space) when
     /// the handshake is done, and [`Activation::failed`] tells the control loop if it
     /// failed.
     pub fn prepare(
-        stream: UnixStream,
-        name: &str,
+        socket: &Path,
         device_type: u32,
         queues: usize,
         mem: &GuestMemoryMmap,
     ) -> Result<(Self, Activation, Handshake), FrontendError> {
+        let name = &socket.display().to_string();
         let err = |what: &str, e: &dyn std::fmt::Display| FrontendError {
             socket: name.to_string(),
             message: format!("{what}: {e}"),
         };
+        let stream = UnixStream::connect(socket).map_err(|e| err("connect", &e))?;
         let mut kicks = Vec::new();
         let mut calls = Vec::new();
         for _ in 0..queues {
@@ -399,15 +396,15 @@ impl Activation {
 
     /// Tells the backend what the driver did since the last call: a reset stops every
     /// ring the backend runs (GET_VRING_BASE, as the vhost-user spec has rings stopped),
-    /// an activation sends the setup of the queues the driver made ready. While the
-    /// handshake still runs nothing is taken (the driver's reset at probe comes before
-    /// it); this never waits for the backend to answer it. Returns whether
+    /// an activation sends the setup of the queues the driver made ready. Until the
+    /// handshake has succeeded nothing is taken (the driver's reset at probe comes before
+    /// it ends; its failure is [`Activation::failed`]'s to report); this never waits for
+    /// the backend to answer it. Returns whether
     /// anything was sent, or an error the VMM reports (the device is then dead to the
     /// guest).
     pub fn complete(&self) -> Result<bool, FrontendError> {
-        let hello = match self.link.outcome() {
-            None => return Ok(false),
-            Some(outcome) => outcome?,
+        let Some(Ok(hello)) = self.link.outcome() else {
+            return Ok(false);
         };
         let (reset, activation) = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());

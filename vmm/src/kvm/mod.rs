@@ -421,11 +421,8 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     let mut transports = Vec::new();
     let mut handshakes = Vec::new();
     for (socket, device_type, queues) in backends.sockets(&cfg.devices) {
-        let name = socket.display().to_string();
-        let stream = std::os::unix::net::UnixStream::connect(&socket)
-            .map_err(|e| KvmError::Setup(backends.explain(format!("{name}: connect: {e}"))))?;
         let (mut dev, activation, handshake) =
-            VhostUserDevice::prepare(stream, &name, device_type, queues, &mem)
+            VhostUserDevice::prepare(&socket, device_type, queues, &mem)
                 .map_err(|e| KvmError::Setup(backends.explain(e.to_string())))?;
         handshakes.push(handshake);
         dev.wake_on_pending(wake.clone());
