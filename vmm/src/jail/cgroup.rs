@@ -316,6 +316,23 @@ impl VmCgroup {
         Ok(())
     }
 
+    /// A descriptor of the VM's cgroup when it is a single cgroup v2 directory, for
+    /// `clone3(CLONE_INTO_CGROUP)`: a child created straight into it never moves itself
+    /// in through `cgroup.procs`, whose global lock waits for an RCU grace period (v1
+    /// has `tasks` for that instead, see [`VmCgroup::enter`]). None on v1 or when the
+    /// directory cannot be opened.
+    pub fn v2_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        let [dir] = self.dirs.as_slice() else {
+            return None;
+        };
+        if dir.join("tasks").exists() {
+            return None;
+        }
+        std::fs::File::open(dir)
+            .ok()
+            .map(std::os::fd::OwnedFd::from)
+    }
+
     /// The directories, for messages and tests.
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs

@@ -157,16 +157,23 @@ where
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
         return Err(os("unshare(CLONE_NEWPID)"));
     }
+    // Straight into a v2 cgroup where the kernel can (then the child need not move
+    // itself in), else fork and the child enters it.
+    let into = cgroup
+        .as_ref()
+        .and_then(VmCgroup::v2_fd)
+        .and_then(|fd| fork_into_cgroup(&fd));
+    let entered = into.is_some();
     // SAFETY: this process has one thread (checked by the caller), so the child gets
     // every lock in the state the only thread left it in.
-    let pid = unsafe { libc::fork() };
+    let pid = into.unwrap_or_else(|| unsafe { libc::fork() });
     if pid == 0 {
         drop(rd);
         drop(own_pid_ns);
         crate::volumes::close_inherited_locks();
         PARENT_PIDFD.store(pidfd.as_raw_fd(), Ordering::SeqCst);
         std::mem::forget(pidfd);
-        let result = child(cgroup.as_ref(), vm);
+        let result = child(cgroup.as_ref().filter(|_| !entered), vm);
         // The cgroup is the parent's to remove.
         std::mem::forget(cgroup);
         let mut w = std::fs::File::from(wr);
@@ -204,6 +211,77 @@ where
             )
         })
     }))
+}
+
+/// `fork()` with the child created in the cgroup v2 directory `cgroup`
+/// (`clone3(CLONE_INTO_CGROUP)`, Linux 5.7): the child need not move itself in through
+/// `cgroup.procs`, the largest single step of a VM's start on a v2 host (its write
+/// lock waits for an RCU grace period; a fork only reads it). None when the kernel or
+/// the C library does not allow it (the caller then forks and the child enters).
+///
+/// The child returns here like a fork's, and runs on: the caller has a single thread,
+/// so no lock is held by another, and nothing in hostd registers `pthread_atfork`
+/// handlers. What glibc's own fork does besides, done here too: the thread id that the
+/// C library keeps for the thread (at the address it gave `set_tid_address`, which
+/// `PR_GET_TID_ADDRESS` returns) is set to the child's by the kernel
+/// (`CLONE_CHILD_SETTID`), and cleared at its end (`CLONE_CHILD_CLEARTID`). Robust
+/// mutexes, the one thing left unregistered in the child, are not used.
+fn fork_into_cgroup(cgroup: &OwnedFd) -> Option<libc::pid_t> {
+    if !cfg!(target_env = "gnu") {
+        // musl gives set_tid_address another word than the thread's id.
+        return None;
+    }
+    /// `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2).
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+    const PR_GET_TID_ADDRESS: libc::c_int = 40;
+    let mut tid: *mut libc::c_int = std::ptr::null_mut();
+    // SAFETY: PR_GET_TID_ADDRESS writes one pointer to the address given.
+    let r = unsafe { libc::prctl(PR_GET_TID_ADDRESS, &mut tid as *mut *mut libc::c_int) };
+    if r != 0 || tid.is_null() {
+        return None;
+    }
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP
+            | libc::CLONE_CHILD_SETTID as u64
+            | libc::CLONE_CHILD_CLEARTID as u64,
+        child_tid: tid as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM or a stack behaves as fork (see above for what
+    // makes that sound here); `args` lives through the call and `tid` is this thread's
+    // own id word, which the kernel writes in the child's copy of memory only.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid < 0 {
+        tracing::debug!(
+            "clone3(CLONE_INTO_CGROUP): {}; forking instead",
+            std::io::Error::last_os_error()
+        );
+        return None;
+    }
+    Some(pid as libc::pid_t)
 }
 
 /// Waits for the VM's process, passing on each SIGINT/SIGTERM/SIGHUP this process gets
@@ -264,6 +342,79 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The child of `fork_into_cgroup` starts in the cgroup, and the C library's idea
+    /// of its thread id is its own (a raw clone3 would otherwise leave the parent's).
+    #[test]
+    fn a_child_is_forked_straight_into_a_v2_cgroup() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "mounting a cgroup2 hierarchy needs root"
+            );
+            eprintln!("SKIP: not root (mounting a cgroup2 hierarchy needs it)");
+            return;
+        }
+        let mnt = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let m = std::ffi::CString::new(mnt.path().as_os_str().as_encoded_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ty = c"cgroup2";
+        // SAFETY: valid NUL-terminated strings, no data.
+        let r = unsafe {
+            libc::mount(ty.as_ptr(), m.as_ptr(), ty.as_ptr(), 0, std::ptr::null())
+        };
+        assert_eq!(r, 0, "mount cgroup2: {}", std::io::Error::last_os_error());
+        struct Unmount(std::ffi::CString);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                // SAFETY: a valid path; detaching has no memory effects.
+                unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        let _unmount = Unmount(m);
+        let name = format!("hostd-test-{}", std::process::id());
+        let dir = mnt.path().join(&name);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let fd = OwnedFd::from(std::fs::File::open(&dir).unwrap_or_else(|e| panic!("{e}")));
+        let Some(pid) = fork_into_cgroup(&fd) else {
+            panic!(
+                "clone3(CLONE_INTO_CGROUP) refused: {}",
+                std::io::Error::last_os_error()
+            );
+        };
+        if pid == 0 {
+            let cg = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+            let in_cgroup = cg.lines().any(|l| l == format!("0::/{name}"));
+            let mut tid: *mut libc::c_int = std::ptr::null_mut();
+            // SAFETY: as in fork_into_cgroup.
+            unsafe { libc::prctl(40, &mut tid as *mut *mut libc::c_int) };
+            // SAFETY: the C library's own thread-id word of this thread.
+            let cached = unsafe { *tid };
+            // SAFETY: gettid has no preconditions.
+            let real = unsafe { libc::gettid() };
+            // A thread works in the child as after fork.
+            let thread = std::thread::spawn(|| 7).join().unwrap_or(0);
+            let code = match (in_cgroup, cached == real, thread == 7) {
+                (true, true, true) => 0,
+                (false, _, _) => 1,
+                (_, false, _) => 2,
+                _ => 3,
+            };
+            // SAFETY: ends the child without running the parent's test harness.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: our own child, a valid out-pointer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let _ = std::fs::remove_dir(&dir);
+        assert!(libc::WIFEXITED(status), "child status {status:#x}");
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "1: not in the cgroup, 2: stale thread id, 3: no thread"
+        );
+    }
 
     #[test]
     fn outcomes_survive_the_pipe() {
