@@ -128,7 +128,7 @@ jail() {
         # Every thread: a vring worker must be as jailed as the main thread.
         for t in $p/task/*; do
             if [ "$(readlink $t/ns/mnt)" = "$own" ]; then ns=host; else ns=own; fi
-            echo "backend $3 pid ${p#/proc/} task ${t##*/}: $(grep -E '^(Uid|Gid|Groups|CapEff|CapBnd|NoNewPrivs|Seccomp):' $t/status | tr '\t\n' '  ') MntNs: $ns NprocMax: $(awk '/^Max processes/ {print $3}' $p/limits) AsMax: $(awk '/^Max address space/ {print $4}' $p/limits)"
+            echo "backend $3 pid ${p#/proc/} task ${t##*/}: $(grep -E '^(Uid|Gid|Groups|CapEff|CapBnd|NoNewPrivs|Seccomp):' $t/status | tr '\t\n' '  ') MntNs: $ns NprocMax: $(awk '/^Max processes/ {print $3}' $p/limits) AsMax: $(awk '/^Max address space/ {print $4}' $p/limits) Cgroup: $(cat $p/cgroup) MemMax: $(cat /sys/fs/cgroup$(cut -d: -f3 $p/cgroup)/memory.max)"
         done
     done
     echo "backends=$n"
@@ -276,6 +276,13 @@ fn built_in_vmm_on_real_nested_kvm() {
             ((128u64 + 512) << 20).to_string(),
             "{head}: {f:?}"
         );
+        // The VM's cgroup v2 (the VM's process is forked straight into it, and its
+        // backends are its children): guest memory plus 512 MiB.
+        assert!(
+            field("Cgroup").starts_with("0::/") && field("Cgroup").contains("/hostd-vm-"),
+            "{head}: {f:?}"
+        );
+        assert_eq!(field("MemMax"), ((128u64 + 512) << 20).to_string(), "{head}: {f:?}");
         let name = head.split_whitespace().next().unwrap_or_default();
         let prev = uids.insert(uid[0].to_string(), name);
         assert!(

@@ -190,13 +190,20 @@ impl Console {
 /// within about a minute.
 const STALL: Duration = Duration::from_secs(300);
 
+/// How long the test host may print nothing at all before it counts as wedged: longer
+/// than a case may run before the test host's own watchdog reports it
+/// ([`CASE_LIMIT_SECS`]), so that a case that hangs in a working test host is reported
+/// by it, with its stacks.
+const WEDGED: Duration = Duration::from_secs(CASE_LIMIT_SECS as u64 + 180);
+
 /// Boots the test host with `payload` (its /kvmtest/run.sh runs) on `cpus` vCPUs and
 /// `mem_mib` of memory, waits at most `limit`, and returns its console.
 ///
 /// Two known faults are retried once, loudly (docs/testing.md): the test host's own
 /// kernel (Debian's, under QEMU TCG with emulated SVM) was seen once in six boots to lock
 /// up in a `hostd` task ("soft lockup - CPU#0 stuck"), and one case once hung with no
-/// output. A boot that logged a lock-up and made no progress for [`STALL`] is killed, and
+/// output. A boot that logged a lock-up and made no progress for [`STALL`], or that
+/// printed nothing at all for [`WEDGED`], is killed, and
 /// a case that ran past [`CASE_LIMIT_SECS`] is killed by the test host's own watchdog
 /// (its tasks' kernel stacks printed, rc 124); either way the test host is booted again
 /// with everything printed. A second fault fails; any other hang fails at once.
@@ -209,7 +216,7 @@ pub fn boot(base: &Path, payload: &Payload, cpus: u32, mem_mib: u32, limit: Dura
                 c.runs[case].1
             ),
         },
-        Err(console) => format!("the test host's kernel locked up; its console:\n{console}"),
+        Err(console) => format!("the test host's kernel locked up or wedged; its console:\n{console}"),
     };
     eprintln!("KVMHOST: booting the test host again once (known: docs/testing.md): {why}");
     match boot_once(base, payload, cpus, mem_mib, limit) {
@@ -260,11 +267,25 @@ fn boot_once(
     let start = std::time::Instant::now();
     // Progress is a new framed line (a locked-up kernel keeps printing its lock-up).
     let (mut frames, mut changed) = (0usize, start);
+    // Any output at all: a test host that printed nothing for WEDGED, not even its own
+    // watchdog's report of a case past CASE_LIMIT_SECS, is wedged.
+    let (mut len, mut spoke) = (0usize, start);
     while child.try_wait().expect("wait for qemu").is_none() {
         let text = read();
         let now = text.matches("KVMOUT ").count();
         if now != frames {
             (frames, changed) = (now, std::time::Instant::now());
+        }
+        if text.len() != len {
+            (len, spoke) = (text.len(), std::time::Instant::now());
+        }
+        if spoke.elapsed() > WEDGED {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "{text}\n(no output at all for {} s: the test host is wedged)",
+                WEDGED.as_secs()
+            ));
         }
         if changed.elapsed() > STALL && text.contains("soft lockup") {
             let _ = child.kill();

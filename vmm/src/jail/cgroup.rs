@@ -266,19 +266,31 @@ impl VmCgroup {
             .into_iter()
             .filter(|c| available.split_whitespace().any(|a| a == *c))
             .collect();
+        // Only the controllers not enabled yet (after the first VM: none). A write to
+        // `cgroup.subtree_control`, even one that changes nothing, takes the kernel's
+        // threadgroup lock for writing, which waits for an RCU grace period.
+        let enabled =
+            std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
         let enable: String = wanted
             .iter()
+            .filter(|c| !enabled.split_whitespace().any(|e| e == **c))
             .map(|c| format!("+{c}"))
             .collect::<Vec<_>>()
             .join(" ");
-        if let Err(e) = write(&parent.join("cgroup.subtree_control"), &enable) {
+        let control = parent.join("cgroup.subtree_control");
+        let first = if enable.is_empty() {
+            Ok(())
+        } else {
+            write(&control, &enable)
+        };
+        if let Err(e) = first {
             // v2 enables controllers for children only of a cgroup without processes
             // of its own: move this process into a leaf below its cgroup first (still
             // below, never out of it), then try again.
             let leaf = parent.join("hostd-run");
             let _ = std::fs::create_dir(&leaf);
             write(&leaf.join("cgroup.procs"), "0")?;
-            write(&parent.join("cgroup.subtree_control"), &enable)
+            write(&control, &enable)
                 .map_err(|e2| JailError(format!("{e}; after moving to a leaf: {e2}")))?;
         }
         write(&dir.join("memory.max"), &limits.memory_bytes.to_string())?;
