@@ -47,7 +47,7 @@ impl Common {
             return None;
         }
         Some(JailOptions {
-            keep_net: false,
+            keep_net: self.in_vm_netns,
             id: Some(
                 self.jail_id
                     .unwrap_or_else(|| jail_id(std::process::id(), IDS_PER_VM - 1)),
@@ -75,6 +75,10 @@ pub struct Common {
     /// Debugging only: no jail, no seccomp filter.
     #[arg(long)]
     no_sandbox: bool,
+    /// Internal (`hostd run`): the network namespace this backend starts in is already
+    /// its VM's own empty one, which the jail keeps rather than creating another.
+    #[arg(long, hide = true)]
+    in_vm_netns: bool,
     /// The unprivileged uid and gid to run as once jailed [default: one of hostd's
     /// jail range derived from this process's pid].
     #[arg(long, value_name = "ID")]

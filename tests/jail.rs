@@ -343,7 +343,7 @@ fn check_jailed(p: &Proc, extra_fds: &[&str], problems: &mut Vec<String>) {
             field(&status, "CapEff:")
         ));
     }
-    for ns in ["mnt", "pid"] {
+    for ns in ["mnt", "pid", "net"] {
         let own = std::fs::read_link(format!("/proc/self/ns/{ns}")).ok();
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
         if theirs.is_none() || theirs == own {

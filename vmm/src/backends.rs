@@ -227,7 +227,7 @@ impl RunningBackends {
         sandbox: bool,
         memory_mib: u32,
     ) -> Result<Self, BackendsError> {
-        let mut running = Self::spawn(exe, backends, sandbox, memory_mib)?;
+        let mut running = Self::spawn(exe, backends, sandbox, memory_mib, None)?;
         running.ensure_alive()?;
         Ok(running)
     }
@@ -239,11 +239,17 @@ impl RunningBackends {
     /// environment, no inherited fd but stdout and stderr, and dies with the calling
     /// thread (keep calling [`RunningBackends::check`] from that same thread: the kernel
     /// sends the parent-death signal when the creating *thread* exits).
+    ///
+    /// With `host_net` (from [`crate::jail::empty_netns_for_backends`]: this process is
+    /// in an empty network namespace of its own), jailed backends stay in that one
+    /// rather than each creating another, but for the net backend, which goes back to
+    /// `host_net` to open its TAP and then leaves it for a namespace of its own.
     pub fn spawn(
         exe: &Path,
         backends: &[DeviceBackend],
         sandbox: bool,
         memory_mib: u32,
+        host_net: Option<&std::os::fd::OwnedFd>,
     ) -> Result<Self, BackendsError> {
         let dir = tempfile::Builder::new()
             .prefix("hostd-devices-")
@@ -286,6 +292,15 @@ impl RunningBackends {
             if !sandbox {
                 cmd.arg("--no-sandbox");
             }
+            let host_net = host_net.map(std::os::fd::AsRawFd::as_raw_fd);
+            let to_host_net = match (host_net, b) {
+                (Some(fd), DeviceBackend::Net { .. }) => Some(fd),
+                (Some(_), _) => {
+                    cmd.arg("--in-vm-netns");
+                    None
+                }
+                (None, _) => None,
+            };
             // Its own process group: a terminal's Ctrl-C reaches only hostd, which turns it
             // into a clean guest shutdown; the backends end when their VMM hangs up.
             cmd.process_group(0);
@@ -302,6 +317,18 @@ impl RunningBackends {
             // SAFETY: the closure runs between fork and exec and calls only fcntl, which
             // is async-signal-safe; it allocates nothing.
             unsafe { cmd.pre_exec(keep_listener) };
+            if let Some(fd) = to_host_net {
+                let back = move || {
+                    // SAFETY: setns on an fd number (the host's namespace, open in this
+                    // child until exec) has no memory effects.
+                    if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                };
+                // SAFETY: as above: one async-signal-safe system call, no allocation.
+                unsafe { cmd.pre_exec(back) };
+            }
             let child = cmd.spawn().map_err(|e| BackendsError::Start {
                 name: name.clone(),
                 message: e.to_string(),

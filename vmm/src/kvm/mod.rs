@@ -264,8 +264,21 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     // process sets the VM up and loads the kernel; the devices connect after that.
     let exe =
         std::env::current_exe().map_err(|e| KvmError::Setup(format!("own executable: {e}")))?;
-    let mut backends = RunningBackends::spawn(&exe, &cfg.devices, cfg.sandbox, cfg.memory_mib)
-        .map_err(|e| KvmError::Setup(e.to_string()))?;
+    // One empty network namespace for this process and its backends (but net's).
+    let host_net = if cfg.sandbox {
+        jail::empty_netns_for_backends()?
+    } else {
+        None
+    };
+    let mut backends = RunningBackends::spawn(
+        &exe,
+        &cfg.devices,
+        cfg.sandbox,
+        cfg.memory_mib,
+        host_net.as_ref(),
+    )
+    .map_err(|e| KvmError::Setup(e.to_string()))?;
+    drop(host_net);
     let vm: VmFd = setup("KVM_CREATE_VM", kvm.create_vm())?;
     let mem_size = u64::from(cfg.memory_mib) << 20;
     let mut mem = setup("guest memory", memory::create(mem_size))?;
