@@ -282,7 +282,11 @@ fn built_in_vmm_on_real_nested_kvm() {
             field("Cgroup").starts_with("0::/") && field("Cgroup").contains("/hostd-vm-"),
             "{head}: {f:?}"
         );
-        assert_eq!(field("MemMax"), ((128u64 + 512) << 20).to_string(), "{head}: {f:?}");
+        assert_eq!(
+            field("MemMax"),
+            ((128u64 + 512) << 20).to_string(),
+            "{head}: {f:?}"
+        );
         let name = head.split_whitespace().next().unwrap_or_default();
         let prev = uids.insert(uid[0].to_string(), name);
         assert!(

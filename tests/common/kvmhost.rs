@@ -216,7 +216,9 @@ pub fn boot(base: &Path, payload: &Payload, cpus: u32, mem_mib: u32, limit: Dura
                 c.runs[case].1
             ),
         },
-        Err(console) => format!("the test host's kernel locked up or wedged; its console:\n{console}"),
+        Err(console) => {
+            format!("the test host's kernel locked up or wedged; its console:\n{console}")
+        }
     };
     eprintln!("KVMHOST: booting the test host again once (known: docs/testing.md): {why}");
     match boot_once(base, payload, cpus, mem_mib, limit) {

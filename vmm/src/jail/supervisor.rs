@@ -361,9 +361,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let ty = c"cgroup2";
         // SAFETY: valid NUL-terminated strings, no data.
-        let r = unsafe {
-            libc::mount(ty.as_ptr(), m.as_ptr(), ty.as_ptr(), 0, std::ptr::null())
-        };
+        let r = unsafe { libc::mount(ty.as_ptr(), m.as_ptr(), ty.as_ptr(), 0, std::ptr::null()) };
         assert_eq!(r, 0, "mount cgroup2: {}", std::io::Error::last_os_error());
         struct Unmount(std::ffi::CString);
         impl Drop for Unmount {
