@@ -200,7 +200,8 @@ pub fn empty_netns_for_backends() -> Result<Option<std::os::fd::OwnedFd>, JailEr
 
 /// Jails the built-in VMM's process once its devices are connected and before any of
 /// its threads exist: new mount (an empty, read-only root), IPC, UTS and network
-/// namespaces, Landlock, RLIMIT_AS of `guest_bytes` plus [`VMM_OVERHEAD_BYTES`],
+/// namespaces (the network one already entered when [`empty_netns_for_backends`] ran),
+/// Landlock, RLIMIT_AS of `guest_bytes` plus [`VMM_OVERHEAD_BYTES`],
 /// RLIMIT_NPROC of `threads`, not dumpable, no capabilities, and the VM's slot-0 uid.
 /// Without root (no supervisor either), only the capabilities are dropped.
 pub fn enter_vmm(threads: u64, guest_bytes: u64) -> Result<(), JailError> {
