@@ -213,6 +213,9 @@ where
     }))
 }
 
+/// prctl PR_GET_TID_ADDRESS: the address this thread gave `set_tid_address`.
+const PR_GET_TID_ADDRESS: libc::c_int = 40;
+
 /// `fork()` with the child created in the cgroup v2 directory `cgroup`
 /// (`clone3(CLONE_INTO_CGROUP)`, Linux 5.7): the child need not move itself in through
 /// `cgroup.procs`, the largest single step of a VM's start on a v2 host (its write
@@ -248,7 +251,6 @@ fn fork_into_cgroup(cgroup: &OwnedFd) -> Option<libc::pid_t> {
         cgroup: u64,
     }
     const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
-    const PR_GET_TID_ADDRESS: libc::c_int = 40;
     let mut tid: *mut libc::c_int = std::ptr::null_mut();
     // SAFETY: PR_GET_TID_ADDRESS writes one pointer to the address given.
     let r = unsafe { libc::prctl(PR_GET_TID_ADDRESS, &mut tid as *mut *mut libc::c_int) };
@@ -386,7 +388,7 @@ mod tests {
             let in_cgroup = cg.lines().any(|l| l == format!("0::/{name}"));
             let mut tid: *mut libc::c_int = std::ptr::null_mut();
             // SAFETY: as in fork_into_cgroup.
-            unsafe { libc::prctl(40, &mut tid as *mut *mut libc::c_int) };
+            unsafe { libc::prctl(PR_GET_TID_ADDRESS, &mut tid as *mut *mut libc::c_int) };
             // SAFETY: the C library's own thread-id word of this thread.
             let cached = unsafe { *tid };
             // SAFETY: gettid has no preconditions.
