@@ -189,6 +189,7 @@ impl ImageStore {
             let chunk = chunk.map_err(|source| ImageStoreError::Body { source })?;
             total += chunk.len() as u64;
             if total > self.max_bytes {
+                crate::body::drain(&mut stream).await;
                 return Err(ImageStoreError::TooLarge {
                     max: self.max_bytes,
                 });

@@ -9,6 +9,7 @@
 //! - [`client`]: the CLI's side of the socket.
 
 pub mod api;
+pub mod body;
 pub mod client;
 pub mod error;
 pub mod fleet;

@@ -106,6 +106,11 @@ pub struct Json<T>(pub T);
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        // Read here rather than in axum's extractor so that an oversized body is
+        // drained before the 413 (crate::body), not cut off with a broken pipe.
+        let (parts, body) = req.into_parts();
+        let bytes = crate::body::read_capped(body, MAX_JSON_BYTES, "a JSON request body").await?;
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(Json(v)),
             Err(r) => Err(rejection(r.status(), r.body_text())),

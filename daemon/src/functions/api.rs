@@ -5,7 +5,6 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
 use hostd_sandbox::deploy::{DeployError, DeploySpec, VersionInfo};
-use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -173,17 +172,7 @@ async fn put_component(
     State(s): State<AppState>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<StoredComponent>)> {
-    let limited = http_body_util::Limited::new(body, super::MAX_COMPONENT_BYTES);
-    let bytes = match limited.collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ApiError::too_large(format!(
-                "a component may be at most {} MiB",
-                super::MAX_COMPONENT_BYTES >> 20
-            )))
-        }
-        Err(e) => return Err(ApiError::bad_request(format!("reading the body: {e}"))),
-    };
+    let bytes = crate::body::read_capped(body, super::MAX_COMPONENT_BYTES, "a component").await?;
     let host = s.functions.clone();
     let len = bytes.len() as u64;
     let hex = tokio::task::spawn_blocking(move || host.put_component(&bytes))
