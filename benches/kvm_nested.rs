@@ -54,7 +54,7 @@ measure() {
             *"$done"*)
                 echo "KVMBENCH $name done $(( $(ms) - t0 ))"
                 [ "$kill" = 1 ] && kill $pid ;;
-            *timings*) echo "KVMBENCH-INFO $name $line" ;;
+            *timings*|*start-up*) echo "KVMBENCH-INFO $name $line" ;;
         esac
     done < /tmp/m.fifo
     wait $pid

@@ -336,6 +336,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     hostd_vmm::signals::install();
     let mut opts = run_options(args)?;
     let r = plan::resolve(&opts)?;
+    hostd_vmm::phase("image");
     // Capabilities the services declare: each held by this host (checked now, before
     // anything boots), carried by a relay of their own (src/cap_relay.rs).
     let _relay = crate::cap_relay::start(&r.capabilities, args.state_dir.as_deref())?;
@@ -439,6 +440,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     };
     if args.timings {
         eprintln!("hostd: {}", outcome.timings);
+        if let Some(line) = outcome.timings.phases_line() {
+            eprintln!("hostd: {line}");
+        }
     }
     Ok(i32::from(outcome.exit_code))
 }

@@ -191,7 +191,27 @@ fn built_in_vmm_on_real_nested_kvm() {
         out.contains("probe: virtio-rng round trip ok: 16 bytes: "),
         "{out}"
     );
-    eprintln!("KVMTEST probe PASS {}", timings(&out));
+    // --timings breaks the start-up down, from the VM's own process through its jail to
+    // the first KVM_RUN.
+    let steps = out
+        .lines()
+        .find(|l| l.contains("hostd: start-up (ms from hostd start): "))
+        .unwrap_or_else(|| panic!("no start-up steps: {out}"));
+    for step in [
+        "cgroup",
+        "vm process",
+        "backends spawned",
+        "KVM_CREATE_VM",
+        "jailed",
+        "first KVM_RUN",
+    ] {
+        assert!(steps.contains(step), "{step} missing: {steps}");
+    }
+    eprintln!(
+        "KVMTEST probe PASS {}\nKVMTEST {}",
+        timings(&out),
+        steps.trim()
+    );
 
     // hello, one vCPU: the `host` template is what `auto` picks on real KVM.
     let out = assert_ran(&c, "hello", 0);

@@ -44,6 +44,29 @@ pub struct Timings {
     pub first_service_ms: Option<f64>,
     /// The VM ended.
     pub exited_ms: Option<f64>,
+    /// Start-up steps up to the first KVM_RUN and when each ended (built-in VMM):
+    /// where the time before the guest runs goes, without a tracer slowing it.
+    pub phases: Vec<(String, f64)>,
+}
+
+impl Timings {
+    /// The start-up steps as one line ("start-up (ms from hostd start): args 2, …"), or
+    /// None when none were recorded.
+    pub fn phases_line(&self) -> Option<String> {
+        if self.phases.is_empty() {
+            return None;
+        }
+        let steps: Vec<String> = self
+            .phases
+            .iter()
+            .map(|(n, t)| format!("{n} {t:.1}"))
+            .chain(self.vm_started_ms.map(|t| format!("first KVM_RUN {t:.1}")))
+            .collect();
+        Some(format!(
+            "start-up (ms from hostd start): {}",
+            steps.join(", ")
+        ))
+    }
 }
 
 impl std::fmt::Display for Timings {

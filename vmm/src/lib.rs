@@ -26,6 +26,25 @@ pub fn mark_start() {
     jail::vm_pid();
 }
 
+static PHASES: std::sync::Mutex<Vec<(&'static str, f64)>> = std::sync::Mutex::new(Vec::new());
+
+/// Records that start-up step `name` ended now, for `--timings` (see [`Timings::phases`]).
+/// A forked VM process keeps the steps its parent recorded before the fork.
+pub fn phase(name: &'static str) {
+    let now = since_start_ms();
+    if let Ok(mut p) = PHASES.lock() {
+        p.push((name, now));
+    }
+}
+
+/// The start-up steps recorded so far, in order.
+pub fn phases() -> Vec<(String, f64)> {
+    PHASES
+        .lock()
+        .map(|p| p.iter().map(|(n, t)| (n.to_string(), *t)).collect())
+        .unwrap_or_default()
+}
+
 /// The instant timings count from.
 pub fn start_instant() -> std::time::Instant {
     *START.get_or_init(std::time::Instant::now)

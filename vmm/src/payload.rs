@@ -160,7 +160,12 @@ impl Payload {
         let mut buf = vec![0u8; CHUNK.min(self.length as usize)];
         // Checked before and after the read: a write in between changes the stamp.
         let trusted = self.verified.filter(|s| s.holds_for(&self.file));
-        let mut hash = Sha256::new();
+        // Hashed only when there is a digest to check and no stamp vouches for it (a
+        // `--kernel` file has none: hashing it was work for nothing on the start path).
+        let mut hash = self
+            .sha256
+            .filter(|_| trusted.is_none())
+            .map(|_| Sha256::new());
         let mut pos = 0u64;
         while pos < self.length {
             let n = ((self.length - pos) as usize).min(buf.len());
@@ -170,8 +175,8 @@ impl Payload {
                     name: self.name.clone(),
                     source,
                 })?;
-            if trusted.is_none() {
-                hash.update(&buf[..n]);
+            if let Some(h) = hash.as_mut() {
+                h.update(&buf[..n]);
             }
             sink(pos, &buf[..n]).map_err(|message| PayloadError::Sink {
                 name: self.name.clone(),
@@ -185,7 +190,7 @@ impl Payload {
                     name: self.name.clone(),
                 });
             }
-        } else if let Some(want) = self.sha256 {
+        } else if let (Some(want), Some(hash)) = (self.sha256, hash) {
             let got: [u8; 32] = hash.finalize().into();
             if got != want {
                 return Err(PayloadError::Digest {

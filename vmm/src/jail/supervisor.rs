@@ -72,12 +72,18 @@ fn encode(r: &Result<Outcome, String>) -> String {
     let t = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
     match r {
         Ok(o) => format!(
-            "ok\n{}\n{}\n{}\n{}\n{}\n",
+            "ok\n{}\n{}\n{}\n{}\n{}\n{}\n",
             o.exit_code,
             t(o.timings.vm_started_ms),
             t(o.timings.init_started_ms),
             t(o.timings.first_service_ms),
-            t(o.timings.exited_ms)
+            t(o.timings.exited_ms),
+            o.timings
+                .phases
+                .iter()
+                .map(|(n, ms)| format!("{n}={ms}"))
+                .collect::<Vec<_>>()
+                .join(";")
         ),
         Err(e) => format!("err\n{e}"),
     }
@@ -90,13 +96,24 @@ fn decode(s: &str) -> Option<Result<Outcome, String>> {
     let mut l = s.strip_prefix("ok\n")?.lines();
     let exit_code = l.next()?.parse().ok()?;
     let mut t = || l.next().and_then(|v| v.parse().ok());
+    let (vm_started_ms, init_started_ms, first_service_ms, exited_ms) = (t(), t(), t(), t());
+    let phases = l
+        .next()
+        .unwrap_or_default()
+        .split(';')
+        .filter_map(|p| {
+            let (n, ms) = p.split_once('=')?;
+            Some((n.to_string(), ms.parse().ok()?))
+        })
+        .collect();
     Some(Ok(Outcome {
         exit_code,
         timings: Timings {
-            vm_started_ms: t(),
-            init_started_ms: t(),
-            first_service_ms: t(),
-            exited_ms: t(),
+            vm_started_ms,
+            init_started_ms,
+            first_service_ms,
+            exited_ms,
+            phases,
         },
     }))
 }
@@ -125,6 +142,7 @@ where
             None
         }
     };
+    crate::phase("cgroup");
     start(cgroup, vm).map_err(|e| e.to_string())?
 }
 
@@ -168,6 +186,7 @@ where
     // every lock in the state the only thread left it in.
     let pid = into.unwrap_or_else(|| unsafe { libc::fork() });
     if pid == 0 {
+        crate::phase("vm process");
         drop(rd);
         drop(own_pid_ns);
         crate::volumes::close_inherited_locks();
@@ -425,6 +444,7 @@ mod tests {
                 init_started_ms: None,
                 first_service_ms: Some(30.25),
                 exited_ms: Some(40.0),
+                phases: vec![("cgroup".into(), 0.5), ("vm process".into(), 1.25)],
             },
         });
         let back = decode(&encode(&ok)).expect("decodes");
@@ -433,6 +453,13 @@ mod tests {
         assert_eq!(o.timings.vm_started_ms, Some(1.5));
         assert_eq!(o.timings.init_started_ms, None);
         assert_eq!(o.timings.first_service_ms, Some(30.25));
+        assert_eq!(
+            o.timings.phases,
+            vec![
+                ("cgroup".to_string(), 0.5),
+                ("vm process".to_string(), 1.25)
+            ]
+        );
         let err: Result<Outcome, String> = Err("device backend rng died\nline 2".into());
         assert_eq!(
             decode(&encode(&err)).expect("decodes").err().as_deref(),

@@ -260,6 +260,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     // Opened before the backends' socket directory gives this process a mount namespace
     // of its own, so that /dev/kvm is named as on the host.
     let kvm = setup("open /dev/kvm", Kvm::new())?;
+    crate::phase("/dev/kvm");
     // Device backends next: each execs and jails itself (milliseconds) while this
     // process sets the VM up and loads the kernel; the devices connect after that.
     let exe =
@@ -279,7 +280,9 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     )
     .map_err(|e| KvmError::Setup(e.to_string()))?;
     drop(host_net);
+    crate::phase("backends spawned");
     let vm: VmFd = setup("KVM_CREATE_VM", kvm.create_vm())?;
+    crate::phase("KVM_CREATE_VM");
     let mem_size = u64::from(cfg.memory_mib) << 20;
     let mut mem = setup("guest memory", memory::create(mem_size))?;
     let (restore, snap_out) = match snap {
@@ -342,6 +345,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
             cfg.initrd.as_ref(),
         )?),
     };
+    crate::phase("memory+kernel");
     // The payloads' files are closed now; nothing of them stays in this process.
     drop(cfg.kernel);
     drop(cfg.initrd);
@@ -558,6 +562,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         // and one per device for its handshake.
         let threads = 8 + u64::from(cfg.vcpus) + forwarders.len() as u64 + handshakes.len() as u64;
         jail::enter_vmm(threads, mem_size)?;
+        crate::phase("jailed");
     }
     for handshake in handshakes {
         let prog = control_prog.clone();
@@ -735,6 +740,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
             .find(|m| m.0 == abi::marker::SERVICES_STARTED)
             .map(|m| ms(m.1)),
         exited_ms: Some(ms(exited)),
+        phases: crate::phases(),
     };
     if let Some(e) = device_failure {
         return Err(KvmError::Guest(backends.explain(e.to_string())));
