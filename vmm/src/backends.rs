@@ -226,8 +226,9 @@ impl RunningBackends {
         backends: &[DeviceBackend],
         sandbox: bool,
         memory_mib: u32,
+        host_net: Option<&std::os::fd::OwnedFd>,
     ) -> Result<Self, BackendsError> {
-        let mut running = Self::spawn(exe, backends, sandbox, memory_mib, None)?;
+        let mut running = Self::spawn(exe, backends, sandbox, memory_mib, host_net)?;
         running.ensure_alive()?;
         Ok(running)
     }

@@ -226,7 +226,7 @@ pub fn enter_vmm(threads: u64, guest_bytes: u64) -> Result<(), JailError> {
 /// nothing else. `threads` bounds QEMU's and its threads together (same uid).
 pub fn enter_qemu_parent(threads: u64) -> Result<(), JailError> {
     hostd_devices::jail::enter(&hostd_devices::jail::JailOptions {
-        keep_net: false,
+        keep_net: OWN_NETNS.load(std::sync::atomic::Ordering::SeqCst),
         id: Some(vm_jail_id(0)),
         parent: None,
         max_address_space: None,
@@ -280,16 +280,17 @@ fn become_after_fork(
     threads: u64,
     parent: libc::pid_t,
 ) -> std::io::Result<()> {
-    // QEMU needs no network of its own (a net device's TAP is its backend's): a new,
-    // empty network namespace (IPC and UTS are the VM's already).
+    // QEMU needs no network of its own (a net device's TAP is its backend's): an empty
+    // network namespace, the VM's when its process entered one (IPC and UTS are the
+    // VM's already).
     // SAFETY: unshare with a namespace flag has no memory effects.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+    if !OWN_NETNS.load(std::sync::atomic::Ordering::SeqCst)
+        && unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0
+    {
         return Err(last_error());
     }
-    for cap in 0..64 {
-        // SAFETY: prctl with integer arguments; unknown numbers fail, which is fine.
-        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-    }
+    // prctl calls only: async-signal-safe.
+    hostd_devices::jail::caps::drop_bounding_set();
     for (res, limit) in [
         (libc::RLIMIT_CORE, 0),
         (libc::RLIMIT_NPROC, threads),

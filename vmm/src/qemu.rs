@@ -288,9 +288,23 @@ fn run_qemu(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
     }
     let binary = qemu_binary();
     let exe = std::env::current_exe().map_err(QemuError::Io)?;
-    let mut backends =
-        RunningBackends::start(&exe, &boot.devices, boot.sandbox_devices, boot.memory_mib)
-            .map_err(|e| QemuError::Guest(e.to_string()))?;
+    // As under the built-in VMM: one empty network namespace for this process, its
+    // backends (but net, which opens its TAP in the host's) and QEMU, rather than one
+    // each. Only in the VM's own process, which nothing else shares.
+    let host_net = if boot.sandbox_devices && crate::jail::supervisor::supervised() {
+        crate::jail::empty_netns_for_backends().map_err(|e| QemuError::Guest(e.to_string()))?
+    } else {
+        None
+    };
+    let mut backends = RunningBackends::start(
+        &exe,
+        &boot.devices,
+        boot.sandbox_devices,
+        boot.memory_mib,
+        host_net.as_ref(),
+    )
+    .map_err(|e| QemuError::Guest(e.to_string()))?;
+    drop(host_net);
     let device_args = if boot.devices.is_empty() {
         Vec::new()
     } else {
