@@ -283,11 +283,11 @@ fn become_after_fork(
     // QEMU needs no network of its own (a net device's TAP is its backend's): an empty
     // network namespace, the VM's when its process entered one (IPC and UTS are the
     // VM's already).
-    // SAFETY: unshare with a namespace flag has no memory effects.
-    if !OWN_NETNS.load(std::sync::atomic::Ordering::SeqCst)
-        && unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0
-    {
-        return Err(last_error());
+    if !OWN_NETNS.load(std::sync::atomic::Ordering::SeqCst) {
+        // SAFETY: unshare with a namespace flag has no memory effects.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(last_error());
+        }
     }
     // prctl calls only: async-signal-safe.
     hostd_devices::jail::caps::drop_bounding_set();
