@@ -43,6 +43,16 @@ pub struct FrontendError {
     pub message: String,
 }
 
+impl FrontendError {
+    /// Makes `socket`'s errors from what failed and why.
+    fn maker(socket: &str) -> impl Fn(&str, &dyn std::fmt::Display) -> FrontendError + '_ {
+        move |what: &str, e: &dyn std::fmt::Display| FrontendError {
+            socket: socket.to_string(),
+            message: format!("{what}: {e}"),
+        }
+    }
+}
+
 /// What the backend answered in the handshake.
 #[derive(Debug)]
 struct Hello {
@@ -204,10 +214,7 @@ impl VhostUserDevice {
         mem: &GuestMemoryMmap,
     ) -> Result<(Self, Activation, Handshake), FrontendError> {
         let name = &socket.display().to_string();
-        let err = |what: &str, e: &dyn std::fmt::Display| FrontendError {
-            socket: name.to_string(),
-            message: format!("{what}: {e}"),
-        };
+        let err = FrontendError::maker(name);
         let stream = UnixStream::connect(socket).map_err(|e| err("connect", &e))?;
         let mut kicks = Vec::new();
         let mut calls = Vec::new();
@@ -318,10 +325,7 @@ fn handshake(
     queues: usize,
     mem: &GuestMemoryMmap,
 ) -> Result<(Frontend, Hello), FrontendError> {
-    let err = |what: &str, e: &dyn std::fmt::Display| FrontendError {
-        socket: socket.to_string(),
-        message: format!("{what}: {e}"),
-    };
+    let err = FrontendError::maker(socket);
     let mut fe = Frontend::from_stream(stream, queues as u64);
     fe.set_owner().map_err(|e| err("SET_OWNER", &e))?;
     let features = fe.get_features().map_err(|e| err("GET_FEATURES", &e))?;
@@ -416,10 +420,7 @@ impl Activation {
         if !reset && activation.is_none() {
             return Ok(false);
         }
-        let err = |what: &str, e: &dyn std::fmt::Display| FrontendError {
-            socket: self.socket.clone(),
-            message: format!("{what}: {e}"),
-        };
+        let err = FrontendError::maker(&self.socket);
         let mut frontend = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
         let fe = frontend
             .as_mut()
