@@ -238,7 +238,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
     /// Print when the VM started, guest init started, the first service started and the
-    /// VM exited (ms since hostd started), on stderr.
+    /// VM exited (ms since hostd started), on stderr; with the built-in VMM also when
+    /// each start-up step up to the first KVM_RUN ended (docs/startup.md).
     #[arg(long)]
     pub timings: bool,
     /// Stop the VM and fail after this many seconds.
