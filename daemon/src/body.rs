@@ -20,8 +20,8 @@ pub const DRAIN_MAX_BYTES: u64 = 1 << 30;
 pub const DRAIN_MAX_TIME: Duration = Duration::from_secs(30);
 
 /// Reads the rest of `stream` and drops it (bounded by [`DRAIN_MAX_BYTES`] and
-/// [`DRAIN_MAX_TIME`]); returns how many bytes it dropped.
-pub async fn drain(stream: &mut BodyDataStream) -> u64 {
+/// [`DRAIN_MAX_TIME`]).
+pub async fn drain(stream: &mut BodyDataStream) {
     let mut dropped = 0u64;
     let read = async {
         while let Some(Ok(chunk)) = stream.next().await {
@@ -32,7 +32,6 @@ pub async fn drain(stream: &mut BodyDataStream) -> u64 {
         }
     };
     let _ = tokio::time::timeout(DRAIN_MAX_TIME, read).await;
-    dropped
 }
 
 /// Reads a whole body of at most `max` bytes. A larger one is drained (see the module

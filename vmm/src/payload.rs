@@ -162,10 +162,10 @@ impl Payload {
         let trusted = self.verified.filter(|s| s.holds_for(&self.file));
         // Hashed only when there is a digest to check and no stamp vouches for it (a
         // `--kernel` file has none: hashing it was work for nothing on the start path).
-        let mut hash = self
+        let mut check = self
             .sha256
             .filter(|_| trusted.is_none())
-            .map(|_| Sha256::new());
+            .map(|want| (want, Sha256::new()));
         let mut pos = 0u64;
         while pos < self.length {
             let n = ((self.length - pos) as usize).min(buf.len());
@@ -175,7 +175,7 @@ impl Payload {
                     name: self.name.clone(),
                     source,
                 })?;
-            if let Some(h) = hash.as_mut() {
+            if let Some((_, h)) = check.as_mut() {
                 h.update(&buf[..n]);
             }
             sink(pos, &buf[..n]).map_err(|message| PayloadError::Sink {
@@ -190,7 +190,7 @@ impl Payload {
                     name: self.name.clone(),
                 });
             }
-        } else if let (Some(want), Some(hash)) = (self.sha256, hash) {
+        } else if let Some((want, hash)) = check {
             let got: [u8; 32] = hash.finalize().into();
             if got != want {
                 return Err(PayloadError::Digest {
