@@ -7,12 +7,15 @@
 //! runs: the hello image (hostd) or its kernel and initrd sections (Firecracker), start →
 //! `[hello] hello from hostd`, → guest init powering off and → exit; the probe guest,
 //! start → `probe: started` and → `probe: exiting with code` (Firecracker ignores the
-//! probe's exit port, so it is killed there). Medians,
+//! probe's exit port, so it is killed there; its own log goes to a file, as its lines
+//! on the console could split the guest's). Medians,
 //! hostd/Firecracker ratios, JSON in target/bench/kvm_nested.json. hostd's own
 //! `--timings` lines (when its VM started, i.e. the first KVM_RUN) are printed too.
 //!
 //! `FIRECRACKER=/path/to/firecracker cargo bench --bench kvm_nested` (a static binary);
 //! without FIRECRACKER only hostd's figures. KVM_NESTED_RUNS sets the rounds (default 3).
+//! HOSTD_BASELINE=/path/to/hostd (with its hostd-backend beside it) adds another build's
+//! runs to the same rounds (`base-…`), for a comparison inside one boot of the test host.
 //! KVM_NESTED_STRACE=1 adds one untimed `strace -f` run of hostd (this machine's strace,
 //! with its libraries) and prints its trace up to the first KVM_RUN, stamped with
 //! seconds since the epoch: where hostd's time before the guest runs goes.
@@ -66,9 +69,11 @@ r=0
 while [ $r -lt RUNS ]; do
     r=$((r+1))
     measure hostd-hello "hello from hostd" "powering off" 0 ./hostd run --timings hello.img
-    [ -x ./firecracker ] && measure fc-hello "hello from hostd" "powering off" 0 ./firecracker --no-api --config-file fc-hello.json
+    [ -x ./firecracker ] && measure fc-hello "hello from hostd" "powering off" 0 ./firecracker --no-api --log-path /tmp/fc.log --config-file fc-hello.json
+    [ -x ./base/hostd ] && measure base-hello "hello from hostd" "powering off" 0 ./base/hostd run --timings hello.img
     measure hostd-probe "probe: started" "probe: exiting with code" 0 ./hostd run --timings --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
-    [ -x ./firecracker ] && measure fc-probe "probe: started" "probe: exiting with code" 1 ./firecracker --no-api --config-file fc-probe.json
+    [ -x ./base/hostd ] && measure base-probe "probe: started" "probe: exiting with code" 0 ./base/hostd run --timings --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
+    [ -x ./firecracker ] && measure fc-probe "probe: started" "probe: exiting with code" 1 ./firecracker --no-api --log-path /tmp/fc.log --config-file fc-probe.json
 done
 # Where hostd's time before the first KVM_RUN goes (KVM_NESTED_STRACE=1; untimed run):
 # its processes, execs, namespaces, files and KVM ioctls up to the first KVM_RUN.
@@ -182,6 +187,11 @@ fn main() {
             format!("#!/bin/sh\n{}", BENCH_SH.replace("RUNS", &runs.to_string())).as_bytes(),
             0o755,
         );
+    if let Some(base) = std::env::var_os("HOSTD_BASELINE").map(PathBuf::from) {
+        // Another build, with the hostd-backend beside it, in the same rounds.
+        p.program("base/hostd", &base)
+            .program("base/hostd-backend", &base.with_file_name("hostd-backend"));
+    }
     if std::env::var_os("KVM_NESTED_STRACE").is_some() {
         p.program("strace", Path::new("/usr/bin/strace"));
     }
@@ -238,7 +248,14 @@ fn main() {
     let mut json = Vec::new();
     let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
     let js = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.0}"));
-    for name in ["hostd-hello", "fc-hello", "hostd-probe", "fc-probe"] {
+    for name in [
+        "hostd-hello",
+        "base-hello",
+        "fc-hello",
+        "hostd-probe",
+        "base-probe",
+        "fc-probe",
+    ] {
         let (first, done, exit) = (med(name, "first"), med(name, "done"), med(name, "exit"));
         if first.is_none() && done.is_none() {
             continue;
@@ -265,6 +282,18 @@ fn main() {
         ("hello_exit", "hostd-hello", "fc-hello", "exit"),
         ("probe_first_output", "hostd-probe", "fc-probe", "first"),
         ("probe_guest_done", "hostd-probe", "fc-probe", "done"),
+        (
+            "baseline_hello_first_output",
+            "base-hello",
+            "fc-hello",
+            "first",
+        ),
+        (
+            "baseline_probe_first_output",
+            "base-probe",
+            "fc-probe",
+            "first",
+        ),
     ] {
         if let (Some(h), Some(f)) = (med(h, what), med(f, what)) {
             let ratio = h / f;

@@ -17,7 +17,8 @@ let
   version = cargoToml.package.version;
 
   # The sources cargo reads: no target/, no docs, no nix/ (so editing the module does
-  # not rebuild the package).
+  # not rebuild the package), no .cargo/ (its static glibc link needs a libc.a, which
+  # nixpkgs' glibc does not ship: the package links against nixpkgs' glibc as usual).
   src = lib.cleanSourceWith {
     src = lib.cleanSource ../.;
     filter =
@@ -28,6 +29,7 @@ let
       in
       !(builtins.elem top [
         "target"
+        ".cargo"
         "docs"
         "nix"
         "fuzz"

@@ -22,6 +22,7 @@ mod interrupt;
 mod oci_cmd;
 mod progress;
 mod systemd_cmd;
+mod vm_log;
 
 pub use cli::main;
 

@@ -327,7 +327,7 @@ in {{
   mainProgram = pkg.meta.mainProgram;
   guestFlags = pkg.passthru.guest.cargoBuildFlags;
   guestLto = pkg.passthru.guest.CARGO_PROFILE_RELEASE_LTO;
-  keeps = {{ src = keep "src"; guest = keep "guest"; target = keep "target"; nix = keep "nix"; }};
+  keeps = {{ src = keep "src"; guest = keep "guest"; target = keep "target"; nix = keep "nix"; cargo = keep ".cargo"; }};
   flakePackage = flake.packages.x86_64-linux.default.pname;
   flakeModule = toString flake.nixosModules.default;
   overlay = (flake.overlays.default {{ inherit callPackage; }} {{ }}).hostd.pname;
@@ -362,7 +362,7 @@ in {{
     assert_eq!(v["guestLto"], "true", "{json}");
     assert_eq!(
         v["keeps"],
-        serde_json::json!({"src": true, "guest": true, "target": false, "nix": false}),
+        serde_json::json!({"src": true, "guest": true, "target": false, "nix": false, "cargo": false}),
         "{json}"
     );
     assert_eq!(v["flakePackage"], "hostd", "{json}");

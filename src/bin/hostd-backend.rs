@@ -9,6 +9,8 @@
 
 #[path = "../backend_cmd.rs"]
 mod backend_cmd;
+#[path = "../vm_log.rs"]
+mod vm_log;
 
 use clap::{Parser, Subcommand};
 
@@ -32,16 +34,7 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HOSTD_LOG")
-                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .init();
+    vm_log::init();
     let Command::Backend { cmd } = Cli::parse().command;
     match backend_cmd::run(cmd) {
         Ok(code) => std::process::exit(code),

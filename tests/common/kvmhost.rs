@@ -99,6 +99,9 @@ impl Payload {
     /// Copies an executable without its debug information (a debug build of hostd is
     /// hundreds of MB, all of which the test host would hold in memory).
     pub fn program(&self, name: &str, from: &Path) -> &Payload {
+        if let Some(dir) = self.path(name).parent() {
+            std::fs::create_dir_all(dir).expect("mkdir in the payload");
+        }
         let out = Command::new("objcopy")
             .arg("--strip-debug")
             .arg(from)
@@ -146,8 +149,8 @@ impl Payload {
     }
 
     /// The dynamic linker's cache of the libraries copied in (`ldconfig -r`), as any
-    /// Debian host has: without it, every dynamically linked program (hostd and each
-    /// backend, unlike a static Firecracker) looks for its libraries in a dozen
+    /// Debian host has: without it, every dynamically linked program (mkfs.ext4, strace;
+    /// hostd and its backends are static) looks for its libraries in a dozen
     /// directories first, about 15 ms of failed opens each under TCG.
     fn linker_cache(&self) {
         let etc = self.dir.path().join("etc");
