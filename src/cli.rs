@@ -189,10 +189,10 @@ pub fn main<const FULL: bool>() {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
     };
     match &cli.command {
-        // One JSON object a line (time, level, message, fields, spans), for log
-        // collectors.
         // The VM path: no span registry to build at each start (vm_log.rs).
         Command::Vm(_) => crate::vm_log::init(),
+        // One JSON object a line (time, level, message, fields, spans), for log
+        // collectors.
         Command::Daemon(a) if a.log_format == daemon_cmd::LogFormat::Json => {
             tracing_subscriber::fmt()
                 .json()
