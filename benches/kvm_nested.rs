@@ -15,7 +15,8 @@
 //! `FIRECRACKER=/path/to/firecracker cargo bench --bench kvm_nested` (a static binary);
 //! without FIRECRACKER only hostd's figures. KVM_NESTED_RUNS sets the rounds (default 3).
 //! HOSTD_BASELINE=/path/to/hostd (with its hostd-backend beside it) adds another build's
-//! runs to the same rounds (`base-…`), for a comparison inside one boot of the test host.
+//! runs to the same rounds (`base-…`; the two take turns at going first), for a
+//! comparison inside one boot of the test host.
 //! KVM_NESTED_STRACE=1 adds one untimed `strace -f` run of hostd (this machine's strace,
 //! with its libraries) and prints its trace up to the first KVM_RUN, stamped with
 //! seconds since the epoch: where hostd's time before the guest runs goes.
@@ -68,11 +69,15 @@ measure() {
 r=0
 while [ $r -lt RUNS ]; do
     r=$((r+1))
-    measure hostd-hello "hello from hostd" "powering off" 0 ./hostd run --timings hello.img
+    # With a baseline, the two builds take turns at running first: the run right after
+    # Firecracker's hello stalls more often (its guest memory being given back).
+    if [ $((r % 2)) = 0 ] && [ -x ./base/hostd ]; then first=./base/hostd; fn=base; second=./hostd; sn=hostd
+    else first=./hostd; fn=hostd; second=./base/hostd; sn=base; fi
+    measure $fn-hello "hello from hostd" "powering off" 0 $first run --timings hello.img
     [ -x ./firecracker ] && measure fc-hello "hello from hostd" "powering off" 0 ./firecracker --no-api --log-path /tmp/fc.log --config-file fc-hello.json
-    [ -x ./base/hostd ] && measure base-hello "hello from hostd" "powering off" 0 ./base/hostd run --timings hello.img
-    measure hostd-probe "probe: started" "probe: exiting with code" 0 ./hostd run --timings --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
-    [ -x ./base/hostd ] && measure base-probe "probe: started" "probe: exiting with code" 0 ./base/hostd run --timings --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
+    [ -x $second ] && measure $sn-hello "hello from hostd" "powering off" 0 $second run --timings hello.img
+    measure $fn-probe "probe: started" "probe: exiting with code" 0 $first run --timings --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
+    [ -x $second ] && measure $sn-probe "probe: started" "probe: exiting with code" 0 $second run --timings --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
     [ -x ./firecracker ] && measure fc-probe "probe: started" "probe: exiting with code" 1 ./firecracker --no-api --log-path /tmp/fc.log --config-file fc-probe.json
 done
 # Where hostd's time before the first KVM_RUN goes (KVM_NESTED_STRACE=1; untimed run):
