@@ -183,11 +183,6 @@ pub fn main<const FULL: bool>() {
         },
         _ => Cli::parse(),
     };
-    let filter = || {
-        tracing_subscriber::EnvFilter::try_from_env("HOSTD_LOG")
-            .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-    };
     match &cli.command {
         // The VM path: no span registry to build at each start (vm_log.rs).
         Command::Vm(_) => crate::vm_log::init(),
@@ -196,13 +191,13 @@ pub fn main<const FULL: bool>() {
         Command::Daemon(a) if a.log_format == daemon_cmd::LogFormat::Json => {
             tracing_subscriber::fmt()
                 .json()
-                .with_env_filter(filter())
+                .with_env_filter(crate::vm_log::env_filter())
                 .with_writer(std::io::stderr)
                 .with_current_span(true)
                 .init()
         }
         _ => tracing_subscriber::fmt()
-            .with_env_filter(filter())
+            .with_env_filter(crate::vm_log::env_filter())
             .with_writer(std::io::stderr)
             // Plain text where stderr is no terminal (the journal, a log file).
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -17,11 +17,16 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
+/// hostd's log filter: `HOSTD_LOG`, else `RUST_LOG`, else `info` (every subcommand's).
+pub fn env_filter() -> EnvFilter {
+    EnvFilter::try_from_env("HOSTD_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
 /// Installs the subscriber (and the bridge from the `log` crate) for this process.
 pub fn init() {
-    let filter = EnvFilter::try_from_env("HOSTD_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = env_filter();
     let lines = Lines {
         ansi: std::io::stderr().is_terminal(),
         next_span: AtomicU64::new(1),
