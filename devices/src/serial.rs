@@ -34,9 +34,15 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// Called with `true` when a write to the transmit register has no effect but the output
+/// (no "THR empty" interrupt, no divisor latch, no loopback), `false` when it has others.
+pub type TransmitHook = Box<dyn FnMut(bool) + Send>;
+
 /// The console UART.
 pub struct Console<W: Write + Send> {
     uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, W>,
+    /// Told when transmitting changes between output only and more (see [`TransmitHook`]).
+    on_transmit: Option<(TransmitHook, bool)>,
 }
 
 impl<W: Write + Send> std::fmt::Debug for Console<W> {
@@ -50,6 +56,7 @@ impl<W: Write + Send> Console<W> {
     pub fn new(irq: Arc<dyn Interrupt>, out: W) -> Self {
         Console {
             uart: Serial::new(IrqTrigger(irq), out),
+            on_transmit: None,
         }
     }
 
@@ -72,7 +79,34 @@ impl<W: Write + Send> Console<W> {
         };
         let uart =
             Serial::from_state(&state, IrqTrigger(irq), vm_superio::serial::NoEvents, out).ok()?;
-        Some(Console { uart })
+        Some(Console {
+            uart,
+            on_transmit: None,
+        })
+    }
+
+    /// Whether a write to the transmit register only outputs its byte: the "THR empty"
+    /// interrupt is off (the driver polls the line status, as Linux's console and early
+    /// console writes and the probe do), the divisor latch is closed (offset 0 is the
+    /// transmit register, not the divisor's low byte) and loopback is off (the byte is not
+    /// received back). Such writes may be batched and played back later, in order, as
+    /// long as that happens before the guest next reads or reconfigures the UART.
+    pub fn transmit_is_output_only(&self) -> bool {
+        const IER_THR_EMPTY: u8 = 0x02;
+        const LCR_DLAB: u8 = 0x80;
+        const MCR_LOOP: u8 = 0x10;
+        let s = self.uart.state();
+        s.interrupt_enable & IER_THR_EMPTY == 0
+            && s.line_control & LCR_DLAB == 0
+            && s.modem_control & MCR_LOOP == 0
+    }
+
+    /// Calls `hook` now with [`Console::transmit_is_output_only`] and again whenever the
+    /// guest's register writes change it.
+    pub fn on_transmit_mode(&mut self, mut hook: TransmitHook) {
+        let now = self.transmit_is_output_only();
+        hook(now);
+        self.on_transmit = Some((hook, now));
     }
 
     /// The UART's registers and pending input, for a snapshot.
@@ -111,6 +145,57 @@ impl<W: Write + Send> BusDevice for Console<W> {
             if let Err(e) = self.uart.write(off, v) {
                 tracing::debug!("serial write: {e:?}");
             }
+            // IER, LCR and MCR decide what a transmit-register write does.
+            if matches!(off, 1 | 3 | 4) && self.on_transmit.is_some() {
+                let now = self.transmit_is_output_only();
+                if let Some((hook, was)) = self.on_transmit.as_mut().filter(|(_, w)| *w != now) {
+                    *was = now;
+                    hook(now);
+                }
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+
+    #[derive(Default)]
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl Interrupt for Count {
+        fn trigger(&self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The hook hears each change between "a transmit write only outputs" and not, as the
+    /// guest writes IER, LCR and MCR, and nothing when a write changes nothing.
+    #[test]
+    fn transmit_mode_follows_ier_lcr_mcr() {
+        let irq = Arc::new(Count::default());
+        let mut c = Console::new(irq.clone(), Vec::new());
+        let seen = Arc::new(StdMutex::new(Vec::new()));
+        let s = seen.clone();
+        c.on_transmit_mode(Box::new(move |on| s.lock().expect("hook log").push(on)));
+        // Reset state: IER 0, no DLAB, no loopback.
+        c.write(1, &[0x01]); // receive interrupt only: still output only
+        c.write(1, &[0x03]); // THR empty interrupt on
+        c.write(1, &[0x00]); // and off
+        c.write(3, &[0x83]); // divisor latch open (8N1)
+        c.write(0, &[0x01]); // divisor low byte, not output
+        c.write(3, &[0x03]); // closed
+        c.write(4, &[0x10]); // loopback
+        c.write(4, &[0x00]);
+        c.write(0, b"x");
+        assert_eq!(
+            *seen.lock().expect("hook log"),
+            vec![true, false, true, false, true, false, true]
+        );
+        assert_eq!(c.uart.writer(), b"x");
+        // Turning the THR-empty interrupt on raises it once (vm-superio), a plain write
+        // with it off raises nothing.
+        assert_eq!(irq.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod assist;
 pub mod boot;
+pub mod coalesced;
 pub mod cpuid;
 pub mod memory;
 pub mod mptable;
@@ -516,6 +517,15 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         }
         vcpus.push(fd);
     }
+    // Console output without an exit per byte while the guest polls the UART.
+    let coalesced = vcpus.first().and_then(|fd| coalesced::Ring::map(&kvm, fd));
+    if coalesced.is_some() {
+        let zone = setup("coalesced I/O", coalesced::PortZone::new(&vm, COM1_PORT))?;
+        console
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .on_transmit_mode(Box::new(move |on| zone.set(on)));
+    }
     if let Some(state) = &restore {
         snapshot::restore_vm(&vm, &state.vm)
             .map_err(|e| KvmError::Setup(format!("snapshot: {e}")))?;
@@ -543,6 +553,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         profile: profile::Profile::from_env(),
         wake,
         snapshot: (snap_out.is_some()).then(|| pause.clone()),
+        coalesced,
     });
     *exit_hook.lock().unwrap_or_else(|p| p.into_inner()) = Some(shared.clone());
 
@@ -682,6 +693,8 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         if shared.profile.is_some() {
             kick(&threads);
         }
+        // A guest that printed and went idle: its last bytes are out within a period.
+        shared.drain_coalesced();
         wait_for_wake(&shared.wake, CONTROL_PERIOD);
     }
     let exited = Instant::now();
@@ -707,6 +720,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
             let _ = t.join();
         }
     }
+    shared.drain_coalesced();
 
     if let Some(p) = &shared.profile {
         p.report(30);

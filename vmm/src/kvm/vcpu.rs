@@ -54,6 +54,18 @@ pub struct Shared {
     pub wake: Arc<EventFd>,
     /// Pausing for a snapshot, when this run may take one (snapshot.rs).
     pub snapshot: Option<Arc<super::snapshot::Pause>>,
+    /// Writes KVM coalesced instead of exiting (coalesced.rs), played back before any
+    /// exit is handled.
+    pub coalesced: Option<super::coalesced::Ring>,
+}
+
+impl Shared {
+    /// Plays back the coalesced writes, if any, onto the buses.
+    pub fn drain_coalesced(&self) {
+        if let Some(ring) = &self.coalesced {
+            ring.drain(&self.pio, &self.mmio);
+        }
+    }
 }
 
 impl Shared {
@@ -80,6 +92,10 @@ const VCPU_IOCTLS: &[u64] = &[
     0x8040_ae9f, // KVM_GET_VCPU_EVENTS
     0x4040_aea0, // KVM_SET_VCPU_EVENTS
     0x81a0_ae8c, // KVM_GET_FPU (fwait: is an x87 exception pending?)
+    // The console's transmit register coalesced or not, as the guest sets the UART up
+    // (coalesced.rs).
+    super::coalesced::KVM_REGISTER_COALESCED_MMIO,
+    super::coalesced::KVM_UNREGISTER_COALESCED_MMIO,
 ];
 
 /// The vCPU threads' seccomp filter: KVM_RUN and the register reads for error reports
@@ -242,7 +258,10 @@ pub fn run(mut vcpu: VcpuFd, id: u8, shared: Arc<Shared>, filter: Option<Arc<Bpf
             p.park(&mut vcpu, usize::from(id));
             continue;
         }
-        let reason = match vcpu.run() {
+        let exit = vcpu.run();
+        // Writes the guest made before this exit come first.
+        shared.drain_coalesced();
+        let reason = match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if !shared.pio.write(u64::from(port), data) {
                     tracing::trace!("vCPU {id}: write to unassigned port {port:#x}");
