@@ -72,6 +72,70 @@ main = true
     );
 }
 
+/// A root service outside the secrets namespaces is started without a fork
+/// (guest/init/src/vspawn.rs): it must still get exactly its environment, working
+/// directory, /dev/null as stdin, a process group of its own and no blocked or ignored
+/// signals, and a program that cannot be executed must still fail as before.
+#[test]
+fn a_root_service_gets_its_environment_directory_and_signals() {
+    if !require_qemu_guest() {
+        return;
+    }
+    let (_dir, image) = build(
+        r#"
+name = "spawnenv"
+packages = ["busybox-static"]
+
+[services.broken]
+command = "/etc/passwd"
+
+[services.main]
+command = "/bin/busybox"
+args = ["sh", "-c", """
+echo "cwd $(pwd) home $HOME x $X path $PATH"
+echo "env $(env | /bin/busybox wc -l)"
+/bin/busybox grep -E '^Sig(Blk|Ign)' /proc/self/status
+echo "stdin $(/bin/busybox wc -c)"
+echo "group $(/bin/busybox cut -d' ' -f5 /proc/$$/stat) pid $$"
+"""]
+workdir = "/tmp"
+env = { X = "y" }
+main = true
+"#,
+    );
+    let out = run_image(&image, &[]);
+    let c = &out.stdout;
+    assert_eq!(out.code(), Some(0), "{}", out.all());
+    assert!(
+        c.contains("[main] cwd /tmp home /root x y path /usr/local/sbin:"),
+        "{c}"
+    );
+    // PATH, HOME, X (and the PWD and SHLVL the shell sets itself).
+    assert!(c.contains("[main] env "), "{c}");
+    assert!(c.contains("[main] SigBlk:\t0000000000000000"), "{c}");
+    // A shell may ignore a few signals itself; SIGPIPE (bit 12) and SIGTERM (bit 14)
+    // reach a service with their default action.
+    let ignored = c
+        .split("[main] SigIgn:\t")
+        .nth(1)
+        .and_then(|s| s.get(..16))
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .expect("SigIgn line");
+    assert_eq!(ignored & ((1 << 12) | (1 << 14)), 0, "{c}");
+    assert!(c.contains("[main] stdin 0"), "{c}");
+    let group = c
+        .split("[main] group ")
+        .nth(1)
+        .and_then(|s| s.lines().next())
+        .unwrap_or_default();
+    let mut it = group.split(" pid ");
+    assert_eq!(it.next(), it.next(), "own process group: {c}");
+    assert!(
+        c.contains("service broken cannot start: cannot start /etc/passwd: Permission denied"),
+        "{c}"
+    );
+}
+
 #[test]
 fn services_start_in_dependency_order_and_failures_restart() {
     if !require_qemu_guest() {

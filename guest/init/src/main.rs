@@ -18,6 +18,7 @@ mod spawn;
 mod sys;
 mod tmpfs;
 mod volumes;
+mod vspawn;
 
 use std::time::{Duration, Instant};
 
@@ -72,6 +73,14 @@ fn main() {
             root.fs
         ));
     }
+    // The same on every run, so before the snapshot point: a VM restored from it does not
+    // redo them (each is guest kernel work: bringing the loopback up and starting a
+    // thread cost 100-150 ms apiece on a nested PVM host).
+    if let Err(e) = net::loopback_up() {
+        log(&format!("network: {e}"));
+    }
+    console::watch_for_shutdown_request();
+    console::start_relay_thread();
     // The snapshot point: nothing of this run's volumes, secrets or services is in the
     // VM yet (docs/snapshots.md).
     resume::snapshot_point();
@@ -116,7 +125,6 @@ fn main() {
         }
         secret_dirs = Some(Default::default());
     }
-    console::watch_for_shutdown_request();
     let mut sup = Supervisor::new(&manifest);
     sup.secrets = secret_dirs;
     sup.caps = cap_dirs;

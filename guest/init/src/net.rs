@@ -129,11 +129,17 @@ pub fn netmask(prefix: u8) -> Ipv4Addr {
     Ipv4Addr::from(bits)
 }
 
-/// Brings up `lo` always, and `eth0` as configured.
-pub fn configure(cfg: Option<&NetConfig>) -> Result<(), String> {
+/// Brings the loopback interface up (before the snapshot point: it is the same on every
+/// run).
+pub fn loopback_up() -> Result<(), String> {
     let sock = crate::sys::NetSocket::new().map_err(|e| format!("socket: {e}"))?;
-    sock.up("lo").map_err(|e| format!("lo up: {e}"))?;
+    sock.up("lo").map_err(|e| format!("lo up: {e}"))
+}
+
+/// Configures `eth0` as given (nothing without a configuration).
+pub fn configure(cfg: Option<&NetConfig>) -> Result<(), String> {
     let Some(cfg) = cfg else { return Ok(()) };
+    let sock = crate::sys::NetSocket::new().map_err(|e| format!("socket: {e}"))?;
     sock.set_addr("eth0", cfg.addr, netmask(cfg.prefix))
         .map_err(|e| format!("eth0 address: {e}"))?;
     sock.up("eth0").map_err(|e| format!("eth0 up: {e}"))?;
