@@ -1,7 +1,7 @@
 //! The console: init's own log lines and every service's output, prefixed with its
 //! name, one whole line at a time.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -95,7 +95,6 @@ static RELAY_WAKE: std::sync::OnceLock<std::os::fd::OwnedFd> = std::sync::OnceLo
 
 /// Starts the one thread that relays every program's output (before the snapshot point,
 /// so that a restored VM starts no thread per service: each costs guest kernel work).
-/// Without it (it could not start), each relay gets a thread of its own.
 pub fn start_relay_thread() {
     // SAFETY: eventfd with valid flags; the result is checked.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -165,58 +164,37 @@ fn relay_loop(wake: libc::c_int) {
     }
 }
 
-/// Copies `pipe` to the console, prefixing each line with `[name] `, until EOF.
+/// Copies `pipe` to the console, prefixing each line with `[name] `, until EOF (on the
+/// relay thread, started now if it is not yet running).
 pub fn relay(name: &str, pipe: std::fs::File) -> Relay {
-    let prefix = format!("[{name}] ");
     let done = Relay::default();
-    RELAYS.fetch_add(1, Ordering::SeqCst);
-    if let Some(wake) = RELAY_WAKE.get() {
-        NEW_SOURCES
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Source {
-                prefix,
-                pipe,
-                buf: Vec::new(),
-                done: done.0.clone(),
-            });
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from `one` to the eventfd.
-        unsafe {
-            libc::write(
-                std::os::fd::AsRawFd::as_raw_fd(wake),
-                one.as_ptr().cast(),
-                8,
-            )
-        };
-        return done;
+    if RELAY_WAKE.get().is_none() {
+        start_relay_thread();
     }
-    let flag = done.0.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("relay-{name}"))
-        .spawn(move || {
-            let mut r = BufReader::new(pipe);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match (&mut r).take(MAX_LINE as u64).read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        while buf.last() == Some(&b'\n') || buf.last() == Some(&b'\r') {
-                            buf.pop();
-                        }
-                        write_line(&prefix, &buf);
-                    }
-                }
-            }
-            flag.store(true, Ordering::SeqCst);
-            RELAYS.fetch_sub(1, Ordering::SeqCst);
-        });
-    if spawned.is_err() {
-        RELAYS.fetch_sub(1, Ordering::SeqCst);
+    let Some(wake) = RELAY_WAKE.get() else {
         log(&format!("cannot start the output relay for {name}"));
         done.0.store(true, Ordering::SeqCst);
-    }
+        return done;
+    };
+    RELAYS.fetch_add(1, Ordering::SeqCst);
+    NEW_SOURCES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(Source {
+            prefix: format!("[{name}] "),
+            pipe,
+            buf: Vec::new(),
+            done: done.0.clone(),
+        });
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from `one` to the eventfd.
+    unsafe {
+        libc::write(
+            std::os::fd::AsRawFd::as_raw_fd(wake),
+            one.as_ptr().cast(),
+            8,
+        )
+    };
     done
 }
 
