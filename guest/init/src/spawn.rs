@@ -69,7 +69,8 @@ pub fn resolve_user(spec: &str, passwd: &str) -> Result<User, String> {
     ))
 }
 
-fn pipe() -> std::io::Result<(std::fs::File, OwnedFd)> {
+/// A pipe, both ends close-on-exec: (read, write).
+pub(crate) fn pipe() -> std::io::Result<(std::fs::File, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {

@@ -173,18 +173,6 @@ pub fn spawn(
 mod tests {
     use super::*;
     use std::io::Read;
-    use std::os::fd::FromRawFd;
-
-    fn pipe() -> (std::fs::File, OwnedFd) {
-        let mut fds = [0; 2];
-        // SAFETY: a valid two-element array for pipe2 to fill.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: pipe2 succeeded; both fds are ours.
-        let read = unsafe { std::fs::File::from_raw_fd(fds[0]) };
-        // SAFETY: as above.
-        let write = unsafe { OwnedFd::from_raw_fd(fds[1]) };
-        (read, write)
-    }
 
     fn run(
         program: &str,
@@ -192,7 +180,7 @@ mod tests {
         env: &[(&str, &str)],
         dir: &str,
     ) -> (io::Result<i32>, String) {
-        let (mut read, write) = pipe();
+        let (mut read, write) = crate::spawn::pipe().expect("pipe");
         let err = write.try_clone().expect("dup");
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let env: Vec<(String, String)> = env
