@@ -20,10 +20,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-/// Converts to a C string; an interior NUL is the caller's invalid input.
-fn c(s: &str) -> io::Result<CString> {
-    CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
+use crate::sys::cstr;
 
 /// Checks a posix_spawn* return value (an errno, not -1).
 fn ok(r: libc::c_int) -> io::Result<()> {
@@ -37,7 +34,7 @@ fn ok(r: libc::c_int) -> io::Result<()> {
 /// `program` as `execvp` would find it in `path` (the child's `PATH`).
 fn resolve(program: &str, path: &str) -> io::Result<CString> {
     if program.contains('/') {
-        return c(program);
+        return cstr(program);
     }
     for dir in path.split(':').filter(|d| !d.is_empty()) {
         let candidate = Path::new(dir).join(program);
@@ -88,11 +85,11 @@ pub fn spawn(
     let path = resolve(program, child_path)?;
     let argv_owned = std::iter::once(program)
         .chain(args.iter().map(String::as_str))
-        .map(c)
+        .map(cstr)
         .collect::<io::Result<Vec<_>>>()?;
     let envp_owned = env
         .iter()
-        .map(|(k, v)| c(&format!("{k}={v}")))
+        .map(|(k, v)| cstr(&format!("{k}={v}")))
         .collect::<io::Result<Vec<_>>>()?;
     let mut argv: Vec<*mut libc::c_char> =
         argv_owned.iter().map(|s| s.as_ptr().cast_mut()).collect();
@@ -100,8 +97,8 @@ pub fn spawn(
     let mut envp: Vec<*mut libc::c_char> =
         envp_owned.iter().map(|s| s.as_ptr().cast_mut()).collect();
     envp.push(std::ptr::null_mut());
-    let dev_null = c("/dev/null")?;
-    let dir = c(workdir)?;
+    let dev_null = cstr("/dev/null")?;
+    let dir = cstr(workdir)?;
 
     // SAFETY: zeroed is the state posix_spawn_file_actions_init expects to overwrite.
     let mut actions = FileActions(unsafe { std::mem::zeroed() });
