@@ -405,3 +405,67 @@ main = true
     );
     assert_eq!(out.code(), Some(128 + 10), "{all}");
 }
+
+/// No service may touch the VMM's I/O ports (boot marker, snapshot, exit): the kernel
+/// copies a thread's I/O permission bitmap into what it forks or spawns and an exec
+/// keeps it, so guest init holds port access only around its own port I/O
+/// (guest/init/src/sys.rs, `Ports`). Guest init's binary in its `port-probe` mode reads
+/// the boot-marker port as an ordinary program: it must die of SIGSEGV, as a root
+/// service started without a fork, as a non-root one, and as a service in the secrets
+/// namespaces, never print "readable".
+#[test]
+fn services_cannot_reach_the_vmms_io_ports() {
+    if !require_qemu_guest() {
+        return;
+    }
+    let probe = "/usr/bin/port-probe port-probe 0x505";
+    for (secrets, user) in [(false, "root"), (false, "nobody"), (true, "nobody")] {
+        let spec = format!(
+            r#"
+name = "ports"
+packages = ["busybox-static"]
+
+[[files]]
+path = "/usr/bin/port-probe"
+source = "port-probe"
+mode = "0755"
+
+[services.probe]
+command = "/usr/bin/port-probe"
+args = ["port-probe", "0x505"]
+user = "{user}"
+{secret_line}
+
+[services.main]
+command = "/bin/busybox"
+args = ["sleep", "2"]
+main = true
+"#,
+            secret_line = if secrets { "secrets = [\"token\"]" } else { "" },
+        );
+        let (dir, image) = build_with_files(&spec, &[("port-probe", Path::new(PROBE))]);
+        let token = dir.path().join("token.txt");
+        std::fs::write(&token, "t").expect("write secret");
+        let secret = format!("token=@{}", token.display());
+        let args: Vec<&str> = if secrets {
+            vec!["--secret", &secret]
+        } else {
+            Vec::new()
+        };
+        let out = run_image(&image, &args);
+        let c = &out.stdout;
+        assert_eq!(out.code(), Some(0), "{probe} as {user}: {}", out.all());
+        assert!(
+            c.contains("[probe] port-probe: reading port 0x505"),
+            "{probe} as {user} (secrets {secrets}) did not run: {c}"
+        );
+        assert!(
+            !c.contains("readable"),
+            "a service could read the VMM's port (as {user}, secrets {secrets}): {c}"
+        );
+        assert!(
+            c.contains("service probe was killed by signal 11"),
+            "{probe} as {user} (secrets {secrets}): {c}"
+        );
+    }
+}

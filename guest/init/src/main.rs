@@ -44,6 +44,9 @@ fn main() {
             if mode == "vsock-probe" && rest.len() <= 1 {
                 std::process::exit(secrets::probe(port, rest.first().map(String::as_str)));
             }
+            if mode == "port-probe" && rest.is_empty() {
+                std::process::exit(sys::port_probe(port));
+            }
         }
     }
     if let Err(e) = sys::block_signals() {

@@ -17,25 +17,22 @@ const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 /// Offers the snapshot point; after a restore, sets the clock and reseeds the kernel's
 /// random number generator. Returns whether this VM was restored.
 pub fn snapshot_point() -> bool {
-    if sys::outb(abi::SNAPSHOT_PORT, snapshot::TAKE).is_err() {
+    // The snapshot port and the resume information after it, in one grant.
+    let span = abi::RESUME_INFO_PORT - abi::SNAPSHOT_PORT + 4;
+    let Ok(ports) = sys::Ports::grant(abi::SNAPSHOT_PORT, span) else {
         return false;
-    }
+    };
+    ports.outb(abi::SNAPSHOT_PORT, snapshot::TAKE);
     // The VMM has taken its snapshot (or declined) by the time `out` returns.
-    if sys::inb(abi::SNAPSHOT_PORT).ok() != Some(snapshot::RESTORED) {
+    if ports.inb(abi::SNAPSHOT_PORT) != snapshot::RESTORED {
         return false;
     }
     let mut info = [0u8; snapshot::RESUME_INFO_LEN];
     for chunk in info.chunks_mut(4) {
-        match sys::inl(abi::RESUME_INFO_PORT) {
-            Ok(v) => chunk.copy_from_slice(&v.to_le_bytes()),
-            Err(e) => {
-                log(&format!(
-                    "restored from a snapshot, but cannot read resume information: {e}"
-                ));
-                return true;
-            }
-        }
+        let word = ports.inl(abi::RESUME_INFO_PORT).to_le_bytes();
+        chunk.copy_from_slice(&word[..chunk.len()]);
     }
+    drop(ports);
     let (clock, entropy) = info.split_at(16);
     let secs = u64::from_le_bytes(clock[..8].try_into().unwrap_or_default());
     let nanos = u32::from_le_bytes(clock[8..12].try_into().unwrap_or_default());

@@ -36,40 +36,116 @@ pub fn sethostname(name: &str) -> io::Result<()> {
     check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
 }
 
-/// Writes one byte to an x86 I/O port. Needs CAP_SYS_RAWIO (PID 1 has it).
-/// Errors when the port cannot be opened (e.g. not running as root).
-pub fn outb(port: u16, value: u8) -> io::Result<()> {
-    // SAFETY: ioperm only changes this thread's I/O permission bitmap.
-    check(unsafe { libc::ioperm(libc::c_ulong::from(port), 1, 1) })?;
-    // SAFETY: ioperm granted access to exactly this port; `out` has no memory effects.
-    unsafe {
-        std::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    };
-    Ok(())
+/// Access to `len` x86 I/O ports from `first`, for this thread, while the value lives.
+/// Needs CAP_SYS_RAWIO (PID 1 has it). The permission is dropped again on drop, because
+/// the kernel copies a thread's I/O permission bitmap into every process it forks or
+/// spawns, and an exec keeps it: a service started while init held it could write the
+/// VMM's boot-marker, snapshot or exit port itself. So init holds it only around its
+/// own port I/O, and one grant serves a run of accesses (each `ioperm` is guest kernel
+/// work: the resume information's 20 reads with a grant each took 115-150 ms on a
+/// nested PVM host).
+pub struct Ports {
+    first: u16,
+    len: u16,
 }
 
-/// Reads one byte from an x86 I/O port (CAP_SYS_RAWIO, as [`outb`]).
-pub fn inb(port: u16) -> io::Result<u8> {
-    // SAFETY: ioperm only changes this thread's I/O permission bitmap.
-    check(unsafe { libc::ioperm(libc::c_ulong::from(port), 1, 1) })?;
+impl Ports {
+    /// Grants access to `first .. first + len`.
+    pub fn grant(first: u16, len: u16) -> io::Result<Ports> {
+        // SAFETY: ioperm only changes this thread's I/O permission bitmap.
+        check(unsafe { libc::ioperm(libc::c_ulong::from(first), libc::c_ulong::from(len), 1) })?;
+        Ok(Ports { first, len })
+    }
+
+    fn check(&self, port: u16, width: u16) {
+        debug_assert!(
+            port >= self.first
+                && u32::from(port) + u32::from(width)
+                    <= u32::from(self.first) + u32::from(self.len),
+            "port {port:#x} outside the grant"
+        );
+    }
+
+    /// Writes one byte to `port`.
+    pub fn outb(&self, port: u16, value: u8) {
+        self.check(port, 1);
+        // SAFETY: this thread may access the port (the grant); `out` has no memory
+        // effects.
+        unsafe {
+            std::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+        };
+    }
+
+    /// Reads one byte from `port`.
+    pub fn inb(&self, port: u16) -> u8 {
+        self.check(port, 1);
+        let value: u8;
+        // SAFETY: as for `outb`.
+        unsafe {
+            std::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+        };
+        value
+    }
+
+    /// Reads four bytes from `port`.
+    pub fn inl(&self, port: u16) -> u32 {
+        self.check(port, 4);
+        let value: u32;
+        // SAFETY: as for `outb`.
+        unsafe {
+            std::arch::asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+        };
+        value
+    }
+}
+
+impl Drop for Ports {
+    fn drop(&mut self) {
+        // SAFETY: as in `grant`; clearing the bits (the kernel frees the bitmap once
+        // none is left).
+        unsafe {
+            libc::ioperm(
+                libc::c_ulong::from(self.first),
+                libc::c_ulong::from(self.len),
+                0,
+            )
+        };
+    }
+}
+
+/// Reads one byte from `port` with whatever I/O permission this thread has, and none
+/// asked for: without one the CPU faults and the process dies of SIGSEGV (what the
+/// `port-probe` mode shows about a service's permissions).
+pub fn inb_as_is(port: u16) -> u8 {
     let value: u8;
-    // SAFETY: ioperm granted access to exactly this port; `in` has no memory effects.
+    // SAFETY: `in` has no memory effects; without permission it raises #GP, which the
+    // kernel turns into SIGSEGV for this process.
     unsafe {
         std::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
     };
-    Ok(value)
+    value
 }
 
-/// Reads four bytes from an x86 I/O port (CAP_SYS_RAWIO, as [`outb`]).
-pub fn inl(port: u16) -> io::Result<u32> {
-    // SAFETY: ioperm only changes this thread's I/O permission bitmap.
-    check(unsafe { libc::ioperm(libc::c_ulong::from(port), 4, 1) })?;
-    let value: u32;
-    // SAFETY: ioperm granted access to exactly these ports; `in` has no memory effects.
-    unsafe {
-        std::arch::asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+/// `hostd-init port-probe PORT` (hex): reads the port as an ordinary program would and
+/// says so; dies of SIGSEGV when the process may not (what a service must get).
+pub fn port_probe(arg: &str) -> i32 {
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    let Ok(port) = u16::from_str_radix(arg.trim_start_matches("0x"), 16) else {
+        let _ = writeln!(out, "port-probe: not a hex port: {arg}");
+        return 2;
     };
-    Ok(value)
+    let _ = writeln!(out, "port-probe: reading port {port:#x}");
+    let _ = out.flush();
+    let v = inb_as_is(port);
+    let _ = writeln!(out, "port-probe: port {port:#x} readable: {v:#x}");
+    0
+}
+
+/// Writes one byte to an x86 I/O port, holding access to it only for the write.
+pub fn outb(port: u16, value: u8) -> io::Result<()> {
+    Ports::grant(port, 1)?.outb(port, value);
+    Ok(())
 }
 
 /// The signals PID 1 handles synchronously with [`wait_signal`].
