@@ -66,9 +66,7 @@ impl Shared {
             ring.drain(&self.pio, &self.mmio);
         }
     }
-}
 
-impl Shared {
     /// Records `reason` (the first one wins) and asks every vCPU to stop.
     pub fn stop_with(&self, reason: StopReason) {
         self.reason
