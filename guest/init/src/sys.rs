@@ -79,12 +79,7 @@ impl Ports {
     /// Reads one byte from `port`.
     pub fn inb(&self, port: u16) -> u8 {
         self.check(port, 1);
-        let value: u8;
-        // SAFETY: as for `outb`.
-        unsafe {
-            std::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
-        };
-        value
+        inb_as_is(port)
     }
 
     /// Reads four bytes from `port`.
