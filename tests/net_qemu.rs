@@ -130,6 +130,7 @@ busybox head -c 8388608 /dev/urandom > /tmp/out
 echo "tx-sha256 $(busybox sha256sum < /tmp/out)"
 busybox nc 10.0.2.1 5002 < /tmp/out
 echo "features $(busybox cat /sys/class/net/eth0/device/features)"
+busybox grep 'eth0:' /proc/net/dev | busybox sed 's/^ */eth0-counters /'
 busybox grep '^Tcp:' /proc/net/snmp | busybox tail -1 | busybox sed 's/^/tcp-counters /'
 echo done
 """]
@@ -170,6 +171,18 @@ fn console_value<'a>(console: &'a str, key: &str) -> Option<&'a str> {
     console
         .lines()
         .find_map(|l| l.split_once(key).map(|(_, v)| v.trim()))
+}
+
+/// The receive errors, drops and frame errors of an `eth0:` line of /proc/net/dev
+/// (bytes packets errs drop fifo frame ...).
+fn rx_errors(values: &str) -> Option<[u64; 3]> {
+    let v: Vec<u64> = values
+        .split_whitespace()
+        .filter(|w| *w != "eth0:")
+        .take(6)
+        .map(|w| w.parse().ok())
+        .collect::<Option<_>>()?;
+    Some([*v.get(2)?, *v.get(3)?, *v.get(5)?])
 }
 
 /// TCP's InCsumErrors from a `Tcp:` value line of /proc/net/snmp.
@@ -303,6 +316,13 @@ fn a_large_transfer_is_intact_both_ways_with_offloads() {
             "feature bit {bit} not acked ({features}):\n{console}"
         );
     }
+    // Every frame the driver took was whole: a merged frame whose buffers it did not
+    // find together on the used ring counts as a length (frame) error and a drop.
+    assert_eq!(
+        console_value(&out.stdout, "eth0-counters ").and_then(rx_errors),
+        Some([0, 0, 0]),
+        "guest rx errors, drops, frame errors:\n{console}"
+    );
     // Checksums right both ways: neither TCP stack counted a checksum error.
     let guest_errors = console_value(&out.stdout, "tcp-counters ").and_then(in_csum_errors);
     assert_eq!(

@@ -2,7 +2,8 @@
 //! (descriptor tables, rings, headers, buffers) and queue geometry for both queues. The
 //! tx path sends every frame into a Vec instead of a TAP; the rx path delivers frames of
 //! fuzzer-chosen sizes (from a byte slice, instead of a TAP) into the rx chains, twice,
-//! so frames left waiting and chains given back are exercised too. Nothing may panic,
+//! so frames left waiting and chains given back are exercised too; every chain a pass
+//! returns must be on the used ring. Nothing may panic,
 //! nothing may touch memory outside the guest's, and every frame sent must be within
 //! bounds, with a header the acked features allow. The acked features (offloads and
 //! mergeable receive buffers or not, legacy header or not) come from the input too, so
@@ -94,7 +95,8 @@ pub fn run(data: &[u8]) {
     let mut pending = None;
     let mut rx_buf = vec![0u8; NET_HDR_LEN + MAX_FRAME];
     for _ in 0..2 {
-        let _ = rx_queue(
+        let old = rx.next_used();
+        let pass = rx_queue(
             &mut rx,
             &mem,
             neg,
@@ -107,5 +109,14 @@ pub fn run(data: &[u8]) {
                 Some(n)
             },
         );
+        // Every chain returned is on the used ring, those of a merged frame included
+        // (published together, past Queue's own add_used).
+        if let Ok(pass) = pass {
+            assert_eq!(
+                usize::from(rx.next_used().wrapping_sub(old)),
+                pass.used % 0x1_0000,
+                "{pass:?}"
+            );
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::ops::Deref;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
-use vm_memory::{GuestMemory, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use crate::virtio::VIRTIO_F_VERSION_1;
 
@@ -583,20 +583,24 @@ where
     }
     let mut rest: &[u8] = frame;
     let mut failed = None;
+    let mut used = Vec::with_capacity(writers.len());
     for (head, mut w) in writers {
         let n = rest.len().min(w.available_bytes());
         let (now, later) = rest.split_at(n);
         rest = later;
-        let used = match w.write_all(now) {
+        let len = match w.write_all(now) {
             Ok(()) => u32::try_from(n).unwrap_or(0),
             Err(e) => {
                 failed.get_or_insert(FrameError::Copy(e.to_string()));
                 0
             }
         };
-        queue.add_used(&**mem, head, used)?;
-        pass.used += 1;
+        used.push((head, len));
     }
+    // The driver takes `num_buffers` entries as soon as it sees the first: all of them
+    // appear at once (virtio 1.2, 5.1.6.4.2).
+    add_used_together(queue, &**mem, &used)?;
+    pass.used += used.len();
     match failed {
         None => pass.frames += 1,
         Some(e) => pass.drop_one(e),
@@ -604,12 +608,83 @@ where
     Ok(Merged::Done)
 }
 
+/// Puts `entries` (head, length) on the used ring and makes them visible to the driver
+/// together, with one store of the used index. (`Queue::add_used` publishes each entry
+/// on its own: a driver polling the ring meanwhile, as Linux's NAPI does from another
+/// CPU, would find a merged frame's first buffer without the rest and drop the frame.)
+///
+/// `Queue`'s count of entries added since the last notification check counts only the
+/// last entry: decide about notifying with [`used_needs_notification`].
+pub fn add_used_together<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    entries: &[(u16, u32)],
+) -> Result<(), virtio_queue::Error> {
+    let Some((&(last_head, last_len), first)) = entries.split_last() else {
+        return Ok(());
+    };
+    let size = queue.size();
+    if entries.iter().any(|&(head, _)| head >= size) {
+        // Nothing written, nothing published.
+        return Err(virtio_queue::Error::InvalidDescriptorIndex);
+    }
+    let start = queue.next_used();
+    for (i, &(head, len)) in (0u16..).zip(first) {
+        // Ring layout: flags (2), idx (2), then 8-byte elements (id u32, len u32).
+        let slot = u64::from(start.wrapping_add(i) % size);
+        let addr = GuestAddress(queue.used_ring())
+            .checked_add(4 + slot * 8)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write_slice(&elem, addr)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+    }
+    let before_last = u16::try_from(first.len()).map_err(|_| virtio_queue::Error::InvalidSize)?;
+    queue.set_next_used(start.wrapping_add(before_last));
+    // Writes the last entry and then (release) the index past all of them.
+    let published = queue.add_used(mem, last_head, last_len);
+    if published.is_err() {
+        queue.set_next_used(start);
+    }
+    published
+}
+
+/// Whether the driver asked to be notified of the used entries from index `old` up to
+/// the queue's next one: always without EVENT_IDX; with it, when its `used_event` lies
+/// among them (virtio 1.2, 2.7.10). Counts every entry since `old`, also those that
+/// [`add_used_together`] published.
+pub fn used_needs_notification<M: GuestMemory>(
+    queue: &Queue,
+    mem: &M,
+    old: u16,
+) -> Result<bool, virtio_queue::Error> {
+    let new = queue.next_used();
+    if new == old {
+        return Ok(false);
+    }
+    if !queue.event_idx_enabled() {
+        return Ok(true);
+    }
+    // The used entries are written before the driver's wish is read.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    // used_event follows the available ring: flags (2), idx (2), ring (2 per entry).
+    let addr = GuestAddress(queue.avail_ring())
+        .checked_add(4 + 2 * u64::from(queue.size()))
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    let event: u16 = mem
+        .load(addr, std::sync::atomic::Ordering::Acquire)
+        .map(u16::from_le)
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    Ok(new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress};
 
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
@@ -991,6 +1066,11 @@ mod tests {
             &mut frames,
         );
         assert_eq!((pass.frames, pass.used, pass.dropped), (2, 4, 0));
+        assert_eq!(used_idx(&q, &mem), 4);
+        assert_eq!(
+            [0, 1, 2, 3].map(|s| used_entry(&q, &mem, s)),
+            [(0, 1500), (1, 1500), (2, 1000), (3, small.len() as u32)]
+        );
         let mut got = vec![0u8; 4500];
         for (i, a) in [0x10000u64, 0x20000, 0x30000].iter().enumerate() {
             mem.read_slice(&mut got[i * 1500..(i + 1) * 1500], GuestAddress(*a))
@@ -1003,6 +1083,90 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(got[10..12], 1u16.to_le_bytes());
         assert_eq!(got[NET_HDR_LEN..], small[NET_HDR_LEN..]);
+    }
+
+    fn used_idx(q: &Queue, mem: &GuestMemoryMmap) -> u16 {
+        q.used_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .0
+    }
+
+    fn used_entry(q: &Queue, mem: &GuestMemoryMmap, slot: u64) -> (u32, u32) {
+        let mut e = [0u8; 8];
+        mem.read_slice(&mut e, GuestAddress(q.used_ring() + 4 + 8 * slot))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let word = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]));
+        (word(&e[..4]), word(&e[4..]))
+    }
+
+    #[test]
+    fn entries_used_together_appear_together_or_not_at_all() {
+        let mem = memory();
+        let mut q = queue(&mem, &[&[(0x10000, 1500, F_WRITE)]]);
+        // Across the end of the 16-entry ring.
+        q.set_next_used(14);
+        add_used_together(&mut q, &mem, &[(3, 1500), (4, 1500), (5, 100)])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            used_idx(&q, &mem),
+            17,
+            "the index moves once, past all three"
+        );
+        assert_eq!(q.next_used(), 17);
+        assert_eq!(used_entry(&q, &mem, 14), (3, 1500));
+        assert_eq!(used_entry(&q, &mem, 15), (4, 1500));
+        assert_eq!(used_entry(&q, &mem, 0), (5, 100));
+        // A bad head anywhere: nothing is published, the queue stays where it was (a
+        // driver polling in between would otherwise see the first buffers on their own).
+        for bad in [[(6, 1), (7, 1), (16, 1)], [(16, 1), (6, 1), (7, 1)]] {
+            assert!(add_used_together(&mut q, &mem, &bad).is_err());
+            assert_eq!((used_idx(&q, &mem), q.next_used()), (17, 17));
+        }
+        add_used_together(&mut q, &mem, &[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(used_idx(&q, &mem), 17);
+    }
+
+    #[test]
+    fn the_notification_counts_every_entry_published_together() {
+        let mem = memory();
+        let mut q = queue(&mem, &[&[(0x10000, 1500, F_WRITE)]]);
+        let used_event = |mem: &GuestMemoryMmap, q: &Queue, v: u16| {
+            mem.write_obj(v.to_le(), GuestAddress(q.avail_ring() + 4 + 2 * 16))
+                .unwrap_or_else(|e| panic!("{e}"));
+        };
+        assert!(
+            !used_needs_notification(&q, &mem, 0).unwrap_or(true),
+            "nothing new"
+        );
+        add_used_together(&mut q, &mem, &[(0, 1), (1, 1), (2, 1)])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            used_needs_notification(&q, &mem, 0).unwrap_or(false),
+            "no EVENT_IDX"
+        );
+        q.set_event_idx(true);
+        // The driver wants to hear when entry 0 (the first of the three) is used:
+        // Queue's own check, counting only the last entry, would stay silent.
+        used_event(&mem, &q, 0);
+        assert!(used_needs_notification(&q, &mem, 0).unwrap_or(false));
+        used_event(&mem, &q, 2);
+        assert!(used_needs_notification(&q, &mem, 0).unwrap_or(false));
+        used_event(&mem, &q, 3);
+        assert!(
+            !used_needs_notification(&q, &mem, 0).unwrap_or(true),
+            "not yet"
+        );
+        used_event(&mem, &q, 0);
+        assert!(
+            !q.needs_notification(&mem).unwrap_or(true),
+            "Queue's own check counts only the last entry"
+        );
+        // Two more after a check at 3: entry 1 was told already, 3 is new.
+        add_used_together(&mut q, &mem, &[(3, 1), (4, 1)]).unwrap_or_else(|e| panic!("{e}"));
+        used_event(&mem, &q, 1);
+        assert!(!used_needs_notification(&q, &mem, 3).unwrap_or(true));
+        used_event(&mem, &q, 3);
+        assert!(used_needs_notification(&q, &mem, 3).unwrap_or(false));
     }
 
     #[test]

@@ -38,8 +38,8 @@ use super::Memory;
 use crate::virtio::VIRTIO_F_VERSION_1;
 
 pub use frames::{
-    read_tx_frame, rx_queue, tx_queue, write_rx_frame, FrameError, Negotiated, Pass, MAX_FRAME,
-    NET_HDR_LEN, OFFLOAD_FEATURES, VIRTIO_NET_F_MAC,
+    read_tx_frame, rx_queue, tx_queue, used_needs_notification, write_rx_frame, FrameError,
+    Negotiated, Pass, MAX_FRAME, NET_HDR_LEN, OFFLOAD_FEATURES, VIRTIO_NET_F_MAC,
 };
 pub use tap::{net_filter, open_tap, parse_mac, NetError, NET_IOCTLS, NET_SYSCALLS};
 
@@ -214,6 +214,7 @@ impl NetBackend {
         let mut total = Pass::default();
         loop {
             state.disable_notification().map_err(io::Error::other)?;
+            let old = state.get_queue().next_used();
             let pass = rx_queue(
                 state.get_queue_mut(),
                 self.mem.memory(),
@@ -224,7 +225,10 @@ impl NetBackend {
             )
             .map_err(io::Error::other)?;
             tracing::trace!("net: {name}: rx {pass:?}");
-            if pass.used > 0 && state.needs_notification().map_err(io::Error::other)? {
+            // Not `needs_notification`: its count misses entries published together.
+            if used_needs_notification(state.get_queue(), &*self.mem.memory(), old)
+                .map_err(io::Error::other)?
+            {
                 state.signal_used_queue()?;
             }
             total.dropped += pass.dropped;
