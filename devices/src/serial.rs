@@ -60,6 +60,12 @@ impl<W: Write + Send> Console<W> {
         }
     }
 
+    /// The output writer (e.g. to write out what it holds back: the UART flushes it
+    /// after every byte).
+    pub fn output_mut(&mut self) -> &mut W {
+        self.uart.writer_mut()
+    }
+
     /// A UART continuing from `saved` (bytes from [`Console::save`], e.g. read back from
     /// a snapshot): registers and pending input as they were. `None` when `saved` is
     /// not a UART state.

@@ -178,17 +178,75 @@ fn kick_signal() -> libc::c_int {
 
 extern "C" fn on_kick(_: libc::c_int) {}
 
-struct StdoutWriter;
+/// The console's output, a line at a time. The UART hands over one byte per
+/// transmit-register write and flushes after each (vm-superio), which on stdout was a
+/// write(2) per byte of console output (the probe's 299 bytes: 299 of them). Here its
+/// flush writes only complete lines (or a full buffer); a partial line (a prompt, an
+/// echoed key) goes out at the control loop's next period ([`flush_console`]), at the
+/// end of the run, or when the writer is dropped.
+struct HeldLines<W: Write> {
+    out: W,
+    held: Vec<u8>,
+}
 
-impl Write for StdoutWriter {
+/// The console's writer: hostd's stdout.
+type StdoutWriter = HeldLines<std::io::Stdout>;
+
+impl<W: Write> HeldLines<W> {
+    /// Written out at this size even without a newline.
+    const MAX: usize = 4096;
+
+    fn new(out: W) -> Self {
+        HeldLines {
+            out,
+            held: Vec::new(),
+        }
+    }
+
+    /// Writes out everything held back.
+    fn write_out(&mut self) -> std::io::Result<()> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let r = self
+            .out
+            .write_all(&self.held)
+            .and_then(|()| self.out.flush());
+        // Output that could not be written is not kept: a closed stdout stays closed.
+        self.held.clear();
+        r
+    }
+}
+
+impl<W: Write> Write for HeldLines<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut out = std::io::stdout().lock();
-        let n = out.write(buf)?;
-        out.flush()?;
-        Ok(n)
+        self.held.extend_from_slice(buf);
+        Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stdout().flush()
+        if self.held.last() == Some(&b'\n') || self.held.len() >= Self::MAX {
+            self.write_out()
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl<W: Write> Drop for HeldLines<W> {
+    fn drop(&mut self) {
+        let _ = self.write_out();
+    }
+}
+
+/// Writes out the console's partial line, if any.
+fn flush_console(console: &Mutex<Console<StdoutWriter>>) {
+    if let Err(e) = console
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .output_mut()
+        .write_out()
+    {
+        tracing::debug!("console output: {e}");
     }
 }
 
@@ -361,9 +419,13 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     )?);
     setup("irqfd", vm.register_irqfd(&com1_irq, COM1_IRQ))?;
     let console = Arc::new(Mutex::new(match &restore {
-        Some(state) => Console::restored(com1_irq, StdoutWriter, &state.serial)
-            .ok_or_else(|| KvmError::Setup("snapshot: unusable UART state".into()))?,
-        None => Console::new(com1_irq, StdoutWriter),
+        Some(state) => Console::restored(
+            com1_irq,
+            StdoutWriter::new(std::io::stdout()),
+            &state.serial,
+        )
+        .ok_or_else(|| KvmError::Setup("snapshot: unusable UART state".into()))?,
+        None => Console::new(com1_irq, StdoutWriter::new(std::io::stdout())),
     }));
     setup(
         "serial",
@@ -695,6 +757,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         }
         // A guest that printed and went idle: its last bytes are out within a period.
         shared.drain_coalesced();
+        flush_console(&console);
         wait_for_wake(&shared.wake, CONTROL_PERIOD);
     }
     let exited = Instant::now();
@@ -721,6 +784,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         }
     }
     shared.drain_coalesced();
+    flush_console(&console);
 
     if let Some(p) = &shared.profile {
         p.report(30);
@@ -786,5 +850,45 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         None => Err(KvmError::Guest(
             "the VM stopped for no recorded reason".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_output_goes_out_a_line_at_a_time() {
+        // As the UART does it: each byte written, then flushed.
+        fn put(w: &mut HeldLines<&mut Vec<u8>>, bytes: &[u8]) {
+            for b in bytes {
+                w.write_all(&[*b]).unwrap_or_else(|e| panic!("{e}"));
+                w.flush().unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        let mut sink = Vec::new();
+        {
+            let mut w = HeldLines::new(&mut sink);
+            put(&mut w, b"ab");
+            assert!(w.out.is_empty(), "a partial line waits");
+            put(&mut w, b"\r\n");
+            assert_eq!(w.out.as_slice(), b"ab\r\n");
+            put(&mut w, b"login: ");
+            assert_eq!(w.out.as_slice(), b"ab\r\n");
+            // The control loop's period.
+            w.write_out().unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(w.out.as_slice(), b"ab\r\nlogin: ");
+            put(&mut w, &[b'x'; 4096]);
+            assert_eq!(
+                w.out.len(),
+                11 + 4096,
+                "a full buffer goes out without a newline"
+            );
+            put(&mut w, b"tail");
+        }
+        assert!(
+            sink.ends_with(b"xtail"),
+            "dropping the writer writes out the rest"
+        );
     }
 }
