@@ -3,9 +3,9 @@
 //! tx path sends every frame into a Vec instead of a TAP; the rx path delivers frames of
 //! fuzzer-chosen sizes (from a byte slice, instead of a TAP) into the rx chains, twice,
 //! so frames left waiting and chains given back are exercised too; every chain a pass
-//! returns must be on the used ring. Nothing may panic,
-//! nothing may touch memory outside the guest's, and every frame sent must be within
-//! bounds, with a header the acked features allow. The acked features (offloads and
+//! returns must be on the used ring. Nothing may panic, nothing may touch memory outside
+//! the guest's, and every frame sent must be within bounds, with a header the acked
+//! features allow. The acked features (offloads and
 //! mergeable receive buffers or not, legacy header or not) come from the input too, so
 //! hostile headers (bad gso_type, hdr_len or csum_start/offset beyond the frame, chains
 //! shorter than the header) and mergeable delivery over hostile chains are exercised.
