@@ -19,15 +19,33 @@ pub struct GuestReports {
 pub type Reports = Arc<Mutex<GuestReports>>;
 
 /// The boot-marker port: records each byte with a timestamp.
-#[derive(Debug)]
 pub struct BootMarker {
     reports: Reports,
+    on_marker: Option<Box<dyn Fn() + Send>>,
+}
+
+impl std::fmt::Debug for BootMarker {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("BootMarker").finish_non_exhaustive()
+    }
 }
 
 impl BootMarker {
     /// A marker port reporting into `reports`.
     pub fn new(reports: Reports) -> Self {
-        BootMarker { reports }
+        BootMarker {
+            reports,
+            on_marker: None,
+        }
+    }
+
+    /// Also calls `on_marker` after each marker is recorded (the VMM wakes its control
+    /// thread, which acts on some of them).
+    pub fn notifying(reports: Reports, on_marker: Box<dyn Fn() + Send>) -> Self {
+        BootMarker {
+            reports,
+            on_marker: Some(on_marker),
+        }
     }
 }
 
@@ -40,6 +58,10 @@ impl BusDevice for BootMarker {
             // Bounded: a guest hammering the port cannot grow this without limit.
             if r.markers.len() < 64 {
                 r.markers.push((value, now));
+                drop(r);
+                if let Some(f) = &self.on_marker {
+                    f();
+                }
             }
         }
     }
@@ -96,7 +118,14 @@ mod tests {
         exit.write(0, &[7]);
         exit.write(0, &[9]);
         exit.write(0, &[]);
-        let mut marker = BootMarker::new(reports.clone());
+        let notified = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = notified.clone();
+        let mut marker = BootMarker::notifying(
+            reports.clone(),
+            Box::new(move || {
+                n.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
         for i in 0..100 {
             marker.write(0, &[i]);
         }
@@ -104,5 +133,7 @@ mod tests {
         assert_eq!(r.exit_code, Some(7));
         assert_eq!(r.markers.len(), 64);
         assert!(fired.load(Ordering::SeqCst));
+        // One notification per marker recorded, none for the ones dropped.
+        assert_eq!(notified.load(Ordering::SeqCst), 64);
     }
 }

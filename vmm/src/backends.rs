@@ -198,6 +198,8 @@ fn dir_path(dir: &Option<tempfile::TempDir>) -> PathBuf {
 pub struct RunningBackends {
     dir: Option<tempfile::TempDir>,
     children: Vec<(String, Child)>,
+    /// A pidfd per child (readable once it has ended), where the kernel has pidfds.
+    exit_fds: Vec<Option<std::os::fd::OwnedFd>>,
     /// Name, socket, and the QEMU arguments attaching it.
     devices: Vec<(String, PathBuf, Vec<String>)>,
 }
@@ -263,6 +265,7 @@ impl RunningBackends {
         let mut running = RunningBackends {
             dir: Some(dir),
             children: Vec::new(),
+            exit_fds: Vec::new(),
             devices: Vec::new(),
         };
         let exe = backend_exe(exe);
@@ -337,6 +340,7 @@ impl RunningBackends {
             // The backend holds the socket now: when it dies, a connection waiting in the
             // backlog is reset rather than left hanging.
             drop(listener);
+            running.exit_fds.push(pidfd(child.id()));
             running.children.push((name.clone(), child));
             let args = b.qemu_device_args(running.devices.len(), &socket);
             running.devices.push((name, socket, args));
@@ -383,6 +387,16 @@ impl RunningBackends {
         a
     }
 
+    /// Descriptors that poll readable when a backend ends (pidfds, opened at spawn, so
+    /// usable after the jail), for a loop that sleeps until something happens; `None`
+    /// where the kernel has no pidfds: then call [`RunningBackends::check`] periodically.
+    pub fn exit_fds(&self) -> Option<Vec<std::os::fd::RawFd>> {
+        self.exit_fds
+            .iter()
+            .map(|fd| fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd))
+            .collect()
+    }
+
     /// Whether any backend has died: a message naming it and how, or None.
     pub fn check(&mut self) -> Option<String> {
         for (name, child) in &mut self.children {
@@ -401,6 +415,14 @@ impl RunningBackends {
         }
         None
     }
+}
+
+/// A pidfd for the child `pid` (Linux 5.3), or None.
+pub(crate) fn pidfd(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    // SAFETY: pidfd_open of our own child, no flags; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a fresh fd that nothing else owns.
+    (fd >= 0).then(|| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as std::os::fd::RawFd) })
 }
 
 impl Drop for RunningBackends {

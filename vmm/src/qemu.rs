@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hostd_images::abi;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::backends::RunningBackends;
 use crate::boot::{BootSpec, Outcome, Timings};
@@ -349,6 +351,10 @@ fn run_qemu(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
         })?;
     // The Command holds what its pre-exec steps needed (the Landlock ruleset's fd).
     drop(cmd);
+    // Opened before the jail, for the wait loop below: readable once QEMU has ended, and
+    // written by the signal handler.
+    let qemu_exit = crate::backends::pidfd(child.id());
+    let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).ok();
     if boot.sandbox_devices && crate::jail::supervisor::supervised() {
         // QEMU and the backends run: this process now needs only their pipes, its
         // children's exit statuses and QEMU's pid. Before its relay threads start, so
@@ -376,6 +382,23 @@ fn run_qemu(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
     let started = Instant::now();
     let mut shutdown_sent: Option<Instant> = None;
     let mut seen_signals = 0;
+    // The loop sleeps until QEMU or a backend ends (pidfds), a signal arrives (the
+    // handler writes `wake`) or a deadline passes: an idle VM wakes it never.
+    let _signal_wakes = wake.as_ref().map(crate::signals::WakeOnSignal::new);
+    let watched: Option<Vec<RawFd>> = backends.exit_fds().and_then(|mut fds| {
+        fds.push(qemu_exit.as_ref()?.as_raw_fd());
+        fds.push(wake.as_ref()?.as_raw_fd());
+        Some(fds)
+    });
+    let mut pollfds: Vec<libc::pollfd> = watched
+        .iter()
+        .flatten()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
@@ -441,7 +464,33 @@ fn run_qemu(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
                 opts.timeout.unwrap_or_default()
             )));
         }
-        std::thread::sleep(Duration::from_millis(5));
+        let now = Instant::now();
+        let timeout = [
+            shutdown_sent.map(|t| (t + opts.shutdown_grace).saturating_duration_since(now)),
+            opts.timeout
+                .map(|t| (started + t).saturating_duration_since(now)),
+        ]
+        .into_iter()
+        .flatten()
+        // A deadline that passed was acted on above: look again in 5 ms, not at once.
+        .map(|t| t.max(Duration::from_millis(5)))
+        .min();
+        match (&wake, pollfds.is_empty()) {
+            (Some(wake), false) => {
+                for p in &mut pollfds {
+                    p.revents = 0;
+                }
+                // Rounded up to whole ms, so that a near deadline is not a busy loop.
+                let ms = timeout.map_or(-1, |t| {
+                    t.as_micros().div_ceil(1000).min(libc::c_int::MAX as u128) as libc::c_int
+                });
+                // SAFETY: valid pollfds for the duration of the call.
+                unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, ms) };
+                let _ = wake.read();
+            }
+            // No pidfds (Linux before 5.3): look every 5 ms.
+            _ => std::thread::sleep(Duration::from_millis(5)),
+        }
     };
     timings.exited_ms = Some(since_start_ms());
     drop(stdin);

@@ -115,19 +115,38 @@ pub fn control_filter() -> Result<BpfProgram, jail::JailError> {
     jail::filter(&syscalls, CONTROL_IOCTLS)
 }
 
-/// How often the control thread looks at signals, backends and deadlines when nothing
-/// wakes it (a stop and a device activation wake it at once).
+/// How long a partial console line is held back (and how often the control thread looks
+/// at the coalesced console ring while the guest prints).
 const CONTROL_PERIOD: Duration = Duration::from_millis(5);
 
-/// Sleeps until `wake` is signalled or `period` passed, then clears it.
-fn wait_for_wake(wake: &EventFd, period: Duration) {
-    let mut pfd = libc::pollfd {
-        fd: wake.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, period.as_millis() as libc::c_int) };
+/// The longest the control thread sleeps while the guest is quiet. It wakes for every
+/// event (a stop, a signal, a device activation, a boot marker, a snapshot step, a
+/// backend's end, the first byte of a partial console line) and for deadlines; this only
+/// bounds how late a polled console write left in the coalesced ring with no exit after
+/// it (no driver we know of does that: Linux's console reads the line status after each
+/// message) is printed.
+const QUIET_PERIOD: Duration = Duration::from_secs(1);
+
+/// How long the control thread may sleep while the guest is quiet: the period doubles with
+/// each quiet look, from [`CONTROL_PERIOD`] to [`QUIET_PERIOD`].
+fn quiet_period(quiet_looks: u32) -> Duration {
+    CONTROL_PERIOD
+        .saturating_mul(1 << quiet_looks.min(16))
+        .min(QUIET_PERIOD)
+}
+
+/// Sleeps until `wake` is signalled, one of `fds` polls readable, or `timeout` passed
+/// (`None`: no timeout), then clears `wake`.
+fn wait_for_wake(wake: &EventFd, fds: &mut [libc::pollfd], timeout: Option<Duration>) {
+    for p in fds.iter_mut() {
+        p.revents = 0;
+    }
+    // Rounded up: a deadline 0.3 ms away is not a busy loop of zero-timeout polls.
+    let ms = timeout.map_or(-1, |t| {
+        t.as_micros().div_ceil(1000).min(libc::c_int::MAX as u128) as libc::c_int
+    });
+    // SAFETY: `fds` is a valid array of pollfds for the duration of the call.
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
     let _ = wake.read();
 }
 
@@ -182,11 +201,22 @@ extern "C" fn on_kick(_: libc::c_int) {}
 /// transmit-register write and flushes after each (vm-superio), which on stdout was a
 /// write(2) per byte of console output (the probe's 299 bytes: 299 of them). Here its
 /// flush writes only complete lines (or a full buffer); a partial line (a prompt, an
-/// echoed key) goes out at the control loop's next period ([`flush_console`]), at the
-/// end of the run, or when the writer is dropped.
+/// echoed key) goes out [`CONTROL_PERIOD`] after its first byte ([`console_tick`]; the
+/// first held byte wakes a control thread that sleeps longer), at the end of the run, or
+/// when the writer is dropped.
 struct HeldLines<W: Write> {
     out: W,
     held: Vec<u8>,
+    /// When the first byte still held arrived.
+    since: Option<Instant>,
+    /// Bytes transmitted so far: the control thread's sign that the guest is printing.
+    transmitted: u64,
+    /// Written when a partial line starts being held, at most once per
+    /// [`CONTROL_PERIOD`] (while the guest prints, the control thread looks that often
+    /// anyway).
+    wake: Option<Arc<EventFd>>,
+    /// When `wake` was last written.
+    woke: Option<Instant>,
 }
 
 /// The console's writer: hostd's stdout.
@@ -200,11 +230,16 @@ impl<W: Write> HeldLines<W> {
         HeldLines {
             out,
             held: Vec::new(),
+            since: None,
+            transmitted: 0,
+            wake: None,
+            woke: None,
         }
     }
 
     /// Writes out everything held back.
     fn write_out(&mut self) -> std::io::Result<()> {
+        self.since = None;
         if self.held.is_empty() {
             return Ok(());
         }
@@ -216,17 +251,36 @@ impl<W: Write> HeldLines<W> {
         self.held.clear();
         r
     }
+
+    /// Writes out a partial line held for `hold` or longer; else how much longer the one
+    /// held now will wait (`None`: nothing held).
+    fn write_out_after(&mut self, hold: Duration) -> (std::io::Result<()>, Option<Duration>) {
+        match self.since.map(|t| t.elapsed()) {
+            Some(held_for) if held_for < hold => (Ok(()), Some(hold - held_for)),
+            _ => (self.write_out(), None),
+        }
+    }
 }
 
 impl<W: Write> Write for HeldLines<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.held.extend_from_slice(buf);
+        self.transmitted += buf.len() as u64;
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
         if self.held.last() == Some(&b'\n') || self.held.len() >= Self::MAX {
             self.write_out()
         } else {
+            if self.since.is_none() && !self.held.is_empty() {
+                let now = Instant::now();
+                self.since = Some(now);
+                let due = self.woke.is_none_or(|t| now - t >= CONTROL_PERIOD);
+                if let Some(w) = self.wake.as_ref().filter(|_| due) {
+                    let _ = w.write(1);
+                    self.woke = Some(now);
+                }
+            }
             Ok(())
         }
     }
@@ -248,6 +302,19 @@ fn flush_console(console: &Mutex<Console<StdoutWriter>>) {
     {
         tracing::debug!("console output: {e}");
     }
+}
+
+/// The control loop's look at the console: writes out a partial line held for
+/// [`CONTROL_PERIOD`]; returns how long the one still held may wait, and how many bytes
+/// the guest has transmitted so far.
+fn console_tick(console: &Mutex<Console<StdoutWriter>>) -> (Option<Duration>, u64) {
+    let mut c = console.lock().unwrap_or_else(|p| p.into_inner());
+    let out = c.output_mut();
+    let (r, wait) = out.write_out_after(CONTROL_PERIOD);
+    if let Err(e) = r {
+        tracing::debug!("console output: {e}");
+    }
+    (wait, out.transmitted)
 }
 
 /// Boots `cfg` and runs it to the end. With the sandbox (the default), the VMM runs in
@@ -409,6 +476,18 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     drop(cfg.kernel);
     drop(cfg.initrd);
 
+    // The control thread sleeps on this until something needs it: a stop, a signal, a
+    // device's pending activation, a boot marker, a snapshot step, a partial console line.
+    let wake = Arc::new(setup(
+        "eventfd",
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC),
+    )?);
+    let console_writer = || {
+        let mut w = StdoutWriter::new(std::io::stdout());
+        w.wake = Some(wake.clone());
+        w
+    };
+
     // Devices.
     let reports = Reports::default();
     let mut pio = Bus::new();
@@ -419,19 +498,21 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     )?);
     setup("irqfd", vm.register_irqfd(&com1_irq, COM1_IRQ))?;
     let console = Arc::new(Mutex::new(match &restore {
-        Some(state) => Console::restored(
-            com1_irq,
-            StdoutWriter::new(std::io::stdout()),
-            &state.serial,
-        )
-        .ok_or_else(|| KvmError::Setup("snapshot: unusable UART state".into()))?,
-        None => Console::new(com1_irq, StdoutWriter::new(std::io::stdout())),
+        Some(state) => Console::restored(com1_irq, console_writer(), &state.serial)
+            .ok_or_else(|| KvmError::Setup("snapshot: unusable UART state".into()))?,
+        None => Console::new(com1_irq, console_writer()),
     }));
     setup(
         "serial",
         pio.insert(COM1_PORT, COM1_LEN, console.clone() as SharedDevice),
     )?;
-    let marker: SharedDevice = Arc::new(Mutex::new(BootMarker::new(reports.clone())));
+    let marker_wake = wake.clone();
+    let marker: SharedDevice = Arc::new(Mutex::new(BootMarker::notifying(
+        reports.clone(),
+        Box::new(move || {
+            let _ = marker_wake.write(1);
+        }),
+    )));
     setup(
         "boot marker",
         pio.insert(u64::from(abi::BOOT_MARKER_PORT), 1, marker),
@@ -459,6 +540,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         snap_out.is_some(),
         restore.is_some(),
     );
+    pause.wake_with(wake.clone());
     setup(
         "snapshot port",
         pio.insert(
@@ -477,12 +559,6 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     let mut next_irq = layout::VIRTIO_IRQ_BASE;
     // Devices: each served by its own jailed backend process over vhost-user; the VMM
     // keeps the virtio-mmio register file and forwards interrupts.
-    // The control thread sleeps on this between its periodic looks; a stop or a device's
-    // pending activation wakes it at once.
-    let wake = Arc::new(setup(
-        "eventfd",
-        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC),
-    )?);
     // Spawned at the start (above), they exec and jail themselves while the VM is set up
     // and boots: their sockets listen already, so connecting here does not wait, and each
     // device's handshake runs later on a thread of its own (jailed with this process, under
@@ -683,7 +759,20 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     }
     shared.start.wait();
 
-    // Control loop.
+    // Control loop. Between passes it sleeps until an event (`wake`, a signal, a
+    // backend's end) or the nearest deadline, computed at the end of each pass.
+    let _signal_wakes = crate::signals::WakeOnSignal::new(&*shared.wake);
+    let exit_fds = backends.exit_fds();
+    let mut pollfds: Vec<libc::pollfd> = std::iter::once(shared.wake.as_raw_fd())
+        .chain(exit_fds.iter().flatten().copied())
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let mut transmitted = 0;
+    let mut quiet_looks = 0;
     let start = Instant::now();
     let mut shutdown_sent: Option<Instant> = None;
     let mut seen_signals = 0;
@@ -757,8 +846,30 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         }
         // A guest that printed and went idle: its last bytes are out within a period.
         shared.drain_coalesced();
-        flush_console(&console);
-        wait_for_wake(&shared.wake, CONTROL_PERIOD);
+        let (held, sent) = console_tick(&console);
+        if sent != transmitted {
+            transmitted = sent;
+            quiet_looks = 0;
+        } else {
+            quiet_looks += 1;
+        }
+        // How long to sleep: until the first deadline; no longer than a quiet period
+        // while polled console output may sit in the coalesced ring; a short period
+        // while something is under way that no event reports the end of.
+        let now = Instant::now();
+        let periodic = exit_fds.is_none() // backends' ends seen only by looking
+            || shared.profile.is_some()
+            || pause.requested();
+        let deadlines = [
+            held,
+            shared.coalesced.as_ref().map(|_| quiet_period(quiet_looks)),
+            periodic.then_some(CONTROL_PERIOD),
+            shutdown_sent.map(|t| (t + Duration::from_secs(30)).saturating_duration_since(now)),
+            cfg.timeout
+                .map(|t| (start + t).saturating_duration_since(now)),
+        ];
+        let timeout = deadlines.into_iter().flatten().min();
+        wait_for_wake(&shared.wake, &mut pollfds, timeout);
     }
     let exited = Instant::now();
     // A device whose backend failed its handshake makes the run an error, even when the
@@ -890,5 +1001,60 @@ mod tests {
             sink.ends_with(b"xtail"),
             "dropping the writer writes out the rest"
         );
+    }
+
+    #[test]
+    fn a_partial_line_wakes_the_control_thread_once_and_waits_its_period() {
+        fn put(w: &mut HeldLines<&mut Vec<u8>>, bytes: &[u8]) {
+            for b in bytes {
+                w.write_all(&[*b]).unwrap_or_else(|e| panic!("{e}"));
+                w.flush().unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        let wake = Arc::new(
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap_or_else(|e| panic!("{e}")),
+        );
+        let mut sink = Vec::new();
+        let mut w = HeldLines::new(&mut sink);
+        w.wake = Some(wake.clone());
+        put(&mut w, b"line\n");
+        assert_eq!(
+            wake.read().ok(),
+            Some(1),
+            "one wake-up for the line's first byte"
+        );
+        put(&mut w, b"login: ");
+        assert!(
+            wake.read().is_err(),
+            "none for the next line within the period: the control thread looks anyway"
+        );
+        w.woke = None; // as if the period had passed
+        let (r, wait) = w.write_out_after(Duration::from_secs(3600));
+        assert!(r.is_ok());
+        assert!(
+            wait.is_some_and(|d| d > Duration::from_secs(3000)),
+            "{wait:?}"
+        );
+        assert_eq!(w.out.as_slice(), b"line\n", "held until its period is over");
+        let (r, wait) = w.write_out_after(Duration::ZERO);
+        assert!(r.is_ok());
+        assert_eq!(wait, None);
+        assert_eq!(w.out.as_slice(), b"line\nlogin: ");
+        assert_eq!(w.transmitted, 12);
+        put(&mut w, b"x");
+        assert_eq!(
+            wake.read().ok(),
+            Some(1),
+            "a partial line after the period wakes it"
+        );
+    }
+
+    #[test]
+    fn the_quiet_period_grows_from_the_control_period_to_its_bound() {
+        assert_eq!(quiet_period(0), CONTROL_PERIOD);
+        assert_eq!(quiet_period(1), CONTROL_PERIOD * 2);
+        assert_eq!(quiet_period(7), CONTROL_PERIOD * 128);
+        assert_eq!(quiet_period(8), QUIET_PERIOD);
+        assert_eq!(quiet_period(u32::MAX), QUIET_PERIOD);
     }
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use hostd_devices::bus::BusDevice;
 use hostd_images::abi::snapshot as abi_snap;
 use kvm_ioctls::VcpuFd;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{save_vcpu, VcpuState};
 
@@ -22,6 +23,9 @@ pub struct Pause {
     inner: Mutex<PauseInner>,
     cond: Condvar,
     msrs: std::sync::OnceLock<Vec<u32>>,
+    /// The control thread's eventfd: written when a pause is asked for and when a vCPU
+    /// has parked, so that the control thread acts at once.
+    wake: std::sync::OnceLock<Arc<EventFd>>,
 }
 
 #[derive(Debug, Default)]
@@ -44,7 +48,19 @@ impl Pause {
             }),
             cond: Condvar::new(),
             msrs: std::sync::OnceLock::new(),
+            wake: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Wakes the control thread through `wake` on each step of a pause.
+    pub fn wake_with(&self, wake: Arc<EventFd>) {
+        let _ = self.wake.set(wake);
+    }
+
+    fn notify(&self) {
+        if let Some(w) = self.wake.get() {
+            let _ = w.write(1);
+        }
     }
 
     /// The MSRs to save ([`saveable_msrs`]), once the vCPUs exist.
@@ -77,6 +93,7 @@ impl Pause {
             *slot = Some(state);
         }
         self.cond.notify_all();
+        self.notify();
         while inner.released == gen {
             inner = self.cond.wait(inner).unwrap_or_else(|p| p.into_inner());
         }
@@ -201,6 +218,7 @@ impl BusDevice for SnapshotPort {
             self.offered = true;
             if self.pause.take {
                 self.pause.requested.store(true, Ordering::SeqCst);
+                self.pause.notify();
             }
         }
     }
