@@ -12,7 +12,11 @@
 //! MemAvailable drop per VM (before the start vs. all running: noisy, since the start
 //! takes minutes on a host doing other work), the MemAvailable the host gets back per VM
 //! when all N are stopped (measured seconds apart, so far less noisy), and spawn →
-//! `idle-ready`.
+//! `idle-ready`. Then, over a window of DENSITY_IDLE_S seconds (default 10), what the idle
+//! VMs cost in CPU: per VM, the CPU time and wake-ups (context switches) per second of
+//! its host-side threads (`hostd run`, the monitor's own threads, the backends) and,
+//! apart, of its guest vCPU threads (the guest kernel's own timer work), from
+//! /proc/PID/task/*/stat and status.
 //!
 //! `cargo bench --bench density` — prints a table per runner and writes
 //! target/bench/density.json. DENSITY_N copies (default 10), DENSITY_START (`serial`:
@@ -131,6 +135,61 @@ fn role(pid: i32, root: i32) -> &'static str {
     }
 }
 
+/// CPU time (clock ticks) and context switches of a set of threads, host side and vCPU.
+#[derive(Debug, Default, Clone, Copy)]
+struct Activity {
+    host_ticks: u64,
+    host_switches: u64,
+    vcpu_ticks: u64,
+    vcpu_switches: u64,
+}
+
+/// Whether a thread runs guest code: the built-in VMM's `vcpuN`, QEMU's `CPU N/KVM` or
+/// `CPU N/TCG`.
+fn is_vcpu_thread(comm: &str) -> bool {
+    comm.starts_with("vcpu") || (comm.starts_with("CPU ") && comm.contains('/'))
+}
+
+/// Every thread of `pids` so far.
+fn activity(pids: &[i32]) -> Activity {
+    let mut a = Activity::default();
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let dir = t.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+            // utime and stime: fields 14 and 15, the 12th and 13th after the ')'.
+            let ticks: u64 = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| {
+                    rest.split_whitespace()
+                        .skip(11)
+                        .take(2)
+                        .filter_map(|v| v.parse::<u64>().ok())
+                        .sum()
+                })
+                .unwrap_or(0);
+            let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+            let switches: u64 = status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum();
+            if is_vcpu_thread(comm.trim()) {
+                a.vcpu_ticks += ticks;
+                a.vcpu_switches += switches;
+            } else {
+                a.host_ticks += ticks;
+                a.host_switches += switches;
+            }
+        }
+    }
+    a
+}
+
 /// KiB of guest memory actually allocated: the largest memfd any process of the VM
 /// holds (the guest memory; its blocks are the pages the guest or a device touched).
 fn guest_touched_kib(pids: &[i32]) -> u64 {
@@ -184,6 +243,12 @@ struct Row {
     guest_touched: u64,
     overhead: u64,
     ready_ms: f64,
+    /// While idle, per second: CPU ms and wake-ups of the host-side threads, then of the
+    /// vCPU threads.
+    host_cpu_ms_s: f64,
+    host_wakeups_s: f64,
+    vcpu_cpu_ms_s: f64,
+    vcpu_wakeups_s: f64,
 }
 
 /// How the N copies are started: all at once, or each once the one before it is ready
@@ -332,6 +397,31 @@ fn run_vmm(image: &Path, vmm: &str, n: usize) -> Option<Measured> {
         rows.push(row);
     }
     let running = mem_available_kib();
+    // The idle VMs' CPU: every thread of each, at the start and end of a window.
+    let window = Duration::from_secs(
+        std::env::var("DENSITY_IDLE_S")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10),
+    );
+    let trees: Vec<Vec<i32>> = vms
+        .iter()
+        .map(|vm| tree(vm.child.id() as i32, &parents))
+        .collect();
+    let first: Vec<Activity> = trees.iter().map(|t| activity(t)).collect();
+    let t0 = Instant::now();
+    std::thread::sleep(window);
+    let secs = t0.elapsed().as_secs_f64();
+    // SAFETY: sysconf has no preconditions.
+    let tick_ms = 1000.0 / (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64);
+    for ((row, t), a) in rows.iter_mut().zip(&trees).zip(&first) {
+        let b = activity(t);
+        let rate = |after: u64, before: u64| after.saturating_sub(before) as f64 / secs;
+        row.host_cpu_ms_s = rate(b.host_ticks, a.host_ticks) * tick_ms;
+        row.host_wakeups_s = rate(b.host_switches, a.host_switches);
+        row.vcpu_cpu_ms_s = rate(b.vcpu_ticks, a.vcpu_ticks) * tick_ms;
+        row.vcpu_wakeups_s = rate(b.vcpu_switches, a.vcpu_switches);
+    }
     for vm in &mut vms {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
@@ -437,18 +527,34 @@ fn main() {
             (drop_kib as f64 - touched) / 1024.0,
             ready / 1e3
         );
+        let medf = |f: &dyn Fn(&Row) -> f64| median(rows.iter().map(f).collect());
+        let idle = [
+            medf(&|r| r.host_cpu_ms_s),
+            medf(&|r| r.host_wakeups_s),
+            medf(&|r| r.vcpu_cpu_ms_s),
+            medf(&|r| r.vcpu_wakeups_s),
+        ];
+        println!(
+            "  idle, per VM (medians): host-side threads (hostd run, monitor, backends) {:.2} ms CPU/s, {:.1} wake-ups/s; guest vCPU threads {:.2} ms CPU/s, {:.1} wake-ups/s",
+            idle[0], idle[1], idle[2], idle[3]
+        );
         let vms: Vec<String> = rows
             .iter()
             .map(|r| {
                 format!(
-                    "{{\"hostd_run_pss_kib\":{},\"monitor_pss_kib\":{},\"monitor_pss_anon_kib\":{},\"backends\":{},\"backends_pss_kib\":{},\"guest_touched_kib\":{},\"overhead_kib\":{},\"ready_ms\":{:.0}}}",
+                    "{{\"hostd_run_pss_kib\":{},\"monitor_pss_kib\":{},\"monitor_pss_anon_kib\":{},\"backends\":{},\"backends_pss_kib\":{},\"guest_touched_kib\":{},\"overhead_kib\":{},\"ready_ms\":{:.0},\"idle_host_cpu_ms_per_s\":{:.3},\"idle_host_wakeups_per_s\":{:.2},\"idle_vcpu_cpu_ms_per_s\":{:.3},\"idle_vcpu_wakeups_per_s\":{:.2}}}",
                     r.launcher_pss, r.monitor_pss, r.monitor_pss_anon, r.backends, r.backends_pss, r.guest_touched, r.overhead,
-                    if r.ready_ms.is_finite() { r.ready_ms } else { -1.0 }
+                    if r.ready_ms.is_finite() { r.ready_ms } else { -1.0 },
+                    r.host_cpu_ms_s, r.host_wakeups_s, r.vcpu_cpu_ms_s, r.vcpu_wakeups_s
                 )
             })
             .collect();
         results.push(format!(
-            "{{\"vmm\":\"{vmm}\",\"n\":{n},\"median_overhead_kib\":{overhead:.0},\"mem_available_drop_per_vm_kib\":{drop_kib},\"mem_available_freed_per_vm_kib\":{freed_kib},\"median_ready_ms\":{:.0},\"vms\":[{}]}}",
+            "{{\"vmm\":\"{vmm}\",\"n\":{n},\"idle_host_cpu_ms_per_s\":{:.3},\"idle_host_wakeups_per_s\":{:.2},\"idle_vcpu_cpu_ms_per_s\":{:.3},\"idle_vcpu_wakeups_per_s\":{:.2},\"median_overhead_kib\":{overhead:.0},\"mem_available_drop_per_vm_kib\":{drop_kib},\"mem_available_freed_per_vm_kib\":{freed_kib},\"median_ready_ms\":{:.0},\"vms\":[{}]}}",
+            idle[0],
+            idle[1],
+            idle[2],
+            idle[3],
             if ready.is_finite() { ready } else { -1.0 },
             vms.join(",")
         ));

@@ -131,6 +131,10 @@ pub fn command_line(boot: &BootSpec, accel: &str, devices: &[String]) -> Vec<Str
     for s in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
         push(s);
     }
+    // QEMU's threads named for what they do (`CPU 0/TCG`, `CPU 0/KVM`, `worker`), as
+    // top -H and /proc show them: what runs the guest apart from QEMU's own work.
+    push("-name");
+    push("hostd,debug-threads=on");
     push("-chardev");
     push("stdio,id=console,signal=off");
     push("-serial");
@@ -715,6 +719,7 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("acpi=off") && a.contains("-nodefaults"), "{a}");
+        assert!(a.contains("-name hostd,debug-threads=on"), "{a}");
         assert!(a.contains("-smp 2") && a.contains("-m 256M"), "{a}");
         assert!(a.contains(&format!("-sandbox {SANDBOX}")), "{a}");
         assert!(a.contains("dump-guest-core=off"), "{a}");
