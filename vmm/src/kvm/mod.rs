@@ -968,15 +968,16 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
 mod tests {
     use super::*;
 
+    /// As the UART does it: each byte written, then flushed.
+    fn put(w: &mut HeldLines<&mut Vec<u8>>, bytes: &[u8]) {
+        for b in bytes {
+            w.write_all(&[*b]).unwrap_or_else(|e| panic!("{e}"));
+            w.flush().unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
     #[test]
     fn console_output_goes_out_a_line_at_a_time() {
-        // As the UART does it: each byte written, then flushed.
-        fn put(w: &mut HeldLines<&mut Vec<u8>>, bytes: &[u8]) {
-            for b in bytes {
-                w.write_all(&[*b]).unwrap_or_else(|e| panic!("{e}"));
-                w.flush().unwrap_or_else(|e| panic!("{e}"));
-            }
-        }
         let mut sink = Vec::new();
         {
             let mut w = HeldLines::new(&mut sink);
@@ -1005,12 +1006,6 @@ mod tests {
 
     #[test]
     fn a_partial_line_wakes_the_control_thread_once_and_waits_its_period() {
-        fn put(w: &mut HeldLines<&mut Vec<u8>>, bytes: &[u8]) {
-            for b in bytes {
-                w.write_all(&[*b]).unwrap_or_else(|e| panic!("{e}"));
-                w.flush().unwrap_or_else(|e| panic!("{e}"));
-            }
-        }
         let wake = Arc::new(
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap_or_else(|e| panic!("{e}")),
         );
