@@ -480,18 +480,7 @@ fn run_qemu(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
         .map(|t| t.max(Duration::from_millis(5)))
         .min();
         match (&wake, pollfds.is_empty()) {
-            (Some(wake), false) => {
-                for p in &mut pollfds {
-                    p.revents = 0;
-                }
-                // Rounded up to whole ms, so that a near deadline is not a busy loop.
-                let ms = timeout.map_or(-1, |t| {
-                    t.as_micros().div_ceil(1000).min(libc::c_int::MAX as u128) as libc::c_int
-                });
-                // SAFETY: valid pollfds for the duration of the call.
-                unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, ms) };
-                let _ = wake.read();
-            }
+            (Some(wake), false) => crate::kvm::wait_for_wake(wake, &mut pollfds, timeout),
             // No pidfds (Linux before 5.3): look every 5 ms.
             _ => std::thread::sleep(Duration::from_millis(5)),
         }

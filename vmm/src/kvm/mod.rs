@@ -136,8 +136,8 @@ fn quiet_period(quiet_looks: u32) -> Duration {
 }
 
 /// Sleeps until `wake` is signalled, one of `fds` polls readable, or `timeout` passed
-/// (`None`: no timeout), then clears `wake`.
-fn wait_for_wake(wake: &EventFd, fds: &mut [libc::pollfd], timeout: Option<Duration>) {
+/// (`None`: no timeout), then clears `wake`. Also the QEMU runner's wait.
+pub(crate) fn wait_for_wake(wake: &EventFd, fds: &mut [libc::pollfd], timeout: Option<Duration>) {
     for p in fds.iter_mut() {
         p.revents = 0;
     }
