@@ -3,8 +3,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -240,41 +239,116 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The one thread that advances the engine's epoch; stops when dropped.
+/// The one thread that advances the engine's epoch; stops when dropped. It ticks only
+/// while some request holds a [`Ticking`] from its [`EpochClock`] and otherwise sleeps
+/// until one does: an idle server or daemon wakes for nothing (it used to tick every
+/// 5 ms, 200 wake-ups a second, with no request in flight). A deadline is counted from
+/// when its request set it, so the epochs not counted while idle change none.
 #[derive(Debug)]
 pub struct EpochTicker {
-    stop: Arc<AtomicBool>,
+    clock: EpochClock,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Requests in flight and whether the ticker should end.
+#[derive(Debug, Default)]
+struct ClockState {
+    holders: usize,
+    stop: bool,
+    /// Epochs advanced so far.
+    ticks: u64,
+    /// The ticker waits for a holder.
+    parked: bool,
+}
+
+/// What a request holds to keep the engine's epoch advancing while it runs.
+#[derive(Debug, Clone, Default)]
+pub struct EpochClock(Arc<(Mutex<ClockState>, Condvar)>);
+
+impl EpochClock {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClockState> {
+        self.0 .0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps the epoch advancing until the returned guard is dropped. Take it before the
+    /// store's deadline is set, and keep it as long as the store may run code.
+    pub fn hold(&self) -> Ticking {
+        let mut st = self.lock();
+        st.holders += 1;
+        if st.holders == 1 {
+            self.0 .1.notify_one();
+        }
+        Ticking(self.clone())
+    }
+
+    /// Requests holding the clock now.
+    pub fn holders(&self) -> usize {
+        self.lock().holders
+    }
+
+    /// Epochs the ticker advanced so far, and whether it now waits for a holder.
+    pub fn ticks(&self) -> (u64, bool) {
+        let st = self.lock();
+        (st.ticks, st.parked)
+    }
+}
+
+/// A request's hold on the [`EpochClock`].
+#[derive(Debug)]
+pub struct Ticking(EpochClock);
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.holders = st.holders.saturating_sub(1);
+    }
+}
+
 impl EpochTicker {
-    /// Starts ticking `engine` every [`EPOCH_TICK`].
+    /// Starts the thread that advances `engine`'s epoch every [`EPOCH_TICK`] while its
+    /// clock is held.
     pub fn start(engine: &Engine) -> Result<EpochTicker, Error> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let clock = EpochClock::default();
         let engine = engine.clone();
-        let flag = stop.clone();
+        let c = clock.clone();
         let thread = std::thread::Builder::new()
             .name("hostd-epoch".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
+            .spawn(move || loop {
+                {
+                    let mut st = c.lock();
+                    while st.holders == 0 && !st.stop {
+                        st.parked = true;
+                        st = c.0 .1.wait(st).unwrap_or_else(|e| e.into_inner());
+                    }
+                    st.parked = false;
+                    if st.stop {
+                        return;
+                    }
                 }
+                std::thread::sleep(EPOCH_TICK);
+                engine.increment_epoch();
+                c.lock().ticks += 1;
             })
             .map_err(|source| Error::Io {
                 what: "starting the epoch ticker thread".into(),
                 source,
             })?;
         Ok(EpochTicker {
-            stop,
+            clock,
             thread: Some(thread),
         })
+    }
+
+    /// The clock requests hold while they run.
+    pub fn clock(&self) -> EpochClock {
+        self.clock.clone()
     }
 }
 
 impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.clock.lock().stop = true;
+        self.clock.0 .1.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -300,4 +374,50 @@ pub fn default_state_dir() -> Option<PathBuf> {
         return Some(PathBuf::from(x).join("hostd/fn"));
     }
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state/hostd/fn"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits (up to 10 s, however loaded the machine) until `f` holds.
+    fn until(what: &str, f: impl Fn() -> bool) {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(std::time::Instant::now() < end, "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn the_epoch_advances_only_while_a_request_holds_the_clock() {
+        let engine = Engine::default();
+        let ticker = EpochTicker::start(&engine).expect("ticker");
+        let clock = ticker.clock();
+        until("the ticker parks", || clock.ticks().1);
+        std::thread::sleep(EPOCH_TICK * 10);
+        assert_eq!(
+            clock.ticks(),
+            (0, true),
+            "no tick with nobody holding the clock"
+        );
+        let a = clock.hold();
+        let b = clock.hold();
+        until("ticking while held", || clock.ticks().0 >= 2);
+        drop(a);
+        let t = clock.ticks().0;
+        until("still ticking while one request holds it", || {
+            clock.ticks().0 >= t + 2
+        });
+        drop(b);
+        assert_eq!(clock.holders(), 0);
+        // The tick under way when the last hold went may still land; then it parks.
+        until("parked after the last hold", || clock.ticks().1);
+        let t = clock.ticks();
+        std::thread::sleep(EPOCH_TICK * 10);
+        assert_eq!(clock.ticks(), t, "no tick after the last hold");
+        // Dropping the ticker ends its thread even while the clock is held.
+        let _held = clock.hold();
+        drop(ticker);
+    }
 }

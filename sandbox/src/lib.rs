@@ -244,6 +244,7 @@ pub fn prepare(opts: &ServeOptions) -> Result<Prepared, Error> {
             routes: f.routes,
             pre,
             metrics: None,
+            clock: ticker.clock(),
         });
         if let (Some(service), Some(store)) = (f.service, &cap_store) {
             let (_, public) = store.service_keypair(&service).map_err(Error::Caps)?;

@@ -1,7 +1,9 @@
 //! A guest's console: the file its VM process appends to (it outlives the daemon), a
 //! bounded ring of its last lines for `GET /guests/NAME/logs`, and a broadcast of new
 //! lines for `?follow=1`. One task per guest tails the file, so a re-adopted process's
-//! output is followed exactly as a fresh one's.
+//! output is followed exactly as a fresh one's. The task sleeps until the guest's
+//! directory changes (inotify, [`DirWatch`]): an idle guest wakes the daemon never. Where
+//! no watch can be had it looks every 100 ms.
 
 use std::collections::VecDeque;
 use std::io::{Read, Seek, SeekFrom};
@@ -12,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hostd_images::abi;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, Notify};
+
+use super::dirwatch::{DirWatch, Watched};
 
 /// Lines kept in the ring.
 pub const RING_LINES: usize = 1000;
@@ -20,14 +24,17 @@ pub const RING_LINES: usize = 1000;
 const PREFILL_BYTES: u64 = 64 << 10;
 /// Longest line kept (longer ones are cut).
 const MAX_LINE: usize = 4096;
-/// How often the file is checked for new output.
+/// How often the file is checked for new output when it cannot be watched.
 const POLL: Duration = Duration::from_millis(100);
+/// After a change, how long the tail waits for more before it reads: a guest printing
+/// a burst is read once per period, not once per write.
+const GATHER: Duration = Duration::from_millis(5);
 
 /// When a guest's boot reached each point, in ms since the daemon started its VM
 /// process, as seen in its console: `hostd run` logging that it boots the VM (`booting
 /// with …`), guest init's first line, and its first `service … started`. Lines reach
-/// the daemon by polling the console file, so each figure is late by up to the poll
-/// period (100 ms); `hostd run --timings` measures from inside the runner.
+/// the daemon through the console file, a few ms late (100 ms where the file cannot be
+/// watched); `hostd run --timings` measures from inside the runner.
 #[derive(
     Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
 )]
@@ -77,12 +84,27 @@ pub struct Console {
     ring: Mutex<VecDeque<String>>,
     tx: broadcast::Sender<String>,
     closed: AtomicBool,
+    /// How many times the file was looked at (for tests: an idle watched console is
+    /// not looked at).
+    looks: std::sync::atomic::AtomicU64,
+    /// Wakes the tail task when the console is closed.
+    stop: Notify,
     tail: Mutex<TailState>,
 }
 
 impl Console {
-    /// Starts tailing `path` (created if missing) on the current tokio runtime.
-    pub fn start(path: PathBuf) -> Arc<Console> {
+    /// Starts tailing `path` (created if missing) on the current tokio runtime, woken by
+    /// `watch` on changes in the file's directory (polled without one, or if the
+    /// directory cannot be watched).
+    pub fn start(path: PathBuf, watch: Option<&Arc<DirWatch>>) -> Arc<Console> {
+        let watched = watch.and_then(|w| {
+            let dir = path.parent()?;
+            w.watch(dir)
+                .map_err(|e| {
+                    tracing::warn!("cannot watch {} ({e}); polling it", dir.display());
+                })
+                .ok()
+        });
         let (tx, _) = broadcast::channel(1024);
         let c = Arc::new(Console {
             path,
@@ -90,16 +112,19 @@ impl Console {
             ring: Mutex::new(VecDeque::new()),
             tx,
             closed: AtomicBool::new(false),
+            looks: Default::default(),
+            stop: Notify::new(),
             tail: Mutex::new(TailState::default()),
         });
         let me = Arc::clone(&c);
-        tokio::spawn(async move { me.tail().await });
+        tokio::spawn(async move { me.tail(watched).await });
         c
     }
 
-    /// Stops the tail task and ends every follower.
+    /// Stops the tail task (which drops its watch) and ends every follower.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
+        self.stop.notify_one();
     }
 
     /// A new VM process was started now: boot timings count from here.
@@ -155,11 +180,26 @@ impl Console {
         let _ = self.tx.send(line);
     }
 
-    /// The tail loop: a catch-up with the file, then a sleep.
-    async fn tail(&self) {
+    /// The tail loop: a catch-up with the file, then a sleep until the directory changes
+    /// (or for the poll period without a working watch) or the console is closed.
+    async fn tail(&self, watched: Option<Watched>) {
         while !self.closed.load(Ordering::Relaxed) {
             self.catch_up();
-            tokio::time::sleep(POLL).await;
+            match &watched {
+                Some(w) if w.live() => {
+                    tokio::select! {
+                        _ = w.changed.notified() => {}
+                        _ = self.stop.notified() => continue,
+                    }
+                    tokio::time::sleep(GATHER).await;
+                }
+                _ => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(POLL) => {}
+                        _ = self.stop.notified() => {}
+                    }
+                }
+            }
         }
     }
 
@@ -168,6 +208,7 @@ impl Console {
     /// reader sees every line written before it asked (a stopped guest's last lines
     /// included), not only those of the last poll.
     fn catch_up(&self) {
+        self.looks.fetch_add(1, Ordering::Relaxed);
         let mut guard = self.tail.lock().unwrap_or_else(|e| e.into_inner());
         let t = &mut *guard;
         let Ok(meta) = std::fs::metadata(&self.path) else {
@@ -289,12 +330,11 @@ mod tests {
         c.lines(RING_LINES)
     }
 
-    #[tokio::test]
-    async fn the_ring_and_followers_get_each_line_once_across_a_replaced_file() {
+    async fn ring_and_followers_across_a_replaced_file(watch: Option<&Arc<DirWatch>>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("console.log");
         std::fs::write(&path, "before 1\nbefore 2\n").expect("write");
-        let c = Console::start(path.clone());
+        let c = Console::start(path.clone(), watch);
         assert_eq!(wait_lines(&c, 2).await, ["before 1", "before 2"]);
         let (old, mut rx) = c.follow(1);
         assert_eq!(old, ["before 2"]);
@@ -311,5 +351,63 @@ mod tests {
         std::fs::write(&path, "fresh\n").expect("write");
         assert_eq!(rx.recv().await.expect("line"), "fresh");
         c.close();
+    }
+
+    #[tokio::test]
+    async fn the_ring_and_followers_get_each_line_once_across_a_replaced_file() {
+        let watch = DirWatch::start().expect("inotify");
+        ring_and_followers_across_a_replaced_file(Some(&watch)).await;
+    }
+
+    #[tokio::test]
+    async fn without_a_watch_the_file_is_polled() {
+        ring_and_followers_across_a_replaced_file(None).await;
+    }
+
+    #[tokio::test]
+    async fn a_quiet_watched_console_is_not_looked_at_until_it_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, "booted\n").expect("write");
+        let watch = DirWatch::start().expect("inotify");
+        let c = Console::start(path.clone(), Some(&watch));
+        let (_, mut rx) = c.follow(0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let looks = c.looks.load(Ordering::Relaxed);
+        // Several poll periods of the unwatched console.
+        tokio::time::sleep(POLL * 5).await;
+        assert_eq!(
+            c.looks.load(Ordering::Relaxed),
+            looks,
+            "no look while quiet"
+        );
+        // A line written now reaches a follower without anyone reading the ring.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open");
+        f.write_all(b"service up\n").expect("write");
+        let line = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("woken by the write")
+            .expect("line");
+        assert_eq!(line, "service up");
+        // Closing ends the tail task, which drops its watch.
+        c.close();
+        for _ in 0..100 {
+            if watch_count(&watch) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            watch_count(&watch),
+            0,
+            "the closed console's watch is removed"
+        );
+    }
+
+    fn watch_count(w: &DirWatch) -> usize {
+        w.watched_dirs()
     }
 }

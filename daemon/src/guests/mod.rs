@@ -3,6 +3,7 @@
 //! exponential backoff, and re-adopts after its own restart.
 
 pub mod console;
+mod dirwatch;
 pub mod process;
 pub mod record;
 
@@ -21,6 +22,7 @@ use crate::fleet::{self, ImageSource, Restart};
 use crate::images::{ImageStore, ImageStoreError, StoredImage};
 use crate::store::Store;
 use console::Console;
+use dirwatch::DirWatch;
 use process::Exit;
 use record::{Desired, GuestRecord, GuestState, GuestStatus, Origin};
 
@@ -90,6 +92,9 @@ pub struct Guests {
     images: Arc<ImageStore>,
     map: Mutex<BTreeMap<String, Entry>>,
     me: Weak<Guests>,
+    /// Wakes each console's tail when its guest's directory changes (None: inotify
+    /// could not be had; the consoles poll).
+    watch: Option<Arc<DirWatch>>,
     /// Held while a fleet is applied (one apply at a time).
     pub apply_lock: tokio::sync::Mutex<()>,
 }
@@ -115,6 +120,11 @@ impl Guests {
             images,
             map: Mutex::new(BTreeMap::new()),
             me: me.clone(),
+            watch: DirWatch::start()
+                .map_err(|e| {
+                    tracing::warn!("no inotify ({e}); guest consoles are polled every 100 ms")
+                })
+                .ok(),
             apply_lock: tokio::sync::Mutex::new(()),
         });
         for rec in records {
@@ -137,7 +147,7 @@ impl Guests {
             tracing::warn!("guest {}: cannot create {}: {e}", rec.name, dir.display());
         }
         Entry {
-            console: Console::start(process::console_path(&dir)),
+            console: Console::start(process::console_path(&dir), self.watch.as_ref()),
             rec,
             state: GuestState::Stopped,
             gen: 0,

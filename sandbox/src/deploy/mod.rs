@@ -104,7 +104,7 @@ struct Inner {
     opts: HostOptions,
     engine: Engine,
     linker: Linker<FnState>,
-    _ticker: engine::EpochTicker,
+    ticker: engine::EpochTicker,
     components: ComponentStore,
     state: DeployState,
     kv: Mutex<Option<Arc<KvStore>>>,
@@ -176,7 +176,7 @@ impl FunctionHost {
             opts,
             engine,
             linker,
-            _ticker: ticker,
+            ticker,
             components,
             state,
             kv: Mutex::new(None),
@@ -603,6 +603,7 @@ impl Inner {
             routes: function.routes,
             pre,
             metrics: Some(metrics),
+            clock: self.ticker.clock(),
         }))
     }
 }

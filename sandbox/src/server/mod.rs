@@ -62,6 +62,9 @@ pub struct Deployed {
     pub(crate) pre: ProxyPre<FnState>,
     /// Where its requests are counted, when someone reads them (deploys do).
     pub(crate) metrics: Option<Arc<RequestMetrics>>,
+    /// Held by each request while its store may run, so the epoch (its deadline's
+    /// clock) advances then and only then.
+    pub(crate) clock: crate::engine::EpochClock,
 }
 
 impl std::fmt::Debug for Deployed {
@@ -254,6 +257,9 @@ where
     let limit = caps.grants.time_limit;
     let deadline = tokio::time::Instant::now() + limit + HOST_GRACE;
     let state = FnState::new(caps).map_err(|e| Failure::Host(e.to_string()))?;
+    // Taken before the deadline is set and moved into the request's task, which drops
+    // it when the store is gone (the task ended or was aborted at the deadline).
+    let ticking = deployed.clock.hold();
     let mut store = Store::new(deployed.pre.engine(), state);
     store.limiter(|s| &mut s.limiter);
     store.set_epoch_deadline(deadline_ticks(limit));
@@ -275,6 +281,7 @@ where
     let started = Instant::now();
     let task_outcome = outcome.clone();
     let mut task = tokio::spawn(async move {
+        let _ticking = ticking;
         let r = match pre.instantiate_async(&mut store).await {
             Err(e) => Err(RunError::Instantiate(e)),
             Ok(proxy) => {
