@@ -343,9 +343,12 @@ impl Supervisor {
         }
     }
 
+    /// How long to wait for a signal: until the next restart or SIGKILL is due. With
+    /// neither, an hour: every event (a service's end, a shutdown request) comes as a
+    /// signal, so an idle guest's init wakes for nothing (it used to look every second).
     fn next_timeout(&self) -> Duration {
         let now = Instant::now();
-        let mut next = now + Duration::from_secs(1);
+        let mut next = now + Duration::from_secs(3600);
         for s in &self.services {
             if let Some(t) = s.restart_at {
                 next = next.min(t);
