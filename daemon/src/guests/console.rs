@@ -395,19 +395,15 @@ mod tests {
         // Closing ends the tail task, which drops its watch.
         c.close();
         for _ in 0..100 {
-            if watch_count(&watch) == 0 {
+            if watch.watched_dirs() == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(
-            watch_count(&watch),
+            watch.watched_dirs(),
             0,
             "the closed console's watch is removed"
         );
-    }
-
-    fn watch_count(w: &DirWatch) -> usize {
-        w.watched_dirs()
     }
 }
