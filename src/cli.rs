@@ -173,9 +173,18 @@ pub fn main<const FULL: bool>() {
     hostd_vmm::mark_start();
     let first = std::env::args_os().nth(1);
     let cli = match first.as_ref().and_then(|a| a.to_str()) {
-        Some("run") => Cli {
-            command: Command::Vm(VmCommand::Run(OneCli::<RunCommand>::parse().command)),
-        },
+        // The usual command lines without clap (quick_args.rs says why); clap for
+        // the rest, and for help and errors.
+        Some("run") => {
+            let words: Vec<_> = std::env::args_os().skip(2).collect();
+            let run = match crate::quick_args::run_args(&words) {
+                Some(args) => RunCommand::Run(args),
+                None => OneCli::<RunCommand>::parse().command,
+            };
+            Cli {
+                command: Command::Vm(VmCommand::Run(run)),
+            }
+        }
         Some("backend") => Cli {
             command: Command::Vm(VmCommand::Backend(
                 OneCli::<BackendCommand>::parse().command,

@@ -307,6 +307,15 @@ fn run_options(args: &RunArgs) -> Result<RunOptions> {
     if args.vmm == VmmKind::Qemu && args.cpu_template != TemplateArg::Auto {
         bail!("--cpu-template applies to the built-in VMM only (--vmm kvm)");
     }
+    // clap's `requires` on these two is not enforced when the other of image and
+    // --kernel is given (they conflict): without these checks the initrd or the keys
+    // were ignored, and a bare kernel booted although keys were asked for.
+    if args.initrd.is_some() && args.kernel.is_none() {
+        bail!("--initrd applies to --kernel only (an image carries its own initrd)");
+    }
+    if !args.trust.is_empty() && args.image.is_none() {
+        bail!("--trust checks an image's signature; a bare --kernel carries none");
+    }
     if let Some(t) = args.timeout {
         if !(1..=MAX_TIMEOUT_SECS).contains(&t) {
             bail!("--timeout {t}: expected 1 to {MAX_TIMEOUT_SECS} seconds");

@@ -21,6 +21,7 @@ mod image_cmd;
 mod interrupt;
 mod oci_cmd;
 mod progress;
+mod quick_args;
 mod systemd_cmd;
 mod vm_log;
 

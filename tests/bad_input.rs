@@ -373,6 +373,15 @@ fn values_out_of_range_are_refused_never_cut_or_wrapped() {
         &hostd_out(&["run", "--vmm", "qemu", "--cpu-template", "pvm", &img]),
         &["--cpu-template applies to the built-in VMM only"],
     );
+    // Refused rather than ignored: an initrd beside an image, keys for a bare kernel.
+    refused(
+        &hostd_out(&["run", "--initrd", &img, &img]),
+        &["--initrd applies to --kernel only"],
+    );
+    refused(
+        &hostd_out(&["run", "--kernel", &img, "--trust", &img]),
+        &["--trust checks an image's signature"],
+    );
 }
 
 /// Rewrites `img`'s manifest JSON with `edit` into `out`, every digest correct.

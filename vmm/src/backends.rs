@@ -1,9 +1,7 @@
 //! Device backends as separate, jailed processes (`hostd backend …`) speaking
 //! vhost-user: started before the VMM, watched while it runs, killed after.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// One device backend to start.
@@ -197,7 +195,7 @@ fn dir_path(dir: &Option<tempfile::TempDir>) -> PathBuf {
 #[derive(Debug)]
 pub struct RunningBackends {
     dir: Option<tempfile::TempDir>,
-    children: Vec<(String, Child)>,
+    children: Vec<(String, crate::spawn::Started)>,
     /// A pidfd per child (readable once it has ended), where the kernel has pidfds.
     exit_fds: Vec<Option<std::os::fd::OwnedFd>>,
     /// Name, socket, and the QEMU arguments attaching it.
@@ -282,61 +280,45 @@ impl RunningBackends {
                 }
             })?;
             let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
-            let mut cmd = Command::new(&exe);
-            cmd.arg("backend")
-                .args(b.args())
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--listen-fd")
-                .arg(listen_fd.to_string())
-                .arg("--guest-mib")
-                .arg(memory_mib.to_string())
-                .arg("--jail-id")
-                .arg(crate::jail::vm_jail_id(slot as u32 + 1).to_string());
+            let mut args: Vec<std::ffi::OsString> = vec!["backend".into()];
+            args.extend(b.args().into_iter().map(Into::into));
+            args.extend([
+                "--socket".into(),
+                socket.clone().into_os_string(),
+                "--listen-fd".into(),
+                listen_fd.to_string().into(),
+                "--guest-mib".into(),
+                memory_mib.to_string().into(),
+                "--jail-id".into(),
+                crate::jail::vm_jail_id(slot as u32 + 1).to_string().into(),
+            ]);
             if !sandbox {
-                cmd.arg("--no-sandbox");
+                args.push("--no-sandbox".into());
             }
             let host_net = host_net.map(std::os::fd::AsRawFd::as_raw_fd);
             let to_host_net = match (host_net, b) {
                 (Some(fd), DeviceBackend::Net { .. }) => Some(fd),
                 (Some(_), _) => {
-                    cmd.arg("--in-vm-netns");
+                    args.push("--in-vm-netns".into());
                     None
                 }
                 (None, _) => None,
             };
-            // Its own process group: a terminal's Ctrl-C reaches only hostd, which turns it
-            // into a clean guest shutdown; the backends end when their VMM hangs up.
-            cmd.process_group(0);
-            crate::jail::clean_child(&mut cmd, crate::jail::LOG_ENV);
-            // After clean_child's closure (closures run in the order they were added),
-            // which marked every fd past stderr close-on-exec: the listener alone is kept.
-            let keep_listener = move || {
-                // SAFETY: fcntl on an fd number only changes that fd's flags.
-                if unsafe { libc::fcntl(listen_fd, libc::F_SETFD, 0) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            };
-            // SAFETY: the closure runs between fork and exec and calls only fcntl, which
-            // is async-signal-safe; it allocates nothing.
-            unsafe { cmd.pre_exec(keep_listener) };
-            if let Some(fd) = to_host_net {
-                let back = move || {
-                    // SAFETY: setns on an fd number (the host's namespace, open in this
-                    // child until exec) has no memory effects.
-                    if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                };
-                // SAFETY: as above: one async-signal-safe system call, no allocation.
-                unsafe { cmd.pre_exec(back) };
-            }
-            let child = cmd.spawn().map_err(|e| BackendsError::Start {
+            let start_error = |e: std::io::Error| BackendsError::Start {
                 name: name.clone(),
-                message: e.to_string(),
-            })?;
+                message: format!("{}: {e}", exe.display()),
+            };
+            // Not waited for: the backend execs (and jails itself) while this process
+            // goes on (spawn.rs). Its own process group: a terminal's Ctrl-C reaches only
+            // hostd, which turns it into a clean guest shutdown; the backends end when
+            // their VMM hangs up. The listener is the one fd it keeps.
+            let mut spawn =
+                crate::spawn::Spawn::new(&exe, &args, crate::jail::LOG_ENV).map_err(start_error)?;
+            spawn.keep_fd(listen_fd);
+            if let Some(fd) = to_host_net {
+                spawn.netns(fd);
+            }
+            let child = spawn.start().map_err(start_error)?;
             // The backend holds the socket now: when it dies, a connection waiting in the
             // backlog is reset rather than left hanging.
             drop(listener);
@@ -410,6 +392,12 @@ impl RunningBackends {
                     (Some(c), _) => format!("exited with status {c}"),
                     _ => "exited".to_string(),
                 };
+                if let Some(e) = child.exec_error() {
+                    return Some(format!(
+                        "device backend {name} (pid {}) could not be started: {e}",
+                        child.id()
+                    ));
+                }
                 return Some(format!("device backend {name} (pid {}) {how}", child.id()));
             }
         }

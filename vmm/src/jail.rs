@@ -139,7 +139,7 @@ fn last_error() -> std::io::Error {
 
 /// Between fork and exec: PR_SET_PDEATHSIG, checked against `parent`, and every fd past
 /// stderr marked close-on-exec.
-fn die_with_parent_after_exec(parent: libc::pid_t) -> std::io::Result<()> {
+pub(crate) fn die_with_parent_after_exec(parent: libc::pid_t) -> std::io::Result<()> {
     // SAFETY: prctl with integer arguments has no memory effects.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
         return Err(last_error());

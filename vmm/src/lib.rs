@@ -14,6 +14,7 @@ pub mod plan;
 pub mod qemu;
 pub mod ready;
 pub mod signals;
+pub mod spawn;
 pub mod volumes;
 
 pub use boot::{BootSpec, Outcome, Timings, BASE_CMDLINE};

@@ -397,6 +397,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     } else {
         None
     };
+    crate::phase("netns");
     let mut backends = RunningBackends::spawn(
         &exe,
         &cfg.devices,
@@ -625,6 +626,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     }
 
     backends.remove_sockets();
+    crate::phase("devices");
     let cmdline = cmdline.trim().to_string();
     tracing::info!("kernel command line: {cmdline}");
 
@@ -655,6 +657,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         }
         vcpus.push(fd);
     }
+    crate::phase("vCPUs");
     // Console output without an exit per byte while the guest polls the UART.
     let coalesced = vcpus.first().and_then(|fd| coalesced::Ring::map(&kvm, fd));
     if coalesced.is_some() {
@@ -705,6 +708,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     } else {
         None
     };
+    crate::phase("filters");
     if cfg.sandbox {
         // Every thread this process will have: this one, the vCPUs, one interrupt
         // forwarder per device queue, a few for the C library and headroom,
@@ -754,6 +758,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
             .map_err(|e| KvmError::Setup(format!("vCPU thread: {e}")))?;
         threads.push(handle);
     }
+    crate::phase("threads");
     if let Some(Err(e)) = control_prog.as_deref().map(jail::install) {
         shared.stop_with(StopReason::Error(format!("control thread: {e}")));
     }
