@@ -383,6 +383,12 @@ impl RunningBackends {
     pub fn check(&mut self) -> Option<String> {
         for (name, child) in &mut self.children {
             if let Ok(Some(status)) = child.try_wait() {
+                if let Some(e) = child.exec_error() {
+                    return Some(format!(
+                        "device backend {name} (pid {}) could not be started: {e}",
+                        child.id()
+                    ));
+                }
                 use std::os::unix::process::ExitStatusExt;
                 let how = match (status.code(), status.signal()) {
                     (_, Some(libc::SIGSYS)) => {
@@ -392,12 +398,6 @@ impl RunningBackends {
                     (Some(c), _) => format!("exited with status {c}"),
                     _ => "exited".to_string(),
                 };
-                if let Some(e) = child.exec_error() {
-                    return Some(format!(
-                        "device backend {name} (pid {}) could not be started: {e}",
-                        child.id()
-                    ));
-                }
                 return Some(format!("device backend {name} (pid {}) {how}", child.id()));
             }
         }

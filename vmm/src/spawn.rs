@@ -196,11 +196,19 @@ impl Started {
     fn wait_flags(&mut self, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
         if self.status.is_none() {
             let mut status = 0;
-            // SAFETY: waitpid of our own child into a local.
-            let r = unsafe { libc::waitpid(self.pid, &mut status, flags) };
-            if r < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            // A signal handler installed without SA_RESTART interrupts the wait: again,
+            // as `Child::wait` does.
+            let r = loop {
+                // SAFETY: waitpid of our own child into a local.
+                let r = unsafe { libc::waitpid(self.pid, &mut status, flags) };
+                if r >= 0 {
+                    break r;
+                }
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            };
             if r == self.pid {
                 self.status = Some(ExitStatus::from_raw(status));
             }
