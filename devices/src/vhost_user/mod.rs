@@ -285,7 +285,10 @@ where
     // (measured: the rootfs backend's vring worker died with SIGSYS on openat). One
     // arena for every thread never does.
     // SAFETY: mallopt only sets an allocator parameter; no thread runs yet.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1)
+    };
     if let Some(opts) = sandbox {
         jail::enter(opts).map_err(|e| setup("jail", &e))?;
     }

@@ -112,7 +112,69 @@ pub fn control_filter() -> Result<BpfProgram, jail::JailError> {
         libc::SYS_pwrite64,
         libc::SYS_fdatasync,
     ]);
-    jail::filter(&syscalls, CONTROL_IOCTLS)
+    let mut ioctls = CONTROL_IOCTLS.to_vec();
+    // The PIT thread (pit_reinjection_off).
+    ioctls.push(KVM_REINJECT_CONTROL);
+    jail::filter(&syscalls, &ioctls)
+}
+
+/// KVM_REINJECT_CONTROL, `_IO(KVMIO, 0x71)`: whether the in-kernel PIT reinjects the
+/// ticks a guest did not acknowledge in time.
+const KVM_REINJECT_CONTROL: u64 = 0xae71;
+
+/// `struct kvm_reinject_control`.
+#[repr(C)]
+struct ReinjectControl {
+    pit_reinject: u8,
+    reserved: [u8; 31],
+}
+
+/// Turns the in-kernel PIT's tick reinjection off, on a thread of its own that ends
+/// once it is done (under the control thread's filter).
+///
+/// KVM creates the PIT with reinjection on, and turning it off waits for an SRCU grace
+/// period (`kvm_pit_set_reinject` unregisters an interrupt-acknowledge notifier and
+/// calls `synchronize_srcu`). KVM does that itself when it destroys the VM, in the VM
+/// process's exit: the process could not be reaped, and `hostd run` not end, until the
+/// grace period was over (15 ms, the system idle, on this machine: docs/startup.md).
+/// Done here, while the guest boots, nobody waits for it, and at the VM's end there is
+/// nothing left to turn off. The ticks themselves are delivered as before; only ticks
+/// missed while the guest had the previous one pending are dropped instead of delivered
+/// later, as QEMU's `lost_tick_policy=discard` does. Linux uses the PIT only until its
+/// local APIC timer runs (and to calibrate where it must).
+fn pit_reinjection_off(vm: &VmFd, filter: Option<Arc<BpfProgram>>) -> Result<(), KvmError> {
+    // The thread holds a duplicate of the VM's fd: the VM's file stays open until the
+    // ioctl is done, whenever the run ends.
+    // SAFETY: F_DUPFD_CLOEXEC of an fd this process owns; the result is checked.
+    let fd = unsafe { libc::fcntl(vm.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(KvmError::Setup(format!(
+            "duplicating the VM's fd: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    std::thread::Builder::new()
+        .name("pit".into())
+        .spawn(move || {
+            if let Some(Err(e)) = filter.map(|p| jail::install(&p)) {
+                tracing::debug!("PIT thread: {e}");
+                return;
+            }
+            let off = ReinjectControl {
+                pit_reinject: 0,
+                reserved: [0; 31],
+            };
+            // SAFETY: KVM_REINJECT_CONTROL reads one kvm_reinject_control, which `off`
+            // is and outlives the call; `fd` is the VM's.
+            let r = unsafe { libc::ioctl(fd.as_raw_fd(), KVM_REINJECT_CONTROL as _, &off) };
+            if r != 0 {
+                tracing::debug!("KVM_REINJECT_CONTROL: {}", std::io::Error::last_os_error());
+            }
+        })
+        .map(drop)
+        .map_err(|e| KvmError::Setup(format!("PIT thread: {e}")))
 }
 
 /// How long a partial console line is held back (and how often the control thread looks
@@ -155,7 +217,7 @@ pub(crate) fn wait_for_wake(wake: &EventFd, fds: &mut [libc::pollfd], timeout: O
 fn kick(threads: &[std::thread::JoinHandle<()>]) {
     for t in threads.iter().filter(|t| !t.is_finished()) {
         // SAFETY: the pthread is alive (not finished) and the signal has a handler.
-        unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        unsafe { libc::pthread_kill(t.as_pthread_t() as _, kick_signal()) };
     }
 }
 
@@ -710,10 +772,10 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     };
     crate::phase("filters");
     if cfg.sandbox {
-        // Every thread this process will have: this one, the vCPUs, one interrupt
-        // forwarder per device queue, a few for the C library and headroom,
+        // Every thread this process will have: this one, the vCPUs, the PIT's, one
+        // interrupt forwarder per device queue, a few for the C library and headroom,
         // and one per device for its handshake.
-        let threads = 8 + u64::from(cfg.vcpus) + forwarders.len() as u64 + handshakes.len() as u64;
+        let threads = 9 + u64::from(cfg.vcpus) + forwarders.len() as u64 + handshakes.len() as u64;
         jail::enter_vmm(threads, mem_size)?;
         crate::phase("jailed");
     }
@@ -758,6 +820,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
             .map_err(|e| KvmError::Setup(format!("vCPU thread: {e}")))?;
         threads.push(handle);
     }
+    pit_reinjection_off(&vm, control_prog.clone())?;
     crate::phase("threads");
     if let Some(Err(e)) = control_prog.as_deref().map(jail::install) {
         shared.stop_with(StopReason::Error(format!("control thread: {e}")));

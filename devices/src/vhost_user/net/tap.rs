@@ -132,13 +132,7 @@ pub fn open_tap(name: &str) -> Result<File, NetError> {
     ifr[IFNAMSIZ..IFNAMSIZ + 2].copy_from_slice(&flags.to_ne_bytes());
     // SAFETY: TUNSETIFF reads (and may write back) a struct ifreq; `ifr` is a properly
     // sized, writable buffer that outlives the call, and the fd is ours.
-    let r = unsafe {
-        libc::ioctl(
-            tun.as_raw_fd(),
-            TUNSETIFF as libc::c_ulong,
-            ifr.as_mut_ptr(),
-        )
-    };
+    let r = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, ifr.as_mut_ptr()) };
     if r < 0 {
         return Err(NetError::Attach {
             name: name.to_string(),
@@ -162,7 +156,7 @@ pub fn set_vnet_hdr_len(tap: &File, len: usize) -> io::Result<()> {
     let r = unsafe {
         libc::ioctl(
             tap.as_raw_fd(),
-            TUNSETVNETHDRSZ as libc::c_ulong,
+            TUNSETVNETHDRSZ as _,
             &len as *const libc::c_int,
         )
     };
@@ -179,7 +173,7 @@ pub fn set_offloads(tap: &File, flags: u32) -> io::Result<()> {
     let r = unsafe {
         libc::ioctl(
             tap.as_raw_fd(),
-            TUNSETOFFLOAD as libc::c_ulong,
+            TUNSETOFFLOAD as _,
             libc::c_ulong::from(flags),
         )
     };
