@@ -155,26 +155,38 @@ fn pit_reinjection_off(vm: &VmFd, filter: Option<Arc<BpfProgram>>) -> Result<(),
     }
     // SAFETY: a fresh fd that nothing else owns.
     let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    spawn_filtered("pit", filter, move || {
+        let off = ReinjectControl {
+            pit_reinject: 0,
+            reserved: [0; 31],
+        };
+        // SAFETY: KVM_REINJECT_CONTROL reads one kvm_reinject_control, which `off` is
+        // and outlives the call; `fd` is the VM's.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), KVM_REINJECT_CONTROL as _, &off) };
+        if r != 0 {
+            tracing::debug!("KVM_REINJECT_CONTROL: {}", std::io::Error::last_os_error());
+        }
+    })
+}
+
+/// Starts a thread named `name` that installs `filter` (a jailed VM's) and runs `body`.
+/// If the filter cannot be installed, the error is logged and `body` never runs.
+fn spawn_filtered(
+    name: &'static str,
+    filter: Option<Arc<BpfProgram>>,
+    body: impl FnOnce() + Send + 'static,
+) -> Result<(), KvmError> {
     std::thread::Builder::new()
-        .name("pit".into())
+        .name(name.into())
         .spawn(move || {
             if let Some(Err(e)) = filter.map(|p| jail::install(&p)) {
-                tracing::debug!("PIT thread: {e}");
+                tracing::error!("{name} thread: {e}");
                 return;
             }
-            let off = ReinjectControl {
-                pit_reinject: 0,
-                reserved: [0; 31],
-            };
-            // SAFETY: KVM_REINJECT_CONTROL reads one kvm_reinject_control, which `off`
-            // is and outlives the call; `fd` is the VM's.
-            let r = unsafe { libc::ioctl(fd.as_raw_fd(), KVM_REINJECT_CONTROL as _, &off) };
-            if r != 0 {
-                tracing::debug!("KVM_REINJECT_CONTROL: {}", std::io::Error::last_os_error());
-            }
+            body()
         })
         .map(drop)
-        .map_err(|e| KvmError::Setup(format!("PIT thread: {e}")))
+        .map_err(|e| KvmError::Setup(format!("{name} thread: {e}")))
 }
 
 /// How long a partial console line is held back (and how often the control thread looks
@@ -798,17 +810,9 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         None
     };
     for (call, status, irq) in forwarders {
-        let prog = forwarder_prog.clone();
-        std::thread::Builder::new()
-            .name("irq-forward".into())
-            .spawn(move || {
-                if let Some(Err(e)) = prog.map(|p| jail::install(&p)) {
-                    tracing::error!("interrupt forwarder: {e}");
-                    return;
-                }
-                forward_interrupts(call, status, irq)
-            })
-            .map_err(|e| KvmError::Setup(format!("interrupt thread: {e}")))?;
+        spawn_filtered("irq-forward", forwarder_prog.clone(), move || {
+            forward_interrupts(call, status, irq)
+        })?;
     }
     let mut threads = Vec::new();
     for (id, fd) in vcpus.into_iter().enumerate() {
