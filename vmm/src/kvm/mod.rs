@@ -145,16 +145,10 @@ struct ReinjectControl {
 fn pit_reinjection_off(vm: &VmFd, filter: Option<Arc<BpfProgram>>) -> Result<(), KvmError> {
     // The thread holds a duplicate of the VM's fd: the VM's file stays open until the
     // ioctl is done, whenever the run ends.
-    // SAFETY: F_DUPFD_CLOEXEC of an fd this process owns; the result is checked.
-    let fd = unsafe { libc::fcntl(vm.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(KvmError::Setup(format!(
-            "duplicating the VM's fd: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: a fresh fd that nothing else owns.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: the VM's fd is open for as long as `vm` is borrowed.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(vm.as_raw_fd()) }
+        .try_clone_to_owned()
+        .map_err(|e| KvmError::Setup(format!("duplicating the VM's fd: {e}")))?;
     spawn_filtered("pit", filter, move || {
         let off = ReinjectControl {
             pit_reinject: 0,
