@@ -181,7 +181,7 @@ fn hierarchies(cgroup: &str, mountinfo: &str) -> Vec<Hierarchy> {
         });
     match v2 {
         Some(h)
-            if std::fs::read_to_string(h.mount.join(&h.own).join("cgroup.controllers"))
+            if crate::host::read_kernel_file(h.mount.join(&h.own).join("cgroup.controllers"))
                 .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory")) =>
         {
             vec![h]
@@ -206,7 +206,7 @@ impl VmCgroup {
     /// SIGKILL) are removed first.
     pub fn create(vm_pid: u32, limits: Limits) -> Result<VmCgroup, JailError> {
         let read = |p: &str| {
-            std::fs::read_to_string(p).map_err(|e| JailError(format!("reading {p}: {e}")))
+            crate::host::read_kernel_file(p).map_err(|e| JailError(format!("reading {p}: {e}")))
         };
         let found = hierarchies(&read("/proc/self/cgroup")?, &read("/proc/self/mountinfo")?);
         if found.is_empty() {
@@ -261,7 +261,7 @@ impl VmCgroup {
 
     fn limit_v2(&self, parent: &Path, dir: &Path, limits: Limits) -> Result<(), JailError> {
         let available =
-            std::fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
+            crate::host::read_kernel_file(parent.join("cgroup.controllers")).unwrap_or_default();
         let wanted: Vec<&str> = ["memory", "pids", "cpu"]
             .into_iter()
             .filter(|c| available.split_whitespace().any(|a| a == *c))
@@ -269,8 +269,8 @@ impl VmCgroup {
         // Only the controllers not enabled yet (after the first VM: none). A write to
         // `cgroup.subtree_control`, even one that changes nothing, takes the kernel's
         // threadgroup lock for writing, which waits for an RCU grace period.
-        let enabled =
-            std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
+        let enabled = crate::host::read_kernel_file(parent.join("cgroup.subtree_control"))
+            .unwrap_or_default();
         let enable: String = wanted
             .iter()
             .filter(|c| !enabled.split_whitespace().any(|e| e == **c))

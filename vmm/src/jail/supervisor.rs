@@ -58,7 +58,7 @@ pub fn die_with_hostd() -> Result<(), JailError> {
 }
 
 fn threads() -> usize {
-    std::fs::read_to_string("/proc/self/status")
+    crate::host::read_kernel_file("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()

@@ -459,25 +459,41 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     // process sets the VM up and loads the kernel; the devices connect after that.
     let exe =
         std::env::current_exe().map_err(|e| KvmError::Setup(format!("own executable: {e}")))?;
-    // One empty network namespace for this process and its backends (but net's).
-    let host_net = if cfg.sandbox {
-        jail::empty_netns_for_backends()?
-    } else {
-        None
-    };
-    crate::phase("netns");
-    let mut backends = RunningBackends::spawn(
-        &exe,
-        &cfg.devices,
-        cfg.sandbox,
-        cfg.memory_mib,
-        host_net.as_ref(),
-    )
-    .map_err(|e| KvmError::Setup(e.to_string()))?;
-    drop(host_net);
-    crate::phase("backends spawned");
-    let vm: VmFd = setup("KVM_CREATE_VM", kvm.create_vm())?;
-    crate::phase("KVM_CREATE_VM");
+    // KVM_CREATE_VM runs on a thread of its own meanwhile: in it KVM starts the VM's
+    // worker thread and waits for kthreadd to create it, 16-26 ms idle in the nested
+    // test host (docs/startup.md), time this thread spends on the backends' network
+    // namespace and their start. The thread only makes that one call and has ended
+    // before anything else happens to this process (its jail needs it single-threaded).
+    let (vm, mut backends) = std::thread::scope(|s| {
+        let create = std::thread::Builder::new()
+            .name("kvm-create-vm".into())
+            .spawn_scoped(s, || kvm.create_vm())
+            .map_err(|e| KvmError::Setup(format!("KVM_CREATE_VM thread: {e}")))?;
+        // One empty network namespace for this process and its backends (but net's);
+        // entered by this thread only, whose later threads inherit it.
+        let host_net = if cfg.sandbox {
+            jail::empty_netns_for_backends()?
+        } else {
+            None
+        };
+        crate::phase("netns");
+        let backends = RunningBackends::spawn(
+            &exe,
+            &cfg.devices,
+            cfg.sandbox,
+            cfg.memory_mib,
+            host_net.as_ref(),
+        )
+        .map_err(|e| KvmError::Setup(e.to_string()))?;
+        drop(host_net);
+        crate::phase("backends spawned");
+        let vm = create
+            .join()
+            .map_err(|_| KvmError::Setup("KVM_CREATE_VM: its thread panicked".into()))?;
+        let vm: VmFd = setup("KVM_CREATE_VM", vm)?;
+        crate::phase("KVM_CREATE_VM");
+        Ok::<_, KvmError>((vm, backends))
+    })?;
     let mem_size = u64::from(cfg.memory_mib) << 20;
     let mut mem = setup("guest memory", memory::create(mem_size))?;
     let (restore, snap_out) = match snap {
