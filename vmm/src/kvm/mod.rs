@@ -389,6 +389,51 @@ fn console_tick(console: &Mutex<Console<StdoutWriter>>) -> (Option<Duration>, u6
 /// a process of its own: PID 1 of a new PID namespace, in a per-VM cgroup, jailed
 /// (unprivileged uid, empty root, Landlock, rlimits, seccomp per thread) once its
 /// devices are connected; see [`jail::supervisor`].
+/// What [`create_vm`] makes: the VM with its interrupt controllers and PIT, and the
+/// seccomp filters of the VMM's threads (without a sandbox, none).
+struct Created {
+    vm: VmFd,
+    filters: Option<Filters>,
+}
+
+struct Filters {
+    control: Arc<BpfProgram>,
+    vcpu: Arc<BpfProgram>,
+    /// The interrupt forwarders': read and write eventfds, futexes.
+    forwarder: Arc<BpfProgram>,
+}
+
+/// Creates the VM, its in-kernel interrupt controllers and PIT, and compiles the
+/// threads' seccomp filters: the part of the set-up that needs neither guest memory nor
+/// the devices, run on a thread of its own beside the rest (`run_vmm`).
+fn create_vm(kvm: &Kvm, sandbox: bool) -> Result<Created, KvmError> {
+    let vm: VmFd = setup("KVM_CREATE_VM", kvm.create_vm())?;
+    if let Err(e) = vm.set_tss_address(layout::KVM_TSS_ADDR as usize) {
+        tracing::debug!("KVM_SET_TSS_ADDR: {e}");
+    }
+    if let Err(e) = vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR) {
+        tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+    }
+    setup("KVM_CREATE_IRQCHIP", vm.create_irq_chip())?;
+    setup(
+        "KVM_CREATE_PIT2",
+        vm.create_pit2(kvm_pit_config {
+            flags: 0,
+            ..Default::default()
+        }),
+    )?;
+    let filters = if sandbox {
+        Some(Filters {
+            control: Arc::new(control_filter()?),
+            vcpu: Arc::new(vcpu::vcpu_filter()?),
+            forwarder: Arc::new(jail::filter(jail::COMMON_SYSCALLS, &[])?),
+        })
+    } else {
+        None
+    };
+    Ok(Created { vm, filters })
+}
+
 pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     // Counted from now on: a Ctrl-C while the VM is set up stops it as soon as it runs.
     crate::signals::install();
@@ -459,15 +504,19 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     // process sets the VM up and loads the kernel; the devices connect after that.
     let exe =
         std::env::current_exe().map_err(|e| KvmError::Setup(format!("own executable: {e}")))?;
-    // KVM_CREATE_VM runs on a thread of its own meanwhile: in it KVM starts the VM's
-    // worker thread and waits for kthreadd to create it, 16-26 ms idle in the nested
-    // test host (docs/startup.md), time this thread spends on the backends' network
-    // namespace and their start. The thread only makes that one call and has ended
-    // before anything else happens to this process (its jail needs it single-threaded).
-    let (vm, mut backends) = std::thread::scope(|s| {
+    // The VM itself is made on a thread of its own meanwhile (`create_vm`): KVM waits
+    // in KVM_CREATE_VM and KVM_CREATE_PIT2 for kthreadd to create the VM's worker
+    // threads, 16-26 ms idle in the nested test host (docs/startup.md), and the seccomp
+    // filters are compiled there too. This thread makes the backends' network
+    // namespace, starts them, maps guest memory and loads the kernel. The helper has
+    // ended before anything else happens to this process (its jail needs it
+    // single-threaded).
+    let mem_size = u64::from(cfg.memory_mib) << 20;
+    let sandbox = cfg.sandbox;
+    let (created, mut backends, mem, restore, snap_out, loaded) = std::thread::scope(|scope| {
         let create = std::thread::Builder::new()
             .name("kvm-create-vm".into())
-            .spawn_scoped(s, || kvm.create_vm())
+            .spawn_scoped(scope, || create_vm(&kvm, sandbox))
             .map_err(|e| KvmError::Setup(format!("KVM_CREATE_VM thread: {e}")))?;
         // One empty network namespace for this process and its backends (but net's);
         // entered by this thread only, whose later threads inherit it.
@@ -487,76 +536,61 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         .map_err(|e| KvmError::Setup(e.to_string()))?;
         drop(host_net);
         crate::phase("backends spawned");
-        let vm = create
-            .join()
-            .map_err(|_| KvmError::Setup("KVM_CREATE_VM: its thread panicked".into()))?;
-        let vm: VmFd = setup("KVM_CREATE_VM", vm)?;
-        crate::phase("KVM_CREATE_VM");
-        Ok::<_, KvmError>((vm, backends))
-    })?;
-    let mem_size = u64::from(cfg.memory_mib) << 20;
-    let mut mem = setup("guest memory", memory::create(mem_size))?;
-    let (restore, snap_out) = match snap {
-        Some(s) => {
-            let t = Instant::now();
-            let restore = match s.saved.map(|saved| {
-                snapshot::load_memory(&saved, &mem)
-                    .map_err(|e| (saved.path.clone(), e))
-                    .map(|()| saved.state)
-            }) {
-                Some(Ok(state)) => {
-                    tracing::info!(
-                        "snapshot memory read in {:.1} ms",
-                        t.elapsed().as_secs_f64() * 1e3
-                    );
-                    Some(state)
-                }
-                Some(Err((path, e))) => {
-                    snapshot::warn_unusable(&path, &e);
-                    mem = setup("guest memory", memory::create(mem_size))?;
+        let mut mem = setup("guest memory", memory::create(mem_size))?;
+        let (restore, snap_out) = match snap {
+            Some(s) => {
+                let t = Instant::now();
+                let restore = match s.saved.map(|saved| {
+                    snapshot::load_memory(&saved, &mem)
+                        .map_err(|e| (saved.path.clone(), e))
+                        .map(|()| saved.state)
+                }) {
+                    Some(Ok(state)) => {
+                        tracing::info!(
+                            "snapshot memory read in {:.1} ms",
+                            t.elapsed().as_secs_f64() * 1e3
+                        );
+                        Some(state)
+                    }
+                    Some(Err((path, e))) => {
+                        snapshot::warn_unusable(&path, &e);
+                        mem = setup("guest memory", memory::create(mem_size))?;
+                        None
+                    }
+                    None => None,
+                };
+                // A restored VM takes no new snapshot.
+                let out = if restore.is_none() {
+                    s.out.map(|f| (f, s.key))
+                } else {
                     None
-                }
-                None => None,
-            };
-            // A restored VM takes no new snapshot.
-            let out = if restore.is_none() {
-                s.out.map(|f| (f, s.key))
-            } else {
-                None
-            };
-            (restore, out)
-        }
-        None => (None, None),
-    };
+                };
+                (restore, out)
+            }
+            None => (None, None),
+        };
+        // The kernel and initrd go into guest memory now, while the device backends exec
+        // and jail themselves (the connections below wait for them); the command line
+        // and the boot tables follow once the devices are known. A restored VM's memory
+        // holds its kernel already.
+        let loaded = match &restore {
+            Some(_) => None,
+            None => Some(boot::load_payloads(
+                &mem,
+                mem_size,
+                &cfg.kernel,
+                cfg.initrd.as_ref(),
+            )?),
+        };
+        crate::phase("memory+kernel");
+        let created = create
+            .join()
+            .map_err(|_| KvmError::Setup("KVM_CREATE_VM: its thread panicked".into()))??;
+        crate::phase("KVM_CREATE_VM");
+        Ok::<_, KvmError>((created, backends, mem, restore, snap_out, loaded))
+    })?;
+    let Created { vm, filters } = created;
     setup("guest memory", memory::register(&vm, &mem))?;
-    if let Err(e) = vm.set_tss_address(layout::KVM_TSS_ADDR as usize) {
-        tracing::debug!("KVM_SET_TSS_ADDR: {e}");
-    }
-    if let Err(e) = vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR) {
-        tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
-    }
-    setup("KVM_CREATE_IRQCHIP", vm.create_irq_chip())?;
-    setup(
-        "KVM_CREATE_PIT2",
-        vm.create_pit2(kvm_pit_config {
-            flags: 0,
-            ..Default::default()
-        }),
-    )?;
-    // The kernel and initrd go into guest memory now, while the device backends exec and
-    // jail themselves (the connections below wait for them); the command line and the
-    // boot tables follow once the devices are known. A restored VM's memory holds its
-    // kernel already.
-    let loaded = match &restore {
-        Some(_) => None,
-        None => Some(boot::load_payloads(
-            &mem,
-            mem_size,
-            &cfg.kernel,
-            cfg.initrd.as_ref(),
-        )?),
-    };
-    crate::phase("memory+kernel");
     // The payloads' files are closed now; nothing of them stays in this process.
     drop(cfg.kernel);
     drop(cfg.initrd);
@@ -652,11 +686,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     backends
         .ensure_alive()
         .map_err(|e| KvmError::Setup(e.to_string()))?;
-    let control_prog = if cfg.sandbox {
-        Some(Arc::new(control_filter()?))
-    } else {
-        None
-    };
+    let control_prog = filters.as_ref().map(|f| f.control.clone());
     let mut activations = Vec::new();
     let mut forwarders = Vec::new();
     let mut transports = Vec::new();
@@ -787,11 +817,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     sa.sa_sigaction = on_kick as *const () as usize;
     // SAFETY: installs a no-op handler without SA_RESTART, so KVM_RUN returns EINTR.
     unsafe { libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) };
-    let vcpu_prog = if cfg.sandbox {
-        Some(Arc::new(vcpu::vcpu_filter()?))
-    } else {
-        None
-    };
+    let vcpu_prog = filters.as_ref().map(|f| f.vcpu.clone());
     crate::phase("filters");
     if cfg.sandbox {
         // Every thread this process will have: this one, the vCPUs, the PIT's, one
@@ -814,11 +840,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     // One thread per device queue turns the backend's "used buffers" signal into the
     // transport's interrupt status and the guest interrupt. Its filter: read and write
     // eventfds, futexes.
-    let forwarder_prog = if cfg.sandbox {
-        Some(Arc::new(jail::filter(jail::COMMON_SYSCALLS, &[])?))
-    } else {
-        None
-    };
+    let forwarder_prog = filters.as_ref().map(|f| f.forwarder.clone());
     for (call, status, irq) in forwarders {
         spawn_filtered("irq-forward", forwarder_prog.clone(), move || {
             forward_interrupts(call, status, irq)
