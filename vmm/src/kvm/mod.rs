@@ -389,8 +389,8 @@ fn console_tick(console: &Mutex<Console<StdoutWriter>>) -> (Option<Duration>, u6
 /// a process of its own: PID 1 of a new PID namespace, in a per-VM cgroup, jailed
 /// (unprivileged uid, empty root, Landlock, rlimits, seccomp per thread) once its
 /// devices are connected; see [`jail::supervisor`].
-/// What [`create_vm`] makes: the VM with its interrupt controllers and PIT, and the
-/// seccomp filters of the VMM's threads (without a sandbox, none).
+/// What [`create_vm`] makes: the VM and the seccomp filters of the VMM's threads
+/// (without a sandbox, none).
 struct Created {
     vm: VmFd,
     filters: Option<Filters>,
@@ -403,25 +403,12 @@ struct Filters {
     forwarder: Arc<BpfProgram>,
 }
 
-/// Creates the VM, its in-kernel interrupt controllers and PIT, and compiles the
-/// threads' seccomp filters: the part of the set-up that needs neither guest memory nor
-/// the devices, run on a thread of its own beside the rest (`run_vmm`).
+/// Creates the VM and compiles the threads' seccomp filters: set-up that needs neither
+/// guest memory nor the devices, run on a thread of its own beside the rest
+/// (`run_vmm`). The irqchip and the PIT come after the guest memory's slot, on the main
+/// thread: made first, they made registering the slot wait 5 ms on this host.
 fn create_vm(kvm: &Kvm, sandbox: bool) -> Result<Created, KvmError> {
     let vm: VmFd = setup("KVM_CREATE_VM", kvm.create_vm())?;
-    if let Err(e) = vm.set_tss_address(layout::KVM_TSS_ADDR as usize) {
-        tracing::debug!("KVM_SET_TSS_ADDR: {e}");
-    }
-    if let Err(e) = vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR) {
-        tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
-    }
-    setup("KVM_CREATE_IRQCHIP", vm.create_irq_chip())?;
-    setup(
-        "KVM_CREATE_PIT2",
-        vm.create_pit2(kvm_pit_config {
-            flags: 0,
-            ..Default::default()
-        }),
-    )?;
     let filters = if sandbox {
         Some(Filters {
             control: Arc::new(control_filter()?),
@@ -505,9 +492,9 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     let exe =
         std::env::current_exe().map_err(|e| KvmError::Setup(format!("own executable: {e}")))?;
     // The VM itself is made on a thread of its own meanwhile (`create_vm`): KVM waits
-    // in KVM_CREATE_VM and KVM_CREATE_PIT2 for kthreadd to create the VM's worker
-    // threads, 16-26 ms idle in the nested test host (docs/startup.md), and the seccomp
-    // filters are compiled there too. This thread makes the backends' network
+    // in KVM_CREATE_VM for kthreadd to create the VM's worker thread, 16-26 ms idle in
+    // the nested test host (docs/startup.md), and the seccomp filters are compiled
+    // there too. This thread makes the backends' network
     // namespace, starts them, maps guest memory and loads the kernel. The helper has
     // ended before anything else happens to this process (its jail needs it
     // single-threaded).
@@ -590,7 +577,23 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         Ok::<_, KvmError>((created, backends, mem, restore, snap_out, loaded))
     })?;
     let Created { vm, filters } = created;
+    // Guest memory before the irqchip and the PIT: registered after them, the memory
+    // slot's change waited 5 ms on this host (a build that made them on the thread).
     setup("guest memory", memory::register(&vm, &mem))?;
+    if let Err(e) = vm.set_tss_address(layout::KVM_TSS_ADDR as usize) {
+        tracing::debug!("KVM_SET_TSS_ADDR: {e}");
+    }
+    if let Err(e) = vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR) {
+        tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+    }
+    setup("KVM_CREATE_IRQCHIP", vm.create_irq_chip())?;
+    setup(
+        "KVM_CREATE_PIT2",
+        vm.create_pit2(kvm_pit_config {
+            flags: 0,
+            ..Default::default()
+        }),
+    )?;
     // The payloads' files are closed now; nothing of them stays in this process.
     drop(cfg.kernel);
     drop(cfg.initrd);
