@@ -385,10 +385,6 @@ fn console_tick(console: &Mutex<Console<StdoutWriter>>) -> (Option<Duration>, u6
     (wait, out.transmitted)
 }
 
-/// Boots `cfg` and runs it to the end. With the sandbox (the default), the VMM runs in
-/// a process of its own: PID 1 of a new PID namespace, in a per-VM cgroup, jailed
-/// (unprivileged uid, empty root, Landlock, rlimits, seccomp per thread) once its
-/// devices are connected; see [`jail::supervisor`].
 /// What [`create_vm`] makes: the VM and the seccomp filters of the VMM's threads
 /// (without a sandbox, none).
 struct Created {
@@ -421,6 +417,10 @@ fn create_vm(kvm: &Kvm, sandbox: bool) -> Result<Created, KvmError> {
     Ok(Created { vm, filters })
 }
 
+/// Boots `cfg` and runs it to the end. With the sandbox (the default), the VMM runs in
+/// a process of its own: PID 1 of a new PID namespace, in a per-VM cgroup, jailed
+/// (unprivileged uid, empty root, Landlock, rlimits, seccomp per thread) once its
+/// devices are connected; see [`jail::supervisor`].
 pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     // Counted from now on: a Ctrl-C while the VM is set up stops it as soon as it runs.
     crate::signals::install();
@@ -494,10 +494,9 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     // The VM itself is made on a thread of its own meanwhile (`create_vm`): KVM waits
     // in KVM_CREATE_VM for kthreadd to create the VM's worker thread, 16-26 ms idle in
     // the nested test host (docs/startup.md), and the seccomp filters are compiled
-    // there too. This thread makes the backends' network
-    // namespace, starts them, maps guest memory and loads the kernel. The helper has
-    // ended before anything else happens to this process (its jail needs it
-    // single-threaded).
+    // there too. This thread makes the backends' network namespace, starts them, maps
+    // guest memory and loads the kernel. The helper has ended before anything else
+    // happens to this process (its jail needs it single-threaded).
     let mem_size = u64::from(cfg.memory_mib) << 20;
     let sandbox = cfg.sandbox;
     let (created, mut backends, mem, restore, snap_out, loaded) = std::thread::scope(|scope| {
