@@ -36,6 +36,9 @@ use tcommon::kvmhost::{self, Payload};
 /// The test host's script: RUNS rounds, each monitor and guest in turn.
 const BENCH_SH: &str = r#"
 cd /kvmtest
+# Warnings and errors only, as Firecracker runs with `--level Error` (its log to a file):
+# hostd's info lines would otherwise each wake the reading loop below.
+export HOSTD_LOG=warn
 ms() { read up _ < /proc/uptime; c=${up%.*}${up#*.}; echo $((c * 10)); }
 # measure NAME WANT DONE KILL CMD…: times from start to the first line containing WANT
 # ("first"), to the first containing DONE ("done"; with KILL=1 the monitor is killed

@@ -340,6 +340,8 @@ fn run_qemu(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
             Some(qemu_landlock().map_err(|e| QemuError::Guest(e.to_string()))?),
         );
     }
+    // The VM's cgroup limits (`hostd run` writes them meanwhile) before QEMU runs.
+    crate::jail::supervisor::limits_in_place();
     let mut child = cmd
         .args(&args)
         .stdin(Stdio::piped())

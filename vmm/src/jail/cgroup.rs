@@ -45,9 +45,27 @@ impl Limits {
 const CFS_PERIOD_US: u64 = 100_000;
 
 /// The per-VM cgroup(s): one directory per v1 hierarchy used, or one v2 directory.
+///
+/// Made in two steps, so that the VM's process can start in between: [`VmCgroup::create`]
+/// makes the directories (the process is forked into them or enters them), then
+/// [`VmCgroup::limit`] writes the limits while that process sets its VM up; it waits
+/// for them before its guest runs (see `supervisor::limits_in_place`).
 #[derive(Debug)]
 pub struct VmCgroup {
     dirs: Vec<PathBuf>,
+    /// Per directory, the controllers whose limits [`VmCgroup::limit`] writes.
+    controls: Vec<Controls>,
+    /// The cgroups the directories were made in (where stale ones are looked for).
+    parents: Vec<PathBuf>,
+}
+
+/// The limits one directory takes.
+#[derive(Debug)]
+enum Controls {
+    /// A v1 hierarchy's controllers.
+    V1(Vec<String>),
+    /// The v2 controllers enabled for it (memory always).
+    V2(Vec<&'static str>),
 }
 
 /// Where a cgroup hierarchy is mounted and which cgroup of it this process is in.
@@ -202,9 +220,8 @@ fn name_for(pid: u32) -> String {
 
 impl VmCgroup {
     /// Creates the cgroup(s) of the VM of `hostd run` pid `vm_pid` below this process's
-    /// own, with `limits`. Leftovers of VMs whose `hostd run` is gone (killed with
-    /// SIGKILL) are removed first.
-    pub fn create(vm_pid: u32, limits: Limits) -> Result<VmCgroup, JailError> {
+    /// own, without limits yet ([`VmCgroup::limit`]).
+    pub fn create(vm_pid: u32) -> Result<VmCgroup, JailError> {
         let read = |p: &str| {
             crate::host::read_kernel_file(p).map_err(|e| JailError(format!("reading {p}: {e}")))
         };
@@ -214,10 +231,13 @@ impl VmCgroup {
                 "no cgroup hierarchy with the memory controller is mounted".into(),
             ));
         }
-        let mut cg = VmCgroup { dirs: Vec::new() };
-        for h in &found {
+        let mut cg = VmCgroup {
+            dirs: Vec::new(),
+            controls: Vec::new(),
+            parents: Vec::new(),
+        };
+        for h in found {
             let parent = h.mount.join(&h.own);
-            remove_stale(&parent);
             let dir = parent.join(name_for(vm_pid));
             match std::fs::create_dir(&dir) {
                 Ok(()) => {}
@@ -226,84 +246,70 @@ impl VmCgroup {
                     return Err(JailError(format!("creating {}: {e}", dir.display())));
                 }
             }
-            cg.dirs.push(dir.clone());
-            if h.controllers.is_empty() {
-                cg.limit_v2(&parent, &dir, limits)?;
+            cg.dirs.push(dir);
+            cg.controls.push(if h.controllers.is_empty() {
+                Controls::V2(enable_v2(&parent)?)
             } else {
-                for c in &h.controllers {
-                    match c.as_str() {
-                        "memory" => {
-                            write(
-                                &dir.join("memory.limit_in_bytes"),
-                                &limits.memory_bytes.to_string(),
-                            )?;
-                            // Swap counts too where the kernel accounts it.
-                            let memsw = dir.join("memory.memsw.limit_in_bytes");
-                            if memsw.exists() {
-                                write(&memsw, &limits.memory_bytes.to_string())?;
-                            }
-                        }
-                        "pids" => write(&dir.join("pids.max"), &limits.pids.to_string())?,
-                        "cpu" => {
-                            write(&dir.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
-                            write(
-                                &dir.join("cpu.cfs_quota_us"),
-                                &(limits.cpus * CFS_PERIOD_US).to_string(),
-                            )?;
-                        }
-                        _ => {}
-                    }
-                }
-            }
+                Controls::V1(h.controllers)
+            });
+            cg.parents.push(parent);
         }
         Ok(cg)
     }
 
-    fn limit_v2(&self, parent: &Path, dir: &Path, limits: Limits) -> Result<(), JailError> {
-        let available =
-            crate::host::read_kernel_file(parent.join("cgroup.controllers")).unwrap_or_default();
-        let wanted: Vec<&str> = ["memory", "pids", "cpu"]
-            .into_iter()
-            .filter(|c| available.split_whitespace().any(|a| a == *c))
-            .collect();
-        // Only the controllers not enabled yet (after the first VM: none). A write to
-        // `cgroup.subtree_control`, even one that changes nothing, takes the kernel's
-        // threadgroup lock for writing, which waits for an RCU grace period.
-        let enabled = crate::host::read_kernel_file(parent.join("cgroup.subtree_control"))
-            .unwrap_or_default();
-        let enable: String = wanted
-            .iter()
-            .filter(|c| !enabled.split_whitespace().any(|e| e == **c))
-            .map(|c| format!("+{c}"))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let control = parent.join("cgroup.subtree_control");
-        let first = if enable.is_empty() {
-            Ok(())
-        } else {
-            write(&control, &enable)
-        };
-        if let Err(e) = first {
-            // v2 enables controllers for children only of a cgroup without processes
-            // of its own: move this process into a leaf below its cgroup first (still
-            // below, never out of it), then try again.
-            let leaf = parent.join("hostd-run");
-            let _ = std::fs::create_dir(&leaf);
-            write(&leaf.join("cgroup.procs"), "0")?;
-            write(&control, &enable)
-                .map_err(|e2| JailError(format!("{e}; after moving to a leaf: {e2}")))?;
-        }
-        write(&dir.join("memory.max"), &limits.memory_bytes.to_string())?;
-        if wanted.contains(&"pids") {
-            write(&dir.join("pids.max"), &limits.pids.to_string())?;
-        }
-        if wanted.contains(&"cpu") {
-            write(
-                &dir.join("cpu.max"),
-                &format!("{} {CFS_PERIOD_US}", limits.cpus * CFS_PERIOD_US),
-            )?;
+    /// Writes `limits` to the cgroup(s).
+    pub fn limit(&self, limits: Limits) -> Result<(), JailError> {
+        for (dir, controls) in self.dirs.iter().zip(&self.controls) {
+            match controls {
+                Controls::V2(wanted) => {
+                    write(&dir.join("memory.max"), &limits.memory_bytes.to_string())?;
+                    if wanted.contains(&"pids") {
+                        write(&dir.join("pids.max"), &limits.pids.to_string())?;
+                    }
+                    if wanted.contains(&"cpu") {
+                        write(
+                            &dir.join("cpu.max"),
+                            &format!("{} {CFS_PERIOD_US}", limits.cpus * CFS_PERIOD_US),
+                        )?;
+                    }
+                }
+                Controls::V1(controllers) => {
+                    for c in controllers {
+                        match c.as_str() {
+                            "memory" => {
+                                write(
+                                    &dir.join("memory.limit_in_bytes"),
+                                    &limits.memory_bytes.to_string(),
+                                )?;
+                                // Swap counts too where the kernel accounts it.
+                                let memsw = dir.join("memory.memsw.limit_in_bytes");
+                                if memsw.exists() {
+                                    write(&memsw, &limits.memory_bytes.to_string())?;
+                                }
+                            }
+                            "pids" => write(&dir.join("pids.max"), &limits.pids.to_string())?,
+                            "cpu" => {
+                                write(&dir.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
+                                write(
+                                    &dir.join("cpu.cfs_quota_us"),
+                                    &(limits.cpus * CFS_PERIOD_US).to_string(),
+                                )?;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Removes what VMs whose `hostd run` is gone (killed with SIGKILL) left beside this
+    /// VM's cgroup(s).
+    pub fn remove_stale(&self) {
+        for p in &self.parents {
+            remove_stale(p);
+        }
     }
 
     /// Moves the calling process into the VM's cgroup(s) (everything it starts from
@@ -365,6 +371,45 @@ impl Drop for VmCgroup {
             }
         }
     }
+}
+
+/// Enables the memory, pids and cpu controllers (those `parent` has) for the cgroups
+/// below `parent`, where they are not yet; returns those enabled.
+fn enable_v2(parent: &Path) -> Result<Vec<&'static str>, JailError> {
+    let available =
+        crate::host::read_kernel_file(parent.join("cgroup.controllers")).unwrap_or_default();
+    let wanted: Vec<&'static str> = ["memory", "pids", "cpu"]
+        .into_iter()
+        .filter(|c| available.split_whitespace().any(|a| a == *c))
+        .collect();
+    // Only the controllers not enabled yet (after the first VM: none). A write to
+    // `cgroup.subtree_control`, even one that changes nothing, takes the kernel's
+    // threadgroup lock for writing, which waits for an RCU grace period.
+    let enabled =
+        crate::host::read_kernel_file(parent.join("cgroup.subtree_control")).unwrap_or_default();
+    let enable: String = wanted
+        .iter()
+        .filter(|c| !enabled.split_whitespace().any(|e| e == **c))
+        .map(|c| format!("+{c}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let control = parent.join("cgroup.subtree_control");
+    let first = if enable.is_empty() {
+        Ok(())
+    } else {
+        write(&control, &enable)
+    };
+    if let Err(e) = first {
+        // v2 enables controllers for children only of a cgroup without processes
+        // of its own: move this process into a leaf below its cgroup first (still
+        // below, never out of it), then try again.
+        let leaf = parent.join("hostd-run");
+        let _ = std::fs::create_dir(&leaf);
+        write(&leaf.join("cgroup.procs"), "0")?;
+        write(&control, &enable)
+            .map_err(|e2| JailError(format!("{e}; after moving to a leaf: {e2}")))?;
+    }
+    Ok(wanted)
 }
 
 /// Removes `hostd-vm-PID` cgroups below `parent` whose `hostd run` no longer exists and

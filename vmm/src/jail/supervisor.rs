@@ -21,6 +21,34 @@ use crate::boot::{Outcome, Timings};
 /// the parent lives outside the child's PID namespace). -1 outside a supervised VM.
 static PARENT_PIDFD: AtomicI32 = AtomicI32::new(-1);
 
+/// The VM's process's end of a pipe that `hostd run` closes once it has written the VM's
+/// cgroup limits ([`limits_in_place`]). -1 when there is nothing to wait for.
+static LIMITS_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// In the VM's process: waits until `hostd run` has written the VM's cgroup limits,
+/// which it does while this process sets the VM up (the cgroup was made, and this
+/// process is in it, before its fork); returns at once where there is nothing to wait
+/// for. Called before the guest (or QEMU) runs. Whether the writes worked is for
+/// `hostd run` to say (it warns, as when it cannot make a cgroup at all).
+pub fn limits_in_place() {
+    let fd = LIMITS_FD.swap(-1, Ordering::SeqCst);
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: the read end of the pipe, owned by nothing else (taken out of LIMITS_FD).
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut b = [0u8; 1];
+    loop {
+        // SAFETY: a read of at most one byte into a local; the pipe's end is its
+        // writer's close.
+        let n = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+        if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            break;
+        }
+    }
+    crate::phase("limits");
+}
+
 fn os(what: &str) -> JailError {
     JailError(format!("{what}: {}", std::io::Error::last_os_error()))
 }
@@ -135,7 +163,7 @@ where
         tracing::warn!("hostd run has several threads: the VM runs without its own PID namespace");
         return vm();
     }
-    let cgroup = match VmCgroup::create(super::vm_pid(), limits) {
+    let cgroup = match VmCgroup::create(super::vm_pid()) {
         Ok(c) => Some(c),
         Err(e) => {
             tracing::warn!("the VM runs without a cgroup of its own: {e}");
@@ -143,10 +171,14 @@ where
         }
     };
     crate::phase("cgroup");
-    start(cgroup, vm).map_err(|e| e.to_string())?
+    start(cgroup, limits, vm).map_err(|e| e.to_string())?
 }
 
-fn start<F>(cgroup: Option<VmCgroup>, vm: F) -> Result<Result<Outcome, String>, JailError>
+fn start<F>(
+    cgroup: Option<VmCgroup>,
+    limits: Limits,
+    vm: F,
+) -> Result<Result<Outcome, String>, JailError>
 where
     F: FnOnce() -> Result<Outcome, String>,
 {
@@ -167,6 +199,15 @@ where
     let rd = unsafe { OwnedFd::from_raw_fd(fds[0]) };
     // SAFETY: as above.
     let wr = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+    // Closed by this process once it has written the cgroup's limits.
+    // SAFETY: a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(os("pipe2"));
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let limits_rd = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: as above.
+    let limits_wr = unsafe { OwnedFd::from_raw_fd(fds[1]) };
     let own_pid_ns = std::fs::File::open("/proc/self/ns/pid")
         .map_err(|e| JailError(format!("/proc/self/ns/pid: {e}")))?;
     let seen = crate::signals::count();
@@ -188,7 +229,14 @@ where
     if pid == 0 {
         crate::phase("vm process");
         drop(rd);
+        drop(limits_wr);
         drop(own_pid_ns);
+        if cgroup.is_some() {
+            LIMITS_FD.store(limits_rd.as_raw_fd(), Ordering::SeqCst);
+            std::mem::forget(limits_rd);
+        } else {
+            drop(limits_rd);
+        }
         crate::volumes::close_inherited_locks();
         PARENT_PIDFD.store(pidfd.as_raw_fd(), Ordering::SeqCst);
         std::mem::forget(pidfd);
@@ -210,6 +258,18 @@ where
     }
     drop(wr);
     drop(pidfd);
+    drop(limits_rd);
+    // The VM's limits, while its process starts (it waits for them before its guest
+    // runs): the writes are ~5 ms of a start in the nested test host.
+    if let Some(cg) = &cgroup {
+        if let Err(e) = cg.limit(limits) {
+            tracing::warn!("the VM's cgroup has no limits: {e}");
+        }
+    }
+    drop(limits_wr);
+    if let Some(cg) = &cgroup {
+        cg.remove_stale();
+    }
     // What the VM's process needs (its kernel and initrd files among it) is its own
     // now; this process keeps none of it while the VM runs.
     drop(vm);
