@@ -16,7 +16,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Barrier, Mutex, OnceLock};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use hostd_devices::bus::{Bus, SharedDevice};
@@ -385,6 +385,13 @@ fn console_tick(console: &Mutex<Console<StdoutWriter>>) -> (Option<Duration>, u6
     (wait, out.transmitted)
 }
 
+/// What [`create_vm`] makes: the VM and the seccomp filters of the VMM's threads
+/// (without a sandbox, none).
+struct Created {
+    vm: VmFd,
+    filters: Option<Filters>,
+}
+
 struct Filters {
     control: Arc<BpfProgram>,
     vcpu: Arc<BpfProgram>,
@@ -392,34 +399,22 @@ struct Filters {
     forwarder: Arc<BpfProgram>,
 }
 
-/// The threads' seccomp filters, compiled once by whichever of the two set-up threads
-/// of `run_vmm` has finished its own part first (`compile_filters`).
-type FilterSlot = OnceLock<Result<Filters, KvmError>>;
-
-/// Compiles the VMM threads' seccomp filters into `slot` unless the other set-up thread
-/// has (or is at it: then waits for it, as the join would).
-fn compile_filters(slot: &FilterSlot) {
-    slot.get_or_init(|| {
-        Ok(Filters {
+/// Creates the VM and compiles the threads' seccomp filters: set-up that needs neither
+/// guest memory nor the devices, run on a thread of its own beside the rest
+/// (`run_vmm`). The irqchip and the PIT come after the guest memory's slot, on the main
+/// thread: made first, they made registering the slot wait 5 ms on this host.
+fn create_vm(kvm: &Kvm, sandbox: bool) -> Result<Created, KvmError> {
+    let vm: VmFd = setup("KVM_CREATE_VM", kvm.create_vm())?;
+    let filters = if sandbox {
+        Some(Filters {
             control: Arc::new(control_filter()?),
             vcpu: Arc::new(vcpu::vcpu_filter()?),
             forwarder: Arc::new(jail::filter(jail::COMMON_SYSCALLS, &[])?),
         })
-    });
-}
-
-/// Creates the VM, on a thread of its own beside the rest of the set-up (`run_vmm`):
-/// KVM waits in KVM_CREATE_VM for kthreadd to create the VM's worker thread and for
-/// that thread to join this process's cgroups (an RCU grace period), 25-35 ms in the
-/// nested test host. Then the filters, if the main thread has not taken them on. The
-/// irqchip and the PIT come after the guest memory's slot, on the main thread: made
-/// first, they made registering the slot wait 5 ms on this host.
-fn create_vm(kvm: &Kvm, filters: Option<&FilterSlot>) -> Result<VmFd, KvmError> {
-    let vm: VmFd = setup("KVM_CREATE_VM", kvm.create_vm())?;
-    if let Some(slot) = filters {
-        compile_filters(slot);
-    }
-    Ok(vm)
+    } else {
+        None
+    };
+    Ok(Created { vm, filters })
 }
 
 /// Boots `cfg` and runs it to the end. With the sandbox (the default), the VMM runs in
@@ -473,44 +468,42 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     } else {
         CpuTemplate::Host
     });
+    if kind == KvmKind::Pvm {
+        assist::enable();
+        tracing::warn!(
+            "/dev/kvm is a nested PVM hypervisor: guest kernel code runs through KVM's instruction \
+             emulator, so Linux boots slowly and each guest system call is slow (measured on one \
+             such host: 13 s, 0.35 ms; user code runs natively); `--vmm qemu` (TCG) is faster for \
+             most services here. CPU template \
+             `{}`, PVM kernel arguments and instruction assist on (docs/pvm.md)",
+            template.name()
+        );
+    }
+    if cfg.sandbox {
+        // No core dumps (guest memory is also MADV_DONTDUMP) and no ptrace by the same uid.
+        jail::not_dumpable()?;
+    }
     // Opened before the backends' socket directory gives this process a mount namespace
     // of its own, so that /dev/kvm is named as on the host.
     let kvm = setup("open /dev/kvm", Kvm::new())?;
     crate::phase("/dev/kvm");
-    // The VM itself is made on a thread of its own (`create_vm`), started first: KVM
-    // waits in KVM_CREATE_VM 25-35 ms in the nested test host (docs/startup.md). This
-    // thread meanwhile makes the backends' network namespace, starts them, maps guest
-    // memory and loads the kernel; the seccomp filters are compiled by whichever of the
-    // two is done first. The helper has ended before anything else happens to this
-    // process (its jail needs it single-threaded).
+    // Device backends next: each execs and jails itself (milliseconds) while this
+    // process sets the VM up and loads the kernel; the devices connect after that.
+    let exe =
+        std::env::current_exe().map_err(|e| KvmError::Setup(format!("own executable: {e}")))?;
+    // The VM itself is made on a thread of its own meanwhile (`create_vm`): KVM waits
+    // in KVM_CREATE_VM for kthreadd to create the VM's worker thread, 16-26 ms idle in
+    // the nested test host (docs/startup.md), and the seccomp filters are compiled
+    // there too. This thread makes the backends' network namespace, starts them, maps
+    // guest memory and loads the kernel. The helper has ended before anything else
+    // happens to this process (its jail needs it single-threaded).
     let mem_size = u64::from(cfg.memory_mib) << 20;
-    let filter_slot = FilterSlot::new();
-    let filters_wanted = cfg.sandbox.then_some(&filter_slot);
-    let (vm, mut backends, mem, restore, snap_out, loaded) = std::thread::scope(|scope| {
+    let sandbox = cfg.sandbox;
+    let (created, mut backends, mem, restore, snap_out, loaded) = std::thread::scope(|scope| {
         let create = std::thread::Builder::new()
             .name("kvm-create-vm".into())
-            .spawn_scoped(scope, || create_vm(&kvm, filters_wanted))
+            .spawn_scoped(scope, || create_vm(&kvm, sandbox))
             .map_err(|e| KvmError::Setup(format!("KVM_CREATE_VM thread: {e}")))?;
-        if kind == KvmKind::Pvm {
-            assist::enable();
-            tracing::warn!(
-                "/dev/kvm is a nested PVM hypervisor: guest kernel code runs through KVM's \
-                 instruction emulator, so Linux boots slowly and each guest system call is slow \
-                 (measured on one such host: 13 s, 0.35 ms; user code runs natively); `--vmm \
-                 qemu` (TCG) is faster for most services here. CPU template `{}`, PVM kernel \
-                 arguments and instruction assist on (docs/pvm.md)",
-                template.name()
-            );
-        }
-        if cfg.sandbox {
-            // No core dumps (guest memory is also MADV_DONTDUMP) and no ptrace by the same
-            // uid.
-            jail::not_dumpable()?;
-        }
-        // Device backends next: each execs and jails itself (milliseconds) while this
-        // process sets the VM up and loads the kernel; the devices connect after that.
-        let exe =
-            std::env::current_exe().map_err(|e| KvmError::Setup(format!("own executable: {e}")))?;
         // One empty network namespace for this process and its backends (but net's);
         // entered by this thread only, whose later threads inherit it.
         let host_net = if cfg.sandbox {
@@ -576,16 +569,13 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
             )?),
         };
         crate::phase("memory+kernel");
-        if let Some(slot) = filters_wanted {
-            compile_filters(slot);
-        }
-        let vm = create
+        let created = create
             .join()
             .map_err(|_| KvmError::Setup("KVM_CREATE_VM: its thread panicked".into()))??;
         crate::phase("KVM_CREATE_VM");
-        Ok::<_, KvmError>((vm, backends, mem, restore, snap_out, loaded))
+        Ok::<_, KvmError>((created, backends, mem, restore, snap_out, loaded))
     })?;
-    let filters = filter_slot.into_inner().transpose()?;
+    let Created { vm, filters } = created;
     // Guest memory before the irqchip and the PIT: registered after them, the memory
     // slot's change waited 5 ms on this host (a build that made them on the thread).
     setup("guest memory", memory::register(&vm, &mem))?;
@@ -849,6 +839,19 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         jail::enter_vmm(threads, mem_size)?;
         crate::phase("jailed");
     }
+    // The vCPUs first: each new thread takes a few ms to start in the nested test host
+    // (its first code, its filter), and the guest needs only them; the handshakes wait
+    // for the backends anyway, the forwarders for the devices' activation.
+    let mut threads = Vec::new();
+    for (id, fd) in vcpus.into_iter().enumerate() {
+        let shared = shared.clone();
+        let prog = vcpu_prog.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu::run(fd, id as u8, shared, prog))
+            .map_err(|e| KvmError::Setup(format!("vCPU thread: {e}")))?;
+        threads.push(handle);
+    }
     for handshake in handshakes {
         let prog = control_prog.clone();
         std::thread::Builder::new()
@@ -867,16 +870,6 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         spawn_filtered("irq-forward", forwarder_prog.clone(), move || {
             forward_interrupts(call, status, irq)
         })?;
-    }
-    let mut threads = Vec::new();
-    for (id, fd) in vcpus.into_iter().enumerate() {
-        let shared = shared.clone();
-        let prog = vcpu_prog.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu::run(fd, id as u8, shared, prog))
-            .map_err(|e| KvmError::Setup(format!("vCPU thread: {e}")))?;
-        threads.push(handle);
     }
     pit_reinjection_off(&vm, control_prog.clone())?;
     crate::phase("threads");
