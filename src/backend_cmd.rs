@@ -293,3 +293,256 @@ pub fn run(cmd: BackendCommand) -> Result<i32> {
     }
     Ok(0)
 }
+
+/// The backend command lines `hostd run` writes, read without clap: `KIND` then known
+/// options (`--name VALUE`, `--name=VALUE`, flags). Anything else (help, an unknown,
+/// repeated or valueless option, a value that does not parse or starts with `-`, a
+/// missing required option, `--caps` without `--caps-link`, words that are not UTF-8)
+/// is `None`, and clap parses the same words and gives its help or its error; a command
+/// line this takes gives the same [`BackendCommand`] as clap would (tests below).
+///
+/// Why: clap builds the whole backend command (four kinds and all their options) before
+/// it reads a word. In the nested test host, where code run for the first time is
+/// translated by QEMU, a backend ran ~28 ms of its own code between its log set-up and
+/// its jail (docs/startup.md), on the CPU the VM's set-up shares; `hostd run` had the
+/// same cost until its own parser (src/quick_args.rs).
+pub fn quick_args(words: &[std::ffi::OsString]) -> Option<BackendCommand> {
+    let words: Vec<&str> = words.iter().map(|w| w.to_str()).collect::<Option<_>>()?;
+    let (kind, rest) = words.split_first()?;
+    let mut given: Vec<(&str, Option<&str>)> = Vec::new();
+    let mut i = 0;
+    while i < rest.len() {
+        let word = rest[i].strip_prefix("--")?;
+        let (name, inline) = match word.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (word, None),
+        };
+        let takes_value = match option_kind(kind, name)? {
+            OptionKind::Flag => false,
+            OptionKind::Value => true,
+        };
+        let value = match (takes_value, inline) {
+            (false, Some(_)) => return None,
+            (false, None) => None,
+            (true, Some(v)) => Some(v),
+            (true, None) => {
+                i += 1;
+                Some(*rest.get(i)?)
+            }
+        };
+        if value.is_some_and(|v| v.starts_with('-') || v.is_empty()) {
+            return None;
+        }
+        if name != "secret" && given.iter().any(|(n, _)| *n == name) {
+            return None;
+        }
+        given.push((name, value));
+        i += 1;
+    }
+    let one = |name: &str| given.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+    let flag = |name: &str| one(name).is_some();
+    // A value that parses, or None for an option not given; Err for one that does not.
+    fn parsed<T: std::str::FromStr>(v: Option<Option<&str>>) -> Result<Option<T>, ()> {
+        match v {
+            None => Ok(None),
+            Some(v) => v.ok_or(())?.parse().map(Some).map_err(|_| ()),
+        }
+    }
+    let string = |name: &str| one(name).flatten().map(str::to_string);
+    let common = Common {
+        socket: PathBuf::from(one("socket")??),
+        listen_fd: parsed(one("listen-fd")).ok()?,
+        no_sandbox: flag("no-sandbox"),
+        in_vm_netns: flag("in-vm-netns"),
+        jail_id: parsed(one("jail-id")).ok()?,
+        guest_mib: parsed(one("guest-mib")).ok()?.unwrap_or(DEFAULT_GUEST_MIB),
+        selftest: string("selftest"),
+    };
+    Some(match *kind {
+        "rng" => BackendCommand::Rng { common },
+        "block" => BackendCommand::Block {
+            common,
+            file: PathBuf::from(one("file")??),
+            offset: parsed(one("offset")).ok()?.unwrap_or(0),
+            length: parsed(one("length")).ok()?,
+            read_only: flag("read-only"),
+            verity: string("verity"),
+            id: string("id").unwrap_or_else(|| "hostd".into()),
+        },
+        "net" => BackendCommand::Net {
+            common,
+            tap: string("tap")?,
+            mac: string("mac").unwrap_or_else(|| "52:54:00:12:34:56".into()),
+        },
+        "vsock" => {
+            let caps_link = one("caps-link").flatten().map(PathBuf::from);
+            if one("caps").is_some() && caps_link.is_none() {
+                return None;
+            }
+            BackendCommand::Vsock {
+                common,
+                cid: parsed(one("cid")).ok()?.unwrap_or(3),
+                secrets: given
+                    .iter()
+                    .filter(|(n, _)| *n == "secret")
+                    .map(|(_, v)| v.map(str::to_string))
+                    .collect::<Option<_>>()?,
+                caps: parsed(one("caps")).ok()?.unwrap_or(0),
+                caps_link,
+            }
+        }
+        _ => return None,
+    })
+}
+
+enum OptionKind {
+    Flag,
+    Value,
+}
+
+/// Options every backend takes, and those of each kind: (long name, takes a value).
+const COMMON_OPTIONS: &[(&str, bool)] = &[
+    ("socket", true),
+    ("listen-fd", true),
+    ("no-sandbox", false),
+    ("in-vm-netns", false),
+    ("jail-id", true),
+    ("guest-mib", true),
+    ("selftest", true),
+];
+
+fn kind_options(kind: &str) -> Option<&'static [(&'static str, bool)]> {
+    Some(match kind {
+        "rng" => &[],
+        "block" => &[
+            ("file", true),
+            ("offset", true),
+            ("length", true),
+            ("read-only", false),
+            ("verity", true),
+            ("id", true),
+        ],
+        "net" => &[("tap", true), ("mac", true)],
+        "vsock" => &[
+            ("cid", true),
+            ("secret", true),
+            ("caps", true),
+            ("caps-link", true),
+        ],
+        _ => return None,
+    })
+}
+
+/// Whether `name` is an option of backend `kind` and takes a value; None if unknown.
+fn option_kind(kind: &str, name: &str) -> Option<OptionKind> {
+    COMMON_OPTIONS
+        .iter()
+        .chain(kind_options(kind)?)
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| {
+            if *v {
+                OptionKind::Value
+            } else {
+                OptionKind::Flag
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+    use std::ffi::OsString;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: BackendCommand,
+    }
+
+    fn words(line: &str) -> Vec<OsString> {
+        line.split(' ').map(OsString::from).collect()
+    }
+
+    fn clap(line: &str) -> Option<String> {
+        let argv = std::iter::once(OsString::from("backend")).chain(words(line));
+        Cli::try_parse_from(argv)
+            .ok()
+            .map(|c| format!("{:?}", c.cmd))
+    }
+
+    fn quick(line: &str) -> Option<String> {
+        quick_args(&words(line)).map(|c| format!("{c:?}"))
+    }
+
+    /// Command lines as `hostd run` writes them (vmm/src/backends.rs), and others clap
+    /// takes: the same result both ways.
+    #[test]
+    fn the_usual_command_lines_give_what_clap_gives() {
+        for line in [
+            "rng --socket /run/hostd/d/rng.sock --listen-fd 11 --guest-mib 64 --jail-id 1879240001 --in-vm-netns",
+            "rng --socket /s --no-sandbox",
+            "rng --socket=/s --guest-mib=128 --selftest=open-passwd",
+            "block --id root --file /img --offset 4096 --length 8192 --read-only --verity 1:2:ab --socket /s --listen-fd 3 --guest-mib 256 --jail-id 7",
+            "block --file /img --socket /s",
+            "net --tap tap0 --mac 52:54:00:00:00:01 --socket /s --listen-fd 4 --guest-mib 64 --jail-id 8",
+            "net --tap tap0 --socket /s",
+            "vsock --cid 3 --secret a=/p --secret b=/q --caps 2 --caps-link /r --socket /s --listen-fd 5 --guest-mib 64 --jail-id 9 --in-vm-netns",
+            "vsock --socket /s",
+        ] {
+            let q = quick(line);
+            assert!(q.is_some(), "not taken: {line}");
+            assert_eq!(q, clap(line), "{line}");
+        }
+    }
+
+    /// What is left to clap: it gives its help or its error for these.
+    #[test]
+    fn anything_else_is_left_to_clap() {
+        for line in [
+            "rng",
+            "rng --help",
+            "rng --socket",
+            "rng --socket /s --socket /t",
+            "rng --socket /s --tap t",
+            "rng --socket /s --no-sandbox=yes",
+            "rng --socket /s --guest-mib lots",
+            "rng --socket /s --listen-fd -1",
+            "rng --socket /s extra",
+            "block --socket /s",
+            "block --socket /s --file /f --offset -4",
+            "net --socket /s",
+            "vsock --socket /s --caps 2",
+            "vsock --socket /s --cid",
+            "disk --socket /s",
+            "--socket /s",
+        ] {
+            assert_eq!(quick(line), None, "{line}");
+        }
+    }
+
+    /// Every option clap knows for a kind is known here, with or without a value as
+    /// there; and no other.
+    #[test]
+    fn every_option_clap_knows_is_known_here() {
+        let cmd = Cli::command();
+        for sub in cmd.get_subcommands() {
+            let kind = sub.get_name();
+            let mut known: Vec<(String, bool)> = COMMON_OPTIONS
+                .iter()
+                .chain(kind_options(kind).unwrap_or_else(|| panic!("kind {kind} unknown here")))
+                .map(|(n, v)| (n.to_string(), *v))
+                .collect();
+            known.sort();
+            let mut clap_args: Vec<(String, bool)> = sub
+                .get_arguments()
+                .filter_map(|a| {
+                    let long = a.get_long()?;
+                    (long != "help").then(|| (long.to_string(), a.get_action().takes_values()))
+                })
+                .collect();
+            clap_args.sort();
+            assert_eq!(known, clap_args, "{kind}");
+        }
+    }
+}

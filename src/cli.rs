@@ -185,11 +185,16 @@ pub fn main<const FULL: bool>() {
                 command: Command::Vm(VmCommand::Run(run)),
             }
         }
-        Some("backend") => Cli {
-            command: Command::Vm(VmCommand::Backend(
-                OneCli::<BackendCommand>::parse().command,
-            )),
-        },
+        Some("backend") => {
+            let words: Vec<_> = std::env::args_os().skip(2).collect();
+            let backend = match backend_cmd::quick_args(&words) {
+                Some(cmd) => BackendCommand::Backend { cmd },
+                None => OneCli::<BackendCommand>::parse().command,
+            };
+            Cli {
+                command: Command::Vm(VmCommand::Backend(backend)),
+            }
+        }
         _ => Cli::parse(),
     };
     match &cli.command {

@@ -35,7 +35,17 @@ enum Command {
 
 fn main() {
     vm_log::init();
-    let Command::Backend { cmd } = Cli::parse().command;
+    // `hostd run`'s command lines without clap (backend_cmd::quick_args says why); clap
+    // for anything else, and for help and errors.
+    let mut args = std::env::args_os().skip(1);
+    let quick = match args.next() {
+        Some(first) if first == "backend" => backend_cmd::quick_args(&args.collect::<Vec<_>>()),
+        _ => None,
+    };
+    let cmd = quick.unwrap_or_else(|| {
+        let Command::Backend { cmd } = Cli::parse().command;
+        cmd
+    });
     match backend_cmd::run(cmd) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
