@@ -122,8 +122,9 @@ pub fn fetch(
 
 fn download(batch: &[&LockedPackage], cache: &Path, dir: &Path) -> Result<(), DebError> {
     let first = batch.first().map(|p| p.name.as_str()).unwrap_or("");
-    let tmp = tempfile::tempdir_in(dir).map_err(|e| err(first, e.to_string()))?;
-    let _scratch = crate::scratch::register(tmp.path());
+    let (tmp, _scratch) =
+        crate::scratch::create(|| tempfile::tempdir_in(dir), |t| t.path().to_path_buf())
+            .map_err(|e| err(first, e.to_string()))?;
     let args: Vec<String> = batch
         .iter()
         .map(|p| format!("{}={}", p.name, p.version))

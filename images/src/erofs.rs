@@ -112,11 +112,15 @@ fn free_bytes(dir: &Path) -> Option<u64> {
 
 /// Packs `tree` as an erofs image, padded to a multiple of 4 KiB.
 pub fn build(tree: &Tree) -> Result<Vec<u8>, ErofsError> {
-    let tmp = tempfile::Builder::new()
-        .prefix("hostd-rootfs-")
-        .tempdir_in(staging_dir(tree))
-        .map_err(stage_err("/", " (is TMPDIR writable?)"))?;
-    let _scratch = crate::scratch::register(tmp.path());
+    let (tmp, _scratch) = crate::scratch::create(
+        || {
+            tempfile::Builder::new()
+                .prefix("hostd-rootfs-")
+                .tempdir_in(staging_dir(tree))
+        },
+        |t| t.path().to_path_buf(),
+    )
+    .map_err(stage_err("/", " (is TMPDIR writable?)"))?;
     let root = tmp.path().join("root");
     std::fs::create_dir(&root).map_err(stage_err("/", ""))?;
 

@@ -604,8 +604,10 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    let _scratch = crate::scratch::register(tmp.path());
+    let (mut tmp, _scratch) = crate::scratch::create(
+        || tempfile::NamedTempFile::new_in(dir),
+        |t| t.path().to_path_buf(),
+    )?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     crate::scratch::commit(|| tmp.persist(path).map_err(|e| e.error))?;

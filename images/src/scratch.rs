@@ -46,6 +46,29 @@ pub fn register(path: &Path) -> Scratch {
     }
 }
 
+/// Makes a scratch path with `make` and registers it (`path` names what was made) in one
+/// step against [`remove_all`]: either it is made and registered before `remove_all`
+/// takes the registry, which then removes it, or, once `remove_all` has begun, it is not
+/// made at all (an `Interrupted` error). Making first and registering after left a
+/// window in which a signal's clean-up missed a path made just then (bad_input's
+/// interrupted build once left its output's temporary file behind in CI).
+pub fn create<T>(
+    make: impl FnOnce() -> std::io::Result<T>,
+    path: impl FnOnce(&T) -> PathBuf,
+) -> std::io::Result<(T, Scratch)> {
+    let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+    if COMMITS.lock().unwrap_or_else(|p| p.into_inner()).1 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            "interrupted: nothing more is written",
+        ));
+    }
+    let made = make()?;
+    let path = path(&made);
+    live.push(path.clone());
+    Ok((made, Scratch { path }))
+}
+
 fn remove(path: &Path) {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => {
@@ -150,5 +173,14 @@ mod tests {
         register(&k).keep();
         remove_matching(ours);
         assert!(k.exists());
+        let (file, guard) = create(
+            || std::fs::File::create(dir.path().join("m")),
+            |_| dir.path().join("m"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        drop(file);
+        remove_matching(ours);
+        assert!(!dir.path().join("m").exists());
+        drop(guard);
     }
 }
