@@ -59,6 +59,11 @@ impl Common {
     }
 }
 
+/// Defaults of `block --id`, `net --mac` and `vsock --cid` (clap's and `quick_args`').
+const DEFAULT_BLOCK_ID: &str = "hostd";
+const DEFAULT_MAC: &str = "52:54:00:12:34:56";
+const DEFAULT_CID: u64 = 3;
+
 /// Largest secret value `hostd backend vsock` accepts (1 MiB).
 const MAX_SECRET: usize = 1 << 20;
 
@@ -124,7 +129,7 @@ pub enum BackendCommand {
         #[arg(long, value_name = "OFFSET:LENGTH:SHA256")]
         verity: Option<String>,
         /// Serial number the guest sees (/sys/block/vdX/serial).
-        #[arg(long, default_value = "hostd")]
+        #[arg(long, default_value = DEFAULT_BLOCK_ID)]
         id: String,
     },
     /// virtio-net over an existing TAP device.
@@ -135,7 +140,7 @@ pub enum BackendCommand {
         #[arg(long)]
         tap: String,
         /// The guest's MAC address, e.g. 52:54:00:12:34:56.
-        #[arg(long, default_value = "52:54:00:12:34:56")]
+        #[arg(long, default_value = DEFAULT_MAC)]
         mac: String,
     },
     /// virtio-vsock; serves secrets to the guest on host port 1025 and echoes on 1026.
@@ -143,7 +148,7 @@ pub enum BackendCommand {
         #[command(flatten)]
         common: Common,
         /// The guest's CID.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = DEFAULT_CID)]
         cid: u64,
         /// A secret to deliver: NAME=PATH (the file is read before the jail; values
         /// never appear on a command line).
@@ -317,10 +322,7 @@ pub fn quick_args(words: &[std::ffi::OsString]) -> Option<BackendCommand> {
             Some((n, v)) => (n, Some(v)),
             None => (word, None),
         };
-        let takes_value = match option_kind(kind, name)? {
-            OptionKind::Flag => false,
-            OptionKind::Value => true,
-        };
+        let takes_value = takes_value(kind, name)?;
         let value = match (takes_value, inline) {
             (false, Some(_)) => return None,
             (false, None) => None,
@@ -367,12 +369,12 @@ pub fn quick_args(words: &[std::ffi::OsString]) -> Option<BackendCommand> {
             length: parsed(one("length")).ok()?,
             read_only: flag("read-only"),
             verity: string("verity"),
-            id: string("id").unwrap_or_else(|| "hostd".into()),
+            id: string("id").unwrap_or_else(|| DEFAULT_BLOCK_ID.into()),
         },
         "net" => BackendCommand::Net {
             common,
             tap: string("tap")?,
-            mac: string("mac").unwrap_or_else(|| "52:54:00:12:34:56".into()),
+            mac: string("mac").unwrap_or_else(|| DEFAULT_MAC.into()),
         },
         "vsock" => {
             let caps_link = one("caps-link").flatten().map(PathBuf::from);
@@ -381,7 +383,7 @@ pub fn quick_args(words: &[std::ffi::OsString]) -> Option<BackendCommand> {
             }
             BackendCommand::Vsock {
                 common,
-                cid: parsed(one("cid")).ok()?.unwrap_or(3),
+                cid: parsed(one("cid")).ok()?.unwrap_or(DEFAULT_CID),
                 secrets: given
                     .iter()
                     .filter(|(n, _)| *n == "secret")
@@ -393,11 +395,6 @@ pub fn quick_args(words: &[std::ffi::OsString]) -> Option<BackendCommand> {
         }
         _ => return None,
     })
-}
-
-enum OptionKind {
-    Flag,
-    Value,
 }
 
 /// Options every backend takes, and those of each kind: (long name, takes a value).
@@ -434,18 +431,12 @@ fn kind_options(kind: &str) -> Option<&'static [(&'static str, bool)]> {
 }
 
 /// Whether `name` is an option of backend `kind` and takes a value; None if unknown.
-fn option_kind(kind: &str, name: &str) -> Option<OptionKind> {
+fn takes_value(kind: &str, name: &str) -> Option<bool> {
     COMMON_OPTIONS
         .iter()
         .chain(kind_options(kind)?)
         .find(|(n, _)| *n == name)
-        .map(|(_, v)| {
-            if *v {
-                OptionKind::Value
-            } else {
-                OptionKind::Flag
-            }
-        })
+        .map(|(_, v)| *v)
 }
 
 #[cfg(test)]
