@@ -1,7 +1,8 @@
 //! Scratch files and directories (a half-written image, a package download, a volume
 //! being formatted) that must not outlive hostd, whichever way it ends. Each is
-//! registered while it exists; its guard removes it on every normal exit path, and a
-//! signal handler calls [`remove_all`] before the process ends.
+//! registered while it exists ([`create`] makes and registers it in one step); its
+//! guard removes it on every normal exit path, and a signal handler calls
+//! [`remove_all`] before the process ends.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -34,16 +35,6 @@ pub fn commit<T>(commit: impl FnOnce() -> std::io::Result<T>) -> std::io::Result
 #[derive(Debug)]
 pub struct Scratch {
     path: PathBuf,
-}
-
-/// Registers `path` as scratch: removed by the guard's drop or by [`remove_all`].
-pub fn register(path: &Path) -> Scratch {
-    if let Ok(mut live) = LIVE.lock() {
-        live.push(path.to_path_buf());
-    }
-    Scratch {
-        path: path.to_path_buf(),
-    }
 }
 
 /// Makes a scratch path with `make` and registers it (`path` names what was made) in one
@@ -153,6 +144,13 @@ fn remove_matching(which: impl Fn(&Path) -> bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Registers a path the test made already.
+    fn register(path: &Path) -> Scratch {
+        create(|| Ok(()), |()| path.to_path_buf())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .1
+    }
 
     #[test]
     fn scratch_goes_on_drop_and_on_remove_all_but_not_when_kept() {
