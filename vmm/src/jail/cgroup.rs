@@ -55,8 +55,6 @@ pub struct VmCgroup {
     dirs: Vec<PathBuf>,
     /// Per directory, the controllers whose limits [`VmCgroup::limit`] writes.
     controls: Vec<Controls>,
-    /// The cgroups the directories were made in (where stale ones are looked for).
-    parents: Vec<PathBuf>,
 }
 
 /// The limits one directory takes.
@@ -234,7 +232,6 @@ impl VmCgroup {
         let mut cg = VmCgroup {
             dirs: Vec::new(),
             controls: Vec::new(),
-            parents: Vec::new(),
         };
         for h in found {
             let parent = h.mount.join(&h.own);
@@ -252,7 +249,6 @@ impl VmCgroup {
             } else {
                 Controls::V1(h.controllers)
             });
-            cg.parents.push(parent);
         }
         Ok(cg)
     }
@@ -307,7 +303,7 @@ impl VmCgroup {
     /// Removes what VMs whose `hostd run` is gone (killed with SIGKILL) left beside this
     /// VM's cgroup(s).
     pub fn remove_stale(&self) {
-        for p in &self.parents {
+        for p in self.dirs.iter().filter_map(|d| d.parent()) {
             remove_stale(p);
         }
     }
