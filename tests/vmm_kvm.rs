@@ -331,6 +331,46 @@ fn probe_sees_the_monitors_cpuid_leaves() {
     assert!(hv[0] >= 0x4000_0001, "max hypervisor leaf: {}", out.all());
 }
 
+/// KVM's supported CPUID is asked once per boot and kept in /run/hostd/kvm-cpuid (root
+/// only, vmm/src/kvm/cpuid_cache.rs): a run without it writes it, a run with it gives the
+/// guest the same CPUID as one that asked KVM, and a damaged file is asked anew and
+/// replaced. Other tests' runs may write the file meanwhile; each writes it whole.
+#[test]
+fn the_cpuid_cache_gives_the_guest_what_kvm_gives() {
+    if !require("/dev/kvm", kvm_usable(), "a host with KVM")
+        || !require("root", common::is_root(), "run the tests as root")
+    {
+        return;
+    }
+    let cache = Path::new("/run/hostd/kvm-cpuid");
+    let cmdline = "console=ttyS0 probe.cpuid=1 probe.cpuid=7.0 probe.cpuid=0xd.0 \
+                   probe.cpuid=0x80000001 probe.cpuid=0x40000001";
+    let leaves = |out: &common::Output| -> Vec<[u32; 4]> {
+        ["0x1", "0x7", "0xd", "0x80000001", "0x40000001"]
+            .iter()
+            .map(|l| probe_cpuid(&out.stdout, l).unwrap_or_else(|| panic!("{}", out.all())))
+            .collect()
+    };
+    let _ = std::fs::remove_file(cache);
+    let asked = run_probe(&[], cmdline);
+    assert_eq!(asked.code(), Some(0), "{}", asked.all());
+    let written = std::fs::read(cache).expect("the run wrote /run/hostd/kvm-cpuid");
+    let cached = run_probe(&[], cmdline);
+    assert_eq!(cached.code(), Some(0), "{}", cached.all());
+    assert_eq!(leaves(&cached), leaves(&asked));
+    let mut damaged = written.clone();
+    damaged[100] ^= 0xff;
+    std::fs::write(cache, &damaged).expect("damage the cache");
+    let again = run_probe(&[], cmdline);
+    assert_eq!(again.code(), Some(0), "{}", again.all());
+    assert_eq!(leaves(&again), leaves(&asked));
+    assert_ne!(
+        std::fs::read(cache).expect("the cache is still there"),
+        damaged,
+        "a damaged cache is replaced"
+    );
+}
+
 /// A device backend that dies before it serves (here: a `hostd-backend` that exits at
 /// once, next to a hard link of hostd) is named in hostd's error, with how it ended, and
 /// its device never works: the VMM connects to the socket it bound for the backend, the

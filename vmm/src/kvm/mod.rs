@@ -6,6 +6,7 @@ pub mod assist;
 pub mod boot;
 pub mod coalesced;
 pub mod cpuid;
+pub mod cpuid_cache;
 pub mod memory;
 pub mod mptable;
 pub mod profile;
@@ -385,11 +386,13 @@ fn console_tick(console: &Mutex<Console<StdoutWriter>>) -> (Option<Duration>, u6
     (wait, out.transmitted)
 }
 
-/// What [`create_vm`] makes: the VM and the seccomp filters of the VMM's threads
-/// (without a sandbox, none).
+/// What [`create_vm`] makes: the VM, the seccomp filters of the VMM's threads (without
+/// a sandbox, none) and what KVM supports in CPUID.
 struct Created {
     vm: VmFd,
     filters: Option<Filters>,
+    /// What KVM supports in CPUID (cached per boot, `cpuid_cache`).
+    cpuid: kvm_bindings::CpuId,
 }
 
 struct Filters {
@@ -399,10 +402,13 @@ struct Filters {
     forwarder: Arc<BpfProgram>,
 }
 
-/// Creates the VM and compiles the threads' seccomp filters: set-up that needs neither
-/// guest memory nor the devices, run on a thread of its own beside the rest
-/// (`run_vmm`). The irqchip and the PIT come after the guest memory's slot, on the main
-/// thread: made first, they made registering the slot wait 5 ms on this host.
+/// Creates the VM, compiles the threads' seccomp filters and gets what KVM supports in
+/// CPUID: set-up that needs neither guest memory nor the devices, run on a thread of
+/// its own beside the rest (`run_vmm`). The CPUID cache (`cpuid_cache::PATH`) is the
+/// host's: this thread stays in the host's mount namespace when the main thread moves
+/// into the VM's own (`jail::runtime_dir`), which has a private /run/hostd. The irqchip
+/// and the PIT come after the guest memory's slot, on the main thread: made first, they
+/// made registering the slot wait 5 ms on this host.
 fn create_vm(kvm: &Kvm, sandbox: bool) -> Result<Created, KvmError> {
     let vm: VmFd = setup("KVM_CREATE_VM", kvm.create_vm())?;
     let filters = if sandbox {
@@ -414,7 +420,8 @@ fn create_vm(kvm: &Kvm, sandbox: bool) -> Result<Created, KvmError> {
     } else {
         None
     };
-    Ok(Created { vm, filters })
+    let cpuid = cpuid_cache::supported(kvm).map_err(KvmError::Setup)?;
+    Ok(Created { vm, filters, cpuid })
 }
 
 /// Boots `cfg` and runs it to the end. With the sandbox (the default), the VMM runs in
@@ -575,7 +582,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         crate::phase("KVM_CREATE_VM");
         Ok::<_, KvmError>((created, backends, mem, restore, snap_out, loaded))
     })?;
-    let Created { vm, filters } = created;
+    let Created { vm, filters, cpuid } = created;
     // Guest memory before the irqchip and the PIT: registered after them, the memory
     // slot's change waited 5 ms on this host (a build that made them on the thread).
     setup("guest memory", memory::register(&vm, &mem))?;
@@ -770,7 +777,8 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     let mut vcpus = Vec::new();
     for id in 0..cfg.vcpus {
         let fd = setup("KVM_CREATE_VCPU", vm.create_vcpu(u64::from(id)))?;
-        vcpu::configure(&kvm, &fd, id, cfg.vcpus, template, entry).map_err(KvmError::Setup)?;
+        vcpu::configure(&kvm, &cpuid, &fd, id, cfg.vcpus, template, entry)
+            .map_err(KvmError::Setup)?;
         if let Some(state) = &restore {
             let refused = snapshot::restore_vcpu(&fd, &state.vcpus[usize::from(id)])
                 .map_err(|e| KvmError::Setup(format!("snapshot: vCPU {id}: {e}")))?;

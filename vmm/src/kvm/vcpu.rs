@@ -7,7 +7,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::Instant;
 
 use hostd_devices::bus::Bus;
-use kvm_bindings::{kvm_segment, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_segment, CpuId};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
 use seccompiler::BpfProgram;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -129,15 +129,14 @@ fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
 /// mode, paging off, flat segments, EIP = entry, EBX = start info.
 pub fn configure(
     kvm: &Kvm,
+    supported: &CpuId,
     vcpu: &VcpuFd,
     id: u8,
     cpus: u8,
     template: CpuTemplate,
     entry: Entry,
 ) -> Result<(), String> {
-    let mut cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
+    let mut cpuid = supported.clone();
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     cpuid::apply(cpuid.as_mut_slice(), template, id, cpus, tsc_deadline);
     vcpu.set_cpuid2(&cpuid)
