@@ -186,10 +186,11 @@ fn kill_hostd_run(vmm: &str, when: When) {
     );
     // Nothing of the run stays; the cache of verified image versions
     // (/run/hostd/verified, images/src/stamp.rs) and KVM's supported CPUID
-    // (/run/hostd/kvm-cpuid, vmm/src/kvm/cpuid_cache.rs) are shared by all runs by design.
+    // (/run/hostd/kvm-cpuid, vmm/src/kvm/cpuid_cache.rs) and the empty network namespace
+    // (/run/hostd/empty-netns, vmm/src/jail/netns.rs) are shared by all runs by design.
     let run_hostd: Vec<String> = entries(Path::new("/run/hostd"))
         .into_iter()
-        .filter(|e| e != "verified" && e != "kvm-cpuid")
+        .filter(|e| !["verified", "kvm-cpuid", "empty-netns"].contains(&e.as_str()))
         .collect();
     assert_eq!(
         run_hostd,

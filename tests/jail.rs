@@ -433,6 +433,30 @@ fn jailed_vm(vmm: &str) {
         check_clean_env(p, &mut problems);
         check_not_dumpable(p, &mut problems);
     }
+    // Under the built-in VMM, the VM's process and its backends (no net backend here) are
+    // in the empty network namespace every VM shares (vmm/src/jail/netns.rs): the one
+    // mounted on /run/hostd/empty-netns, not the host's (checked above). Under QEMU each
+    // VM has its own (its process has its private /run/hostd by then).
+    let shared = std::fs::metadata("/run/hostd/empty-netns").map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        format!("net:[{}]", m.ino())
+    });
+    let shared_netns = if vmm == "kvm" {
+        vm_process.iter().chain(&monitor).chain(&backends).collect()
+    } else {
+        Vec::new()
+    };
+    for p in shared_netns {
+        let theirs = std::fs::read_link(format!("/proc/{}/ns/net", p.pid))
+            .map(|l| l.to_string_lossy().into_owned());
+        if theirs.as_ref().ok() != shared.as_ref().ok() || shared.is_err() {
+            problems.push(format!(
+                "pid {} ({}): network namespace {theirs:?}, not the shared empty one {shared:?}",
+                p.pid,
+                p.cmdline.join(" ")
+            ));
+        }
+    }
     running.signal(libc::SIGKILL);
     let out = running.finish(Duration::from_secs(60));
     assert!(ready, "the guest never became ready: {}", out.all());

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 pub mod cgroup;
+pub mod netns;
 pub mod supervisor;
 
 pub use hostd_devices::jail::caps::drop_capabilities;
@@ -111,6 +112,7 @@ fn private_tmpfs() -> Result<PathBuf, JailError> {
             c"mode=0711".as_ptr().cast(),
         )
     })?;
+    netns::PRIVATE_MOUNTS.store(true, std::sync::atomic::Ordering::SeqCst);
     Ok(dir)
 }
 
@@ -168,14 +170,15 @@ pub const VMM_OVERHEAD_BYTES: u64 = 1 << 30;
 /// ([`empty_netns_for_backends`]): its jail then keeps it rather than creating another.
 static OWN_NETNS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Moves the VM's process into a new, empty network namespace before it starts its
-/// device backends, which then share it (`hostd-backend --in-vm-netns`) instead of
-/// each creating one: a namespace costs about 1.4 ms of CPU to create here (its
-/// loopback device and per-namespace sysctls) and more in a kernel worker to tear
-/// down, the largest part of a backend's start. Nothing is lost: none of these
-/// processes may create a socket once jailed (their seccomp filters), a fresh
-/// namespace's loopback is down and none of them can raise it, and the VMM and its
-/// backends are connected anyway (vhost-user); each VM still has its own.
+/// Moves the VM's process into an empty network namespace before it starts its device
+/// backends, which then share it (`hostd-backend --in-vm-netns`) instead of each
+/// creating one: a namespace costs about 1 ms of CPU to create here (its loopback
+/// device and per-namespace sysctls) and more in a kernel worker to tear down. The
+/// namespace is the one every VM on this host shares ([`netns`], made by the first VM
+/// after a boot), or, if that cannot be had, a new one of this VM's own. Nothing is
+/// lost: none of these processes may create a socket once jailed (their seccomp
+/// filters), the namespace's loopback is down and none of them can raise it, and the
+/// VMM and its backends are connected anyway (vhost-user).
 ///
 /// Returns the host's network namespace, which a backend that needs the host's network
 /// (net, for its TAP) goes back to before it execs; None without root (nothing
@@ -187,12 +190,15 @@ pub fn empty_netns_for_backends() -> Result<Option<std::os::fd::OwnedFd>, JailEr
     }
     let host = std::fs::File::open("/proc/self/ns/net")
         .map_err(|e| JailError(format!("/proc/self/ns/net: {e}")))?;
-    // SAFETY: unshare with a namespace flag has no memory effects.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        return Err(JailError(format!(
-            "unshare(CLONE_NEWNET): {}",
-            std::io::Error::last_os_error()
-        )));
+    if let Err(e) = netns::enter_shared(&host) {
+        tracing::debug!("the shared empty network namespace: {e}; this VM makes its own");
+        // SAFETY: unshare with a namespace flag has no memory effects.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(JailError(format!(
+                "unshare(CLONE_NEWNET): {}",
+                std::io::Error::last_os_error()
+            )));
+        }
     }
     OWN_NETNS.store(true, std::sync::atomic::Ordering::SeqCst);
     Ok(Some(host.into()))
