@@ -93,6 +93,8 @@ fn put(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), BootError> 
 const MAX_NOTES: u64 = 64 << 10;
 /// ELF note type of the PVH 32-bit entry point, owner "Xen".
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+/// The Xen ELF note naming the guest's operating system.
+const XEN_ELFNOTE_GUEST_OS: u32 = 6;
 
 /// Takes a kernel's ELF pieces in file order and writes each PT_LOAD byte straight to
 /// its guest-physical address; keeps only the (small) notes.
@@ -163,8 +165,10 @@ impl ElfSink<'_> {
         Ok(())
     }
 
-    /// The PVH entry point from the notes, if one is there.
-    fn pvh_entry(&self) -> Option<u64> {
+    /// Every note of the kernel's PT_NOTE segments: (name without its NUL, type,
+    /// description). A note that runs past its segment ends that segment's list.
+    fn each_note(&self) -> Vec<(&[u8], u32, &[u8])> {
+        let mut out = Vec::new();
         for (_, n) in &self.notes {
             let mut at = 0usize;
             while at + 12 <= n.len() {
@@ -172,21 +176,47 @@ impl ElfSink<'_> {
                 let (namesz, descsz, kind) =
                     (word(at) as usize, word(at + 4) as usize, word(at + 8));
                 let name_at = at + 12;
-                let desc_at = name_at.checked_add(namesz.checked_next_multiple_of(4)?)?;
-                let next = desc_at.checked_add(descsz.checked_next_multiple_of(4)?)?;
+                let Some(desc_at) = namesz
+                    .checked_next_multiple_of(4)
+                    .and_then(|n| name_at.checked_add(n))
+                else {
+                    break;
+                };
+                let Some(next) = descsz
+                    .checked_next_multiple_of(4)
+                    .and_then(|d| desc_at.checked_add(d))
+                else {
+                    break;
+                };
                 if next > n.len() {
                     break;
                 }
-                if kind == XEN_ELFNOTE_PHYS32_ENTRY
-                    && n[name_at..name_at + namesz].starts_with(b"Xen")
-                    && descsz >= 4
-                {
-                    return Some(u64::from(word(desc_at)));
-                }
+                let name = &n[name_at..name_at + namesz];
+                let name = name.strip_suffix(b"\0").unwrap_or(name);
+                out.push((name, kind, &n[desc_at..desc_at + descsz]));
                 at = next;
             }
         }
-        None
+        out
+    }
+
+    /// The PVH entry point from the notes, if one is there.
+    fn pvh_entry(&self) -> Option<u64> {
+        self.each_note().into_iter().find_map(|(name, kind, desc)| {
+            (kind == XEN_ELFNOTE_PHYS32_ENTRY && name == b"Xen" && desc.len() >= 4)
+                .then(|| u64::from(u32::from_le_bytes([desc[0], desc[1], desc[2], desc[3]])))
+        })
+    }
+
+    /// Whether the kernel is Linux: it has a note named "Linux" (every vmlinux since
+    /// 4.18 has its build salt there) or a Xen guest-OS note saying "linux".
+    fn is_linux(&self) -> bool {
+        self.each_note().into_iter().any(|(name, kind, desc)| {
+            name == b"Linux"
+                || (name == b"Xen"
+                    && kind == XEN_ELFNOTE_GUEST_OS
+                    && desc.strip_suffix(b"\0").unwrap_or(desc) == b"linux")
+        })
     }
 }
 
@@ -211,6 +241,9 @@ pub fn load(
 pub struct Loaded {
     /// The kernel's PVH entry point.
     entry: u64,
+    /// Whether the kernel is Linux (its ELF notes say so): Linux's kernel parameters,
+    /// such as the ones a nested PVM host needs, mean nothing to another kernel.
+    pub linux: bool,
     /// The initrd's guest-physical address and size, if there is one.
     initrd: Option<(u64, u64)>,
 }
@@ -287,6 +320,7 @@ pub fn load_payloads(
     }
     Ok(Loaded {
         entry,
+        linux: sink.is_linux(),
         initrd: placed,
     })
 }
@@ -409,6 +443,45 @@ mod tests {
 
     fn guest(mib: u64) -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (mib << 20) as usize)]).expect("memory")
+    }
+
+    /// [`pvh_elf`] with one more note after the Xen one (its PT_NOTE grown to cover it).
+    fn with_note(name: &[u8], kind: u32, desc: &[u8]) -> Vec<u8> {
+        let mut f = pvh_elf();
+        let mut note = Vec::new();
+        note.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        note.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+        note.extend_from_slice(&kind.to_le_bytes());
+        note.extend_from_slice(name);
+        note.resize(note.len().next_multiple_of(4), 0);
+        note.extend_from_slice(desc);
+        note.resize(note.len().next_multiple_of(4), 0);
+        let at = 0x202000 + 20;
+        f[at..at + note.len()].copy_from_slice(&note);
+        let size = (20 + note.len()) as u64;
+        f[120 + 32..120 + 40].copy_from_slice(&size.to_le_bytes());
+        f[120 + 40..120 + 48].copy_from_slice(&size.to_le_bytes());
+        f
+    }
+
+    #[test]
+    fn a_kernel_is_linux_when_its_notes_say_so() {
+        let linux = |elf: &[u8]| {
+            load_payloads(&guest(32), 32 << 20, &payload(elf), None)
+                .expect("loads")
+                .linux
+        };
+        assert!(!linux(&pvh_elf()), "the probe-like kernel is not Linux");
+        let salt = with_note(b"Linux\0", 0x100, &[0; 4]);
+        assert!(linux(&salt), "a Linux build-salt note");
+        let packed = hostd_images::kernel::pack(&salt).expect("pack");
+        assert!(
+            linux(&packed),
+            "packed by the image builder, the notes stay"
+        );
+        assert!(linux(&with_note(b"Xen\0", 6, b"linux\0")), "Xen guest OS");
+        assert!(!linux(&with_note(b"Xen\0", 6, b"freebsd\0")));
+        assert!(!linux(&with_note(b"Linuxish\0", 0x100, &[0; 4])));
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub enum CpuTemplate {
     /// …). Measured on a kvm_pvm host: the guest's CPUID instruction ignores this for
     /// the feature leaves (1 ECX, 7 EBX: it returns the host's bits), while the
     /// hypervisor leaves and leaf 1 EBX are the VMM's; so the VMM also passes
-    /// [`pvm_kernel_args`]. See docs/pvm.md.
+    /// [`pvm_kernel_args`] to a Linux kernel. See docs/pvm.md.
     Pvm,
 }
 

@@ -678,8 +678,10 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         ),
     )?;
     let mut cmdline = cfg.cmdline.clone();
-    if template == CpuTemplate::Pvm {
-        // Keep the guest kernel off instructions a nested PVM host cannot run (docs/pvm.md).
+    // Keep the guest kernel off instructions a nested PVM host cannot run (docs/pvm.md).
+    // These are Linux's parameters: another kernel (the probe) gets its command line as
+    // given, as under any other monitor.
+    if template == CpuTemplate::Pvm && loaded.as_ref().is_none_or(|l| l.linux) {
         cmdline.push(' ');
         cmdline.push_str(&cpuid::pvm_kernel_args(cfg.vcpus));
     }
