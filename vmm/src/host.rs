@@ -56,6 +56,16 @@ pub fn read_kernel_file(path: impl AsRef<Path>) -> std::io::Result<String> {
     String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// Makes `dir` and any missing parents, each new one 0700 (hostd's directories under
+/// /run: the runtime mount point, the per-boot caches).
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::read_kernel_file;

@@ -78,13 +78,8 @@ fn private_tmpfs() -> Result<PathBuf, JailError> {
         return Err(JailError("not root".into()));
     }
     let dir = PathBuf::from(RUNTIME_MOUNT);
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        let mut b = std::fs::DirBuilder::new();
-        b.recursive(true).mode(0o700);
-        b.create(&dir)
-            .map_err(|e| JailError(format!("mkdir {}: {e}", dir.display())))?;
-    }
+    crate::host::private_dir(&dir)
+        .map_err(|e| JailError(format!("mkdir {}: {e}", dir.display())))?;
     // SAFETY: unshare with a namespace flag has no memory effects.
     check("unshare(CLONE_NEWNS)", unsafe {
         libc::unshare(libc::CLONE_NEWNS)

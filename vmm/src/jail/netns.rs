@@ -43,14 +43,7 @@ pub fn enter_shared(host: &std::fs::File) -> Result<(), String> {
         return Ok(());
     }
     let dir = Path::new(PATH).parent().unwrap_or(Path::new("/"));
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-    }
+    crate::host::private_dir(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
     // One maker at a time; whoever waited joins what the first made.
     let lock = std::fs::File::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     // SAFETY: flock on an open fd has no memory effects; the lock goes with the fd.

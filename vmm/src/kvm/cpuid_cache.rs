@@ -162,16 +162,13 @@ fn read(path: &Path) -> Option<Vec<u8>> {
 fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("/"));
     let name = path
         .file_name()
         .ok_or_else(|| std::io::Error::other("no file name"))?;
     let name = CString::new(name.as_bytes()).map_err(std::io::Error::other)?;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
+    crate::host::private_dir(dir)?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .mode(0o600)
