@@ -48,9 +48,10 @@ pub fn run(cmd: OciCommand) -> Result<i32> {
         } => {
             let name = image_name(&image)?;
             let reference = r#ref.unwrap_or_else(|| format!("hostd.local/{name}:latest"));
-            // Checked like `hostd inspect` does: a damaged image is refused here, not at boot.
-            hostd_images::format::Image::open(&image)
-                .with_context(|| format!("{} is not a valid hostd image", image.display()))?;
+            check_reference(&reference)?;
+            // Checked like `hostd inspect` does: a damaged image is refused here, not at boot
+            // (its error names the file and says what is wrong).
+            hostd_images::format::Image::open(&image)?;
             let bytes = std::fs::read(&image)
                 .with_context(|| format!("cannot read {}", image.display()))?;
             let archive = pack(&bytes, &format!("{name}.img"), &reference)?;
@@ -83,6 +84,102 @@ fn image_name(image: &Path) -> Result<String> {
         );
     }
     Ok(stem)
+}
+
+/// Refuses what containerd would not take as an image name: the reference grammar of the
+/// distribution spec (`[HOST[:PORT]/]PATH[:TAG]`, path components of lowercase letters and
+/// digits joined by `.`, `_`, `__` or dashes; a tag of up to 128 word characters, `.` or
+/// `-`, not starting with either; 255 characters at most for the name). A digest
+/// (`@sha256:…`) is not taken: the archive's own manifest gives it.
+fn check_reference(reference: &str) -> Result<()> {
+    let why = reference_error(reference);
+    match why {
+        None => Ok(()),
+        Some(why) => bail!(
+            "--ref {reference:?} is not an image reference ({why}); e.g. registry.example:5000/team/app:v1"
+        ),
+    }
+}
+
+fn reference_error(reference: &str) -> Option<&'static str> {
+    if reference.contains('@') {
+        return Some("a digest is not taken: the archive's manifest gives it");
+    }
+    // The tag is after the last `:` that follows the last `/` (a `:` before it is a port).
+    let last_slash = reference.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match reference[last_slash..].rfind(':') {
+        Some(i) => (
+            &reference[..last_slash + i],
+            Some(&reference[last_slash + i + 1..]),
+        ),
+        None => (reference, None),
+    };
+    if let Some(tag) = tag {
+        let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+        let ok = !tag.is_empty()
+            && tag.len() <= 128
+            && word(tag.as_bytes()[0])
+            && tag.bytes().all(|c| word(c) || c == b'.' || c == b'-');
+        if !ok {
+            return Some(
+                "a tag is 1-128 letters, digits, `_`, `.` or `-`, not starting with `.` or `-`",
+            );
+        }
+    }
+    if name.is_empty() || name.len() > 255 {
+        return Some("the name is 1-255 characters");
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    // A first part with a `.` or `:`, or `localhost`, is a registry host (and port).
+    if parts.len() > 1 && (parts[0].contains(['.', ':']) || parts[0] == "localhost") {
+        let host = parts.remove(0);
+        let (h, port) = host
+            .split_once(':')
+            .map_or((host, None), |(h, p)| (h, Some(p)));
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+        };
+        if !h.split('.').all(label_ok) {
+            return Some("the registry host is not a host name");
+        }
+        if port.is_some_and(|p| p.is_empty() || !p.bytes().all(|c| c.is_ascii_digit())) {
+            return Some("the registry port is not a number");
+        }
+    }
+    let component_ok = |c: &str| {
+        let b = c.as_bytes();
+        let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+        if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+            return false;
+        }
+        // Separators between alphanumeric runs: one `.`, one or two `_`, or dashes.
+        let mut i = 0;
+        while i < b.len() {
+            if alnum(b[i]) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < b.len() && !alnum(b[i]) {
+                i += 1;
+            }
+            let sep = &c[start..i];
+            let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-');
+            if !ok {
+                return false;
+            }
+        }
+        true
+    };
+    if !parts.iter().all(|p| component_ok(p)) {
+        return Some(
+            "each part of the name is lowercase letters and digits joined by `.`, `_`, `__` or `-`",
+        );
+    }
+    None
 }
 
 /// `sha256:<hex>` of `bytes`.
@@ -170,7 +267,12 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         .unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-    tmp.write_all(bytes)
+    // An image archive is not secret: readable as `cp` would leave it (the temporary
+    // file is made 0600).
+    use std::os::unix::fs::PermissionsExt;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .and_then(|()| tmp.write_all(bytes))
         .and_then(|()| tmp.as_file().sync_all())
         .with_context(|| format!("cannot write {}", path.display()))?;
     tmp.persist(path)
@@ -206,5 +308,46 @@ mod tests {
             names.push(name);
         }
         assert_eq!(names.len(), 5, "{names:?}");
+    }
+
+    #[test]
+    fn references_containerd_takes_and_ones_it_does_not() {
+        for good in [
+            "hostd.local/hello:latest",
+            "hello",
+            "hello:v1.2-rc_3",
+            "registry.example:5000/team/app:v1",
+            "localhost/a/b__c/d-e--f/g.h:T",
+            "docker.io/library/debian",
+            "a_b",
+        ] {
+            assert_eq!(reference_error(good), None, "{good}");
+        }
+        for bad in [
+            "BAD REF!!",
+            "Hello",
+            "",
+            "hello:",
+            "hello:-x",
+            "hello:.x",
+            "a//b",
+            "/a",
+            "a/",
+            "a..b",
+            "a___b",
+            "-a",
+            "a-",
+            "host:port/x",
+            "reg.example:/x",
+            "-reg.example/x",
+            "hello@sha256:0000",
+            "hello:v1 ",
+            "a\0b",
+        ] {
+            assert!(reference_error(bad).is_some(), "{bad:?}");
+        }
+        assert!(reference_error(&format!("hello:{}", "t".repeat(129))).is_some());
+        assert!(reference_error(&"a".repeat(256)).is_some());
+        assert_eq!(reference_error(&"a".repeat(255)), None);
     }
 }
