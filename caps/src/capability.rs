@@ -93,6 +93,35 @@ fn check_location(location: &str) -> Result<(), Error> {
             "the location may hold only printable ASCII without '@' or spaces",
         ));
     }
+    // HOST:PORT, as a holder connects to it: a host name, an IPv4 address or a bracketed
+    // IPv6 address, and a port 1-65535.
+    let Some((host, port)) = location.rsplit_once(':') else {
+        return Err(Error::Format("the location is HOST:PORT (no port given)"));
+    };
+    if !port.bytes().all(|b| b.is_ascii_digit()) || !matches!(port.parse::<u16>(), Ok(1..)) {
+        return Err(Error::Format("the location's port is not a number 1-65535"));
+    }
+    let host_ok = match host.strip_prefix('[') {
+        Some(v6) => v6
+            .strip_suffix(']')
+            .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => {
+            !host.is_empty()
+                && host.split('.').all(|label| {
+                    !label.is_empty()
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                })
+        }
+    };
+    if !host_ok {
+        return Err(Error::Format(
+            "the location's host is not a host name, an IPv4 address or a bracketed IPv6 address",
+        ));
+    }
     Ok(())
 }
 
@@ -254,5 +283,42 @@ mod tests {
         assert_ne!(a.psk, b.psk);
         assert_ne!(a.id(), b.id());
         assert!(Capability::mint("bad name", "x:1", [1; 32]).is_err());
+    }
+
+    #[test]
+    fn a_location_is_host_and_port() {
+        for good in [
+            "127.0.0.1:7070",
+            "svc.example:443",
+            "localhost:1",
+            "[::1]:7443",
+            "[fe80::1]:65535",
+            "a-b.c:80",
+        ] {
+            assert!(check_location(good).is_ok(), "{good}");
+            let cap = Capability::mint("svc", good, [1; 32]).expect("mint");
+            assert_eq!(
+                Capability::parse(&cap.reveal()).expect("parse").location,
+                good
+            );
+        }
+        for bad in [
+            "nonsense",
+            "127.0.0.1:99999",
+            "127.0.0.1:0",
+            "127.0.0.1:",
+            ":80",
+            "host:+80",
+            "::1:80",
+            "[::1:80",
+            "[nothex]:80",
+            "a..b:80",
+            "-a:80",
+            "a_b:80",
+            "h@x:80",
+            "a b:80",
+        ] {
+            assert!(check_location(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -158,7 +158,7 @@ mod tests {
     async fn plaintext_round_trip_over_a_socket_pair() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = CapStore::new(dir.path());
-        let cap = store.mint("echo", "local:0").expect("mint");
+        let cap = store.mint("echo", "local:1").expect("mint");
         let (a, b) = tokio::io::duplex(1 << 16);
         let server = tokio::spawn(async move {
             let (service, id, mut plain) = accept(b, &store, "test".into()).await.expect("accept");
