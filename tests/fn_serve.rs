@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -290,6 +290,59 @@ fn hostile_functions_are_stopped_or_denied() {
     assert_eq!(get(&a, &server.url("/hello")).0, 200, "after /evil/handles");
     // Nothing the thief did reached the counter.
     assert_eq!(get(&a, &server.url("/counter")), (200, "1\n".into()));
+}
+
+/// More functions in a CPU loop than the server has worker threads: the WebAssembly
+/// yields at every epoch tick, so other requests are still answered while every loop
+/// runs (before, each loop held a worker for its whole time limit and `/hello` waited
+/// for them to be stopped).
+#[test]
+fn functions_in_a_cpu_loop_do_not_hold_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = examples().join("wasm");
+    let manifest = dir.path().join("fns.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[functions.hello]\ncomponent = {:?}\nroutes = [\"/hello\"]\n\n\
+             [functions.spin]\ncomponent = {:?}\nroutes = [\"/spin\"]\ntime_ms = 4000\n",
+            wasm.join("hello.wasm"),
+            wasm.join("spin.wasm"),
+        ),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let server = Server::start(&manifest, &["--state-dir", state.to_str().unwrap()], &[]);
+    let a = agent();
+    assert_eq!(get(&a, &server.url("/hello")).0, 200);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let ended = Arc::new(AtomicUsize::new(0));
+    let spinners: Vec<_> = (0..=workers)
+        .map(|_| {
+            let url = server.url("/spin");
+            let ended = ended.clone();
+            std::thread::spawn(move || {
+                let r = get(&agent(), &url);
+                ended.fetch_add(1, Ordering::SeqCst);
+                r
+            })
+        })
+        .collect();
+    // Give the loops time to reach the server (a delay, not a measured limit: were they
+    // late, `/hello` would only be answered sooner).
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..5 {
+        assert_eq!(get(&a, &server.url("/hello")).0, 200);
+    }
+    assert_eq!(
+        ended.load(Ordering::SeqCst),
+        0,
+        "/hello was answered only after a CPU loop had been stopped"
+    );
+    for s in spinners {
+        let (status, body) = s.join().unwrap();
+        assert_eq!(status, 504, "{body}");
+    }
 }
 
 #[test]

@@ -32,7 +32,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use wasmtime::component::Linker;
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -54,6 +54,11 @@ use crate::Error;
 /// reach it. The whole request, response body included, ends by
 /// `time_ms` + this.
 pub const HOST_GRACE: Duration = Duration::from_millis(500);
+
+/// Running WebAssembly yields to the async runtime after this many epoch ticks
+/// ([`crate::engine::EPOCH_TICK`] each), so a busy function delays others on its
+/// worker thread by about that much, not by its whole time limit.
+const YIELD_TICKS: u64 = 1;
 
 /// A function ready to serve: its routes, grants and pre-instantiated component.
 pub struct Deployed {
@@ -262,8 +267,19 @@ where
     let ticking = deployed.clock.hold();
     let mut store = Store::new(deployed.pre.engine(), state);
     store.limiter(|s| &mut s.limiter);
-    store.set_epoch_deadline(deadline_ticks(limit));
-    store.epoch_deadline_trap();
+    // The WebAssembly yields to the runtime at every epoch tick and traps once its time
+    // limit's ticks have passed: a function in a CPU loop shares its worker thread with
+    // every other request instead of holding it for its whole time limit.
+    let mut ticks_left = deadline_ticks(limit);
+    store.set_epoch_deadline(YIELD_TICKS);
+    store.epoch_deadline_callback(move |_| {
+        ticks_left = ticks_left.saturating_sub(YIELD_TICKS);
+        Ok(if ticks_left == 0 {
+            UpdateDeadline::Interrupt
+        } else {
+            UpdateDeadline::YieldCustom(YIELD_TICKS, Box::pin(tokio::task::yield_now()))
+        })
+    });
 
     let (sender, receiver) = tokio::sync::oneshot::channel();
     let incoming = store
