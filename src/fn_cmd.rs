@@ -35,8 +35,8 @@ pub enum FnCommand {
         /// Compile components on every start instead of using the on-disk cache.
         #[arg(long)]
         no_cache: bool,
-        /// Seconds to wait for in-flight requests after SIGTERM.
-        #[arg(long, default_value_t = 30)]
+        /// Seconds to wait for in-flight requests after SIGTERM (at most a day).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
         shutdown_grace: u64,
         /// Open client connections at most; at the cap a new connection closes the
         /// longest-idle one, or gets 503 when all are busy. Lowered to the open-file
@@ -242,8 +242,13 @@ pub struct LsArgs {
 /// Reads a grants file: a table of fns.toml fields, or an fns.toml whose
 /// `[functions.NAME]` table is taken; relative paths made absolute.
 fn read_grants(path: &Path, name: &str) -> Result<(toml::Table, Vec<String>)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the grants file {}", path.display()))?;
+    let bytes = hostd_sandbox::input::read_regular(
+        "grants file",
+        path,
+        hostd_sandbox::input::MAX_MANIFEST_BYTES,
+    )?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| anyhow::anyhow!("grants file {}: not UTF-8 text", path.display()))?;
     let mut table: toml::Table = text
         .parse()
         .with_context(|| format!("grants file {}", path.display()))?;
@@ -313,8 +318,13 @@ fn out(s: &str) {
 
 /// `hostd fn deploy`: uploads the component, then deploys it as a new version.
 fn deploy(args: DeployArgs) -> Result<i32> {
-    let bytes = std::fs::read(&args.component)
-        .with_context(|| format!("cannot read the component {}", args.component.display()))?;
+    // A regular file within the daemon's upload limit, checked before anything is sent
+    // (a FIFO hung here, /dev/zero was read until memory ran out).
+    let bytes = hostd_sandbox::input::read_regular(
+        "component",
+        &args.component,
+        hostd_daemon::functions::MAX_COMPONENT_BYTES as u64,
+    )?;
     let (grants, file_routes) = match &args.grants {
         Some(p) => read_grants(p, &args.name)?,
         None => (toml::Table::new(), Vec::new()),

@@ -361,10 +361,13 @@ pub fn parse_digest(s: &str) -> Option<&str> {
 /// Whether `s` is a memory size `hostd run --mem` takes: digits then `M` or `G`,
 /// between 16 MiB and 64 GiB.
 fn valid_memory(s: &str) -> bool {
-    let (num, unit) = s.split_at(s.len().saturating_sub(1));
-    let mib = match (num.parse::<u64>(), unit) {
-        (Ok(n), "M") => n,
-        (Ok(n), "G") => n.saturating_mul(1024),
+    // By characters, not bytes: the last one may be any character (a multi-byte one
+    // split at a byte index panicked).
+    let mut chars = s.chars();
+    let unit = chars.next_back();
+    let mib = match (chars.as_str().parse::<u64>(), unit) {
+        (Ok(n), Some('M')) => n,
+        (Ok(n), Some('G')) => n.saturating_mul(1024),
         _ => return false,
     };
     (16..=64 << 10).contains(&mib)
@@ -501,6 +504,18 @@ mod tests {
             Path::new("/srv/fleet"),
             Path::new("/srv/fleet/fleet.toml"),
         )
+    }
+
+    #[test]
+    fn memory_sizes() {
+        for good in ["16M", "512M", "1G", "64G"] {
+            assert!(valid_memory(good), "{good}");
+        }
+        for bad in [
+            "", "M", "1", "15M", "65G", "1é", "é", "1€", "-1M", "1 M", "1m",
+        ] {
+            assert!(!valid_memory(bad), "{bad}");
+        }
     }
 
     #[test]

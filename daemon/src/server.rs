@@ -54,13 +54,63 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
+/// Makes the state directory (0700), or checks an existing one: a directory of this user
+/// that nobody else may write. Its mode is tightened to 0700 only when it is empty (as
+/// systemd's `StateDirectory=` makes it) or already holds a daemon's state: a directory
+/// such as /var/lib or /tmp named by mistake is refused or left as it is, never changed.
+fn state_dir(dir: &Path) -> Result<(), DaemonError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let refuse = |why: &str| DaemonError::Io {
+        what: "cannot use as the state directory",
+        path: dir.to_owned(),
+        source: std::io::Error::other(why.to_owned()),
+    };
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io("cannot create", parent))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io("cannot create", dir)(e)),
+    }
+    let meta = std::fs::metadata(dir).map_err(io("cannot read", dir))?;
+    if !meta.is_dir() {
+        return Err(refuse("not a directory"));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if meta.uid() != unsafe { libc::geteuid() } {
+        return Err(refuse("owned by another user"));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refuse(
+            "other users may write to it; give the daemon a directory of its own",
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        let empty = std::fs::read_dir(dir)
+            .map_err(io("cannot read", dir))?
+            .next()
+            .is_none();
+        if empty || dir.join("state.redb").exists() {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io("cannot set the mode of", dir))?;
+        } else {
+            tracing::warn!(
+                "the state directory {} is readable by other users (mode {:o}); \
+                 it was left as it is",
+                dir.display(),
+                meta.mode() & 0o777
+            );
+        }
+    }
+    Ok(())
+}
+
 impl Daemon {
     /// Opens the state (database, image store) and loads the guests, re-adopting those
     /// still running. Must run inside the tokio runtime.
     pub fn open(opts: Options) -> Result<Daemon, DaemonError> {
-        std::fs::create_dir_all(&opts.state_dir).map_err(io("cannot create", &opts.state_dir))?;
-        std::fs::set_permissions(&opts.state_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io("cannot set the mode of", &opts.state_dir))?;
+        state_dir(&opts.state_dir)?;
         let store = Arc::new(Store::open(&opts.state_dir)?);
         let images = Arc::new(
             ImageStore::open(&opts.state_dir, opts.max_image_bytes).map_err(|e| match e {
@@ -210,7 +260,16 @@ fn listener(path: &Path) -> Result<(tokio::net::UnixListener, bool), DaemonError
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(sock)?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        // Only a socket left by an earlier daemon is removed: anything else at the path
+        // (a typo naming a file, the state database) is the user's.
+        if !meta.file_type().is_socket() {
+            return Err(sock(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "something other than a socket is there; remove it or choose another path",
+            )));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(sock(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,

@@ -214,7 +214,8 @@ pub fn app(state: AppState, access: Access) -> axum::Router {
             ApiError::not_found("no such route (GET /openapi.json lists them)")
         })
         .method_not_allowed_fallback(move |req: Request| async move {
-            m405.request(req.method().as_str(), req.uri().path(), 405);
+            // Not the path: a label per path asked for would grow the series without end.
+            m405.request(req.method().as_str(), "method_not_allowed", 405);
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",

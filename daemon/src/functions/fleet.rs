@@ -5,6 +5,8 @@
 //! A function an earlier fleet declared and this one does not is removed;
 //! one deployed by hand (`hostd fn deploy`) and never in a fleet is left alone.
 
+use std::path::Path;
+
 use hostd_sandbox::deploy::{DeployError, DeploySpec, FunctionHost};
 use serde::{Deserialize, Serialize};
 
@@ -87,13 +89,24 @@ async fn apply_one(
     table: &toml::Table,
 ) -> Result<bool, FleetFunctionError> {
     let (path, routes, grants) = split(name, table)?;
-    let bytes = tokio::fs::read(&path)
-        .await
-        .map_err(|source| FleetFunctionError::Read {
-            name: name.to_owned(),
-            path: path.clone(),
-            source,
-        })?;
+    // A regular file of at most the upload API's limit: a FIFO named here hung the apply
+    // (and a daemon's start with `--fleet`), /dev/zero grew the daemon until it was killed.
+    let file = path.clone();
+    let bytes = tokio::task::spawn_blocking(move || {
+        hostd_sandbox::input::read_regular(
+            "component",
+            Path::new(&file),
+            super::MAX_COMPONENT_BYTES as u64,
+        )
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|r| r.map_err(std::io::Error::other))
+    .map_err(|source| FleetFunctionError::Read {
+        name: name.to_owned(),
+        path: path.clone(),
+        source,
+    })?;
     let deploy_err = |source| FleetFunctionError::Deploy {
         name: name.to_owned(),
         source,

@@ -624,7 +624,12 @@ pub(crate) async fn serve(
     tracing::info!("shutting down: no new connections; waiting for in-flight requests");
     let _ = stop_tx.send(true);
     if registry
-        .wait_empty(tokio::time::Instant::now() + grace)
+        .wait_empty(
+            tokio::time::Instant::now()
+                .checked_add(grace)
+                // A grace too long to add: a year is "wait for them".
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(365 * 86_400)),
+        )
         .await
     {
         tracing::info!("all requests finished");
