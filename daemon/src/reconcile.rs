@@ -42,12 +42,16 @@ pub async fn apply(
         .map_err(|i| ApiError::bad_request(format!("fleet: {i}")))?;
     let _one_at_a_time = guests.apply_lock.lock().await;
     // Every image first: a fleet naming a bad image changes nothing.
+    // Their pins keep them in the store until the apply ends: a guest removed below (a
+    // renamed one, say) no longer takes an image the fleet's other guests need with it.
     let mut wanted = Vec::new();
+    let mut _pins = Vec::new();
     for (name, decl) in &fleet.guests {
-        let image = guests
+        let (image, pin) = guests
             .resolve_image(&decl.image)
             .await
             .map_err(|e| ApiError::new(e.status, e.code, format!("guest {name}: {}", e.message)))?;
+        _pins.push(pin);
         wanted.push(new_record(
             name,
             decl.clone(),

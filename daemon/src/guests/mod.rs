@@ -97,6 +97,31 @@ pub struct Guests {
     watch: Option<Arc<DirWatch>>,
     /// Held while a fleet is applied (one apply at a time).
     pub apply_lock: tokio::sync::Mutex<()>,
+    /// Images a create or an apply has resolved and not yet given to a record: kept by
+    /// [`Guests::collect_images`] as if a guest used them.
+    pins: Pins,
+}
+
+/// Digests pinned, with how many pins each.
+type Pins = Arc<Mutex<BTreeMap<String, usize>>>;
+
+/// Keeps an image in the store while it is held (see [`Guests::resolve_image`]).
+#[derive(Debug)]
+pub struct ImagePin {
+    pins: Pins,
+    digest: String,
+}
+
+impl Drop for ImagePin {
+    fn drop(&mut self) {
+        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = pins.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.digest);
+            }
+        }
+    }
 }
 
 impl Guests {
@@ -126,6 +151,7 @@ impl Guests {
                 })
                 .ok(),
             apply_lock: tokio::sync::Mutex::new(()),
+            pins: Pins::default(),
         });
         for rec in records {
             guests.insert_loaded(rec);
@@ -384,7 +410,42 @@ impl Guests {
     }
 
     /// Resolves a declared image to a stored, verified one (importing an image file).
-    pub async fn resolve_image(&self, src: &ImageSource) -> Result<StoredImage, ApiError> {
+    ///
+    /// The image is pinned until the returned pin is dropped: hold it until the record
+    /// that uses the image is in place, or a removal or `POST /images/gc` meanwhile could
+    /// take the image away from under it.
+    pub async fn resolve_image(
+        &self,
+        src: &ImageSource,
+    ) -> Result<(StoredImage, ImagePin), ApiError> {
+        // A collection may remove an imported image before the pin is in place: then it
+        // is imported again (a file or a spec; a digest is gone for good).
+        for _ in 0..3 {
+            let image = self.resolve_unpinned(src).await?;
+            let pin = {
+                // Under the guests' lock, which collections hold while they decide.
+                let _map = self.lock();
+                let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+                *pins.entry(image.digest.clone()).or_default() += 1;
+                ImagePin {
+                    pins: Arc::clone(&self.pins),
+                    digest: image.digest.clone(),
+                }
+            };
+            if self.images.get(&image.digest).is_some() {
+                return Ok((image, pin));
+            }
+            tracing::info!(
+                "image sha256:{} was collected while it was resolved; again",
+                image.digest
+            );
+        }
+        Err(ApiError::conflict(
+            "the image was removed from the store while it was being resolved; try again",
+        ))
+    }
+
+    async fn resolve_unpinned(&self, src: &ImageSource) -> Result<StoredImage, ApiError> {
         match src {
             ImageSource::Digest(hex) => match self.images.describe(hex) {
                 Some(Ok(i)) => Ok(i),
@@ -467,7 +528,7 @@ impl Guests {
                 "guest {name} exists: remove it first (`hostd rm {name}`)"
             )));
         }
-        let image = self.resolve_image(&decl.image).await?;
+        let (image, _pin) = self.resolve_image(&decl.image).await?;
         let rec = new_record(name, decl, &image, origin, start);
         self.insert(rec)
     }
@@ -575,10 +636,17 @@ impl Guests {
     ) -> Result<crate::images::GcReport, crate::images::ImageStoreError> {
         // Under the guests' lock: no record can start using an image while it goes.
         let map = self.lock();
-        let keep = map
+        let mut keep = map
             .values()
             .map(|e| e.rec.image_digest.clone())
             .collect::<std::collections::BTreeSet<_>>();
+        keep.extend(
+            self.pins
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned(),
+        );
         self.images.collect_garbage(&keep, only)
     }
 
