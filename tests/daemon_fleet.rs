@@ -143,3 +143,40 @@ fn apply_creates_is_idempotent_removes_and_replaces() {
     let m = d.guest("manual");
     assert_eq!((m.origin, m.pid), (Origin::Manual, None));
 }
+
+/// A guest renamed in the fleet (the old name removed, the new one created from the
+/// same image in one apply): the removal must not collect the image the new guest
+/// needs, and a collection afterwards keeps it.
+#[test]
+fn a_guest_renamed_in_the_fleet_keeps_its_image() {
+    if !common::require_qemu_guest() {
+        return;
+    }
+    let (img_dir, _image) = common::build(TICKER_SPEC);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    let fleet = img_dir.path().join("rename.toml");
+    let guest = |name: &str| {
+        format!("[guests.{name}]\nimage = \"app.img\"\nvmm = \"qemu\"\nautostart = false\n")
+    };
+    std::fs::write(&fleet, guest("old")).expect("write fleet");
+    assert_eq!(apply(&d, &fleet).get("created"), Some(&names(&["old"])));
+    let digest = d.guest("old").image_digest;
+    std::fs::write(&fleet, guest("new")).expect("write fleet");
+    let r = apply(&d, &fleet);
+    assert_eq!(r.get("removed"), Some(&names(&["old"])), "{r:?}");
+    assert_eq!(r.get("created"), Some(&names(&["new"])), "{r:?}");
+    assert_eq!(d.guest("new").image_digest, digest);
+    let image = |d: &Daemon| {
+        d.req(
+            Method::GET,
+            &format!("/images/sha256:{digest}"),
+            "application/json",
+            Vec::new(),
+        )
+        .status
+    };
+    assert_eq!(image(&d), 200, "{}", d.logs());
+    d.req(Method::POST, "/images/gc", "application/json", Vec::new());
+    assert_eq!(image(&d), 200, "{}", d.logs());
+}
