@@ -195,9 +195,29 @@ impl Daemon {
                 }
             });
         }
-        let served = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-            .with_graceful_shutdown(shutdown_signal())
-            .await;
+        // After the signal, requests in flight get SHUTDOWN_GRACE to finish; a client
+        // following a console (`?follow=1`) would otherwise keep the daemon up for as
+        // long as it stays connected.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut stopping = stop_rx.clone();
+        let serve = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                let _ = stop_tx.send(true);
+            });
+        let served = tokio::select! {
+            served = serve => served,
+            () = async {
+                let _ = stopping.wait_for(|s| *s).await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::warn!(
+                    "requests still open {SHUTDOWN_GRACE:?} after the signal (console followers?); closing them"
+                );
+                Ok(())
+            }
+        };
+        drop(stop_rx);
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         if bound {
             let _ = std::fs::remove_file(&socket);
@@ -208,6 +228,9 @@ impl Daemon {
         })
     }
 }
+
+/// How long requests in flight may take to finish after SIGTERM or SIGINT.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs the daemon on a new multi-threaded tokio runtime until SIGTERM or SIGINT.
 pub fn run(opts: Options) -> Result<(), DaemonError> {
