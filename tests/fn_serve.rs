@@ -345,6 +345,32 @@ fn functions_in_a_cpu_loop_do_not_hold_the_server() {
     }
 }
 
+/// HTTP/1.0 may leave out Host: served (the function sees `localhost`). HTTP/1.1 must
+/// have it: 400, not a function failure (it was answered 500 and counted against the
+/// function).
+#[test]
+fn requests_without_a_host_header() {
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::examples(state.path());
+    let mut s = connect(&server.addr());
+    s.write_all(b"GET /hello HTTP/1.0\r\n\r\n").unwrap();
+    let resp = String::from_utf8_lossy(&read_until_closed(&mut s)).into_owned();
+    assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+    assert!(resp.contains("hello from a nanoservice"), "{resp}");
+    let mut s = connect(&server.addr());
+    s.write_all(b"GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let resp = String::from_utf8_lossy(&read_until_closed(&mut s)).into_owned();
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(resp.contains("Host header"), "{resp}");
+    assert_eq!(
+        server.count_log(&["request failed"]),
+        0,
+        "{}",
+        server.log.lock().unwrap()
+    );
+}
+
 #[test]
 fn counter_survives_restart_and_concurrent_increments() {
     let state = tempfile::tempdir().unwrap();

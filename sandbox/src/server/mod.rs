@@ -211,6 +211,26 @@ impl Router {
         let Some(deployed) = self.find(req.uri().path()) else {
             return Ok(guarded(Failure::NoRoute.response(), None));
         };
+        let mut req = req;
+        if req.uri().authority().is_none() && !req.headers().contains_key(hyper::header::HOST) {
+            if req.version() >= hyper::Version::HTTP_11 {
+                // RFC 9112 3.2: a 1.1 request without Host is answered 400. Not the
+                // function's failure: it never ran.
+                return Ok(guarded(
+                    text_response(
+                        StatusCode::BAD_REQUEST,
+                        "an HTTP/1.1 request needs a Host header\n".into(),
+                    ),
+                    None,
+                ));
+            }
+            // HTTP/1.0 may leave it out; wasi:http needs an authority, so the function
+            // sees `localhost`.
+            req.headers_mut().insert(
+                hyper::header::HOST,
+                hyper::header::HeaderValue::from_static("localhost"),
+            );
+        }
         let started = Instant::now();
         let result = run(deployed, req).await;
         if let Some(m) = &deployed.metrics {
