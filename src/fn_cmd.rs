@@ -65,7 +65,8 @@ pub enum FnCommand {
     Ls(LsArgs),
     /// List a function's versions.
     Versions(FnNameArgs),
-    /// Make an earlier version live again (default: the one before the live one).
+    /// Make an earlier version live again (default: the one that was live before the live
+    /// one; never one rolled away from).
     Rollback(RollbackArgs),
     /// Stop serving a function and forget its versions.
     Rm(FnNameArgs),
@@ -225,7 +226,7 @@ pub struct FnNameArgs {
 pub struct RollbackArgs {
     /// The function's name.
     pub name: String,
-    /// The version to make live [default: the one before the live one].
+    /// The version to make live [default: the one that was live before the live one].
     #[arg(value_name = "VERSION")]
     pub target: Option<u64>,
     #[command(flatten)]

@@ -355,6 +355,54 @@ async fn a_reopened_host_serves_the_same_live_versions() {
     assert_eq!(host.list().unwrap().len(), 3);
 }
 
+/// A rollback without a version goes back to the version that was live before, never to
+/// one rolled away from: v1, v2 (bad), rollback (v1), v3 (bad), rollback is v1 again,
+/// not v2; with nothing before v1 a further rollback is refused. The record survives a
+/// reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_goes_back_to_what_was_live_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let live = |host: &FunctionHost| {
+        host.versions("rb")
+            .unwrap()
+            .into_iter()
+            .find(|v| v.live)
+            .map(|v| v.record.version)
+    };
+    {
+        let host = FunctionHost::open(HostOptions::new(&state)).unwrap();
+        let version = put(&host, "version");
+        let deploy = |v: &str| {
+            host.deploy(
+                "rb",
+                spec(
+                    &version,
+                    &["/rb"],
+                    &format!("config = {{ version = \"{v}\" }}"),
+                ),
+            )
+        };
+        deploy("v1").await.unwrap();
+        deploy("v2").await.unwrap();
+        assert_eq!(host.rollback("rb", None).await.unwrap().record.version, 1);
+        deploy("v3").await.unwrap();
+        assert_eq!(live(&host), Some(3));
+    }
+    let host = FunctionHost::open(HostOptions::new(&state)).unwrap();
+    assert_eq!(host.rollback("rb", None).await.unwrap().record.version, 1);
+    assert!(matches!(
+        host.rollback("rb", None).await,
+        Err(DeployError::UnknownVersion { .. })
+    ));
+    // A rollback may still name any version, the one rolled away from included.
+    assert_eq!(
+        host.rollback("rb", Some(3)).await.unwrap().record.version,
+        3
+    );
+    assert_eq!(live(&host), Some(3));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_deploys_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -54,7 +54,7 @@ pub struct DeployRequest {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackRequest {
-    /// The version to make live [default: the one before the live one].
+    /// The version to make live [default: the one that was live before the live one].
     #[serde(default)]
     pub version: Option<u64>,
 }

@@ -37,6 +37,7 @@ pub use self::components::{parse_digest, ComponentStore};
 pub use self::error::DeployError;
 pub use self::spec::{check_name, DeploySpec, VersionRecord};
 use self::state::DeployState;
+use self::state::Switch;
 use crate::capabilities::keyvalue::KvStore;
 use crate::capabilities::FnCaps;
 use crate::server::metrics::{MetricsSnapshot, RequestMetrics};
@@ -320,7 +321,7 @@ impl FunctionHost {
         self.version_info(name, version)
     }
 
-    /// Makes `version` (default: the one before the live one) live again.
+    /// Makes `version` (default: the one that was live before the live one) live again.
     /// A warm version switches at once; an older one is loaded first (from
     /// the compile cache when it is there).
     pub async fn rollback(
@@ -331,20 +332,27 @@ impl FunctionHost {
         check_name(name)?;
         let _changing = self.inner.changes.lock().await;
         let live = self.inner.live_of(name)?;
+        // By default the version that was live before this one (deploys record it), not
+        // merely the next lower number: after v1, v2, a rollback to v1 and a deploy of
+        // v3, it is v1, not v2 that was rolled away from. Without a record (a database
+        // from before there was one): the next lower.
         let target = match version {
             Some(v) => v,
-            None => self
-                .inner
-                .state
-                .versions(name)?
-                .iter()
-                .rev()
-                .map(|r| r.version)
-                .find(|v| *v < live)
-                .ok_or_else(|| DeployError::UnknownVersion {
-                    function: name.to_owned(),
-                    version: live.saturating_sub(1),
-                })?,
+            None => match self.inner.state.previous(name)?.last() {
+                Some(v) => *v,
+                None => self
+                    .inner
+                    .state
+                    .versions(name)?
+                    .iter()
+                    .rev()
+                    .map(|r| r.version)
+                    .find(|v| *v < live)
+                    .ok_or_else(|| DeployError::UnknownVersion {
+                        function: name.to_owned(),
+                        version: live.saturating_sub(1),
+                    })?,
+            },
         };
         let record =
             self.inner
@@ -379,7 +387,7 @@ impl FunctionHost {
             let mut functions = self.inner.lock();
             self.inner
                 .check_routes_locked(&functions, name, &resolved.routes)?;
-            self.inner.state.set_live(name, target)?;
+            self.inner.state.set_live(name, target, Switch::Rollback)?;
             let entry = functions.entry(name.to_owned()).or_default();
             entry.live = target;
             entry.warm.insert(target, deployed);

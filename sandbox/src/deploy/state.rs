@@ -13,6 +13,21 @@ use super::DeployError;
 const VERSIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("versions");
 /// function -> its live version.
 const LIVE: TableDefinition<&str, u64> = TableDefinition::new("live");
+/// function -> the versions that were live before the live one, most recent last (JSON):
+/// what a rollback without a version goes back to.
+const PREVIOUS: TableDefinition<&str, &[u8]> = TableDefinition::new("previous");
+
+/// How a version becomes live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switch {
+    /// A deploy: the live version is remembered as the one before.
+    Deploy,
+    /// A rollback (to the version before, or to one named): the version rolled away
+    /// from is not remembered, and if the target was live before, so is what came
+    /// after it; a later rollback goes further back, never to a version rolled away
+    /// from.
+    Rollback,
+}
 
 /// The open database.
 #[derive(Debug)]
@@ -49,13 +64,76 @@ impl DeployState {
             &mut redb::Table<&str, u64>,
         ) -> Result<(), DeployError>,
     ) -> Result<(), DeployError> {
+        self.write_all(|versions, live, _| f(versions, live))
+    }
+
+    fn write_all(
+        &self,
+        f: impl FnOnce(
+            &mut redb::Table<(&str, u64), &[u8]>,
+            &mut redb::Table<&str, u64>,
+            &mut redb::Table<&str, &[u8]>,
+        ) -> Result<(), DeployError>,
+    ) -> Result<(), DeployError> {
         let tx = self.db.begin_write().map_err(|e| self.db_err(e))?;
         {
             let mut versions = tx.open_table(VERSIONS).map_err(|e| self.db_err(e))?;
             let mut live = tx.open_table(LIVE).map_err(|e| self.db_err(e))?;
-            f(&mut versions, &mut live)?;
+            let mut previous = tx.open_table(PREVIOUS).map_err(|e| self.db_err(e))?;
+            f(&mut versions, &mut live, &mut previous)?;
         }
         tx.commit().map_err(|e| self.db_err(e))
+    }
+
+    /// The versions live before `function`'s live one, most recent last.
+    pub fn previous(&self, function: &str) -> Result<Vec<u64>, DeployError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = match tx.open_table(PREVIOUS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.db_err(e)),
+        };
+        let got = table.get(function).map_err(|e| self.db_err(e))?;
+        Ok(got
+            .and_then(|v| serde_json::from_slice(v.value()).ok())
+            .unwrap_or_default())
+    }
+
+    /// Records the switch of `function` from its live version to `to` in `previous`.
+    fn remember(
+        &self,
+        function: &str,
+        to: u64,
+        how: Switch,
+        live: &redb::Table<&str, u64>,
+        previous: &mut redb::Table<&str, &[u8]>,
+    ) -> Result<(), DeployError> {
+        let from = live
+            .get(function)
+            .map_err(|e| self.db_err(e))?
+            .map(|v| v.value());
+        let mut stack: Vec<u64> = previous
+            .get(function)
+            .map_err(|e| self.db_err(e))?
+            .and_then(|v| serde_json::from_slice(v.value()).ok())
+            .unwrap_or_default();
+        match how {
+            Switch::Deploy => stack.extend(from.filter(|f| *f != to)),
+            Switch::Rollback => {
+                if let Some(i) = stack.iter().rposition(|v| *v == to) {
+                    stack.truncate(i);
+                }
+            }
+        }
+        // A bounded history: the versions a rollback can reach by default.
+        if stack.len() > 64 {
+            stack.drain(..stack.len() - 64);
+        }
+        let json = serde_json::to_vec(&stack).unwrap_or_default();
+        previous
+            .insert(function, json.as_slice())
+            .map_err(|e| self.db_err(e))?;
+        Ok(())
     }
 
     fn decode(&self, key: String, bytes: &[u8]) -> Result<VersionRecord, DeployError> {
@@ -73,10 +151,17 @@ impl DeployState {
             key: format!("{}/{}", record.function, record.version),
             source,
         })?;
-        self.write(|versions, live| {
+        self.write_all(|versions, live, previous| {
             versions
                 .insert((record.function.as_str(), record.version), json.as_slice())
                 .map_err(|e| self.db_err(e))?;
+            self.remember(
+                &record.function,
+                record.version,
+                Switch::Deploy,
+                live,
+                previous,
+            )?;
             live.insert(record.function.as_str(), record.version)
                 .map_err(|e| self.db_err(e))?;
             Ok(())
@@ -84,8 +169,9 @@ impl DeployState {
     }
 
     /// Makes `version` of `function` live.
-    pub fn set_live(&self, function: &str, version: u64) -> Result<(), DeployError> {
-        self.write(|_, live| {
+    pub fn set_live(&self, function: &str, version: u64, how: Switch) -> Result<(), DeployError> {
+        self.write_all(|_, live, previous| {
+            self.remember(function, version, how, live, previous)?;
             live.insert(function, version).map_err(|e| self.db_err(e))?;
             Ok(())
         })
@@ -93,8 +179,9 @@ impl DeployState {
 
     /// Forgets `function`: its versions and its live pointer.
     pub fn remove(&self, function: &str) -> Result<(), DeployError> {
-        self.write(|versions, live| {
+        self.write_all(|versions, live, previous| {
             live.remove(function).map_err(|e| self.db_err(e))?;
+            previous.remove(function).map_err(|e| self.db_err(e))?;
             let keys: Vec<u64> = versions
                 .range((function, 0)..=(function, u64::MAX))
                 .map_err(|e| self.db_err(e))?
