@@ -53,6 +53,9 @@ pub struct Function {
     pub service: Option<String>,
 }
 
+/// Longest route pattern.
+const MAX_ROUTE_LEN: usize = 1024;
+
 /// A route pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -64,7 +67,14 @@ pub enum Route {
 
 impl Route {
     fn parse(s: &str) -> Option<Route> {
-        if !s.starts_with('/') {
+        // A path as it arrives in a request: no query or fragment (they are not part of
+        // the path matched), no spaces or control characters, a sane length.
+        if !s.starts_with('/')
+            || s.len() > MAX_ROUTE_LEN
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#')
+        {
             return None;
         }
         if let Some(prefix) = s.strip_suffix("/...") {
@@ -304,8 +314,38 @@ impl Manifest {
         let routes = f
             .routes
             .iter()
-            .map(|r| Route::parse(r).ok_or_else(|| format!("route {r:?} must start with '/'")))
+            .map(|r| {
+                Route::parse(r).ok_or_else(|| {
+                    format!(
+                        "route {:?} must be a path starting with '/', without spaces, '?' or '#', \
+                         of at most {MAX_ROUTE_LEN} characters",
+                        r.chars().take(80).collect::<String>()
+                    )
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
+        let mut seen_buckets = std::collections::BTreeSet::new();
+        for b in &f.buckets {
+            let ok = !b.is_empty()
+                && b.len() <= 64
+                && b.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+            if !ok {
+                return Err(format!(
+                    "bucket {b:?}: a bucket name is 1-64 letters, digits, '-', '_' or '.'"
+                ));
+            }
+            if !seen_buckets.insert(b) {
+                return Err(format!("bucket {b:?} is granted twice"));
+            }
+        }
+        for (k, v) in &f.env {
+            if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+                return Err(format!(
+                    "env {k:?}: a variable's name is not empty and has no '=' or NUL, its value no NUL"
+                ));
+            }
+        }
         for host in &f.outbound {
             if host.is_empty() || host.contains('/') || host.contains('*') {
                 return Err(format!(
@@ -344,9 +384,27 @@ impl Manifest {
                     d.guest
                 ));
             }
+            // One spelling per directory: `/data/` and `/data` are the same preopen, and
+            // `..` or `.` would name another one than it seems to.
+            let parts: Vec<&str> = d.guest.split('/').filter(|p| !p.is_empty()).collect();
+            if parts
+                .iter()
+                .any(|p| *p == "." || *p == ".." || p.contains('\0'))
+            {
+                return Err(format!(
+                    "dirs: guest path {:?} may not hold '.' or '..'",
+                    d.guest
+                ));
+            }
+            let guest = format!("/{}", parts.join("/"));
+            if dirs.iter().any(|g: &DirGrant| g.guest == guest) {
+                return Err(format!(
+                    "dirs: guest path {guest:?} is granted twice (which one would the function see?)"
+                ));
+            }
             dirs.push(DirGrant {
                 host: base.join(d.host),
-                guest: d.guest,
+                guest,
                 writable,
             });
         }
@@ -467,6 +525,19 @@ mod tests {
             "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\ntime_ms = 99999999999",
             "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\n[functions.b]\ncomponent = \"b.wasm\"\nroutes = [\"/x\"]",
             "",
+            // Routes no request path can have.
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x?y\"]",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x#y\"]",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x y\"]",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\\u0000\"]",
+            // Buckets, env and dirs that say one thing twice or nothing at all.
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\nbuckets = [\"\"]",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\nbuckets = [\"b\", \"b\"]",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\nbuckets = [\"a/b\"]",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\nenv = { \"A=B\" = \"x\" }",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\nenv = { \"\" = \"x\" }",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\ndirs = [{ host = \"d\", guest = \"/data\" }, { host = \"e\", guest = \"/data/\" }]",
+            "[functions.a]\ncomponent = \"a.wasm\"\nroutes = [\"/x\"]\ndirs = [{ host = \"d\", guest = \"/data/../etc\" }]",
         ];
         for text in bad {
             assert!(
