@@ -193,6 +193,7 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
 #[derive(Debug, clap::Args)]
 pub struct DeployArgs {
     /// The function's name.
+    #[arg(value_parser = function_name)]
     pub name: String,
     /// The component (.wasm, wasi:http/proxy).
     pub component: PathBuf,
@@ -212,10 +213,22 @@ pub struct DeployArgs {
     pub socket: SocketArg,
 }
 
+/// A function's name as the daemon takes it, checked before anything is sent (a name
+/// with `/` or a space came back as "no such route" or "invalid uri character").
+fn function_name(s: &str) -> Result<String, String> {
+    hostd_sandbox::deploy::check_name(s)
+        .map(|()| s.to_owned())
+        .map_err(|_| {
+            "a function's name is 1-63 of a-z, 0-9, '-' and '_', starting with a letter or digit"
+                .to_owned()
+        })
+}
+
 /// Arguments of the `hostd fn` commands that name a function.
 #[derive(Debug, clap::Args)]
 pub struct FnNameArgs {
     /// The function's name.
+    #[arg(value_parser = function_name)]
     pub name: String,
     #[command(flatten)]
     pub socket: SocketArg,
@@ -225,6 +238,7 @@ pub struct FnNameArgs {
 #[derive(Debug, clap::Args)]
 pub struct RollbackArgs {
     /// The function's name.
+    #[arg(value_parser = function_name)]
     pub name: String,
     /// The version to make live [default: the one that was live before the live one].
     #[arg(value_name = "VERSION")]
