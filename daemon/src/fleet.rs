@@ -286,7 +286,11 @@ pub fn check_guest(name: &str, g: &Guest) -> Result<(), Invalid> {
             "a guest name is 1-63 of a-z, 0-9, `-`, `_`, starting with a letter or digit",
         ));
     }
+    let has_nul = |p: &Path| p.as_os_str().as_encoded_bytes().contains(&0);
     match &g.image {
+        ImageSource::File(p) | ImageSource::Spec(p) if has_nul(p) => {
+            return Err(invalid(at(".image"), "a path may not hold a NUL byte"));
+        }
         ImageSource::Digest(d) if parse_digest(d) != Some(d.as_str()) => {
             return Err(invalid(at(".image"), "a digest is 64 lowercase hex digits"));
         }
@@ -311,15 +315,18 @@ pub fn check_guest(name: &str, g: &Guest) -> Result<(), Invalid> {
                 "a secret name is 1-63 of a-z, 0-9, `-`, `_`",
             ));
         }
-        if !file.is_absolute() {
+        if !file.is_absolute() || has_nul(file) {
             return Err(invalid(
                 at(&format!(".secrets.{s}")),
-                "a path must be absolute",
+                "a path must be absolute, without NUL bytes",
             ));
         }
     }
-    if g.trust.iter().any(|p| !p.is_absolute()) {
-        return Err(invalid(at(".trust"), "a path must be absolute"));
+    if g.trust.iter().any(|p| !p.is_absolute() || has_nul(p)) {
+        return Err(invalid(
+            at(".trust"),
+            "a path must be absolute, without NUL bytes",
+        ));
     }
     // The parser `hostd run --net` uses, so a bad card is refused here, not at boot.
     if let Some(Err(e)) = g.net.as_deref().map(hostd_vmm::plan::NetConfig::parse) {

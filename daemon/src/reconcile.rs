@@ -47,6 +47,8 @@ pub async fn apply(
     let mut wanted = Vec::new();
     let mut _pins = Vec::new();
     for (name, decl) in &fleet.guests {
+        crate::guests::check_trust(decl)
+            .map_err(|e| ApiError::new(e.status, e.code, format!("guest {name}: {}", e.message)))?;
         let (image, pin) = guests
             .resolve_image(&decl.image)
             .await

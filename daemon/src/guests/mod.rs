@@ -528,6 +528,7 @@ impl Guests {
                 "guest {name} exists: remove it first (`hostd rm {name}`)"
             )));
         }
+        check_trust(&decl)?;
         let (image, _pin) = self.resolve_image(&decl.image).await?;
         let rec = new_record(name, decl, &image, origin, start);
         self.insert(rec)
@@ -683,6 +684,16 @@ impl Guests {
     pub fn insert_record(&self, rec: GuestRecord) -> Result<GuestStatus, ApiError> {
         self.insert(rec)
     }
+}
+
+/// The guest's trusted keys are public keys that can be read now: a missing or bad one
+/// would refuse every boot (and crash-loop the guest) instead of its creation.
+pub fn check_trust(decl: &fleet::Guest) -> Result<(), ApiError> {
+    for key in &decl.trust {
+        hostd_images::signature::TrustedKey::load(key)
+            .map_err(|e| ApiError::bad_request(format!("trust: {}: {e}", key.display())))?;
+    }
+    Ok(())
 }
 
 /// A new guest record.
