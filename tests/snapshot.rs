@@ -10,6 +10,8 @@ use common::{
     build, hostd, is_root, kvm_usable, require, require_qemu_guest, run_with_deadline,
     spawn_running, Output,
 };
+use hostd_vmm::kvm::snapshot::{Header, HEADER_LEN};
+use sha2::Digest;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -157,7 +159,7 @@ main = true
 }
 
 #[test]
-fn a_corrupted_snapshot_falls_back_to_a_cold_boot_and_is_replaced() {
+fn a_corrupted_or_refused_snapshot_falls_back_to_a_cold_boot_and_is_replaced() {
     if !prerequisites() {
         return;
     }
@@ -199,6 +201,48 @@ fn a_corrupted_snapshot_falls_back_to_a_cold_boot_and_is_replaced() {
     let replaced =
         std::fs::read(snapshot_file(cache.path()).expect("new snapshot")).expect("bytes");
     assert_ne!(replaced, bytes);
+
+    // Whole and with matching digests, but a state KVM refuses (every byte of the
+    // vCPU's special registers 0xff, as a snapshot from another host kernel or CPU might
+    // be): the restore fails before the guest runs, and the run boots instead.
+    let snap = snapshot_file(cache.path()).expect("snapshot");
+    let mut bytes = replaced;
+    let len = bytes.len() as u64;
+    let mut header = Header::parse(&bytes[..HEADER_LEN], len).expect("header");
+    let (start, end) = (
+        header.state_offset as usize,
+        (header.state_offset + header.state_len) as usize,
+    );
+    let mut at = start;
+    let mut damaged = 0;
+    while at < end {
+        // A record: tag, vCPU, length (u32, little-endian), bytes. Tag 2: KVM_SET_SREGS.
+        let n = u32::from_le_bytes(bytes[at + 2..at + 6].try_into().unwrap()) as usize;
+        if bytes[at] == 2 {
+            bytes[at + 6..at + 6 + n].fill(0xff);
+            damaged += 1;
+        }
+        at += 6 + n;
+    }
+    assert_eq!(damaged, 1, "one vCPU's SREGS record");
+    header.state_sha256 = sha2::Sha256::digest(&bytes[start..end]).into();
+    bytes[..HEADER_LEN].copy_from_slice(&header.encode());
+    std::fs::write(&snap, &bytes).expect("write the refused snapshot");
+    let out = run(&image, cache.path());
+    assert_eq!(out.code(), Some(0), "{}", out.all());
+    assert!(
+        out.stderr.contains("KVM_SET_SREGS") && out.stderr.contains("booting instead"),
+        "{}",
+        out.all()
+    );
+    assert!(out.stdout.contains("hostd-init: started"), "{}", out.all());
+    assert!(
+        out.stdout.contains("[hello] hello from hostd"),
+        "{}",
+        out.all()
+    );
+    let again = std::fs::read(snapshot_file(cache.path()).expect("new snapshot")).expect("bytes");
+    assert_ne!(again, bytes, "the refused snapshot was replaced");
 }
 
 /// One run of the web example in `ns` with the cache: waits for httpd (after a restore,

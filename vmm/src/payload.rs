@@ -78,6 +78,19 @@ pub struct Payload {
 }
 
 impl Payload {
+    /// The same payload over a duplicate of its descriptor (every read is positioned, so
+    /// the two do not disturb each other).
+    pub fn try_clone(&self) -> std::io::Result<Payload> {
+        Ok(Payload {
+            file: self.file.try_clone()?,
+            offset: self.offset,
+            length: self.length,
+            sha256: self.sha256,
+            verified: self.verified.clone(),
+            name: self.name.clone(),
+        })
+    }
+
     /// A whole file (a `--kernel` or `--initrd`), at most `max` bytes; no digest to check.
     pub fn whole_file(path: &Path, max: u64) -> std::io::Result<Payload> {
         let file = hostd_images::input::open_regular(path)?;

@@ -435,7 +435,7 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
     // process is jailed; a new one is moved into place once the VM ended.
     let mut prepared = cfg.snapshot.as_ref().and_then(|c| {
         snapshot::Prepared::new(c, u64::from(cfg.memory_mib) << 20)
-            .map_err(|e| tracing::warn!("snapshot cache: {e}; running without it"))
+            .map_err(|e| tracing::warn!("snapshot cache: {}; running without it", causes(&e)))
             .ok()
     });
     let snap = prepared.as_mut().map(|p| VmSnapshot {
@@ -443,6 +443,12 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         out: p.tmp.as_ref().and_then(|(f, _)| f.try_clone().ok()),
         key: p.key,
     });
+    // A snapshot whose state KVM refuses (taken on another host kernel or CPU, say)
+    // fails before the guest runs: then this run boots instead, as for a damaged file.
+    let retry = match &snap {
+        Some(s) if s.saved.is_some() => cfg.try_clone().ok(),
+        _ => None,
+    };
     let r = if !cfg.sandbox {
         run_vmm(cfg, snap)
     } else {
@@ -450,10 +456,56 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         jail::supervisor::run(limits, || run_vmm(cfg, snap).map_err(|e| e.to_string()))
             .map_err(KvmError::Guest)
     };
+    if let (Err(e), Some(cfg), Some(p)) = (&r, retry, &prepared) {
+        if e.to_string().contains(RESTORE_FAILED) && crate::signals::count() == 0 {
+            tracing::warn!(
+                "snapshot {}: {e}; booting instead (a new snapshot replaces it)",
+                p.path.display()
+            );
+            let _ = std::fs::remove_file(&p.path);
+            if let Some(p) = prepared {
+                p.finish();
+            }
+            return run(cfg);
+        }
+    }
     if let Some(p) = prepared {
         p.finish();
     }
     r
+}
+
+/// What the errors of a restore that KVM refused begin with (they reach `run` as text
+/// from the jailed VM process).
+const RESTORE_FAILED: &str = "snapshot: ";
+
+/// An error with its causes, `a: b: c`.
+pub(crate) fn causes(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    msg
+}
+
+impl KvmConfig {
+    /// A second configuration over duplicates of the payloads' descriptors.
+    fn try_clone(&self) -> std::io::Result<KvmConfig> {
+        Ok(KvmConfig {
+            kernel: self.kernel.try_clone()?,
+            initrd: self.initrd.as_ref().map(|i| i.try_clone()).transpose()?,
+            cmdline: self.cmdline.clone(),
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            template: self.template,
+            devices: self.devices.clone(),
+            timeout: self.timeout,
+            sandbox: self.sandbox,
+            snapshot: self.snapshot.clone(),
+        })
+    }
 }
 
 /// The snapshot side of one run: what to restore, where to write a new one.
@@ -627,7 +679,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     setup("irqfd", vm.register_irqfd(&com1_irq, COM1_IRQ))?;
     let console = Arc::new(Mutex::new(match &restore {
         Some(state) => Console::restored(com1_irq, console_writer(), &state.serial)
-            .ok_or_else(|| KvmError::Setup("snapshot: unusable UART state".into()))?,
+            .ok_or_else(|| KvmError::Setup(format!("{RESTORE_FAILED}unusable UART state")))?,
         None => Console::new(com1_irq, console_writer()),
     }));
     setup(
@@ -717,10 +769,10 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         let mut transport = MmioTransport::new(Box::new(dev), mem.clone(), irq.clone());
         if let Some(state) = &restore {
             let saved = state.transports.get(transports.len()).ok_or_else(|| {
-                KvmError::Setup("snapshot: fewer devices than this VM has".into())
+                KvmError::Setup(format!("{RESTORE_FAILED}fewer devices than this VM has"))
             })?;
             transport.restore(saved).map_err(|e| {
-                KvmError::Setup(format!("snapshot: device {}: {e}", transports.len()))
+                KvmError::Setup(format!("{RESTORE_FAILED}device {}: {e}", transports.len()))
             })?;
         }
         let status = transport.interrupt_status();
@@ -766,9 +818,9 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     if let Some(state) = &restore {
         if state.transports.len() != transports.len() || state.vcpus.len() != usize::from(cfg.vcpus)
         {
-            return Err(KvmError::Setup(
-                "snapshot: its devices or vCPUs differ from this VM's".into(),
-            ));
+            return Err(KvmError::Setup(format!(
+                "{RESTORE_FAILED}its devices or vCPUs differ from this VM's"
+            )));
         }
     }
     // Boot: the command line and tables beside the kernel loaded above.
@@ -782,8 +834,10 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         vcpu::configure(&kvm, &cpuid, &fd, id, cfg.vcpus, template, entry)
             .map_err(KvmError::Setup)?;
         if let Some(state) = &restore {
-            let refused = snapshot::restore_vcpu(&fd, &state.vcpus[usize::from(id)])
-                .map_err(|e| KvmError::Setup(format!("snapshot: vCPU {id}: {e}")))?;
+            let refused =
+                snapshot::restore_vcpu(&fd, &state.vcpus[usize::from(id)]).map_err(|e| {
+                    KvmError::Setup(format!("{RESTORE_FAILED}vCPU {id}: {}", causes(&e)))
+                })?;
             if !refused.is_empty() {
                 let list: Vec<String> = refused.iter().map(|m| format!("{m:#x}")).collect();
                 tracing::debug!("snapshot: vCPU {id}: KVM refused MSRs {}", list.join(" "));
@@ -803,7 +857,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     }
     if let Some(state) = &restore {
         snapshot::restore_vm(&vm, &state.vm)
-            .map_err(|e| KvmError::Setup(format!("snapshot: {e}")))?;
+            .map_err(|e| KvmError::Setup(format!("{RESTORE_FAILED}{}", causes(&e))))?;
         // Guest init started long ago, in the VM the snapshot was taken of.
         reports
             .lock()

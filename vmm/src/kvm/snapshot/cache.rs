@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -91,8 +91,18 @@ pub struct Prepared {
 
 /// Opens a snapshot and checks all but its memory.
 pub fn open(path: &Path, key: &[u8; 32], mem_len: u64) -> Result<Saved, SnapshotError> {
-    let mut file = File::open(path).map_err(io(path))?;
-    let len = file.metadata().map_err(io(path))?.len();
+    // Non-blocking and not through a symbolic link: a FIFO put there cannot hang the
+    // run (its open waited for a writer, with Ctrl-C counted but not acted on).
+    let mut file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io(path))?;
+    let meta = file.metadata().map_err(io(path))?;
+    if !meta.is_file() {
+        return Err(SnapshotError::Mismatch("not a regular file".into()));
+    }
+    let len = meta.len();
     let mut head = [0u8; HEADER_LEN];
     file.read_exact(&mut head).map_err(io(path))?;
     let header = Header::parse(&head, len)?;
@@ -142,13 +152,26 @@ impl Prepared {
             }
         };
         let tmp_path = cache.dir.join(format!(".{}.tmp", std::process::id()));
-        let tmp = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp_path)
-            .map_err(io(&tmp_path))?;
+        // Made here and nowhere else: never through a link or into a file that exists
+        // (whatever is at the name, left by a killed run with this pid or planted, is
+        // removed first: a link is removed, not its target).
+        let create = || {
+            File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp_path)
+        };
+        let tmp = match create() {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::remove_file(&tmp_path).map_err(io(&tmp_path))?;
+                create()
+            }
+            r => r,
+        }
+        .map_err(io(&tmp_path))?;
         Ok(Prepared {
             saved,
             tmp: Some((tmp, tmp_path)),
@@ -185,14 +208,67 @@ impl Prepared {
 
 /// The one warning for a snapshot that cannot be restored.
 pub fn warn_unusable(path: &Path, e: &SnapshotError) {
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
+    let msg = crate::kvm::causes(e);
     tracing::warn!(
         "snapshot {}: {msg}; booting instead (a new snapshot replaces it)",
         path.display()
     );
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn cache(dir: &Path) -> SnapshotCache {
+        SnapshotCache {
+            dir: dir.to_owned(),
+            key: [7; 32],
+        }
+    }
+
+    /// A FIFO where the snapshot would be: refused at once (its open used to wait for a
+    /// writer for ever), removed, and the run goes on without a snapshot to restore.
+    #[test]
+    fn a_fifo_in_place_of_the_snapshot_is_not_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache(dir.path());
+        let path = std::ffi::CString::new(c.path().as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let p = Prepared::new(&c, 1 << 20).unwrap();
+        assert!(p.saved.is_none());
+        assert!(
+            std::fs::symlink_metadata(c.path()).is_err(),
+            "the FIFO stays"
+        );
+        assert!(!p.finish());
+    }
+
+    /// Links planted at the temporary file's name (this process's pid) or at the
+    /// snapshot's: neither target is opened for writing, truncated or read.
+    #[test]
+    fn links_in_the_cache_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let cache_dir = dir.path().join("cache");
+        std::fs::create_dir(&cache_dir).unwrap();
+        let c = cache(&cache_dir);
+        let tmp = cache_dir.join(format!(".{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        std::os::unix::fs::symlink(&victim, c.path()).unwrap();
+        let p = Prepared::new(&c, 1 << 20).unwrap();
+        assert!(p.saved.is_none());
+        let (file, path) = p.tmp.as_ref().unwrap();
+        assert_eq!(path, &tmp);
+        assert!(file.metadata().unwrap().is_file());
+        assert!(!std::fs::symlink_metadata(&tmp).unwrap().is_symlink());
+        assert!(!p.finish());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(
+            std::fs::symlink_metadata(c.path()).is_err(),
+            "the link stays"
+        );
+    }
 }
