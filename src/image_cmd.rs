@@ -75,6 +75,15 @@ pub fn build(
     crate::interrupt::remove_scratch_on_signals();
     let kernel = default_kernel(kernel);
     let cache = cache_dir();
+    if let Some(k) = sign.as_deref() {
+        // The image would replace the secret key it is signed with.
+        anyhow::ensure!(
+            !hostd_images::input::same_path(k, output)
+                && !hostd_images::input::same_path(&k.with_extension("pub"), output),
+            "{}: it is the signing key (--sign) or its public key; choose another output path",
+            output.display()
+        );
+    }
     let key = sign.as_deref().map(SigningKey::load).transpose()?;
     eprintln!("hostd: building {} -> {}", spec.display(), output.display());
     let report = builder::build(&BuildOptions {

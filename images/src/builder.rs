@@ -341,6 +341,22 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         None => None,
         Some((kind, rel)) => {
             let path = confined("base", Path::new(rel))?;
+            // An OCI layout is a directory: the output may not go inside it (it would
+            // replace its index or a blob, and the next build would fail).
+            if path.is_dir() {
+                let out_dir = opts
+                    .output
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                if std::fs::canonicalize(out_dir).is_ok_and(|d| d.starts_with(&path)) {
+                    return Err(output_err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "it is inside the OCI layout the image is built from (field `base`); \
+                         choose another output path",
+                    )));
+                }
+            }
             let (digest, layers) =
                 crate::oci::apply(&path, kind, &mut tree).map_err(|source| BuildError::Base {
                     file: file.clone(),

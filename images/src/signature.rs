@@ -167,8 +167,30 @@ impl SigningKey {
         use std::os::unix::fs::OpenOptionsExt;
         let kp = minisign::KeyPair::generate_unencrypted_keypair().map_err(SignatureError::Sign)?;
         let id = key_id(&kp.pk);
-        let secret_path = prefix.with_extension("key");
-        let public_path = prefix.with_extension("pub");
+        // PREFIX.key and PREFIX.pub, the prefix kept whole (`release.v2` gives
+        // `release.v2.key`, not `release.key`); a prefix given as one of the two names
+        // stands for its stem.
+        let stem = prefix
+            .to_str()
+            .and_then(|p| p.strip_suffix(".key").or_else(|| p.strip_suffix(".pub")))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| prefix.to_path_buf());
+        let with = |ext: &str| {
+            let mut p = stem.clone().into_os_string();
+            p.push(ext);
+            PathBuf::from(p)
+        };
+        let (secret_path, public_path) = (with(".key"), with(".pub"));
+        // Neither may exist: a new secret key beside an old public key is a pair that
+        // does not match.
+        for p in [&secret_path, &public_path] {
+            if std::fs::symlink_metadata(p).is_ok() {
+                return Err(SignatureError::Write {
+                    path: p.clone(),
+                    source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+                });
+            }
+        }
         let write = |path: &Path, mode: u32, text: String| {
             std::fs::OpenOptions::new()
                 .write(true)
@@ -187,7 +209,10 @@ impl SigningKey {
             .map_err(SignatureError::Sign)?;
         let pk_box = kp.pk.to_box().map_err(SignatureError::Sign)?;
         write(&secret_path, 0o600, sk_box.into_string())?;
-        write(&public_path, 0o644, pk_box.into_string())?;
+        if let Err(e) = write(&public_path, 0o644, pk_box.into_string()) {
+            let _ = std::fs::remove_file(&secret_path);
+            return Err(e);
+        }
         Ok((secret_path, public_path, id))
     }
 
