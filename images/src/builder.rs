@@ -58,6 +58,51 @@ pub const DEFAULT_MEMORY_MIB: u32 = 256;
 /// Default stop timeout in seconds.
 pub const DEFAULT_STOP_TIMEOUT: u32 = 5;
 
+/// Every user a service or boot step runs as by name is in the image's /etc/passwd
+/// (packages', `[[users]]` and `[[files]]` included): guest init would refuse to start
+/// it, after the whole boot.
+fn check_users(spec: &Spec, tree: &Tree) -> Result<(), (String, String)> {
+    let passwd = match tree.get("/etc/passwd") {
+        Some(Node {
+            kind: Kind::File(d),
+            ..
+        }) => String::from_utf8_lossy(d).into_owned(),
+        _ => String::new(),
+    };
+    // Guest init knows `root` and `nobody` without /etc/passwd.
+    let known = |name: &str| {
+        matches!(name, "root" | "nobody")
+            || passwd.lines().any(|l| l.split(':').next() == Some(name))
+    };
+    let by_name = |u: &Option<String>| {
+        u.as_deref()
+            .filter(|u| !u.starts_with(|c: char| c.is_ascii_digit()))
+            .filter(|u| !known(u))
+            .map(str::to_owned)
+    };
+    let steps = spec
+        .boot
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (format!("boot[{i}].user"), &b.user));
+    let services = spec
+        .services
+        .iter()
+        .map(|(n, s)| (format!("services.{n}.user"), &s.user));
+    for (field, user) in steps.chain(services) {
+        if let Some(u) = by_name(user) {
+            return Err((
+                field,
+                format!(
+                    "no user `{u}` in the image's /etc/passwd: declare it in [[users]], \
+                     add the package that makes it, or give `uid:gid`"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Why a build failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -415,6 +460,13 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         };
         tree.insert(&f.path, node);
     }
+    check_users(&spec, &tree).map_err(|(field, message)| {
+        BuildError::Spec(SpecError::Invalid {
+            file: file.clone(),
+            field,
+            message,
+        })
+    })?;
     let tmpfs = tmpfs_mounts(&spec, &mut tree);
 
     // A read-only root: the whole tree goes into the `rootfs` section.

@@ -531,6 +531,22 @@ impl Spec {
             check_program(&s.command, &s.args, &s.env, s.user.as_deref())
                 .map_err(|m| bad(format!("boot[{i}]"), m))?;
         }
+        // The manifest's limit, checked here so an image this builds also opens.
+        let caps: BTreeSet<&String> = self
+            .services
+            .values()
+            .flat_map(|s| s.capabilities.iter())
+            .collect();
+        if caps.len() > crate::abi::MAX_CAPABILITIES {
+            return Err(bad(
+                "services".into(),
+                format!(
+                    "{} distinct capabilities are declared; an image may have at most {}",
+                    caps.len(),
+                    crate::abi::MAX_CAPABILITIES
+                ),
+            ));
+        }
         let mut mains = Vec::new();
         for (name, s) in &self.services {
             let field = |k: &str| format!("services.{name}.{k}");
@@ -621,8 +637,22 @@ impl Spec {
                     format!("`{}` must be an absolute path other than `/`", v.mount),
                 ));
             }
+            if let Some(why) = reserved_mount(&v.mount) {
+                return Err(bad(format!("volumes[{i}].mount"), why));
+            }
         }
-        let mut mounts: BTreeSet<&str> = self.volumes.iter().map(|v| v.mount.as_str()).collect();
+        let mut mounts: BTreeSet<&str> = BTreeSet::new();
+        for (i, v) in self.volumes.iter().enumerate() {
+            if !mounts.insert(v.mount.as_str()) {
+                return Err(bad(
+                    format!("volumes[{i}].mount"),
+                    format!(
+                        "`{}` is already another volume's mount point (one would hide the other)",
+                        v.mount
+                    ),
+                ));
+            }
+        }
         for (i, t) in self.tmpfs.iter().enumerate() {
             let field = |k: &str| format!("tmpfs[{i}].{k}");
             if !is_guest_path(&t.path) || t.path == "/" {
@@ -630,6 +660,9 @@ impl Spec {
                     field("path"),
                     format!("`{}` must be an absolute path other than `/`", t.path),
                 ));
+            }
+            if let Some(why) = reserved_mount(&t.path) {
+                return Err(bad(field("path"), why));
             }
             if !mounts.insert(&t.path) {
                 return Err(bad(
@@ -655,6 +688,25 @@ impl Spec {
             .map_err(|(k, m)| bad(format!("network.{k}"), m))?;
         Ok(())
     }
+}
+
+/// Why a mount point is guest init's own: /proc, /sys, /dev, /run and what it keeps in
+/// /run (secrets, capabilities) are set up by guest init, and a volume or tmpfs there
+/// would hide them. Other directories under /run are free.
+fn reserved_mount(path: &str) -> Option<String> {
+    let p = path.trim_end_matches('/');
+    let under = |r: &str| p == r || p.strip_prefix(r).is_some_and(|rest| rest.starts_with('/'));
+    [
+        "/proc",
+        "/sys",
+        "/dev",
+        crate::abi::SECRETS_DIR,
+        "/run/hostd",
+    ]
+    .into_iter()
+    .find(|r| under(r))
+    .or((p == "/run").then_some("/run"))
+    .map(|r| format!("`{path}` is at or under {r}, which guest init sets up itself"))
 }
 
 /// Splits a spec's `base` into its kind and path.
@@ -899,12 +951,44 @@ mod tests {
                 "[services.a]\ncommand = \"/a\"\nargs = [\"a\\u0000b\"]",
                 "services.a",
             ),
+            (
+                "[[volumes]]\nname = \"a\"\nsize = \"8M\"\nmount = \"/d\"\n\
+                 [[volumes]]\nname = \"b\"\nsize = \"8M\"\nmount = \"/d\"",
+                "volumes[1].mount",
+            ),
+            (
+                "[[volumes]]\nname = \"a\"\nsize = \"8M\"\nmount = \"/proc\"",
+                "volumes[0].mount",
+            ),
+            ("[[tmpfs]]\npath = \"/dev\"", "tmpfs[0].path"),
+            ("[[tmpfs]]\npath = \"/run\"", "tmpfs[0].path"),
+            ("[[tmpfs]]\npath = \"/run/secrets/x\"", "tmpfs[0].path"),
         ] {
             let e = err(&format!("name = \"x\"\n{spec}\n"));
             assert!(e.contains(&format!("`{field}`")), "{spec}: {e}");
         }
         let long = format!("name = \"x\"\ncmdline = \"{}\"\n", "a".repeat(3000));
         assert!(err(&long).contains("`cmdline`"));
+        // More distinct capabilities than a manifest may hold (two services, 40 each).
+        let caps = |from: usize| {
+            (from..from + 40)
+                .map(|i| format!("\"c{i}\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let many = format!(
+            "name = \"x\"\n[services.a]\ncommand = \"/a\"\ncapabilities = [{}]\n\
+             [services.b]\ncommand = \"/b\"\ncapabilities = [{}]\n",
+            caps(0),
+            caps(40)
+        );
+        assert!(err(&many).contains("`services`"), "{}", err(&many));
+        // A tmpfs elsewhere under /run is free.
+        assert!(Spec::parse(
+            "name = \"x\"\n[[tmpfs]]\npath = \"/run/app\"\n",
+            Path::new("x.toml")
+        )
+        .is_ok());
     }
 
     #[test]
