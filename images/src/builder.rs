@@ -58,6 +58,44 @@ pub const DEFAULT_MEMORY_MIB: u32 = 256;
 /// Default stop timeout in seconds.
 pub const DEFAULT_STOP_TIMEOUT: u32 = 5;
 
+/// Whether a `[[files]]` entry can go at `path` without losing what the tree has: no
+/// ancestor may be a file or a symbolic link (the entry would turn it into a directory:
+/// a file lost, or a link such as usrmerge's /bin -> usr/bin broken), and a directory
+/// that holds anything may not be replaced by a file or a link.
+fn check_file_place(tree: &Tree, path: &str, kind: &Kind) -> Result<(), String> {
+    let path = path.trim_end_matches('/');
+    let mut at = String::new();
+    let comps: Vec<&str> = path[1..].split('/').collect();
+    for comp in &comps[..comps.len() - 1] {
+        at.push('/');
+        at.push_str(comp);
+        match tree.get(&at).map(|n| &n.kind) {
+            Some(Kind::Symlink(t)) => {
+                return Err(format!(
+                    "`{at}` is a symbolic link to `{t}` in the image; give the path through \
+                     its target instead"
+                ))
+            }
+            Some(Kind::File(_)) => {
+                return Err(format!(
+                    "`{at}` is a file in the image; a path cannot go below it"
+                ))
+            }
+            _ => {}
+        }
+    }
+    if !matches!(kind, Kind::Dir) && matches!(tree.get(path).map(|n| &n.kind), Some(Kind::Dir)) {
+        let prefix = format!("{path}/");
+        if tree.iter().any(|(p, _)| p.starts_with(&prefix)) {
+            return Err(format!(
+                "`{path}` is a directory with contents in the image; an entry that is not \
+                 a directory would replace it and all it holds"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Every user a service or boot step runs as by name is in the image's /etc/passwd
 /// (packages', `[[users]]` and `[[files]]` included): guest init would refuse to start
 /// it, after the whole boot.
@@ -458,7 +496,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                 gid,
             }
         };
-        tree.insert(&f.path, node);
+        check_file_place(&tree, &f.path, &node.kind).map_err(|message| {
+            BuildError::Spec(SpecError::Invalid {
+                file: file.clone(),
+                field: format!("files[{i}].path"),
+                message,
+            })
+        })?;
+        tree.insert_over(&f.path, node);
     }
     check_users(&spec, &tree).map_err(|(field, message)| {
         BuildError::Spec(SpecError::Invalid {

@@ -91,6 +91,16 @@ impl Tree {
         self.nodes.insert(path, node);
     }
 
+    /// As [`Tree::insert`], but a directory already there takes the new node's mode and
+    /// owner (a `[[files]]` entry overrides what packages made).
+    pub fn insert_over(&mut self, path: &str, node: Node) {
+        let key = normalise(path);
+        match self.nodes.get_mut(&key) {
+            Some(old) if old.kind == Kind::Dir && node.kind == Kind::Dir => *old = node,
+            _ => self.insert(path, node),
+        }
+    }
+
     /// Removes `path` and everything below it (an OCI layer's whiteout).
     pub fn remove(&mut self, path: &str) {
         let path = normalise(path);
@@ -223,6 +233,30 @@ mod tests {
             uid: 0,
             gid: 0,
         }
+    }
+
+    #[test]
+    fn a_directory_entry_over_a_directory_takes_its_mode_and_owner() {
+        let dir = |mode, uid| Node {
+            kind: Kind::Dir,
+            mode,
+            uid,
+            gid: uid,
+        };
+        let mut t = Tree::default();
+        t.insert("/usr/share/doc", dir(0o755, 0));
+        // A package's directory again: the first one's attributes stay.
+        t.insert("/usr/share/doc", dir(0o700, 7));
+        assert_eq!(
+            t.get("/usr/share/doc").map(|n| (n.mode, n.uid)),
+            Some((0o755, 0))
+        );
+        // A [[files]] directory: its attributes win.
+        t.insert_over("/usr/share/doc", dir(0o711, 5));
+        assert_eq!(
+            t.get("/usr/share/doc").map(|n| (n.mode, n.uid)),
+            Some((0o711, 5))
+        );
     }
 
     #[test]

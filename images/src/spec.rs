@@ -480,12 +480,32 @@ impl Spec {
                 }
             }
         }
+        let mut paths: BTreeSet<String> = BTreeSet::new();
         for (i, f) in self.files.iter().enumerate() {
             let field = |k: &str| format!("files[{i}].{k}");
             if !is_guest_path(&f.path) || f.path == "/" {
                 return Err(bad(
                     field("path"),
                     format!("`{}` must be an absolute path without `.` or `..`", f.path),
+                ));
+            }
+            let p = f.path.trim_end_matches('/');
+            // What hostd writes itself after the files: an entry there was dropped
+            // without a word.
+            let under = |r: &str| p == r || p.strip_prefix(r).is_some_and(|x| x.starts_with('/'));
+            if let Some(r) = ["/init", "/etc/hostd", "/dev", "/proc", "/sys"]
+                .into_iter()
+                .find(|r| under(r))
+            {
+                return Err(bad(
+                    field("path"),
+                    format!("`{}` is at or under {r}, which hostd fills itself", f.path),
+                ));
+            }
+            if !paths.insert(p.to_owned()) {
+                return Err(bad(
+                    field("path"),
+                    format!("`{}` is given twice in [[files]]", f.path),
                 ));
             }
             let kinds = [
@@ -961,6 +981,16 @@ mod tests {
                 "volumes[0].mount",
             ),
             ("[[tmpfs]]\npath = \"/dev\"", "tmpfs[0].path"),
+            ("[[files]]\npath = \"/init\"\ncontents = \"x\"", "files[0].path"),
+            (
+                "[[files]]\npath = \"/etc/hostd/manifest.json\"\ncontents = \"x\"",
+                "files[0].path",
+            ),
+            ("[[files]]\npath = \"/dev/console\"\ncontents = \"x\"", "files[0].path"),
+            (
+                "[[files]]\npath = \"/a\"\ncontents = \"x\"\n[[files]]\npath = \"/a\"\ncontents = \"y\"",
+                "files[1].path",
+            ),
             ("[[tmpfs]]\npath = \"/run\"", "tmpfs[0].path"),
             ("[[tmpfs]]\npath = \"/run/secrets/x\"", "tmpfs[0].path"),
         ] {
