@@ -388,7 +388,8 @@ impl Fleet {
             path: path.to_owned(),
             source,
         };
-        let file = std::fs::File::open(path).map_err(read)?;
+        // A regular file only (a FIFO named by mistake would block the apply).
+        let file = hostd_images::input::open_regular(path).map_err(read)?;
         let mut text = String::new();
         file.take(MAX_FLEET_BYTES + 1)
             .read_to_string(&mut text)
@@ -404,6 +405,21 @@ impl Fleet {
             _ => Path::new("."),
         };
         let base = std::path::absolute(dir).map_err(read)?;
+        // A file that declares no `[guests]` or `[functions]` at all (empty, truncated by
+        // a failed write, the wrong file) would remove every workload of the fleet:
+        // refused. An empty `[guests]` table says "none" on purpose.
+        let declares_nothing = toml::from_str::<toml::Table>(&text)
+            .is_ok_and(|t| !t.contains_key("guests") && !t.contains_key("functions"));
+        if declares_nothing {
+            return Err(FleetError::Invalid {
+                path: path.to_owned(),
+                what: "fleet".into(),
+                msg: "it declares no [guests] or [functions]: applying it would remove every \
+                      guest and function of the fleet; to mean that, write an empty `[guests]` \
+                      table"
+                    .into(),
+            });
+        }
         Self::parse(&text, &base, path)
     }
 
