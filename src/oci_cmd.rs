@@ -55,7 +55,8 @@ pub fn run(cmd: OciCommand) -> Result<i32> {
             let bytes = std::fs::read(&image)
                 .with_context(|| format!("cannot read {}", image.display()))?;
             let archive = pack(&bytes, &format!("{name}.img"), &reference)?;
-            write_atomically(&output, &archive)?;
+            hostd_images::format::write_atomically(&output, &archive)
+                .with_context(|| format!("cannot write {}", output.display()))?;
             writeln!(
                 std::io::stdout().lock(),
                 "{}: {reference}",
@@ -257,27 +258,6 @@ pub fn pack(image: &[u8], file_name: &str, reference: &str) -> Result<Vec<u8>> {
         append(&mut out, &format!("blobs/sha256/{hex}"), 0o444, bytes)?;
     }
     out.into_inner().context("cannot finish the archive")
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-    // An image archive is not secret: readable as `cp` would leave it (the temporary
-    // file is made 0600).
-    use std::os::unix::fs::PermissionsExt;
-    tmp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(0o644))
-        .and_then(|()| tmp.write_all(bytes))
-        .and_then(|()| tmp.as_file().sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -324,13 +324,21 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         message,
     };
     let context_dir = opts.context.unwrap_or(base);
-    let context = std::fs::canonicalize(context_dir).map_err(|e| {
-        input_err(
-            "(build context)",
-            context_dir,
-            format!("{e} (the build context must be an existing directory)"),
-        )
-    })?;
+    let context = std::fs::canonicalize(context_dir)
+        .and_then(|c| {
+            if c.is_dir() {
+                Ok(c)
+            } else {
+                Err(std::io::Error::other("not a directory"))
+            }
+        })
+        .map_err(|e| {
+            input_err(
+                "(build context)",
+                context_dir,
+                format!("{e} (the build context must be an existing directory)"),
+            )
+        })?;
     // A relative path of the spec, resolved (symlinks too) and confined to the context.
     let confined = |field: &str, rel: &Path| -> Result<PathBuf, BuildError> {
         let joined = base.join(rel);

@@ -598,8 +598,12 @@ fn copy_range(
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory,
-/// fsync, rename. An existing file is only replaced by a complete new one.
+/// fsync, rename. An existing file is only replaced by a complete new one. The file is
+/// readable by all (0644, as `cp` would leave it): images, lock files and archives hold
+/// no secrets, and a root-built image was unreadable to everyone else (the temporary
+/// file is made 0600).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -608,6 +612,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
         || tempfile::NamedTempFile::new_in(dir),
         |t| t.path().to_path_buf(),
     )?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     crate::scratch::commit(|| tmp.persist(path).map_err(|e| e.error))?;
