@@ -453,7 +453,7 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         run_vmm(cfg, snap)
     } else {
         let limits = jail::cgroup::Limits::for_vm(cfg.memory_mib, u32::from(cfg.vcpus));
-        jail::supervisor::run(limits, || run_vmm(cfg, snap).map_err(|e| e.to_string()))
+        jail::supervisor::run(limits, || run_vmm(cfg, snap).map_err(|e| causes(&e)))
             .map_err(KvmError::Guest)
     };
     if let (Err(e), Some(cfg), Some(p)) = (&r, retry, &prepared) {
