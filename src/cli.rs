@@ -256,10 +256,25 @@ pub fn main<const FULL: bool>() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("hostd: error: {e:#}");
+            eprintln!("hostd: error: {}", printable(&format!("{e:#}")));
             std::process::exit(1);
         }
     }
+}
+
+/// `s` with control characters other than newlines and tabs escaped (`\u{1b}`): an
+/// error or a listing may quote a file's bytes (an image's section names, a manifest's
+/// fields), and those must not drive the terminal.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// The executable that has every subcommand: `hostd-full` next to this one. Replaces

@@ -168,7 +168,7 @@ pub fn inspect(path: &Path, manifest_only: bool, trust: &[PathBuf]) -> Result<i3
             out.push('\n');
         }
     }
-    print_out(&out);
+    print_out(&crate::cli::printable(&out));
     Ok(0)
 }
 
