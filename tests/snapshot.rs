@@ -217,7 +217,7 @@ fn a_corrupted_or_refused_snapshot_falls_back_to_a_cold_boot_and_is_replaced() {
     let mut damaged = 0;
     while at < end {
         // A record: tag, vCPU, length (u32, little-endian), bytes. Tag 2: KVM_SET_SREGS.
-        let n = u32::from_le_bytes(bytes[at + 2..at + 6].try_into().unwrap()) as usize;
+        let n = u32::from_le_bytes(bytes[at + 2..at + 6].try_into().expect("four bytes")) as usize;
         if bytes[at] == 2 {
             bytes[at + 6..at + 6 + n].fill(0xff);
             damaged += 1;

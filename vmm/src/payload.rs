@@ -86,7 +86,7 @@ impl Payload {
             offset: self.offset,
             length: self.length,
             sha256: self.sha256,
-            verified: self.verified.clone(),
+            verified: self.verified,
             name: self.name.clone(),
         })
     }
