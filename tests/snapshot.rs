@@ -158,6 +158,28 @@ main = true
     assert_ne!(b, c);
 }
 
+/// A run that found its snapshot unusable (`why` in the warning), booted instead and
+/// ran hello to its end.
+fn booted_instead(out: &Output, why: &str) {
+    assert_eq!(out.code(), Some(0), "{}", out.all());
+    assert!(
+        out.stderr.contains(why) && out.stderr.contains("booting instead"),
+        "{}",
+        out.all()
+    );
+    assert!(
+        !out.stdout.contains("restored from a snapshot"),
+        "{}",
+        out.all()
+    );
+    assert!(out.stdout.contains("hostd-init: started"), "{}", out.all());
+    assert!(
+        out.stdout.contains("[hello] hello from hostd"),
+        "{}",
+        out.all()
+    );
+}
+
 #[test]
 fn a_corrupted_or_refused_snapshot_falls_back_to_a_cold_boot_and_is_replaced() {
     if !prerequisites() {
@@ -178,24 +200,9 @@ fn a_corrupted_or_refused_snapshot_falls_back_to_a_cold_boot_and_is_replaced() {
     bytes[at] ^= 0x55;
     std::fs::write(&snap, &bytes).expect("write corrupted snapshot");
 
-    let out = run(&image, cache.path());
-    assert_eq!(out.code(), Some(0), "{}", out.all());
-    assert!(
-        out.stderr.contains("does not match its digest (damaged)")
-            && out.stderr.contains("booting instead"),
-        "{}",
-        out.all()
-    );
-    assert!(
-        !out.stdout.contains("restored from a snapshot"),
-        "{}",
-        out.all()
-    );
-    assert!(out.stdout.contains("hostd-init: started"), "{}", out.all());
-    assert!(
-        out.stdout.contains("[hello] hello from hostd"),
-        "{}",
-        out.all()
+    booted_instead(
+        &run(&image, cache.path()),
+        "does not match its digest (damaged)",
     );
     // The damaged snapshot was replaced by this boot's.
     let replaced =
@@ -228,19 +235,7 @@ fn a_corrupted_or_refused_snapshot_falls_back_to_a_cold_boot_and_is_replaced() {
     header.state_sha256 = sha2::Sha256::digest(&bytes[start..end]).into();
     bytes[..HEADER_LEN].copy_from_slice(&header.encode());
     std::fs::write(&snap, &bytes).expect("write the refused snapshot");
-    let out = run(&image, cache.path());
-    assert_eq!(out.code(), Some(0), "{}", out.all());
-    assert!(
-        out.stderr.contains("KVM_SET_SREGS") && out.stderr.contains("booting instead"),
-        "{}",
-        out.all()
-    );
-    assert!(out.stdout.contains("hostd-init: started"), "{}", out.all());
-    assert!(
-        out.stdout.contains("[hello] hello from hostd"),
-        "{}",
-        out.all()
-    );
+    booted_instead(&run(&image, cache.path()), "KVM_SET_SREGS");
     let again = std::fs::read(snapshot_file(cache.path()).expect("new snapshot")).expect("bytes");
     assert_ne!(again, bytes, "the refused snapshot was replaced");
 }
