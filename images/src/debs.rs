@@ -152,7 +152,8 @@ fn download(batch: &[&LockedPackage], cache: &Path, dir: &Path) -> Result<(), De
         return Err(err(
             &p.name,
             format!(
-                "version {} cannot be fetched ({}); put its .deb (sha256 {}) at {}, or run                  `hostd build --update-lock` to resolve the packages again",
+                "version {} cannot be fetched ({}); put its .deb (sha256 {}) at {}, or run \
+                 `hostd build --update-lock` to resolve the packages again",
                 p.version,
                 String::from_utf8_lossy(&out.stderr).trim(),
                 p.sha256,

@@ -157,6 +157,10 @@ pub fn check_cmdline(s: &str) -> Result<(), String> {
 /// A uid or gid a spec may give: 0 to 2^32-2 ((uid_t)-1 means "no change" to the
 /// kernel and is refused).
 pub fn parse_id(s: &str) -> Option<u32> {
+    // Digits only: `u32::from_str` also takes a leading `+` ("+1:1" was an owner).
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     s.parse::<u32>().ok().filter(|id| *id != u32::MAX)
 }
 

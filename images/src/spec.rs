@@ -597,6 +597,16 @@ impl Spec {
                     return Err(bad(field("depends_on"), format!("no service named `{d}`")));
                 }
             }
+            for (what, list) in [
+                ("depends_on", &s.depends_on),
+                ("secrets", &s.secrets),
+                ("capabilities", &s.capabilities),
+            ] {
+                let mut seen = BTreeSet::new();
+                if let Some(d) = list.iter().find(|x| !seen.insert(x.as_str())) {
+                    return Err(bad(field(what), format!("`{d}` is listed twice")));
+                }
+            }
             for sec in &s.secrets {
                 if !is_dotted_name(sec) {
                     return Err(bad(
@@ -981,6 +991,19 @@ mod tests {
                 "volumes[0].mount",
             ),
             ("[[tmpfs]]\npath = \"/dev\"", "tmpfs[0].path"),
+            (
+                "[services.a]\ncommand = \"/a\"\nsecrets = [\"s\", \"s\"]",
+                "services.a.secrets",
+            ),
+            (
+                "[services.a]\ncommand = \"/a\"\ncapabilities = [\"c\", \"c\"]",
+                "services.a.capabilities",
+            ),
+            (
+                "[services.a]\ncommand = \"/a\"\n[services.b]\ncommand = \"/b\"\ndepends_on = [\"a\", \"a\"]",
+                "services.b.depends_on",
+            ),
+            ("[[files]]\npath = \"/x\"\ncontents = \"\"\nowner = \"+1:1\"", "files[0].owner"),
             ("[[files]]\npath = \"/init\"\ncontents = \"x\"", "files[0].path"),
             (
                 "[[files]]\npath = \"/etc/hostd/manifest.json\"\ncontents = \"x\"",
