@@ -444,8 +444,17 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             hostd_vmm::kvm::run(cfg)
             .map_err(|e| {
                 // The hint is for a guest that failed to run, not for an image or flag
-                // that was refused before it started.
-                let guest_failed = matches!(e, hostd_vmm::kvm::KvmError::Guest(_));
+                // that was refused before it started, nor a timeout or too little memory
+                // (with the sandbox every error arrives as the VM process's text).
+                let text = e.to_string();
+                let not_the_guest = [
+                    "(--timeout)",
+                    "give the VM more memory",
+                    "cannot load kernel",
+                    "KVM: ",
+                ];
+                let guest_failed = matches!(e, hostd_vmm::kvm::KvmError::Guest(_))
+                    && !not_the_guest.iter().any(|n| text.contains(n));
                 let hint = if pvm_host && guest_failed {
                     "\n  hint: this host's /dev/kvm is a nested PVM hypervisor, on which a guest kernel \
                      runs only with hostd's patches and command line (guest/kernel/, docs/pvm.md); \
