@@ -46,8 +46,8 @@ pub struct DaemonArgs {
     /// Largest image accepted (`POST /images` or a path), in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 4096)]
     pub max_image_mib: u64,
-    /// Where the function front listens (HTTP, ADDR:PORT).
-    #[arg(long, value_name = "ADDR")]
+    /// Where the function front listens (HTTP, ADDR:PORT or HOST:PORT).
+    #[arg(long, value_name = "ADDR", value_parser = crate::fn_cmd::listen_addr)]
     pub listen: Option<std::net::SocketAddr>,
     /// How logs are written to stderr.
     #[arg(long, value_enum, default_value = "text")]

@@ -23,8 +23,9 @@ pub enum FnCommand {
     Serve {
         /// fns.toml manifest, or a single component .wasm served at `/` with no grants.
         target: PathBuf,
-        /// Address to listen on (port 0 picks a free port; the address is printed).
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        /// Address to listen on, ADDR:PORT or HOST:PORT (port 0 picks a free port; the
+        /// address is printed).
+        #[arg(long, default_value = "127.0.0.1:8080", value_parser = listen_addr)]
         listen: SocketAddr,
         /// Directory for key-value state [default: the manifest's state_dir, else ~/.local/state/hostd/fn].
         #[arg(long)]
@@ -52,7 +53,7 @@ pub enum FnCommand {
         idle_timeout: Duration,
         /// Address (TCP) where functions with `service = "…"` answer capability
         /// calls over Noise (port 0 picks a free one; logged as `capability listener ready`).
-        #[arg(long)]
+        #[arg(long, value_parser = listen_addr)]
         cap_listen: Option<SocketAddr>,
         /// Unix socket where functions with `service = "…"` answer capability calls.
         #[arg(long)]
@@ -211,6 +212,19 @@ pub struct DeployArgs {
     pub health: Option<String>,
     #[command(flatten)]
     pub socket: SocketArg,
+}
+
+/// An address to listen on: `ADDR:PORT`, or `HOST:PORT` resolved now (`localhost:8080`;
+/// its first address).
+pub fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    s.to_socket_addrs()
+        .map_err(|e| format!("{e} (expected ADDR:PORT or HOST:PORT, e.g. 127.0.0.1:8080)"))?
+        .next()
+        .ok_or_else(|| format!("{s} has no address"))
 }
 
 /// A function's name as the daemon takes it, checked before anything is sent (a name

@@ -197,6 +197,8 @@ pub fn rejection(status: StatusCode, text: String) -> ApiError {
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
         StatusCode::NOT_FOUND => "not_found",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        // Well-formed JSON of the wrong shape (a string for a number, an unknown field).
+        StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
         s if s.is_server_error() => "internal",
         _ => "bad_request",
     };

@@ -558,15 +558,15 @@ impl Guests {
     pub fn start(&self, name: &str) -> Result<GuestStatus, ApiError> {
         let mut map = self.lock();
         let e = map.get_mut(name).ok_or_else(|| not_found(name))?;
+        if e.state == GuestState::Stopping {
+            // Refused, so nothing changes: the desired state stays what the stop set.
+            return Err(ApiError::conflict(format!(
+                "guest {name} is stopping; start it once it has stopped"
+            )));
+        }
         e.rec.desired = Desired::Running;
         match e.state {
-            GuestState::Running => {}
-            GuestState::Stopping => {
-                self.persist(&e.rec);
-                return Err(ApiError::conflict(format!(
-                    "guest {name} is stopping; start it once it has stopped"
-                )));
-            }
+            GuestState::Running | GuestState::Stopping => {}
             GuestState::Stopped | GuestState::Exited | GuestState::BackingOff => {
                 e.consecutive = 0;
                 self.launch(e)?;
