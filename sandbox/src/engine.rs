@@ -75,9 +75,18 @@ pub fn load_component_bytes(
     cache_dir: Option<&Path>,
 ) -> Result<Component, Error> {
     let compile = |bytes: &[u8]| {
-        Component::new(engine, bytes).map_err(|e| Error::Component {
-            path: path.to_owned(),
-            msg: format!("{e:#}"),
+        Component::new(engine, bytes).map_err(|e| {
+            // A core module (wasm version 1) is the common mistake: say so.
+            let hint = if bytes.starts_with(b"\0asm\x01\0\0\0") {
+                " (this is a core WebAssembly module, not a component: build for \
+                 wasm32-wasip2, or wrap it with `wasm-tools component new`)"
+            } else {
+                ""
+            };
+            Error::Component {
+                path: path.to_owned(),
+                msg: format!("{e:#}{hint}"),
+            }
         })
     };
     let Some(cache_dir) = cache_dir else {
