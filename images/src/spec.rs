@@ -325,15 +325,27 @@ impl Spec {
     pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
         let de = toml::Deserializer::new(text);
         let spec: Spec = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
+            let mut field = e.path().to_string();
             let inner = e.into_inner();
+            let line_of = |at: usize| text[..at.min(text.len())].matches('\n').count() + 1;
             let location = inner
                 .span()
-                .map(|span| {
-                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                    format!(" (line {line})")
-                })
+                .map(|span| format!(" (line {})", line_of(span.start)))
                 .unwrap_or_default();
+            // No path (a value the parser itself refused, or broken syntax): the key on
+            // the error's line names the field, else it is the syntax.
+            if field == "." {
+                let key = inner.span().and_then(|span| {
+                    let line = text.lines().nth(line_of(span.start) - 1)?;
+                    let (k, _) = line.split_once('=')?;
+                    let k = k.trim();
+                    (!k.is_empty()
+                        && k.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"_-.\"".contains(&b)))
+                    .then(|| k.trim_matches('"').to_owned())
+                });
+                field = key.unwrap_or_else(|| "(syntax)".into());
+            }
             SpecError::Parse {
                 file: file.to_path_buf(),
                 field,
