@@ -45,7 +45,7 @@ pub async fn apply(
     // Their pins keep them in the store until the apply ends: a guest removed below (a
     // renamed one, say) no longer takes an image the fleet's other guests need with it.
     let mut wanted = Vec::new();
-    let mut _pins = Vec::new();
+    let mut held = Vec::new();
     for (name, decl) in &fleet.guests {
         crate::guests::check_trust(decl)
             .map_err(|e| ApiError::new(e.status, e.code, format!("guest {name}: {}", e.message)))?;
@@ -53,7 +53,7 @@ pub async fn apply(
             .resolve_image(&decl.image)
             .await
             .map_err(|e| ApiError::new(e.status, e.code, format!("guest {name}: {}", e.message)))?;
-        _pins.push(pin);
+        held.push(pin);
         wanted.push(new_record(
             name,
             decl.clone(),

@@ -504,10 +504,9 @@ impl Spec {
             let p = f.path.trim_end_matches('/');
             // What hostd writes itself after the files: an entry there was dropped
             // without a word.
-            let under = |r: &str| p == r || p.strip_prefix(r).is_some_and(|x| x.starts_with('/'));
             if let Some(r) = ["/init", "/etc/hostd", "/dev", "/proc", "/sys"]
                 .into_iter()
-                .find(|r| under(r))
+                .find(|r| at_or_under(p, r))
             {
                 return Err(bad(
                     field("path"),
@@ -732,12 +731,18 @@ impl Spec {
     }
 }
 
+/// Whether guest path `p` is `dir` or below it (`/devices` is neither of `/dev`).
+fn at_or_under(p: &str, dir: &str) -> bool {
+    p == dir
+        || p.strip_prefix(dir)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
 /// Why a mount point is guest init's own: /proc, /sys, /dev, /run and what it keeps in
 /// /run (secrets, capabilities) are set up by guest init, and a volume or tmpfs there
 /// would hide them. Other directories under /run are free.
 fn reserved_mount(path: &str) -> Option<String> {
     let p = path.trim_end_matches('/');
-    let under = |r: &str| p == r || p.strip_prefix(r).is_some_and(|rest| rest.starts_with('/'));
     [
         "/proc",
         "/sys",
@@ -746,7 +751,7 @@ fn reserved_mount(path: &str) -> Option<String> {
         "/run/hostd",
     ]
     .into_iter()
-    .find(|r| under(r))
+    .find(|r| at_or_under(p, r))
     .or((p == "/run").then_some("/run"))
     .map(|r| format!("`{path}` is at or under {r}, which guest init sets up itself"))
 }
