@@ -456,21 +456,19 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         jail::supervisor::run(limits, || run_vmm(cfg, snap).map_err(|e| causes(&e)))
             .map_err(KvmError::Guest)
     };
-    if let (Err(e), Some(cfg), Some(p)) = (&r, retry, &prepared) {
+    let path = prepared.as_ref().map(|p| p.path.clone());
+    if let Some(p) = prepared {
+        p.finish();
+    }
+    if let (Err(e), Some(cfg), Some(path)) = (&r, retry, path) {
         if e.to_string().contains(RESTORE_FAILED) && crate::signals::count() == 0 {
             tracing::warn!(
                 "snapshot {}: {e}; booting instead (a new snapshot replaces it)",
-                p.path.display()
+                path.display()
             );
-            let _ = std::fs::remove_file(&p.path);
-            if let Some(p) = prepared {
-                p.finish();
-            }
+            let _ = std::fs::remove_file(&path);
             return run(cfg);
         }
-    }
-    if let Some(p) = prepared {
-        p.finish();
     }
     r
 }
