@@ -14,13 +14,20 @@
 //! `--timings` lines (when its VM started, i.e. the first KVM_RUN) are printed too.
 //!
 //! `FIRECRACKER=/path/to/firecracker cargo bench --bench kvm_nested` (a static binary);
-//! without FIRECRACKER only hostd's figures. KVM_NESTED_RUNS sets the rounds (default 3).
+//! without FIRECRACKER only hostd's figures. Rows: hostd (jailed, its default), `nosb`
+//! (hostd --no-sandbox), `fc` (Firecracker alone) and, when its jailer is there
+//! (FC_JAILER, else `jailer` beside FIRECRACKER), `fcj` (Firecracker under its jailer);
+//! ratios hostd/fc, and both isolated (hostd/fcj) and neither (nosb/fc). KVM_NESTED_RUNS sets the rounds (default 3).
 //! HOSTD_BASELINE=/path/to/hostd (with its hostd-backend beside it) adds another build's
 //! runs to the same rounds (`base-…`; the two take turns at going first), for a
 //! comparison inside one boot of the test host.
 //! KVM_NESTED_STRACE=1 adds one untimed `strace -f` run of hostd (this machine's strace,
 //! with its libraries) and prints its trace up to the first KVM_RUN, stamped with
 //! seconds since the epoch: where hostd's time before the guest runs goes.
+//! KVM_NESTED_LAB=script.sh runs that shell script in /kvmtest after the rounds (with
+//! KVM_NESTED_RUNS=0, alone) and prints its output as `KVMLAB` lines: for an
+//! investigation's own commands in the test host; KVM_NESTED_LAB_PROGRAMS=/a:/b copies
+//! those programs (with their libraries) there too, by name.
 #![allow(clippy::print_stdout)] // a benchmark's figures are its output
 
 mod common;
@@ -70,6 +77,20 @@ measure() {
     if [ $seen = 1 ]; then echo "KVMBENCH $name exit $t"
     else tail -n 12 /tmp/m.out | sed "s/^/KVMBENCH-FAIL $name /"; fi
 }
+# Firecracker under its jailer (when ./jailer is here): the isolation Firecracker is
+# deployed with (a chroot with its own copy of firecracker, device nodes, a cgroup with
+# memory and pids limits, an unprivileged uid; not its new PID namespace or a network
+# namespace, which hostd's jail has, nor cpu.max, which hostd writes). Each run's jail
+# is made before the timed run (the guest's files linked in) and removed after it.
+jprep() {
+    d=/srv/jailer/firecracker/$1/root; mkdir -p $d
+    for f in $2; do ln -f /kvmtest/$f $d/$f; done
+    cp /kvmtest/$3 $d/fc.json; : > $d/fc.log; chown -R 1000:1000 /srv/jailer/firecracker/$1
+}
+jclean() { rm -rf /srv/jailer/firecracker/$1; rmdir /sys/fs/cgroup/firecracker/$1 2>/dev/null; }
+# The jailer's arguments but its id (then `--` and Firecracker's).
+J="--exec-file /kvmtest/firecracker --uid 1000 --gid 1000 --cgroup-version 2 --cgroup memory.max=201326592 --cgroup pids.max=32"
+F="--no-api --config-file /fc.json --level Error --log-path /fc.log"
 r=0
 while [ $r -lt RUNS ]; do
     r=$((r+1))
@@ -83,6 +104,17 @@ while [ $r -lt RUNS ]; do
     measure $fn-probe "probe: started" "probe: exiting with code" 0 $first run --timings --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
     [ -x $second ] && measure $sn-probe "probe: started" "probe: exiting with code" 0 $second run --timings --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
     [ -x ./firecracker ] && measure fc-probe "probe: started" "probe: exiting with code" 1 ./firecracker --no-api --log-path /tmp/fc.log --config-file fc-probe.json
+    # Without isolation on either side: hostd --no-sandbox against bare Firecracker (above).
+    measure nosb-hello "hello from hostd" "powering off" 0 ./hostd run --no-sandbox --timings hello.img
+    measure nosb-probe "probe: started" "probe: exiting with code" 0 ./hostd run --no-sandbox --timings --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
+    if [ -x ./jailer ]; then
+        jprep h$r "vmlinux initrd" fc-hello-jailed.json
+        measure fcj-hello "hello from hostd" "powering off" 0 ./jailer --id h$r $J -- $F
+        jclean h$r
+        jprep p$r probe fc-probe-jailed.json
+        measure fcj-probe "probe: started" "probe: exiting with code" 1 ./jailer --id p$r $J -- $F
+        jclean p$r
+    fi
 done
 # Where hostd's time before the first KVM_RUN goes (KVM_NESTED_STRACE=1; untimed run):
 # its processes, execs, namespaces, files and KVM ioctls up to the first KVM_RUN.
@@ -93,6 +125,8 @@ if [ -x ./strace ]; then
     grep timings /tmp/strace-run.out | sed 's/^/KVMTRACE-INFO /'
     awk '{ print "KVMTRACE " $0 } /KVM_RUN/ { exit }' /tmp/hostd.strace
 fi
+# KVM_NESTED_LAB=script.sh: an investigation's own commands, after the rounds.
+if [ -f ./lab.sh ]; then sh ./lab.sh 2>&1 | sed 's/^/KVMLAB /'; fi
 "#;
 
 fn fc_config(kernel: &str, initrd: Option<&str>, args: &str) -> String {
@@ -201,6 +235,23 @@ fn main() {
         p.program("base/hostd", &base)
             .program("base/hostd-backend", &base.with_file_name("hostd-backend"));
     }
+    if let Some(lab) = std::env::var_os("KVM_NESTED_LAB") {
+        p.file("lab.sh", Path::new(&lab));
+        // KVM_NESTED_LAB_PROGRAMS=/usr/bin/perf:…: programs (with their libraries) the
+        // lab script runs, in /kvmtest by name.
+        for prog in std::env::var("KVM_NESTED_LAB_PROGRAMS")
+            .unwrap_or_default()
+            .split(':')
+            .filter(|s| !s.is_empty())
+        {
+            let path = Path::new(prog);
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .expect("a program's name");
+            p.program(name, path);
+        }
+    }
     if std::env::var_os("KVM_NESTED_STRACE").is_some() {
         p.program("strace", Path::new("/usr/bin/strace"));
     }
@@ -223,7 +274,35 @@ fn main() {
                 "fc-probe.json",
                 fc_config("/kvmtest/probe", None, "console=ttyS0 probe.exit=0").as_bytes(),
                 0o644,
+            )
+            // The same under the jailer, whose chroot holds them at its root.
+            .bytes(
+                "fc-hello-jailed.json",
+                fc_config(
+                    "/vmlinux",
+                    Some("/initrd"),
+                    "console=ttyS0 reboot=t panic=-1 no_timer_check quiet",
+                )
+                .as_bytes(),
+                0o644,
+            )
+            .bytes(
+                "fc-probe-jailed.json",
+                fc_config("/probe", None, "console=ttyS0 probe.exit=0").as_bytes(),
+                0o644,
             );
+        // Its jailer: FC_JAILER, else `jailer` beside it.
+        let jailer = std::env::var_os("FC_JAILER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| fc.with_file_name("jailer"));
+        if jailer.is_file() {
+            p.file("jailer", &jailer);
+        } else {
+            println!(
+                "no jailer at {}: Firecracker runs without it only",
+                jailer.display()
+            );
+        }
     } else {
         println!("FIRECRACKER not set: hostd's figures only");
     }
@@ -240,7 +319,10 @@ fn main() {
                         .push(ms);
                 }
             }
-        } else if line.starts_with("KVMBENCH-") || line.starts_with("KVMTRACE") {
+        } else if line.starts_with("KVMBENCH-")
+            || line.starts_with("KVMTRACE")
+            || line.starts_with("KVMLAB")
+        {
             println!("{line}");
         }
     }
@@ -269,16 +351,24 @@ fn main() {
         "hostd-hello",
         "base-hello",
         "fc-hello",
+        "nosb-hello",
+        "fcj-hello",
         "hostd-probe",
         "base-probe",
         "fc-probe",
+        "nosb-probe",
+        "fcj-probe",
     ] {
         let (first, done, exit) = (med(name, "first"), med(name, "done"), med(name, "exit"));
         if first.is_none() && done.is_none() {
             continue;
         }
         // Firecracker is killed once the probe asked to exit: its "exit" is ours.
-        let exit = if name == "fc-probe" { None } else { exit };
+        let exit = if name.starts_with("fc") && name.ends_with("-probe") {
+            None
+        } else {
+            exit
+        };
         let fast = fastest(name, "first");
         println!(
             "{name:<14} {:>13} {:>13} {:>10} {:>15}",
@@ -302,6 +392,38 @@ fn main() {
         ("hello_exit", "hostd-hello", "fc-hello", "exit"),
         ("probe_first_output", "hostd-probe", "fc-probe", "first"),
         ("probe_guest_done", "hostd-probe", "fc-probe", "done"),
+        // Both isolated: hostd (jailed, its default) against Firecracker under its jailer.
+        (
+            "jailed_hello_first_output",
+            "hostd-hello",
+            "fcj-hello",
+            "first",
+        ),
+        (
+            "jailed_probe_first_output",
+            "hostd-probe",
+            "fcj-probe",
+            "first",
+        ),
+        (
+            "jailed_probe_guest_done",
+            "hostd-probe",
+            "fcj-probe",
+            "done",
+        ),
+        // Neither isolated: hostd --no-sandbox against bare Firecracker.
+        (
+            "unjailed_hello_first_output",
+            "nosb-hello",
+            "fc-hello",
+            "first",
+        ),
+        (
+            "unjailed_probe_first_output",
+            "nosb-probe",
+            "fc-probe",
+            "first",
+        ),
         (
             "baseline_hello_first_output",
             "base-hello",

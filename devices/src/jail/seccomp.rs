@@ -170,6 +170,35 @@ pub fn install(prog: &BpfProgram) -> Result<(), JailError> {
     seccompiler::apply_filter(prog).map_err(|e| JailError(e.to_string()))
 }
 
+/// Installs `prog` on the calling thread on top of the filter it already has, with the
+/// seccomp(2) call alone: for a thread started by a filtered thread, which inherited its
+/// filter and its no_new_privs (which [`install`] would set again with a `prctl` the
+/// inherited filter may deny). The inherited filter must allow `seccomp`; the thread is
+/// then held by both.
+pub fn install_stacked(prog: &BpfProgram) -> Result<(), JailError> {
+    let fprog = libc::sock_fprog {
+        len: u16::try_from(prog.len()).map_err(|_| JailError("filter too long".into()))?,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: SECCOMP_SET_MODE_FILTER reads `fprog` and the instructions it points to,
+    // which `prog` holds for the duration of the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if r != 0 {
+        return Err(JailError(format!(
+            "seccomp(SECCOMP_SET_MODE_FILTER): {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
 /// Calls a filter must deny, shared by the backends' selftests and the filter tests:
 /// each makes one call and does nothing with its result (the caller expects SIGSYS).
 #[doc(hidden)]

@@ -14,9 +14,9 @@ pub mod snapshot;
 pub mod vcpu;
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use hostd_devices::bus::{Bus, SharedDevice};
 use hostd_devices::marker::{BootMarker, ExitPort, Reports};
 use hostd_devices::serial::{Console, COM1_IRQ, COM1_LEN, COM1_PORT};
 use hostd_devices::virtio::mmio::{cmdline_arg, MmioTransport};
-use hostd_devices::virtio::vhost_user::{forward_interrupts, VhostUserDevice};
+use hostd_devices::virtio::vhost_user::{forward_interrupts, Handshake, VhostUserDevice};
 use hostd_images::abi;
 use kvm_bindings::kvm_pit_config;
 use kvm_ioctls::{Kvm, VmFd};
@@ -92,7 +92,8 @@ fn setup<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Result<T, KvmE
 /// threads.
 const CONTROL_IOCTLS: &[u64] = snapshot::ioctls::VM;
 
-/// The control thread's seccomp filter: waiting (futex, sleeps, poll on its wake eventfd), kicking vCPU threads
+/// The control thread's seccomp filter, which the threads it starts once the guest runs
+/// inherit: waiting (futex, sleeps, poll on its wake eventfd), kicking vCPU threads
 /// (tgkill), writing the console and logs, finishing vhost-user device activation
 /// (sendmsg/recvmsg on the backend sockets it already holds), watching and finally
 /// killing the backend processes (wait4/waitid, kill), tearing down (close, munmap).
@@ -112,6 +113,19 @@ pub fn control_filter() -> Result<BpfProgram, jail::JailError> {
         // Writing a snapshot into the file opened before the jail.
         libc::SYS_pwrite64,
         libc::SYS_fdatasync,
+        // Starting the device threads once the guest runs (`start_device_threads`):
+        // threads only (`clone` with CLONE_THREAD; `clone3` gets ENOSYS), their stacks'
+        // guard pages (`mprotect`, never executable), and what a new thread does before
+        // its code (robust futex list, restartable sequences, its name, the C library's
+        // count of CPUs for its first allocation's arena).
+        libc::SYS_clone,
+        libc::SYS_mprotect,
+        libc::SYS_set_robust_list,
+        libc::SYS_rseq,
+        libc::SYS_prctl,
+        libc::SYS_sched_getaffinity,
+        // A forwarder's own filter on top of this one (`jail::install_stacked`).
+        libc::SYS_seccomp,
     ]);
     let mut ioctls = CONTROL_IOCTLS.to_vec();
     // The PIT thread (pit_reinjection_off).
@@ -143,29 +157,65 @@ struct ReinjectControl {
 /// missed while the guest had the previous one pending are dropped instead of delivered
 /// later, as QEMU's `lost_tick_policy=discard` does. Linux uses the PIT only until its
 /// local APIC timer runs (and to calibrate where it must).
-fn pit_reinjection_off(vm: &VmFd, filter: Option<Arc<BpfProgram>>) -> Result<(), KvmError> {
-    // The thread holds a duplicate of the VM's fd: the VM's file stays open until the
-    // ioctl is done, whenever the run ends.
-    // SAFETY: the VM's fd is open for as long as `vm` is borrowed.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(vm.as_raw_fd()) }
-        .try_clone_to_owned()
-        .map_err(|e| KvmError::Setup(format!("duplicating the VM's fd: {e}")))?;
-    spawn_filtered("pit", filter, move || {
+fn pit_reinjection_off(vm: OwnedFd) -> Result<(), KvmError> {
+    spawn_filtered("pit", None, move || {
         let off = ReinjectControl {
             pit_reinject: 0,
             reserved: [0; 31],
         };
         // SAFETY: KVM_REINJECT_CONTROL reads one kvm_reinject_control, which `off` is
-        // and outlives the call; `fd` is the VM's.
-        let r = unsafe { libc::ioctl(fd.as_raw_fd(), KVM_REINJECT_CONTROL as _, &off) };
+        // and outlives the call; `vm` is the VM's fd.
+        let r = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_REINJECT_CONTROL as _, &off) };
         if r != 0 {
             tracing::debug!("KVM_REINJECT_CONTROL: {}", std::io::Error::last_os_error());
         }
     })
 }
 
-/// Starts a thread named `name` that installs `filter` (a jailed VM's) and runs `body`.
-/// If the filter cannot be installed, the error is logged and `body` never runs.
+/// A duplicate of the VM's fd for [`pit_reinjection_off`]'s thread: the VM's file stays
+/// open until its ioctl is done, whenever the run ends.
+fn vm_fd_for_pit(vm: &VmFd) -> Result<OwnedFd, KvmError> {
+    // SAFETY: the VM's fd is open for as long as `vm` is borrowed.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(vm.as_raw_fd()) }
+        .try_clone_to_owned()
+        .map_err(|e| KvmError::Setup(format!("duplicating the VM's fd: {e}")))
+}
+
+/// One device queue's interrupt forwarding: the backend's "used buffers" eventfd, the
+/// transport's interrupt status, the guest interrupt.
+type Forwarder = (
+    Arc<EventFd>,
+    Arc<AtomicU32>,
+    Arc<dyn hostd_devices::Interrupt>,
+);
+
+/// Starts each device's handshake thread and one interrupt forwarder per device queue,
+/// which turns the backend's "used buffers" signal into the transport's interrupt
+/// status and the guest interrupt. Called once this thread has its filter (if jailed),
+/// which they inherit; a forwarder adds `forwarder`'s (read and write eventfds,
+/// futexes) on top.
+fn start_device_threads(
+    handshakes: Vec<Handshake>,
+    forwarders: Vec<Forwarder>,
+    forwarder: Option<Arc<BpfProgram>>,
+) -> Result<(), KvmError> {
+    for handshake in handshakes {
+        std::thread::Builder::new()
+            .name("vhost-user-hello".into())
+            .spawn(move || handshake.run())
+            .map_err(|e| KvmError::Setup(format!("handshake thread: {e}")))?;
+    }
+    for (call, status, irq) in forwarders {
+        spawn_filtered("irq-forward", forwarder.clone(), move || {
+            forward_interrupts(call, status, irq)
+        })?;
+    }
+    Ok(())
+}
+
+/// Starts a thread named `name` that adds `filter` to the one it inherits from the
+/// control thread (started once that has its own) and runs `body`. If the filter cannot
+/// be installed, the error is logged and `body` never runs.
 fn spawn_filtered(
     name: &'static str,
     filter: Option<Arc<BpfProgram>>,
@@ -174,7 +224,7 @@ fn spawn_filtered(
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            if let Some(Err(e)) = filter.map(|p| jail::install(&p)) {
+            if let Some(Err(e)) = filter.map(|p| jail::install_stacked(&p)) {
                 tracing::error!("{name} thread: {e}");
                 return;
             }
@@ -537,6 +587,17 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         );
     }
     if cfg.sandbox {
+        // glibc gives a new thread a malloc arena of its own, and the first time such an
+        // arena shrinks it opens /proc/sys/vm/overcommit_memory, which no thread's
+        // filter allows (seen: an interrupt forwarder, started once the guest runs,
+        // died with SIGSYS on openat). One arena for every thread never does; this
+        // process's threads allocate little once the guest runs. The backends do the
+        // same (hostd_devices::vhost_user).
+        // SAFETY: mallopt only sets an allocator parameter.
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1)
+        };
         // No core dumps (guest memory is also MADV_DONTDUMP) and no ptrace by the same uid.
         jail::not_dumpable()?;
     }
@@ -901,9 +962,14 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         jail::enter_vmm(threads, mem_size)?;
         crate::phase("jailed");
     }
-    // The vCPUs first: each new thread takes a few ms to start in the nested test host
-    // (its first code, its filter), and the guest needs only them; the handshakes wait
-    // for the backends anyway, the forwarders for the devices' activation.
+    // The vCPUs first, then the guest runs; every other thread starts while it boots.
+    // A thread takes a few ms to start in the nested test host (its first code, its
+    // filter), and the guest needs only the vCPUs: the handshakes wait for the backends
+    // anyway, the forwarders for the devices' activation (a backend's signal waits in
+    // its eventfd until a forwarder reads it), the PIT's for nothing. No guest code runs
+    // before every thread of the VMM has its filter: the vCPUs install theirs before the
+    // start barrier, this thread its own (the control filter) before it lets them go, and
+    // the threads it starts after that inherit it (a forwarder adds its own on top).
     let mut threads = Vec::new();
     for (id, fd) in vcpus.into_iter().enumerate() {
         let shared = shared.clone();
@@ -914,31 +980,19 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
             .map_err(|e| KvmError::Setup(format!("vCPU thread: {e}")))?;
         threads.push(handle);
     }
-    for handshake in handshakes {
-        let prog = control_prog.clone();
-        std::thread::Builder::new()
-            .name("vhost-user-hello".into())
-            .spawn(move || match prog.map(|p| jail::install(&p)) {
-                Some(Err(e)) => handshake.fail(format!("handshake thread: {e}")),
-                _ => handshake.run(),
-            })
-            .map_err(|e| KvmError::Setup(format!("handshake thread: {e}")))?;
-    }
-    // One thread per device queue turns the backend's "used buffers" signal into the
-    // transport's interrupt status and the guest interrupt. Its filter: read and write
-    // eventfds, futexes.
-    let forwarder_prog = filters.as_ref().map(|f| f.forwarder.clone());
-    for (call, status, irq) in forwarders {
-        spawn_filtered("irq-forward", forwarder_prog.clone(), move || {
-            forward_interrupts(call, status, irq)
-        })?;
-    }
-    pit_reinjection_off(&vm, control_prog.clone())?;
-    crate::phase("threads");
+    // Duplicated while fcntl is still allowed: the PIT thread holds the VM's file open.
+    let pit_vm = vm_fd_for_pit(&vm)?;
     if let Some(Err(e)) = control_prog.as_deref().map(jail::install) {
         shared.stop_with(StopReason::Error(format!("control thread: {e}")));
     }
+    crate::phase("vCPU threads");
     shared.start.wait();
+    let started = start_device_threads(handshakes, forwarders, filters.map(|f| f.forwarder))
+        .and_then(|()| pit_reinjection_off(pit_vm));
+    if let Err(e) = started {
+        shared.stop_with(StopReason::Error(e.to_string()));
+    }
+    crate::phase("threads");
 
     // Control loop. Between passes it sleeps until an event (`wake`, a signal, a
     // backend's end) or the nearest deadline, computed at the end of each pass.
