@@ -110,6 +110,51 @@ fn sleep_briefly() {
     std::thread::sleep(std::time::Duration::from_millis(1));
 }
 
+/// A thread started under the filter (and inheriting it) that adds an interrupt
+/// forwarder's filter on top, then does only what a forwarder does: exits 0.
+fn stacked_forwarder() {
+    forwarder_thread(|| {});
+}
+
+/// The same thread, then sleeping: the control filter allows that, the forwarder's
+/// does not, and the stack holds the thread to both.
+fn stacked_forwarder_sleeps() {
+    forwarder_thread(sleep_briefly);
+}
+
+fn forwarder_thread(then: fn()) {
+    let ok = std::thread::spawn(move || {
+        let prog = jail::filter(jail::COMMON_SYSCALLS, &[]).unwrap_or_else(|e| panic!("{e}"));
+        jail::install_stacked(&prog).is_ok() && {
+            then();
+            true
+        }
+    })
+    .join()
+    .unwrap_or(false);
+    if !ok {
+        // SAFETY: _exit is always sound.
+        unsafe { libc::_exit(3) };
+    }
+}
+
+#[test]
+fn the_control_filter_starts_threads_that_can_only_narrow_it() {
+    // The device threads start under it once the guest runs (kvm::start_device_threads).
+    let prog = control_filter().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(child_status(&prog, spawn_thread), Ok(0));
+    assert_eq!(child_status(&prog, stacked_forwarder), Ok(0));
+    assert_eq!(
+        child_killed_by(&prog, stacked_forwarder_sleeps),
+        Some(libc::SIGSYS)
+    );
+    // Threads only: no process, no executable memory, no other prctl.
+    assert_eq!(child_killed_by(&prog, new_process), Some(libc::SIGSYS));
+    assert_eq!(child_killed_by(&prog, mmap_exec), Some(libc::SIGSYS));
+    assert_eq!(child_killed_by(&prog, mprotect_exec), Some(libc::SIGSYS));
+    assert_eq!(child_killed_by(&prog, prctl_dumpable), Some(libc::SIGSYS));
+}
+
 #[test]
 fn control_filter_denies_files_ioctls_and_exec() {
     let prog = control_filter().unwrap_or_else(|e| panic!("{e}"));
