@@ -1,6 +1,14 @@
 //! `hostd`: `hostd run` and the device backends here; every other subcommand is handed
-//! to `hostd-full` (src/lib.rs).
+//! to `hostd-full` (src/lib.rs). Started without the standard library's runtime set-up
+//! (vm_start.rs says why).
+#![no_main]
 
-fn main() {
+#[path = "vm_start.rs"]
+mod vm_start;
+
+#[no_mangle]
+extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
+    vm_start::init();
     hostd::main::<false>();
+    0
 }

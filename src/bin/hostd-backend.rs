@@ -6,11 +6,15 @@
 //! private memory per backend with the debug build) and the mapping of a 400 MB file;
 //! this binary links only the device backends, so each backend pays a fraction of it.
 //! Same arguments, same jail: the code is `hostd backend`'s (src/backend_cmd.rs).
+//! Started without the standard library's runtime set-up (src/vm_start.rs says why).
+#![no_main]
 
 #[path = "../backend_cmd.rs"]
 mod backend_cmd;
 #[path = "../vm_log.rs"]
 mod vm_log;
+#[path = "../vm_start.rs"]
+mod vm_start;
 
 use clap::{Parser, Subcommand};
 
@@ -33,7 +37,9 @@ enum Command {
     },
 }
 
-fn main() {
+#[no_mangle]
+extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
+    vm_start::init();
     vm_log::init();
     // `hostd run`'s command lines without clap (backend_cmd::quick_args says why); clap
     // for anything else, and for help and errors.

@@ -1,0 +1,50 @@
+//! The process start of `hostd` and `hostd-backend` without the standard library's
+//! runtime set-up (`#![no_main]`): these two start every VM (`hostd run`, the VM's
+//! process, each device backend), where each start is paid once per process.
+//!
+//! Before `main`, the runtime finds the main thread's stack for its stack-overflow
+//! handler: glibc's `pthread_getattr_np` reads /proc/self/maps line by line with
+//! `sscanf`, and every thread then gets an alternate signal stack (three system calls to
+//! make, two to remove). In the nested test host, where a process's code runs emulated
+//! the first time, that was ~3 ms of each start (perf, `hostd run --kernel /nonexistent`,
+//! docs/startup.md). Without it a stack overflow still ends the process (SIGSEGV on the
+//! guard page), only without the "has overflowed its stack" line.
+//!
+//! What of that runtime these programs rely on is done here: the standard fds open (a
+//! closed one would be taken by the next file opened, and output meant for the terminal
+//! would go into it) and SIGPIPE ignored (a write to a closed pipe is an error, not
+//! death). Arguments and environment need nothing: with glibc the standard library
+//! reads them in an `.init_array` function, which runs for `#![no_main]` programs too.
+
+/// Call first thing in `main`.
+pub fn init() {
+    let mut fds = [0, 1, 2].map(|fd| libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    });
+    let polled = loop {
+        // SAFETY: poll reads and writes the three pollfds it is given, which live here.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, 0) };
+        if r != -1 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break r != -1;
+        }
+    };
+    for p in fds {
+        let closed = if polled {
+            p.revents & libc::POLLNVAL != 0
+        } else {
+            // SAFETY: fcntl(F_GETFD) only asks about the fd.
+            let flags = unsafe { libc::fcntl(p.fd, libc::F_GETFD) };
+            flags == -1
+        };
+        // SAFETY: a NUL-terminated path; the lowest free fd is the closed one.
+        if closed && unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) } != p.fd {
+            // SAFETY: abort is always sound; a process without its standard fds and no
+            // /dev/null to put there cannot report anything.
+            unsafe { libc::abort() };
+        }
+    }
+    // SAFETY: setting a signal's disposition to SIG_IGN.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
