@@ -24,11 +24,16 @@ pub fn kvm_kind() -> KvmKind {
         .is_ok();
     if !usable {
         KvmKind::Absent
-    } else if Path::new("/sys/module/kvm_pvm").exists() {
+    } else if pvm_loaded() {
         KvmKind::Pvm
     } else {
         KvmKind::Hardware
     }
+}
+
+/// Whether this host's KVM is the PVM module (given that /dev/kvm is usable).
+pub fn pvm_loaded() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
 }
 
 /// Reads a small file the kernel generates (/proc, /sys, a cgroup's files) a page at a

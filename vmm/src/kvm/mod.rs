@@ -33,7 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::backends::{DeviceBackend, RunningBackends};
 use crate::boot::{Outcome, Timings};
-use crate::host::{kvm_kind, KvmKind};
+use crate::host::KvmKind;
 use crate::jail;
 use crate::layout;
 pub use cpuid::CpuTemplate;
@@ -436,10 +436,10 @@ fn console_tick(console: &Mutex<Console<StdoutWriter>>) -> (Option<Duration>, u6
     (wait, out.transmitted)
 }
 
-/// What [`create_vm`] makes: the VM, the seccomp filters of the VMM's threads (without
-/// a sandbox, none) and what KVM supports in CPUID.
+/// What [`create_vm`] makes: the VM, what KVM supports in CPUID and perhaps the filters.
 struct Created {
     vm: VmFd,
+    /// The seccomp filters when this thread compiled them ([`FilterClaim`]).
     filters: Option<Filters>,
     /// What KVM supports in CPUID (cached per boot, `cpuid_cache`).
     cpuid: kvm_bindings::CpuId,
@@ -459,19 +459,44 @@ struct Filters {
 /// into the VM's own (`jail::runtime_dir`), which has a private /run/hostd. The irqchip
 /// and the PIT come after the guest memory's slot, on the main thread: made first, they
 /// made registering the slot wait 5 ms on this host.
-fn create_vm(kvm: &Kvm, sandbox: bool) -> Result<Created, KvmError> {
+fn create_vm(kvm: &Kvm, filters: &FilterClaim) -> Result<Created, KvmError> {
     let vm: VmFd = setup("KVM_CREATE_VM", kvm.create_vm())?;
-    let filters = if sandbox {
-        Some(Filters {
-            control: Arc::new(control_filter()?),
-            vcpu: Arc::new(vcpu::vcpu_filter()?),
-            forwarder: Arc::new(jail::filter(jail::COMMON_SYSCALLS, &[])?),
-        })
-    } else {
-        None
-    };
     let cpuid = cpuid_cache::supported(kvm).map_err(KvmError::Setup)?;
-    Ok(Created { vm, filters, cpuid })
+    let filters = filters.compile_if_first()?;
+    Ok(Created { vm, cpuid, filters })
+}
+
+/// The seccomp filters are compiled by whichever of the two set-up threads of the VM's
+/// process is free first: the VM-creating thread once KVM_CREATE_VM returns (KVM waits
+/// there for its worker thread to start and join this process's cgroups, 17-30 ms in
+/// the nested test host), or the main thread once the kernel is loaded. Which of the two
+/// is longer varies from boot to boot there; the other would only wait.
+struct FilterClaim {
+    sandbox: bool,
+    claimed: std::sync::atomic::AtomicBool,
+}
+
+impl FilterClaim {
+    /// The filters when this thread is the first to ask (None when the other compiles
+    /// them, or without the sandbox).
+    fn compile_if_first(&self) -> Result<Option<Filters>, KvmError> {
+        if !self.sandbox || self.claimed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(None);
+        }
+        compile_filters(true)
+    }
+}
+
+/// The VM process's three seccomp filters, compiled (with the sandbox).
+fn compile_filters(sandbox: bool) -> Result<Option<Filters>, KvmError> {
+    if !sandbox {
+        return Ok(None);
+    }
+    Ok(Some(Filters {
+        control: Arc::new(control_filter()?),
+        vcpu: Arc::new(vcpu::vcpu_filter()?),
+        forwarder: Arc::new(jail::filter(jail::COMMON_SYSCALLS, &[])?),
+    }))
 }
 
 /// Boots `cfg` and runs it to the end. With the sandbox (the default), the VMM runs in
@@ -564,12 +589,19 @@ struct VmSnapshot {
 }
 
 fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError> {
-    let kind = kvm_kind();
-    if kind == KvmKind::Absent {
+    // /dev/kvm opened once, first (before the backends' socket directory gives this
+    // process a mount namespace of its own, so it is named as on the host).
+    let Ok(kvm) = Kvm::new() else {
         return Err(KvmError::Setup(
             "/dev/kvm is missing or not accessible (use --vmm qemu)".into(),
         ));
-    }
+    };
+    crate::phase("/dev/kvm");
+    let kind = if crate::host::pvm_loaded() {
+        KvmKind::Pvm
+    } else {
+        KvmKind::Hardware
+    };
     let template = cfg.template.unwrap_or(if kind == KvmKind::Pvm {
         CpuTemplate::Pvm
     } else {
@@ -601,99 +633,102 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         // No core dumps (guest memory is also MADV_DONTDUMP) and no ptrace by the same uid.
         jail::not_dumpable()?;
     }
-    // Opened before the backends' socket directory gives this process a mount namespace
-    // of its own, so that /dev/kvm is named as on the host.
-    let kvm = setup("open /dev/kvm", Kvm::new())?;
-    crate::phase("/dev/kvm");
-    // Device backends next: each execs and jails itself (milliseconds) while this
-    // process sets the VM up and loads the kernel; the devices connect after that.
-    let exe =
-        std::env::current_exe().map_err(|e| KvmError::Setup(format!("own executable: {e}")))?;
-    // The VM itself is made on a thread of its own meanwhile (`create_vm`): KVM waits
-    // in KVM_CREATE_VM for kthreadd to create the VM's worker thread, 16-26 ms idle in
-    // the nested test host (docs/startup.md), and the seccomp filters are compiled
-    // there too. This thread makes the backends' network namespace, starts them, maps
-    // guest memory and loads the kernel. The helper has ended before anything else
-    // happens to this process (its jail needs it single-threaded).
+    // The VM itself is made on a thread of its own (`create_vm`), started first: KVM
+    // waits in KVM_CREATE_VM for kthreadd to create the VM's worker thread and for that
+    // worker to join this process's cgroups, 17-23 ms idle in the nested test host
+    // (docs/startup.md). This thread makes the backends' network namespace, starts them,
+    // maps guest memory and loads the kernel meanwhile; the seccomp filters are compiled
+    // by whichever of the two is free first ([`FilterClaim`]). The helper has ended before anything
+    // else happens to this process (its jail needs it single-threaded).
     let mem_size = u64::from(cfg.memory_mib) << 20;
-    let sandbox = cfg.sandbox;
-    let (created, mut backends, mem, restore, snap_out, loaded) = std::thread::scope(|scope| {
-        let create = std::thread::Builder::new()
-            .name("kvm-create-vm".into())
-            .spawn_scoped(scope, || create_vm(&kvm, sandbox))
-            .map_err(|e| KvmError::Setup(format!("KVM_CREATE_VM thread: {e}")))?;
-        // One empty network namespace for this process and its backends (but net's);
-        // entered by this thread only, whose later threads inherit it.
-        let host_net = if cfg.sandbox {
-            jail::empty_netns_for_backends()?
-        } else {
-            None
-        };
-        crate::phase("netns");
-        let backends = RunningBackends::spawn(
-            &exe,
-            &cfg.devices,
-            cfg.sandbox,
-            cfg.memory_mib,
-            host_net.as_ref(),
-        )
-        .map_err(|e| KvmError::Setup(e.to_string()))?;
-        drop(host_net);
-        crate::phase("backends spawned");
-        let mut mem = setup("guest memory", memory::create(mem_size))?;
-        let (restore, snap_out) = match snap {
-            Some(s) => {
-                let t = Instant::now();
-                let restore = match s.saved.map(|saved| {
-                    snapshot::load_memory(&saved, &mem)
-                        .map_err(|e| (saved.path.clone(), e))
-                        .map(|()| saved.state)
-                }) {
-                    Some(Ok(state)) => {
-                        tracing::info!(
-                            "snapshot memory read in {:.1} ms",
-                            t.elapsed().as_secs_f64() * 1e3
-                        );
-                        Some(state)
-                    }
-                    Some(Err((path, e))) => {
-                        snapshot::warn_unusable(&path, &e);
-                        mem = setup("guest memory", memory::create(mem_size))?;
+    let claim = FilterClaim {
+        sandbox: cfg.sandbox,
+        claimed: Default::default(),
+    };
+    let (created, filters, mut backends, mem, restore, snap_out, loaded) =
+        std::thread::scope(|scope| {
+            let create = std::thread::Builder::new()
+                .name("kvm-create-vm".into())
+                .spawn_scoped(scope, || create_vm(&kvm, &claim))
+                .map_err(|e| KvmError::Setup(format!("KVM_CREATE_VM thread: {e}")))?;
+            // Device backends next: each execs and jails itself (milliseconds) while this
+            // process sets the VM up and loads the kernel; the devices connect after that.
+            let exe = std::env::current_exe()
+                .map_err(|e| KvmError::Setup(format!("own executable: {e}")))?;
+            // One empty network namespace for this process and its backends (but net's);
+            // entered by this thread only, whose later threads inherit it.
+            let host_net = if cfg.sandbox {
+                jail::empty_netns_for_backends()?
+            } else {
+                None
+            };
+            crate::phase("netns");
+            let backends = RunningBackends::spawn(
+                &exe,
+                &cfg.devices,
+                cfg.sandbox,
+                cfg.memory_mib,
+                host_net.as_ref(),
+            )
+            .map_err(|e| KvmError::Setup(e.to_string()))?;
+            drop(host_net);
+            crate::phase("backends spawned");
+            let mut mem = setup("guest memory", memory::create(mem_size))?;
+            let (restore, snap_out) = match snap {
+                Some(s) => {
+                    let t = Instant::now();
+                    let restore = match s.saved.map(|saved| {
+                        snapshot::load_memory(&saved, &mem)
+                            .map_err(|e| (saved.path.clone(), e))
+                            .map(|()| saved.state)
+                    }) {
+                        Some(Ok(state)) => {
+                            tracing::info!(
+                                "snapshot memory read in {:.1} ms",
+                                t.elapsed().as_secs_f64() * 1e3
+                            );
+                            Some(state)
+                        }
+                        Some(Err((path, e))) => {
+                            snapshot::warn_unusable(&path, &e);
+                            mem = setup("guest memory", memory::create(mem_size))?;
+                            None
+                        }
+                        None => None,
+                    };
+                    // A restored VM takes no new snapshot.
+                    let out = if restore.is_none() {
+                        s.out.map(|f| (f, s.key))
+                    } else {
                         None
-                    }
-                    None => None,
-                };
-                // A restored VM takes no new snapshot.
-                let out = if restore.is_none() {
-                    s.out.map(|f| (f, s.key))
-                } else {
-                    None
-                };
-                (restore, out)
-            }
-            None => (None, None),
-        };
-        // The kernel and initrd go into guest memory now, while the device backends exec
-        // and jail themselves (the connections below wait for them); the command line
-        // and the boot tables follow once the devices are known. A restored VM's memory
-        // holds its kernel already.
-        let loaded = match &restore {
-            Some(_) => None,
-            None => Some(boot::load_payloads(
-                &mem,
-                mem_size,
-                &cfg.kernel,
-                cfg.initrd.as_ref(),
-            )?),
-        };
-        crate::phase("memory+kernel");
-        let created = create
-            .join()
-            .map_err(|_| KvmError::Setup("KVM_CREATE_VM: its thread panicked".into()))??;
-        crate::phase("KVM_CREATE_VM");
-        Ok::<_, KvmError>((created, backends, mem, restore, snap_out, loaded))
-    })?;
-    let Created { vm, filters, cpuid } = created;
+                    };
+                    (restore, out)
+                }
+                None => (None, None),
+            };
+            // The kernel and initrd go into guest memory now, while the device backends exec
+            // and jail themselves (the connections below wait for them); the command line
+            // and the boot tables follow once the devices are known. A restored VM's memory
+            // holds its kernel already.
+            let loaded = match &restore {
+                Some(_) => None,
+                None => Some(boot::load_payloads(
+                    &mem,
+                    mem_size,
+                    &cfg.kernel,
+                    cfg.initrd.as_ref(),
+                )?),
+            };
+            crate::phase("memory+kernel");
+            let mine = claim.compile_if_first()?;
+            let mut created = create
+                .join()
+                .map_err(|_| KvmError::Setup("KVM_CREATE_VM: its thread panicked".into()))??;
+            let filters = mine.or_else(|| created.filters.take());
+            crate::phase("KVM_CREATE_VM");
+            Ok::<_, KvmError>((created, filters, backends, mem, restore, snap_out, loaded))
+        })?;
+    let Created { vm, cpuid, .. } = created;
     // Guest memory before the irqchip and the PIT: registered after them, the memory
     // slot's change waited 5 ms on this host (a build that made them on the thread).
     setup("guest memory", memory::register(&vm, &mem))?;
