@@ -483,20 +483,13 @@ impl FilterClaim {
         if !self.sandbox || self.claimed.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Ok(None);
         }
-        compile_filters(true)
+        // The VM process's three seccomp filters.
+        Ok(Some(Filters {
+            control: Arc::new(control_filter()?),
+            vcpu: Arc::new(vcpu::vcpu_filter()?),
+            forwarder: Arc::new(jail::filter(jail::COMMON_SYSCALLS, &[])?),
+        }))
     }
-}
-
-/// The VM process's three seccomp filters, compiled (with the sandbox).
-fn compile_filters(sandbox: bool) -> Result<Option<Filters>, KvmError> {
-    if !sandbox {
-        return Ok(None);
-    }
-    Ok(Some(Filters {
-        control: Arc::new(control_filter()?),
-        vcpu: Arc::new(vcpu::vcpu_filter()?),
-        forwarder: Arc::new(jail::filter(jail::COMMON_SYSCALLS, &[])?),
-    }))
 }
 
 /// Boots `cfg` and runs it to the end. With the sandbox (the default), the VMM runs in
