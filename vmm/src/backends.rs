@@ -200,6 +200,9 @@ pub struct RunningBackends {
     exit_fds: Vec<Option<std::os::fd::OwnedFd>>,
     /// Name, socket, and the QEMU arguments attaching it.
     devices: Vec<(String, PathBuf, Vec<String>)>,
+    /// The write end of the pipe the forked backends wait on before their exec, until
+    /// [`RunningBackends::release`] closes it.
+    gate: Option<std::os::fd::OwnedFd>,
 }
 
 /// The device backends' own small program, looked for next to `hostd`.
@@ -229,6 +232,7 @@ impl RunningBackends {
         host_net: Option<&std::os::fd::OwnedFd>,
     ) -> Result<Self, BackendsError> {
         let mut running = Self::spawn(exe, backends, sandbox, memory_mib, host_net)?;
+        running.release();
         running.ensure_alive()?;
         Ok(running)
     }
@@ -260,11 +264,29 @@ impl RunningBackends {
                 name: "all".into(),
                 message: format!("cannot create a socket directory: {e}"),
             })?;
+        // The backends are forked here and wait before their exec (`Spawn::gate`) until
+        // `release`: their exec and start, tens of ms of CPU each in the nested test host,
+        // would otherwise compete with the VM's set-up for the CPUs, while nothing needs
+        // them before the guest's drivers do (their sockets listen already).
+        let mut gate = [0; 2];
+        // SAFETY: a valid array of two ints.
+        if unsafe { libc::pipe2(gate.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(BackendsError::Start {
+                name: "all".into(),
+                message: format!("pipe2: {}", std::io::Error::last_os_error()),
+            });
+        }
+        use std::os::fd::{FromRawFd, OwnedFd};
+        // SAFETY: a fresh fd that nothing else owns.
+        let gate_read = unsafe { OwnedFd::from_raw_fd(gate[0]) };
+        // SAFETY: as above.
+        let gate_write = unsafe { OwnedFd::from_raw_fd(gate[1]) };
         let mut running = RunningBackends {
             dir: Some(dir),
             children: Vec::new(),
             exit_fds: Vec::new(),
             devices: Vec::new(),
+            gate: None,
         };
         let exe = backend_exe(exe);
         for (slot, b) in backends.iter().enumerate() {
@@ -315,6 +337,10 @@ impl RunningBackends {
             let mut spawn =
                 crate::spawn::Spawn::new(&exe, &args, crate::jail::LOG_ENV).map_err(start_error)?;
             spawn.keep_fd(listen_fd);
+            spawn.gate(
+                std::os::fd::AsRawFd::as_raw_fd(&gate_read),
+                std::os::fd::AsRawFd::as_raw_fd(&gate_write),
+            );
             if let Some(fd) = to_host_net {
                 spawn.netns(fd);
             }
@@ -327,7 +353,15 @@ impl RunningBackends {
             let args = b.qemu_device_args(running.devices.len(), &socket);
             running.devices.push((name, socket, args));
         }
+        running.gate = Some(gate_write);
         Ok(running)
+    }
+
+    /// Lets the backends [`RunningBackends::spawn`] forked exec (closes the pipe they
+    /// wait on). The built-in VMM calls it once its guest runs; until then their sockets
+    /// listen, and a connection waits in the backlog.
+    pub fn release(&mut self) {
+        self.gate = None;
     }
 
     /// Checks that no backend [`RunningBackends::spawn`] started has died yet. There is

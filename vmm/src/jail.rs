@@ -199,24 +199,47 @@ pub fn empty_netns_for_backends() -> Result<Option<std::os::fd::OwnedFd>, JailEr
     Ok(Some(host.into()))
 }
 
-/// Jails the built-in VMM's process once its devices are connected and before any of
-/// its threads exist: new mount (an empty, read-only root), IPC, UTS and network
+/// The built-in VMM's jail, taken in two steps once its devices are connected:
+/// [`enter_vmm_files`] (new mount (an empty, read-only root), IPC, UTS and network
 /// namespaces (the network one already entered when [`empty_netns_for_backends`] ran),
-/// Landlock, RLIMIT_AS of `guest_bytes` plus [`VMM_OVERHEAD_BYTES`],
-/// RLIMIT_NPROC of `threads`, not dumpable, no capabilities, and the VM's slot-0 uid.
-/// Without root (no supervisor either), only the capabilities are dropped.
-pub fn enter_vmm(threads: u64, guest_bytes: u64) -> Result<(), JailError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return drop_capabilities();
-    }
-    hostd_devices::jail::enter(&hostd_devices::jail::JailOptions {
+/// Landlock, RLIMIT_AS of the guest's memory plus [`VMM_OVERHEAD_BYTES`], RLIMIT_NPROC)
+/// while its VM-creating thread may still be at work, then [`enter_vmm_identity`] (not
+/// dumpable, no capabilities, the VM's slot-0 uid) once it is alone, before any other
+/// of its threads exist. Without root (no supervisor either), only the capabilities
+/// are dropped.
+///
+/// The options of both steps.
+fn vmm_jail(threads: u64, guest_bytes: u64) -> hostd_devices::jail::JailOptions {
+    hostd_devices::jail::JailOptions {
         keep_net: OWN_NETNS.load(std::sync::atomic::Ordering::SeqCst),
         id: Some(vm_jail_id(0)),
         parent: None,
         max_address_space: Some(guest_bytes.saturating_add(VMM_OVERHEAD_BYTES)),
         max_threads: Some(threads),
-    })?;
+    }
+}
+
+/// The first step of the VMM's jail (namespaces, empty root, Landlock, rlimits), for the
+/// calling thread: it may run while another thread of the process is still at work
+/// (`hostd_devices::jail::enter_filesystem`). Nothing without root.
+pub fn enter_vmm_files(threads: u64, guest_bytes: u64) -> Result<(), JailError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    hostd_devices::jail::enter_filesystem(&vmm_jail(threads, guest_bytes))
+}
+
+/// The second step of the VMM's jail (not dumpable, no capabilities, the VM's uid),
+/// once the calling thread is the process's only one. Without root, only the
+/// capabilities are dropped.
+pub fn enter_vmm_identity() -> Result<(), JailError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return drop_capabilities();
+    }
+    // The uid and the parent are all the identity step reads of the options.
+    hostd_devices::jail::enter_identity(&vmm_jail(0, 0))?;
     // The uid change cleared the parent-death request.
     supervisor::die_with_hostd()
 }

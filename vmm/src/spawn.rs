@@ -29,6 +29,9 @@ pub struct Spawn {
     keep_fd: Option<RawFd>,
     /// A network namespace to enter before the exec.
     netns: Option<RawFd>,
+    /// A pipe (read end, write end) whose read the child waits on, just before its
+    /// exec, until the parent writes to it or closes it ([`Spawn::gate`]).
+    gate: Option<(RawFd, RawFd)>,
 }
 
 fn c(s: &OsStr) -> io::Result<CString> {
@@ -63,6 +66,7 @@ impl Spawn {
             envp,
             keep_fd: None,
             netns: None,
+            gate: None,
         })
     }
 
@@ -75,6 +79,15 @@ impl Spawn {
     /// The child enters the network namespace `fd` before it execs.
     pub fn netns(&mut self, fd: RawFd) -> &mut Spawn {
         self.netns = Some(fd);
+        self
+    }
+
+    /// The child execs only once the write end `write` of the pipe whose read end is
+    /// `read` is closed everywhere (the child closes its copy) or written to: forked
+    /// early, the child waits for its exec (the bulk of a start's work) until its parent
+    /// lets it go. Both ends should be close-on-exec.
+    pub fn gate(&mut self, read: RawFd, write: RawFd) -> &mut Spawn {
+        self.gate = Some((read, write));
         self
     }
 
@@ -166,6 +179,18 @@ impl Spawn {
             // SAFETY: setns on an fd number has no memory effects.
             if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
                 return errno();
+            }
+        }
+        if let Some((read, write)) = self.gate {
+            // SAFETY: close and read on fd numbers, into a local byte.
+            unsafe { libc::close(write) };
+            let mut b = 0u8;
+            loop {
+                // SAFETY: as above.
+                let n = unsafe { libc::read(read, (&mut b as *mut u8).cast(), 1) };
+                if n >= 0 || errno() != libc::EINTR {
+                    break;
+                }
             }
         }
         // SAFETY: argv and envp are NULL-terminated arrays of NUL-terminated strings that

@@ -46,9 +46,26 @@ pub struct JailOptions {
 /// `opts.id` — an unprivileged uid and gid of its own. The seccomp filter comes last and
 /// separately (see [`seccomp::install`]), once the backend has set up what it needs.
 pub fn enter(opts: &JailOptions) -> Result<(), JailError> {
+    enter_filesystem(opts)?;
+    enter_identity(opts)
+}
+
+/// The first half of [`enter`]: the namespaces and the empty root, Landlock and the
+/// rlimits. These act on the calling thread (the rlimits on the process), so a process
+/// may take them while another of its threads still works where it was: the built-in
+/// VMM does, while its VM-creating thread finishes (that thread ends before any guest
+/// code runs, and threads started later inherit the caller's). [`enter_identity`] must
+/// follow once the caller is the process's only thread.
+pub fn enter_filesystem(opts: &JailOptions) -> Result<(), JailError> {
     namespaces::enter_empty_root(opts.keep_net)?;
     landlock::deny_all_filesystem_access();
-    limit_resources(opts)?;
+    limit_resources(opts)
+}
+
+/// The second half of [`enter`]: not dumpable, no capabilities, the unprivileged uid
+/// and gid, the parent-death request again. Call with one thread (the uid change and
+/// the capability sets are per thread).
+pub fn enter_identity(opts: &JailOptions) -> Result<(), JailError> {
     identity::not_dumpable()?;
     caps::drop_bounding_set();
     if let Some(id) = opts.id {

@@ -85,15 +85,10 @@ pub fn die_with_hostd() -> Result<(), JailError> {
     Ok(())
 }
 
+/// This process's threads: the entries of /proc/self/task (a directory listing, which
+/// the kernel makes more cheaply than the text of /proc/self/status).
 fn threads() -> usize {
-    crate::host::read_kernel_file("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .unwrap_or(usize::MAX)
+    std::fs::read_dir("/proc/self/task").map_or(usize::MAX, |d| d.count())
 }
 
 fn encode(r: &Result<Outcome, String>) -> String {

@@ -31,25 +31,36 @@ const HEADER_LEN: usize = 8 + 4 + 4 + KEY_LEN;
 /// The boot id (36 ASCII characters) and /dev/kvm's rdev, inode, ctime (s, ns).
 const KEY_LEN: usize = 36 + 8 * 4;
 
-/// The CPUID entries KVM supports: from the cache when it matches this boot and this
-/// /dev/kvm, else from `KVM_GET_SUPPORTED_CPUID` (and cached, as root).
-pub fn supported(kvm: &Kvm) -> Result<CpuId, String> {
+/// The cache's directory ([`PATH`]'s), opened once as root (and made if missing), so that
+/// a thread that has moved into the VM's own mount namespace (where /run/hostd is the
+/// VM's private tmpfs, `jail::runtime_dir`) still reaches the host's. None without root
+/// or when it cannot be made: then no cache.
+pub fn open_dir() -> Option<std::fs::File> {
     // SAFETY: geteuid has no preconditions.
-    let cache = (unsafe { libc::geteuid() } == 0)
-        .then(|| key(kvm))
-        .flatten()
-        .map(|key| (Path::new(PATH), key));
-    if let Some((path, key)) = &cache {
-        if let Some(entries) = read(path).and_then(|bytes| decode(&bytes, key)) {
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let dir = Path::new(PATH).parent()?;
+    crate::host::private_dir(dir).ok()?;
+    std::fs::File::open(dir).ok()
+}
+
+/// The CPUID entries KVM supports: from the cache in `dir` ([`open_dir`]) when it
+/// matches this boot and this /dev/kvm, else from `KVM_GET_SUPPORTED_CPUID` (and cached
+/// there).
+pub fn supported(kvm: &Kvm, dir: Option<&std::fs::File>) -> Result<CpuId, String> {
+    let cache = dir.and_then(|d| key(kvm).map(|k| (d, k)));
+    if let Some((dir, key)) = &cache {
+        if let Some(entries) = read(dir).and_then(|bytes| decode(&bytes, key)) {
             return CpuId::from_entries(&entries).map_err(|e| format!("cached CPUID: {e:?}"));
         }
     }
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
-    if let Some((path, key)) = &cache {
-        if let Err(e) = write(path, &encode(cpuid.as_slice(), key)) {
-            tracing::debug!("CPUID cache {}: {e}", path.display());
+    if let Some((dir, key)) = &cache {
+        if let Err(e) = write(dir, &encode(cpuid.as_slice(), key)) {
+            tracing::debug!("CPUID cache {PATH}: {e}");
         }
     }
     Ok(cpuid)
@@ -146,36 +157,55 @@ fn decode(bytes: &[u8], key: &[u8; KEY_LEN]) -> Option<Vec<kvm_cpuid_entry2>> {
         .collect()
 }
 
-fn read(path: &Path) -> Option<Vec<u8>> {
+/// The cache file's name in its directory.
+fn name() -> std::ffi::CString {
+    let name = Path::new(PATH).file_name().unwrap_or_default();
+    std::ffi::CString::new(name.as_encoded_bytes()).unwrap_or_default()
+}
+
+fn read(dir: &std::fs::File) -> Option<Vec<u8>> {
+    // SAFETY: an open directory fd and a NUL-terminated name; the result is checked.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name().as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     let mut buf = Vec::with_capacity(HEADER_LEN + KVM_MAX_CPUID_ENTRIES * ENTRY_LEN + 64);
-    std::fs::File::open(path)
-        .ok()?
-        .take(buf.capacity() as u64)
+    file.take(buf.capacity() as u64)
         .read_to_end(&mut buf)
         .ok()?;
     Some(buf)
 }
 
-/// Writes `bytes` to `path` as a whole: into an unnamed file (`O_TMPFILE`) that is
-/// linked in place once complete, replacing what was there. Concurrent runs each see a
-/// whole file or none, and a run killed meanwhile leaves no temporary file behind.
-fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to the cache file in `dir` as a whole: into an unnamed file
+/// (`O_TMPFILE`) that is linked in place once complete, replacing what was there.
+/// Concurrent runs each see a whole file or none, and a run killed meanwhile leaves no
+/// temporary file behind.
+fn write(dir: &std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
     use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("no file name"))?;
-    let name = CString::new(name.as_bytes()).map_err(std::io::Error::other)?;
-    crate::host::private_dir(dir)?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_TMPFILE)
-        .open(dir)?;
+    let name = name();
+    // SAFETY: an open directory fd and a NUL-terminated path; the result is checked.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c".".as_ptr(),
+            libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o600 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     file.write_all(bytes)?;
-    let dir_fd = std::fs::File::open(dir)?;
     let proc_path = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .map_err(std::io::Error::other)?;
     for _ in 0..2 {
@@ -184,7 +214,7 @@ fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             libc::linkat(
                 libc::AT_FDCWD,
                 proc_path.as_ptr(),
-                dir_fd.as_raw_fd(),
+                dir.as_raw_fd(),
                 name.as_ptr(),
                 libc::AT_SYMLINK_FOLLOW,
             )
@@ -197,7 +227,7 @@ fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             return Err(err);
         }
         // SAFETY: an open directory fd and a NUL-terminated name.
-        unsafe { libc::unlinkat(dir_fd.as_raw_fd(), name.as_ptr(), 0) };
+        unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) };
     }
     Err(std::io::Error::other("another run keeps replacing it"))
 }
@@ -266,12 +296,13 @@ mod tests {
     #[test]
     fn written_atomically_and_read_back() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("sub/kvm-cpuid");
+        let open = std::fs::File::open(dir.path()).expect("open the directory");
         let bytes = encode(&entries(), &key(1));
-        write(&path, &bytes).expect("write");
-        write(&path, &bytes).expect("rewrite");
-        assert_eq!(read(&path).as_deref(), Some(&bytes[..]));
-        let names: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
+        assert!(read(&open).is_none());
+        write(&open, &bytes).expect("write");
+        write(&open, &bytes).expect("rewrite");
+        assert_eq!(read(&open).as_deref(), Some(&bytes[..]));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
             .expect("list")
             .map(|e| e.expect("entry").file_name())
             .collect();

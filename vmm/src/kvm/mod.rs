@@ -436,13 +436,15 @@ fn console_tick(console: &Mutex<Console<StdoutWriter>>) -> (Option<Duration>, u6
     (wait, out.transmitted)
 }
 
-/// What [`create_vm`] makes: the VM, what KVM supports in CPUID and perhaps the filters.
+/// What [`create_vm`] makes and does: the VM, perhaps its memory slot and chips, and its
+/// share of [`SetupClaims`].
 struct Created {
     vm: VmFd,
-    /// The seccomp filters when this thread compiled them ([`FilterClaim`]).
-    filters: Option<Filters>,
-    /// What KVM supports in CPUID (cached per boot, `cpuid_cache`).
-    cpuid: kvm_bindings::CpuId,
+    /// Whether this thread registered guest memory and made the irqchip and the PIT
+    /// ([`vm_chips`]).
+    chips: bool,
+    /// What this thread did of the shared set-up work ([`SetupClaims`]).
+    claimed: Claimed,
 }
 
 struct Filters {
@@ -452,43 +454,102 @@ struct Filters {
     forwarder: Arc<BpfProgram>,
 }
 
-/// Creates the VM, compiles the threads' seccomp filters and gets what KVM supports in
-/// CPUID: set-up that needs neither guest memory nor the devices, run on a thread of
-/// its own beside the rest (`run_vmm`). The CPUID cache (`cpuid_cache::PATH`) is the
-/// host's: this thread stays in the host's mount namespace when the main thread moves
-/// into the VM's own (`jail::runtime_dir`), which has a private /run/hostd. The irqchip
-/// and the PIT come after the guest memory's slot, on the main thread: made first, they
-/// made registering the slot wait 5 ms on this host.
-fn create_vm(kvm: &Kvm, filters: &FilterClaim) -> Result<Created, KvmError> {
+/// Creates the VM on a thread of its own beside the rest (`run_vmm`); takes its share
+/// of the set-up work either thread can do ([`SetupClaims`]: the main thread is still
+/// loading the kernel, most often); then registers the guest memory the main thread
+/// sends (`memory`: None when it may still be mapped anew, for a snapshot's restore)
+/// and makes the irqchip and the PIT ([`vm_chips`]).
+fn create_vm(
+    kvm: &Kvm,
+    claims: &SetupClaims,
+    memory: std::sync::mpsc::Receiver<Option<vm_memory::GuestMemoryMmap>>,
+) -> Result<Created, KvmError> {
     let vm: VmFd = setup("KVM_CREATE_VM", kvm.create_vm())?;
-    let cpuid = cpuid_cache::supported(kvm).map_err(KvmError::Setup)?;
-    let filters = filters.compile_if_first()?;
-    Ok(Created { vm, cpuid, filters })
-}
-
-/// The seccomp filters are compiled by whichever of the two set-up threads of the VM's
-/// process is free first: the VM-creating thread once KVM_CREATE_VM returns (KVM waits
-/// there for its worker thread to start and join this process's cgroups, 17-30 ms in
-/// the nested test host), or the main thread once the kernel is loaded. Which of the two
-/// is longer varies from boot to boot there; the other would only wait.
-struct FilterClaim {
-    sandbox: bool,
-    claimed: std::sync::atomic::AtomicBool,
-}
-
-impl FilterClaim {
-    /// The filters when this thread is the first to ask (None when the other compiles
-    /// them, or without the sandbox).
-    fn compile_if_first(&self) -> Result<Option<Filters>, KvmError> {
-        if !self.sandbox || self.claimed.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            return Ok(None);
+    let claimed = claims.work(kvm)?;
+    // A closed channel: the main thread gave up; the join reports why.
+    let chips = match memory.recv() {
+        Ok(Some(mem)) => {
+            vm_chips(&vm, &mem)?;
+            true
         }
-        // The VM process's three seccomp filters.
-        Ok(Some(Filters {
-            control: Arc::new(control_filter()?),
-            vcpu: Arc::new(vcpu::vcpu_filter()?),
-            forwarder: Arc::new(jail::filter(jail::COMMON_SYSCALLS, &[])?),
-        }))
+        _ => false,
+    };
+    Ok(Created { vm, chips, claimed })
+}
+
+/// Guest memory's slot, then the TSS and identity map addresses, the irqchip and the
+/// PIT. The slot first: registered after the irqchip and the PIT, the memory slot's
+/// change waited 5 ms on this host.
+fn vm_chips(vm: &VmFd, mem: &vm_memory::GuestMemoryMmap) -> Result<(), KvmError> {
+    setup("guest memory", memory::register(vm, mem))?;
+    if let Err(e) = vm.set_tss_address(layout::KVM_TSS_ADDR as usize) {
+        tracing::debug!("KVM_SET_TSS_ADDR: {e}");
+    }
+    if let Err(e) = vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR) {
+        tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+    }
+    setup("KVM_CREATE_IRQCHIP", vm.create_irq_chip())?;
+    setup(
+        "KVM_CREATE_PIT2",
+        vm.create_pit2(kvm_pit_config {
+            flags: 0,
+            ..Default::default()
+        }),
+    )
+}
+
+/// Set-up work either of the VM process's two set-up threads can do, taken one piece
+/// at a time by whichever is free: the VM-creating thread once KVM_CREATE_VM returns
+/// (KVM waits there for its worker thread to start and join this process's cgroups,
+/// 17-30 ms in the nested test host), or the main thread once the kernel is loaded.
+/// Which of the two is longer varies from boot to boot there; the other would only
+/// wait. The pieces: what KVM supports in CPUID (`cpuid_cache`, through the host's
+/// cache directory opened before the main thread moved into the VM's mount namespace),
+/// then the three seccomp filters (with the sandbox).
+struct SetupClaims {
+    sandbox: bool,
+    /// The host's CPUID cache directory (`cpuid_cache::open_dir`), opened by the main
+    /// thread as soon as the VM-creating thread runs, while it is still in the host's
+    /// mount namespace.
+    cpuid_dir: std::sync::OnceLock<Option<std::fs::File>>,
+    /// The next piece to take.
+    next: std::sync::atomic::AtomicU8,
+}
+
+/// The pieces one thread did.
+#[derive(Default)]
+struct Claimed {
+    cpuid: Option<kvm_bindings::CpuId>,
+    filters: Option<Filters>,
+}
+
+impl SetupClaims {
+    /// Takes and does the pieces no thread has taken yet, in order, until none is left.
+    fn work(&self, kvm: &Kvm) -> Result<Claimed, KvmError> {
+        let mut out = Claimed::default();
+        loop {
+            match self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                0 => {
+                    out.cpuid = Some(
+                        cpuid_cache::supported(
+                            kvm,
+                            self.cpuid_dir.get_or_init(cpuid_cache::open_dir).as_ref(),
+                        )
+                        .map_err(KvmError::Setup)?,
+                    );
+                }
+                1 if self.sandbox => {
+                    // The VM process's three seccomp filters.
+                    out.filters = Some(Filters {
+                        control: Arc::new(control_filter()?),
+                        vcpu: Arc::new(vcpu::vcpu_filter()?),
+                        forwarder: Arc::new(jail::filter(jail::COMMON_SYSCALLS, &[])?),
+                    });
+                }
+                1 => {}
+                _ => return Ok(out),
+            }
+        }
     }
 }
 
@@ -630,20 +691,26 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     // waits in KVM_CREATE_VM for kthreadd to create the VM's worker thread and for that
     // worker to join this process's cgroups, 17-23 ms idle in the nested test host
     // (docs/startup.md). This thread makes the backends' network namespace, starts them,
-    // maps guest memory and loads the kernel meanwhile; the seccomp filters are compiled
-    // by whichever of the two is free first ([`FilterClaim`]). The helper has ended before anything
-    // else happens to this process (its jail needs it single-threaded).
+    // maps guest memory and loads the kernel meanwhile; what either can do (CPUID, the
+    // seccomp filters) is done by whichever is free first ([`SetupClaims`]); then it
+    // connects the devices and takes the file-system half of its jail, while the other
+    // may still wait in KVM_CREATE_VM. The helper has ended before the rest of the jail
+    // (the uid change needs this process single-threaded).
     let mem_size = u64::from(cfg.memory_mib) << 20;
-    let claim = FilterClaim {
+    let claims = SetupClaims {
         sandbox: cfg.sandbox,
-        claimed: Default::default(),
+        cpuid_dir: Default::default(),
+        next: Default::default(),
     };
-    let (created, filters, mut backends, mem, restore, snap_out, loaded) =
+    let (created, mine, connected, profile, mut backends, mem, restore, snap_out, loaded) =
         std::thread::scope(|scope| {
+            let (send_memory, memory) = std::sync::mpsc::channel();
             let create = std::thread::Builder::new()
                 .name("kvm-create-vm".into())
-                .spawn_scoped(scope, || create_vm(&kvm, &claim))
+                .spawn_scoped(scope, || create_vm(&kvm, &claims, memory))
                 .map_err(|e| KvmError::Setup(format!("KVM_CREATE_VM thread: {e}")))?;
+            // The host's /run/hostd, opened before this thread's mount namespace hides it.
+            claims.cpuid_dir.get_or_init(cpuid_cache::open_dir);
             // Device backends next: each execs and jails itself (milliseconds) while this
             // process sets the VM up and loads the kernel; the devices connect after that.
             let exe = std::env::current_exe()
@@ -656,7 +723,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
                 None
             };
             crate::phase("netns");
-            let backends = RunningBackends::spawn(
+            let mut backends = RunningBackends::spawn(
                 &exe,
                 &cfg.devices,
                 cfg.sandbox,
@@ -667,6 +734,9 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
             drop(host_net);
             crate::phase("backends spawned");
             let mut mem = setup("guest memory", memory::create(mem_size))?;
+            // To the VM-creating thread, which registers it; a snapshot's restore may map
+            // it anew, and registers it itself after the join.
+            let _ = send_memory.send(snap.is_none().then(|| mem.clone()));
             let (restore, snap_out) = match snap {
                 Some(s) => {
                     let t = Instant::now();
@@ -713,32 +783,61 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
                 )?),
             };
             crate::phase("memory+kernel");
-            let mine = claim.compile_if_first()?;
-            let mut created = create
+            let mine = claims.work(&kvm)?;
+            // The devices' connections need neither the VM nor its memory slot.
+            // Connecting does not wait: each socket listens already (`spawn`); each
+            // device's handshake runs later on a thread of its own (jailed with this
+            // process, under the control thread's filter) while the guest boots, until
+            // its driver first needs the backend's answers.
+            backends
+                .ensure_alive()
+                .map_err(|e| KvmError::Setup(e.to_string()))?;
+            let mut connected = Vec::new();
+            for (socket, device_type, queues) in backends.sockets(&cfg.devices) {
+                let device = VhostUserDevice::prepare(&socket, device_type, queues, &mem)
+                    .map_err(|e| KvmError::Setup(backends.explain(e.to_string())))?;
+                connected.push((device, queues));
+            }
+            if jail::runtime_dir() == std::path::Path::new(jail::RUNTIME_MOUNT) {
+                // In the VM's private tmpfs, which only this process's mount namespace
+                // holds (the jail below leaves it behind) and which goes with the VM:
+                // nothing to remove (ten system calls saved on the way to the first
+                // KVM_RUN). Each backend accepts one connection, made above.
+                backends.keep_sockets();
+            } else {
+                backends.remove_sockets();
+            }
+            crate::phase("devices connected");
+            // Read before the jail hides the file.
+            let profile = profile::Profile::from_env();
+            if cfg.sandbox {
+                // Every thread this process will have: this one, the vCPUs, the PIT's,
+                // one interrupt forwarder per device queue, a few for the C library and
+                // headroom, and one per device for its handshake.
+                let queues: usize = connected.iter().map(|(_, q)| q).sum();
+                let threads = 9 + u64::from(cfg.vcpus) + queues as u64 + connected.len() as u64;
+                jail::enter_vmm_files(threads, mem_size)?;
+                crate::phase("jailed (files)");
+            }
+            let created = create
                 .join()
                 .map_err(|_| KvmError::Setup("KVM_CREATE_VM: its thread panicked".into()))??;
-            let filters = mine.or_else(|| created.filters.take());
             crate::phase("KVM_CREATE_VM");
-            Ok::<_, KvmError>((created, filters, backends, mem, restore, snap_out, loaded))
+            Ok::<_, KvmError>((
+                created, mine, connected, profile, backends, mem, restore, snap_out, loaded,
+            ))
         })?;
-    let Created { vm, cpuid, .. } = created;
-    // Guest memory before the irqchip and the PIT: registered after them, the memory
-    // slot's change waited 5 ms on this host (a build that made them on the thread).
-    setup("guest memory", memory::register(&vm, &mem))?;
-    if let Err(e) = vm.set_tss_address(layout::KVM_TSS_ADDR as usize) {
-        tracing::debug!("KVM_SET_TSS_ADDR: {e}");
+    // The host's /run/hostd goes before the rest of the jail: no jailed process holds a
+    // directory of the host's.
+    drop(claims);
+    let Created { vm, chips, claimed } = created;
+    let cpuid = mine.cpuid.or(claimed.cpuid).ok_or_else(|| {
+        KvmError::Setup("KVM_GET_SUPPORTED_CPUID: asked by neither set-up thread".into())
+    })?;
+    let filters = mine.filters.or(claimed.filters);
+    if !chips {
+        vm_chips(&vm, &mem)?;
     }
-    if let Err(e) = vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR) {
-        tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
-    }
-    setup("KVM_CREATE_IRQCHIP", vm.create_irq_chip())?;
-    setup(
-        "KVM_CREATE_PIT2",
-        vm.create_pit2(kvm_pit_config {
-            flags: 0,
-            ..Default::default()
-        }),
-    )?;
     // The payloads' files are closed now; nothing of them stays in this process.
     drop(cfg.kernel);
     drop(cfg.initrd);
@@ -826,25 +925,15 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     }
     let mut next_mmio = layout::VIRTIO_MMIO_START;
     let mut next_irq = layout::VIRTIO_IRQ_BASE;
-    // Devices: each served by its own jailed backend process over vhost-user; the VMM
-    // keeps the virtio-mmio register file and forwards interrupts.
-    // Spawned at the start (above), they exec and jail themselves while the VM is set up
-    // and boots: their sockets listen already, so connecting here does not wait, and each
-    // device's handshake runs later on a thread of its own (jailed with this process, under
-    // the control thread's filter) while the guest boots, until its driver first needs
-    // the backend's answers.
-    backends
-        .ensure_alive()
-        .map_err(|e| KvmError::Setup(e.to_string()))?;
+    // Devices: each served by its own jailed backend process over vhost-user (spawned at
+    // the start, connected before the join above); the VMM keeps the virtio-mmio
+    // register file and forwards interrupts.
     let control_prog = filters.as_ref().map(|f| f.control.clone());
     let mut activations = Vec::new();
     let mut forwarders = Vec::new();
     let mut transports = Vec::new();
     let mut handshakes = Vec::new();
-    for (socket, device_type, queues) in backends.sockets(&cfg.devices) {
-        let (mut dev, activation, handshake) =
-            VhostUserDevice::prepare(&socket, device_type, queues, &mem)
-                .map_err(|e| KvmError::Setup(backends.explain(e.to_string())))?;
+    for ((mut dev, activation, handshake), _) in connected {
         handshakes.push(handshake);
         dev.wake_on_pending(wake.clone());
         let irq = Arc::new(setup(
@@ -889,15 +978,6 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         }
     }
 
-    if jail::runtime_dir() == std::path::Path::new(jail::RUNTIME_MOUNT) {
-        // In the VM's private tmpfs, which only this process's mount namespace holds
-        // (the jail below leaves it behind) and which goes with the VM: nothing to
-        // remove (ten system calls saved on the way to the first KVM_RUN). Each backend
-        // accepts one connection, made above.
-        backends.keep_sockets();
-    } else {
-        backends.remove_sockets();
-    }
     crate::phase("devices");
     let cmdline = cmdline.trim().to_string();
     tracing::info!("kernel command line: {cmdline}");
@@ -966,7 +1046,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
         first_run: Mutex::new(None),
         mem,
         start: Barrier::new(usize::from(cfg.vcpus) + 1),
-        profile: profile::Profile::from_env(),
+        profile,
         wake,
         snapshot: (snap_out.is_some()).then(|| pause.clone()),
         coalesced,
@@ -983,11 +1063,9 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     // The VM's cgroup limits, which `hostd run` writes meanwhile, before the guest runs.
     jail::supervisor::limits_in_place();
     if cfg.sandbox {
-        // Every thread this process will have: this one, the vCPUs, the PIT's, one
-        // interrupt forwarder per device queue, a few for the C library and headroom,
-        // and one per device for its handshake.
-        let threads = 9 + u64::from(cfg.vcpus) + forwarders.len() as u64 + handshakes.len() as u64;
-        jail::enter_vmm(threads, mem_size)?;
+        // The rest of the jail (its first step came before the join), now that this
+        // thread is the process's only one.
+        jail::enter_vmm_identity()?;
         crate::phase("jailed");
     }
     // The vCPUs first, then the guest runs; every other thread starts while it boots.
@@ -1015,6 +1093,9 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     }
     crate::phase("vCPU threads");
     shared.start.wait();
+    // The guest runs: the backends, forked at the start and waiting since, exec now
+    // (`RunningBackends::spawn`).
+    backends.release();
     let started = start_device_threads(handshakes, forwarders, filters.map(|f| f.forwarder))
         .and_then(|()| pit_reinjection_off(pit_vm));
     if let Err(e) = started {
