@@ -206,8 +206,10 @@ pub fn run(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
         return run_qemu(boot, opts);
     }
     let limits = crate::jail::cgroup::Limits::for_vm(boot.memory_mib, boot.vcpus);
-    crate::jail::supervisor::run(limits, || run_qemu(boot, opts).map_err(|e| e.to_string()))
-        .map_err(QemuError::Guest)
+    crate::jail::supervisor::run(limits, None, || {
+        run_qemu(boot, opts).map_err(|e| e.to_string())
+    })
+    .map_err(QemuError::Guest)
 }
 
 /// The seccomp filter of the process that runs QEMU, once QEMU runs: relaying QEMU's
@@ -341,7 +343,7 @@ fn run_qemu(boot: &BootSpec, opts: &QemuOptions) -> Result<Outcome, QemuError> {
         );
     }
     // The VM's cgroup limits (`hostd run` writes them meanwhile) before QEMU runs.
-    crate::jail::supervisor::limits_in_place();
+    let _ = crate::jail::supervisor::limits_in_place();
     let mut child = cmd
         .args(&args)
         .stdin(Stdio::piped())

@@ -27,26 +27,24 @@ static LIMITS_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// In the VM's process: waits until `hostd run` has written the VM's cgroup limits,
 /// which it does while this process sets the VM up (the cgroup was made, and this
-/// process is in it, before its fork); returns at once where there is nothing to wait
-/// for. Called before the guest (or QEMU) runs. Whether the writes worked is for
-/// `hostd run` to say (it warns, as when it cannot make a cgroup at all).
-pub fn limits_in_place() {
+/// process is in it, before its fork), and returns what `hostd run` prepared for it
+/// meanwhile (the `prepare` of [`run`]; empty without); returns at once, with nothing,
+/// where there is nothing to wait for. Called before the guest (or QEMU) runs. Whether
+/// the writes worked is for `hostd run` to say (it warns, as when it cannot make a
+/// cgroup at all).
+pub fn limits_in_place() -> Vec<u8> {
     let fd = LIMITS_FD.swap(-1, Ordering::SeqCst);
     if fd < 0 {
-        return;
+        return Vec::new();
     }
     // SAFETY: the read end of the pipe, owned by nothing else (taken out of LIMITS_FD).
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut b = [0u8; 1];
-    loop {
-        // SAFETY: a read of at most one byte into a local; the pipe's end is its
-        // writer's close.
-        let n = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
-        if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            break;
-        }
-    }
+    // The pipe's end is its writer's close; a short or failed read leaves the caller
+    // to do the work itself.
+    let mut prepared = Vec::new();
+    let _ = std::fs::File::from(fd).read_to_end(&mut prepared);
     crate::phase("limits");
+    prepared
 }
 
 fn os(what: &str) -> JailError {
@@ -144,8 +142,10 @@ fn decode(s: &str) -> Option<Result<Outcome, String>> {
 /// Runs `vm` in the VM's own process (see the module's documentation), in a cgroup with
 /// `limits`, and returns its outcome. Must be called while `hostd run` has a single
 /// thread (the child of a fork only has the forking thread); otherwise, or without
-/// root, `vm` runs in this process with a warning.
-pub fn run<F>(limits: Limits, vm: F) -> Result<Outcome, String>
+/// root, `vm` runs in this process with a warning. `prepare` runs in `hostd run` once
+/// the VM's process is started and its limits written, on a CPU that process does not
+/// use meanwhile: its bytes reach that process through [`limits_in_place`].
+pub fn run<F>(limits: Limits, prepare: Option<fn() -> Vec<u8>>, vm: F) -> Result<Outcome, String>
 where
     F: FnOnce() -> Result<Outcome, String>,
 {
@@ -166,12 +166,13 @@ where
         }
     };
     crate::phase("cgroup");
-    start(cgroup, limits, vm).map_err(|e| e.to_string())?
+    start(cgroup, limits, prepare, vm).map_err(|e| e.to_string())?
 }
 
 fn start<F>(
     cgroup: Option<VmCgroup>,
     limits: Limits,
+    prepare: Option<fn() -> Vec<u8>>,
     vm: F,
 ) -> Result<Result<Outcome, String>, JailError>
 where
@@ -194,7 +195,8 @@ where
     let rd = unsafe { OwnedFd::from_raw_fd(fds[0]) };
     // SAFETY: as above.
     let wr = unsafe { OwnedFd::from_raw_fd(fds[1]) };
-    // Closed by this process once it has written the cgroup's limits.
+    // Closed by this process once it has written the cgroup's limits and what `prepare`
+    // made.
     // SAFETY: a valid array of two ints.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(os("pipe2"));
@@ -226,7 +228,7 @@ where
         drop(rd);
         drop(limits_wr);
         drop(own_pid_ns);
-        if cgroup.is_some() {
+        if cgroup.is_some() || prepare.is_some() {
             LIMITS_FD.store(limits_rd.as_raw_fd(), Ordering::SeqCst);
             std::mem::forget(limits_rd);
         } else {
@@ -261,7 +263,13 @@ where
             tracing::warn!("the VM's cgroup has no limits: {e}");
         }
     }
-    drop(limits_wr);
+    if let Some(prepare) = prepare {
+        // Small (a few KiB: the pipe holds it whole, so this never waits for the
+        // reader); a failed write leaves the VM's process to do the work itself.
+        let _ = std::fs::File::from(limits_wr).write_all(&prepare());
+    } else {
+        drop(limits_wr);
+    }
     if let Some(cg) = &cgroup {
         cg.remove_stale();
     }

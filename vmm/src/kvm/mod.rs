@@ -498,6 +498,74 @@ fn vm_chips(vm: &VmFd, mem: &vm_memory::GuestMemoryMmap) -> Result<(), KvmError>
     )
 }
 
+impl Filters {
+    /// The VM process's three seccomp filters.
+    fn compile() -> Result<Filters, KvmError> {
+        Ok(Filters {
+            control: Arc::new(control_filter()?),
+            vcpu: Arc::new(vcpu::vcpu_filter()?),
+            forwarder: Arc::new(jail::filter(jail::COMMON_SYSCALLS, &[])?),
+        })
+    }
+
+    /// The three programs as bytes: per program its length in instructions (u32), then
+    /// each instruction (code u16, jt, jf, k u32; little-endian).
+    fn encode(&self) -> Vec<u8> {
+        let mut out = FILTERS_MAGIC.to_vec();
+        for prog in [&self.control, &self.vcpu, &self.forwarder] {
+            out.extend_from_slice(&(prog.len() as u32).to_le_bytes());
+            for i in prog.iter() {
+                out.extend_from_slice(&i.code.to_le_bytes());
+                out.extend_from_slice(&[i.jt, i.jf]);
+                out.extend_from_slice(&i.k.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// What [`Filters::encode`] wrote, if `bytes` is exactly that.
+    fn decode(bytes: &[u8]) -> Option<Filters> {
+        let mut rest = bytes.strip_prefix(FILTERS_MAGIC)?;
+        let mut prog = || -> Option<Arc<BpfProgram>> {
+            let (n, tail) = rest.split_first_chunk::<4>()?;
+            let n = u32::from_le_bytes(*n) as usize;
+            if n == 0 || n > BPF_MAXINSNS || tail.len() < n * 8 {
+                return None;
+            }
+            let (body, tail) = tail.split_at(n * 8);
+            rest = tail;
+            Some(Arc::new(
+                body.chunks_exact(8)
+                    .map(|c| seccompiler::sock_filter {
+                        code: u16::from_le_bytes([c[0], c[1]]),
+                        jt: c[2],
+                        jf: c[3],
+                        k: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+                    })
+                    .collect(),
+            ))
+        };
+        let f = Filters {
+            control: prog()?,
+            vcpu: prog()?,
+            forwarder: prog()?,
+        };
+        rest.is_empty().then_some(f)
+    }
+}
+
+const FILTERS_MAGIC: &[u8; 8] = b"HOSTDSF1";
+/// The kernel's limit on a classic BPF program's length.
+const BPF_MAXINSNS: usize = 4096;
+
+/// Run by `hostd run` once the VM's process is started (`supervisor::run`'s `prepare`):
+/// the VM process's seccomp filters, compiled on a CPU the VM's set-up does not use
+/// meanwhile (~5-10 ms of CPU in the nested test host), sent as bytes. Empty when they
+/// do not compile: the VM's process then compiles them itself and reports the error.
+fn prepared_filters() -> Vec<u8> {
+    Filters::compile().map(|f| f.encode()).unwrap_or_default()
+}
+
 /// Set-up work either of the VM process's two set-up threads can do, taken one piece
 /// at a time by whichever is free: the VM-creating thread once KVM_CREATE_VM returns
 /// (KVM waits there for its worker thread to start and join this process's cgroups,
@@ -505,9 +573,12 @@ fn vm_chips(vm: &VmFd, mem: &vm_memory::GuestMemoryMmap) -> Result<(), KvmError>
 /// Which of the two is longer varies from boot to boot there; the other would only
 /// wait. The pieces: what KVM supports in CPUID (`cpuid_cache`, through the host's
 /// cache directory opened before the main thread moved into the VM's mount namespace),
-/// then the three seccomp filters (with the sandbox).
+/// then the three seccomp filters (with the sandbox, when `hostd run` does not send
+/// them).
 struct SetupClaims {
-    sandbox: bool,
+    /// Whether the filters are compiled here (with the sandbox, when `hostd run` does
+    /// not compile them: [`prepared_filters`]).
+    filters: bool,
     /// The host's CPUID cache directory (`cpuid_cache::open_dir`), opened by the main
     /// thread as soon as the VM-creating thread runs, while it is still in the host's
     /// mount namespace.
@@ -538,14 +609,7 @@ impl SetupClaims {
                         .map_err(KvmError::Setup)?,
                     );
                 }
-                1 if self.sandbox => {
-                    // The VM process's three seccomp filters.
-                    out.filters = Some(Filters {
-                        control: Arc::new(control_filter()?),
-                        vcpu: Arc::new(vcpu::vcpu_filter()?),
-                        forwarder: Arc::new(jail::filter(jail::COMMON_SYSCALLS, &[])?),
-                    });
-                }
+                1 if self.filters => out.filters = Some(Filters::compile()?),
                 1 => {}
                 _ => return Ok(out),
             }
@@ -582,8 +646,10 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
         run_vmm(cfg, snap)
     } else {
         let limits = jail::cgroup::Limits::for_vm(cfg.memory_mib, u32::from(cfg.vcpus));
-        jail::supervisor::run(limits, || run_vmm(cfg, snap).map_err(|e| causes(&e)))
-            .map_err(KvmError::Guest)
+        jail::supervisor::run(limits, Some(prepared_filters), || {
+            run_vmm(cfg, snap).map_err(|e| causes(&e))
+        })
+        .map_err(KvmError::Guest)
     };
     let path = prepared.as_ref().map(|p| p.path.clone());
     if let Some(p) = prepared {
@@ -698,7 +764,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     // (the uid change needs this process single-threaded).
     let mem_size = u64::from(cfg.memory_mib) << 20;
     let claims = SetupClaims {
-        sandbox: cfg.sandbox,
+        filters: cfg.sandbox && !jail::supervisor::supervised(),
         cpuid_dir: Default::default(),
         next: Default::default(),
     };
@@ -928,7 +994,6 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     // Devices: each served by its own jailed backend process over vhost-user (spawned at
     // the start, connected before the join above); the VMM keeps the virtio-mmio
     // register file and forwards interrupts.
-    let control_prog = filters.as_ref().map(|f| f.control.clone());
     let mut activations = Vec::new();
     let mut forwarders = Vec::new();
     let mut transports = Vec::new();
@@ -1058,10 +1123,23 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     sa.sa_sigaction = on_kick as *const () as usize;
     // SAFETY: installs a no-op handler without SA_RESTART, so KVM_RUN returns EINTR.
     unsafe { libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) };
+    // The VM's cgroup limits, which `hostd run` writes meanwhile, before the guest runs;
+    // with them the filters it compiled meanwhile (`prepared_filters`), or else here.
+    let prepared = jail::supervisor::limits_in_place();
+    let filters = match filters {
+        Some(f) => Some(f),
+        None if cfg.sandbox => Some(match Filters::decode(&prepared) {
+            Some(f) => f,
+            None => {
+                tracing::debug!("no filters from hostd run; compiling them here");
+                Filters::compile()?
+            }
+        }),
+        None => None,
+    };
+    let control_prog = filters.as_ref().map(|f| f.control.clone());
     let vcpu_prog = filters.as_ref().map(|f| f.vcpu.clone());
     crate::phase("filters");
-    // The VM's cgroup limits, which `hostd run` writes meanwhile, before the guest runs.
-    jail::supervisor::limits_in_place();
     if cfg.sandbox {
         // The rest of the jail (its first step came before the join), now that this
         // thread is the process's only one.
@@ -1311,6 +1389,35 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_sent_by_hostd_run_come_back_whole_or_not_at_all() {
+        let f = Filters::compile().expect("the filters compile");
+        let bytes = f.encode();
+        let back = Filters::decode(&bytes).expect("decodes");
+        for (a, b) in [
+            (&f.control, &back.control),
+            (&f.vcpu, &back.vcpu),
+            (&f.forwarder, &back.forwarder),
+        ] {
+            assert_eq!(a.len(), b.len());
+            assert!(a
+                .iter()
+                .zip(b.iter())
+                .all(|(x, y)| (x.code, x.jt, x.jf, x.k) == (y.code, y.jt, y.jf, y.k)));
+        }
+        // Nothing sent (no supervisor, or its compile failed), cut short, or longer.
+        assert!(Filters::decode(&[]).is_none());
+        for len in [7, 8, 12, bytes.len() - 1] {
+            assert!(Filters::decode(&bytes[..len]).is_none(), "cut to {len}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(Filters::decode(&longer).is_none());
+        let mut other = bytes;
+        other[0] ^= 1;
+        assert!(Filters::decode(&other).is_none());
+    }
 
     /// As the UART does it: each byte written, then flushed.
     fn put(w: &mut HeldLines<&mut Vec<u8>>, bytes: &[u8]) {
