@@ -206,6 +206,45 @@ fn hierarchies(cgroup: &str, mountinfo: &str) -> Vec<Hierarchy> {
     }
 }
 
+/// The common case without reading mountinfo: this process is only in the v2 hierarchy
+/// (`0::PATH`, nothing else), cgroup2 is mounted on /sys/fs/cgroup, and this process is
+/// listed in that mount's `PATH/cgroup.procs` (so PATH is relative to the mount's root,
+/// as it is unless only a subtree is mounted there). Checked for the memory controller
+/// as [`hierarchies`] does. None when any of it does not hold: then mountinfo decides.
+fn unified_at_sys_fs_cgroup(cgroup: &str) -> Option<Hierarchy> {
+    let mut lines = cgroup.lines();
+    let own = lines.next()?.strip_prefix("0::")?;
+    if lines.next().is_some() || !own.starts_with('/') {
+        return None;
+    }
+    const MOUNT: &str = "/sys/fs/cgroup";
+    const CGROUP2_SUPER_MAGIC: libc::c_long = 0x6367_7270;
+    // SAFETY: an all-zero statfs is a valid value for statfs to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statfs buffer that lives for the call.
+    if unsafe { libc::statfs(c"/sys/fs/cgroup".as_ptr(), &mut st) } != 0
+        || st.f_type as libc::c_long != CGROUP2_SUPER_MAGIC
+    {
+        return None;
+    }
+    let own = own.trim_start_matches('/').to_string();
+    let dir = Path::new(MOUNT).join(&own);
+    let me = std::process::id().to_string();
+    let procs = crate::host::read_kernel_file(dir.join("cgroup.procs")).ok()?;
+    if !procs.lines().any(|p| p == me) {
+        return None;
+    }
+    crate::host::read_kernel_file(dir.join("cgroup.controllers"))
+        .ok()?
+        .split_whitespace()
+        .any(|c| c == "memory")
+        .then(|| Hierarchy {
+            controllers: Vec::new(),
+            mount: PathBuf::from(MOUNT),
+            own,
+        })
+}
+
 fn write(path: &Path, value: &str) -> Result<(), JailError> {
     std::fs::write(path, value)
         .map_err(|e| JailError(format!("writing {value:?} to {}: {e}", path.display())))
@@ -223,7 +262,11 @@ impl VmCgroup {
         let read = |p: &str| {
             crate::host::read_kernel_file(p).map_err(|e| JailError(format!("reading {p}: {e}")))
         };
-        let found = hierarchies(&read("/proc/self/cgroup")?, &read("/proc/self/mountinfo")?);
+        let own = read("/proc/self/cgroup")?;
+        let found = match unified_at_sys_fs_cgroup(&own) {
+            Some(h) => vec![h],
+            None => hierarchies(&own, &read("/proc/self/mountinfo")?),
+        };
         if found.is_empty() {
             return Err(JailError(
                 "no cgroup hierarchy with the memory controller is mounted".into(),
@@ -485,6 +528,18 @@ mod tests {
         assert_eq!(h[0].own, "app");
         assert_eq!(h[1].controllers, ["cpu", "cpuacct"]);
         assert_eq!(h[1].mount, Path::new("/sys/fs/cgroup/cpu,cpuacct"));
+    }
+
+    #[test]
+    fn the_v2_shortcut_is_taken_only_for_a_process_in_v2_alone() {
+        // v1 hierarchies beside v2, a path not absolute, a second v2 line: mountinfo
+        // decides.
+        assert!(unified_at_sys_fs_cgroup(CGROUP_V1).is_none());
+        assert!(unified_at_sys_fs_cgroup("0::relative\n").is_none());
+        assert!(unified_at_sys_fs_cgroup("0::/a\n0::/b\n").is_none());
+        assert!(unified_at_sys_fs_cgroup("").is_none());
+        // A cgroup this process is not in is never taken, even where v2 is mounted.
+        assert!(unified_at_sys_fs_cgroup("0::/hostd-test-no-such-cgroup\n").is_none());
     }
 
     #[test]
