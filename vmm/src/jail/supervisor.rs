@@ -264,7 +264,7 @@ where
         }
     }
     if let Some(prepare) = prepare {
-        // Small (a few KiB: the pipe holds it whole, so this never waits for the
+        // Small (4.4 KiB of filters: the pipe holds it whole, so this never waits for the
         // reader); a failed write leaves the VM's process to do the work itself.
         let _ = std::fs::File::from(limits_wr).write_all(&prepare());
     } else {
