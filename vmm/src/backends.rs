@@ -1,6 +1,7 @@
 //! Device backends as separate, jailed processes (`hostd backend …`) speaking
 //! vhost-user: started before the VMM, watched while it runs, killed after.
 
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -191,10 +192,24 @@ fn dir_path(dir: &Option<tempfile::TempDir>) -> PathBuf {
         .unwrap_or_default()
 }
 
+/// How the front end reaches the backends' sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sockets {
+    /// Bound by path in the VM's runtime directory, for QEMU to connect to.
+    Named,
+    /// Without a name in any file system, each connected by the calling process as it
+    /// is made ([`unnamed_connected`]): for the built-in VMM, which takes the connections
+    /// with [`RunningBackends::connections`].
+    Connected,
+}
+
 /// Running backend processes and their sockets.
 #[derive(Debug)]
 pub struct RunningBackends {
     dir: Option<tempfile::TempDir>,
+    /// With [`Sockets::Connected`], this process's connection to each backend, in the
+    /// order of `devices`, until [`RunningBackends::connections`] takes them.
+    connections: Vec<UnixStream>,
     children: Vec<(String, crate::spawn::Started)>,
     /// A pidfd per child (readable once it has ended), where the kernel has pidfds.
     exit_fds: Vec<Option<std::os::fd::OwnedFd>>,
@@ -231,7 +246,8 @@ impl RunningBackends {
         memory_mib: u32,
         host_net: Option<&std::os::fd::OwnedFd>,
     ) -> Result<Self, BackendsError> {
-        let mut running = Self::spawn(exe, backends, sandbox, memory_mib, host_net)?;
+        let mut running =
+            Self::spawn(exe, backends, sandbox, memory_mib, host_net, Sockets::Named)?;
         running.release();
         running.ensure_alive()?;
         Ok(running)
@@ -249,21 +265,31 @@ impl RunningBackends {
     /// in an empty network namespace of its own), jailed backends stay in that one
     /// rather than each creating another, but for the net backend, which goes back to
     /// `host_net` to open its TAP and then leaves it for a namespace of its own.
+    ///
+    /// `sockets` says whether the sockets are named in a directory of the VM's runtime
+    /// directory (QEMU connects by path), or unnamed and connected here at once (the
+    /// built-in VMM: no directory, no private tmpfs, nothing to remove).
     pub fn spawn(
         exe: &Path,
         backends: &[DeviceBackend],
         sandbox: bool,
         memory_mib: u32,
         host_net: Option<&std::os::fd::OwnedFd>,
+        sockets: Sockets,
     ) -> Result<Self, BackendsError> {
-        let dir = tempfile::Builder::new()
-            .prefix("hostd-devices-")
-            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .tempdir_in(crate::jail::runtime_dir())
-            .map_err(|e| BackendsError::Start {
-                name: "all".into(),
-                message: format!("cannot create a socket directory: {e}"),
-            })?;
+        let dir = match sockets {
+            Sockets::Named => Some(
+                tempfile::Builder::new()
+                    .prefix("hostd-devices-")
+                    .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                    .tempdir_in(crate::jail::runtime_dir())
+                    .map_err(|e| BackendsError::Start {
+                        name: "all".into(),
+                        message: format!("cannot create a socket directory: {e}"),
+                    })?,
+            ),
+            Sockets::Connected => None,
+        };
         // The backends are forked here and wait before their exec (`Spawn::gate`) until
         // `release`: their exec and start, tens of ms of CPU each in the nested test host,
         // would otherwise compete with the VM's set-up for the CPUs, while nothing needs
@@ -282,7 +308,8 @@ impl RunningBackends {
         // SAFETY: as above.
         let gate_write = unsafe { OwnedFd::from_raw_fd(gate[1]) };
         let mut running = RunningBackends {
-            dir: Some(dir),
+            dir,
+            connections: Vec::new(),
             children: Vec::new(),
             exit_fds: Vec::new(),
             devices: Vec::new(),
@@ -291,16 +318,29 @@ impl RunningBackends {
         let exe = backend_exe(exe);
         for (slot, b) in backends.iter().enumerate() {
             let name = b.name();
-            let socket = dir_path(&running.dir).join(format!("{name}.sock"));
             // Bound and listening here, before the backend exists: the VMM (or QEMU) can
             // connect at once and its first message waits in the backlog until the
             // backend, jailed, accepts. No waiting for a socket file to appear.
-            let listener = std::os::unix::net::UnixListener::bind(&socket).map_err(|e| {
-                BackendsError::Start {
-                    name: name.clone(),
-                    message: format!("cannot listen on {}: {e}", socket.display()),
+            let (listener, socket) = match sockets {
+                Sockets::Named => {
+                    let socket = dir_path(&running.dir).join(format!("{name}.sock"));
+                    let listener =
+                        UnixListener::bind(&socket).map_err(|e| BackendsError::Start {
+                            name: name.clone(),
+                            message: format!("cannot listen on {}: {e}", socket.display()),
+                        })?;
+                    (listener, socket)
                 }
-            })?;
+                Sockets::Connected => {
+                    let (listener, stream, address) =
+                        unnamed_connected().map_err(|e| BackendsError::Start {
+                            name: name.clone(),
+                            message: format!("its socket: {e}"),
+                        })?;
+                    running.connections.push(stream);
+                    (listener, PathBuf::from(address))
+                }
+            };
             let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
             let mut args: Vec<std::ffi::OsString> = vec!["backend".into()];
             args.extend(b.args().into_iter().map(Into::into));
@@ -461,13 +501,6 @@ impl Drop for RunningBackends {
 }
 
 impl RunningBackends {
-    /// Removes the socket directory once every front end has connected (the backends
-    /// accept one connection each), so nothing is left to clean up later from a jailed
-    /// thread.
-    pub fn remove_sockets(&mut self) {
-        self.dir = None;
-    }
-
     /// Leaves the socket directory in place for good (no cleanup on drop): for a process
     /// about to lose its file system (the directory lives in the VM's private tmpfs,
     /// which goes with the VM).
@@ -489,13 +522,17 @@ impl RunningBackends {
         Ok(())
     }
 
-    /// Each running backend's socket, with its virtio device type and queue count, in
-    /// the order they were given (for the built-in VMM's vhost-user front end).
-    pub fn sockets(&self, backends: &[DeviceBackend]) -> Vec<(PathBuf, u32, usize)> {
-        self.devices
-            .iter()
-            .zip(backends)
-            .map(|((_, socket, _), b)| {
+    /// This process's connection to each running backend ([`Sockets::Connected`]), named
+    /// for messages, with its virtio device type and queue count, in the order they were
+    /// given (for the built-in VMM's vhost-user front end). Empty after the first call.
+    pub fn connections(
+        &mut self,
+        backends: &[DeviceBackend],
+    ) -> Vec<(String, UnixStream, u32, usize)> {
+        std::mem::take(&mut self.connections)
+            .into_iter()
+            .zip(self.devices.iter().zip(backends))
+            .map(|(stream, ((name, socket, _), b))| {
                 let (device_type, queues) = match b {
                     DeviceBackend::Rng => (4, 1),
                     DeviceBackend::Block { .. } => (2, 1),
@@ -503,15 +540,171 @@ impl RunningBackends {
                     #[allow(unreachable_patterns)]
                     _ => (1, 2),
                 };
-                (socket.clone(), device_type, queues)
+                (
+                    format!("{name} ({})", socket.display()),
+                    stream,
+                    device_type,
+                    queues,
+                )
             })
             .collect()
     }
 }
 
+/// A listening Unix stream socket with no name in any file system, and this process's
+/// connection to it, with the address the kernel gave it (`@` and five hex digits, as
+/// `ss -x` shows it). Binding with no path asks the kernel for an unused address in the
+/// abstract namespace of this process's network namespace (`unix(7)`, autobind): no
+/// directory to make, nothing to remove, and nothing left behind however the VM ends.
+///
+/// Only this connection may reach the backend: the backlog holds one connection, and
+/// ours is made right after `listen`, non-blocking, so it fails rather than waits if
+/// anything else connected first (the backend accepts one connection, ever). In a jailed
+/// VM the namespace is the empty one only hostd's jailed processes share, none of which
+/// may create a socket once jailed (seccomp).
+fn unnamed_connected() -> std::io::Result<(UnixListener, UnixStream, String)> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let socket = |flags: libc::c_int| {
+        // SAFETY: socket(2) with constant arguments; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | flags, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let check = |what: &str, r: libc::c_int| {
+        if r == 0 {
+            Ok(())
+        } else {
+            let e = std::io::Error::last_os_error();
+            Err(std::io::Error::new(e.kind(), format!("{what}: {e}")))
+        }
+    };
+    let listener = socket(libc::SOCK_CLOEXEC)?;
+    // SAFETY: an all-zero sockaddr_un is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    // SAFETY: the address lives through the call; a length of the family alone asks
+    // for an abstract address of the kernel's choosing.
+    check("bind", unsafe {
+        libc::bind(
+            listener.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sa_family_t>() as libc::socklen_t,
+        )
+    })?;
+    // SAFETY: listen(2) on our socket; a backlog of 0 holds one pending connection.
+    check("listen", unsafe { libc::listen(listener.as_raw_fd(), 0) })?;
+    let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: the out-buffer and its length live through the call.
+    check("getsockname", unsafe {
+        libc::getsockname(
+            listener.as_raw_fd(),
+            (&mut addr as *mut libc::sockaddr_un).cast(),
+            &mut len,
+        )
+    })?;
+    let stream = socket(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)?;
+    // SAFETY: the address getsockname filled, with its length.
+    let r = unsafe {
+        libc::connect(
+            stream.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EAGAIN) {
+            std::io::Error::other("another connection reached it first")
+        } else {
+            std::io::Error::new(e.kind(), format!("connect: {e}"))
+        });
+    }
+    let stream = UnixStream::from(stream);
+    stream.set_nonblocking(false)?;
+    let name_len = (len as usize).saturating_sub(std::mem::size_of::<libc::sa_family_t>());
+    let name: String = addr.sun_path[..name_len.min(addr.sun_path.len())]
+        .iter()
+        .skip(1)
+        .map(|&c| c as u8 as char)
+        .collect();
+    Ok((UnixListener::from(listener), stream, format!("@{name}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An unnamed socket is reachable only through the connection made with it: its
+    /// backlog has no room for another, and what the acceptor gets is that connection.
+    #[test]
+    fn an_unnamed_socket_holds_only_its_own_connection() {
+        use std::io::{Read, Write};
+        use std::os::linux::net::SocketAddrExt;
+        let (listener, mut ours, address) = unnamed_connected().expect("unnamed socket");
+        assert!(address.starts_with('@') && address.len() > 1, "{address}");
+        let name = listener
+            .local_addr()
+            .expect("local address")
+            .as_abstract_name()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .expect("an abstract address");
+        assert_eq!(format!("@{name}"), address);
+        // Another connection finds no room (non-blocking: it would wait otherwise).
+        let addr =
+            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("address");
+        let other = nonblocking_connect(&addr);
+        assert_eq!(
+            other.raw_os_error(),
+            Some(libc::EAGAIN),
+            "a second connection was queued: {other}"
+        );
+        let (mut accepted, _) = listener.accept().expect("accept");
+        ours.write_all(b"hello").expect("write");
+        let mut got = [0; 5];
+        accepted.read_exact(&mut got).expect("read");
+        assert_eq!(&got, b"hello");
+    }
+
+    /// A non-blocking connect to `addr`: the error it gives (or a made-up one on success).
+    fn nonblocking_connect(addr: &std::os::unix::net::SocketAddr) -> std::io::Error {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        use std::os::linux::net::SocketAddrExt;
+        // SAFETY: socket(2) with constant arguments; checked below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let name = addr.as_abstract_name().expect("abstract");
+        // SAFETY: all-zero is a valid sockaddr_un.
+        let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in sa.sun_path[1..].iter_mut().zip(name) {
+            *d = *s as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sa_family_t>() + 1 + name.len();
+        // SAFETY: a valid address of `len` bytes.
+        let r = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_un).cast(),
+                len as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            std::io::Error::other("connected")
+        } else {
+            std::io::Error::last_os_error()
+        }
+    }
 
     #[test]
     fn a_vsock_device_passes_secret_paths_never_values() {

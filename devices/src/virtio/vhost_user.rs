@@ -213,9 +213,24 @@ impl VhostUserDevice {
         queues: usize,
         mem: &GuestMemoryMmap,
     ) -> Result<(Self, Activation, Handshake), FrontendError> {
-        let name = &socket.display().to_string();
+        let name = socket.display().to_string();
+        let stream = UnixStream::connect(socket).map_err(|e| FrontendError {
+            socket: name.clone(),
+            message: format!("connect: {e}"),
+        })?;
+        Self::prepare_connected(stream, &name, device_type, queues, mem)
+    }
+
+    /// [`VhostUserDevice::prepare`] over a connection made already (`stream`), named
+    /// `name` in messages.
+    pub fn prepare_connected(
+        stream: UnixStream,
+        name: &str,
+        device_type: u32,
+        queues: usize,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(Self, Activation, Handshake), FrontendError> {
         let err = FrontendError::maker(name);
-        let stream = UnixStream::connect(socket).map_err(|e| err("connect", &e))?;
         let mut kicks = Vec::new();
         let mut calls = Vec::new();
         for _ in 0..queues {

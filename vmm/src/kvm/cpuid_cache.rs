@@ -32,8 +32,8 @@ const HEADER_LEN: usize = 8 + 4 + 4 + KEY_LEN;
 const KEY_LEN: usize = 36 + 8 * 4;
 
 /// The cache's directory ([`PATH`]'s), opened once as root (and made if missing), so that
-/// a thread that has moved into the VM's own mount namespace (where /run/hostd is the
-/// VM's private tmpfs, `jail::runtime_dir`) still reaches the host's. None without root
+/// a thread that has moved into the VM's own mount namespace (its jail's empty root)
+/// still reaches the host's. None without root
 /// or when it cannot be made: then no cache.
 pub fn open_dir() -> Option<std::fs::File> {
     // SAFETY: geteuid has no preconditions.

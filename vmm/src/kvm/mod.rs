@@ -31,7 +31,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backends::{DeviceBackend, RunningBackends};
+use crate::backends::{DeviceBackend, RunningBackends, Sockets};
 use crate::boot::{Outcome, Timings};
 use crate::host::KvmKind;
 use crate::jail;
@@ -709,8 +709,8 @@ struct VmSnapshot {
 }
 
 fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError> {
-    // /dev/kvm opened once, first (before the backends' socket directory gives this
-    // process a mount namespace of its own, so it is named as on the host).
+    // /dev/kvm opened once, first (before the jail gives this process a mount namespace
+    // of its own, so it is named as on the host).
     let Ok(kvm) = Kvm::new() else {
         return Err(KvmError::Setup(
             "/dev/kvm is missing or not accessible (use --vmm qemu)".into(),
@@ -795,6 +795,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
                 cfg.sandbox,
                 cfg.memory_mib,
                 host_net.as_ref(),
+                Sockets::Connected,
             )
             .map_err(|e| KvmError::Setup(e.to_string()))?;
             drop(host_net);
@@ -851,7 +852,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
             crate::phase("memory+kernel");
             let mine = claims.work(&kvm)?;
             // The devices' connections need neither the VM nor its memory slot.
-            // Connecting does not wait: each socket listens already (`spawn`); each
+            // Each was made as its socket was (`spawn`), before the backend exists; each
             // device's handshake runs later on a thread of its own (jailed with this
             // process, under the control thread's filter) while the guest boots, until
             // its driver first needs the backend's answers.
@@ -859,19 +860,11 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
                 .ensure_alive()
                 .map_err(|e| KvmError::Setup(e.to_string()))?;
             let mut connected = Vec::new();
-            for (socket, device_type, queues) in backends.sockets(&cfg.devices) {
-                let device = VhostUserDevice::prepare(&socket, device_type, queues, &mem)
-                    .map_err(|e| KvmError::Setup(backends.explain(e.to_string())))?;
+            for (name, stream, device_type, queues) in backends.connections(&cfg.devices) {
+                let device =
+                    VhostUserDevice::prepare_connected(stream, &name, device_type, queues, &mem)
+                        .map_err(|e| KvmError::Setup(backends.explain(e.to_string())))?;
                 connected.push((device, queues));
-            }
-            if jail::runtime_dir() == std::path::Path::new(jail::RUNTIME_MOUNT) {
-                // In the VM's private tmpfs, which only this process's mount namespace
-                // holds (the jail below leaves it behind) and which goes with the VM:
-                // nothing to remove (ten system calls saved on the way to the first
-                // KVM_RUN). Each backend accepts one connection, made above.
-                backends.keep_sockets();
-            } else {
-                backends.remove_sockets();
             }
             crate::phase("devices connected");
             // Read before the jail hides the file.
