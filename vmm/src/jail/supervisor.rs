@@ -83,10 +83,13 @@ pub fn die_with_hostd() -> Result<(), JailError> {
     Ok(())
 }
 
-/// This process's threads: the entries of /proc/self/task (a directory listing, which
-/// the kernel makes more cheaply than the text of /proc/self/status).
+/// This process's threads: the link count of /proc/self/task, which the kernel gives as
+/// its threads plus two (one `statx`, no directory to list or text to parse).
 fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task").map_or(usize::MAX, |d| d.count())
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/task").map_or(usize::MAX, |m| {
+        usize::try_from(m.nlink()).map_or(usize::MAX, |n| n.saturating_sub(2))
+    })
 }
 
 fn encode(r: &Result<Outcome, String>) -> String {
@@ -503,6 +506,24 @@ mod tests {
             0,
             "1: not in the cgroup, 2: stale thread id, 3: no thread"
         );
+    }
+
+    /// The link count of /proc/self/task follows the threads.
+    #[test]
+    fn threads_are_counted_from_the_task_directory() {
+        // Other tests' threads may come and go between two looks: a few tries.
+        let agree = || {
+            (0..100)
+                .any(|_| threads() == std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count()))
+        };
+        assert!(agree());
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let _ = rx.recv();
+        });
+        assert!(agree());
+        drop(tx);
+        let _ = t.join();
     }
 
     #[test]
