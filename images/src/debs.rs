@@ -177,10 +177,29 @@ fn download(batch: &[&LockedPackage], cache: &Path, dir: &Path) -> Result<(), De
     Ok(())
 }
 
-/// Checks a .deb's sha256.
+/// Checks a .deb's size and sha256 against the lock's (the size first: a file of
+/// another size is refused without reading it).
 fn verify(p: &LockedPackage, path: &Path) -> Result<(), DebError> {
     let mut f =
         std::fs::File::open(path).map_err(|e| err(&p.name, format!("{}: {e}", path.display())))?;
+    let len = f
+        .metadata()
+        .map_err(|e| err(&p.name, format!("{}: {e}", path.display())))?
+        .len();
+    if len != p.size {
+        return Err(err(
+            &p.name,
+            format!(
+                "{} has {len} bytes, but version {} must have {} (sha256 {}); the file is \
+                 damaged or not the locked package, or the lock's size is wrong: delete the \
+                 file to download it again, or run `hostd build --update-lock`",
+                path.display(),
+                p.version,
+                p.size,
+                p.sha256
+            ),
+        ));
+    }
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -250,4 +269,43 @@ pub fn data_tars(debs: &[(String, PathBuf)]) -> Result<Vec<Vec<u8>>, DebError> {
 /// from the package; mtimes are dropped.
 pub fn unpack(package: &str, tar_bytes: &[u8], tree: &mut Tree) -> Result<(), DebError> {
     crate::layer::apply(tar_bytes, tree, false).map_err(|m| err(package, m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn locked(bytes: &[u8], size: u64) -> LockedPackage {
+        LockedPackage {
+            name: "hello".into(),
+            version: "2.10-3".into(),
+            architecture: "amd64".into(),
+            sha256: crate::format::digest_hex(&Sha256::digest(bytes).into()),
+            size,
+        }
+    }
+
+    /// A .deb must have the lock's size as well as its sha256: a lock whose size does
+    /// not match is refused, naming both sizes.
+    #[test]
+    fn a_deb_of_another_size_than_the_locks_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hello.deb");
+        std::fs::write(&path, b"!<arch>\nnot really a deb").expect("write");
+        let len = std::fs::metadata(&path).expect("stat").len();
+        let content = std::fs::read(&path).expect("read");
+        verify(&locked(&content, len), &path).expect("the right size and digest");
+        let e = verify(&locked(&content, len + 1), &path)
+            .expect_err("a wrong size")
+            .to_string();
+        assert!(
+            e.contains(&format!("has {len} bytes"))
+                && e.contains(&format!("must have {}", len + 1)),
+            "{e}"
+        );
+        let e = verify(&locked(b"other", len), &path)
+            .expect_err("a wrong digest")
+            .to_string();
+        assert!(e.contains("sha256"), "{e}");
+    }
 }
