@@ -178,6 +178,13 @@ fn booted_instead(out: &Output, why: &str) {
         "{}",
         out.all()
     );
+    // A boot after a refused restore is a second VM process of the same run: what a
+    // nested PVM host means is said once.
+    assert!(
+        out.stderr.matches("is a nested PVM hypervisor").count() <= 1,
+        "{}",
+        out.all()
+    );
 }
 
 #[test]

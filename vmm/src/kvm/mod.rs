@@ -16,7 +16,7 @@ pub mod vcpu;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
@@ -662,6 +662,9 @@ pub fn run(cfg: KvmConfig) -> Result<Outcome, KvmError> {
                 path.display()
             );
             let _ = std::fs::remove_file(&path);
+            // The first attempt's VM process said what a PVM host means; the next one
+            // (forked from this process, or this process itself) need not again.
+            PVM_WARNED.store(true, Ordering::SeqCst);
             return run(cfg);
         }
     }
@@ -708,6 +711,10 @@ struct VmSnapshot {
     key: [u8; 32],
 }
 
+/// Whether this run has printed what a nested PVM host means (once per `hostd run`, also
+/// when a refused snapshot makes it boot in a second VM process).
+static PVM_WARNED: AtomicBool = AtomicBool::new(false);
+
 fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError> {
     // /dev/kvm opened once, first (before the jail gives this process a mount namespace
     // of its own, so it is named as on the host).
@@ -729,6 +736,8 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     });
     if kind == KvmKind::Pvm {
         assist::enable();
+    }
+    if kind == KvmKind::Pvm && !PVM_WARNED.swap(true, Ordering::SeqCst) {
         tracing::warn!(
             "/dev/kvm is a nested PVM hypervisor: guest kernel code runs through KVM's instruction \
              emulator, so Linux boots slowly and each guest system call is slow (measured on one \
