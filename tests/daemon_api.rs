@@ -474,3 +474,31 @@ fn fleet_guests_declared_by_spec_are_built_and_cached() {
     );
     still_serving(&d);
 }
+
+/// A client that sends half a request's headers and then waits is disconnected once the
+/// header timeout (10 s) has passed, and others are served meanwhile.
+#[test]
+fn half_sent_headers_are_cut_off_and_others_are_served_meanwhile() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    let mut slow = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
+    slow.write_all(b"GET /guests HTTP/1.1\r\nHost: hostd\r\n")
+        .expect("half a request");
+    still_serving(&d);
+    slow.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("read timeout");
+    let mut answer = Vec::new();
+    let r = slow.read_to_end(&mut answer);
+    assert!(
+        r.is_ok(),
+        "the half-sent request was not cut off within 60 s: {r:?}\n{}",
+        d.logs()
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    still_serving(&d);
+}

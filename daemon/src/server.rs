@@ -200,11 +200,11 @@ impl Daemon {
         // long as it stays connected.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut stopping = stop_rx.clone();
-        let serve = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                let _ = stop_tx.send(true);
-            });
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let serve = serve_api(listener, app, stop_rx.clone());
         let served = tokio::select! {
             served = serve => served,
             () = async {
@@ -227,6 +227,69 @@ impl Daemon {
             source,
         })
     }
+}
+
+/// How long a client may take to send a request's headers (once it began one, or
+/// after connecting): a client that sends half a request and waits holds nothing longer.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves the API on `listener` until `stop` turns true, then lets the connections'
+/// requests in flight finish (the caller bounds how long). Each connection is served by
+/// hyper with [`HEADER_TIMEOUT`], and its peer's credentials (SO_PEERCRED) reach the
+/// router as `ConnectInfo<Peer>`.
+async fn serve_api(
+    listener: tokio::net::UnixListener,
+    app: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of fds, or a connection reset before it was taken: the
+                    // listener itself is fine; try again shortly.
+                    tracing::warn!("accepting an API connection: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => break,
+        };
+        // Reap the connections that ended, so the set does not grow with them.
+        while connections.try_join_next().is_some() {}
+        let peer = Peer::of(&stream);
+        let service = hyper_util::service::TowerToHyperService::new(
+            app.clone()
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+        );
+        let mut stop = stop.clone();
+        connections.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!("API connection: {e}");
+            }
+        });
+    }
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Returns once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// How long requests in flight may take to finish after SIGTERM or SIGINT.
