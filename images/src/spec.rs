@@ -81,7 +81,10 @@ pub fn parse_size_mib(s: &str) -> Result<u32, String> {
         "" | "m" | "mb" | "mib" => 1,
         "g" | "gb" | "gib" => 1024,
         // "1.5G", "0x80M": a number the parse above stopped in.
-        u if u.starts_with(['.', ',', 'x', 'e']) || u.contains(|c: char| c.is_ascii_digit()) => {
+        u if u.starts_with(['.', ','])
+            || u.contains(|c: char| c.is_ascii_digit())
+            || (num == "0" && u.starts_with('x')) =>
+        {
             return Err(format!(
                 "`{s}` is not a size: a whole decimal number of M or G, e.g. \"1536M\" \
                  rather than \"1.5G\""
@@ -1077,12 +1080,13 @@ mod tests {
         assert!(parse_size_mib("0").is_err());
         assert!(parse_size_mib("1T").is_err());
         assert!(parse_size_mib("99999999999G").is_err());
-        for odd in ["1.5G", "0x80M", "1,5G", "1e3M", "12 34M"] {
+        for odd in ["1.5G", "0x80M", "0xffM", "1,5G", "1e3M", "12 34M"] {
             let e = parse_size_mib(odd).expect_err(odd);
             assert!(e.contains("whole decimal number"), "{odd}: {e}");
         }
-        assert!(parse_size_mib("1T")
-            .expect_err("T")
-            .contains("unknown unit"));
+        for unit in ["1T", "12X", "12E", "5 KB"] {
+            let e = parse_size_mib(unit).expect_err(unit);
+            assert!(e.contains("unknown unit"), "{unit}: {e}");
+        }
     }
 }
