@@ -564,30 +564,20 @@ impl RunningBackends {
 /// may create a socket once jailed (seccomp).
 fn unnamed_connected() -> std::io::Result<(UnixListener, UnixStream, String)> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let socket = |flags: libc::c_int| {
-        // SAFETY: socket(2) with constant arguments; the result is checked.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | flags, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh fd that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    };
-    let check = |what: &str, r: libc::c_int| {
-        if r == 0 {
-            Ok(())
-        } else {
-            let e = std::io::Error::last_os_error();
-            Err(std::io::Error::new(e.kind(), format!("{what}: {e}")))
-        }
-    };
-    let listener = socket(libc::SOCK_CLOEXEC)?;
+    use std::os::linux::net::SocketAddrExt;
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let listener = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: an all-zero sockaddr_un is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     // SAFETY: the address lives through the call; a length of the family alone asks
     // for an abstract address of the kernel's choosing.
-    check("bind", unsafe {
+    checked("bind", unsafe {
         libc::bind(
             listener.as_raw_fd(),
             (&addr as *const libc::sockaddr_un).cast(),
@@ -595,17 +585,62 @@ fn unnamed_connected() -> std::io::Result<(UnixListener, UnixStream, String)> {
         )
     })?;
     // SAFETY: listen(2) on our socket; a backlog of 0 holds one pending connection.
-    check("listen", unsafe { libc::listen(listener.as_raw_fd(), 0) })?;
+    checked("listen", unsafe { libc::listen(listener.as_raw_fd(), 0) })?;
+    let listener = UnixListener::from(listener);
+    let stream = connect_nonblocking(&listener).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            std::io::Error::other("another connection reached it first")
+        } else {
+            std::io::Error::new(e.kind(), format!("connect: {e}"))
+        }
+    })?;
+    stream.set_nonblocking(false)?;
+    let address = listener.local_addr()?;
+    let name = address
+        .as_abstract_name()
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
+    let address = format!("@{name}");
+    Ok((listener, stream, address))
+}
+
+/// `r` of the system call `what` as a result (its errno, named, when not 0).
+fn checked(what: &str, r: libc::c_int) -> std::io::Result<()> {
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    Err(std::io::Error::new(e.kind(), format!("{what}: {e}")))
+}
+
+/// A non-blocking connection to `listener`'s address: EAGAIN rather than a wait when its
+/// backlog is full.
+fn connect_nonblocking(listener: &UnixListener) -> std::io::Result<UnixStream> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: an all-zero sockaddr_un is a valid value for getsockname to fill.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
     // SAFETY: the out-buffer and its length live through the call.
-    check("getsockname", unsafe {
+    checked("getsockname", unsafe {
         libc::getsockname(
             listener.as_raw_fd(),
             (&mut addr as *mut libc::sockaddr_un).cast(),
             &mut len,
         )
     })?;
-    let stream = socket(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)?;
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let stream = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: the address getsockname filled, with its length.
     let r = unsafe {
         libc::connect(
@@ -615,22 +650,10 @@ fn unnamed_connected() -> std::io::Result<(UnixListener, UnixStream, String)> {
         )
     };
     if r != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(if e.raw_os_error() == Some(libc::EAGAIN) {
-            std::io::Error::other("another connection reached it first")
-        } else {
-            std::io::Error::new(e.kind(), format!("connect: {e}"))
-        });
+        // Unwrapped: the caller tells EAGAIN (no room) from the rest.
+        return Err(std::io::Error::last_os_error());
     }
-    let stream = UnixStream::from(stream);
-    stream.set_nonblocking(false)?;
-    let name_len = (len as usize).saturating_sub(std::mem::size_of::<libc::sa_family_t>());
-    let name: String = addr.sun_path[..name_len.min(addr.sun_path.len())]
-        .iter()
-        .skip(1)
-        .map(|&c| c as u8 as char)
-        .collect();
-    Ok((UnixListener::from(listener), stream, format!("@{name}")))
+    Ok(UnixStream::from(stream))
 }
 
 #[cfg(test)]
@@ -653,57 +676,13 @@ mod tests {
             .expect("an abstract address");
         assert_eq!(format!("@{name}"), address);
         // Another connection finds no room (non-blocking: it would wait otherwise).
-        let addr =
-            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("address");
-        let other = nonblocking_connect(&addr);
-        assert_eq!(
-            other.raw_os_error(),
-            Some(libc::EAGAIN),
-            "a second connection was queued: {other}"
-        );
+        let other = connect_nonblocking(&listener).expect_err("a second connection was queued");
+        assert_eq!(other.raw_os_error(), Some(libc::EAGAIN), "{other}");
         let (mut accepted, _) = listener.accept().expect("accept");
         ours.write_all(b"hello").expect("write");
         let mut got = [0; 5];
         accepted.read_exact(&mut got).expect("read");
         assert_eq!(&got, b"hello");
-    }
-
-    /// A non-blocking connect to `addr`: the error it gives (or a made-up one on success).
-    fn nonblocking_connect(addr: &std::os::unix::net::SocketAddr) -> std::io::Error {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        use std::os::linux::net::SocketAddrExt;
-        // SAFETY: socket(2) with constant arguments; checked below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_UNIX,
-                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        };
-        assert!(fd >= 0);
-        // SAFETY: a fresh fd.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let name = addr.as_abstract_name().expect("abstract");
-        // SAFETY: all-zero is a valid sockaddr_un.
-        let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        for (d, s) in sa.sun_path[1..].iter_mut().zip(name) {
-            *d = *s as libc::c_char;
-        }
-        let len = std::mem::size_of::<libc::sa_family_t>() + 1 + name.len();
-        // SAFETY: a valid address of `len` bytes.
-        let r = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_un).cast(),
-                len as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            std::io::Error::other("connected")
-        } else {
-            std::io::Error::last_os_error()
-        }
     }
 
     #[test]

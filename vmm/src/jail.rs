@@ -38,7 +38,8 @@ pub fn vm_jail_id(slot: u32) -> u32 {
 }
 
 /// This VM's private runtime directory under QEMU (its backends' sockets, its kernel
-/// and initrd; the built-in VMM needs none: its backends' sockets have no name), 0700. As root, the calling thread (call it from the thread that starts the VM's
+/// and initrd; the built-in VMM needs none: its backends' sockets have no name), 0700.
+/// As root, the calling thread (call it from the thread that starts the VM's
 /// processes) moves into a mount namespace of its own and mounts a fresh tmpfs on
 /// [`RUNTIME_MOUNT`]: nothing written there ever reaches the host's file system, and it
 /// is gone with the last process of the VM, however that process ends (`kill -9`

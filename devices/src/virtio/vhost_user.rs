@@ -194,36 +194,25 @@ impl VhostUserDevice {
         queues: usize,
         mem: &GuestMemoryMmap,
     ) -> Result<(Self, Activation), FrontendError> {
-        let (dev, activation, handshake) = Self::prepare(socket, device_type, queues, mem)?;
-        handshake.run();
-        dev.link.wait()?;
-        Ok((dev, activation))
-    }
-
-    /// The device for the backend at `socket`, connected (which does not wait for a
-    /// backend whose socket listens already) but before any word with it: the returned
-    /// [`Handshake`] talks to the backend, on
-    /// whatever thread the VMM runs it, while the VM already boots. The device answers
-    /// the driver's first question that needs the backend (features, config space) when
-    /// the handshake is done, and [`Activation::failed`] tells the control loop if it
-    /// failed.
-    pub fn prepare(
-        socket: &Path,
-        device_type: u32,
-        queues: usize,
-        mem: &GuestMemoryMmap,
-    ) -> Result<(Self, Activation, Handshake), FrontendError> {
         let name = socket.display().to_string();
         let stream = UnixStream::connect(socket).map_err(|e| FrontendError {
             socket: name.clone(),
             message: format!("connect: {e}"),
         })?;
-        Self::prepare_connected(stream, &name, device_type, queues, mem)
+        let (dev, activation, handshake) = Self::prepare(stream, &name, device_type, queues, mem)?;
+        handshake.run();
+        dev.link.wait()?;
+        Ok((dev, activation))
     }
 
-    /// [`VhostUserDevice::prepare`] over a connection made already (`stream`), named
-    /// `name` in messages.
-    pub fn prepare_connected(
+    /// The device for the backend at the other end of `stream` (named `name` in
+    /// messages; connected already, which does not wait for a backend whose socket
+    /// listens), before any word with it: the returned [`Handshake`] talks to the
+    /// backend, on whatever thread the VMM runs it, while the VM already boots. The
+    /// device answers the driver's first question that needs the backend (features,
+    /// config space) when the handshake is done, and [`Activation::failed`] tells the
+    /// control loop if it failed.
+    pub fn prepare(
         stream: UnixStream,
         name: &str,
         device_type: u32,

@@ -7,8 +7,8 @@
 //! until the KVM module is reloaded or the host reboots. So, as root, the answer is
 //! kept in [`PATH`] (/run is cleared at every boot), keyed by the boot's id and the
 //! identity of the /dev/kvm node (device number, inode and change time: a reloaded
-//! module registers a new node), with a checksum against damage. Anything that does not
-//! match or parse is ignored and the ioctl asked again; a failure to write is only
+//! module registers a new node), with a checksum against damage. Anything that does
+//! not match or parse is ignored and the ioctl asked again; a failure to write is only
 //! logged. Without root there is no cache, as for the verified-images cache.
 
 use std::io::{Read, Write};
@@ -34,8 +34,8 @@ const KEY_LEN: usize = 36 + 8 * 4;
 
 /// The cache's directory ([`PATH`]'s), opened once as root (and made if missing), so that
 /// a thread that has moved into the VM's own mount namespace (its jail's empty root)
-/// still reaches the host's. None without root
-/// or when it cannot be made: then no cache.
+/// still reaches the host's. None without root or when it cannot be made: then no
+/// cache.
 pub fn open_dir() -> Option<std::fs::File> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

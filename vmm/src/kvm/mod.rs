@@ -870,9 +870,8 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
                 .map_err(|e| KvmError::Setup(e.to_string()))?;
             let mut connected = Vec::new();
             for (name, stream, device_type, queues) in backends.connections(&cfg.devices) {
-                let device =
-                    VhostUserDevice::prepare_connected(stream, &name, device_type, queues, &mem)
-                        .map_err(|e| KvmError::Setup(backends.explain(e.to_string())))?;
+                let device = VhostUserDevice::prepare(stream, &name, device_type, queues, &mem)
+                    .map_err(|e| KvmError::Setup(backends.explain(e.to_string())))?;
                 connected.push((device, queues));
             }
             crate::phase("devices connected");
