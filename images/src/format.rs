@@ -63,6 +63,8 @@ pub mod sections {
     /// A minisign (ed25519) signature of every other section's name, length and
     /// sha256 ([`crate::signature`]); present in signed images only, always last.
     pub const SIGNATURE: &str = "signature";
+    /// Every section this hostd reads, in the order it writes them.
+    pub const KNOWN: [&str; 6] = [MANIFEST, KERNEL, INITRD, ROOTFS, ROOTFS_HASHES, SIGNATURE];
 }
 
 /// What is wrong with an image.
@@ -267,6 +269,13 @@ pub fn parse_header(block: &[u8], actual_len: u64) -> Result<Header, (Option<Str
             .filter(|n| !n.is_empty() && n.is_ascii())
             .map(str::to_string)
             .ok_or_else(|| h(format!("section table entry {i} has an invalid name")))?;
+        // Covered by the header digest, but they must be zero: no two valid headers
+        // differ only in bytes that mean nothing.
+        if raw_name[name_len..].iter().any(|b| *b != 0) {
+            return Err(h(format!(
+                "section table entry {i} (`{name}`) has bytes after its name's NUL"
+            )));
+        }
         let offset = u64_at(block, e + 16);
         let length = u64_at(block, e + 24);
         let mut sha256 = [0u8; 32];
@@ -491,13 +500,31 @@ impl Image {
     /// Reads and checks the manifest, and checks the sections every image needs against
     /// it: `kernel` present, not empty, of the format and sha256 the manifest records;
     /// `initrd` present and not empty; `rootfs` and `rootfs-hashes` present exactly
-    /// when the manifest says the image has a read-only root.
+    /// when the manifest says the image has a read-only root; and that it has no section
+    /// this hostd does not know.
     pub fn manifest(&self) -> Result<Manifest, ImageError> {
         let bad = |section: &str, reason: String| ImageError::Section {
             file: self.path.clone(),
             section: section.into(),
             reason,
         };
+        // A section this hostd does not know would be carried along unread (and, in a
+        // signed image, signed): an image made for a later format, or by hand.
+        if let Some(unknown) = self
+            .header
+            .sections
+            .iter()
+            .find(|s| !sections::KNOWN.contains(&s.name.as_str()))
+        {
+            return Err(bad(
+                &unknown.name,
+                format!(
+                    "is not a section this hostd knows (it reads {}); was the image made \
+                     by a later hostd?",
+                    sections::KNOWN.join(", ")
+                ),
+            ));
+        }
         let s = self.section(sections::MANIFEST)?;
         if s.length > crate::input::MAX_SPEC {
             return Err(bad(
@@ -715,5 +742,34 @@ mod tests {
                 "flip at {i} not caught"
             );
         }
+    }
+
+    #[test]
+    fn bytes_after_a_name_and_unknown_sections_are_refused() {
+        // A name with bytes after its NUL, the header digest made right again.
+        let mut img = sample();
+        img[TABLE + "manifest".len() + 1] = b'x';
+        let digest: [u8; 32] = Sha256::digest(&img[..HEADER_DIGEST]).into();
+        img[HEADER_DIGEST..BLOCK as usize].copy_from_slice(&digest);
+        let err = parse_header(&img[..BLOCK as usize], img.len() as u64).expect_err("refused");
+        assert!(err.1.contains("after its name's NUL"), "{err:?}");
+        // A section no hostd writes: the image opens (every digest is right), its
+        // manifest is not read.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.img");
+        let extra = write_image(&[
+            ("manifest", b"{}\n"),
+            ("kernel", &[7u8; 5000]),
+            ("initrd", b"x"),
+            ("extra", b"carried along"),
+        ])
+        .expect("written");
+        std::fs::write(&path, extra).expect("write");
+        let image = Image::open(&path).expect("digests are right");
+        let err = image.manifest().expect_err("refused").to_string();
+        assert!(
+            err.contains("section `extra`") && err.contains("not a section this hostd knows"),
+            "{err}"
+        );
     }
 }
