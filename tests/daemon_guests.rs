@@ -266,3 +266,75 @@ fn builtin_vmm_guest_runs_stops_and_is_deleted() {
         404
     );
 }
+
+/// Two guests of one image that declares a volume: each has its own, so both run at
+/// once (daemons that gave every guest the same state directory shared the volume: its
+/// lock let one run, the other backed off). A volume of that shared layout is moved to
+/// the first guest that starts (the same file: its inode is kept), not made anew.
+#[test]
+fn guests_of_one_image_have_volumes_of_their_own_and_shared_ones_move_to_the_first() {
+    use std::os::unix::fs::MetadataExt;
+    if !common::require_qemu_guest() {
+        return;
+    }
+    const SPEC: &str = r#"
+name = "keeper"
+memory = "128M"
+packages = ["busybox-static"]
+
+[[volumes]]
+name = "data"
+size = "16M"
+mount = "/data"
+
+[services.main]
+command = "/bin/busybox"
+args = ["sh", "-c", "echo volume holds $(/bin/busybox ls /data | /bin/busybox wc -l) names; echo kept > /data/mark; /bin/busybox sync; echo mark written; /bin/busybox sleep 600"]
+main = true
+"#;
+    let (_img_dir, image) = common::build(SPEC);
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The shared layout of older daemons: STATE/volumes was every guest's state dir.
+    let shared = dir.path().join("state/volumes");
+    let old = hostd_vmm::volumes::ensure(&shared, "data", 16).expect("shared volume");
+    let old_ino = std::fs::metadata(&old).expect("stat").ino();
+    let d = Daemon::start(dir.path(), &[]);
+    for name in ["a", "b"] {
+        create(&d, json!({"name": name, "image": image, "vmm": "qemu"}));
+    }
+    for name in ["a", "b"] {
+        d.wait_console(name, "mark written", Duration::from_secs(600));
+    }
+    for name in ["a", "b"] {
+        let g = d.guest(name);
+        assert!(running(&g), "{g:?}\n{}", d.logs());
+    }
+    let own = |name: &str| {
+        std::fs::metadata(
+            d.state
+                .join(format!("guest-volumes/{name}/volumes/data.ext4")),
+        )
+        .unwrap_or_else(|e| panic!("guest {name}'s volume: {e}"))
+        .ino()
+    };
+    assert_eq!(own("a"), old_ino, "a took the shared volume");
+    assert_ne!(own("b"), old_ino, "b has one of its own");
+    assert!(!old.exists(), "moved, not copied");
+    assert!(
+        d.logs()
+            .contains("guest a: volume data moved from the shared"),
+        "{}",
+        d.logs()
+    );
+    for name in ["a", "b"] {
+        let a = d.req(
+            Method::DELETE,
+            &format!("/guests/{name}"),
+            "application/json",
+            Vec::new(),
+        );
+        assert_eq!(a.status, 204, "{}", String::from_utf8_lossy(&a.body));
+    }
+    // Deleting a guest keeps its volumes.
+    assert_eq!(own("a"), old_ino);
+}

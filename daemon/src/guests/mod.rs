@@ -66,7 +66,8 @@ fn now_ms() -> u64 {
 pub struct GuestsConfig {
     /// The program started as `PROGRAM run …` for each guest (the hostd binary).
     pub runner: PathBuf,
-    /// The state directory (guest consoles in `guests/NAME/`, volumes in `volumes/`).
+    /// The state directory (guest consoles in `guests/NAME/`, each guest's volumes in
+    /// `guest-volumes/NAME/`).
     pub state_dir: PathBuf,
 }
 
@@ -167,6 +168,14 @@ impl Guests {
         self.cfg.state_dir.join("guests").join(name)
     }
 
+    /// The `--state-dir` of a guest's `hostd run`: its volumes are files in `volumes/`
+    /// there. Its own, so two guests whose images declare a volume of the same name do
+    /// not share it; kept when the guest is deleted (a guest made again under the name,
+    /// e.g. by a fleet that dropped it for a while, finds its data).
+    fn volumes_dir(&self, name: &str) -> PathBuf {
+        self.cfg.state_dir.join("guest-volumes").join(name)
+    }
+
     fn new_entry(&self, rec: GuestRecord) -> Entry {
         let dir = self.guest_dir(&rec.name);
         if let Err(e) = std::fs::create_dir_all(&dir) {
@@ -244,7 +253,7 @@ impl Guests {
                 ),
             })?;
         let dir = self.guest_dir(&name);
-        let volumes = self.cfg.state_dir.join("volumes");
+        let volumes = self.volumes_dir(&name);
         for d in [&dir, &volumes] {
             std::fs::create_dir_all(d).map_err(|source| DaemonError::Io {
                 what: "cannot create",
@@ -252,6 +261,7 @@ impl Guests {
                 source,
             })?;
         }
+        adopt_shared_volumes(&self.cfg.state_dir, &image, &volumes, &name)?;
         let args = process::run_args(&e.rec.decl, &image, &volumes);
         let spawn_err = |source| DaemonError::Spawn {
             name: name.clone(),
@@ -752,6 +762,68 @@ pub fn check_absolute(what: &str, p: &Path) -> Result<(), ApiError> {
     }
 }
 
+/// Daemons before this one gave every guest the same `--state-dir`, `STATE/volumes`, so
+/// the volumes of all guests were files in `STATE/volumes/volumes/`. A guest that starts
+/// takes from there each volume its image declares and it has none of yet: moved, under
+/// the volume's lock (one a guest of an older daemon may still hold: then the guest is
+/// not started, and says why, as a guest that cannot start does).
+fn adopt_shared_volumes(
+    state_dir: &Path,
+    image: &Path,
+    own: &Path,
+    guest: &str,
+) -> Result<(), DaemonError> {
+    use hostd_vmm::volumes;
+    let shared = state_dir.join("volumes");
+    let has_volumes = |dir: &Path| {
+        std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.path().extension().is_some_and(|x| x == "ext4"))
+        })
+    };
+    if !has_volumes(&shared.join("volumes")) {
+        return Ok(());
+    }
+    let manifest = hostd_images::format::Image::open(image)
+        .and_then(|i| i.manifest())
+        .map_err(|source| DaemonError::Image {
+            path: image.to_owned(),
+            source,
+        })?;
+    for v in &manifest.volumes {
+        let (from, to) = (
+            volumes::volume_path(&shared, &v.name),
+            volumes::volume_path(own, &v.name),
+        );
+        if to.exists() || !from.is_file() {
+            continue;
+        }
+        let failed = |source: std::io::Error| DaemonError::Io {
+            what: "cannot move the shared volume",
+            path: from.clone(),
+            source,
+        };
+        let _held = volumes::lock(
+            &shared,
+            &v.name,
+            &format!("the daemon, moving it to guest {guest}"),
+        )
+        .map_err(|e| failed(std::io::Error::other(e.to_string())))?;
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(failed)?;
+        }
+        std::fs::rename(&from, &to).map_err(failed)?;
+        tracing::info!(
+            "guest {guest}: volume {} moved from the shared {} to its own {}",
+            v.name,
+            from.display(),
+            to.display()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -796,7 +868,11 @@ mod tests {
         g.vmm = fleet::Vmm::Qemu;
         g.memory = Some("256M".into());
         g.secrets.insert("db".into(), "/run/keys/db".into());
-        let a = process::run_args(&g, Path::new("/s/images/sha256/x"), Path::new("/s/volumes"));
+        let a = process::run_args(
+            &g,
+            Path::new("/s/images/sha256/x"),
+            Path::new("/s/guest-volumes/a"),
+        );
         assert_eq!(
             a,
             [
@@ -805,7 +881,7 @@ mod tests {
                 "qemu",
                 "--mem=256M",
                 "--secret=db=@/run/keys/db",
-                "--state-dir=/s/volumes",
+                "--state-dir=/s/guest-volumes/a",
                 "/s/images/sha256/x"
             ]
         );
