@@ -208,6 +208,7 @@ fn malformed_specs_name_the_field_and_keep_the_old_image() {
         (r#"size = "64M""#, "volumes[0].size"),
         (r#"mode = "0640""#, "files[0].mode"),
         (r#"source = "config.txt""#, "files[0].source"),
+        (r#"path = "/etc/app/config.txt""#, "files[0].path"),
     ];
     let replacements = [
         r#"restart = "sometimes""#,
@@ -215,8 +216,10 @@ fn malformed_specs_name_the_field_and_keep_the_old_image() {
         r#"size = "64X""#,
         r#"mode = "rw-r--r--""#,
         r#"source = "missing.txt""#,
+        // A name the guest's kernel would not create (NAME_MAX).
+        &format!(r#"path = "/etc/{}""#, "n".repeat(300)),
     ];
-    for ((from, field), to) in cases.iter().zip(replacements) {
+    for ((from, field), to) in cases.iter().zip(&replacements) {
         let out = build_in(dir.path(), &SPEC.replacen(from, to, 1));
         assert!(!out.status.success(), "accepted a spec with {to}");
         assert!(

@@ -190,6 +190,15 @@ pub enum BuildError {
         /// What went wrong and what to do.
         message: String,
     },
+    /// The root file system holds an entry the guest's kernel could not create (from
+    /// `files`, a package or the base image).
+    #[error("{file}: {message} (from `files`, a package or the base image)")]
+    Tree {
+        /// The spec file.
+        file: PathBuf,
+        /// Which entry and why.
+        message: String,
+    },
     /// The read-only root file system could not be made.
     #[error("{file}: the erofs root (`root = \"erofs\"`, or `root` unset and over 8 MiB)")]
     Rootfs {
@@ -521,6 +530,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         })
     })?;
     let tmpfs = tmpfs_mounts(&spec, &mut tree);
+    if let Some(message) = tree.unrepresentable() {
+        return Err(BuildError::Tree {
+            file: file.clone(),
+            message,
+        });
+    }
 
     // A read-only root: the whole tree goes into the `rootfs` section.
     let root = spec.root.unwrap_or_else(|| {

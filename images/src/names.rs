@@ -38,15 +38,20 @@ pub fn is_dotted_name(s: &str) -> bool {
     is_name(s, &['.']) && !s.starts_with(['-', '.'])
 }
 
-/// Whether `p` is an absolute, normalised guest path (no `.`/`..`/empty components).
+/// What [`is_guest_path`] accepts, for messages: "`/x` must be {GUEST_PATH}".
+pub const GUEST_PATH: &str =
+    "an absolute path without `.`, `..` or empty components, each name at most 255 bytes";
+
+/// Whether `p` is an absolute, normalised guest path (no `.`/`..`/empty components)
+/// that Linux takes (names of at most 255 bytes, at most 4095 bytes in all).
 pub fn is_guest_path(p: &str) -> bool {
     p.starts_with('/')
         && p.len() <= MAX_GUEST_PATH
         && !p.contains('\0')
         && (p == "/"
-            || p[1..]
-                .split('/')
-                .all(|c| !c.is_empty() && c != "." && c != ".."))
+            || p[1..].split('/').all(|c| {
+                !c.is_empty() && c != "." && c != ".." && c.len() <= crate::rootfs::MAX_NAME
+            }))
 }
 
 /// A Debian package name (Debian Policy 5.6.1): lower-case letters, digits, `+`, `-`,
@@ -194,7 +199,7 @@ pub fn check_program(
 ) -> Result<(), String> {
     match argv.first() {
         Some(p) if is_guest_path(p) => {}
-        Some(p) => return Err(format!("program `{p}` must be an absolute path")),
+        Some(p) => return Err(format!("program `{p}` must be {GUEST_PATH}")),
         None => return Err("no program".into()),
     }
     if argv.len() > 4096 || argv.iter().any(|a| a.contains('\0') || a.len() > 65536) {
@@ -228,6 +233,8 @@ mod tests {
         assert!(!is_guest_path("/a//b"));
         assert!(!is_guest_path("/a/"));
         assert!(!is_guest_path("/a\0"));
+        assert!(is_guest_path(&format!("/{}", "n".repeat(255))));
+        assert!(!is_guest_path(&format!("/a/{}/b", "n".repeat(256))));
     }
 
     #[test]

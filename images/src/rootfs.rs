@@ -32,6 +32,11 @@ pub struct Node {
     pub gid: u32,
 }
 
+/// The longest name of one directory entry Linux creates (NAME_MAX).
+pub const MAX_NAME: usize = 255;
+/// The longest path, and symlink target, Linux takes (PATH_MAX without its NUL).
+pub const MAX_PATH: usize = 4095;
+
 /// A root file system under construction. Paths are absolute and normalised.
 #[derive(Debug, Default)]
 pub struct Tree {
@@ -138,6 +143,42 @@ impl Tree {
     /// Whether the tree is empty.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+
+    /// The first entry the guest's kernel could not create as it is, and why: a name
+    /// longer than [`MAX_NAME`] bytes, a path or a symlink target longer than
+    /// [`MAX_PATH`]. (The kernel skips such an initramfs entry without a word, and a
+    /// file of the image would be missing in the guest.) None when there is none.
+    pub fn unrepresentable(&self) -> Option<String> {
+        let short = |s: &str| match s.char_indices().nth(48) {
+            Some((i, _)) => format!("{}…", &s[..i]),
+            None => s.to_string(),
+        };
+        self.nodes.iter().find_map(|(path, node)| {
+            if path.len() > MAX_PATH {
+                return Some(format!(
+                    "`{}` is a path of {} bytes; Linux takes at most {MAX_PATH}",
+                    short(path),
+                    path.len()
+                ));
+            }
+            if let Some(name) = path.split('/').find(|c| c.len() > MAX_NAME) {
+                return Some(format!(
+                    "`{}` has a name of {} bytes (`{}`); Linux allows at most {MAX_NAME}",
+                    short(path),
+                    name.len(),
+                    short(name)
+                ));
+            }
+            match &node.kind {
+                Kind::Symlink(t) if t.len() > MAX_PATH => Some(format!(
+                    "`{}` is a symlink to a target of {} bytes; Linux takes at most {MAX_PATH}",
+                    short(path),
+                    t.len()
+                )),
+                _ => None,
+            }
+        })
     }
 
     /// Serialises the tree as a cpio newc archive (what the kernel unpacks as initramfs).
@@ -298,5 +339,32 @@ mod tests {
         t.insert("/a/b", file(b"x"));
         t.insert("/a", file(b"y"));
         assert!(t.get("/a/b").is_none());
+    }
+
+    #[test]
+    fn entries_linux_cannot_create_are_named() {
+        let mut t = Tree::default();
+        t.insert(&format!("/etc/{}", "n".repeat(255)), file(b"x"));
+        assert_eq!(t.unrepresentable(), None);
+        t.insert(&format!("/opt/{}/f", "m".repeat(300)), file(b"x"));
+        let why = t.unrepresentable().expect("a long name");
+        assert!(why.contains("a name of 300 bytes"), "{why}");
+        let mut t = Tree::default();
+        t.insert(
+            "/l",
+            Node {
+                kind: Kind::Symlink("/t".repeat(2100)),
+                mode: 0o777,
+                uid: 0,
+                gid: 0,
+            },
+        );
+        let why = t.unrepresentable().expect("a long target");
+        assert!(why.contains("symlink to a target of 4200 bytes"), "{why}");
+        let mut t = Tree::default();
+        t.insert(&"/d".repeat(2100), file(b"x"));
+        assert!(t
+            .unrepresentable()
+            .is_some_and(|w| w.contains("is a path of 4096 bytes")));
     }
 }

@@ -312,7 +312,7 @@ pub struct NetworkSpec {
 }
 
 use crate::names::{self, is_dotted_name, is_plain_name};
-pub use crate::names::{is_guest_path, parse_owner};
+pub use crate::names::{is_guest_path, parse_owner, GUEST_PATH};
 
 impl Spec {
     /// Reads and validates a spec file.
@@ -472,7 +472,7 @@ impl Spec {
                     if !is_guest_path(p) || p.contains([':', '\n']) {
                         return Err(bad(
                             field(k),
-                            format!("`{p}` must be an absolute path without `:` or newlines"),
+                            format!("`{p}` must be {GUEST_PATH}, without `:` or newlines"),
                         ));
                     }
                 }
@@ -508,7 +508,7 @@ impl Spec {
             if !is_guest_path(&f.path) || f.path == "/" {
                 return Err(bad(
                     field("path"),
-                    format!("`{}` must be an absolute path without `.` or `..`", f.path),
+                    format!("`{}` must be {GUEST_PATH}", f.path),
                 ));
             }
             let p = f.path.trim_end_matches('/');
@@ -566,7 +566,7 @@ impl Spec {
             if !is_guest_path(&s.command) {
                 return Err(bad(
                     format!("boot[{i}].command"),
-                    format!("`{}` must be an absolute path", s.command),
+                    format!("`{}` must be {GUEST_PATH}", s.command),
                 ));
             }
             check_program(&s.command, &s.args, &s.env, s.user.as_deref())
@@ -600,17 +600,14 @@ impl Spec {
             if !is_guest_path(&s.command) {
                 return Err(bad(
                     field("command"),
-                    format!("`{}` must be an absolute path", s.command),
+                    format!("`{}` must be {GUEST_PATH}", s.command),
                 ));
             }
             check_program(&s.command, &s.args, &s.env, s.user.as_deref())
                 .map_err(|m| bad(format!("services.{name}"), m))?;
             if let Some(w) = &s.workdir {
                 if !is_guest_path(w) {
-                    return Err(bad(
-                        field("workdir"),
-                        format!("`{w}` must be an absolute path"),
-                    ));
+                    return Err(bad(field("workdir"), format!("`{w}` must be {GUEST_PATH}")));
                 }
             }
             for d in &s.depends_on {
@@ -685,7 +682,7 @@ impl Spec {
             if !is_guest_path(&v.mount) || v.mount == "/" {
                 return Err(bad(
                     format!("volumes[{i}].mount"),
-                    format!("`{}` must be an absolute path other than `/`", v.mount),
+                    format!("`{}` must be {GUEST_PATH}, other than `/`", v.mount),
                 ));
             }
             if let Some(why) = reserved_mount(&v.mount) {
@@ -709,7 +706,7 @@ impl Spec {
             if !is_guest_path(&t.path) || t.path == "/" {
                 return Err(bad(
                     field("path"),
-                    format!("`{}` must be an absolute path other than `/`", t.path),
+                    format!("`{}` must be {GUEST_PATH}, other than `/`", t.path),
                 ));
             }
             if let Some(why) = reserved_mount(&t.path) {
