@@ -159,3 +159,27 @@ fn a_locked_version_that_cannot_be_had_and_a_stale_lock_say_what_to_do() {
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("--update-lock"), "{}", text(&out));
 }
+
+/// The lock is an input like any other: a symlink out of the build context is refused
+/// before anything is read through it (the build runs as root), and the file it names
+/// is left as it was.
+#[test]
+fn a_lock_that_leads_out_of_the_build_context_is_refused() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = project(root.path(), "p");
+    let outside = root.path().join("secret");
+    std::fs::write(&outside, "not a lock\n").expect("write");
+    std::os::unix::fs::symlink(&outside, dir.join("app.lock")).expect("symlink");
+    let out = build_in(&dir, &root.path().join("cache"), &[]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(
+        t.contains("app.lock") && t.contains("outside the build context"),
+        "{t}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&outside).expect("read"),
+        "not a lock\n"
+    );
+    assert!(!dir.join("app.img").exists());
+}

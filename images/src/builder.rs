@@ -375,6 +375,19 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         }
         Ok(real)
     };
+    // The lock beside the spec is read like any input: a symlink must not lead out of
+    // the context (the build would read, as root, whatever it names).
+    if !spec.packages.is_empty() {
+        let lock_path = lock::path_for(opts.spec);
+        if lock_path
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+        {
+            if let Some(name) = lock_path.file_name() {
+                confined("packages", Path::new(name))?;
+            }
+        }
+    }
 
     // Kernel.
     let kernel_path = match spec.kernel.as_deref() {
