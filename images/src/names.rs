@@ -6,6 +6,8 @@
 pub const MAX_NAME: usize = 64;
 /// Longest guest path.
 pub const MAX_GUEST_PATH: usize = 4095;
+/// Longest name of one directory entry in a guest path (Linux's NAME_MAX).
+pub const MAX_GUEST_NAME: usize = 255;
 /// Smallest and largest guest memory, MiB.
 pub const MEMORY_MIB: std::ops::RangeInclusive<u32> = 32..=65536;
 /// vCPUs a guest may have.
@@ -49,9 +51,9 @@ pub fn is_guest_path(p: &str) -> bool {
         && p.len() <= MAX_GUEST_PATH
         && !p.contains('\0')
         && (p == "/"
-            || p[1..].split('/').all(|c| {
-                !c.is_empty() && c != "." && c != ".." && c.len() <= crate::rootfs::MAX_NAME
-            }))
+            || p[1..]
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != ".." && c.len() <= MAX_GUEST_NAME))
 }
 
 /// A Debian package name (Debian Policy 5.6.1): lower-case letters, digits, `+`, `-`,

@@ -32,10 +32,7 @@ pub struct Node {
     pub gid: u32,
 }
 
-/// The longest name of one directory entry Linux creates (NAME_MAX).
-pub const MAX_NAME: usize = 255;
-/// The longest path, and symlink target, Linux takes (PATH_MAX without its NUL).
-pub const MAX_PATH: usize = 4095;
+use crate::names::{MAX_GUEST_NAME as MAX_NAME, MAX_GUEST_PATH as MAX_PATH};
 
 /// A root file system under construction. Paths are absolute and normalised.
 #[derive(Debug, Default)]
