@@ -373,6 +373,7 @@ fn deploy(args: DeployArgs) -> Result<i32> {
     call(|| hostd_daemon::client::check(&answer))?;
     let stored: StoredComponent = serde_json::from_slice(&answer.body)
         .context("the daemon's answer to PUT /components is not the JSON expected")?;
+    let digest = stored.digest.clone();
     let req = DeployRequest {
         component: stored.digest,
         routes,
@@ -387,6 +388,12 @@ fn deploy(args: DeployArgs) -> Result<i32> {
             Method::POST,
             &format!("/functions/{}/versions", args.name),
             Some(&req),
+        )
+    })
+    .with_context(|| {
+        format!(
+            "{} (uploaded as {digest}) was not deployed",
+            args.component.display()
         )
     })?;
     out(&format!(

@@ -253,10 +253,13 @@ fn deploys_under_load_through_the_daemon_answer_every_request() {
         "fn", "deploy", "app", version, "--route", "/v", "--grants", &bad, "--health", "/v",
     ]);
     assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Named as its deployer knows it: the file given and the digest it was stored as.
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("health check"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains("health check")
+            && err.contains(&format!("{version} (uploaded as sha256:"))
+            && !err.contains("components/"),
+        "{err}"
     );
     assert_eq!(get(&agent(), &url), (200, "version v2\n".into()));
 }

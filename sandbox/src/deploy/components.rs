@@ -4,8 +4,10 @@
 //! to its digest, so a reader never sees half a file; reading it back checks
 //! the digest again, so a file changed on disk is refused, never served.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -79,6 +81,9 @@ impl ComponentStore {
         let hex = to_hex(&Sha256::digest(bytes));
         let path = self.path(&hex);
         if self.get(&hex).is_ok() {
+            // Stored again: its time in the store without a version starts anew
+            // ([`ComponentStore::collect`]).
+            let _ = std::fs::File::open(&path).and_then(|f| f.set_modified(SystemTime::now()));
             return Ok(hex);
         }
         let io = |what| {
@@ -97,6 +102,37 @@ impl ComponentStore {
             .map_err(io("renaming into place"))?;
         tracing::info!(component = %hex, bytes = bytes.len(), "component stored");
         Ok(hex)
+    }
+
+    /// Removes each component `keep` does not hold that was stored (or stored again)
+    /// more than `min_age` ago, and temporary files as old (uploads cut off). What
+    /// is younger may be about to be deployed: a component is stored, then deployed
+    /// in a second request. Returns how many files went and their bytes.
+    pub fn collect(&self, keep: &BTreeSet<String>, min_age: Duration) -> (usize, u64) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return (0, 0);
+        };
+        let now = SystemTime::now();
+        let (mut files, mut bytes) = (0, 0);
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let garbage = name.starts_with(".tmp-")
+                || name
+                    .strip_suffix(".wasm")
+                    .is_some_and(|hex| parse_digest(hex).is_ok() && !keep.contains(hex));
+            let Ok(meta) = entry.metadata() else { continue };
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .is_some_and(|age| age > min_age);
+            if garbage && old && meta.is_file() && std::fs::remove_file(entry.path()).is_ok() {
+                files += 1;
+                bytes += meta.len();
+            }
+        }
+        (files, bytes)
     }
 
     /// The bytes of component `hex`, checked against their digest.
@@ -149,5 +185,33 @@ mod tests {
             store.get(&"0".repeat(64)),
             Err(DeployError::UnknownComponent { .. })
         ));
+    }
+
+    #[test]
+    fn components_no_version_keeps_go_once_old_enough() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ComponentStore::open(dir.path()).expect("open");
+        let kept = store.put(b"\0asm kept").expect("put");
+        let dropped = store.put(b"\0asm dropped").expect("put");
+        let keep = BTreeSet::from([kept.clone()]);
+        // Young: a deploy may be on its way.
+        assert_eq!(store.collect(&keep, Duration::from_secs(3600)), (0, 0));
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(store.collect(&keep, Duration::from_millis(10)).0, 1);
+        assert!(store.get(&kept).is_ok());
+        assert!(matches!(
+            store.get(&dropped),
+            Err(DeployError::UnknownComponent { .. })
+        ));
+        // Stored again, it is young again.
+        let old = store.path(&kept);
+        let f = std::fs::File::open(&old).expect("open");
+        f.set_modified(SystemTime::now() - Duration::from_secs(7200))
+            .expect("age it");
+        store.put(b"\0asm kept").expect("put again");
+        assert_eq!(
+            store.collect(&BTreeSet::new(), Duration::from_secs(3600)),
+            (0, 0)
+        );
     }
 }

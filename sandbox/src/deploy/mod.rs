@@ -218,6 +218,7 @@ impl FunctionHost {
             inner.lock().insert(name, entry);
         }
         inner.publish(&inner.lock());
+        inner.collect_components();
         tracing::info!(
             state = %inner.opts.state_dir.display(),
             functions = n,
@@ -252,6 +253,8 @@ impl FunctionHost {
             spec::check_health_path(name, p)?;
         }
         let _changing = self.inner.changes.lock().await;
+        // What earlier deploys that failed (or were never made) left.
+        self.inner.collect_components();
         let t = Instant::now();
         let version = self.inner.state.last_version(name)? + 1;
         let record = VersionRecord {
@@ -398,7 +401,8 @@ impl FunctionHost {
         self.version_info(name, target)
     }
 
-    /// Stops serving `name` and forgets its versions (its components stay in the store).
+    /// Stops serving `name` and forgets its versions (their components go from the store
+    /// an hour after their upload unless another version refers to them).
     pub async fn remove(&self, name: &str) -> Result<(), DeployError> {
         check_name(name)?;
         let _changing = self.inner.changes.lock().await;
@@ -407,6 +411,8 @@ impl FunctionHost {
         self.inner.state.remove(name)?;
         functions.remove(name);
         self.inner.publish(&functions);
+        drop(functions);
+        self.inner.collect_components();
         tracing::info!(function = %name, "function removed");
         Ok(())
     }
@@ -472,7 +478,28 @@ impl FunctionHost {
     }
 }
 
+/// How long a stored component no version refers to is kept: a deploy stores its
+/// component, then deploys it in a second request; one that never came (or failed)
+/// leaves it for this long.
+pub const UNUSED_COMPONENT_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 impl Inner {
+    /// Removes the components no version refers to, stored more than
+    /// [`UNUSED_COMPONENT_GRACE`] ago (the caller holds `changes`, or nothing deploys
+    /// yet).
+    fn collect_components(&self) {
+        let keep = match self.state.components() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!("not collecting unused components: {}", error_chain(&e));
+                return;
+            }
+        };
+        let (files, bytes) = self.components.collect(&keep, UNUSED_COMPONENT_GRACE);
+        if files > 0 {
+            tracing::info!(files, bytes, "removed components no version refers to");
+        }
+    }
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, FnEntry>> {
         // A panic while holding the lock leaves consistent data (every change
         // is applied whole), so a poisoned lock is still usable.
@@ -573,6 +600,9 @@ impl Inner {
         let path = self.components.path(&record.component);
         let function = spec::resolve(record, &path)?;
         let bytes = self.components.get(&record.component)?;
+        // Messages name the component by its digest, as its deployer knows it (not by
+        // the store's file).
+        let shown = PathBuf::from(format!("sha256:{}", record.component));
         let prepare_err = |source| DeployError::Prepare {
             function: record.function.clone(),
             source,
@@ -580,7 +610,7 @@ impl Inner {
         let component = engine::load_component_bytes(
             &self.engine,
             &bytes,
-            &path,
+            &shown,
             self.opts.cache_dir.as_deref(),
         )
         .map_err(prepare_err)?;
@@ -590,7 +620,7 @@ impl Inner {
             .and_then(ProxyPre::new)
             .map_err(|e| {
                 prepare_err(crate::Error::Component {
-                    path: path.clone(),
+                    path: shown.clone(),
                     msg: format!("not a wasi:http/proxy component hostd can serve: {e:#}"),
                 })
             })?;

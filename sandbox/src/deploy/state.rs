@@ -207,6 +207,22 @@ impl DeployState {
         Ok(out)
     }
 
+    /// The components (hex digests) some version of some function refers to.
+    pub fn components(&self) -> Result<std::collections::BTreeSet<String>, DeployError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = tx.open_table(VERSIONS).map_err(|e| self.db_err(e))?;
+        let mut out = std::collections::BTreeSet::new();
+        for entry in table.iter().map_err(|e| self.db_err(e))? {
+            let (k, v) = entry.map_err(|e| self.db_err(e))?;
+            let (name, version) = k.value();
+            out.insert(
+                self.decode(format!("{name}/{version}"), v.value())?
+                    .component,
+            );
+        }
+        Ok(out)
+    }
+
     /// Every version of `function`, oldest first.
     pub fn versions(&self, function: &str) -> Result<Vec<VersionRecord>, DeployError> {
         let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
