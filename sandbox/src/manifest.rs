@@ -270,6 +270,18 @@ impl Manifest {
     /// Parses manifest text; `base` resolves relative paths.
     pub fn parse(text: &str, base: &Path) -> Result<Manifest, String> {
         let raw: RawManifest = toml::from_str(text).map_err(|e| e.to_string())?;
+        Self::from_raw(raw, base)
+    }
+
+    /// As [`Manifest::parse`], from a document already parsed (or made in memory, as a
+    /// deploy's grants are): errors name fields, never lines of a text no one wrote.
+    pub fn from_table(doc: toml::Table, base: &Path) -> Result<Manifest, String> {
+        let raw: RawManifest = serde_path_to_error::deserialize(toml::Value::Table(doc))
+            .map_err(|e| format!("{}: {}", e.path(), e.inner().message().trim_end()))?;
+        Self::from_raw(raw, base)
+    }
+
+    fn from_raw(raw: RawManifest, base: &Path) -> Result<Manifest, String> {
         if raw.functions.is_empty() {
             return Err("no [functions.NAME] tables: nothing to serve".into());
         }

@@ -115,11 +115,16 @@ pub fn resolve(record: &VersionRecord, component: &Path) -> Result<Function, Dep
     functions.insert(record.function.clone(), toml::Value::Table(table));
     let mut doc = toml::Table::new();
     doc.insert("functions".into(), toml::Value::Table(functions));
-    let text = toml::to_string(&doc).map_err(|e| invalid(format!("grants: {e}")))?;
-    let mut manifest = Manifest::parse(&text, Path::new("/")).map_err(|msg| {
-        // The parser names the field as `functions.NAME: …`; the function is named already.
-        let prefix = format!("functions.{}: ", record.function);
-        invalid(msg.strip_prefix(&prefix).unwrap_or(&msg).to_owned())
+    let mut manifest = Manifest::from_table(doc, Path::new("/")).map_err(|msg| {
+        // The parser names the field as `functions.NAME: …` or `functions.NAME.FIELD: …`;
+        // the function is named already.
+        let prefix = format!("functions.{}", record.function);
+        let msg = msg.strip_prefix(&prefix).map_or(msg.as_str(), |rest| {
+            rest.strip_prefix(": ")
+                .or_else(|| rest.strip_prefix('.'))
+                .unwrap_or(rest)
+        });
+        invalid(msg.to_owned())
     })?;
     let f = manifest
         .functions
@@ -182,6 +187,24 @@ mod tests {
                     Err(DeployError::InvalidSpec { .. })
                 ),
                 "accepted {grants:?} {routes:?}"
+            );
+        }
+    }
+
+    /// A grant of the wrong type is named by its field, not by a line of the document
+    /// the grants were once turned into.
+    #[test]
+    fn grant_errors_name_fields_not_lines() {
+        for (grants, field) in [
+            ("memory_mb = \"lots\"", "memory_mb"),
+            ("unknown = 1", "unknown"),
+        ] {
+            let err = resolve(&record(grants, &["/a"]), Path::new("/x.wasm"))
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                err.contains(field) && !err.contains("line") && !err.contains(" | "),
+                "{err}"
             );
         }
     }
