@@ -166,35 +166,8 @@ impl Daemon {
             uid: unsafe { libc::geteuid() },
             gid,
         };
-        if let Some(fleet) = &self.opts.fleet {
-            match crate::reconcile::apply(&self.state.guests, &self.state.functions, fleet).await
-            {
-                Ok(r) => tracing::info!(
-                    "--fleet: {} created, {} replaced, {} removed, {} unchanged; functions: {} deployed, {} removed, {} unchanged, {} failed",
-                    r.created.len(),
-                    r.replaced.len(),
-                    r.removed.len(),
-                    r.unchanged.len(),
-                    r.functions.deployed.len(),
-                    r.functions.removed.len(),
-                    r.functions.unchanged.len(),
-                    r.functions.failed.len()
-                ),
-                Err(e) => tracing::error!("--fleet: {}", e.message),
-            }
-        }
         let app = api::app(self.state.clone(), access);
         tracing::info!("listening on {}", socket.display());
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        if let Some(period) = sd_notify::watchdog_enabled() {
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(period / 2);
-                loop {
-                    tick.tick().await;
-                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-                }
-            });
-        }
         // After the signal, requests in flight get SHUTDOWN_GRACE to finish; a client
         // following a console (`?follow=1`) would otherwise keep the daemon up for as
         // long as it stays connected.
@@ -204,9 +177,28 @@ impl Daemon {
             shutdown_signal().await;
             let _ = stop_tx.send(true);
         });
+        // The API answers from now on, also while the fleet of `--fleet` is applied (an
+        // apply asked for meanwhile waits for it, as any two applies do); ready for
+        // systemd once that apply is done, so that what is ordered after the daemon finds
+        // the fleet's guests and functions there.
+        let ready = async {
+            if let Some(fleet) = &self.opts.fleet {
+                apply_at_start(&self.state, fleet).await;
+            }
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            if let Some(period) = sd_notify::watchdog_enabled() {
+                let mut tick = tokio::time::interval(period / 2);
+                loop {
+                    tick.tick().await;
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+            }
+            std::future::pending::<()>().await
+        };
         let serve = serve_api(listener, app, stop_rx.clone());
         let served = tokio::select! {
             served = serve => served,
+            () = ready => Ok(()),
             () = async {
                 let _ = stopping.wait_for(|s| *s).await;
                 tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -226,6 +218,24 @@ impl Daemon {
             path: socket,
             source,
         })
+    }
+}
+
+/// Applies the fleet given with `--fleet` and logs what it did.
+async fn apply_at_start(state: &AppState, fleet: &Fleet) {
+    match crate::reconcile::apply(&state.guests, &state.functions, fleet).await {
+        Ok(r) => tracing::info!(
+            "--fleet: {} created, {} replaced, {} removed, {} unchanged; functions: {} deployed, {} removed, {} unchanged, {} failed",
+            r.created.len(),
+            r.replaced.len(),
+            r.removed.len(),
+            r.unchanged.len(),
+            r.functions.deployed.len(),
+            r.functions.removed.len(),
+            r.functions.unchanged.len(),
+            r.functions.failed.len()
+        ),
+        Err(e) => tracing::error!("--fleet: {}", e.message),
     }
 }
 
