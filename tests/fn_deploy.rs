@@ -330,6 +330,44 @@ fn apply_deploys_updates_and_removes_the_fleets_functions() {
         "{ls}"
     );
 
+    // Two functions trade routes in one apply: their new versions go live together.
+    let pair = |one: &str, two: &str| {
+        let v = wasm("version");
+        format!(
+            "[functions.one]\ncomponent = {v:?}\nroutes = [\"{one}\"]\nconfig = {{ version = \"one\" }}\n\
+             [functions.two]\ncomponent = {v:?}\nroutes = [\"{two}\"]\nconfig = {{ version = \"two\" }}\n"
+        )
+    };
+    std::fs::write(&fleet, pair("/x", "/y")).unwrap();
+    d.ok(&["apply", fleet_s]);
+    std::fs::write(&fleet, pair("/y", "/x")).unwrap();
+    let out = d.ok(&["apply", fleet_s]);
+    assert!(
+        out.contains("deployed  function one") && out.contains("deployed  function two"),
+        "{out}"
+    );
+    for (route, version) in [("/x", "two"), ("/y", "one")] {
+        let (status, body) = get(&a, &format!("{}{route}", d.front));
+        assert_eq!((status, body.trim()), (200, format!("version {version}").as_str()));
+    }
+    // A route a function outside the fleet serves stays its: that version is refused,
+    // the others of the apply go live.
+    std::fs::write(&fleet, pair("/manual", "/z")).unwrap();
+    let out = d.hostd(&["apply", fleet_s]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("function one not deployed") && text.contains("manual"),
+        "{text}"
+    );
+    assert_eq!(get(&a, &format!("{}/manual", d.front)).0, 200);
+    let (status, body) = get(&a, &format!("{}/z", d.front));
+    assert_eq!((status, body.trim()), (200, "version two"));
+
     // A function that does not compile is reported and the exit status says so.
     let bad = dir.path().join("bad.wasm");
     std::fs::write(&bad, b"not wasm").unwrap();

@@ -83,11 +83,13 @@ fn split(
     Ok((component, routes, grants))
 }
 
-async fn apply_one(
+/// Reads and stores the component of one fleet function; its new version, or None when
+/// the live version is exactly that already.
+async fn stage(
     host: &FunctionHost,
     name: &str,
     table: &toml::Table,
-) -> Result<bool, FleetFunctionError> {
+) -> Result<Option<DeploySpec>, FleetFunctionError> {
     let (path, routes, grants) = split(name, table)?;
     // A regular file of at most the upload API's limit: a FIFO named here hung the apply
     // (and a daemon's start with `--fleet`), /dev/zero grew the daemon until it was killed.
@@ -120,17 +122,15 @@ async fn apply_one(
     if let Some(live) = live {
         let r = &live.record;
         if r.component == digest && r.routes == routes && r.grants == grants {
-            return Ok(false);
+            return Ok(None);
         }
     }
-    let spec = DeploySpec {
+    Ok(Some(DeploySpec {
         component: digest,
         routes,
         grants,
         health_check: None,
-    };
-    host.deploy(name, spec).await.map_err(deploy_err)?;
-    Ok(true)
+    }))
 }
 
 /// Deploys the fleet's functions whose live version differs, and removes those
@@ -160,19 +160,36 @@ pub async fn apply(host: &FunctionHost, store: &Store, fleet: &Fleet) -> Functio
         }
         Err(e) => fail(&mut report, "", crate::error::chain(&e)),
     }
+    // The new versions are made live together, so that functions may trade routes.
+    let mut changed = Vec::new();
     for (name, table) in &fleet.functions {
-        match apply_one(host, name, table).await {
-            Ok(deployed) => {
-                if let Err(e) = store.set_fleet_function(name, true) {
-                    fail(&mut report, name, crate::error::chain(&e));
-                } else if deployed {
-                    report.deployed.push(name.clone());
-                } else {
-                    report.unchanged.push(name.clone());
-                }
-            }
+        match stage(host, name, table).await {
+            Ok(Some(spec)) => changed.push((name.clone(), spec)),
+            Ok(None) => match store.set_fleet_function(name, true) {
+                Ok(()) => report.unchanged.push(name.clone()),
+                Err(e) => fail(&mut report, name, crate::error::chain(&e)),
+            },
             Err(e) => fail(&mut report, name, crate::error::chain(&e)),
         }
     }
+    for (name, outcome) in host.deploy_together(changed).await {
+        let recorded = outcome
+            .map_err(|source| {
+                crate::error::chain(&FleetFunctionError::Deploy {
+                    name: name.clone(),
+                    source,
+                })
+            })
+            .and_then(|_| {
+                store
+                    .set_fleet_function(&name, true)
+                    .map_err(|e| crate::error::chain(&e))
+            });
+        match recorded {
+            Ok(()) => report.deployed.push(name),
+            Err(msg) => fail(&mut report, &name, msg),
+        }
+    }
+    report.deployed.sort();
     report
 }

@@ -83,6 +83,15 @@ pub enum DeployError {
         #[source]
         source: crate::Error,
     },
+    /// A version deployed with others was ready, but recording them failed: none of
+    /// them is live.
+    #[error("function {function}: the new version was not made live: {why}")]
+    NotMadeLive {
+        /// The function.
+        function: String,
+        /// Why.
+        why: String,
+    },
     /// The health check of the new version did not answer 2xx; nothing changed.
     #[error("function {function}: health check GET {path} of the new version {outcome}; the live version is unchanged")]
     HealthCheck {

@@ -124,6 +124,14 @@ impl std::fmt::Debug for Inner {
     }
 }
 
+/// A version compiled, pre-instantiated and healthy, not yet live.
+struct PreparedVersion {
+    record: VersionRecord,
+    routes: Vec<manifest::Route>,
+    deployed: Arc<Deployed>,
+    metrics: Arc<RequestMetrics>,
+}
+
 #[derive(Default)]
 struct FnEntry {
     live: u64,
@@ -247,15 +255,90 @@ impl FunctionHost {
     /// new) and makes it live once it is compiled, pre-instantiated and (if
     /// asked) healthy. On any error the live version is unchanged.
     pub async fn deploy(&self, name: &str, spec: DeploySpec) -> Result<VersionInfo, DeployError> {
+        let _changing = self.inner.changes.lock().await;
+        // What earlier deploys that failed (or were never made) left.
+        self.inner.collect_components();
+        let t = Instant::now();
+        // Routes are checked before compiling: a conflict fails fast.
+        let prepared = self.prepare_version(name, spec, true).await?;
+        let version = prepared.record.version;
+        self.inner
+            .make_live(vec![prepared], t)
+            .pop()
+            .unwrap_or_else(|| Err(DeployError::UnknownFunction { name: name.into() }))?;
+        self.version_info(name, version)
+    }
+
+    /// Deploys several functions at once, each as [`FunctionHost::deploy`] does, and
+    /// makes those that compiled (and passed their health checks) live together: one
+    /// database transaction and one swap of the route table, with routes checked
+    /// against the table as it will be. So functions can trade routes (f takes g's
+    /// route while g moves to another), which one deploy after another refuses. A
+    /// version whose routes another function keeps (or two of them claim) is not made
+    /// live; the others are. Outcomes in the order given; names must differ.
+    pub async fn deploy_together(
+        &self,
+        specs: Vec<(String, DeploySpec)>,
+    ) -> Vec<(String, Result<VersionInfo, DeployError>)> {
+        let _changing = self.inner.changes.lock().await;
+        self.inner.collect_components();
+        let t = Instant::now();
+        let mut outcomes: Vec<(String, Option<Result<u64, DeployError>>)> = Vec::new();
+        let mut ready = Vec::new();
+        for (name, spec) in specs {
+            if outcomes.iter().any(|(n, _)| *n == name) {
+                let e = DeployError::InvalidSpec {
+                    function: name.clone(),
+                    msg: "deployed twice in one batch".into(),
+                };
+                outcomes.push((name, Some(Err(e))));
+                continue;
+            }
+            match self.prepare_version(&name, spec, false).await {
+                Ok(p) => {
+                    ready.push(p);
+                    outcomes.push((name, None));
+                }
+                Err(e) => outcomes.push((name, Some(Err(e)))),
+            }
+        }
+        let versions: Vec<(String, u64)> = ready
+            .iter()
+            .map(|p| (p.record.function.clone(), p.record.version))
+            .collect();
+        for ((name, version), result) in versions.into_iter().zip(self.inner.make_live(ready, t)) {
+            if let Some((_, slot)) = outcomes.iter_mut().find(|(n, _)| *n == name) {
+                *slot = Some(result.map(|()| version));
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|(name, r)| {
+                let r = match r {
+                    Some(Ok(v)) => self.version_info(&name, v),
+                    Some(Err(e)) => Err(e),
+                    None => Err(DeployError::UnknownFunction { name: name.clone() }),
+                };
+                (name, r)
+            })
+            .collect()
+    }
+
+    /// Checks `spec`, compiles and pre-instantiates it as the next version of `name`
+    /// and runs its health check: everything before it can be made live. With
+    /// `routes_now`, its routes are first checked against the live table (a single
+    /// deploy fails fast; a batch checks them against the table it makes).
+    async fn prepare_version(
+        &self,
+        name: &str,
+        spec: DeploySpec,
+        routes_now: bool,
+    ) -> Result<PreparedVersion, DeployError> {
         check_name(name)?;
         let component = parse_digest(&spec.component)?;
         if let Some(p) = &spec.health_check {
             spec::check_health_path(name, p)?;
         }
-        let _changing = self.inner.changes.lock().await;
-        // What earlier deploys that failed (or were never made) left.
-        self.inner.collect_components();
-        let t = Instant::now();
         let version = self.inner.state.last_version(name)? + 1;
         let record = VersionRecord {
             function: name.to_owned(),
@@ -266,12 +349,13 @@ impl FunctionHost {
             health_check: spec.health_check,
             created_unix_ms: now_ms(),
         };
-        // Routes are checked before compiling: a conflict fails fast.
         let function = {
             let path = self.inner.components.path(&record.component);
             spec::resolve(&record, &path)?
         };
-        self.inner.check_routes(name, &function.routes)?;
+        if routes_now {
+            self.inner.check_routes(name, &function.routes)?;
+        }
         let metrics = Arc::new(RequestMetrics::default());
         let deployed = {
             let inner = self.inner.clone();
@@ -283,7 +367,6 @@ impl FunctionHost {
                     DeployError::Setup(crate::Error::Engine(format!("compile task failed: {e}")))
                 })??
         };
-        let compiled_ms = t.elapsed().as_millis() as u64;
         if let Some(path) = &record.health_check {
             let outcome = match server::probe(&deployed, path).await {
                 Probe::Status(s) if (200..300).contains(&s) => None,
@@ -299,29 +382,12 @@ impl FunctionHost {
                 });
             }
         }
-        {
-            let mut functions = self.inner.lock();
-            // Checked again under the lock the table is built under.
-            self.inner
-                .check_routes_locked(&functions, name, &function.routes)?;
-            self.inner.state.insert_live(&record)?;
-            let entry = functions.entry(name.to_owned()).or_default();
-            entry.live = version;
-            entry.warm.insert(version, deployed);
-            entry.metrics.insert(version, metrics);
-            self.inner.trim(entry);
-            self.inner.publish(&functions);
-        }
-        tracing::info!(
-            function = %name,
-            version,
-            component = %record.component,
-            routes = %record.routes.join(" "),
-            compiled_ms,
-            live_ms = t.elapsed().as_millis() as u64,
-            "function version deployed and live"
-        );
-        self.version_info(name, version)
+        Ok(PreparedVersion {
+            record,
+            routes: function.routes,
+            deployed,
+            metrics,
+        })
     }
 
     /// Makes `version` (default: the one that was live before the live one) live again.
@@ -533,6 +599,110 @@ impl Inner {
                 .unwrap_or_else(|| RequestMetrics::default().snapshot()),
             record,
         }
+    }
+
+    /// Makes the prepared versions live together (see
+    /// [`FunctionHost::deploy_together`]): those whose routes no function keeping its
+    /// live version serves, and no other of them claims, in one transaction and one
+    /// table swap. Outcomes in the order given.
+    fn make_live(
+        &self,
+        prepared: Vec<PreparedVersion>,
+        started: Instant,
+    ) -> Vec<Result<(), DeployError>> {
+        let mut functions = self.lock();
+        let mut outcomes: Vec<Option<DeployError>> = prepared.iter().map(|_| None).collect();
+        // Who serves each route once the still-candidate versions are live: a refused
+        // candidate keeps its live version's routes, which may refuse another.
+        loop {
+            let candidate = |i: usize| outcomes[i].is_none();
+            let mut owner: BTreeMap<String, String> = BTreeMap::new();
+            for (name, entry) in functions.iter() {
+                let replaced = prepared
+                    .iter()
+                    .enumerate()
+                    .any(|(i, p)| p.record.function == *name && candidate(i));
+                if replaced {
+                    continue;
+                }
+                if let Some(live) = entry.warm.get(&entry.live) {
+                    for r in &live.routes {
+                        owner.insert(r.to_string(), name.clone());
+                    }
+                }
+            }
+            let mut refused = None;
+            'find: for (i, p) in prepared.iter().enumerate().filter(|(i, _)| candidate(*i)) {
+                for r in &p.routes {
+                    let route = r.to_string();
+                    match owner.get(&route) {
+                        Some(other) if *other != p.record.function => {
+                            refused = Some((i, route, other.clone()));
+                            break 'find;
+                        }
+                        _ => {
+                            owner.insert(route, p.record.function.clone());
+                        }
+                    }
+                }
+            }
+            match refused {
+                Some((i, route, other)) => {
+                    outcomes[i] = Some(DeployError::RouteConflict { route, other });
+                }
+                None => break,
+            }
+        }
+        let records: Vec<&VersionRecord> = prepared
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| o.is_none())
+            .map(|(p, _)| &p.record)
+            .collect();
+        if !records.is_empty() {
+            if let Err(e) = self.state.insert_live_all(&records) {
+                let why = error_chain(&e);
+                return prepared
+                    .iter()
+                    .zip(outcomes)
+                    .map(|(p, o)| {
+                        Err(o.unwrap_or_else(|| DeployError::NotMadeLive {
+                            function: p.record.function.clone(),
+                            why: why.clone(),
+                        }))
+                    })
+                    .collect();
+            }
+        }
+        let mut results = Vec::new();
+        for (p, o) in prepared.into_iter().zip(outcomes) {
+            if let Some(e) = o {
+                results.push(Err(e));
+                continue;
+            }
+            let PreparedVersion {
+                record,
+                deployed,
+                metrics,
+                ..
+            } = p;
+            let entry = functions.entry(record.function.clone()).or_default();
+            entry.live = record.version;
+            entry.warm.insert(record.version, deployed);
+            entry.metrics.insert(record.version, metrics);
+            self.trim(entry);
+            tracing::info!(
+                function = %record.function,
+                version = record.version,
+                component = %record.component,
+                routes = %record.routes.join(" "),
+                live_ms = started.elapsed().as_millis() as u64,
+                "function version deployed and live"
+            );
+            results.push(Ok(()));
+        }
+        self.publish(&functions);
+        results
     }
 
     fn check_routes(&self, name: &str, routes: &[manifest::Route]) -> Result<(), DeployError> {

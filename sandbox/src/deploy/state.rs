@@ -144,26 +144,34 @@ impl DeployState {
         })
     }
 
-    /// Stores `record` and makes it live, in one transaction.
-    pub fn insert_live(&self, record: &VersionRecord) -> Result<(), DeployError> {
-        let json = serde_json::to_vec(record).map_err(|source| DeployError::Record {
-            path: self.path.clone(),
-            key: format!("{}/{}", record.function, record.version),
-            source,
-        })?;
+    /// Stores each record and makes it live, all in one transaction: after a crash
+    /// either every one is live or none is.
+    pub fn insert_live_all(&self, records: &[&VersionRecord]) -> Result<(), DeployError> {
+        let json = records
+            .iter()
+            .map(|record| {
+                serde_json::to_vec(record).map_err(|source| DeployError::Record {
+                    path: self.path.clone(),
+                    key: format!("{}/{}", record.function, record.version),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         self.write_all(|versions, live, previous| {
-            versions
-                .insert((record.function.as_str(), record.version), json.as_slice())
-                .map_err(|e| self.db_err(e))?;
-            self.remember(
-                &record.function,
-                record.version,
-                Switch::Deploy,
-                live,
-                previous,
-            )?;
-            live.insert(record.function.as_str(), record.version)
-                .map_err(|e| self.db_err(e))?;
+            for (record, json) in records.iter().zip(&json) {
+                versions
+                    .insert((record.function.as_str(), record.version), json.as_slice())
+                    .map_err(|e| self.db_err(e))?;
+                self.remember(
+                    &record.function,
+                    record.version,
+                    Switch::Deploy,
+                    live,
+                    previous,
+                )?;
+                live.insert(record.function.as_str(), record.version)
+                    .map_err(|e| self.db_err(e))?;
+            }
             Ok(())
         })
     }
