@@ -390,7 +390,11 @@ impl RunningBackends {
             drop(listener);
             running.exit_fds.push(pidfd(child.id()));
             running.children.push((name.clone(), child));
-            let args = b.qemu_device_args(running.devices.len(), &socket);
+            // QEMU's arguments name a socket file; a connected device has none.
+            let args = match sockets {
+                Sockets::Named => b.qemu_device_args(running.devices.len(), &socket),
+                Sockets::Connected => Vec::new(),
+            };
             running.devices.push((name, socket, args));
         }
         running.gate = Some(gate_write);
