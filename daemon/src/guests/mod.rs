@@ -785,7 +785,13 @@ fn adopt_shared_volumes(
     if !has_volumes(&shared.join("volumes")) {
         return Ok(());
     }
-    let manifest = hostd_images::format::Image::open(image)
+    // Verified in full once per version of the file (hostd run's record of it), not at
+    // each start of each guest while old volumes are left there.
+    let opened = match hostd_images::stamp::VerifiedCache::for_this_user() {
+        Some(cache) => hostd_images::format::Image::open_cached(image, &cache),
+        None => hostd_images::format::Image::open(image),
+    };
+    let manifest = opened
         .and_then(|i| i.manifest())
         .map_err(|source| DaemonError::Image {
             path: image.to_owned(),
