@@ -610,6 +610,9 @@ impl Inner {
         prepared: Vec<PreparedVersion>,
         started: Instant,
     ) -> Vec<Result<(), DeployError>> {
+        if prepared.is_empty() {
+            return Vec::new();
+        }
         let mut functions = self.lock();
         let mut outcomes: Vec<Option<DeployError>> = prepared.iter().map(|_| None).collect();
         // Who serves each route once the still-candidate versions are live: a refused
