@@ -221,21 +221,11 @@ impl Daemon {
     }
 }
 
-/// Applies the fleet given with `--fleet` and logs what it did.
+/// Applies the fleet given with `--fleet` (the apply logs what it did; an error is
+/// logged here).
 async fn apply_at_start(state: &AppState, fleet: &Fleet) {
-    match crate::reconcile::apply(&state.guests, &state.functions, fleet).await {
-        Ok(r) => tracing::info!(
-            "--fleet: {} created, {} replaced, {} removed, {} unchanged; functions: {} deployed, {} removed, {} unchanged, {} failed",
-            r.created.len(),
-            r.replaced.len(),
-            r.removed.len(),
-            r.unchanged.len(),
-            r.functions.deployed.len(),
-            r.functions.removed.len(),
-            r.functions.unchanged.len(),
-            r.functions.failed.len()
-        ),
-        Err(e) => tracing::error!("--fleet: {}", e.message),
+    if let Err(e) = crate::reconcile::apply(&state.guests, &state.functions, fleet).await {
+        tracing::error!("--fleet: {}", e.message);
     }
 }
 
