@@ -40,7 +40,8 @@ pub struct DaemonArgs {
     /// Where the daemon keeps its database, images, consoles and volumes.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
-    /// A fleet file to apply at start.
+    /// A fleet file to apply at start (the API answers meanwhile; with systemd, READY
+    /// is sent once it is applied).
     #[arg(long, value_name = "FILE")]
     pub fleet: Option<PathBuf>,
     /// Largest image accepted (`POST /images` or a path), in MiB.
