@@ -348,7 +348,10 @@ fn apply_deploys_updates_and_removes_the_fleets_functions() {
     );
     for (route, version) in [("/x", "two"), ("/y", "one")] {
         let (status, body) = get(&a, &format!("{}{route}", d.front));
-        assert_eq!((status, body.trim()), (200, format!("version {version}").as_str()));
+        assert_eq!(
+            (status, body.trim()),
+            (200, format!("version {version}").as_str())
+        );
     }
     // A route a function outside the fleet serves stays its: that version is refused,
     // the others of the apply go live.
