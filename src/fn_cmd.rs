@@ -373,7 +373,6 @@ fn deploy(args: DeployArgs) -> Result<i32> {
     call(|| hostd_daemon::client::check(&answer))?;
     let stored: StoredComponent = serde_json::from_slice(&answer.body)
         .context("the daemon's answer to PUT /components is not the JSON expected")?;
-    let digest = stored.digest.clone();
     let req = DeployRequest {
         component: stored.digest,
         routes,
@@ -392,8 +391,9 @@ fn deploy(args: DeployArgs) -> Result<i32> {
     })
     .with_context(|| {
         format!(
-            "{} (uploaded as {digest}) was not deployed",
-            args.component.display()
+            "{} (uploaded as {}) was not deployed",
+            args.component.display(),
+            req.component
         )
     })?;
     out(&format!(

@@ -302,20 +302,21 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         )));
     }
     let spec = Spec::load(opts.spec)?;
-    if !spec.packages.is_empty() {
+    // The lock beside the spec, when the spec has packages.
+    let lock_path = (!spec.packages.is_empty()).then(|| lock::path_for(opts.spec));
+    if let Some(lock_path) = &lock_path {
         // The lock is written beside the spec: it must be neither the spec nor the image.
-        let lock_path = lock::path_for(opts.spec);
-        if input::same_path(&lock_path, opts.spec) {
+        if input::same_path(lock_path, opts.spec) {
             return Err(BuildError::Input {
                 file: file.clone(),
                 field: "packages".into(),
-                path: lock_path,
+                path: lock_path.clone(),
                 message: "the spec's lock file (the spec's name with `.lock`) would be the spec \
                           itself; name the spec NAME.toml"
                     .into(),
             });
         }
-        if input::same_path(&lock_path, opts.output) {
+        if input::same_path(lock_path, opts.output) {
             return Err(output_err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "it is where the spec's lock file goes; choose another output path",
@@ -377,8 +378,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     };
     // The lock beside the spec is read like any input: a symlink must not lead out of
     // the context (the build would read, as root, whatever it names).
-    if !spec.packages.is_empty() {
-        let lock_path = lock::path_for(opts.spec);
+    if let Some(lock_path) = &lock_path {
         if lock_path
             .symlink_metadata()
             .is_ok_and(|m| m.file_type().is_symlink())

@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::names::{MAX_GUEST_NAME, MAX_GUEST_PATH};
+
 /// What a path is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
@@ -31,8 +33,6 @@ pub struct Node {
     /// Owner gid.
     pub gid: u32,
 }
-
-use crate::names::{MAX_GUEST_NAME as MAX_NAME, MAX_GUEST_PATH as MAX_PATH};
 
 /// A root file system under construction. Paths are absolute and normalised.
 #[derive(Debug, Default)]
@@ -143,8 +143,8 @@ impl Tree {
     }
 
     /// The first entry the guest's kernel could not create as it is, and why: a name
-    /// longer than [`MAX_NAME`] bytes, a path or a symlink target longer than
-    /// [`MAX_PATH`]. (The kernel skips such an initramfs entry without a word, and a
+    /// longer than [`MAX_GUEST_NAME`] bytes, a path or a symlink target longer than
+    /// [`MAX_GUEST_PATH`]. (The kernel skips such an initramfs entry without a word, and a
     /// file of the image would be missing in the guest.) None when there is none.
     pub fn unrepresentable(&self) -> Option<String> {
         let short = |s: &str| match s.char_indices().nth(48) {
@@ -152,24 +152,24 @@ impl Tree {
             None => s.to_string(),
         };
         self.nodes.iter().find_map(|(path, node)| {
-            if path.len() > MAX_PATH {
+            if path.len() > MAX_GUEST_PATH {
                 return Some(format!(
-                    "`{}` is a path of {} bytes; Linux takes at most {MAX_PATH}",
+                    "`{}` is a path of {} bytes; Linux takes at most {MAX_GUEST_PATH}",
                     short(path),
                     path.len()
                 ));
             }
-            if let Some(name) = path.split('/').find(|c| c.len() > MAX_NAME) {
+            if let Some(name) = path.split('/').find(|c| c.len() > MAX_GUEST_NAME) {
                 return Some(format!(
-                    "`{}` has a name of {} bytes (`{}`); Linux allows at most {MAX_NAME}",
+                    "`{}` has a name of {} bytes (`{}`); Linux allows at most {MAX_GUEST_NAME}",
                     short(path),
                     name.len(),
                     short(name)
                 ));
             }
             match &node.kind {
-                Kind::Symlink(t) if t.len() > MAX_PATH => Some(format!(
-                    "`{}` is a symlink to a target of {} bytes; Linux takes at most {MAX_PATH}",
+                Kind::Symlink(t) if t.len() > MAX_GUEST_PATH => Some(format!(
+                    "`{}` is a symlink to a target of {} bytes; Linux takes at most {MAX_GUEST_PATH}",
                     short(path),
                     t.len()
                 )),

@@ -775,14 +775,12 @@ fn adopt_shared_volumes(
 ) -> Result<(), DaemonError> {
     use hostd_vmm::volumes;
     let shared = state_dir.join("volumes");
-    let has_volumes = |dir: &Path| {
-        std::fs::read_dir(dir).is_ok_and(|entries| {
-            entries
-                .flatten()
-                .any(|e| e.path().extension().is_some_and(|x| x == "ext4"))
-        })
-    };
-    if !has_volumes(&shared.join("volumes")) {
+    let any_left = std::fs::read_dir(shared.join("volumes")).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.path().extension().is_some_and(|x| x == "ext4"))
+    });
+    if !any_left {
         return Ok(());
     }
     // Verified in full once per version of the file (hostd run's record of it), not at

@@ -261,8 +261,8 @@ impl FunctionHost {
         let t = Instant::now();
         // Routes are checked before compiling: a conflict fails fast.
         let prepared = self.prepare_version(name, spec, true).await?;
-        let version = prepared.record.version;
-        self.inner
+        let version = self
+            .inner
             .make_live(vec![prepared], t)
             .pop()
             .unwrap_or_else(|| Err(DeployError::UnknownFunction { name: name.into() }))?;
@@ -283,42 +283,38 @@ impl FunctionHost {
         let _changing = self.inner.changes.lock().await;
         self.inner.collect_components();
         let t = Instant::now();
-        let mut outcomes: Vec<(String, Option<Result<u64, DeployError>>)> = Vec::new();
+        // Each function's preparation: failed, or its place among those made live.
+        let mut prepared: Vec<(String, Result<usize, DeployError>)> = Vec::new();
         let mut ready = Vec::new();
         for (name, spec) in specs {
-            if outcomes.iter().any(|(n, _)| *n == name) {
-                let e = DeployError::InvalidSpec {
+            let outcome = if prepared.iter().any(|(n, _)| *n == name) {
+                Err(DeployError::InvalidSpec {
                     function: name.clone(),
                     msg: "deployed twice in one batch".into(),
-                };
-                outcomes.push((name, Some(Err(e))));
-                continue;
-            }
-            match self.prepare_version(&name, spec, false).await {
-                Ok(p) => {
+                })
+            } else {
+                self.prepare_version(&name, spec, false).await.map(|p| {
                     ready.push(p);
-                    outcomes.push((name, None));
-                }
-                Err(e) => outcomes.push((name, Some(Err(e)))),
-            }
+                    ready.len() - 1
+                })
+            };
+            prepared.push((name, outcome));
         }
-        let versions: Vec<(String, u64)> = ready
-            .iter()
-            .map(|p| (p.record.function.clone(), p.record.version))
-            .collect();
-        for ((name, version), result) in versions.into_iter().zip(self.inner.make_live(ready, t)) {
-            if let Some((_, slot)) = outcomes.iter_mut().find(|(n, _)| *n == name) {
-                *slot = Some(result.map(|()| version));
-            }
-        }
-        outcomes
+        let mut live: Vec<Option<Result<u64, DeployError>>> = self
+            .inner
+            .make_live(ready, t)
             .into_iter()
-            .map(|(name, r)| {
-                let r = match r {
-                    Some(Ok(v)) => self.version_info(&name, v),
-                    Some(Err(e)) => Err(e),
-                    None => Err(DeployError::UnknownFunction { name: name.clone() }),
-                };
+            .map(Some)
+            .collect();
+        prepared
+            .into_iter()
+            .map(|(name, outcome)| {
+                let made = outcome.and_then(|i| {
+                    live.get_mut(i)
+                        .and_then(Option::take)
+                        .unwrap_or_else(|| Err(DeployError::UnknownFunction { name: name.clone() }))
+                });
+                let r = made.and_then(|v| self.version_info(&name, v));
                 (name, r)
             })
             .collect()
@@ -604,12 +600,12 @@ impl Inner {
     /// Makes the prepared versions live together (see
     /// [`FunctionHost::deploy_together`]): those whose routes no function keeping its
     /// live version serves, and no other of them claims, in one transaction and one
-    /// table swap. Outcomes in the order given.
+    /// table swap. Outcomes (the version made live) in the order given.
     fn make_live(
         &self,
         prepared: Vec<PreparedVersion>,
         started: Instant,
-    ) -> Vec<Result<(), DeployError>> {
+    ) -> Vec<Result<u64, DeployError>> {
         if prepared.is_empty() {
             return Vec::new();
         }
@@ -702,7 +698,7 @@ impl Inner {
                 live_ms = started.elapsed().as_millis() as u64,
                 "function version deployed and live"
             );
-            results.push(Ok(()));
+            results.push(Ok(record.version));
         }
         self.publish(&functions);
         results
