@@ -12,8 +12,8 @@
 //!
 //! What of that runtime these programs rely on is done here: the standard fds open (a
 //! closed one would be taken by the next file opened, and output meant for the terminal
-//! would go into it) and SIGPIPE ignored (a write to a closed pipe is an error, not
-//! death). Arguments and environment need nothing: with glibc the standard library
+//! would go into it), SIGPIPE ignored (a write to a closed pipe is an error, not
+//! death), and no signal blocked (a backend starts with all blocked). Arguments and environment need nothing: with glibc the standard library
 //! reads them in an `.init_array` function, which runs for `#![no_main]` programs too.
 
 /// Call first thing in `main`.
@@ -47,4 +47,13 @@ pub fn init() {
     }
     // SAFETY: setting a signal's disposition to SIG_IGN.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    // No signal blocked: a device backend starts with every signal blocked (its
+    // starter shares the VM process's memory until the exec and may run none of its
+    // handlers, vmm/src/spawn.rs), and what a caller blocked is not hostd's to keep.
+    // SAFETY: an all-zero sigset_t is a valid value to empty.
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a local set.
+    unsafe { libc::sigemptyset(&mut empty) };
+    // SAFETY: sets this thread's (the only one's) mask from a local.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) };
 }

@@ -432,6 +432,15 @@ fn jailed_vm(vmm: &str) {
         check_jailed(p, &extra, &mut problems);
         check_clean_env(p, &mut problems);
         check_not_dumpable(p, &mut problems);
+        // Started with every signal blocked (vmm/src/spawn.rs), unblocked at its start.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid)).unwrap_or_default();
+        if field(&status, "SigBlk:") != "0000000000000000" {
+            problems.push(format!(
+                "pid {}: signals blocked: {}",
+                p.pid,
+                field(&status, "SigBlk:")
+            ));
+        }
     }
     // Under the built-in VMM, the VM's process and its backends (no net backend here) are
     // in the empty network namespace every VM shares (vmm/src/jail/netns.rs): the one

@@ -215,7 +215,7 @@ pub struct RunningBackends {
     exit_fds: Vec<Option<std::os::fd::OwnedFd>>,
     /// Name, socket, and the QEMU arguments attaching it.
     devices: Vec<(String, PathBuf, Vec<String>)>,
-    /// The write end of the pipe the forked backends wait on before their exec, until
+    /// The write end of the pipe the started backends wait on before their exec, until
     /// [`RunningBackends::release`] closes it.
     gate: Option<std::os::fd::OwnedFd>,
 }
@@ -290,7 +290,7 @@ impl RunningBackends {
             ),
             Sockets::Connected => None,
         };
-        // The backends are forked here and wait before their exec (`Spawn::gate`) until
+        // The backends are started here and wait before their exec (`Spawn::gate`) until
         // `release`: their exec and start, tens of ms of CPU each in the nested test host,
         // would otherwise compete with the VM's set-up for the CPUs, while nothing needs
         // them before the guest's drivers do (their sockets listen already).
@@ -401,7 +401,7 @@ impl RunningBackends {
         Ok(running)
     }
 
-    /// Lets the backends [`RunningBackends::spawn`] forked exec (closes the pipe they
+    /// Lets the backends [`RunningBackends::spawn`] started exec (closes the pipe they
     /// wait on). The built-in VMM calls it once its guest runs; until then their sockets
     /// listen, and a connection waits in the backlog.
     pub fn release(&mut self) {

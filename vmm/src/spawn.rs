@@ -1,12 +1,14 @@
-//! Starting a device backend without waiting for it: fork, and the parent goes on at
-//! once while the child execs.
+//! Starting a device backend without waiting for it: a child that shares this process's
+//! memory until its exec (`clone(CLONE_VM)`, [`Spawn::start`]), and the parent goes on
+//! at once while the child execs.
 //!
 //! `std::process::Command::spawn` returns only once the child has exec'd (it reads a
 //! close-on-exec pipe to report a failed exec), so the VM's process waited for each
-//! backend's exec in turn before it could go on with the VM: the exec (tearing down the
-//! forked copy of this process's memory, mapping the backend's program) is the child's
-//! work and can run on another CPU meanwhile. A failed exec is still reported: the
-//! child writes its errno to a pipe before it exits with status 127, and
+//! backend's exec in turn before it could go on with the VM: the exec (mapping the
+//! backend's program) is the child's work and can run on another CPU meanwhile. A fork
+//! copied this process's page tables and left both to copy-on-write faults after it;
+//! the shared memory has none of that. A failed exec is still reported: the child
+//! writes its errno to a pipe before it exits with status 127, and
 //! [`Started::exec_error`] reads it once the child is seen to have ended.
 
 use std::ffi::{CString, OsStr};
@@ -83,7 +85,7 @@ impl Spawn {
     }
 
     /// The child execs only once the write end `write` of the pipe whose read end is
-    /// `read` is closed everywhere (the child closes its copy) or written to: forked
+    /// `read` is closed everywhere (the child closes its copy) or written to: started
     /// early, the child waits for its exec (the bulk of a start's work) until its parent
     /// lets it go. Both ends should be close-on-exec.
     pub fn gate(&mut self, read: RawFd, write: RawFd) -> &mut Spawn {
@@ -91,7 +93,17 @@ impl Spawn {
         self
     }
 
-    /// Forks; the child execs, the parent returns at once.
+    /// Starts the child, which execs; the parent returns at once.
+    ///
+    /// The child is a `clone(CLONE_VM)` of this process, not a fork: it shares this
+    /// process's memory until its exec (nothing is copied, and this process takes no
+    /// copy-on-write faults afterwards while it sets its VM up), on a stack of its own,
+    /// with a copy of the fd table and of the signal handlers. Until its exec it runs
+    /// [`child_main`] alone: raw system calls on memory prepared here and never freed
+    /// ([`ChildPlan`], leaked with its stack: a few pages per backend for the life of
+    /// the VM's process), no C library call (it shares this thread's thread-local
+    /// `errno`), every signal blocked: the program starts with every signal blocked
+    /// and must empty its mask itself (hostd and hostd-backend do, `vm_start::init`).
     pub fn start(&self) -> io::Result<Started> {
         let null = std::fs::File::open("/dev/null")?;
         let mut fds = [0; 2];
@@ -103,26 +115,88 @@ impl Spawn {
         let rd = unsafe { OwnedFd::from_raw_fd(fds[0]) };
         // SAFETY: as above.
         let wr = unsafe { OwnedFd::from_raw_fd(fds[1]) };
-        // Everything the child uses is made before the fork: it allocates nothing.
-        let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|a| a.as_ptr()).collect();
-        argv.push(std::ptr::null());
-        let mut envp: Vec<*const libc::c_char> = self.envp.iter().map(|e| e.as_ptr()).collect();
-        envp.push(std::ptr::null());
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: the child calls only async-signal-safe functions on memory prepared
-        // above (see `exec_child`) and ends in exec or _exit; this process may have
-        // other threads, whose state the child never touches.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
+        // Everything the child reads, leaked: it must outlive the child's use of it,
+        // which this process does not see end (the exec).
+        let argv: Vec<CString> = self.argv.clone();
+        let envp: Vec<CString> = self.envp.clone();
+        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+        envp_ptrs.push(std::ptr::null());
+        let plan: &'static ChildPlan = Box::leak(Box::new(ChildPlan {
+            program: self.program.clone(),
+            _argv: argv,
+            _envp: envp,
+            argv: argv_ptrs,
+            envp: envp_ptrs,
+            parent: std::process::id() as libc::pid_t,
+            null: null.as_raw_fd(),
+            report: wr.as_raw_fd(),
+            keep_fd: self.keep_fd,
+            netns: self.netns,
+            gate: self.gate,
+        }));
+        // SAFETY: an anonymous private mapping; checked below.
+        let stack = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                CHILD_STACK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if stack == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        if pid == 0 {
-            let errno = self.exec_child(parent, null.as_raw_fd(), &argv, &envp);
-            let bytes = errno.to_ne_bytes();
-            // SAFETY: a write of 4 bytes from a local to our own pipe (async-signal-safe).
-            unsafe { libc::write(wr.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
-            // SAFETY: _exit is async-signal-safe and ends the child.
-            unsafe { libc::_exit(127) }
+        // The child starts with every signal blocked (it inherits this thread's mask):
+        // no handler of this process's may run on its stack before it has reset them.
+        // The raw call, as the C library's would leave its own two signals unblocked.
+        let (all, mut old): (u64, u64) = (!0, 0);
+        // SAFETY: sets this thread's mask from a local, the old one into a local.
+        unsafe {
+            raw_syscall(
+                libc::SYS_rt_sigprocmask,
+                [
+                    libc::SIG_SETMASK as usize,
+                    &all as *const u64 as usize,
+                    &mut old as *mut u64 as usize,
+                    SIGSET_SIZE,
+                ],
+            )
+        };
+        // The stack's top (it grows down): the end of the page-aligned mapping.
+        let top = stack
+            .cast::<u8>()
+            .wrapping_add(CHILD_STACK)
+            .cast::<libc::c_void>();
+        // SAFETY: `top` ends the child's own mapping; `child_main` is given a 'static
+        // plan and runs only raw system calls on it and on that stack (see its
+        // documentation).
+        let pid = unsafe {
+            libc::clone(
+                child_main,
+                top,
+                libc::CLONE_VM | libc::SIGCHLD,
+                (plan as *const ChildPlan).cast_mut().cast(),
+            )
+        };
+        let clone_error = io::Error::last_os_error();
+        // SAFETY: restores this thread's mask from a local.
+        unsafe {
+            raw_syscall(
+                libc::SYS_rt_sigprocmask,
+                [
+                    libc::SIG_SETMASK as usize,
+                    &old as *const u64 as usize,
+                    0,
+                    SIGSET_SIZE,
+                ],
+            )
+        };
+        if pid < 0 {
+            return Err(clone_error);
         }
         Ok(Started {
             pid,
@@ -131,73 +205,195 @@ impl Spawn {
             status: None,
         })
     }
+}
 
-    /// In the child: what `Command` does before its exec (a process group of its own,
-    /// stdin from /dev/null, an empty signal mask, SIGPIPE at its default), then the
-    /// parent-death signal and fds, the namespace, and the exec. Returns the errno of
-    /// the step that failed.
-    fn exec_child(
-        &self,
-        parent: libc::pid_t,
-        null: RawFd,
-        argv: &[*const libc::c_char],
-        envp: &[*const libc::c_char],
-    ) -> i32 {
-        let errno = || {
-            io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO)
-        };
-        // Each call below is a plain system call on integers or on memory prepared
-        // before the fork: async-signal-safe, nothing allocated.
-        // SAFETY: as above.
-        if unsafe { libc::setpgid(0, 0) } != 0 {
-            return errno();
-        }
-        // SAFETY: as above; `null` is open (/dev/null).
-        if unsafe { libc::dup2(null, 0) } < 0 {
-            return errno();
-        }
-        // SAFETY: an all-zero sigset_t is a valid value to empty.
-        let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: a local sigset_t.
-        unsafe { libc::sigemptyset(&mut empty) };
-        // SAFETY: sets this thread's mask from a local.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) };
-        // SAFETY: restores a default disposition.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-        if let Err(e) = crate::jail::die_with_parent_after_exec(parent) {
-            return e.raw_os_error().unwrap_or(libc::EIO);
-        }
-        if let Some(fd) = self.keep_fd {
-            // SAFETY: fcntl on an fd number only changes that fd's flags.
-            if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
-                return errno();
-            }
-        }
-        if let Some(fd) = self.netns {
-            // SAFETY: setns on an fd number has no memory effects.
-            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-                return errno();
-            }
-        }
-        if let Some((read, write)) = self.gate {
-            // SAFETY: close and read on fd numbers, into a local byte.
-            unsafe { libc::close(write) };
-            let mut b = 0u8;
-            loop {
-                // SAFETY: as above.
-                let n = unsafe { libc::read(read, (&mut b as *mut u8).cast(), 1) };
-                if n >= 0 || errno() != libc::EINTR {
-                    break;
-                }
-            }
-        }
-        // SAFETY: argv and envp are NULL-terminated arrays of NUL-terminated strings that
-        // live until the exec; the program is a NUL-terminated path.
-        unsafe { libc::execve(self.program.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-        errno()
+/// The kernel's signal set: 64 signals, 8 bytes.
+const SIGSET_SIZE: usize = 8;
+
+/// The stack of a child until its exec (it needs a few hundred bytes; only the pages it
+/// touches are ever allocated).
+const CHILD_STACK: usize = 64 << 10;
+
+/// What a child does before its exec, prepared by [`Spawn::start`] and never freed.
+struct ChildPlan {
+    program: CString,
+    /// The strings `argv` and `envp` point into.
+    _argv: Vec<CString>,
+    _envp: Vec<CString>,
+    /// NULL-terminated.
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    parent: libc::pid_t,
+    null: RawFd,
+    /// Where a failed step's errno goes (close-on-exec).
+    report: RawFd,
+    keep_fd: Option<RawFd>,
+    netns: Option<RawFd>,
+    gate: Option<(RawFd, RawFd)>,
+}
+
+/// A system call without the C library (which would set the thread-local `errno` that
+/// a `CLONE_VM` child shares with the thread that started it): the kernel's result, a
+/// negative errno on failure.
+///
+/// # Safety
+/// As for the system call `nr` with these arguments.
+unsafe fn raw_syscall(nr: libc::c_long, a: [usize; 4]) -> isize {
+    let ret: isize;
+    // SAFETY: the x86-64 Linux system call convention: number in rax, arguments in
+    // rdi, rsi, rdx, r10; rcx and r11 clobbered; the result in rax. The caller answers
+    // for what the call itself does.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") nr as isize => ret,
+            in("rdi") a[0],
+            in("rsi") a[1],
+            in("rdx") a[2],
+            in("r10") a[3],
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
     }
+    ret
+}
+
+/// The child of [`Spawn::start`], before its exec: most of what `Command` does (a
+/// process group of its own, stdin from /dev/null, SIGPIPE at its default; but every
+/// signal stays blocked, see below), then the parent-death signal, fds close-on-exec
+/// but the kept one, the network namespace, the gate, and the exec. A failed step's errno goes to the report
+/// pipe and the child exits with 127.
+///
+/// Only raw system calls on the plan (which outlives it) and locals: it shares its
+/// parent's memory and thread-local state, so it allocates nothing, panics nowhere and
+/// calls nothing of the C library.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `Spawn::start` passes a leaked, never mutated ChildPlan.
+    let plan = unsafe { &*arg.cast::<ChildPlan>() };
+    let errno = child_steps(plan);
+    let bytes = errno.to_ne_bytes();
+    // SAFETY: a write of 4 bytes from a local to our own pipe.
+    unsafe {
+        raw_syscall(
+            libc::SYS_write,
+            [
+                plan.report as usize,
+                bytes.as_ptr() as usize,
+                bytes.len(),
+                0,
+            ],
+        )
+    };
+    // SAFETY: ends this process (exit_group: it is a thread group of one).
+    unsafe { raw_syscall(libc::SYS_exit_group, [127, 0, 0, 0]) };
+    127
+}
+
+/// [`child_main`]'s steps; returns the errno of the one that failed (the exec's, if
+/// none before it did).
+fn child_steps(plan: &ChildPlan) -> i32 {
+    // Each call: a raw system call on integers, on the plan or on locals.
+    let call = |nr: libc::c_long, a: [usize; 4]| -> Result<isize, i32> {
+        // SAFETY: see above; each call site passes what its system call expects.
+        let r = unsafe { raw_syscall(nr, a) };
+        if r < 0 {
+            Err((-r) as i32)
+        } else {
+            Ok(r)
+        }
+    };
+    // Every signal stays blocked through the exec, which puts every handler back at
+    // its default: no handler of this process's ever runs in the child (on its stack,
+    // with its parent's thread-local state). The program empties its mask at its start
+    // (hostd's and hostd-backend's `vm_start::init`). SIGPIPE, which hostd ignores, back
+    // at its default (an ignored signal stays ignored across an exec), as `Command`
+    // leaves it.
+    let default = KernelSigaction::default();
+    let default_ptr = &default as *const KernelSigaction as usize;
+    let steps: [(libc::c_long, [usize; 4]); 3] = [
+        (
+            libc::SYS_rt_sigaction,
+            [libc::SIGPIPE as usize, default_ptr, 0, SIGSET_SIZE],
+        ),
+        (libc::SYS_setpgid, [0, 0, 0, 0]),
+        (libc::SYS_dup2, [plan.null as usize, 0, 0, 0]),
+    ];
+    for (nr, a) in steps {
+        if let Err(e) = call(nr, a) {
+            return e;
+        }
+    }
+    // Killed with the thread that started it; if that parent is gone already, nothing
+    // would kill it later.
+    if let Err(e) = call(
+        libc::SYS_prctl,
+        [
+            libc::PR_SET_PDEATHSIG as usize,
+            libc::SIGKILL as usize,
+            0,
+            0,
+        ],
+    ) {
+        return e;
+    }
+    if call(libc::SYS_getppid, [0; 4]) != Ok(plan.parent as isize) {
+        // SAFETY: ends this process.
+        unsafe { raw_syscall(libc::SYS_exit_group, [1, 0, 0, 0]) };
+    }
+    // Every fd past stderr close-on-exec (CLOSE_RANGE_CLOEXEC), then the kept one not.
+    const CLOSE_RANGE_CLOEXEC: usize = 1 << 2;
+    if let Err(e) = call(
+        libc::SYS_close_range,
+        [3, u32::MAX as usize, CLOSE_RANGE_CLOEXEC, 0],
+    ) {
+        return e;
+    }
+    if let Some(fd) = plan.keep_fd {
+        if let Err(e) = call(libc::SYS_fcntl, [fd as usize, libc::F_SETFD as usize, 0, 0]) {
+            return e;
+        }
+    }
+    if let Some(fd) = plan.netns {
+        if let Err(e) = call(
+            libc::SYS_setns,
+            [fd as usize, libc::CLONE_NEWNET as usize, 0, 0],
+        ) {
+            return e;
+        }
+    }
+    if let Some((read, write)) = plan.gate {
+        let _ = call(libc::SYS_close, [write as usize, 0, 0, 0]);
+        let mut b = 0u8;
+        while call(
+            libc::SYS_read,
+            [read as usize, &mut b as *mut u8 as usize, 1, 0],
+        ) == Err(libc::EINTR)
+        {}
+    }
+    match call(
+        libc::SYS_execve,
+        [
+            plan.program.as_ptr() as usize,
+            plan.argv.as_ptr() as usize,
+            plan.envp.as_ptr() as usize,
+            0,
+        ],
+    ) {
+        Err(e) => e,
+        Ok(_) => libc::EIO,
+    }
+}
+
+/// The kernel's `struct sigaction` for rt_sigaction (not the C library's: handler,
+/// flags, restorer, then a 64-bit mask). All zero: SIG_DFL, no flags, empty mask.
+#[repr(C)]
+#[derive(Default)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
 }
 
 /// A child [`Spawn::start`] started (the counterpart of `std::process::Child`).
@@ -349,6 +545,55 @@ mod tests {
             "kept\nclosed\n"
         );
         drop(b);
+    }
+
+    #[test]
+    fn the_program_starts_with_every_signal_blocked_and_sigpipe_at_its_default() {
+        // As hostd does: SIGPIPE ignored, a handler installed, and here also a signal
+        // blocked in the starting thread.
+        extern "C" fn on_usr1(_: libc::c_int) {}
+        // SAFETY: a no-op handler.
+        unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t) };
+        // SAFETY: SIGPIPE ignored, as the Rust runtime does anyway.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("out");
+        // grep's own masks, as the shell's exec leaves them (the shell's own may be all
+        // blocked while it forks).
+        let script = format!(
+            "exec grep -E '^Sig(Blk|Ign)' /proc/self/status > {}",
+            out.display()
+        );
+        // Waited for in the thread that started it: the child dies with that thread.
+        let status = std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: an all-zero sigset_t is a valid value to fill.
+                let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+                // SAFETY: a local set.
+                unsafe { libc::sigaddset(&mut set, libc::SIGUSR2) };
+                // SAFETY: blocks SIGUSR2 in this thread only, from a local.
+                unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+                let mut c = Spawn::new(Path::new("/bin/sh"), ["-c", &script], &[])
+                    .expect("spawn")
+                    .start()
+                    .expect("start");
+                wait_end(&mut c)
+            })
+            .join()
+            .expect("thread")
+        });
+        assert!(status.success(), "{status:?}");
+        let text = std::fs::read_to_string(&out).expect("out");
+        let mask = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| u64::from_str_radix(v.trim(), 16).expect("hex"))
+                .expect("a mask")
+        };
+        // All but SIGKILL and SIGSTOP, which cannot be blocked.
+        let unblockable = (1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1));
+        assert_eq!(mask("SigBlk:"), !unblockable, "{text}");
+        assert_eq!(mask("SigIgn:") & (1 << (libc::SIGPIPE - 1)), 0, "{text}");
     }
 
     #[test]

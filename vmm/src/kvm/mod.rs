@@ -1172,7 +1172,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     }
     crate::phase("vCPU threads");
     shared.start.wait();
-    // The guest runs: the backends, forked at the start and waiting since, exec now
+    // The guest runs: the backends, started early and waiting since, exec now
     // (`RunningBackends::spawn`).
     backends.release();
     let started = start_device_threads(handshakes, forwarders, filters.map(|f| f.forwarder))
