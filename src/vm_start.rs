@@ -13,8 +13,9 @@
 //! What of that runtime these programs rely on is done here: the standard fds open (a
 //! closed one would be taken by the next file opened, and output meant for the terminal
 //! would go into it), SIGPIPE ignored (a write to a closed pipe is an error, not
-//! death), and no signal blocked (a backend starts with all blocked). Arguments and environment need nothing: with glibc the standard library
-//! reads them in an `.init_array` function, which runs for `#![no_main]` programs too.
+//! death), and no signal blocked (a backend starts with all blocked). Arguments and
+//! environment need nothing: with glibc the standard library reads them in an
+//! `.init_array` function, which runs for `#![no_main]` programs too.
 
 /// Call first thing in `main`.
 pub fn init() {

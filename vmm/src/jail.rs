@@ -126,36 +126,18 @@ pub fn clean_child(cmd: &mut Command, keep: &[&str]) {
         }
     }
     let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-    // functions (prctl, getppid, close_range); it allocates nothing.
-    unsafe { cmd.pre_exec(move || die_with_parent_after_exec(parent)) };
+    // SAFETY: the closure runs between fork and exec and makes only raw system calls
+    // (prctl, getppid, close_range); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            crate::spawn::die_with_parent_after_exec(parent)
+                .map_err(std::io::Error::from_raw_os_error)
+        })
+    };
 }
 
 fn last_error() -> std::io::Error {
     std::io::Error::last_os_error()
-}
-
-/// Between fork and exec: PR_SET_PDEATHSIG, checked against `parent`, and every fd past
-/// stderr marked close-on-exec.
-pub(crate) fn die_with_parent_after_exec(parent: libc::pid_t) -> std::io::Result<()> {
-    // SAFETY: prctl with integer arguments has no memory effects.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
-        return Err(last_error());
-    }
-    // SAFETY: getppid has no preconditions.
-    if unsafe { libc::getppid() } != parent {
-        // The parent is already gone: nothing would kill us later.
-        // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(1) };
-    }
-    // Mark every fd past stderr close-on-exec (CLOSE_RANGE_CLOEXEC) rather than close
-    // it now, so that the standard library's own exec-error pipe still works.
-    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-    // SAFETY: close_range only changes fd flags.
-    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) } != 0 {
-        return Err(last_error());
-    }
-    Ok(())
 }
 
 /// Address space the built-in VMM may use besides guest memory: its executable, heap,

@@ -104,7 +104,7 @@ impl Spawn {
     /// the VM's process), no C library call (it shares this thread's thread-local
     /// `errno`), every signal blocked: the program starts with every signal blocked
     /// and must empty its mask itself (hostd and hostd-backend do, `vm_start::init`).
-    pub fn start(&self) -> io::Result<Started> {
+    pub fn start(self) -> io::Result<Started> {
         let null = std::fs::File::open("/dev/null")?;
         let mut fds = [0; 2];
         // SAFETY: a valid array of two ints.
@@ -115,26 +115,23 @@ impl Spawn {
         let rd = unsafe { OwnedFd::from_raw_fd(fds[0]) };
         // SAFETY: as above.
         let wr = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+        let program = self.program.to_string_lossy().into_owned();
         // Everything the child reads, leaked: it must outlive the child's use of it,
         // which this process does not see end (the exec).
-        let argv: Vec<CString> = self.argv.clone();
-        let envp: Vec<CString> = self.envp.clone();
-        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-        argv_ptrs.push(std::ptr::null());
-        let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
-        envp_ptrs.push(std::ptr::null());
+        let nul_ended = |strings: &[CString]| -> Vec<*const libc::c_char> {
+            strings
+                .iter()
+                .map(|s| s.as_ptr())
+                .chain([std::ptr::null()])
+                .collect()
+        };
         let plan: &'static ChildPlan = Box::leak(Box::new(ChildPlan {
-            program: self.program.clone(),
-            _argv: argv,
-            _envp: envp,
-            argv: argv_ptrs,
-            envp: envp_ptrs,
+            argv: nul_ended(&self.argv),
+            envp: nul_ended(&self.envp),
+            spawn: self,
             parent: std::process::id() as libc::pid_t,
             null: null.as_raw_fd(),
             report: wr.as_raw_fd(),
-            keep_fd: self.keep_fd,
-            netns: self.netns,
-            gate: self.gate,
         }));
         // SAFETY: an anonymous private mapping; checked below.
         let stack = unsafe {
@@ -150,22 +147,10 @@ impl Spawn {
         if stack == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        // The child starts with every signal blocked (it inherits this thread's mask):
-        // no handler of this process's may run on its stack before it has reset them.
-        // The raw call, as the C library's would leave its own two signals unblocked.
-        let (all, mut old): (u64, u64) = (!0, 0);
-        // SAFETY: sets this thread's mask from a local, the old one into a local.
-        unsafe {
-            raw_syscall(
-                libc::SYS_rt_sigprocmask,
-                [
-                    libc::SIG_SETMASK as usize,
-                    &all as *const u64 as usize,
-                    &mut old as *mut u64 as usize,
-                    SIGSET_SIZE,
-                ],
-            )
-        };
+        // The child starts with every signal blocked (it inherits this thread's mask)
+        // and keeps them so through its exec: no handler of this process's may run on
+        // its stack.
+        let old = set_signal_mask(!0);
         // The stack's top (it grows down): the end of the page-aligned mapping.
         let top = stack
             .cast::<u8>()
@@ -183,24 +168,13 @@ impl Spawn {
             )
         };
         let clone_error = io::Error::last_os_error();
-        // SAFETY: restores this thread's mask from a local.
-        unsafe {
-            raw_syscall(
-                libc::SYS_rt_sigprocmask,
-                [
-                    libc::SIG_SETMASK as usize,
-                    &old as *const u64 as usize,
-                    0,
-                    SIGSET_SIZE,
-                ],
-            )
-        };
+        set_signal_mask(old);
         if pid < 0 {
             return Err(clone_error);
         }
         Ok(Started {
             pid,
-            program: self.program.to_string_lossy().into_owned(),
+            program,
             exec_error: rd,
             status: None,
         })
@@ -216,20 +190,34 @@ const CHILD_STACK: usize = 64 << 10;
 
 /// What a child does before its exec, prepared by [`Spawn::start`] and never freed.
 struct ChildPlan {
-    program: CString,
-    /// The strings `argv` and `envp` point into.
-    _argv: Vec<CString>,
-    _envp: Vec<CString>,
-    /// NULL-terminated.
+    /// The program, its arguments and environment, and the fds to keep and enter.
+    spawn: Spawn,
+    /// `spawn`'s arguments and environment as NULL-terminated arrays.
     argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
     parent: libc::pid_t,
     null: RawFd,
     /// Where a failed step's errno goes (close-on-exec).
     report: RawFd,
-    keep_fd: Option<RawFd>,
-    netns: Option<RawFd>,
-    gate: Option<(RawFd, RawFd)>,
+}
+
+/// Sets the calling thread's signal mask (the kernel's 64 bits, with the raw call: the
+/// C library's would leave its own two signals unblocked); returns the one before.
+fn set_signal_mask(mask: u64) -> u64 {
+    let mut old = 0u64;
+    // SAFETY: sets this thread's mask from a local, the old one into a local.
+    unsafe {
+        raw_syscall(
+            libc::SYS_rt_sigprocmask,
+            [
+                libc::SIG_SETMASK as usize,
+                &mask as *const u64 as usize,
+                &mut old as *mut u64 as usize,
+                SIGSET_SIZE,
+            ],
+        )
+    };
+    old
 }
 
 /// A system call without the C library (which would set the thread-local `errno` that
@@ -262,8 +250,8 @@ unsafe fn raw_syscall(nr: libc::c_long, a: [usize; 4]) -> isize {
 /// The child of [`Spawn::start`], before its exec: most of what `Command` does (a
 /// process group of its own, stdin from /dev/null, SIGPIPE at its default; but every
 /// signal stays blocked, see below), then the parent-death signal, fds close-on-exec
-/// but the kept one, the network namespace, the gate, and the exec. A failed step's errno goes to the report
-/// pipe and the child exits with 127.
+/// but the kept one, the network namespace, the gate, and the exec. A failed step's
+/// errno goes to the report pipe and the child exits with 127.
 ///
 /// Only raw system calls on the plan (which outlives it) and locals: it shares its
 /// parent's memory and thread-local state, so it allocates nothing, panics nowhere and
@@ -290,19 +278,51 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     127
 }
 
+/// A raw system call on integers, on memory that outlives it or on locals, as
+/// `Err(errno)` on failure.
+fn call(nr: libc::c_long, a: [usize; 4]) -> Result<isize, i32> {
+    // SAFETY: each caller passes what its system call expects (integers, or pointers to
+    // memory that outlives the call).
+    let r = unsafe { raw_syscall(nr, a) };
+    if r < 0 {
+        Err((-r) as i32)
+    } else {
+        Ok(r)
+    }
+}
+
+/// Between the start of a child and its exec: SIGKILL when the thread that started it
+/// ends (PR_SET_PDEATHSIG; a child whose `parent` is gone already exits at once, as
+/// nothing would kill it later), and every fd past stderr marked close-on-exec. Raw
+/// system calls only: also for a `CLONE_VM` child ([`child_main`]). Err(errno).
+pub(crate) fn die_with_parent_after_exec(parent: libc::pid_t) -> Result<(), i32> {
+    call(
+        libc::SYS_prctl,
+        [
+            libc::PR_SET_PDEATHSIG as usize,
+            libc::SIGKILL as usize,
+            0,
+            0,
+        ],
+    )?;
+    if call(libc::SYS_getppid, [0; 4]) != Ok(parent as isize) {
+        // SAFETY: ends this process (a thread group of one, between fork and exec).
+        unsafe { raw_syscall(libc::SYS_exit_group, [1, 0, 0, 0]) };
+    }
+    // CLOSE_RANGE_CLOEXEC rather than closing them now, so that an exec-error pipe
+    // (the standard library's, or [`ChildPlan::report`]) still works.
+    const CLOSE_RANGE_CLOEXEC: usize = 1 << 2;
+    call(
+        libc::SYS_close_range,
+        [3, u32::MAX as usize, CLOSE_RANGE_CLOEXEC, 0],
+    )?;
+    Ok(())
+}
+
 /// [`child_main`]'s steps; returns the errno of the one that failed (the exec's, if
 /// none before it did).
 fn child_steps(plan: &ChildPlan) -> i32 {
-    // Each call: a raw system call on integers, on the plan or on locals.
-    let call = |nr: libc::c_long, a: [usize; 4]| -> Result<isize, i32> {
-        // SAFETY: see above; each call site passes what its system call expects.
-        let r = unsafe { raw_syscall(nr, a) };
-        if r < 0 {
-            Err((-r) as i32)
-        } else {
-            Ok(r)
-        }
-    };
+    let spawn = &plan.spawn;
     // Every signal stays blocked through the exec, which puts every handler back at
     // its default: no handler of this process's ever runs in the child (on its stack,
     // with its parent's thread-local state). The program empties its mask at its start
@@ -324,37 +344,16 @@ fn child_steps(plan: &ChildPlan) -> i32 {
             return e;
         }
     }
-    // Killed with the thread that started it; if that parent is gone already, nothing
-    // would kill it later.
-    if let Err(e) = call(
-        libc::SYS_prctl,
-        [
-            libc::PR_SET_PDEATHSIG as usize,
-            libc::SIGKILL as usize,
-            0,
-            0,
-        ],
-    ) {
+    if let Err(e) = die_with_parent_after_exec(plan.parent) {
         return e;
     }
-    if call(libc::SYS_getppid, [0; 4]) != Ok(plan.parent as isize) {
-        // SAFETY: ends this process.
-        unsafe { raw_syscall(libc::SYS_exit_group, [1, 0, 0, 0]) };
-    }
-    // Every fd past stderr close-on-exec (CLOSE_RANGE_CLOEXEC), then the kept one not.
-    const CLOSE_RANGE_CLOEXEC: usize = 1 << 2;
-    if let Err(e) = call(
-        libc::SYS_close_range,
-        [3, u32::MAX as usize, CLOSE_RANGE_CLOEXEC, 0],
-    ) {
-        return e;
-    }
-    if let Some(fd) = plan.keep_fd {
+    // Every fd past stderr is close-on-exec now; the kept one not.
+    if let Some(fd) = spawn.keep_fd {
         if let Err(e) = call(libc::SYS_fcntl, [fd as usize, libc::F_SETFD as usize, 0, 0]) {
             return e;
         }
     }
-    if let Some(fd) = plan.netns {
+    if let Some(fd) = spawn.netns {
         if let Err(e) = call(
             libc::SYS_setns,
             [fd as usize, libc::CLONE_NEWNET as usize, 0, 0],
@@ -362,7 +361,7 @@ fn child_steps(plan: &ChildPlan) -> i32 {
             return e;
         }
     }
-    if let Some((read, write)) = plan.gate {
+    if let Some((read, write)) = spawn.gate {
         let _ = call(libc::SYS_close, [write as usize, 0, 0, 0]);
         let mut b = 0u8;
         while call(
@@ -374,7 +373,7 @@ fn child_steps(plan: &ChildPlan) -> i32 {
     match call(
         libc::SYS_execve,
         [
-            plan.program.as_ptr() as usize,
+            spawn.program.as_ptr() as usize,
             plan.argv.as_ptr() as usize,
             plan.envp.as_ptr() as usize,
             0,
