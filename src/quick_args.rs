@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use clap::ValueEnum;
 
-use crate::image_cmd::RunArgs;
+use crate::image_cmd::{AccelArg, RunArgs, TemplateArg, VmmKind};
 
 /// Options that take a value, by long name.
 const VALUED: &[&str] = &[
@@ -49,9 +49,11 @@ pub fn run_args(words: &[OsString]) -> Option<RunArgs> {
         image: None,
         kernel: None,
         initrd: None,
-        vmm: ValueEnum::from_str("kvm", false).ok()?,
-        accel: ValueEnum::from_str("auto", false).ok()?,
-        cpu_template: ValueEnum::from_str("auto", false).ok()?,
+        // clap's defaults (`default_value`), the tests check; named, not parsed: clap's
+        // parser of a value runs only for a value given.
+        vmm: VmmKind::Kvm,
+        accel: AccelArg::Auto,
+        cpu_template: TemplateArg::Auto,
         vcpus: None,
         mem: None,
         cmdline: None,
