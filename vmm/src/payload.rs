@@ -106,7 +106,7 @@ impl Payload {
             length,
             sha256: None,
             verified: None,
-            name: path.display().to_string(),
+            name: path.to_string_lossy().into_owned(),
         })
     }
 

@@ -479,7 +479,9 @@ pub fn resolve(opts: &RunOptions) -> Result<Plan, PlanError> {
             None => None,
         };
         return Ok(Plan {
-            name: kernel.display().to_string(),
+            // As `display()` would print it, without the formatting machinery's
+            // padding code (code run once is what a start costs, docs/startup.md).
+            name: kernel.to_string_lossy().into_owned(),
             kernel: bytes,
             initrd,
             cmdline: opts

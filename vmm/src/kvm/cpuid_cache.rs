@@ -42,8 +42,12 @@ pub fn open_dir() -> Option<std::fs::File> {
         return None;
     }
     let dir = Path::new(PATH).parent()?;
-    crate::host::private_dir(dir).ok()?;
-    std::fs::File::open(dir).ok()
+    // Opened as it is, made only when missing: every run after the boot's first
+    // would otherwise walk `create_dir_all`'s path code for nothing.
+    std::fs::File::open(dir).ok().or_else(|| {
+        crate::host::private_dir(dir).ok()?;
+        std::fs::File::open(dir).ok()
+    })
 }
 
 /// The CPUID entries KVM supports: from the cache in `dir` ([`open_dir`]) when it
