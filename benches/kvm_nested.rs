@@ -107,12 +107,14 @@ while [ $r -lt RUNS ]; do
     measure $fn-hello "hello from hostd" "powering off" 0 $first run --timings hello.img
     [ -x ./firecracker ] && measure fc-hello "hello from hostd" "powering off" 0 ./firecracker --no-api --log-path /tmp/fc.log --config-file fc-hello.json
     [ -x $second ] && measure $sn-hello "hello from hostd" "powering off" 0 $second run --timings hello.img
-    measure $fn-probe "probe: started" "probe: exiting with code" 0 $first run --timings --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
-    [ -x $second ] && measure $sn-probe "probe: started" "probe: exiting with code" 0 $second run --timings --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
+    # The probe with Firecracker's guest memory (fc_config: 128 MiB; hostd's default
+    # for a bare kernel is 256).
+    measure $fn-probe "probe: started" "probe: exiting with code" 0 $first run --timings --mem 128M --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
+    [ -x $second ] && measure $sn-probe "probe: started" "probe: exiting with code" 0 $second run --timings --mem 128M --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
     [ -x ./firecracker ] && measure fc-probe "probe: started" "probe: exiting with code" 1 ./firecracker --no-api --log-path /tmp/fc.log --config-file fc-probe.json
     # Without isolation on either side: hostd --no-sandbox against bare Firecracker (above).
     measure nosb-hello "hello from hostd" "powering off" 0 ./hostd run --no-sandbox --timings hello.img
-    measure nosb-probe "probe: started" "probe: exiting with code" 0 ./hostd run --no-sandbox --timings --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
+    measure nosb-probe "probe: started" "probe: exiting with code" 0 ./hostd run --no-sandbox --timings --mem 128M --cmdline "console=ttyS0 probe.exit=0" --kernel ./probe
     if [ -x ./jailer ]; then
         jprep h$r "vmlinux initrd" fc-hello-jailed.json
         measure fcj-hello "hello from hostd" "powering off" 0 ./jailer --id h$r $J -- $F
