@@ -441,6 +441,22 @@ fn jailed_vm(vmm: &str) {
                 field(&status, "SigBlk:")
             ));
         }
+        // Started at the lowest priority under the built-in VMM (spawn.rs), at the
+        // VM's own again once started: every thread at this test's nice value.
+        let mine = nice_of("/proc/self/stat");
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", p.pid))
+            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for t in tasks {
+            let nice = nice_of(&t.join("stat").to_string_lossy());
+            if nice != mine {
+                problems.push(format!(
+                    "pid {} ({}): nice {nice:?}, not {mine:?}",
+                    p.pid,
+                    t.display()
+                ));
+            }
+        }
     }
     // Under the built-in VMM, the VM's process and its backends (no net backend here) are
     // in the empty network namespace every VM shares (vmm/src/jail/netns.rs): the one
@@ -487,4 +503,11 @@ fn under_the_built_in_vmm_the_monitor_and_every_backend_are_jailed() {
         return;
     }
     jailed_vm("kvm");
+}
+
+/// The nice value in a /proc/…/stat file (its 19th field), if it can be read.
+fn nice_of(stat: &str) -> Option<i64> {
+    let text = std::fs::read_to_string(stat).ok()?;
+    let after = &text[text.rfind(')')? + 1..];
+    after.split_whitespace().nth(16)?.parse().ok()
 }

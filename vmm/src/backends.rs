@@ -384,6 +384,12 @@ impl RunningBackends {
             if let Some(fd) = to_host_net {
                 spawn.netns(fd);
             }
+            if matches!(sockets, Sockets::Connected) {
+                // The built-in VMM's guest runs before the backends start (the gate),
+                // and needs none of them for a while: their starts take no CPU time
+                // from its vCPUs (the backend returns to this priority once started).
+                spawn.low_priority_start();
+            }
             let child = spawn.start().map_err(start_error)?;
             // The backend holds the socket now: when it dies, a connection waiting in the
             // backlog is reset rather than left hanging.

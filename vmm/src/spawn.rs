@@ -34,6 +34,8 @@ pub struct Spawn {
     /// A pipe (read end, write end) whose read the child waits on, just before its
     /// exec, until the parent writes to it or closes it ([`Spawn::gate`]).
     gate: Option<(RawFd, RawFd)>,
+    /// Started at the lowest CPU priority ([`Spawn::low_priority_start`]).
+    low_priority: bool,
 }
 
 fn c(s: &OsStr) -> io::Result<CString> {
@@ -69,6 +71,7 @@ impl Spawn {
             keep_fd: None,
             netns: None,
             gate: None,
+            low_priority: false,
         })
     }
 
@@ -90,6 +93,17 @@ impl Spawn {
     /// lets it go. Both ends should be close-on-exec.
     pub fn gate(&mut self, read: RawFd, write: RawFd) -> &mut Spawn {
         self.gate = Some((read, write));
+        self
+    }
+
+    /// The child starts at the lowest CPU priority (nice 19), with an `RLIMIT_NICE`
+    /// that lets it return to this process's priority once its start is done, without
+    /// privilege (hostd-devices' `jail::end_low_priority_start`). A start that nothing
+    /// waits for then runs on CPU time the rest of the host leaves, not the VM's vCPUs'
+    /// (in the nested test host a backend's exec and jail are tens of ms of CPU, while
+    /// the guest prints its first lines).
+    pub fn low_priority_start(&mut self) -> &mut Spawn {
+        self.low_priority = true;
         self
     }
 
@@ -125,8 +139,21 @@ impl Spawn {
                 .chain([std::ptr::null()])
                 .collect()
         };
+        // This process's priority as `RLIMIT_NICE` counts it (20 - nice): the kernel's
+        // getpriority returns exactly that.
+        // SAFETY: getpriority of this process reads only its priority.
+        let nice_limit = (self.low_priority)
+            .then(|| unsafe {
+                raw_syscall(
+                    libc::SYS_getpriority,
+                    [libc::PRIO_PROCESS as usize, 0, 0, 0],
+                )
+            })
+            .filter(|&p| (1..=40).contains(&p))
+            .map(|p| p as u64);
         let plan: &'static ChildPlan = Box::leak(Box::new(ChildPlan {
             argv: nul_ended(&self.argv),
+            nice_limit,
             envp: nul_ended(&self.envp),
             spawn: self,
             parent: std::process::id() as libc::pid_t,
@@ -196,6 +223,9 @@ struct ChildPlan {
     argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
     parent: libc::pid_t,
+    /// With [`Spawn::low_priority_start`]: the `RLIMIT_NICE` that lets the child
+    /// return to its parent's priority.
+    nice_limit: Option<u64>,
     null: RawFd,
     /// Where a failed step's errno goes (close-on-exec).
     report: RawFd,
@@ -351,6 +381,22 @@ fn child_steps(plan: &ChildPlan) -> i32 {
     if let Some(fd) = spawn.keep_fd {
         if let Err(e) = call(libc::SYS_fcntl, [fd as usize, libc::F_SETFD as usize, 0, 0]) {
             return e;
+        }
+    }
+    if let Some(limit) = plan.nice_limit {
+        // Best effort: without the limit in place the priority stays as it is (the
+        // child could not come back from nice 19).
+        let rl = [limit, limit];
+        if call(
+            libc::SYS_setrlimit,
+            [libc::RLIMIT_NICE as usize, rl.as_ptr() as usize, 0, 0],
+        )
+        .is_ok()
+        {
+            let _ = call(
+                libc::SYS_setpriority,
+                [libc::PRIO_PROCESS as usize, 0, 19, 0],
+            );
         }
     }
     if let Some(fd) = spawn.netns {

@@ -80,6 +80,32 @@ pub fn enter_identity(opts: &JailOptions) -> Result<(), JailError> {
     Ok(())
 }
 
+/// Ends a start at the lowest CPU priority (the built-in VMM starts its backends so:
+/// hostd-vmm's `Spawn::low_priority_start`): back to the priority `RLIMIT_NICE`
+/// allows, which that start set to the parent's. Nothing when the limit allows no
+/// more than the priority the process has (the default limit, 0, allows nothing).
+/// Needs no privilege; call before the seccomp filter, which has no `setpriority`.
+pub fn end_low_priority_start() {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: fills a local rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut rl) } != 0
+        || !(1..=40).contains(&rl.rlim_cur)
+    {
+        return;
+    }
+    // The kernel's getpriority: 20 - nice, as the limit counts.
+    // SAFETY: reads this process's priority.
+    let now = unsafe { libc::syscall(libc::SYS_getpriority, libc::PRIO_PROCESS, 0) };
+    if now >= 1 && (now as u64) < rl.rlim_cur {
+        let nice = 20 - rl.rlim_cur as libc::c_int;
+        // SAFETY: sets this process's own priority.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    }
+}
+
 fn limit_resources(opts: &JailOptions) -> Result<(), JailError> {
     let mut limits = vec![(libc::RLIMIT_CORE, 0), (libc::RLIMIT_NOFILE, 256)];
     if let Some(bytes) = opts.max_address_space {

@@ -307,8 +307,14 @@ where
         std::mem::forget(listener);
         return Ok(());
     }
-    if sandbox.is_some() {
-        let prog = filter().map_err(|e| setup("seccomp filter", &e))?;
+    let prog = match sandbox {
+        Some(_) => Some(filter().map_err(|e| setup("seccomp filter", &e))?),
+        None => None,
+    };
+    // The start is done (exec, jail, filter compiled): the backend's normal priority
+    // back, if the VMM started it at the lowest.
+    jail::end_low_priority_start();
+    if let Some(prog) = prog {
         jail::seccomp::install(&prog).map_err(|e| setup("seccomp", &e))?;
     }
     // The daemon starts its vring worker thread, the one that handles what the guest
