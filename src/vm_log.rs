@@ -243,12 +243,20 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
-    /// Captures what `line` makes of each event.
-    struct Capture(Arc<Mutex<Vec<String>>>);
+    /// Captures each event: what `line` makes of it, or with `target_level` its target
+    /// and level only; filtered by `filter`, if any.
+    struct Capture {
+        seen: Arc<Mutex<Vec<String>>>,
+        target_level: bool,
+        filter: Option<Simple>,
+    }
 
     impl Subscriber for Capture {
-        fn enabled(&self, _: &Metadata<'_>) -> bool {
-            true
+        fn enabled(&self, meta: &Metadata<'_>) -> bool {
+            self.filter.as_ref().is_none_or(|f| f.enabled(meta))
+        }
+        fn max_level_hint(&self) -> Option<LevelFilter> {
+            self.filter.as_ref().map(|f| f.max)
         }
         fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
             span::Id::from_u64(1)
@@ -256,8 +264,14 @@ mod tests {
         fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
         fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
         fn event(&self, event: &Event<'_>) {
-            if let Ok(mut v) = self.0.lock() {
-                v.push(line(event.metadata().level(), false, event));
+            let m = event.metadata();
+            let text = if self.target_level {
+                format!("{}:{}", m.target(), m.level())
+            } else {
+                line(m.level(), false, event)
+            };
+            if let Ok(mut v) = self.seen.lock() {
+                v.push(text);
             }
         }
         fn enter(&self, _: &span::Id) {}
@@ -267,7 +281,12 @@ mod tests {
     #[test]
     fn lines_look_like_fmt_without_time_and_target() {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        tracing::subscriber::with_default(Capture(seen.clone()), || {
+        let capture = Capture {
+            seen: seen.clone(),
+            target_level: false,
+            filter: None,
+        };
+        tracing::subscriber::with_default(capture, || {
             tracing::info!("booting with {} vCPU(s)", 1);
             tracing::warn!(device = "rng", code = 3, "backend ended");
             tracing::error!("failed: {}", "why");
@@ -287,8 +306,12 @@ mod tests {
     /// it, an `EnvFilter` of `spec`.
     fn passed(spec: &str, filter: Option<Simple>) -> Vec<String> {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let record = Record(seen.clone(), filter);
-        let dispatch = if record.1.is_some() {
+        let record = Capture {
+            seen: seen.clone(),
+            target_level: true,
+            filter,
+        };
+        let dispatch = if record.filter.is_some() {
             tracing::Dispatch::new(record)
         } else {
             tracing::Dispatch::new(record.with(EnvFilter::new(spec)))
@@ -383,30 +406,5 @@ mod tests {
         ] {
             assert_eq!(Simple::parse(spec), None, "{spec:?}");
         }
-    }
-
-    /// Records each event's target and level (filtered by its `Simple`, if any).
-    struct Record(Arc<Mutex<Vec<String>>>, Option<Simple>);
-
-    impl Subscriber for Record {
-        fn enabled(&self, meta: &Metadata<'_>) -> bool {
-            self.1.as_ref().is_none_or(|f| f.enabled(meta))
-        }
-        fn max_level_hint(&self) -> Option<LevelFilter> {
-            self.1.as_ref().map(|f| f.max)
-        }
-        fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
-            span::Id::from_u64(1)
-        }
-        fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
-        fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
-        fn event(&self, event: &Event<'_>) {
-            if let Ok(mut v) = self.0.lock() {
-                let m = event.metadata();
-                v.push(format!("{}:{}", m.target(), m.level()));
-            }
-        }
-        fn enter(&self, _: &span::Id) {}
-        fn exit(&self, _: &span::Id) {}
     }
 }
