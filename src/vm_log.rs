@@ -48,25 +48,13 @@ pub fn init() {
             // same level through it.
             if tracing::subscriber::set_global_default(lines(Some(simple))).is_ok() {
                 let _ = tracing_log::LogTracer::builder()
-                    .with_max_level(log_level(max))
+                    .with_max_level(tracing_log::AsLog::as_log(&max))
                     .init();
             }
         }
         None => {
             let _ = lines(None).with(env_filter()).try_init();
         }
-    }
-}
-
-/// `log`'s level filter for `level`.
-fn log_level(level: LevelFilter) -> log::LevelFilter {
-    match level.into_level() {
-        None => log::LevelFilter::Off,
-        Some(Level::ERROR) => log::LevelFilter::Error,
-        Some(Level::WARN) => log::LevelFilter::Warn,
-        Some(Level::INFO) => log::LevelFilter::Info,
-        Some(Level::DEBUG) => log::LevelFilter::Debug,
-        Some(Level::TRACE) => log::LevelFilter::Trace,
     }
 }
 
@@ -102,18 +90,11 @@ impl Simple {
 
     /// None unless every directive of `spec` is of the simple kind.
     fn parse(spec: &str) -> Option<Simple> {
+        // A level by name (tracing's own parser, which also takes numbers and "").
         let level = |s: &str| {
-            [
-                ("off", LevelFilter::OFF),
-                ("error", LevelFilter::ERROR),
-                ("warn", LevelFilter::WARN),
-                ("info", LevelFilter::INFO),
-                ("debug", LevelFilter::DEBUG),
-                ("trace", LevelFilter::TRACE),
-            ]
-            .into_iter()
-            .find(|(name, _)| s.eq_ignore_ascii_case(name))
-            .map(|(_, l)| l)
+            (!s.is_empty() && s.bytes().all(|b| b.is_ascii_alphabetic()))
+                .then(|| s.parse::<LevelFilter>().ok())
+                .flatten()
         };
         let target_ok = |t: &str| {
             t.bytes().any(|b| !b.is_ascii_digit())

@@ -418,6 +418,7 @@ fn jailed_vm(vmm: &str) {
             check_not_dumpable(p, &mut problems);
         }
     }
+    let mine = nice_of("/proc/self/stat");
     for p in &backends {
         let extra: Vec<String> = if p.cmdline.get(2).is_some_and(|k| k == "block") {
             // A block backend serves its file: the image (root file system) or a volume.
@@ -443,7 +444,6 @@ fn jailed_vm(vmm: &str) {
         }
         // Started at the lowest priority under the built-in VMM (spawn.rs), at the
         // VM's own again once started: every thread at this test's nice value.
-        let mine = nice_of("/proc/self/stat");
         let tasks = std::fs::read_dir(format!("/proc/{}/task", p.pid))
             .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
             .unwrap_or_default();

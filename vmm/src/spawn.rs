@@ -139,21 +139,8 @@ impl Spawn {
                 .chain([std::ptr::null()])
                 .collect()
         };
-        // This process's priority as `RLIMIT_NICE` counts it (20 - nice): the kernel's
-        // getpriority returns exactly that.
-        // SAFETY: getpriority of this process reads only its priority.
-        let nice_limit = (self.low_priority)
-            .then(|| unsafe {
-                raw_syscall(
-                    libc::SYS_getpriority,
-                    [libc::PRIO_PROCESS as usize, 0, 0, 0],
-                )
-            })
-            .filter(|&p| (1..=40).contains(&p))
-            .map(|p| p as u64);
         let plan: &'static ChildPlan = Box::leak(Box::new(ChildPlan {
             argv: nul_ended(&self.argv),
-            nice_limit,
             envp: nul_ended(&self.envp),
             spawn: self,
             parent: std::process::id() as libc::pid_t,
@@ -223,9 +210,6 @@ struct ChildPlan {
     argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
     parent: libc::pid_t,
-    /// With [`Spawn::low_priority_start`]: the `RLIMIT_NICE` that lets the child
-    /// return to its parent's priority.
-    nice_limit: Option<u64>,
     null: RawFd,
     /// Where a failed step's errno goes (close-on-exec).
     report: RawFd,
@@ -383,20 +367,26 @@ fn child_steps(plan: &ChildPlan) -> i32 {
             return e;
         }
     }
-    if let Some(limit) = plan.nice_limit {
-        // Best effort: without the limit in place the priority stays as it is (the
-        // child could not come back from nice 19).
-        let rl = [limit, limit];
-        if call(
-            libc::SYS_setrlimit,
-            [libc::RLIMIT_NICE as usize, rl.as_ptr() as usize, 0, 0],
-        )
-        .is_ok()
-        {
-            let _ = call(
-                libc::SYS_setpriority,
-                [libc::PRIO_PROCESS as usize, 0, 19, 0],
-            );
+    if spawn.low_priority {
+        // Its priority (its parent's) as `RLIMIT_NICE` counts it, 20 - nice: what the
+        // kernel's getpriority returns. Best effort: without that limit in place the
+        // priority stays as it is (the child could not come back from nice 19).
+        if let Ok(priority) = call(
+            libc::SYS_getpriority,
+            [libc::PRIO_PROCESS as usize, 0, 0, 0],
+        ) {
+            let rl = [priority as u64; 2];
+            if call(
+                libc::SYS_setrlimit,
+                [libc::RLIMIT_NICE as usize, rl.as_ptr() as usize, 0, 0],
+            )
+            .is_ok()
+            {
+                let _ = call(
+                    libc::SYS_setpriority,
+                    [libc::PRIO_PROCESS as usize, 0, 19, 0],
+                );
+            }
         }
     }
     if let Some(fd) = spawn.netns {
