@@ -226,11 +226,10 @@ fn main() {
     .expect("hello.toml");
     let (_h, hello) = tcommon::build(&hello_spec);
     let p = Payload::new();
-    p.program("hostd", Path::new(env!("CARGO_BIN_EXE_hostd")))
-        .program(
-            "hostd-backend",
-            Path::new(env!("CARGO_BIN_EXE_hostd-backend")),
-        )
+    // hostd as shipped: the VM path built for musl (tests/common's hostd_exe).
+    let hostd = tcommon::hostd_exe();
+    p.program("hostd", hostd)
+        .program("hostd-backend", &hostd.with_file_name("hostd-backend"))
         .file("probe", &probe())
         .file("hello.img", &hello)
         .bytes(

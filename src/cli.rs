@@ -1,14 +1,17 @@
 //! The command line: parsing, and each subcommand to its module.
 
-use crate::{
-    backend_cmd, bench_cmd, cap_cmd, daemon_cmd, fn_cmd, image_cmd, interrupt, oci_cmd, systemd_cmd,
-};
+use crate::{backend_cmd, image_cmd, interrupt};
+#[cfg(feature = "full")]
+use crate::{bench_cmd, cap_cmd, daemon_cmd, fn_cmd, oci_cmd, systemd_cmd};
 use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+#[cfg(feature = "full")]
 use std::path::PathBuf;
 
 /// An immutable service host: build guest images from a declarative spec, boot them in
 /// microVMs, and serve WebAssembly nanoservices with only the capabilities they are
 /// granted.
+#[cfg(feature = "full")]
 #[derive(Debug, Parser)]
 #[command(name = "hostd", version, propagate_version = true)]
 struct Cli {
@@ -16,6 +19,7 @@ struct Cli {
     command: Command,
 }
 
+#[cfg(feature = "full")]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Build an immutable guest image from a spec (see docs/spec.md).
@@ -166,40 +170,60 @@ struct OneCli<C: Subcommand> {
     command: C,
 }
 
-/// Runs the command line. `FULL`: this executable has every subcommand (`hostd-full`);
-/// without it (`hostd`) only `run` and `backend` run here and everything else is
-/// handed to `hostd-full` (lib.rs says why).
-pub fn main<const FULL: bool>() {
+/// Runs the command line `args` (with the program's name first). `FULL`: this executable
+/// has every subcommand (`hostd-full`); without it (`hostd`) only `run` and `backend` run
+/// here and everything else is handed to `hostd-full` (lib.rs says why).
+///
+/// The caller passes the arguments: `hostd`'s own `main` (src/main.rs) takes them from
+/// its C `main`, where the standard library has not read them with musl.
+pub fn main<const FULL: bool>(args: Vec<OsString>) {
     hostd_vmm::mark_start();
-    let first = std::env::args_os().nth(1);
-    let cli = match first.as_ref().and_then(|a| a.to_str()) {
+    let words = || args.iter().skip(2).cloned().collect::<Vec<_>>();
+    let vm = match args.get(1).and_then(|a| a.to_str()) {
         // The usual command lines without clap (quick_args.rs says why); clap for
         // the rest, and for help and errors.
-        Some("run") => {
-            let words: Vec<_> = std::env::args_os().skip(2).collect();
-            let run = match crate::quick_args::run_args(&words) {
+        Some("run") => Some(VmCommand::Run(
+            match crate::quick_args::run_args(&words()) {
                 Some(args) => RunCommand::Run(args),
-                None => OneCli::<RunCommand>::parse().command,
-            };
-            Cli {
-                command: Command::Vm(VmCommand::Run(run)),
-            }
-        }
-        Some("backend") => {
-            let words: Vec<_> = std::env::args_os().skip(2).collect();
-            let backend = match backend_cmd::quick_args(&words) {
+                None => OneCli::<RunCommand>::parse_from(&args).command,
+            },
+        )),
+        Some("backend") => Some(VmCommand::Backend(
+            match backend_cmd::quick_args(&words()) {
                 Some(cmd) => BackendCommand::Backend { cmd },
-                None => OneCli::<BackendCommand>::parse().command,
-            };
-            Cli {
-                command: Command::Vm(VmCommand::Backend(backend)),
+                None => OneCli::<BackendCommand>::parse_from(&args).command,
+            },
+        )),
+        _ => None,
+    };
+    let result = match vm {
+        Some(cmd) => {
+            // The VM path: no span registry to build at each start (vm_log.rs).
+            crate::vm_log::init();
+            hostd_vmm::phase("args");
+            match cmd {
+                VmCommand::Run(RunCommand::Run(args)) => image_cmd::run(&args),
+                VmCommand::Backend(BackendCommand::Backend { cmd }) => backend_cmd::run(cmd),
             }
         }
-        _ => Cli::parse(),
+        None if !FULL => exec_full(&args),
+        None => other(&args),
     };
+    interrupt::wait_if_interrupted();
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("hostd: error: {}", printable(&format!("{e:#}")));
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Every subcommand but `run` and `backend`, in `hostd-full`.
+#[cfg(feature = "full")]
+fn other(args: &[OsString]) -> anyhow::Result<i32> {
+    let cli = Cli::parse_from(args);
     match &cli.command {
-        // The VM path: no span registry to build at each start (vm_log.rs).
-        Command::Vm(_) => crate::vm_log::init(),
         // One JSON object a line (time, level, message, fields, spans), for log
         // collectors.
         Command::Daemon(a) if a.log_format == daemon_cmd::LogFormat::Json => {
@@ -219,11 +243,10 @@ pub fn main<const FULL: bool>() {
             .without_time()
             .init(),
     }
-    hostd_vmm::phase("args");
-    let result = match cli.command {
+    match cli.command {
+        // `main` takes these before clap; clap's command has them for its help.
         Command::Vm(VmCommand::Run(RunCommand::Run(args))) => image_cmd::run(&args),
         Command::Vm(VmCommand::Backend(BackendCommand::Backend { cmd })) => backend_cmd::run(cmd),
-        _ if !FULL => exec_full(),
         Command::Build {
             spec,
             output,
@@ -251,15 +274,13 @@ pub fn main<const FULL: bool>() {
         Command::Rm(args) => daemon_cmd::rm(&args),
         Command::Logs { follow, args } => daemon_cmd::logs(&args, follow),
         Command::Bench(args) => bench_cmd::run(&args),
-    };
-    interrupt::wait_if_interrupted();
-    match result {
-        Ok(code) => std::process::exit(code),
-        Err(e) => {
-            eprintln!("hostd: error: {}", printable(&format!("{e:#}")));
-            std::process::exit(1);
-        }
     }
+}
+
+/// Without the other subcommands built in, `hostd-full` has them.
+#[cfg(not(feature = "full"))]
+fn other(args: &[OsString]) -> anyhow::Result<i32> {
+    exec_full(args)
 }
 
 /// `s` with control characters other than newlines and tabs escaped (`\u{1b}`): an
@@ -279,7 +300,7 @@ pub fn printable(s: &str) -> String {
 
 /// The executable that has every subcommand: `hostd-full` next to this one. Replaces
 /// this process with it, same arguments; returns only on failure.
-fn exec_full() -> anyhow::Result<i32> {
+fn exec_full(args: &[OsString]) -> anyhow::Result<i32> {
     use anyhow::Context;
     use std::os::unix::process::CommandExt;
     let full = std::env::current_exe()
@@ -287,7 +308,7 @@ fn exec_full() -> anyhow::Result<i32> {
         .with_file_name(crate::FULL_EXE);
     let err = std::process::Command::new(&full)
         .arg0("hostd")
-        .args(std::env::args_os().skip(1))
+        .args(args.iter().skip(1))
         .exec();
     anyhow::bail!(
         "cannot run {}: {err} (hostd-full is installed next to hostd, with hostd-backend)",

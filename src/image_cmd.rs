@@ -2,20 +2,27 @@
 //! crate and the runners.
 
 use anyhow::{bail, Context, Result};
-use std::path::{Path, PathBuf};
+#[cfg(feature = "full")]
+use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
+#[cfg(feature = "full")]
 use hostd_images::builder::{self, BuildOptions};
+#[cfg(feature = "full")]
 use hostd_images::format::{digest_hex, sections};
+#[cfg(feature = "full")]
 use hostd_images::signature::{self, SigningKey};
 use hostd_vmm::kvm::{CpuTemplate, KvmConfig};
 use hostd_vmm::plan::{self, NetConfig, RunOptions};
 use hostd_vmm::qemu::{self, Accel, QemuOptions, StagedFiles};
 use hostd_vmm::BootSpec;
 
+#[cfg(feature = "full")]
 /// Guest init, built from guest/init by build.rs.
 static GUEST_INIT: &[u8] = include_bytes!(env!("HOSTD_INIT_PATH"));
 
+#[cfg(feature = "full")]
 /// hostd's cache directory: $HOSTD_CACHE, else ~/.cache/hostd.
 pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("HOSTD_CACHE") {
@@ -27,15 +34,18 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache").join("hostd")
 }
 
+#[cfg(feature = "full")]
 fn default_kernel(flag: Option<PathBuf>) -> PathBuf {
     flag.or_else(|| std::env::var_os("HOSTD_KERNEL").map(PathBuf::from))
         .unwrap_or_else(|| cache_dir().join("kernel").join("default").join("vmlinux"))
 }
 
+#[cfg(feature = "full")]
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
+#[cfg(feature = "full")]
 /// `hostd key`.
 #[derive(Debug, clap::Subcommand)]
 pub enum KeyCommand {
@@ -48,6 +58,7 @@ pub enum KeyCommand {
     },
 }
 
+#[cfg(feature = "full")]
 /// `hostd key`.
 pub fn key(cmd: KeyCommand) -> Result<i32> {
     match cmd {
@@ -63,6 +74,7 @@ pub fn key(cmd: KeyCommand) -> Result<i32> {
     }
 }
 
+#[cfg(feature = "full")]
 /// `hostd build`.
 pub fn build(
     spec: &Path,
@@ -126,6 +138,7 @@ pub fn build(
     Ok(0)
 }
 
+#[cfg(feature = "full")]
 /// `hostd inspect`.
 pub fn inspect(path: &Path, manifest_only: bool, trust: &[PathBuf]) -> Result<i32> {
     let (image, _, verified) = plan::open_image(path, trust)?;
@@ -172,6 +185,7 @@ pub fn inspect(path: &Path, manifest_only: bool, trust: &[PathBuf]) -> Result<i3
     Ok(0)
 }
 
+#[cfg(feature = "full")]
 fn print_out(s: &str) {
     use std::io::Write;
     let mut o = std::io::stdout().lock();

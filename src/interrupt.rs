@@ -20,6 +20,7 @@ pub fn wait_if_interrupted() {
     }
 }
 
+#[cfg(feature = "full")]
 /// Installs the waiting thread. Call before any other thread is started.
 pub fn remove_scratch_on_signals() {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.

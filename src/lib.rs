@@ -9,19 +9,31 @@
 //! (`hostd --version`: 194 page faults and 1.2 ms instead of 416 and 2.7 ms; `hostd run`
 //! of the probe peaks at 4.9 MB instead of 8.0 MB; docs/startup.md). The linker drops
 //! what `hostd`'s `main::<false>` cannot reach.
+//!
+//! Without the `full` feature (on by default) only `hostd` and `hostd-backend` are
+//! built, with none of the other subcommands' dependencies: that is how the VM path is
+//! built for musl, as shipped and tested (docs/startup.md, "musl"; tests/common's
+//! `hostd_exe`): a musl static-pie's start runs a fifth less code than glibc's.
 
 mod backend_cmd;
+#[cfg(feature = "full")]
 mod bench_cmd;
+#[cfg(feature = "full")]
 mod cap_cmd;
 mod cap_relay;
 mod cli;
+#[cfg(feature = "full")]
 mod daemon_cmd;
+#[cfg(feature = "full")]
 mod fn_cmd;
 mod image_cmd;
 mod interrupt;
+#[cfg(feature = "full")]
 mod oci_cmd;
+#[cfg(feature = "full")]
 mod progress;
 mod quick_args;
+#[cfg(feature = "full")]
 mod systemd_cmd;
 mod vm_log;
 
@@ -30,6 +42,7 @@ pub use cli::main;
 /// The executable with every subcommand, next to `hostd`.
 const FULL_EXE: &str = "hostd-full";
 
+#[cfg(feature = "full")]
 /// The `hostd` to start `hostd run` with: this executable, or `hostd` next to it when
 /// this is `hostd-full` (so that a VM's start does not load the WebAssembly tier).
 fn hostd_exe() -> std::io::Result<std::path::PathBuf> {

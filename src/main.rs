@@ -7,8 +7,10 @@
 mod vm_start;
 
 #[no_mangle]
-extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
+extern "C" fn main(argc: libc::c_int, argv: *const *const libc::c_char) -> libc::c_int {
     vm_start::init();
-    hostd::main::<false>();
+    // SAFETY: the C library's arguments to `main`.
+    let args = unsafe { vm_start::args(argc, argv) };
+    hostd::main::<false>(args);
     0
 }

@@ -13,9 +13,12 @@
 //! What of that runtime these programs rely on is done here: the standard fds open (a
 //! closed one would be taken by the next file opened, and output meant for the terminal
 //! would go into it), SIGPIPE ignored (a write to a closed pipe is an error, not
-//! death), and no signal blocked (a backend starts with all blocked). Arguments and
-//! environment need nothing: with glibc the standard library reads them in an
-//! `.init_array` function, which runs for `#![no_main]` programs too.
+//! death), and no signal blocked (a backend starts with all blocked). The environment
+//! needs nothing (the C library sets it up). The arguments are taken from `main`'s
+//! ([`args`]): the standard library reads them before `main` with glibc (an
+//! `.init_array` function, which runs for `#![no_main]` programs too) but with musl only
+//! in a `main` of its own, so `std::env::args` is empty in a musl build of these
+//! programs, which is how they are shipped (docs/startup.md).
 
 /// Call first thing in `main`.
 pub fn init() {
@@ -57,4 +60,21 @@ pub fn init() {
     unsafe { libc::sigemptyset(&mut empty) };
     // SAFETY: sets this thread's (the only one's) mask from a local.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) };
+}
+
+/// The command line `main` was given.
+///
+/// # Safety
+/// `argv` holds `argc` pointers to NUL-terminated strings, as the C library passes them
+/// to `main`.
+pub unsafe fn args(argc: libc::c_int, argv: *const *const libc::c_char) -> Vec<std::ffi::OsString> {
+    use std::os::unix::ffi::OsStrExt;
+    (0..usize::try_from(argc).unwrap_or(0))
+        .map(|i| {
+            // SAFETY: i < argc, and each of the first argc pointers is a C string (the
+            // caller's promise).
+            let arg = unsafe { std::ffi::CStr::from_ptr(*argv.add(i)) };
+            std::ffi::OsStr::from_bytes(arg.to_bytes()).to_owned()
+        })
+        .collect()
 }

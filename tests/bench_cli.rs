@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 fn bench(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hostd"))
+    Command::new(common::hostd_exe())
         .arg("bench")
         .args(args)
         .env("HOSTD_LOG", "warn")

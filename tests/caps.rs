@@ -41,10 +41,10 @@ impl Server {
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_hostd")]);
+                c.args(["netns", "exec", ns]).arg(common::hostd_exe());
                 c
             }
-            None => Command::new(env!("CARGO_BIN_EXE_hostd")),
+            None => Command::new(common::hostd_exe()),
         };
         cmd.args(["fn", "serve"])
             .arg(manifest)

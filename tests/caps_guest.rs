@@ -46,7 +46,7 @@ struct FnServe {
 impl FnServe {
     fn start(manifest: &Path, state: &Path) -> FnServe {
         let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fn-compile-cache");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hostd"))
+        let mut child = Command::new(common::hostd_exe())
             .args(["fn", "serve"])
             .arg(manifest)
             .args(["--listen", "127.0.0.1:0", "--cap-listen", "127.0.0.1:0"])
@@ -361,7 +361,7 @@ fn the_relay_carries_a_link_connection_to_a_function_over_noise() {
     let token: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, &token).unwrap();
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_hostd"))
+    let mut relay = Command::new(common::hostd_exe())
         .args(["cap", "relay", "billing", "--state-dir"])
         .arg(&run_state)
         .arg("--token-file")

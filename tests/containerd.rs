@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 /// The shim, built next to hostd (`cargo test --workspace` builds it through the shim
 /// crate's own test; `cargo build -p hostd-shim` otherwise).
 fn shim_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_hostd"))
+    Path::new(env!("CARGO_BIN_EXE_hostd-full"))
         .parent()
         .unwrap()
         .to_path_buf()
@@ -83,7 +83,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             .env("PATH", path)
             .env("HOSTD_SHIM_VMM", "qemu")
             .env("HOSTD_KERNEL", kernel())
-            .env("HOSTD_BIN", env!("CARGO_BIN_EXE_hostd"))
+            .env("HOSTD_BIN", common::hostd_exe())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

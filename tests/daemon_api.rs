@@ -170,7 +170,7 @@ fn the_socket_is_0660_and_other_users_get_403() {
     std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
     let out = {
         use std::os::unix::process::CommandExt;
-        let mut c = Command::new(env!("CARGO_BIN_EXE_hostd"));
+        let mut c = Command::new(common::hostd_exe());
         c.arg("ps")
             .arg("--socket")
             .arg(&d.socket)
@@ -192,7 +192,7 @@ fn the_socket_is_0660_and_other_users_get_403() {
 fn cli_without_a_daemon_says_so_in_one_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("none.sock");
-    let out = Command::new(env!("CARGO_BIN_EXE_hostd"))
+    let out = Command::new(common::hostd_exe())
         .arg("ps")
         .env("HOSTD_SOCKET", &sock)
         .output()

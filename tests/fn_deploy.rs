@@ -28,7 +28,7 @@ struct Daemon {
 impl Daemon {
     fn start(dir: &Path) -> Daemon {
         let socket = dir.join("hostd.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hostd"))
+        let mut child = Command::new(common::hostd_exe())
             .arg("daemon")
             .arg("--socket")
             .arg(&socket)
@@ -67,7 +67,7 @@ impl Daemon {
     }
 
     fn hostd(&self, args: &[&str]) -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_hostd"))
+        let out = Command::new(common::hostd_exe())
             .args(args)
             .arg("--socket")
             .arg(&self.socket)

@@ -41,7 +41,7 @@ impl Server {
         nofile: Option<u64>,
     ) -> Server {
         let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fn-compile-cache");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hostd"));
+        let mut cmd = Command::new(common::hostd_exe());
         cmd.arg("fn")
             .arg("serve")
             .arg(target)
@@ -1004,7 +1004,7 @@ fn an_unsafe_cache_directory_is_not_used() {
 /// Runs `hostd fn serve ARGS`, which must fail (within 60 s) without serving;
 /// returns its stderr.
 fn serve_fails(args: &[&Path]) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hostd"))
+    let mut child = Command::new(common::hostd_exe())
         .arg("fn")
         .arg("serve")
         .args(args)

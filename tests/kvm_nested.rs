@@ -163,10 +163,10 @@ fn built_in_vmm_on_real_nested_kvm() {
     let secret = format!("pw-{}", std::process::id() ^ 0x5eed);
 
     let p = Payload::new();
-    p.program("hostd", Path::new(env!("CARGO_BIN_EXE_hostd")))
+    p.program("hostd", common::hostd_exe())
         .program(
             "hostd-backend",
-            Path::new(env!("CARGO_BIN_EXE_hostd-backend")),
+            &common::hostd_exe().with_file_name("hostd-backend"),
         )
         .file("probe", &probe())
         .file("hello.img", &hello)

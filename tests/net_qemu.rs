@@ -53,7 +53,7 @@ fn web_example_answers_curl(vmm: &str) {
     let tap = "hostdtap0";
     let ns = Netns::new(tap, vmm);
     let mut cmd = ns.exec();
-    cmd.arg(env!("CARGO_BIN_EXE_hostd"))
+    cmd.arg(common::hostd_exe())
         .args([
             "run",
             "--vmm",
@@ -229,7 +229,7 @@ fn a_large_transfer_is_intact_both_ways_with_offloads() {
     });
     let snmp_before = ns.exec().args(["cat", "/proc/net/snmp"]).output();
     let mut cmd = ns.exec();
-    cmd.arg(env!("CARGO_BIN_EXE_hostd"))
+    cmd.arg(common::hostd_exe())
         .args([
             "run",
             "--vmm",

@@ -181,7 +181,7 @@ fn lighttpd_from_its_package_answers_curl_and_the_guest_resolves_names() {
         std::thread::spawn(move || serve_dns(dns, asked));
     }
     let mut cmd = ns.exec();
-    cmd.arg(env!("CARGO_BIN_EXE_hostd"))
+    cmd.arg(common::hostd_exe())
         .args([
             "run",
             "--vmm",

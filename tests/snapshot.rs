@@ -252,7 +252,7 @@ fn a_corrupted_or_refused_snapshot_falls_back_to_a_cold_boot_and_is_replaced() {
 /// Returns curl's answer and the run's output.
 fn web_run(ns: &Netns, tap: &str, image: &Path, cache: &Path, restored: bool) -> (String, Output) {
     let mut cmd = ns.exec();
-    cmd.arg(env!("CARGO_BIN_EXE_hostd"))
+    cmd.arg(common::hostd_exe())
         .args(["run", "--timeout", "600", "--snapshot-cache"])
         .arg(cache)
         .args(["--net", &format!("tap={tap},ip=10.0.2.2/24,gw=10.0.2.1")])

@@ -216,7 +216,7 @@ restart = "never"
     let apply = |fleet: &str| {
         format!(
             "{} systemd apply {} --fleet {} --state-dir {}",
-            env!("CARGO_BIN_EXE_hostd"),
+            common::hostd_exe().display(),
             units.display(),
             d.join(fleet).display(),
             state.display()

@@ -409,8 +409,8 @@ fn probe_with_backend(script: &str, timeout: &str) -> (tempfile::TempDir, std::p
     let probe = probe().expect("probe built");
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = dir.path().join("hostd");
-    std::fs::hard_link(env!("CARGO_BIN_EXE_hostd"), &exe)
-        .or_else(|_| std::fs::copy(env!("CARGO_BIN_EXE_hostd"), &exe).map(|_| ()))
+    std::fs::hard_link(common::hostd_exe(), &exe)
+        .or_else(|_| std::fs::copy(common::hostd_exe(), &exe).map(|_| ()))
         .expect("hostd next to the backend");
     let backend = dir.path().join("hostd-backend");
     std::fs::write(&backend, script).expect("write backend");
@@ -437,7 +437,9 @@ fn a_backend_that_starts_late_still_serves_its_device() {
     }
     let script = format!(
         "#!/bin/sh\nsleep 1\nexec {} \"$@\"\n",
-        env!("CARGO_BIN_EXE_hostd-backend")
+        common::hostd_exe()
+            .with_file_name("hostd-backend")
+            .display()
     );
     let (_dir, mut cmd) = probe_with_backend(&script, "60");
     cmd.arg("console=ttyS0 probe.exit=42");

@@ -89,3 +89,11 @@ pub enum Error {
     #[error("random number generator")]
     Random(#[source] getrandom::Error),
 }
+
+/// The default state directory: `$XDG_STATE_HOME/hostd/fn` or `~/.local/state/hostd/fn`.
+pub fn default_state_dir() -> Option<std::path::PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return Some(std::path::PathBuf::from(x).join("hostd/fn"));
+    }
+    std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".local/state/hostd/fn"))
+}

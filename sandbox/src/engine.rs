@@ -377,13 +377,10 @@ pub fn default_cache_dir() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hostd/fn"))
 }
 
-/// The default state directory: `$XDG_STATE_HOME/hostd/fn` or `~/.local/state/hostd/fn`.
-pub fn default_state_dir() -> Option<PathBuf> {
-    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
-        return Some(PathBuf::from(x).join("hostd/fn"));
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state/hostd/fn"))
-}
+/// The default state directory: `$XDG_STATE_HOME/hostd/fn` or `~/.local/state/hostd/fn`
+/// (in hostd-caps, whose store lives under it, so that `hostd run` finds it without
+/// the WebAssembly tier).
+pub use hostd_caps::default_state_dir;
 
 #[cfg(test)]
 mod tests {

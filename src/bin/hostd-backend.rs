@@ -38,18 +38,19 @@ enum Command {
 }
 
 #[no_mangle]
-extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
+extern "C" fn main(argc: libc::c_int, argv: *const *const libc::c_char) -> libc::c_int {
     vm_start::init();
     vm_log::init();
+    // SAFETY: the C library's arguments to `main`.
+    let args = unsafe { vm_start::args(argc, argv) };
     // `hostd run`'s command lines without clap (backend_cmd::quick_args says why); clap
     // for anything else, and for help and errors.
-    let mut args = std::env::args_os().skip(1);
-    let quick = match args.next() {
-        Some(first) if first == "backend" => backend_cmd::quick_args(&args.collect::<Vec<_>>()),
+    let quick = match args.get(1) {
+        Some(first) if first == "backend" => backend_cmd::quick_args(&args[2..]),
         _ => None,
     };
     let cmd = quick.unwrap_or_else(|| {
-        let Command::Backend { cmd } = Cli::parse().command;
+        let Command::Backend { cmd } = Cli::parse_from(&args).command;
         cmd
     });
     match backend_cmd::run(cmd) {

@@ -2,5 +2,5 @@
 //! `hostd` itself does not run.
 
 fn main() {
-    hostd::main::<true>();
+    hostd::main::<true>(std::env::args_os().collect());
 }

@@ -12,9 +12,87 @@ use std::time::{Duration, Instant};
 
 /// The hostd binary under test, building images with this checkout's kernel.
 pub fn hostd() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_hostd"));
+    let mut c = Command::new(hostd_exe());
     c.env("HOSTD_KERNEL", kernel());
     c
+}
+
+/// `hostd` as it is shipped: the VM path's two executables (`hostd`, `hostd-backend`)
+/// built for musl (docs/startup.md, "musl"), with this build's `hostd-full` beside them,
+/// in `target/hostd-dist/PROFILE/`. Built with cargo the first time a test process (or
+/// a nextest run) asks, so a test never runs stale executables.
+pub fn hostd_exe() -> &'static Path {
+    static EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    EXE.get_or_init(|| dist_dir().join("hostd"))
+}
+
+fn dist_dir() -> PathBuf {
+    const MUSL: &str = "x86_64-unknown-linux-musl";
+    let full = Path::new(env!("CARGO_BIN_EXE_hostd-full"));
+    // target/x86_64-unknown-linux-gnu/PROFILE/hostd-full
+    let profile_dir = full.parent().expect("hostd-full's directory");
+    let profile = profile_dir.file_name().expect("a profile directory");
+    let target = profile_dir
+        .parent()
+        .and_then(Path::parent)
+        .expect("cargo's target directory");
+    let dist = target.join("hostd-dist").join(profile);
+    std::fs::create_dir_all(&dist).expect("create target/hostd-dist");
+    // Once per nextest run (every test is a process of its own there); once per test
+    // binary with `cargo test`.
+    let marker = std::env::var("NEXTEST_RUN_ID")
+        .ok()
+        .map(|id| dist.join(format!(".built-{id}")));
+    if marker.as_ref().is_some_and(|m| m.exists()) {
+        return dist;
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "build",
+            "--locked",
+            "--no-default-features",
+            "--target",
+            MUSL,
+        ])
+        .args(["--bin", "hostd", "--bin", "hostd-backend"])
+        .env("CARGO_TARGET_DIR", target);
+    if profile != "debug" {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().expect("run cargo build (the musl VM path)");
+    assert!(
+        out.status.success(),
+        "building the musl VM path failed ({cmd:?}):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let built = target.join(MUSL).join(profile);
+    // Linked anew each time: cargo replaces a rebuilt file (a new inode), which would
+    // leave an older link behind. hostd-full is linked, not symlinked, so that its own
+    // path (/proc/self/exe) is here and the `hostd` it starts VMs with is this one.
+    for (from, name) in [
+        (built.join("hostd"), "hostd"),
+        (built.join("hostd-backend"), "hostd-backend"),
+        (full.to_path_buf(), "hostd-full"),
+    ] {
+        let tmp = dist.join(format!(".{name}.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::hard_link(&from, &tmp)
+            .or_else(|_| std::fs::copy(&from, &tmp).map(|_| ()))
+            .unwrap_or_else(|e| panic!("link {} into {}: {e}", from.display(), dist.display()));
+        std::fs::rename(&tmp, dist.join(name)).expect("rename into target/hostd-dist");
+    }
+    if let Some(m) = marker {
+        // Earlier runs' markers go.
+        for e in std::fs::read_dir(&dist).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(".built-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::write(m, b"");
+    }
+    dist
 }
 
 /// Whether we are in CI, where a missing prerequisite is a failure, not a skip.

@@ -299,6 +299,7 @@ where
 }
 
 /// prctl PR_GET_TID_ADDRESS: the address this thread gave `set_tid_address`.
+#[cfg(target_env = "gnu")]
 const PR_GET_TID_ADDRESS: libc::c_int = 40;
 
 /// `fork()` with the child created in the cgroup v2 directory `cgroup`
@@ -309,16 +310,11 @@ const PR_GET_TID_ADDRESS: libc::c_int = 40;
 ///
 /// The child returns here like a fork's, and runs on: the caller has a single thread,
 /// so no lock is held by another, and nothing in hostd registers `pthread_atfork`
-/// handlers. What glibc's own fork does besides, done here too: the thread id that the
-/// C library keeps for the thread (at the address it gave `set_tid_address`, which
-/// `PR_GET_TID_ADDRESS` returns) is set to the child's by the kernel
-/// (`CLONE_CHILD_SETTID`), and cleared at its end (`CLONE_CHILD_CLEARTID`). Robust
-/// mutexes, the one thing left unregistered in the child, are not used.
+/// handlers. What the C library's own fork does besides, done here too: the thread id
+/// that it keeps for the thread ([`own_tid_word`]) is set to the child's by the kernel
+/// (`CLONE_CHILD_SETTID`), and with glibc cleared at its end (`CLONE_CHILD_CLEARTID`).
+/// Robust mutexes, the one thing left unregistered in the child, are not used.
 fn fork_into_cgroup(cgroup: &OwnedFd) -> Option<libc::pid_t> {
-    if !cfg!(target_env = "gnu") {
-        // musl gives set_tid_address another word than the thread's id.
-        return None;
-    }
     /// `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2).
     #[repr(C)]
     #[derive(Default)]
@@ -336,16 +332,15 @@ fn fork_into_cgroup(cgroup: &OwnedFd) -> Option<libc::pid_t> {
         cgroup: u64,
     }
     const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
-    let mut tid: *mut libc::c_int = std::ptr::null_mut();
-    // SAFETY: PR_GET_TID_ADDRESS writes one pointer to the address given.
-    let r = unsafe { libc::prctl(PR_GET_TID_ADDRESS, &mut tid as *mut *mut libc::c_int) };
-    if r != 0 || tid.is_null() {
-        return None;
-    }
+    let (tid, clear) = own_tid_word()?;
     let args = CloneArgs {
         flags: CLONE_INTO_CGROUP
             | libc::CLONE_CHILD_SETTID as u64
-            | libc::CLONE_CHILD_CLEARTID as u64,
+            | if clear {
+                libc::CLONE_CHILD_CLEARTID as u64
+            } else {
+                0
+            },
         child_tid: tid as u64,
         exit_signal: libc::SIGCHLD as u64,
         cgroup: cgroup.as_raw_fd() as u64,
@@ -369,6 +364,37 @@ fn fork_into_cgroup(cgroup: &OwnedFd) -> Option<libc::pid_t> {
         return None;
     }
     Some(pid as libc::pid_t)
+}
+
+/// Where the C library keeps this thread's id, which a fork sets to the child's: the
+/// word's address, and whether the library also has the kernel clear it when the
+/// thread ends. None when it is not known (the caller then forks as usual).
+#[cfg(target_env = "gnu")]
+fn own_tid_word() -> Option<(*mut libc::c_int, bool)> {
+    // glibc gives set_tid_address the id's own word, which PR_GET_TID_ADDRESS returns.
+    let mut tid: *mut libc::c_int = std::ptr::null_mut();
+    // SAFETY: PR_GET_TID_ADDRESS writes one pointer to the address given.
+    let r = unsafe { libc::prctl(PR_GET_TID_ADDRESS, &mut tid as *mut *mut libc::c_int) };
+    (r == 0 && !tid.is_null()).then_some((tid, true))
+}
+
+/// Where the C library keeps this thread's id, which a fork sets to the child's: the
+/// word's address, and whether the library also has the kernel clear it when the
+/// thread ends. None when it is not known (the caller then forks as usual).
+#[cfg(not(target_env = "gnu"))]
+fn own_tid_word() -> Option<(*mut libc::c_int, bool)> {
+    // musl gives set_tid_address a lock of its own and keeps the id in the thread's
+    // descriptor (`struct pthread`, at pthread_self()): `tid` follows `self`, `dtv`,
+    // `prev`, `next`, `sysinfo` and `canary`, 48 bytes in on x86_64. Its fork sets it in
+    // the child (from gettid) and clears nothing. Taken only when the word there is this
+    // thread's id as the kernel gives it; else the usual fork.
+    const MUSL_TID_OFFSET: usize = 48;
+    // SAFETY: pthread_self has no preconditions.
+    let word = (unsafe { libc::pthread_self() } as usize + MUSL_TID_OFFSET) as *mut libc::c_int;
+    // SAFETY: gettid has no preconditions.
+    let me = unsafe { libc::syscall(libc::SYS_gettid) } as libc::c_int;
+    // SAFETY: musl's descriptor is larger than 52 bytes and lives as long as the thread.
+    (cfg!(target_env = "musl") && unsafe { word.read() } == me).then_some((word, false))
 }
 
 /// Waits for the VM's process, passing on each SIGINT/SIGTERM/SIGHUP this process gets
@@ -478,11 +504,11 @@ mod tests {
         if pid == 0 {
             let cg = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
             let in_cgroup = cg.lines().any(|l| l == format!("0::/{name}"));
-            let mut tid: *mut libc::c_int = std::ptr::null_mut();
-            // SAFETY: as in fork_into_cgroup.
-            unsafe { libc::prctl(PR_GET_TID_ADDRESS, &mut tid as *mut *mut libc::c_int) };
-            // SAFETY: the C library's own thread-id word of this thread.
-            let cached = unsafe { *tid };
+            let cached = match own_tid_word() {
+                // SAFETY: the C library's own thread-id word of this thread.
+                Some((tid, _)) => unsafe { *tid },
+                None => -1,
+            };
             // SAFETY: gettid has no preconditions.
             let real = unsafe { libc::gettid() };
             // A thread works in the child as after fork.

@@ -94,7 +94,7 @@ const CONTROL_IOCTLS: &[u64] = snapshot::ioctls::VM;
 
 /// The control thread's seccomp filter, which the threads it starts once the guest runs
 /// inherit: waiting (futex, sleeps, poll on its wake eventfd), kicking vCPU threads
-/// (tgkill), writing the console and logs, finishing vhost-user device activation
+/// (tgkill, or tkill with musl), writing the console and logs, finishing vhost-user device activation
 /// (sendmsg/recvmsg on the backend sockets it already holds), watching and finally
 /// killing the backend processes (wait4/waitid, kill), tearing down (close, munmap).
 pub fn control_filter() -> Result<BpfProgram, jail::JailError> {
@@ -105,6 +105,8 @@ pub fn control_filter() -> Result<BpfProgram, jail::JailError> {
         libc::SYS_poll,
         libc::SYS_ppoll,
         libc::SYS_tgkill,
+        // musl's pthread_kill (hostd's VM path is built with musl, docs/startup.md).
+        libc::SYS_tkill,
         libc::SYS_sendmsg,
         libc::SYS_recvmsg,
         libc::SYS_wait4,
