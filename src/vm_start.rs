@@ -71,9 +71,12 @@ pub unsafe fn args(argc: libc::c_int, argv: *const *const libc::c_char) -> Vec<s
     use std::os::unix::ffi::OsStrExt;
     (0..usize::try_from(argc).unwrap_or(0))
         .map(|i| {
-            // SAFETY: i < argc, and each of the first argc pointers is a C string (the
-            // caller's promise).
-            let arg = unsafe { std::ffi::CStr::from_ptr(*argv.add(i)) };
+            // SAFETY: i < argc: within the caller's array of argc pointers.
+            let at = unsafe { argv.add(i) };
+            // SAFETY: as above, an initialised element of that array.
+            let ptr = unsafe { at.read() };
+            // SAFETY: each of those pointers is a C string (the caller's promise).
+            let arg = unsafe { std::ffi::CStr::from_ptr(ptr) };
             std::ffi::OsStr::from_bytes(arg.to_bytes()).to_owned()
         })
         .collect()

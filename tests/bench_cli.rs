@@ -3,6 +3,8 @@
 //! give, finite and positive, the chart is written, and `--compare` flags a regression.
 //! No timed assertions: the structure and the sanity of the figures only.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 

@@ -11,7 +11,7 @@ mod common;
 use common::kvmhost::{self, Payload};
 use common::{build, build_with_files};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The probe guest, built by guest/probe/build.sh.

@@ -167,7 +167,7 @@ fn doc_example_renders_the_units_hostd_generates() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let hostd_bin = common::hostd_exe().display();
+    let hostd_bin = common::hostd_exe().to_str().expect("a UTF-8 path");
     let expr = format!(
         r#"let
   example = import {d}/configuration.nix {{ config = {{ }}; pkgs = {{ }}; lib = {{ }}; }};
