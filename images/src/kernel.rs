@@ -252,6 +252,13 @@ impl Unpacker {
         (!self.extents.is_empty()).then_some(self.elf_len)
     }
 
+    /// Where the section's next byte goes once the table has been read: its ELF file
+    /// offset, and how many bytes of the current extent are left from there.
+    pub fn next_run(&self) -> Option<(u64, u64)> {
+        let &(offset, length) = self.extents.get(self.current)?;
+        Some((offset + self.done_in_current, length - self.done_in_current))
+    }
+
     /// Consumes `bytes`, the next part of the section; appends the ELF pieces they hold.
     pub fn push<'a>(
         &mut self,

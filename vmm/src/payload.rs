@@ -170,7 +170,26 @@ impl Payload {
         &self,
         mut sink: impl FnMut(u64, &[u8]) -> Result<(), String>,
     ) -> Result<(), PayloadError> {
-        let mut buf = vec![0u8; CHUNK.min(self.length as usize)];
+        // SAFETY: `place` names no memory.
+        unsafe { self.stream_placed(|_, _| None, |at, bytes, _| sink(at, bytes)) }
+    }
+
+    /// [`stream`](Self::stream), where `place` may name memory that the next bytes go
+    /// to unchanged: asked with their offset in the payload and how many there are at
+    /// most, it returns a pointer and a length (at most that many, at least one) to
+    /// read them into directly, without a copy through the buffer. They are hashed there
+    /// and handed to `sink` with `true` (placed: to look at, not to copy); the rest as
+    /// [`stream`](Self::stream) does, with `false`.
+    ///
+    /// # Safety
+    /// A pointer `place` returns must be valid for writes of its length, and nothing else
+    /// may read or write that memory until this returns.
+    pub unsafe fn stream_placed(
+        &self,
+        mut place: impl FnMut(u64, usize) -> Option<(*mut u8, usize)>,
+        mut sink: impl FnMut(u64, &[u8], bool) -> Result<(), String>,
+    ) -> Result<(), PayloadError> {
+        let mut buf = Vec::new();
         // Checked before and after the read: a write in between changes the stamp.
         let trusted = self.verified.filter(|s| s.holds_for(&self.file));
         // Hashed only when there is a digest to check and no stamp vouches for it (a
@@ -181,21 +200,33 @@ impl Payload {
             .map(|want| (want, Sha256::new()));
         let mut pos = 0u64;
         while pos < self.length {
-            let n = ((self.length - pos) as usize).min(buf.len());
+            let n = ((self.length - pos) as usize).min(CHUNK);
+            let target = place(pos, n).filter(|(p, m)| !p.is_null() && (1..=n).contains(m));
+            let (bytes, placed): (&mut [u8], bool) = match target {
+                // SAFETY: valid for writes of `m` bytes that nothing else touches meanwhile
+                // (the caller's promise for what `place` returns).
+                Some((p, m)) => (unsafe { std::slice::from_raw_parts_mut(p, m) }, true),
+                None => {
+                    if buf.len() < n {
+                        buf.resize(n, 0);
+                    }
+                    (&mut buf[..n], false)
+                }
+            };
             self.file
-                .read_exact_at(&mut buf[..n], self.offset + pos)
+                .read_exact_at(bytes, self.offset + pos)
                 .map_err(|source| PayloadError::Read {
                     name: self.name.clone(),
                     source,
                 })?;
             if let Some((_, h)) = check.as_mut() {
-                h.update(&buf[..n]);
+                h.update(&*bytes);
             }
-            sink(pos, &buf[..n]).map_err(|message| PayloadError::Sink {
+            sink(pos, bytes, placed).map_err(|message| PayloadError::Sink {
                 name: self.name.clone(),
                 message,
             })?;
-            pos += n as u64;
+            pos += bytes.len() as u64;
         }
         if let Some(stamp) = trusted {
             if !stamp.holds_for(&self.file) {
@@ -221,6 +252,21 @@ impl Payload {
         &self,
         mut sink: impl FnMut(u64, &[u8]) -> Result<(), String>,
     ) -> Result<u64, PayloadError> {
+        // SAFETY: `place` names no memory.
+        unsafe { self.stream_kernel_placed(|_, _| None, |at, bytes, _| sink(at, bytes)) }
+    }
+
+    /// [`stream_kernel`](Self::stream_kernel) with [`stream_placed`](Self::stream_placed)'s
+    /// `place`, asked by ELF file offset: bytes of the ELF may be read straight to
+    /// where they go, and are then handed to `sink` as placed (`true`).
+    ///
+    /// # Safety
+    /// As for [`stream_placed`](Self::stream_placed).
+    pub unsafe fn stream_kernel_placed(
+        &self,
+        mut place: impl FnMut(u64, usize) -> Option<(*mut u8, usize)>,
+        mut sink: impl FnMut(u64, &[u8], bool) -> Result<(), String>,
+    ) -> Result<u64, PayloadError> {
         let mut head = [0u8; 8];
         let n = (self.length as usize).min(head.len());
         self.file
@@ -230,27 +276,41 @@ impl Payload {
                 source,
             })?;
         if !kernel::is_packed(&head[..n]) {
-            self.stream(sink)?;
+            // SAFETY: the caller's promise, passed on.
+            unsafe { self.stream_placed(place, sink) }?;
             return Ok(self.length);
         }
-        let mut unpacker = Unpacker::new(self.length);
+        // Asked from the section's offsets (through `place`) and fed the section's bytes
+        // (through the sink): one unpacker for both.
+        let unpacker = std::cell::RefCell::new(Unpacker::new(self.length));
         let mut failure: Option<PayloadError> = None;
-        let r = self.stream(|_, chunk| {
+        // A section's bytes go to one extent's ELF bytes at most: asked for the rest of
+        // the current extent, `place` answers by ELF offset.
+        let place_section = |_: u64, len: usize| {
+            let (at, left) = unpacker.borrow().next_run()?;
+            place(at, len.min(usize::try_from(left).unwrap_or(usize::MAX)))
+        };
+        let section_sink = |_: u64, chunk: &[u8], placed: bool| {
             let mut pieces = Vec::new();
-            if let Err(source) = unpacker.push(chunk, &mut pieces) {
+            if let Err(source) = unpacker.borrow_mut().push(chunk, &mut pieces) {
                 failure = Some(PayloadError::Kernel {
                     name: self.name.clone(),
                     source,
                 });
                 return Err(String::new());
             }
-            pieces.into_iter().try_for_each(|(at, b)| sink(at, b))
-        });
+            pieces
+                .into_iter()
+                .try_for_each(|(at, b)| sink(at, b, placed))
+        };
+        // SAFETY: the caller's promise for what `place` returns, passed on.
+        let r = unsafe { self.stream_placed(place_section, section_sink) };
         if let Some(f) = failure {
             return Err(f);
         }
         r?;
-        unpacker.finish().map_err(|source| PayloadError::Kernel {
+        let finished = unpacker.borrow().finish();
+        finished.map_err(|source| PayloadError::Kernel {
             name: self.name.clone(),
             source,
         })

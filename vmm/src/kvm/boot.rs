@@ -1,7 +1,7 @@
 //! Loading a kernel for PVH direct boot: the ELF's segments, the initrd, the command
 //! line, the memory map and `hvm_start_info` (xen/include/public/arch-x86/hvm/start_info.h).
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::payload::{Payload, PayloadError};
 
@@ -107,7 +107,45 @@ struct ElfSink<'m> {
 }
 
 impl ElfSink<'_> {
-    fn piece(&mut self, at: u64, bytes: &[u8]) -> Result<(), String> {
+    /// Where the ELF's bytes from `at` go unchanged, up to `len` of them: guest memory to
+    /// read them into directly (pointer, length), when the layout is known and exactly
+    /// one PT_LOAD segment holds them (else they come to [`piece`](Self::piece) read
+    /// into a buffer, which checks and writes them).
+    fn target(&self, at: u64, len: usize) -> Option<(*mut u8, usize)> {
+        use hostd_images::kernel::PT_LOAD;
+        let layout = self.layout.as_ref()?;
+        let mut loads = layout
+            .segments
+            .iter()
+            .filter(|s| s.kind == PT_LOAD && s.filesz > 0);
+        let s = loads
+            .clone()
+            .find(|s| (s.offset..s.offset + s.filesz).contains(&at))?;
+        let mut end = (s.offset + s.filesz).min(at.checked_add(len as u64)?);
+        // Up to the next segment whose file bytes these are too (each gets its copy
+        // through `piece`).
+        for o in loads.by_ref() {
+            if !std::ptr::eq(o, s) && o.offset + o.filesz > at && o.offset < end {
+                if o.offset <= at {
+                    return None;
+                }
+                end = o.offset;
+            }
+        }
+        let n = usize::try_from(end - at).ok()?;
+        let addr = GuestAddress(s.paddr.checked_add(at - s.offset)?);
+        // Only where the whole range is in guest memory below `limit` (else `piece`
+        // reports it).
+        if addr.0.checked_add(n as u64)? > self.limit {
+            return None;
+        }
+        let slice = self.mem.get_slice(addr, n).ok()?;
+        Some((slice.ptr_guard_mut().as_ptr(), n))
+    }
+
+    /// The ELF's bytes at `at`, in file order. `placed`: read into guest memory where
+    /// they belong already ([`target`](Self::target)); only the notes are taken.
+    fn piece(&mut self, at: u64, bytes: &[u8], placed: bool) -> Result<(), String> {
         use hostd_images::kernel::{parse_elf, PT_LOAD, PT_NOTE};
         if self.layout.is_none() {
             if bytes.get(0x202..0x206) == Some(b"HdrS") {
@@ -148,6 +186,9 @@ impl ElfSink<'_> {
         for s in &layout.segments {
             let (from, to) = (at.max(s.offset), end.min(s.offset + s.filesz));
             if from >= to || s.kind != PT_LOAD {
+                continue;
+            }
+            if placed {
                 continue;
             }
             let part = &bytes[(from - at) as usize..(to - at) as usize];
@@ -259,7 +300,7 @@ pub fn load_payloads(
     initrd: Option<&Payload>,
 ) -> Result<Loaded, BootError> {
     let path = kernel.name().to_string();
-    let mut sink = ElfSink {
+    let sink = ElfSink {
         mem,
         limit: mem_size.min(MMIO_GAP_START),
         layout: None,
@@ -269,12 +310,20 @@ pub fn load_payloads(
         path: path.clone(),
         message: e.to_string(),
     };
-    let elf_len = kernel
-        .stream_kernel(|at, bytes| sink.piece(at, bytes))
-        .map_err(|e| match e {
-            PayloadError::Sink { message, .. } => failed(&message),
-            e => BootError::Payload(e),
-        })?;
+    let sink = std::cell::RefCell::new(sink);
+    // SAFETY: `target` names guest memory through `mem`, which outlives the call;
+    // nothing else touches it before the VM runs (no vCPU yet, no backend has it).
+    let elf_len = unsafe {
+        kernel.stream_kernel_placed(
+            |at, len| sink.borrow().target(at, len),
+            |at, bytes, placed| sink.borrow_mut().piece(at, bytes, placed),
+        )
+    }
+    .map_err(|e| match e {
+        PayloadError::Sink { message, .. } => failed(&message),
+        e => BootError::Payload(e),
+    })?;
+    let sink = sink.into_inner();
     let Some(layout) = &sink.layout else {
         return Err(failed(&"the file is empty"));
     };
@@ -310,12 +359,24 @@ pub fn load_payloads(
                 kernel_end,
                 limit,
             })?;
-        initrd
-            .stream(|at, bytes| {
+        // Read straight into guest memory (no copy through a buffer); where that cannot
+        // be had, through the buffer and written there.
+        let place = |at: u64, len: usize| {
+            let slice = mem.get_slice(GuestAddress(addr + at), len).ok()?;
+            Some((slice.ptr_guard_mut().as_ptr(), len))
+        };
+        // SAFETY: `place` names guest memory through `mem`, which outlives the call;
+        // nothing else touches it before the VM runs.
+        unsafe {
+            initrd.stream_placed(place, |at, bytes, placed| {
+                if placed {
+                    return Ok(());
+                }
                 mem.write_slice(bytes, GuestAddress(addr + at))
                     .map_err(|e| format!("writing guest memory at {:#x}: {e}", addr + at))
             })
-            .map_err(BootError::Payload)?;
+        }
+        .map_err(BootError::Payload)?;
         placed = Some((addr, size));
     }
     Ok(Loaded {
@@ -500,7 +561,9 @@ mod tests {
         a.read_slice(&mut ma, GuestAddress(0)).expect("read");
         b.read_slice(&mut mb, GuestAddress(0)).expect("read");
         assert!(ma == mb, "guest memory differs");
-        assert_eq!(&ma[0x1000000..0x1001000], &elf[0x200000..0x201000]);
+        // The whole segment, read straight into guest memory (its first 64 KiB chunk of
+        // the ELF, the headers, through the buffer).
+        assert_eq!(&ma[0x1000000..0x1003000], &elf[0x200000..0x203000]);
         // The initrd at the top of memory, page-aligned.
         let top = (32 << 20) - 4096;
         assert_eq!(&ma[top..top + 12], b"initrd bytes");
