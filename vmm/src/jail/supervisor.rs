@@ -369,32 +369,32 @@ fn fork_into_cgroup(cgroup: &OwnedFd) -> Option<libc::pid_t> {
 /// Where the C library keeps this thread's id, which a fork sets to the child's: the
 /// word's address, and whether the library also has the kernel clear it when the
 /// thread ends. None when it is not known (the caller then forks as usual).
-#[cfg(target_env = "gnu")]
 fn own_tid_word() -> Option<(*mut libc::c_int, bool)> {
     // glibc gives set_tid_address the id's own word, which PR_GET_TID_ADDRESS returns.
-    let mut tid: *mut libc::c_int = std::ptr::null_mut();
-    // SAFETY: PR_GET_TID_ADDRESS writes one pointer to the address given.
-    let r = unsafe { libc::prctl(PR_GET_TID_ADDRESS, &mut tid as *mut *mut libc::c_int) };
-    (r == 0 && !tid.is_null()).then_some((tid, true))
-}
-
-/// Where the C library keeps this thread's id, which a fork sets to the child's: the
-/// word's address, and whether the library also has the kernel clear it when the
-/// thread ends. None when it is not known (the caller then forks as usual).
-#[cfg(not(target_env = "gnu"))]
-fn own_tid_word() -> Option<(*mut libc::c_int, bool)> {
+    #[cfg(target_env = "gnu")]
+    let found = {
+        let mut tid: *mut libc::c_int = std::ptr::null_mut();
+        // SAFETY: PR_GET_TID_ADDRESS writes one pointer to the address given.
+        let r = unsafe { libc::prctl(PR_GET_TID_ADDRESS, &mut tid as *mut *mut libc::c_int) };
+        (r == 0 && !tid.is_null()).then_some((tid, true))
+    };
     // musl gives set_tid_address a lock of its own and keeps the id in the thread's
     // descriptor (`struct pthread`, at pthread_self()): `tid` follows `self`, `dtv`,
     // `prev`, `next`, `sysinfo` and `canary`, 48 bytes in on x86_64. Its fork sets it in
     // the child (from gettid) and clears nothing. Taken only when the word there is this
     // thread's id as the kernel gives it; else the usual fork.
-    const MUSL_TID_OFFSET: usize = 48;
-    // SAFETY: pthread_self has no preconditions.
-    let word = (unsafe { libc::pthread_self() } as usize + MUSL_TID_OFFSET) as *mut libc::c_int;
-    // SAFETY: gettid has no preconditions.
-    let me = unsafe { libc::syscall(libc::SYS_gettid) } as libc::c_int;
-    // SAFETY: musl's descriptor is larger than 52 bytes and lives as long as the thread.
-    (cfg!(target_env = "musl") && unsafe { word.read() } == me).then_some((word, false))
+    #[cfg(not(target_env = "gnu"))]
+    let found = {
+        const MUSL_TID_OFFSET: usize = 48;
+        // SAFETY: pthread_self has no preconditions.
+        let word = (unsafe { libc::pthread_self() } as usize + MUSL_TID_OFFSET) as *mut libc::c_int;
+        // SAFETY: gettid has no preconditions.
+        let me = unsafe { libc::syscall(libc::SYS_gettid) } as libc::c_int;
+        // SAFETY: musl's descriptor is larger than 52 bytes and lives as long as the
+        // thread.
+        (cfg!(target_env = "musl") && unsafe { word.read() } == me).then_some((word, false))
+    };
+    found
 }
 
 /// Waits for the VM's process, passing on each SIGINT/SIGTERM/SIGHUP this process gets

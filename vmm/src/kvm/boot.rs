@@ -114,7 +114,7 @@ impl ElfSink<'_> {
     fn target(&self, at: u64, len: usize) -> Option<(*mut u8, usize)> {
         use hostd_images::kernel::PT_LOAD;
         let layout = self.layout.as_ref()?;
-        let mut loads = layout
+        let loads = layout
             .segments
             .iter()
             .filter(|s| s.kind == PT_LOAD && s.filesz > 0);
@@ -124,7 +124,7 @@ impl ElfSink<'_> {
         let mut end = (s.offset + s.filesz).min(at.checked_add(len as u64)?);
         // Up to the next segment whose file bytes these are too (each gets its copy
         // through `piece`).
-        for o in loads.by_ref() {
+        for o in loads {
             if !std::ptr::eq(o, s) && o.offset + o.filesz > at && o.offset < end {
                 if o.offset <= at {
                     return None;
@@ -185,10 +185,8 @@ impl ElfSink<'_> {
         let end = at + bytes.len() as u64;
         for s in &layout.segments {
             let (from, to) = (at.max(s.offset), end.min(s.offset + s.filesz));
-            if from >= to || s.kind != PT_LOAD {
-                continue;
-            }
-            if placed {
+            // Placed bytes are where they belong already.
+            if placed || from >= to || s.kind != PT_LOAD {
                 continue;
             }
             let part = &bytes[(from - at) as usize..(to - at) as usize];
@@ -300,17 +298,17 @@ pub fn load_payloads(
     initrd: Option<&Payload>,
 ) -> Result<Loaded, BootError> {
     let path = kernel.name().to_string();
-    let sink = ElfSink {
+    // Asked where bytes go (`target`) and handed them (`piece`) by one stream.
+    let sink = std::cell::RefCell::new(ElfSink {
         mem,
         limit: mem_size.min(MMIO_GAP_START),
         layout: None,
         notes: Vec::new(),
-    };
+    });
     let failed = |e: &dyn std::fmt::Display| BootError::Load {
         path: path.clone(),
         message: e.to_string(),
     };
-    let sink = std::cell::RefCell::new(sink);
     // SAFETY: `target` names guest memory through `mem`, which outlives the call;
     // nothing else touches it before the VM runs (no vCPU yet, no backend has it).
     let elf_len = unsafe {
