@@ -6,11 +6,13 @@
 //! - [`serial`]: the 8250 UART on 0x3f8 (the only legacy device).
 //! - [`marker`]: the boot-marker and exit ports guest init (or the probe) writes to.
 //! - [`virtio`]: the virtio-mmio transport and the in-process virtio-rng device.
+//! - [`thread`]: threads with stacks that never take a transparent huge page.
 
 pub mod bus;
 pub mod jail;
 pub mod marker;
 pub mod serial;
+pub mod thread;
 pub mod vhost_user;
 pub mod virtio;
 

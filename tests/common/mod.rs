@@ -82,6 +82,8 @@ fn dist_dir() -> PathBuf {
             .or_else(|_| std::fs::copy(&from, &tmp).map(|_| ()))
             .unwrap_or_else(|e| panic!("link {} into {}: {e}", from.display(), dist.display()));
         std::fs::rename(&tmp, dist.join(name)).expect("rename into target/hostd-dist");
+        // rename(2) leaves both names when they are links to one file already.
+        let _ = std::fs::remove_file(&tmp);
     }
     if let Some(m) = marker {
         // Earlier runs' markers go.

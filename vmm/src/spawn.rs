@@ -75,6 +75,12 @@ impl Spawn {
         })
     }
 
+    /// Sets `key` to `value` in the child's environment.
+    pub fn env(&mut self, key: &str, value: &str) -> io::Result<&mut Spawn> {
+        self.envp.push(c(OsStr::new(&format!("{key}={value}")))?);
+        Ok(self)
+    }
+
     /// Keeps `fd` open (not close-on-exec) in the child.
     pub fn keep_fd(&mut self, fd: RawFd) -> &mut Spawn {
         self.keep_fd = Some(fd);
@@ -523,26 +529,26 @@ mod tests {
     }
 
     #[test]
-    fn runs_the_program_with_its_arguments_and_only_the_kept_environment() {
+    fn runs_the_program_with_its_arguments_and_only_the_kept_and_given_environment() {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("out");
         let script = format!(
-            "echo \"$1 ${{PATH:+path}} ${{HOME:-nohome}}\" > {}; read x; echo \"stdin:$x\" >> {}",
+            "echo \"$1 ${{PATH:+path}} ${{HOME:-nohome}} $EXTRA\" > {}; read x; echo \"stdin:$x\" >> {}",
             out.display(),
             out.display()
         );
-        let mut c = Spawn::new(
+        let mut s = Spawn::new(
             Path::new("/bin/sh"),
             ["-c", &script, "sh", "arg1"],
             &["PATH"],
         )
-        .expect("spawn")
-        .start()
-        .expect("start");
+        .expect("spawn");
+        s.env("EXTRA", "given").expect("env");
+        let mut c = s.start().expect("start");
         assert!(wait_end(&mut c).success());
         assert!(c.exec_error().is_none());
         let text = std::fs::read_to_string(&out).expect("out");
-        assert_eq!(text, "arg1 path nohome\nstdin:\n");
+        assert_eq!(text, "arg1 path nohome given\nstdin:\n");
     }
 
     #[test]

@@ -202,8 +202,7 @@ fn start_device_threads(
     forwarder: Option<Arc<BpfProgram>>,
 ) -> Result<(), KvmError> {
     for handshake in handshakes {
-        std::thread::Builder::new()
-            .name("vhost-user-hello".into())
+        hostd_devices::thread::named("vhost-user-hello")
             .spawn(move || handshake.run())
             .map_err(|e| KvmError::Setup(format!("handshake thread: {e}")))?;
     }
@@ -223,8 +222,7 @@ fn spawn_filtered(
     filter: Option<Arc<BpfProgram>>,
     body: impl FnOnce() + Send + 'static,
 ) -> Result<(), KvmError> {
-    std::thread::Builder::new()
-        .name(name.into())
+    hostd_devices::thread::named(name)
         .spawn(move || {
             if let Some(Err(e)) = filter.map(|p| jail::install_stacked(&p)) {
                 tracing::error!("{name} thread: {e}");
@@ -782,8 +780,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     let (created, mine, connected, profile, mut backends, mem, restore, snap_out, loaded) =
         std::thread::scope(|scope| {
             let (send_memory, memory) = std::sync::mpsc::channel();
-            let create = std::thread::Builder::new()
-                .name("kvm-create-vm".into())
+            let create = hostd_devices::thread::named("kvm-create-vm")
                 .spawn_scoped(scope, || create_vm(&kvm, &claims, memory))
                 .map_err(|e| KvmError::Setup(format!("KVM_CREATE_VM thread: {e}")))?;
             // The host's /run/hostd, opened before this thread's mount namespace hides it.
@@ -1161,8 +1158,7 @@ fn run_vmm(cfg: KvmConfig, snap: Option<VmSnapshot>) -> Result<Outcome, KvmError
     for (id, fd) in vcpus.into_iter().enumerate() {
         let shared = shared.clone();
         let prog = vcpu_prog.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
+        let handle = hostd_devices::thread::named(&format!("vcpu{id}"))
             .spawn(move || vcpu::run(fd, id as u8, shared, prog))
             .map_err(|e| KvmError::Setup(format!("vCPU thread: {e}")))?;
         threads.push(handle);
