@@ -7,7 +7,7 @@
 //! thread exists (`pthread_create`, musl's and glibc's), so that fault, in the thread
 //! starting it, zeroes 2 MiB, and each thread then holds 2 MiB of memory for a stack
 //! that uses a few pages. In the nested test host (docs/startup.md, session 33) the
-//! vCPU thread's start took 30-180 ms in about half the probe's runs that followed a
+//! vCPU thread's start took 28-180 ms in about half the probe's runs that followed a
 //! VM's exit (free huge pages then), against 3 ms otherwise. A stack smaller than
 //! 2 MiB can never get a huge page.
 
