@@ -20,12 +20,17 @@
 //! in a `main` of its own, so `std::env::args` is empty in a musl build of these
 //! programs, which is how they are shipped (docs/startup.md).
 //!
-//! Their musl build allocates with dlmalloc (the `#[global_allocator]` in each `main`):
+//! Their musl build allocates with dlmalloc ([`ALLOC`], for both programs):
 //! musl's own allocator maps and unmaps memory as it goes, 70 mmap and 51 munmap calls
 //! in a jailed probe's run against 25 and 10 with dlmalloc (glibc: 11 and 1), which
 //! keeps what it maps.
 //! In the nested test host each of those page-table changes costs more than the code
 //! (docs/startup.md, session 32).
+
+/// The musl build's allocator (above).
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
 
 /// Call first thing in `main`.
 pub fn init() {

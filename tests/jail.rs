@@ -295,7 +295,7 @@ fn env_names(pid: u32) -> Vec<String> {
 
 /// Variables a VM's process may have: backends keep the log filter, QEMU nothing;
 /// backends are given the stack size of their library's threads (hostd-devices'
-/// `thread::MIN_STACK_ENV`), a value of hostd's, not of its environment.
+/// `thread::min_stack_env`), a value of hostd's, not of its environment.
 const ENV_ALLOWED: &[&str] = &["HOSTD_LOG", "RUST_LOG", "RUST_BACKTRACE", "RUST_MIN_STACK"];
 
 /// For a process hostd started with exec (backends, QEMU; not the VM's own process,

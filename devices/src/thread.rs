@@ -20,7 +20,9 @@ const _: () = assert!(STACK + (64 << 10) < 2 << 20);
 /// The variable, and its value, that gives threads started by libraries (those of
 /// `vhost-user-backend` in a device backend) the same stack: the standard library
 /// reads it once, for every thread started without a size of its own.
-pub const MIN_STACK_ENV: (&str, &str) = ("RUST_MIN_STACK", "1048576");
+pub fn min_stack_env() -> (&'static str, String) {
+    ("RUST_MIN_STACK", STACK.to_string())
+}
 
 /// A thread builder named `name`, with a stack of [`STACK`] bytes.
 pub fn named(name: &str) -> std::thread::Builder {
@@ -35,7 +37,9 @@ mod tests {
 
     #[test]
     fn the_variable_says_the_same_size() {
-        assert_eq!(MIN_STACK_ENV.1.parse::<usize>(), Ok(STACK));
+        let (key, value) = min_stack_env();
+        assert_eq!(key, "RUST_MIN_STACK");
+        assert_eq!(value.parse::<usize>(), Ok(STACK));
     }
 
     #[test]

@@ -37,11 +37,6 @@ enum Command {
     },
 }
 
-/// With musl, dlmalloc (vm_start.rs says why).
-#[cfg(target_env = "musl")]
-#[global_allocator]
-static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
-
 #[no_mangle]
 extern "C" fn main(argc: libc::c_int, argv: *const *const libc::c_char) -> libc::c_int {
     vm_start::init();

@@ -378,8 +378,8 @@ impl RunningBackends {
                 crate::spawn::Spawn::new(&exe, &args, crate::jail::LOG_ENV).map_err(start_error)?;
             spawn.keep_fd(listen_fd);
             // Its library's threads (vhost-user-backend's) with stacks as small as ours.
-            let (key, value) = hostd_devices::thread::MIN_STACK_ENV;
-            spawn.env(key, value).map_err(start_error)?;
+            let (key, value) = hostd_devices::thread::min_stack_env();
+            spawn.env(key, &value).map_err(start_error)?;
             spawn.gate(
                 std::os::fd::AsRawFd::as_raw_fd(&gate_read),
                 std::os::fd::AsRawFd::as_raw_fd(&gate_write),
